@@ -1,0 +1,118 @@
+"""The ``cockpit`` command line.
+
+The only place that catches :class:`CockpitError`: it prints ``error: <message>`` and the hint
+on standard error and exits with the error's code. ``--traceback`` re-raises instead. Heavy
+imports (torch) happen inside the commands that need them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from cockpit_cli import __version__
+from cockpit_cli.errors import CockpitError, ExitCode
+
+app = typer.Typer(
+    name="cockpit",
+    help="Train benchmark problems with instruments attached, watch them, and diagnose the run.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the full Python traceback on errors.")]
+
+
+@contextlib.contextmanager
+def reporting_errors(show_traceback: bool) -> Iterator[None]:
+    """Turn errors into one ``error:`` line and an exit code (or re-raise with ``--traceback``)."""
+    try:
+        yield
+    except CockpitError as error:
+        if show_traceback:
+            raise
+        stderr.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False)
+        if error.hint:
+            stderr.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
+        raise typer.Exit(int(error.code)) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as error:  # a defect, not bad input: still one line unless asked for more
+        if show_traceback:
+            raise
+        stderr.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {error}", markup=True, highlight=False)
+        stderr.print("[dim]hint:[/] rerun with --traceback to see where it happened", markup=True)
+        raise typer.Exit(int(ExitCode.FAILURE)) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"cockpit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Train benchmark problems with instruments attached, watch them, and diagnose the run."""
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config of the run (see configs/).", show_default=False)],
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: --set optimizer.lr=0.01 (repeatable).")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parent directory of the run directory (output.directory).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Name of the run directory (output.name).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the config, build problem and optimizer, print the effective config, exit.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")] = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """Train the problem in CONFIG with instruments attached and write a run directory."""
+    with reporting_errors(traceback):
+        from cockpit_cli.runner import execute_run
+
+        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr)
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def problems(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """List every problem with its data set, model, size and DeepOBS defaults."""
+    with reporting_errors(traceback):
+        from cockpit_cli.problem_table import problem_rows, render_problem_table
+
+        rows = problem_rows()
+        if as_json:
+            stdout.print_json(json.dumps({"schema_version": 1, "problems": rows}))
+        else:
+            stdout.print(render_problem_table(rows))
+
+
+def main() -> None:
+    """Entry point of the ``cockpit`` script."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    app()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """Treat SIGTERM like Ctrl-C, so the run is closed cleanly as ``interrupted``."""
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""YAML -> a frozen, typed :class:`RunConfig`, with ``--set a.b=c`` overrides.
+
+This module checks structure and types only and never imports torch. Names that need the
+registries (problem options, optimizer arguments) are checked when the run is built
+(:mod:`cockpit_cli.training.build`), with the same :func:`check_value` and the same message shape:
+``<file>: <key.path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cockpit_cli.errors import CockpitError, did_you_mean
+
+Device = Literal["auto", "cpu", "cuda"]
+Preset = Literal["none", "economy", "business", "full"]
+
+
+def _positive(default: Any = None) -> Any:
+    return field(default=default, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    """``problem:`` section. Keys other than these are the problem's own options."""
+
+    name: str = "mnist1d_mlp"
+    batch_size: int | None = _positive()
+    data_dir: str = "data"
+    download: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``optimizer:`` section: a ``torch.optim`` class name; other keys are its arguments."""
+
+    name: str = "SGD"
+    arguments: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1})
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``schedule:`` section: a ``torch.optim.lr_scheduler`` class; other keys are its arguments."""
+
+    name: str
+    interval: Literal["step", "epoch"] = "epoch"
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """``training:`` section. Give ``epochs`` or ``steps`` (neither: the problem's default epochs)."""
+
+    epochs: int | None = _positive()
+    steps: int | None = _positive()
+    seed: int = 42
+    device: Device = "auto"
+    eval_every_epochs: int | None = _positive(1)
+    eval_every_steps: int | None = _positive()
+    eval_max_batches: int | None = _positive()
+    log_every: int = _positive(50)
+
+
+@dataclass(frozen=True)
+class InstrumentsConfig:
+    """``instruments:`` section: which quantities to track and when."""
+
+    preset: Preset = "economy"
+    every: int = _positive(1)
+    quantities: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``output:`` section: where the run directory goes."""
+
+    directory: str = "results"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole, validated configuration of a run."""
+
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: str = field(default="<config>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config in its YAML shape (the free-form keys folded back in)."""
+        return {
+            "problem": _flatten(self.problem, "options"),
+            "optimizer": _flatten(self.optimizer, "arguments"),
+            "schedule": None if self.schedule is None else _flatten(self.schedule, "arguments"),
+            "training": dataclasses.asdict(self.training),
+            "instruments": dataclasses.asdict(self.instruments),
+            "output": dataclasses.asdict(self.output),
+        }
+
+    def to_yaml(self) -> str:
+        """Return the effective config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def fail(self, path: str, problem: str, hint: str | None = None) -> CockpitError:
+        """Build the error for key ``path`` of this config (``<file>: <path>: <problem>``)."""
+        return CockpitError(f"{self.source}: {path}: {problem}", hint)
+
+
+# Sections whose unknown keys are collected into a free-form dict instead of being rejected.
+_OPEN_SECTIONS = {ProblemConfig: "options", OptimizerConfig: "arguments", ScheduleConfig: "arguments"}
+
+
+def _flatten(section: Any, open_field: str) -> dict[str, Any]:
+    data = dataclasses.asdict(section)
+    extra = data.pop(open_field)
+    return {**data, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checking
+
+
+def describe(hint: Any) -> str:
+    """Return a short human description of a type hint ("an integer", "one of 'a', 'b'")."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return "any value"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        parts = [describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        inner = typing.get_args(hint)
+        return f"a list of {describe(inner[0])}s" if inner else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def check_value(value: Any, hint: Any, where: str, minimum: float | None = None) -> Any:
+    """Check ``value`` against type ``hint``; return it converted (ints to floats, lists to tuples).
+
+    Args:
+        value: The value from YAML.
+        hint: A type hint: int, float, bool, str, Literal, list[X], tuple[X, ...], dict, X | None, Any.
+        where: Prefix for the error message (``"<file>: <key.path>"``).
+        minimum: Optional lower bound for numbers.
+
+    Raises:
+        CockpitError: ``"<where>: expected <description>, got <value>"``.
+    """
+    converted = _convert(value, hint)
+    if converted is _INVALID:
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        raise CockpitError(f"{where}: expected {describe(hint)}, got {shown}")
+    if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
+        raise CockpitError(f"{where}: expected a value >= {minimum:g}, got {converted!r}")
+    return converted
+
+
+_INVALID = object()
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            converted = _convert(value, option)
+            if converted is not _INVALID:
+                return converted
+        return _INVALID
+    if origin is Literal:
+        return value if value in typing.get_args(hint) and not isinstance(value, bool) else _INVALID
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _INVALID
+        inner = typing.get_args(hint)[:1] or (Any,)
+        items = [_convert(item, inner[0]) for item in value]
+        if any(item is _INVALID for item in items):
+            return _INVALID
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        return dict(value) if isinstance(value, dict) else _INVALID
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return _INVALID
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    return value if isinstance(value, hint) else _INVALID
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _parse_section(cls: type, data: Any, path: str, source: str) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CockpitError(f"{source}: {path}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    open_field = _OPEN_SECTIONS.get(cls)
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            raise CockpitError(f"{source}: {key_path}: keys must be strings")
+        if key not in fields or key == open_field:
+            if open_field is not None:
+                extra[key] = value
+                continue
+            known = sorted(fields)
+            raise CockpitError(
+                f"{source}: {key_path}: unknown key{did_you_mean(key, known)}",
+                f"keys allowed under {path or 'the top level'}: {', '.join(known)}",
+            )
+        hint = hints[key]
+        section_type = _section_type(hint)
+        if section_type is not None:
+            values[key] = None if value is None and _optional(hint) else _parse_section(section_type, value, key_path, source)
+        else:
+            minimum = fields[key].metadata.get("min")
+            values[key] = check_value(value, hint, f"{source}: {key_path}", minimum)
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values]
+    if missing:
+        raise CockpitError(f"{source}: {path}.{missing[0]}: required key is missing")
+    if open_field is not None:
+        values[open_field] = extra
+    return cls(**values)
+
+
+def _section_type(hint: Any) -> type | None:
+    """Return the dataclass inside ``hint`` (``X`` or ``X | None``), if it is one."""
+    candidates = [hint, *typing.get_args(hint)]
+    for candidate in candidates:
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    """Validate a plain mapping (as loaded from YAML) into a :class:`RunConfig`."""
+    config = _parse_section(RunConfig, data, "", source)
+    config = dataclasses.replace(config, source=source)
+    training_keys = (data or {}).get("training") or {}
+    if "eval_every_steps" in training_keys and "eval_every_epochs" not in training_keys:
+        # Evaluating by steps replaces the default of evaluating every epoch.
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, eval_every_epochs=None))
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: RunConfig) -> None:
+    training = config.training
+    if training.epochs is not None and training.steps is not None:
+        raise config.fail("training", "give either epochs or steps, not both")
+    if training.eval_every_epochs is not None and training.eval_every_steps is not None:
+        raise config.fail("training", "give either eval_every_epochs or eval_every_steps, not both", "set one of them to null")
+    name = config.output.name
+    if name is not None and not is_safe_name(name):
+        raise config.fail("output.name", f"{name!r} is not a safe directory name", "use letters, digits, '.', '_' and '-' only")
+
+
+def is_safe_name(name: str) -> bool:
+    """Return whether ``name`` is one plain directory name that cannot escape its parent."""
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and all(c.isalnum() or c in "._-" for c in name)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into ``(["a", "b"], parsed YAML scalar)``."""
+    if "=" not in text:
+        raise CockpitError(f"--set {text!r}: expected key.path=value", "for example --set optimizer.lr=0.01")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise CockpitError(f"--set {text!r}: {key!r} is not a key path", "for example --set training.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.path=value`` override set (creating sections)."""
+    result = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise CockpitError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; clear errors for missing or malformed files."""
+    if not path.exists():
+        raise CockpitError(f"config file {path} does not exist", "check the path; configs/ has examples")
+    if path.is_dir():
+        raise CockpitError(f"config {path} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(error, "problem", None) or "invalid YAML"
+        raise CockpitError(f"{path}: malformed YAML{where}: {reason}", "fix the YAML syntax") from None
+    except UnicodeDecodeError:
+        raise CockpitError(f"{path}: not a text file", "a config is a YAML text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CockpitError(f"{path}: expected a mapping with sections problem, optimizer, training, ...")
+    return data
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a config file."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_config(data, source=str(path))

@@ -1,0 +1,1 @@
+"""What the user sees while a run trains (no torch imports)."""

@@ -1,0 +1,63 @@
+"""A plain, log-file friendly progress printer: one line every N steps and one per evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TextIO
+
+from rich.console import Console
+
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, StepRecord
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """Format a metric compactly: ``0.1235``, ``1.2e-05``, ``nan``, ``-`` for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+class PlainLog:
+    """Observer printing progress lines to ``stream`` (or a Rich console).
+
+    Args:
+        every: Print a step line every ``every`` steps (and the first and last step).
+        console: Where to print; defaults to standard output without colour markup.
+    """
+
+    def __init__(self, every: int = 50, console: Console | None = None, stream: TextIO | None = None):
+        self.every = max(1, every)
+        self.console = console or Console(file=stream, highlight=False, soft_wrap=True)
+        self.total_steps = 0
+
+    def on_start(self, meta: RunMeta) -> None:
+        self.total_steps = meta.total_steps
+        self.console.print(
+            f"training {meta.problem} ({meta.num_parameters:,} parameters) with {meta.optimizer} on {meta.device}: "
+            f"{meta.total_steps} steps, {meta.steps_per_epoch} per epoch, batch size {meta.batch_size}"
+        )
+
+    def on_step(self, record: StepRecord) -> None:
+        last = record.step + 1 == self.total_steps
+        if record.step % self.every == 0 or last or not math.isfinite(record.loss):
+            rates = ", ".join(format_number(rate, 3) for rate in record.lr)
+            self.console.print(
+                f"step {record.step:>6}/{self.total_steps}  epoch {record.epoch:>3}  "
+                f"loss {format_number(record.loss)}  lr {rates}  {record.time:7.1f}s"
+            )
+
+    def on_eval(self, record: EvalRecord) -> None:
+        parts = []
+        for split, metrics in record.splits.items():
+            text = f"{split} loss {format_number(metrics.loss)}"
+            if metrics.accuracy is not None:
+                text += f" acc {metrics.accuracy:.3f}"
+            parts.append(text)
+        self.console.print(f"eval after step {record.step} (epoch {record.epoch}): " + " | ".join(parts))
+
+    def on_end(self, end: RunEnd) -> None:
+        self.console.print(f"run {end.status.value} after {end.steps} steps ({end.train_seconds:.1f}s)")

@@ -1,0 +1,15 @@
+"""Names and version of the run directory's files (documented in the README)."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+MANIFEST = "run.json"  # status, problem, optimizer, seed, versions, device, timings
+CONFIG = "config.yaml"  # the effective (resolved) config
+STEPS = "steps.jsonl"  # one StepRecord per line, appended and flushed per step
+EVALS = "evals.jsonl"  # one EvalRecord per line
+SUMMARY = "summary.json"  # final and best metrics, written at the end
+LOCK = ".lock"  # present while a process writes the directory
+
+# Seconds between manifest rewrites while training (the heartbeat of a running run).
+HEARTBEAT_SECONDS = 10.0

@@ -1,0 +1,155 @@
+"""Writes a run directory while training runs (an observer of the training loop).
+
+Layout (see the README for every field)::
+
+    <run>/run.json       manifest, rewritten atomically at start, on a heartbeat, at the end
+    <run>/config.yaml    the effective config
+    <run>/steps.jsonl    one line per step, flushed as written
+    <run>/evals.jsonl    one line per evaluation, flushed as written
+    <run>/summary.json   written at the end
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cockpit_cli.config import is_safe_name
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.storage import schema
+from cockpit_cli.storage.jsonio import JsonLinesAppender, write_json_atomic, write_text_atomic
+from cockpit_cli.storage.summary import summarize
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, StepRecord
+
+
+def now_iso() -> str:
+    """Return the current UTC time as an ISO 8601 string with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_name(problem: str, optimizer: str) -> str:
+    """Return ``<problem>_<optimizer>_<YYYYmmdd-HHMMSS>`` (local time)."""
+    return f"{problem}_{optimizer.lower()}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_directory(parent: Path, name: str, overwrite: bool = False) -> Path:
+    """Create ``parent/name`` for a new run and return it.
+
+    Raises:
+        CockpitError: unsafe name, parent not a writable directory, or the run directory exists
+            (unless ``overwrite``; even then only a previous run directory or an empty one is removed).
+    """
+    if not is_safe_name(name):
+        raise CockpitError(f"run name {name!r} is not a safe directory name", "use letters, digits, '.', '_' and '-' only")
+    if parent.exists() and not parent.is_dir():
+        raise CockpitError(f"output directory {parent} is a file, not a directory", "choose another output.directory or --out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CockpitError(f"cannot create output directory {parent}: {error.strerror}", "choose a writable output.directory or --out") from None
+    if not os.access(parent, os.W_OK):
+        raise CockpitError(f"output directory {parent} is not writable", "choose a writable output.directory or --out")
+    run_dir = parent / name
+    if run_dir.exists():
+        if not overwrite:
+            raise CockpitError(f"run directory {run_dir} already exists", "pass --overwrite to replace it, or choose another --name")
+        is_run = (run_dir / schema.MANIFEST).exists()
+        if not run_dir.is_dir() or not (is_run or not any(run_dir.iterdir())):
+            raise CockpitError(f"{run_dir} exists and is not a run directory; refusing to overwrite it", "choose another --name")
+        if (run_dir / schema.LOCK).exists():
+            raise CockpitError(f"run directory {run_dir} is being written by another process (its .lock exists)", "wait for it, or delete the .lock file if that process is gone")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir()
+    return run_dir
+
+
+class RunWriter:
+    """Observer that records a run into ``run_dir``.
+
+    Args:
+        run_dir: A fresh directory from :func:`prepare_run_directory`.
+        config: The effective config as a plain mapping.
+        config_yaml: The same config as YAML text (saved verbatim).
+        command: The command line that started the run.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], config_yaml: str, command: list[str] | None = None):
+        self.run_dir = run_dir
+        self._lock = run_dir / schema.LOCK
+        self._lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        write_text_atomic(run_dir / schema.CONFIG, config_yaml)
+        self.manifest: dict[str, Any] = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "status": RunStatus.RUNNING.value,
+            "created_at": now_iso(),
+            "heartbeat_at": now_iso(),
+            "ended_at": None,
+            "message": None,
+            "problem": config.get("problem", {}).get("name"),
+            "optimizer": config.get("optimizer", {}).get("name"),
+            "seed": config.get("training", {}).get("seed"),
+            "command": command or sys.argv,
+            "steps_completed": 0,
+            "epochs_completed": 0,
+            "timings": {"started": time.time()},
+        }
+        self._steps = JsonLinesAppender(run_dir / schema.STEPS)
+        self._evals = JsonLinesAppender(run_dir / schema.EVALS)
+        self._eval_records: list[dict[str, Any]] = []
+        self._recent_losses: deque[float] = deque(maxlen=50)
+        self._last_heartbeat = 0.0
+        self._write_manifest()
+
+    def on_start(self, meta: RunMeta) -> None:
+        self.manifest.update(
+            device=meta.device,
+            batch_size=meta.batch_size,
+            total_steps=meta.total_steps,
+            steps_per_epoch=meta.steps_per_epoch,
+            num_parameters=meta.num_parameters,
+            versions=meta.versions,
+            notes=meta.notes,
+        )
+        self._write_manifest()
+
+    def on_step(self, record: StepRecord) -> None:
+        self._steps.append(record.to_dict())
+        self._recent_losses.append(record.loss)
+        self.manifest["steps_completed"] = record.step + 1
+        self.manifest["epochs_completed"] = record.epoch
+        if time.monotonic() - self._last_heartbeat > schema.HEARTBEAT_SECONDS:
+            self._write_manifest()
+
+    def on_eval(self, record: EvalRecord) -> None:
+        data = record.to_dict()
+        self._evals.append(data)
+        self._eval_records.append(data)
+        self._write_manifest()
+
+    def on_end(self, end: RunEnd) -> None:
+        self._steps.close()
+        self._evals.close()
+        self.manifest.update(
+            status=end.status.value,
+            message=end.message,
+            ended_at=now_iso(),
+            steps_completed=end.steps,
+            epochs_completed=end.epochs,
+        )
+        self.manifest["timings"]["train_seconds"] = round(end.train_seconds, 3)
+        summary = summarize(end.status.value, end.message, end.steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)
+        write_json_atomic(self.run_dir / schema.SUMMARY, summary)
+        self._write_manifest()
+        self._lock.unlink(missing_ok=True)
+
+    def _write_manifest(self) -> None:
+        self.manifest["heartbeat_at"] = now_iso()
+        self._last_heartbeat = time.monotonic()
+        write_json_atomic(self.run_dir / schema.MANIFEST, self.manifest)
+

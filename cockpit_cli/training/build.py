@@ -1,0 +1,145 @@
+"""Turn a validated :class:`RunConfig` into the objects a run needs: problem, optimizer, device.
+
+Everything that can be wrong with a config beyond its structure (an unknown problem or
+optimizer, a bad problem option, a batch larger than the data) is found here, before any
+training starts, so ``cockpit run --dry-run`` catches it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cockpit_cli.config import RunConfig, check_value
+from cockpit_cli.errors import did_you_mean
+from cockpit_cli.training.optim import build_optimizer, build_scheduler
+from problems import PROBLEMS, Problem
+
+
+@dataclass
+class RunSetup:
+    """Everything the training loop needs, built from a config.
+
+    Attributes:
+        config: The validated config.
+        problem: The problem, its model already on ``device``.
+        optimizer: The optimizer over the model's trainable parameters.
+        scheduler: The learning-rate scheduler, or ``None``.
+        device: Where training happens.
+        batch_size: Training batch size (config or the problem's default).
+        steps_per_epoch: Full batches in one pass over the training split.
+        total_steps: Steps the run takes unless stopped.
+    """
+
+    config: RunConfig
+    problem: Problem
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    device: torch.device
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    """Return the device for ``training.device`` (``auto`` picks CUDA when present)."""
+    wanted = config.training.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise config.fail("training.device", "cuda was asked for but no CUDA GPU is available", "use device: cpu or device: auto")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_problem_options(config: RunConfig) -> dict[str, Any]:
+    """Check the problem's name and its options against the factory's signature."""
+    name = config.problem.name
+    if name not in PROBLEMS:
+        raise config.fail("problem.name", f"problem '{name}' is unknown{did_you_mean(name, PROBLEMS)}", "`cockpit problems` lists all")
+    entry = PROBLEMS[name]
+    types = entry.option_types()
+    checked: dict[str, Any] = {}
+    for key, value in config.problem.options.items():
+        if key not in types:
+            known = ["name", "batch_size", "data_dir", "download", *sorted(types)]
+            raise config.fail(
+                f"problem.{key}",
+                f"unknown key for problem '{name}'{did_you_mean(key, known)}",
+                f"keys allowed: {', '.join(known)}",
+            )
+        checked[key] = check_value(value, types[key], f"{config.source}: problem.{key}")
+    return checked
+
+
+def build_run(config: RunConfig) -> RunSetup:
+    """Build problem, optimizer and scheduler for ``config``; seed everything first.
+
+    Raises:
+        CockpitError: anything in the config that cannot be built, with its key path.
+    """
+    options = check_problem_options(config)
+    device = resolve_device(config)
+    seed_everything(config.training.seed)
+    entry = PROBLEMS[config.problem.name]
+    problem = entry.factory(
+        data_dir=Path(config.problem.data_dir).expanduser(),
+        download=config.problem.download,
+        seed=config.training.seed,
+        **options,
+    )
+    batch_size = config.problem.batch_size or entry.info.batch_size
+    if batch_size is None:
+        raise config.fail("problem.batch_size", f"problem '{entry.info.name}' has no default batch size", "set problem.batch_size")
+    train_size = len(problem.splits.train)
+    steps_per_epoch = train_size // batch_size
+    if steps_per_epoch == 0:
+        raise config.fail(
+            "problem.batch_size",
+            f"batch size {batch_size} is larger than the {train_size} training examples",
+            f"choose a batch size of at most {train_size}",
+        )
+    total_steps = _total_steps(config, entry.info.epochs, steps_per_epoch)
+    problem.model.to(device)
+    trainable = [p for p in problem.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config, trainable)
+    scheduler = build_scheduler(config, optimizer)
+    return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps)
+
+
+def _total_steps(config: RunConfig, default_epochs: int | None, steps_per_epoch: int) -> int:
+    training = config.training
+    if training.steps is not None:
+        return training.steps
+    epochs = training.epochs or default_epochs
+    if epochs is None:
+        raise config.fail("training.epochs", f"problem '{config.problem.name}' has no default number of epochs", "set training.epochs or training.steps")
+    return epochs * steps_per_epoch
+
+
+def describe_setup(setup: RunSetup) -> dict[str, Any]:
+    """Return the facts of a built run for printing (``--dry-run``) and the manifest."""
+    return {
+        "problem": setup.problem.name,
+        "parameters": setup.problem.num_parameters(),
+        "device": str(setup.device),
+        "batch_size": setup.batch_size,
+        "steps_per_epoch": setup.steps_per_epoch,
+        "total_steps": setup.total_steps,
+        "optimizer": repr(setup.optimizer).replace("\n", " ").replace("    ", " "),
+        "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
+    }
+
+
+

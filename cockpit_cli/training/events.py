@@ -1,0 +1,134 @@
+"""Plain records that leave the training loop, and the observer protocol that receives them.
+
+Nothing in here imports torch: records hold floats, ints, strings and small lists only, so that
+everything downstream (writer, dashboard, diagnosis) can be used and tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+
+class RunStatus(str, Enum):
+    """The life cycle of a run, as written into the manifest."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+
+
+@dataclass
+class StepRecord:
+    """What happened in one optimisation step.
+
+    Attributes:
+        step: 0-based index of the step; the parameters it starts from are theta_step.
+        epoch: 0-based epoch the step belongs to.
+        loss: Mini-batch loss at theta_step, including the weight-decay term.
+        lr: Learning rate(s) the step used, one per parameter group.
+        time: Seconds since training started, at the end of the step.
+        quantities: Instrument values computed at this step, by quantity name.
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    lr: list[float]
+    time: float
+    quantities: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SplitMetrics:
+    """Loss and accuracy on one evaluation split (accuracy ``None`` where undefined)."""
+
+    loss: float
+    accuracy: float | None
+    examples: int
+
+
+@dataclass
+class EvalRecord:
+    """An evaluation of the model on the held-out splits after ``step`` steps.
+
+    Attributes:
+        step: Number of steps completed when evaluating (0 = before training).
+        epoch: Number of epochs completed.
+        time: Seconds since training started.
+        splits: Metrics per split name (``train_eval``, ``valid``, ``test``).
+    """
+
+    step: int
+    epoch: int
+    time: float
+    splits: dict[str, SplitMetrics]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunMeta:
+    """Facts fixed at the start of a run, for the manifest and the display.
+
+    Attributes:
+        problem: Problem name.
+        optimizer: Optimizer class name.
+        seed: Random seed.
+        device: Device string the run trains on (``"cpu"``, ``"cuda"``, ...).
+        total_steps: Steps the run will take if nothing stops it.
+        steps_per_epoch: Training steps in one epoch.
+        batch_size: Training batch size.
+        num_parameters: Trainable parameters of the model.
+        versions: Package versions (python, torch, ...).
+        notes: Free-form facts (e.g. why an instrument is unavailable).
+    """
+
+    problem: str
+    optimizer: str
+    seed: int
+    device: str
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    num_parameters: int
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunEnd:
+    """How a run ended.
+
+    Attributes:
+        status: Final status.
+        steps: Steps completed.
+        epochs: Epochs completed (fractional epochs are rounded down).
+        message: One line for the user when the run did not complete normally.
+        train_seconds: Seconds spent training (evaluation included).
+    """
+
+    status: RunStatus
+    steps: int
+    epochs: int
+    message: str | None = None
+    train_seconds: float = 0.0
+
+
+class Observer(Protocol):
+    """Receives the records of a run as they happen. Methods must return quickly."""
+
+    def on_start(self, meta: RunMeta) -> None: ...
+
+    def on_step(self, record: StepRecord) -> None: ...
+
+    def on_eval(self, record: EvalRecord) -> None: ...
+
+    def on_end(self, end: RunEnd) -> None: ...

@@ -1,0 +1,185 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+Every step: forward, loss (data loss plus the weight-decay term), backward, optimizer step,
+and a :class:`StepRecord` handed to the observers. Evaluations on train_eval / valid / test
+happen before the first step, at the configured interval, and after the last step, as DeepOBS
+does. A non-finite loss ends the run as ``diverged``; Ctrl-C ends it as ``interrupted``; both
+keep everything recorded so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cockpit_cli.training.build import RunSetup, describe_setup
+from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+from cockpit_cli.training.optim import learning_rates
+from cockpit_cli.versions import package_versions
+
+EVAL_SPLITS = ("train_eval", "valid", "test")
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> DataLoader:
+    """Return a single-process loader; with ``shuffle`` its order depends on ``seed`` only."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, num_workers=0)
+
+
+class Trainer:
+    """Trains ``setup`` and reports to ``observers``.
+
+    Args:
+        setup: Problem, optimizer, scheduler and device, built from the config.
+        observers: Receive the records in order (writer first, so nothing is lost).
+    """
+
+    def __init__(self, setup: RunSetup, observers: list[Observer]):
+        self.setup = setup
+        self.observers = observers
+        self.problem = setup.problem
+        self.model = setup.problem.model
+        self.training = setup.config.training
+        self.step = 0
+        self.epoch = 0
+        self.last_eval_step: int | None = None
+        self.started = time.perf_counter()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> RunEnd:
+        """Train to the end (or until divergence / Ctrl-C) and return how the run ended."""
+        self._notify("on_start", self._meta())
+        self.started = time.perf_counter()
+        train_loader = make_loader(self.problem.splits.train, self.setup.batch_size, shuffle=True, seed=self.training.seed, drop_last=True)
+        try:
+            self.evaluate()
+            while self.step < self.setup.total_steps:
+                for inputs, targets in train_loader:
+                    if self.step >= self.setup.total_steps:
+                        break
+                    diverged = self.train_step(inputs, targets)
+                    if diverged:
+                        return self._end(RunStatus.DIVERGED, diverged)
+                    if self._eval_due_after_step():
+                        self.evaluate()
+                else:
+                    self.end_epoch()
+            if self.last_eval_step != self.step:
+                self.evaluate()
+        except KeyboardInterrupt:
+            return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
+        except BaseException as error:
+            self._end(RunStatus.FAILED, f"{type(error).__name__}: {error}")
+            raise
+        return self._end(RunStatus.COMPLETED)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        """Take one optimisation step; return a message if the loss was not finite.
+
+        Args:
+            inputs: A training batch ``[N, ...]``.
+            targets: Its targets ``[N, ...]``.
+        """
+        device = self.setup.device
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer = self.setup.optimizer
+        self.model.train()
+        optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(inputs)
+        loss = self.problem.loss_function(outputs, targets) + self.problem.regularization_loss()
+        loss_value = float(loss.item())
+        rates = learning_rates(optimizer)
+        if not math.isfinite(loss_value):
+            self._notify("on_step", StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
+            return (
+                f"the loss became {loss_value} at step {self.step} (epoch {self.epoch}); "
+                "the learning rate is probably too large for this problem"
+            )
+        loss.backward()
+        optimizer.step()
+        if self.setup.scheduler is not None and self.setup.config.schedule.interval == "step":
+            self.setup.scheduler.step()
+        self._notify("on_step", StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
+        self.step += 1
+        return None
+
+    def end_epoch(self) -> None:
+        """Count a finished epoch, step a per-epoch schedule, evaluate if due."""
+        self.epoch += 1
+        if self.setup.scheduler is not None and self.setup.config.schedule.interval == "epoch":
+            self.setup.scheduler.step()
+        every = self.training.eval_every_epochs
+        if every is not None and self.epoch % every == 0 and self.last_eval_step != self.step:
+            self.evaluate()
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalRecord:
+        """Evaluate loss (with the weight-decay term) and accuracy on the held-out splits."""
+        self.model.eval()
+        regularization = float(self.problem.regularization_loss().item())
+        metrics = {split: self._evaluate_split(split, regularization) for split in EVAL_SPLITS}
+        self.model.train()
+        record = EvalRecord(self.step, self.epoch, self._elapsed(), metrics)
+        self.last_eval_step = self.step
+        self._notify("on_eval", record)
+        return record
+
+    def _evaluate_split(self, split: str, regularization: float) -> SplitMetrics:
+        loader = make_loader(self.problem.splits.get(split), self.setup.batch_size, shuffle=False, seed=0, drop_last=False)
+        total_loss, correct, examples = 0.0, 0, 0
+        for index, (inputs, targets) in enumerate(loader):
+            if self.training.eval_max_batches is not None and index >= self.training.eval_max_batches:
+                break
+            inputs, targets = inputs.to(self.setup.device), targets.to(self.setup.device)
+            outputs = self.model(inputs)
+            batch = len(inputs)
+            total_loss += float(self.problem.loss_function(outputs, targets).item()) * batch
+            batch_correct = self.problem.correct(outputs, targets)
+            correct += batch_correct or 0
+            examples += batch
+        if examples == 0:
+            return SplitMetrics(loss=float("nan"), accuracy=None, examples=0)
+        accuracy = correct / examples if self.problem.info.has_accuracy else None
+        return SplitMetrics(loss=total_loss / examples + regularization, accuracy=accuracy, examples=examples)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _eval_due_after_step(self) -> bool:
+        every = self.training.eval_every_steps
+        return every is not None and self.step % every == 0
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def _meta(self) -> RunMeta:
+        facts = describe_setup(self.setup)
+        return RunMeta(
+            problem=self.problem.name,
+            optimizer=type(self.setup.optimizer).__name__,
+            seed=self.training.seed,
+            device=facts["device"],
+            total_steps=self.setup.total_steps,
+            steps_per_epoch=self.setup.steps_per_epoch,
+            batch_size=self.setup.batch_size,
+            num_parameters=facts["parameters"],
+            versions=package_versions(),
+            notes={"splits": facts["splits"]},
+        )
+
+    def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
+        end = RunEnd(status=status, steps=self.step, epochs=self.epoch, message=message, train_seconds=self._elapsed())
+        self._notify("on_end", end)
+        return end
+
+    def _notify(self, method: str, payload: object) -> None:
+        for observer in self.observers:
+            getattr(observer, method)(payload)
+
+
+def train(setup: RunSetup, observers: list[Observer]) -> RunEnd:
+    """Train ``setup`` to the end, reporting to ``observers``; return how the run ended."""
+    return Trainer(setup, observers).run()

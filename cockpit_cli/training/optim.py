@@ -1,0 +1,125 @@
+"""Optimizer and learning-rate schedule construction from the config, with clear errors.
+
+Any ``torch.optim`` optimizer and any ``torch.optim.lr_scheduler`` scheduler can be named; their
+keyword arguments are checked against the class's signature (unknown names, wrong types by the
+default's type) and then against torch itself, whose complaints are turned into one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from cockpit_cli.config import RunConfig, check_value
+from cockpit_cli.errors import CockpitError, did_you_mean
+
+# Arguments that are structural, not hyperparameters: the user never sets them in YAML.
+_RESERVED_OPTIMIZER_ARGS = {"self", "params"}
+_RESERVED_SCHEDULER_ARGS = {"self", "optimizer", "last_epoch", "verbose"}
+
+
+def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
+    """Return every optimizer class ``torch.optim`` exports, by name."""
+    return {
+        name: obj
+        for name, obj in vars(torch.optim).items()
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+    }
+
+
+def scheduler_classes() -> dict[str, type]:
+    """Return every scheduler class ``torch.optim.lr_scheduler`` exports, by name."""
+    base = torch.optim.lr_scheduler.LRScheduler
+    return {
+        name: obj
+        for name, obj in vars(torch.optim.lr_scheduler).items()
+        if inspect.isclass(obj) and issubclass(obj, base) and obj is not base and not name.startswith("_")
+    }
+
+
+def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
+    """Check ``arguments`` against ``cls.__init__``; return them converted by the defaults' types."""
+    parameters = {
+        name: p
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in reserved and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    checked: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if key not in parameters:
+            known = sorted(parameters)
+            raise config.fail(
+                f"{section}.{key}",
+                f"{cls.__name__} has no argument '{key}'{did_you_mean(key, known)}",
+                f"its arguments: {', '.join(known)}",
+            )
+        default = parameters[key].default
+        checked[key] = _check_like_default(config, f"{section}.{key}", value, default)
+    missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in checked]
+    if missing:
+        raise config.fail(f"{section}.{missing[0]}", f"{cls.__name__} needs argument '{missing[0]}'")
+    return checked
+
+
+def _check_like_default(config: RunConfig, path: str, value: Any, default: Any) -> Any:
+    """Check ``value`` has the type the signature's default suggests (numbers, bools, tuples)."""
+    where = f"{config.source}: {path}"
+    if isinstance(default, bool):
+        return check_value(value, bool, where)
+    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        return value
+    if isinstance(default, (int, float)):
+        return check_value(value, float, where)
+    if isinstance(default, tuple):
+        return check_value(value, tuple[Any, ...], where)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def build_optimizer(config: RunConfig, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Build the configured optimizer over ``parameters``.
+
+    Raises:
+        CockpitError: unknown optimizer, unknown or ill-typed argument, or a value torch rejects.
+    """
+    classes = optimizer_classes()
+    name = config.optimizer.name
+    if name not in classes:
+        raise config.fail("optimizer.name", f"optimizer '{name}' is not in torch.optim{did_you_mean(name, classes)}", f"known: {', '.join(sorted(classes))}")
+    cls = classes[name]
+    arguments = _check_arguments(config, "optimizer", cls, config.optimizer.arguments, _RESERVED_OPTIMIZER_ARGS)
+    try:
+        return cls(list(parameters), **arguments)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise config.fail("optimizer", f"torch.optim.{name} rejected the arguments: {error}") from None
+
+
+def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any | None:
+    """Build the configured learning-rate scheduler, or return ``None`` without a ``schedule``."""
+    schedule = config.schedule
+    if schedule is None:
+        return None
+    classes = scheduler_classes()
+    if schedule.name not in classes:
+        raise config.fail(
+            "schedule.name",
+            f"scheduler '{schedule.name}' is not in torch.optim.lr_scheduler{did_you_mean(schedule.name, classes)}",
+            f"known: {', '.join(sorted(classes))}",
+        )
+    cls = classes[schedule.name]
+    if cls.__name__ in ("ReduceLROnPlateau", "SequentialLR", "ChainedScheduler", "LambdaLR", "MultiplicativeLR"):
+        raise config.fail("schedule.name", f"{cls.__name__} needs Python objects or a metric and cannot be configured from YAML", "use StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR, OneCycleLR, ...")
+    arguments = _check_arguments(config, "schedule", cls, schedule.arguments, _RESERVED_SCHEDULER_ARGS)
+    try:
+        return cls(optimizer, **arguments)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as error:
+        raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} rejected the arguments: {error}") from None
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Return the current learning rate of each parameter group."""
+    return [float(group["lr"]) for group in optimizer.param_groups]
