@@ -100,7 +100,7 @@ def problems(
         if as_json:
             stdout.print_json(json.dumps({"schema_version": 1, "problems": rows}))
         else:
-            stdout.print(render_problem_table(rows))
+            stdout.print(render_problem_table(rows, width=stdout.width))
 
 
 def main() -> None:

@@ -145,7 +145,8 @@ def describe(hint: Any) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin in (list, tuple):
         inner = typing.get_args(hint)
-        return f"a list of {describe(inner[0])}s" if inner else "a list"
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural[inner[0]]}" if inner and inner[0] in plural else "a list"
     if origin is dict or hint is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))

@@ -1,0 +1,87 @@
+"""Building a run from a config: problem options, optimizer and scheduler arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cockpit_cli.config import parse_config
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.training.build import build_run
+from conftest import tiny_config
+
+
+def build(data_dir: Path, tmp_path: Path, **sections):
+    return build_run(parse_config(tiny_config(data_dir, tmp_path, **sections), source="c.yaml"))
+
+
+def test_builds_problem_optimizer_and_scheduler(data_dir: Path, tmp_path: Path) -> None:
+    setup = build(data_dir, tmp_path, optimizer={"name": "Adam", "lr": 0.01, "betas": [0.8, 0.9]}, schedule={"name": "StepLR", "step_size": 2, "gamma": 0.5})
+    assert isinstance(setup.optimizer, torch.optim.Adam)
+    assert setup.optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+    assert isinstance(setup.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert setup.total_steps == 12
+    assert setup.steps_per_epoch == len(setup.problem.splits.train) // 32
+
+
+def test_epochs_default_to_the_problem_default(data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_dir, tmp_path)
+    del config["training"]["steps"]
+    setup = build_run(parse_config(config))
+    assert setup.total_steps == setup.steps_per_epoch * 20  # mnist1d_mlp's default epochs
+
+
+def test_same_seed_same_initial_weights(data_dir: Path, tmp_path: Path) -> None:
+    first = build(data_dir, tmp_path).problem.model
+    second = build(data_dir, tmp_path).problem.model
+    other = build(data_dir, tmp_path, training={"seed": 1}).problem.model
+    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, c) for a, c in zip(first.parameters(), other.parameters()))
+
+
+BAD_BUILDS = [
+    ({"problem": {"name": "mnist1d_mpl"}}, "c.yaml: problem.name: problem 'mnist1d_mpl' is unknown; did you mean 'mnist1d_mlp'?"),
+    ({"problem": {"widht": 3}}, "c.yaml: problem.widht: unknown key for problem 'mnist1d_mlp'; did you mean 'width'?"),
+    ({"problem": {"width": "wide"}}, "c.yaml: problem.width: expected an integer, got 'wide'"),
+    ({"problem": {"activation": "relux"}}, "c.yaml: problem.activation: expected one of 'relu', 'sigmoid', 'tanh', 'leaky_relu', got 'relux'"),
+    ({"problem": {"batch_size": 100000}}, "c.yaml: problem.batch_size: batch size 100000 is larger than the 6400 training examples"),
+    ({"optimizer": {"name": "Adamm"}}, "c.yaml: optimizer.name: optimizer 'Adamm' is not in torch.optim; did you mean 'Adam'?"),
+    ({"optimizer": {"name": "SGD", "lr": 0.1, "momentun": 0.9}}, "c.yaml: optimizer.momentun: SGD has no argument 'momentun'; did you mean 'momentum'?"),
+    ({"optimizer": {"name": "SGD", "lr": "fast"}}, "c.yaml: optimizer.lr: expected a number, got 'fast'"),
+    ({"optimizer": {"name": "SGD", "lr": -1.0}}, "c.yaml: optimizer: torch.optim.SGD rejected the arguments: Invalid learning rate: -1.0"),
+    ({"optimizer": {"name": "SGD", "lr": 0.1, "nesterov": "yes"}}, "c.yaml: optimizer.nesterov: expected true or false, got 'yes'"),
+    ({"optimizer": {"name": "Adam", "betas": 0.9}}, "c.yaml: optimizer.betas: expected a list, got 0.9"),
+    ({"schedule": {"name": "StepLRR", "step_size": 3}}, "c.yaml: schedule.name: scheduler 'StepLRR' is not in torch.optim.lr_scheduler; did you mean 'StepLR'?"),
+    ({"schedule": {"name": "StepLR"}}, "c.yaml: schedule.step_size: StepLR needs argument 'step_size'"),
+    ({"schedule": {"name": "StepLR", "step_size": 3, "gama": 0.1}}, "c.yaml: schedule.gama: StepLR has no argument 'gama'; did you mean 'gamma'?"),
+    ({"schedule": {"name": "ReduceLROnPlateau"}}, "c.yaml: schedule.name: ReduceLROnPlateau needs Python objects or a metric and cannot be configured from YAML"),
+]
+
+
+@pytest.mark.parametrize(("sections", "message"), BAD_BUILDS, ids=[str(i) for i in range(len(BAD_BUILDS))])
+def test_bad_builds_are_rejected_with_one_line(data_dir: Path, tmp_path: Path, sections: dict, message: str) -> None:
+    with pytest.raises(CockpitError) as caught:
+        build(data_dir, tmp_path, **sections)
+    assert caught.value.message == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CockpitError, match="training.device: cuda was asked for but no CUDA GPU is available"):
+        build(data_dir, tmp_path, training={"device": "cuda"})
+
+
+def test_problem_without_default_epochs_needs_them(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from problems import PROBLEMS
+
+    entry = PROBLEMS["mnist1d_mlp"]
+    monkeypatch.setitem(PROBLEMS, "mnist1d_mlp", dataclasses.replace(entry, info=dataclasses.replace(entry.info, epochs=None)))
+    config = tiny_config(data_dir, tmp_path)
+    del config["training"]["steps"]
+    with pytest.raises(CockpitError, match="training.epochs: problem 'mnist1d_mlp' has no default number of epochs"):
+        build_run(parse_config(config, source="c.yaml"))

@@ -1,0 +1,159 @@
+"""The command line as a user runs it: help, problems, run, dry runs, bad input, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cockpit_cli.cli import app
+from cockpit_cli.storage.reader import read_run
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "run" in result.output and "problems" in result.output
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    for option in ("--set", "--out", "--name", "--dry-run", "--overwrite", "--traceback"):
+        assert option in result.output
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("cockpit ")
+
+
+def test_problems_table_and_json() -> None:
+    result = runner.invoke(app, ["problems"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ("quadratic_deep", "cifar10_3c3d", "svhn_wrn164", "mnist1d_mlp", "two_d_beale", "mnist_vae"):
+        assert name in result.output
+    assert "895,210" in result.output
+    assert "BatchNorm" in result.output
+    rows = json.loads(invoke("problems", "--json").output)["problems"]
+    by_name = {row["name"]: row for row in rows}
+    assert len(rows) == 19
+    assert by_name["cifar10_3c3d"]["parameters"] == 895_210
+    assert by_name["cifar10_3c3d"]["weight_decay"] == 0.002
+    assert by_name["svhn_wrn164"]["batchnorm"] is True
+    assert by_name["mnist_mlp"]["batch_size"] == 128 and by_name["mnist_mlp"]["epochs"] == 100
+
+
+def test_dry_run_validates_and_writes_nothing(make_config, tmp_path: Path) -> None:
+    config = make_config()
+    result = invoke("run", str(config), "--dry-run", "--set", "optimizer.lr=0.5")
+    assert result.exit_code == 0, result.output
+    assert "effective config" in result.output and "lr: 0.5" in result.output
+    assert "total_steps" in result.output and "12" in result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_run_writes_a_complete_run_directory(make_config, tmp_path: Path) -> None:
+    config = make_config()
+    result = invoke("run", str(config), "--name", "first", "--set", "training.steps=6")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "results" / "first"
+    assert f"results in {run_dir}" in result.output.replace("\n", "")
+    run = read_run(run_dir)
+    assert run.status == "completed"
+    assert len(run.steps) == 6
+    assert [e["step"] for e in run.evals] == [0, 5, 6]
+    assert run.config["training"]["steps"] == 6 and run.config["output"]["name"] == "first"
+    assert run.summary is not None and run.summary["steps"] == 6
+    assert run.manifest["versions"]["torch"]
+    # never overwritten without --overwrite
+    again = invoke("run", str(config), "--name", "first")
+    assert again.exit_code == 2
+    assert "already exists" in again.output and "Traceback" not in again.output
+    assert read_run(run_dir).status == "completed"
+    assert invoke("run", str(config), "--name", "first", "--overwrite").exit_code == 0
+
+
+def test_out_option_sets_the_parent_directory(make_config, tmp_path: Path) -> None:
+    result = invoke("run", str(make_config()), "--out", str(tmp_path / "elsewhere"), "--set", "training.steps=2")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "elsewhere").iterdir()
+    assert run_dir.name == "run"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "optimizer.lr"], "error: --set 'optimizer.lr': expected key.path=value"),
+        (["--set", "problem.name=mnist1d_mpl"], "problem.name: problem 'mnist1d_mpl' is unknown; did you mean 'mnist1d_mlp'?"),
+        (["--set", "optimizer.lr=-1"], "optimizer: torch.optim.SGD rejected the arguments: Invalid learning rate: -1"),
+        (["--set", "training.epocs=3"], "training.epocs: unknown key; did you mean 'epochs'?"),
+        (["--name", "../escape"], "output.name: '../escape' is not a safe directory name"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(make_config, args: list[str], message: str) -> None:
+    result = invoke("run", str(make_config()), *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = invoke("run", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2 and "config file" in result.output and "does not exist" in result.output
+
+
+def test_traceback_flag_re_raises(make_config) -> None:
+    from cockpit_cli.errors import CockpitError
+
+    with pytest.raises(CockpitError):
+        invoke("run", str(make_config()), "--set", "problem.name=nope", "--traceback")
+
+
+def test_diverged_run_exits_1_and_keeps_its_records(make_config, tmp_path: Path) -> None:
+    config = make_config(optimizer={"lr": 1e6}, problem={"input_scale": 1000.0}, training={"steps": 40})
+    result = invoke("run", str(config))
+    assert result.exit_code == 1
+    assert "error: run diverged: the loss became" in result.output
+    run = read_run(tmp_path / "results" / "run")
+    assert run.status == "diverged" and run.steps and run.summary["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path: Path, data_dir: Path) -> None:
+    from conftest import tiny_config, write_config
+
+    config = tiny_config(data_dir, tmp_path / "results", training={"steps": 100_000, "eval_every_steps": 100_000, "log_every": 1})
+    path = write_config(tmp_path / "long.yaml", config)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cockpit_cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    steps_file = tmp_path / "results" / "run" / "steps.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not steps_file.exists() or steps_file.stat().st_size < 2000):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    run = read_run(tmp_path / "results" / "run")
+    assert run.status == "interrupted"
+    assert len(run.steps) >= 10 and run.summary is not None
+    assert run.manifest["steps_completed"] == len(run.steps)
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["training"]["steps"] == 100_000

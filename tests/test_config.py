@@ -1,0 +1,139 @@
+"""Config parsing and validation: the structural layer (no torch) and the build layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cockpit_cli.config import RunConfig, apply_overrides, load_config, parse_config, parse_override
+from cockpit_cli.errors import CockpitError, ExitCode
+
+
+def test_defaults_and_yaml_round_trip() -> None:
+    config = parse_config({"problem": {"name": "mnist_mlp", "width": 3}, "optimizer": {"name": "Adam", "lr": 1e-3, "betas": [0.9, 0.99]}})
+    assert config.problem.options == {"width": 3}
+    assert config.optimizer.arguments == {"lr": 1e-3, "betas": [0.9, 0.99]}
+    assert config.training.eval_every_epochs == 1
+    again = parse_config(config.to_dict())
+    assert again == config
+
+
+def test_empty_config_gets_defaults() -> None:
+    config = parse_config({})
+    assert config == RunConfig()
+    assert config.optimizer.arguments == {"lr": 0.1}
+
+
+def test_ints_become_floats_where_numbers_are_expected() -> None:
+    config = parse_config({"schedule": {"name": "StepLR", "interval": "step", "step_size": 3}})
+    assert config.schedule is not None and config.schedule.interval == "step"
+    assert config.schedule.arguments == {"step_size": 3}
+
+
+def test_eval_every_steps_replaces_the_epoch_default() -> None:
+    config = parse_config({"training": {"eval_every_steps": 10}})
+    assert config.training.eval_every_epochs is None and config.training.eval_every_steps == 10
+
+
+BAD_CONFIGS = [
+    ({"problm": {}}, "x.yaml: problm: unknown key; did you mean 'problem'?"),
+    ({"training": {"epoch": 3}}, "x.yaml: training.epoch: unknown key; did you mean 'epochs'?"),
+    ({"problem": {"batch_size": -1}}, "x.yaml: problem.batch_size: expected a value >= 1, got -1"),
+    ({"problem": {"batch_size": 0}}, "x.yaml: problem.batch_size: expected a value >= 1, got 0"),
+    ({"problem": {"batch_size": 12.5}}, "x.yaml: problem.batch_size: expected an integer or null, got 12.5"),
+    ({"problem": {"download": "yes"}}, "x.yaml: problem.download: expected true or false, got 'yes'"),
+    ({"problem": {"name": 7}}, "x.yaml: problem.name: expected a string, got 7"),
+    ({"training": {"epochs": "ten"}}, "x.yaml: training.epochs: expected an integer or null, got 'ten'"),
+    ({"training": {"epochs": True}}, "x.yaml: training.epochs: expected an integer or null, got True"),
+    ({"training": {"device": "gpu"}}, "x.yaml: training.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+    ({"training": {"seed": "abc"}}, "x.yaml: training.seed: expected an integer, got 'abc'"),
+    ({"training": {"epochs": 1, "steps": 2}}, "x.yaml: training: give either epochs or steps, not both"),
+    ({"training": {"eval_every_epochs": 1, "eval_every_steps": 5}}, "x.yaml: training: give either eval_every_epochs or eval_every_steps, not both"),
+    ({"training": {"log_every": 0}}, "x.yaml: training.log_every: expected a value >= 1, got 0"),
+    ({"training": 3}, "x.yaml: training: expected a mapping of keys, got 3"),
+    ({"schedule": {"interval": "step"}}, "x.yaml: schedule.name: required key is missing"),
+    ({"schedule": {"name": "StepLR", "interval": "batch"}}, "x.yaml: schedule.interval: expected one of 'step', 'epoch', got 'batch'"),
+    ({"instruments": {"preset": "ecnomy"}}, "x.yaml: instruments.preset: expected one of 'none', 'economy', 'business', 'full', got 'ecnomy'"),
+    ({"instruments": {"every": -2}}, "x.yaml: instruments.every: expected a value >= 1, got -2"),
+    ({"output": {"name": "../escape"}}, "x.yaml: output.name: '../escape' is not a safe directory name"),
+    ({"output": {"directory": ["a"]}}, "x.yaml: output.directory: expected a string, got list"),
+    ({1: {}}, "x.yaml: 1: keys must be strings"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_CONFIGS, ids=[m.split(": ")[1] + str(i) for i, (_, m) in enumerate(BAD_CONFIGS)])
+def test_bad_configs_are_rejected_with_one_line(data: dict, message: str) -> None:
+    with pytest.raises(CockpitError) as caught:
+        parse_config(data, source="x.yaml")
+    assert caught.value.message == message
+    assert "\n" not in str(caught.value)
+    assert caught.value.code == ExitCode.BAD_INPUT
+
+
+def test_unknown_key_lists_allowed_keys_in_hint() -> None:
+    with pytest.raises(CockpitError) as caught:
+        parse_config({"training": {"sed": 1}}, source="x.yaml")
+    assert "did you mean 'seed'?" in caught.value.message
+    assert "device" in caught.value.hint and "epochs" in caught.value.hint
+
+
+def test_overrides_parse_yaml_scalars_and_create_sections() -> None:
+    data = apply_overrides({"optimizer": {"lr": 1}}, ["optimizer.lr=0.01", "training.epochs=3", "problem.download=true", "output.name=abc"])
+    assert data == {"optimizer": {"lr": 0.01}, "training": {"epochs": 3}, "problem": {"download": True}, "output": {"name": "abc"}}
+
+
+def test_overrides_do_not_mutate_the_input() -> None:
+    original = {"optimizer": {"lr": 1}}
+    apply_overrides(original, ["optimizer.lr=2"])
+    assert original == {"optimizer": {"lr": 1}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr", "--set 'optimizer.lr': expected key.path=value"),
+        ("=3", "--set '=3': '' is not a key path"),
+        ("a..b=3", "--set 'a..b=3': 'a..b' is not a key path"),
+    ],
+)
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(CockpitError) as caught:
+        parse_override(override)
+    assert caught.value.message == message
+
+
+def test_override_into_a_scalar_is_rejected() -> None:
+    with pytest.raises(CockpitError, match="optimizer.lr is not a section"):
+        apply_overrides({"optimizer": {"lr": 1}}, ["optimizer.lr.x=2"])
+
+
+def test_override_values_are_validated_like_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 2\n")
+    with pytest.raises(CockpitError) as caught:
+        load_config(path, ["training.epochs=-4"])
+    assert caught.value.message == f"{path}: training.epochs: expected a value >= 1, got -4"
+
+
+def test_missing_file_directory_and_malformed_yaml(tmp_path: Path) -> None:
+    with pytest.raises(CockpitError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(CockpitError, match="is a directory"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problem:\n  name: [unclosed\n")
+    with pytest.raises(CockpitError) as caught:
+        load_config(bad)
+    assert caught.value.message.startswith(f"{bad}: malformed YAML at line ")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(CockpitError, match="expected a mapping with sections"):
+        load_config(listing)
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("problem: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(CockpitError, match="malformed YAML"):
+        load_config(evil)

@@ -1,0 +1,145 @@
+"""The run directory: writer and reader round trip, and what a reader tolerates or refuses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.storage import schema
+from cockpit_cli.storage.reader import read_run
+from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+
+
+def write_run(parent: Path, steps: int = 5, status: RunStatus = RunStatus.COMPLETED, end: bool = True) -> Path:
+    run_dir = prepare_run_directory(parent, "r")
+    writer = RunWriter(run_dir, {"problem": {"name": "p"}, "optimizer": {"name": "SGD"}, "training": {"seed": 3}}, "problem:\n  name: p\n", ["cockpit", "run"])
+    writer.on_start(RunMeta("p", "SGD", 3, "cpu", steps, steps, 8, 10))
+    writer.on_eval(EvalRecord(0, 0, 0.0, {"valid": SplitMetrics(2.0, 0.1, 10)}))
+    for step in range(steps):
+        writer.on_step(StepRecord(step, 0, 1.0 / (step + 1), [0.1], 0.1 * step))
+    writer.on_eval(EvalRecord(steps, 1, 1.0, {"valid": SplitMetrics(1.5, 0.4, 10)}))
+    if end:
+        writer.on_end(RunEnd(status, steps, 1, None if status is RunStatus.COMPLETED else "why", 1.0))
+    return run_dir
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    run = read_run(write_run(tmp_path))
+    assert run.status == "completed"
+    assert run.manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert run.manifest["problem"] == "p" and run.manifest["seed"] == 3 and run.manifest["device"] == "cpu"
+    assert run.manifest["steps_completed"] == 5
+    assert run.config == {"problem": {"name": "p"}}
+    assert [s["step"] for s in run.steps] == list(range(5))
+    assert run.steps[1] == {"step": 1, "epoch": 0, "loss": 0.5, "lr": [0.1], "time": pytest.approx(0.1), "quantities": {}}
+    assert [e["splits"]["valid"]["accuracy"] for e in run.evals] == [0.1, 0.4]
+    assert run.summary is not None
+    assert run.summary["final"]["valid"] == {"loss": 1.5, "accuracy": 0.4}
+    assert run.summary["best"]["valid"]["accuracy_step"] == 5
+    assert run.notes == []
+    assert not (run.path / schema.LOCK).exists()
+
+
+def test_a_running_run_is_readable_and_locked(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, end=False)
+    run = read_run(run_dir)
+    assert run.status == "running" and run.summary is None and len(run.steps) == 5
+    assert (run_dir / schema.LOCK).exists()
+
+
+def test_nonfinite_losses_survive(tmp_path: Path) -> None:
+    run_dir = prepare_run_directory(tmp_path, "nan")
+    writer = RunWriter(run_dir, {}, "")
+    writer.on_step(StepRecord(0, 0, float("nan"), [1.0], 0.0))
+    writer.on_end(RunEnd(RunStatus.DIVERGED, 0, 0, "the loss became nan", 0.1))
+    run = read_run(run_dir)
+    assert math.isnan(run.steps[0]["loss"]) and run.status == "diverged"
+    assert run.manifest["message"] == "the loss became nan"
+
+
+def test_cut_off_last_line_is_ignored_with_a_note(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, end=False)
+    with open(run_dir / schema.STEPS, "a") as handle:
+        handle.write('{"step": 5, "epo')
+    run = read_run(run_dir)
+    assert len(run.steps) == 5
+    assert run.notes == ["steps.jsonl: the last line (line 6) is cut off and was ignored"]
+
+
+def test_corrupted_middle_line_is_an_error(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path)
+    lines = (run_dir / schema.STEPS).read_text().splitlines()
+    lines[2] = "garbage"
+    (run_dir / schema.STEPS).write_text("\n".join(lines) + "\n")
+    with pytest.raises(CockpitError, match="steps.jsonl is corrupted at line 3"):
+        read_run(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / schema.MANIFEST).unlink(), "is not a run directory: it has no run.json"),
+        (lambda d: (d / schema.MANIFEST).write_text("{not json"), "is corrupted: its manifest is not valid JSON"),
+        (lambda d: (d / schema.MANIFEST).write_text("[1, 2]"), "is corrupted: expected a JSON object"),
+        (lambda d: (d / schema.MANIFEST).write_text('{"status": "completed"}'), "has no valid schema_version"),
+        (lambda d: (d / schema.MANIFEST).write_text('{"schema_version": 99}'), "newer than this cockpit understands"),
+        (lambda d: (d / schema.SUMMARY).write_text("{"), "is corrupted: its summary is not valid JSON"),
+    ],
+)
+def test_damaged_run_directories_are_clear_errors(tmp_path: Path, damage, message: str) -> None:
+    run_dir = write_run(tmp_path)
+    damage(run_dir)
+    with pytest.raises(CockpitError, match=message):
+        read_run(run_dir)
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(CockpitError, match="does not exist"):
+        read_run(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CockpitError, match="is a file, not a run directory"):
+        read_run(tmp_path / "file")
+
+
+def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    with pytest.raises(CockpitError, match="already exists") as caught:
+        prepare_run_directory(tmp_path, "r")
+    assert "--overwrite" in caught.value.hint
+    fresh = prepare_run_directory(tmp_path, "r", overwrite=True)
+    assert list(fresh.iterdir()) == []
+
+
+def test_overwrite_refuses_foreign_directories_and_locked_runs(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(CockpitError, match="is not a run directory; refusing to overwrite it"):
+        prepare_run_directory(tmp_path, "mine", overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    write_run(tmp_path / "locked", end=False)
+    with pytest.raises(CockpitError, match="being written by another process"):
+        prepare_run_directory(tmp_path / "locked", "r", overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "..", "x y"])
+def test_unsafe_run_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(CockpitError, match="is not a safe directory name"):
+        prepare_run_directory(tmp_path, name)
+
+
+def test_output_parent_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CockpitError, match="is a file, not a directory"):
+        prepare_run_directory(tmp_path / "f", "r")
+
+
+def test_json_lines_are_one_object_per_line(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path)
+    for line in (run_dir / schema.EVALS).read_text().splitlines():
+        assert isinstance(json.loads(line), dict)

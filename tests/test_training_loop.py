@@ -1,0 +1,141 @@
+"""The training loop: records, evaluation schedule, schedules, divergence, interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cockpit_cli.config import parse_config
+from cockpit_cli.training.build import build_run
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, StepRecord
+from cockpit_cli.training.loop import train
+from conftest import tiny_config
+
+
+class Recorder:
+    """Observer that keeps everything it is told."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.meta: RunMeta | None = None
+        self.steps: list[StepRecord] = []
+        self.evals: list[EvalRecord] = []
+        self.end: RunEnd | None = None
+        self.interrupt_at = interrupt_at
+
+    def on_start(self, meta: RunMeta) -> None:
+        self.meta = meta
+
+    def on_step(self, record: StepRecord) -> None:
+        self.steps.append(record)
+        if self.interrupt_at is not None and record.step == self.interrupt_at:
+            raise KeyboardInterrupt
+
+    def on_eval(self, record: EvalRecord) -> None:
+        self.evals.append(record)
+
+    def on_end(self, end: RunEnd) -> None:
+        self.end = end
+
+
+def run(data_dir: Path, tmp_path: Path, recorder: Recorder | None = None, **sections) -> Recorder:
+    recorder = recorder or Recorder()
+    setup = build_run(parse_config(tiny_config(data_dir, tmp_path, **sections)))
+    train(setup, [recorder])
+    return recorder
+
+
+def test_records_every_step_and_evaluates_on_schedule(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path)
+    assert recorder.end is not None and recorder.end.status is RunStatus.COMPLETED
+    assert [r.step for r in recorder.steps] == list(range(12))
+    assert [r.step for r in recorder.evals] == [0, 5, 10, 12]  # start, every 5 steps, end
+    assert recorder.meta is not None and recorder.meta.total_steps == 12
+    for record in recorder.evals:
+        assert set(record.splits) == {"train_eval", "valid", "test"}
+        assert record.splits["valid"].examples == 64  # eval_max_batches=2 at batch 32
+        assert 0.0 <= record.splits["valid"].accuracy <= 1.0
+    assert all(r.lr == [0.1] for r in recorder.steps)
+
+
+def test_evaluates_every_epoch_by_default(data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_dir, tmp_path, problem={"batch_size": 1000})
+    config["training"] = {"epochs": 3, "seed": 0, "device": "cpu", "eval_max_batches": 1}
+    recorder = Recorder()
+    setup = build_run(parse_config(config))
+    train(setup, [recorder])
+    per_epoch = setup.steps_per_epoch
+    assert [r.step for r in recorder.evals] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert [r.epoch for r in recorder.evals] == [0, 1, 2, 3]
+    assert recorder.end is not None and recorder.end.epochs == 3
+
+
+def test_training_reduces_the_loss(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, training={"steps": 60, "eval_every_steps": 60})
+    first, last = recorder.evals[0].splits["train_eval"].loss, recorder.evals[-1].splits["train_eval"].loss
+    assert last < first
+
+
+def test_same_seed_gives_identical_records(data_dir: Path, tmp_path: Path) -> None:
+    first = run(data_dir, tmp_path)
+    second = run(data_dir, tmp_path)
+    assert [(r.step, r.loss) for r in first.steps] == [(r.step, r.loss) for r in second.steps]
+    assert [r.splits for r in first.evals] == [r.splits for r in second.evals]
+    third = run(data_dir, tmp_path, training={"seed": 1})
+    assert [r.loss for r in first.steps] != [r.loss for r in third.steps]
+
+
+def test_step_and_epoch_schedules_change_the_learning_rate(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, schedule={"name": "StepLR", "interval": "step", "step_size": 4, "gamma": 0.5})
+    assert [r.lr[0] for r in recorder.steps] == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
+    config = tiny_config(data_dir, tmp_path, problem={"batch_size": 1000}, schedule={"name": "ExponentialLR", "gamma": 0.5})
+    config["training"] = {"epochs": 2, "seed": 0, "device": "cpu", "eval_max_batches": 1}
+    recorder = Recorder()
+    setup = build_run(parse_config(config))
+    train(setup, [recorder])
+    by_epoch = {r.epoch: r.lr[0] for r in recorder.steps}
+    assert by_epoch == pytest.approx({0: 0.1, 1: 0.05})
+
+
+def test_reported_loss_includes_weight_decay(data_dir: Path, tmp_path: Path) -> None:
+    setup = build_run(parse_config(tiny_config(data_dir, tmp_path)))
+    setup.problem.weight_decay = 0.5
+    setup.problem.decayed_parameters = [p for p in setup.problem.model.parameters() if p.ndim > 1]
+    expected_term = 0.25 * sum(float(p.detach().pow(2).sum()) for p in setup.problem.decayed_parameters)
+    inputs, targets = next(iter(torch.utils.data.DataLoader(setup.problem.splits.train, batch_size=32)))
+    with torch.no_grad():
+        data_loss = float(setup.problem.loss_function(setup.problem.model(inputs), targets))
+    recorder = Recorder()
+    from cockpit_cli.training.loop import Trainer
+
+    trainer = Trainer(setup, [recorder])
+    trainer.train_step(inputs, targets)
+    assert recorder.steps[0].loss == pytest.approx(data_loss + expected_term, rel=1e-5)
+
+
+def test_nonfinite_loss_ends_the_run_as_diverged(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, optimizer={"lr": 1e6}, problem={"input_scale": 1000.0}, training={"steps": 40})
+    assert recorder.end is not None and recorder.end.status is RunStatus.DIVERGED
+    assert "the loss became" in recorder.end.message and "learning rate" in recorder.end.message
+    assert recorder.steps[-1].loss != recorder.steps[-1].loss or abs(recorder.steps[-1].loss) == float("inf")
+    assert recorder.end.steps == len(recorder.steps) - 1  # the diverged step is recorded, not taken
+
+
+def test_ctrl_c_ends_the_run_as_interrupted(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, Recorder(interrupt_at=3))
+    assert recorder.end is not None and recorder.end.status is RunStatus.INTERRUPTED
+    assert len(recorder.steps) == 4
+
+
+def test_an_error_marks_the_run_failed_and_propagates(data_dir: Path, tmp_path: Path) -> None:
+    class Broken(Recorder):
+        def on_eval(self, record: EvalRecord) -> None:
+            if record.step > 0:
+                raise RuntimeError("disk on fire")
+
+    recorder = Broken()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run(data_dir, tmp_path, recorder)
+    assert recorder.end is not None and recorder.end.status is RunStatus.FAILED
+    assert recorder.end.message == "RuntimeError: disk on fire"
