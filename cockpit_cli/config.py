@@ -21,6 +21,7 @@ from cockpit_cli.errors import CockpitError, did_you_mean
 
 Device = Literal["auto", "cpu", "cuda"]
 Preset = Literal["none", "economy", "business", "full"]
+Curvature = Literal["hessian", "ggn", "ggn_mc"]
 
 
 def _positive(default: Any = None) -> Any:
@@ -71,10 +72,19 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class InstrumentsConfig:
-    """``instruments:`` section: which quantities to track and when."""
+    """``instruments:`` section: which quantities to track and when.
+
+    ``every`` / ``offset`` (linear) or ``spacing: log`` with ``points`` is the preset's schedule;
+    ``quantities`` maps a quantity name to ``false`` (leave it out), ``true`` (add it), or a
+    mapping of its own schedule keys and options.
+    """
 
     preset: Preset = "economy"
     every: int = _positive(1)
+    offset: int = field(default=0, metadata={"min": 0})
+    spacing: Literal["linear", "log"] = "linear"
+    points: int = _positive(200)
+    curvature: Curvature = "hessian"
     quantities: dict[str, Any] = field(default_factory=dict)
 
 

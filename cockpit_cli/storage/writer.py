@@ -114,6 +114,7 @@ class RunWriter:
             steps_per_epoch=meta.steps_per_epoch,
             num_parameters=meta.num_parameters,
             versions=meta.versions,
+            instruments=meta.instruments,
             notes=meta.notes,
         )
         self._write_manifest()
@@ -141,6 +142,7 @@ class RunWriter:
             ended_at=now_iso(),
             steps_completed=end.steps,
             epochs_completed=end.epochs,
+            warnings=end.warnings,
         )
         self.manifest["timings"]["train_seconds"] = round(end.train_seconds, 3)
         summary = summarize(end.status.value, end.message, end.steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)

@@ -17,6 +17,8 @@ import torch
 
 from cockpit_cli.config import RunConfig, check_value
 from cockpit_cli.errors import did_you_mean
+from cockpit_cli.instruments.quantities import Quantity
+from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.training.optim import build_optimizer, build_scheduler
 from problems import PROBLEMS, Problem
 
@@ -34,6 +36,7 @@ class RunSetup:
         batch_size: Training batch size (config or the problem's default).
         steps_per_epoch: Full batches in one pass over the training split.
         total_steps: Steps the run takes unless stopped.
+        quantities: The instruments' quantities with their schedules (empty for preset none).
     """
 
     config: RunConfig
@@ -44,6 +47,7 @@ class RunSetup:
     batch_size: int
     steps_per_epoch: int
     total_steps: int
+    quantities: list[Quantity]
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -115,7 +119,8 @@ def build_run(config: RunConfig) -> RunSetup:
     trainable = [p for p in problem.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable)
     scheduler = build_scheduler(config, optimizer)
-    return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps)
+    quantities = build_quantities(config, total_steps)
+    return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps, quantities)
 
 
 def _total_steps(config: RunConfig, default_epochs: int | None, steps_per_epoch: int) -> int:
@@ -138,6 +143,7 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "steps_per_epoch": setup.steps_per_epoch,
         "total_steps": setup.total_steps,
         "optimizer": repr(setup.optimizer).replace("\n", " ").replace("    ", " "),
+        "quantities": ", ".join(f"{q.name} ({q.schedule.describe()})" for q in setup.quantities) or "none",
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }
 

@@ -88,7 +88,9 @@ class RunMeta:
         batch_size: Training batch size.
         num_parameters: Trainable parameters of the model.
         versions: Package versions (python, torch, ...).
-        notes: Free-form facts (e.g. why an instrument is unavailable).
+        instruments: What is tracked: parameter names and shapes, quantities with their
+            schedules, and the quantities that are unavailable with the reason.
+        notes: Free-form facts (e.g. split sizes).
     """
 
     problem: str
@@ -100,6 +102,7 @@ class RunMeta:
     batch_size: int
     num_parameters: int
     versions: dict[str, str] = field(default_factory=dict)
+    instruments: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +116,7 @@ class RunEnd:
         epochs: Epochs completed (fractional epochs are rounded down).
         message: One line for the user when the run did not complete normally.
         train_seconds: Seconds spent training (evaluation included).
+        warnings: Things that went wrong without stopping the run (e.g. instruments switched off).
     """
 
     status: RunStatus
@@ -120,6 +124,7 @@ class RunEnd:
     epochs: int
     message: str | None = None
     train_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 class Observer(Protocol):

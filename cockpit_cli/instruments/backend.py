@@ -1,0 +1,205 @@
+"""The one backward pass of a tracked step, and the autograd tools quantities borrow.
+
+:class:`GradientCapture` runs ``loss.backward()`` with the BackPACK extensions the due
+quantities need (per-sample gradients and/or a curvature diagonal) and reduces each layer's
+block inside BackPACK's extension hook, so only one layer's ``[N, ...]`` block is alive at a
+time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
+It also builds Hessian-vector products and forward-mode per-sample slopes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC, DiagHessian
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, vmap
+
+from cockpit_cli.instruments.reductions import Accumulator, LayerBlock, ReductionOptions, reduce_block
+from cockpit_cli.instruments.support import Support
+
+CURVATURES = {
+    "hessian": (DiagHessian, "diag_h"),
+    "ggn": (DiagGGNExact, "diag_ggn_exact"),
+    "ggn_mc": (DiagGGNMC, "diag_ggn_mc"),
+}
+PerSampleLoss = Callable[[object, Tensor], Tensor]
+
+# BackPACK hooks the first layer too, whose input needs no gradient; torch warns about that.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+class GradientCapture:
+    """Backward passes with per-layer fused reductions.
+
+    Args:
+        model: The network (extended in place for BackPACK when needed).
+        loss_function: Mean-reduced loss ``(outputs, targets) -> scalar``.
+        per_sample_loss_function: ``(outputs, targets) -> [N]`` data losses.
+        params: Tracked (trainable) parameters, in order.
+        names: Their names in ``model.named_parameters()``.
+        support: What the model supports.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"ggn_mc"``.
+        weight_decay: Per parameter, the L2 factor lambda of the regulariser
+            ``0.5 * lambda * ||p||^2`` included in the loss (0 for undecayed parameters).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_function: object,
+        per_sample_loss_function: PerSampleLoss,
+        params: list[nn.Parameter],
+        names: list[str],
+        support: Support,
+        curvature: str,
+        weight_decay: list[float],
+    ):
+        self.model = model
+        self.loss_function = loss_function
+        self.per_sample_loss_function = per_sample_loss_function
+        self.params = params
+        self.names = names
+        self.support = support
+        self.curvature_extension, self.curvature_attribute = CURVATURES[curvature]
+        self.weight_decay = weight_decay
+        index = {id(p): i for i, p in enumerate(params)}
+        self.module_params: dict[nn.Module, list[tuple[int, nn.Parameter]]] = {}
+        for module in model.modules():
+            own = [(index[id(p)], p) for p in module.parameters(recurse=False) if id(p) in index]
+            if own:
+                self.module_params[module] = own
+        if support.per_sample == "backpack" or support.curvature:
+            extend(model)
+        if support.curvature and isinstance(loss_function, nn.Module):
+            extend(loss_function)
+
+    def regularization(self) -> float:
+        """Return the regulariser's value ``sum_p 0.5 * lambda_p * ||p||^2``."""
+        return float(sum(0.5 * wd * float(p.detach().pow(2).sum()) for p, wd in zip(self.params, self.weight_decay) if wd))
+
+    def backward(
+        self,
+        loss: Tensor,
+        inputs: Tensor,
+        targets: Tensor,
+        requested: frozenset[str],
+        per_sample: bool,
+        curvature: bool,
+        options: ReductionOptions,
+        retain_graph: bool = False,
+    ) -> Accumulator:
+        """Run ``loss.backward()`` and return the sums of the requested reductions.
+
+        Args:
+            loss: The mini-batch loss (scalar, with the regulariser).
+            inputs: The batch ``[N, ...]`` (for the torch.func fallback).
+            targets: Its targets ``[N, ...]``.
+            requested: Reduction names (see :mod:`reductions`).
+            per_sample: Whether per-sample gradients are needed.
+            curvature: Whether the curvature diagonal is needed.
+            options: Histogram ranges and projection direction.
+            retain_graph: Keep the graph (for Hessian-vector products afterwards).
+        """
+        accumulator = Accumulator(len(self.params))
+        batch_size = inputs.shape[0]
+        extensions = []
+        if per_sample and self.support.per_sample == "backpack":
+            extensions.append(BatchGrad())
+        if curvature and self.support.curvature:
+            extensions.append(self.curvature_extension())
+        if extensions:
+            hook = self._hook(accumulator, requested, options, batch_size)
+            fork = self.curvature_extension is DiagGGNMC and curvature
+            with torch.random.fork_rng(devices=_devices(loss), enabled=fork):  # MC samples never touch training's RNG
+                with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph):
+                    loss.backward(retain_graph=retain_graph)
+        else:
+            loss.backward(retain_graph=retain_graph)
+        if per_sample and self.support.per_sample == "functorch":
+            for index, samples in enumerate(self._functorch_per_sample(inputs, targets)):
+                block = LayerBlock(index, self._with_regularizer(index, samples), self.params[index])
+                reduce_block(block, requested, accumulator, options)
+        return accumulator
+
+    def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
+        def reduce_module(module: nn.Module) -> None:
+            for index, param in self.module_params.get(module, []):
+                samples = getattr(param, "grad_batch", None)
+                if samples is not None:
+                    samples = self._with_regularizer(index, samples * batch_size)  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
+                diagonal = getattr(param, self.curvature_attribute, None)
+                if diagonal is not None and self.weight_decay[index]:
+                    diagonal = diagonal + self.weight_decay[index]
+                reduce_block(LayerBlock(index, samples, param, diagonal), requested, accumulator, options)
+                for attribute in ("grad_batch", self.curvature_attribute):
+                    if hasattr(param, attribute):
+                        delattr(param, attribute)
+
+        return reduce_module
+
+    def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:
+        """Add the regulariser's gradient lambda * p (the same for every sample) in place."""
+        decay = self.weight_decay[index]
+        return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
+
+    def _functorch_per_sample(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+        """Per-sample data-loss gradients by ``vmap(grad(...))``, one ``[N, *p.shape]`` per parameter."""
+        params = {name: p.detach() for name, p in zip(self.names, self.params)}
+
+        def sample_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            outputs = functional_call(self.model, theta, (x.unsqueeze(0),))
+            return self.per_sample_loss_function(outputs, y.unsqueeze(0)).sum()
+
+        gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(params, inputs, targets)
+        return [gradients[name] for name in self.names]
+
+    def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
+        """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist)."""
+        gradients = torch.autograd.grad(loss, self.params, create_graph=True)
+
+        def product(vector: list[Tensor]) -> list[Tensor]:
+            return list(torch.autograd.grad(gradients, self.params, grad_outputs=vector, retain_graph=True))
+
+        return product
+
+    def start_slopes(self, inputs: Tensor, targets: Tensor, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
+        """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``.
+
+        One forward-mode pass on the same batch; the random state of the original forward pass is
+        restored first, so dropout draws the same masks.
+        """
+
+        def slopes(direction: list[Tensor]) -> Tensor:
+            devices = _devices(inputs)
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), forward_ad.dual_level():
+                if rng_state is not None:
+                    _set_rng_state(rng_state)
+                duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for name, t, d in zip(self.names, theta, direction)}
+                losses = self.per_sample_loss_function(functional_call(self.model, duals, (inputs,)), targets)
+                tangent = forward_ad.unpack_dual(losses).tangent
+            regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, self.weight_decay) if wd)
+            return tangent.detach().double() + regularizer
+
+        return slopes
+
+
+def capture_rng_state(device: torch.device) -> tuple:
+    """Return the CPU (and, on CUDA, the device's) random state."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, device
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, device = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _devices(tensor: Tensor) -> list[int]:
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []

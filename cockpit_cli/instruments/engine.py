@@ -1,0 +1,252 @@
+"""The instruments engine: decides what is due, runs the one backward pass, collects values.
+
+Use it in place of ``loss.backward()`` in any training loop::
+
+    instruments = Instruments(model, loss_function, per_sample_loss_function, optimizer, quantities)
+    for step, (inputs, targets) in enumerate(loader):
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = loss_function(outputs, targets)
+        instruments.backward(step, loss, inputs, outputs, targets)   # instead of loss.backward()
+        optimizer.step()
+        instruments.after_update(step)
+        for done_step, values in instruments.completed(step).items(): ...
+    instruments.finish()
+
+The engine never looks at a quantity's type: it asks each active quantity for its
+requirements, takes their union, and hands every quantity the same :class:`StepData`. A
+quantity that fails is switched off with its reason; it never stops the training.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.backend import GradientCapture, capture_rng_state
+from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
+from cockpit_cli.instruments.quantities import base as q
+from cockpit_cli.instruments.quantities.alpha import START_SLOPES
+from cockpit_cli.instruments.support import check_support
+
+ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU)
+
+
+def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Return whether ``optimizer`` steps ``d = -lr * g`` (SGD, no momentum / decay / Nesterov, one lr)."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    groups = optimizer.param_groups
+    plain = all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("nesterov") and not g.get("maximize") for g in groups)
+    return plain and len({g["lr"] for g in groups}) == 1
+
+
+class Instruments:
+    """Attach quantities to a model's training.
+
+    Args:
+        model: The network.
+        loss_function: Mean-reduced loss ``(outputs, targets) -> scalar`` used for training.
+        per_sample_loss_function: ``(outputs, targets) -> [N]`` per-sample data losses.
+        optimizer: The optimizer (its type decides plain-SGD-only quantities and Alpha's path).
+        quantities: The quantities, each with its schedule.
+        weight_decay: L2 factor lambda of a regulariser ``0.5 * lambda * ||w||^2`` that the
+            training loss includes, applied to ``decayed_parameters``.
+        decayed_parameters: The parameters the regulariser applies to.
+        curvature: Curvature diagonal for HessTrace / TIC: ``hessian``, ``ggn`` or ``ggn_mc``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_function: Any,
+        per_sample_loss_function: Any,
+        optimizer: torch.optim.Optimizer,
+        quantities: Iterable[Quantity],
+        weight_decay: float = 0.0,
+        decayed_parameters: Iterable[nn.Parameter] = (),
+        curvature: str = "hessian",
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.per_sample_loss_function = per_sample_loss_function
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        decayed = {id(p) for p in decayed_parameters}
+        self.support = check_support(model, loss_function)
+        self.plain_sgd = is_plain_sgd(optimizer)
+        self.unavailable: dict[str, str] = {}
+        self.quantities = [quantity for quantity in quantities if self._available(quantity)]
+        decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
+        self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay)
+        for quantity in self.quantities:
+            if hasattr(quantity, "plain_sgd"):
+                quantity.plain_sgd = self.plain_sgd
+            if hasattr(quantity, "set_origin"):
+                quantity.set_origin(self.params)
+        self.lag = max((quantity.lag for quantity in self.quantities), default=0)
+        self.results: dict[int, dict[str, Any]] = {}
+        self.started = time.perf_counter()
+        self.next_step = 0
+        self._before: list[Tensor] | None = None
+        self._updating: list[Quantity] = []
+        self._start_slopes = None
+        self._rng_state: tuple | None = None
+        self._activations: dict[str, dict[str, float]] | None = None
+        self._hooks = [model.register_forward_pre_hook(self._before_forward)]
+        if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
+            self._hooks += [m.register_forward_hook(self._activation_hook(n)) for n, m in _activation_layers(model)]
+
+    # -- what is due -----------------------------------------------------------------------
+
+    def _available(self, quantity: Quantity) -> bool:
+        reason = None
+        if quantity.per_sample and self.support.per_sample is None:
+            reason = self.support.per_sample_reason
+        elif quantity.needs_curvature and not self.support.curvature:
+            reason = self.support.curvature_reason
+        elif quantity.plain_sgd_only and not self.plain_sgd:
+            reason = f"{quantity.name} is defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses {type(self.optimizer).__name__}"
+        if reason:
+            self.unavailable[quantity.name] = reason
+        return reason is None
+
+    def _plan(self, step: int) -> tuple[list[Quantity], set[str]]:
+        active = [quantity for quantity in self.quantities if quantity.is_active(step)]
+        needs: set[str] = set().union(*(quantity.requirements(step) for quantity in active)) if active else set()
+        return active, needs
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: prepare what the coming step's forward pass must record."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        _, needs = self._plan(self.next_step)
+        self._activations = {} if q.ACTIVATIONS in needs else None
+        self._rng_state = capture_rng_state(self.params[0].device) if START_SLOPES in needs and self.params else None
+
+    def _activation_hook(self, name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._activations is None or not isinstance(output, Tensor):
+                return
+            values = output.detach()
+            self._activations[name] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(unbiased=False)),
+                "zero_fraction": float((values == 0).float().mean()),
+            }
+
+        return record
+
+    # -- one step --------------------------------------------------------------------------
+
+    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
+        """Run the backward pass of ``step`` with whatever the due quantities need, and compute them."""
+        self.next_step = step + 1
+        active, needs = self._plan(step)
+        if not active:
+            loss.backward()
+            return
+        options = r.ReductionOptions()
+        for quantity in active:
+            quantity.reduction_options(step, options)
+        requested = frozenset(needs & set(r.KERNELS))
+        individual = None
+        if q.INDIVIDUAL_LOSSES in needs:
+            with torch.no_grad():
+                individual = self.per_sample_loss_function(_detach(outputs), targets).detach() + self.capture.regularization()
+        if q.PARAMS_BEFORE in needs:
+            self._before = [p.detach().clone() for p in self.params]
+            self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]
+        hvp = q.HVP in needs
+        accumulator = self.capture.backward(
+            loss, inputs, targets, requested, per_sample=bool(requested & r.NEEDS_SAMPLES), curvature=q.CURVATURE in needs, options=options, retain_graph=hvp
+        )
+        if START_SLOPES in needs:
+            self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
+        data = StepData(
+            step=step,
+            loss=float(loss.detach()),
+            batch_size=inputs.shape[0],
+            params=self.params,
+            names=self.names,
+            grads=[p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
+            reductions=accumulator,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            plain_sgd=self.plain_sgd,
+            elapsed=time.perf_counter() - self.started,
+            individual_losses=individual,
+            hvp=self.capture.hessian_vector_product(loss) if hvp else None,
+            inputs=inputs if q.INPUTS in needs else None,
+            activations=self._activations,
+        )
+        for quantity in active:
+            self._run(quantity, quantity.compute, data)
+        self._collect(data.outputs)
+        self._activations = None
+
+    def after_update(self, step: int) -> None:
+        """Call after ``optimizer.step()`` of ``step``: quantities that compare theta_t and theta_{t+1}."""
+        if self._before is None:
+            return
+        data = UpdateData(step=step, before=self._before, after=self.params, start_slopes=self._start_slopes)
+        for quantity in self._updating:
+            self._run(quantity, quantity.after_update, data)
+        self._collect(data.outputs)
+        self._before, self._updating, self._start_slopes = None, [], None
+
+    def _run(self, quantity: Quantity, method: Any, data: Any) -> None:
+        try:
+            with torch.no_grad():
+                method(data)
+        except Exception as error:  # an instrument never stops training
+            self.quantities.remove(quantity)
+            self.unavailable[quantity.name] = f"failed at step {data.step} and was switched off: {type(error).__name__}: {error}"
+
+    def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
+        for step, values in outputs.items():
+            self.results.setdefault(step, {}).update(values)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def completed(self, step: int) -> dict[int, dict[str, Any]]:
+        """Pop the values of every step up to ``step - lag`` (complete once ``step`` is done)."""
+        done = [s for s in self.results if s <= step - self.lag]
+        return {s: self.results.pop(s) for s in sorted(done)}
+
+    def finish(self) -> dict[int, dict[str, Any]]:
+        """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        return {s: self.results.pop(s) for s in sorted(self.results)}
+
+    def describe(self) -> dict[str, Any]:
+        """Return what is tracked and what is not (for the run manifest)."""
+        return {
+            "parameters": self.names,
+            "shapes": [list(p.shape) for p in self.params],
+            "per_sample": self.support.per_sample,
+            "quantities": {quantity.name: quantity.schedule.describe() for quantity in self.quantities},
+            "unavailable": dict(self.unavailable),
+            "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
+        }
+
+
+def _detach(outputs: Any) -> Any:
+    return tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
+
+
+def _activation_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules whose outputs are worth watching: activations and layers with parameters."""
+    chosen = []
+    for name, module in model.named_modules():
+        if list(module.children()) or not name:
+            continue
+        if isinstance(module, ACTIVATION_MODULES) or any(p.requires_grad for p in module.parameters(recurse=False)):
+            chosen.append((name, module))
+    return chosen

@@ -1,0 +1,162 @@
+"""What a quantity is, what the engine hands it, and the registry of quantities.
+
+A quantity declares, for a step at which it is active, what it needs (:meth:`Quantity.requirements`): reductions of
+per-sample gradients, the curvature diagonal, Hessian-vector products, the individual losses, a
+snapshot of the parameters before the update. The engine gathers the union over all due
+quantities, runs one backward pass, and hands each quantity a :class:`StepData`. Quantities
+write their values with :meth:`StepData.emit` (a value may belong to an earlier step, as Alpha's
+does). A quantity that is not active at a step is not asked and costs nothing there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
+from cockpit_cli.instruments.schedules import Schedule
+
+# Requirements other than reduction names.
+INDIVIDUAL_LOSSES = "individual_losses"  # per-sample total losses [N]
+CURVATURE = "curvature"  # the curvature diagonal in the backward pass
+HVP = "hvp"  # Hessian-vector products of the mini-batch loss
+PARAMS_BEFORE = "params_before"  # a copy of theta_t, handed to after_update
+INPUTS = "inputs"  # the input batch
+ACTIVATIONS = "activations"  # statistics of module outputs from the forward pass
+
+HessianVectorProduct = Callable[[list[Tensor]], list[Tensor]]
+
+
+@dataclass
+class StepData:
+    """What the engine hands the due quantities after the backward pass of a step.
+
+    Attributes:
+        step: The step.
+        loss: Mini-batch loss (with the regulariser).
+        batch_size: N.
+        params: The tracked parameters (theta_t), in order.
+        names: Their names.
+        grads: Their gradients (of the mini-batch loss), in order.
+        reductions: Sums from the fused per-sample pass (empty without one).
+        individual_losses: ``[N]`` per-sample total losses, when requested.
+        hvp: Hessian-vector product of the mini-batch loss, when requested.
+        lr: Learning rate of the first parameter group.
+        plain_sgd: Whether the optimizer is SGD without momentum, weight decay or Nesterov.
+        inputs: The input batch, when requested.
+        activations: ``{module name: {mean, std, zero_fraction}}`` when requested.
+        elapsed: Seconds since the instruments were attached.
+    """
+
+    step: int
+    loss: float
+    batch_size: int
+    params: list[Tensor]
+    names: list[str]
+    grads: list[Tensor]
+    reductions: Accumulator
+    lr: float
+    plain_sgd: bool
+    elapsed: float
+    individual_losses: Tensor | None = None
+    hvp: HessianVectorProduct | None = None
+    inputs: Tensor | None = None
+    activations: dict[str, dict[str, float]] | None = None
+    outputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def emit(self, name: str, value: Any, step: int | None = None) -> None:
+        """Record ``value`` of quantity ``name`` for ``step`` (default: this step)."""
+        self.outputs.setdefault(self.step if step is None else step, {})[name] = value
+
+
+@dataclass
+class UpdateData:
+    """What the engine hands quantities after the optimizer's update of step ``step``.
+
+    Attributes:
+        step: The step whose update just happened.
+        before: theta_t (copies), when requested at that step.
+        after: theta_{t+1} (the live parameters).
+        start_slopes: ``direction -> [N]``, the per-sample products g_i . direction at theta_t on
+            step t's batch (forward mode), when START_SLOPES was requested at that step.
+        outputs: Where to emit values, by step.
+    """
+
+    step: int
+    before: list[Tensor] | None
+    after: list[Tensor]
+    start_slopes: Callable[[list[Tensor]], Tensor] | None = None
+    outputs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def emit(self, name: str, value: Any, step: int | None = None) -> None:
+        """Record ``value`` of quantity ``name`` for ``step`` (default: the update's step)."""
+        self.outputs.setdefault(self.step if step is None else step, {})[name] = value
+
+
+class Quantity:
+    """Base class: a named instrument with a schedule.
+
+    Subclasses set ``name`` and override :meth:`requirements` and :meth:`compute` (and
+    :meth:`after_update` if they need the parameters after the update). ``lag`` is the number of
+    steps after a tracked step at which its value is complete (1 for Alpha).
+
+    Args:
+        schedule: When the quantity is tracked.
+        options: Quantity-specific settings from the config (already validated).
+    """
+
+    name: ClassVar[str]
+    lag: ClassVar[int] = 0
+    per_sample: ClassVar[bool] = False  # needs per-sample gradients
+    needs_curvature: ClassVar[bool] = False  # needs a curvature diagonal (BackPACK second order)
+    plain_sgd_only: ClassVar[bool] = False
+    options_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, schedule: Schedule, options: dict[str, Any] | None = None):
+        self.schedule = schedule
+        self.options = {**self.options_defaults, **(options or {})}
+
+    def is_active(self, step: int) -> bool:
+        """Return whether the quantity works at ``step`` (its schedule, plus any pending work)."""
+        return self.schedule(step)
+
+    def requirements(self, step: int) -> set[str]:
+        """Return what the quantity needs at an active ``step``."""
+        return set()
+
+    def reduction_options(self, step: int, options: ReductionOptions) -> None:
+        """Adjust the shared reduction options for this step (e.g. histogram ranges)."""
+
+    def compute(self, data: StepData) -> None:
+        """Compute from ``data`` and emit values."""
+
+    def after_update(self, data: UpdateData) -> None:
+        """Called after every optimizer step at which the quantity asked for PARAMS_BEFORE."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return carried state (for checkpoints)."""
+        return {}
+
+
+QUANTITIES: dict[str, type[Quantity]] = {}
+
+
+def register(cls: type[Quantity]) -> type[Quantity]:
+    """Class decorator adding a quantity to :data:`QUANTITIES`; a name twice is an error."""
+    if cls.name in QUANTITIES:
+        raise ValueError(f"quantity '{cls.name}' is registered twice")
+    QUANTITIES[cls.name] = cls
+    return cls
+
+
+def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
+    """Return the dot product of two parameter lists as a float64 Python float."""
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def norms(tensors: list[Tensor]) -> list[float]:
+    """Return the 2-norm of each tensor."""
+    return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]

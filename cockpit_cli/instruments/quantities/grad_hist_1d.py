@@ -1,0 +1,47 @@
+"""GradHist1d: histogram of all N x D individual-gradient elements, whole network and per parameter.
+
+Default 100 bins over (-2, 2); values outside are counted in the edge bins. With
+``adaptive: true`` the range is +-(largest |g_id| seen at the previous tracked step), so the
+histogram follows gradients that shrink or grow by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+
+
+@register
+class GradHist1d(Quantity):
+    name = "GradHist1d"
+    per_sample = True
+    options_defaults: dict[str, Any] = {"bins": 100, "range": (-2.0, 2.0), "adaptive": False}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        low, high = self.options["range"]
+        self.spec = r.HistogramSpec(int(self.options["bins"]), float(low), float(high))
+
+    def requirements(self, step: int) -> set[str]:
+        return {r.HIST1D, r.ABS_MAX} if self.options["adaptive"] else {r.HIST1D}
+
+    def reduction_options(self, step: int, options: r.ReductionOptions) -> None:
+        options.hist1d = self.spec
+
+    def compute(self, data: StepData) -> None:
+        totals = data.reductions.totals
+        per_param = data.reductions.per_param.get(r.HIST1D, [])
+        data.emit(
+            self.name,
+            {
+                "counts": totals[r.HIST1D].tolist(),
+                "range": [self.spec.low, self.spec.high],
+                "per_parameter": [None if c is None else c.tolist() for c in per_param],
+            },
+        )
+        if self.options["adaptive"] and r.ABS_MAX in totals:
+            largest = float(totals[r.ABS_MAX])
+            if largest > 0.0:
+                self.spec = r.HistogramSpec(self.spec.bins, -largest, largest)

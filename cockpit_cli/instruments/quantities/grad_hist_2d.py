@@ -1,0 +1,43 @@
+"""GradHist2d: joint histogram of (individual-gradient element, parameter value).
+
+Default (40, 50) bins over gradient (-1, 1) x parameter (-2, 2), values outside clamped into the
+edge bins; whole network and per parameter. Counts are ``[gradient bin][parameter bin]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+
+
+@register
+class GradHist2d(Quantity):
+    name = "GradHist2d"
+    per_sample = True
+    options_defaults: dict[str, Any] = {"bins": (40, 50), "range": ((-1.0, 1.0), (-2.0, 2.0))}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        (grad_low, grad_high), (param_low, param_high) = self.options["range"]
+        grad_bins, param_bins = self.options["bins"]
+        self.specs = (r.HistogramSpec(int(grad_bins), float(grad_low), float(grad_high)), r.HistogramSpec(int(param_bins), float(param_low), float(param_high)))
+
+    def requirements(self, step: int) -> set[str]:
+        return {r.HIST2D}
+
+    def reduction_options(self, step: int, options: r.ReductionOptions) -> None:
+        options.hist2d = self.specs
+
+    def compute(self, data: StepData) -> None:
+        grad_axis, param_axis = self.specs
+        per_param = data.reductions.per_param.get(r.HIST2D, [])
+        data.emit(
+            self.name,
+            {
+                "counts": data.reductions.totals[r.HIST2D].tolist(),
+                "range": [[grad_axis.low, grad_axis.high], [param_axis.low, param_axis.high]],
+                "per_parameter": [None if c is None else c.tolist() for c in per_param],
+            },
+        )

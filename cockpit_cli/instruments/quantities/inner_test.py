@@ -1,0 +1,22 @@
+"""InnerTest: sqrt( sum_i (g_i . g - ||g||^2)^2 / (N (N-1) ||g||^4) ) (Bollapragada et al.)."""
+
+import math
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+
+
+@register
+class InnerTest(Quantity):
+    name = "InnerTest"
+    per_sample = True
+
+    def requirements(self, step: int) -> set[str]:
+        return {r.SAMPLE_DOTS, r.GRAD_SQ_NORM}
+
+    def compute(self, data: StepData) -> None:
+        n = data.batch_size
+        totals = data.reductions.totals
+        grad_sq = totals[r.GRAD_SQ_NORM]
+        value = float((totals[r.SAMPLE_DOTS] - grad_sq).pow(2).sum() / (n * (n - 1) * grad_sq**2))
+        data.emit(self.name, math.sqrt(max(value, 0.0)))

@@ -1,0 +1,44 @@
+"""LayerStats: per parameter weight norm, gradient norm, update-to-weight ratio, zero-gradient fraction.
+
+These are the per-layer views used by diagnosis (exploding / vanishing gradients, dead units,
+frozen layers): ``update_ratio`` is ``||theta_{t+1} - theta_t|| / ||theta_t||`` and
+``zero_grad_fraction`` the fraction of exactly-zero entries of the mini-batch gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, StepData, UpdateData, norms, register
+
+
+@register
+class LayerStats(Quantity):
+    name = "LayerStats"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.partial: dict[int, dict[str, list[float]]] = {}
+
+    def requirements(self, step: int) -> set[str]:
+        return {PARAMS_BEFORE}
+
+    def compute(self, data: StepData) -> None:
+        self.partial[data.step] = {
+            "weight_norm": norms(data.params),
+            "grad_norm": norms(data.grads),
+            "zero_grad_fraction": [float((g == 0).float().mean()) for g in data.grads],
+        }
+
+    def after_update(self, data: UpdateData) -> None:
+        stats = self.partial.pop(data.step, None)
+        if stats is None:
+            return
+        ratios = []
+        for before, after, weight in zip(data.before, data.after, stats["weight_norm"]):
+            change = float(torch.linalg.vector_norm(after.detach() - before))
+            ratios.append(change / weight if weight > 0 else (0.0 if change == 0 else float("inf")))
+        stats["update_ratio"] = ratios
+        data.emit(self.name, stats)

@@ -1,0 +1,24 @@
+"""OrthoTest: sqrt( sum_i ||g_i - (g_i.g / ||g||^2) g||^2 / (N (N-1) ||g||^2) ) (Bollapragada et al.)."""
+
+import math
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+
+
+@register
+class OrthoTest(Quantity):
+    name = "OrthoTest"
+    per_sample = True
+
+    def requirements(self, step: int) -> set[str]:
+        return {r.SAMPLE_DOTS, r.SAMPLE_SQ_NORMS, r.GRAD_SQ_NORM}
+
+    def compute(self, data: StepData) -> None:
+        n = data.batch_size
+        totals = data.reductions.totals
+        grad_sq = totals[r.GRAD_SQ_NORM]
+        # ||g_i - (g_i.g/||g||^2) g||^2 = ||g_i||^2 - (g_i.g)^2 / ||g||^2
+        orthogonal = totals[r.SAMPLE_SQ_NORMS] - totals[r.SAMPLE_DOTS].pow(2) / grad_sq
+        value = float(orthogonal.sum() / (n * (n - 1) * grad_sq))
+        data.emit(self.name, math.sqrt(max(value, 0.0)))

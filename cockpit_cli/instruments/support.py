@@ -1,0 +1,86 @@
+"""Which instruments a model supports: BackPACK, the torch.func fallback, or neither.
+
+Per-sample gradients exist only when samples do not interact: a BatchNorm layer in training
+mode mixes the samples of a batch, so per-sample quantities are unavailable there. Layers
+BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower); the curvature
+diagonal needs BackPACK's second-order rules for every layer of a sequential model and a
+cross-entropy or mean-squared-error loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from backpack.extensions import BatchGrad, DiagHessian
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+PerSampleBackend = Literal["backpack", "functorch"]
+CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What the instruments can compute for a model.
+
+    Attributes:
+        per_sample: How per-sample gradients are formed, or ``None`` if they do not exist.
+        per_sample_reason: Why they are unavailable or slower, for the user (or ``None``).
+        curvature: Whether BackPACK can compute curvature diagonals.
+        curvature_reason: Why not (or ``None``).
+    """
+
+    per_sample: PerSampleBackend | None
+    per_sample_reason: str | None
+    curvature: bool
+    curvature_reason: str | None
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name or type(model).__name__, module) for name, module in model.named_modules() if not list(module.children())]
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def check_support(model: nn.Module, loss_function: object) -> Support:
+    """Inspect ``model`` and ``loss_function`` and say which instruments are possible."""
+    leaves = _leaves(model)
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            reason = (
+                f"layer '{name}' ({type(module).__name__}) mixes the samples of a batch, so per-sample "
+                "gradients do not exist; per-sample quantities are skipped"
+            )
+            return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
+    unsupported = [(n, m) for n, m in leaves if _has_trainable(m) and type(m) not in _extension_modules(BatchGrad())]
+    if any(_has_trainable(m) for m in model.modules() if list(m.children())):
+        unsupported.append((type(model).__name__, model))
+    per_sample: PerSampleBackend = "backpack"
+    per_sample_reason = None
+    if unsupported:
+        name, module = unsupported[0]
+        per_sample = "functorch"
+        per_sample_reason = f"layer '{name}' ({type(module).__name__}) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
+    curvature, curvature_reason = _check_curvature(model, loss_function, leaves)
+    return Support(per_sample, per_sample_reason, curvature, curvature_reason)
+
+
+def _extension_modules(extension: object) -> set[type]:
+    """Return the module classes a BackPACK extension has rules for."""
+    return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
+
+
+def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]]) -> tuple[bool, str | None]:
+    if not isinstance(loss_function, CURVATURE_LOSSES):
+        return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss or MSELoss)"
+    if not isinstance(model, nn.Sequential):
+        return False, f"the model {type(model).__name__} is not an nn.Sequential, which BackPACK's curvature rules need"
+    known = _extension_modules(DiagHessian())
+    first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
+    for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
+        if type(module) not in known:
+            return False, f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
+    return True, None
