@@ -80,7 +80,12 @@ class GradientCapture:
 
     def regularization(self) -> float:
         """Return the regulariser's value ``sum_p 0.5 * lambda_p * ||p||^2``."""
-        return float(sum(0.5 * wd * float(p.detach().pow(2).sum()) for p, wd in zip(self.params, self.weight_decay) if wd))
+        return float(self.regularization_tensor().detach())
+
+    def regularization_tensor(self) -> Tensor:
+        """Return the regulariser as a differentiable scalar tensor."""
+        terms = [0.5 * wd * p.pow(2).sum() for p, wd in zip(self.params, self.weight_decay) if wd]
+        return sum(terms) if terms else torch.zeros((), device=self.params[0].device if self.params else None)
 
     def backward(
         self,

@@ -21,7 +21,8 @@ quantity that fails is switched off with its reason; it never stops the training
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,7 @@ class Instruments:
         self._start_slopes = None
         self._rng_state: tuple | None = None
         self._activations: dict[str, dict[str, float]] | None = None
+        self._own_pass = False  # True while the engine runs forward passes of its own
         self._hooks = [model.register_forward_pre_hook(self._before_forward)]
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
             self._hooks += [m.register_forward_hook(self._activation_hook(n)) for n, m in _activation_layers(model)]
@@ -123,7 +125,7 @@ class Instruments:
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
-        if not (module.training and torch.is_grad_enabled()):
+        if self._own_pass or not (module.training and torch.is_grad_enabled()):
             return
         _, needs = self._plan(self.next_step)
         self._activations = {} if q.ACTIVATIONS in needs else None
@@ -131,16 +133,25 @@ class Instruments:
 
     def _activation_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._activations is None or not isinstance(output, Tensor):
+            if self._own_pass or self._activations is None or not isinstance(output, Tensor):
                 return
             values = output.detach()
             self._activations[name] = {
                 "mean": float(values.mean()),
                 "std": float(values.std(unbiased=False)),
-                "zero_fraction": float((values == 0).float().mean()),
+                "zero_fraction": int((values == 0).sum()) / max(values.numel(), 1),
             }
 
         return record
+
+    @contextmanager
+    def _engine_pass(self) -> Iterator[None]:
+        """Mark forward passes the engine makes itself (torch.func, forward mode): hooks ignore them."""
+        self._own_pass = True
+        try:
+            yield
+        finally:
+            self._own_pass = False
 
     # -- one step --------------------------------------------------------------------------
 
@@ -163,9 +174,10 @@ class Instruments:
             self._before = [p.detach().clone() for p in self.params]
             self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]
         hvp = q.HVP in needs
-        accumulator = self.capture.backward(
-            loss, inputs, targets, requested, per_sample=bool(requested & r.NEEDS_SAMPLES), curvature=q.CURVATURE in needs, options=options, retain_graph=hvp
-        )
+        with self._engine_pass():
+            accumulator = self.capture.backward(
+                loss, inputs, targets, requested, per_sample=bool(requested & r.NEEDS_SAMPLES), curvature=q.CURVATURE in needs, options=options, retain_graph=hvp
+            )
         if START_SLOPES in needs:
             self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         data = StepData(
@@ -194,8 +206,9 @@ class Instruments:
         if self._before is None:
             return
         data = UpdateData(step=step, before=self._before, after=self.params, start_slopes=self._start_slopes)
-        for quantity in self._updating:
-            self._run(quantity, quantity.after_update, data)
+        with self._engine_pass():
+            for quantity in self._updating:
+                self._run(quantity, quantity.after_update, data)
         self._collect(data.outputs)
         self._before, self._updating, self._start_slopes = None, [], None
 

@@ -55,7 +55,17 @@ SCHEDULE_KEYS = ("every", "offset", "spacing", "points")
 
 
 def schedule_from_settings(settings: dict[str, Any], last_step: int, base: Schedule | None = None) -> Schedule:
-    """Build a schedule from already validated settings (``every``, ``offset``, ``spacing``, ``points``)."""
+    """Build a schedule from already validated settings (``every``, ``offset``, ``spacing``, ``points``).
+
+    Keys not given come from ``base``, except ``spacing``: ``every`` / ``offset`` without it
+    mean linear spacing and ``points`` alone means log spacing, so that an override is never
+    silently ignored because the base uses the other spacing.
+    """
     base = base or Schedule(last_step=last_step)
     values = {key: settings.get(key, getattr(base, key)) for key in SCHEDULE_KEYS}
+    if "spacing" not in settings:
+        if "every" in settings or "offset" in settings:
+            values["spacing"] = "linear"
+        elif "points" in settings:
+            values["spacing"] = "log"
     return Schedule(last_step=last_step, **values)

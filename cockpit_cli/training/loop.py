@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cockpit_cli.instruments import Instruments
+from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
 from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import learning_rates
@@ -51,12 +51,10 @@ class Trainer:
         self.epoch = 0
         self.last_eval_step: int | None = None
         self.started = time.perf_counter()
-        self.pending: deque[StepRecord] = deque()
-        self.instruments: Instruments | None = None
-        self.instrument_failure: str | None = None
+        instruments = None
         if setup.quantities:
             problem = setup.problem
-            self.instruments = Instruments(
+            instruments = Instruments(
                 problem.model,
                 problem.loss_function,
                 problem.per_sample_loss_function,
@@ -66,6 +64,7 @@ class Trainer:
                 decayed_parameters=problem.decayed_parameters,
                 curvature=setup.config.instruments.curvature,
             )
+        self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record))
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -113,56 +112,19 @@ class Trainer:
         loss_value = float(loss.item())
         rates = learning_rates(optimizer)
         if not math.isfinite(loss_value):
-            self._flush_records()
+            self.tracker.flush()
             self._notify("on_step", StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
             return (
                 f"the loss became {loss_value} at step {self.step} (epoch {self.epoch}); "
                 "the learning rate is probably too large for this problem"
             )
-        self._backward(loss, inputs, outputs, targets)
+        self.tracker.backward(self.step, loss, inputs, outputs, targets)
         optimizer.step()
-        if self.instruments is not None:
-            self.instruments.after_update(self.step)
+        self.tracker.after_update(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
         if self.setup.scheduler is not None and self.setup.config.schedule.interval == "step":
             self.setup.scheduler.step()
-        self.pending.append(StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
-        self._emit_completed()
         self.step += 1
         return None
-
-    def _backward(self, loss: torch.Tensor, inputs: torch.Tensor, outputs: object, targets: torch.Tensor) -> None:
-        """Backward through the instruments; if they fail, drop them and redo the step plainly."""
-        if self.instruments is None:
-            loss.backward()
-            return
-        try:
-            self.instruments.backward(self.step, loss, inputs, outputs, targets)
-        except Exception as error:  # an instrument never ends the run
-            self.instrument_failure = f"instruments switched off at step {self.step}: {type(error).__name__}: {error}"
-            self.instruments.finish()
-            self.instruments = None
-            self.setup.optimizer.zero_grad(set_to_none=True)
-            retry = self.problem.loss_function(self.model(inputs), targets) + self.problem.regularization_loss()
-            retry.backward()
-
-    def _emit_completed(self) -> None:
-        """Hand the observers every pending record whose quantities are complete."""
-        if self.instruments is None:
-            self._flush_records()
-            return
-        values = self.instruments.completed(self.step)
-        while self.pending and self.pending[0].step <= self.step - self.instruments.lag:
-            record = self.pending.popleft()
-            record.quantities = values.pop(record.step, {})
-            self._notify("on_step", record)
-
-    def _flush_records(self) -> None:
-        """Hand over every pending record (end of run): lagging values still missing stay missing."""
-        values = self.instruments.finish() if self.instruments is not None else {}
-        while self.pending:
-            record = self.pending.popleft()
-            record.quantities = values.pop(record.step, record.quantities)
-            self._notify("on_step", record)
 
     def end_epoch(self) -> None:
         """Count a finished epoch, step a per-epoch schedule, evaluate if due."""
@@ -224,13 +186,13 @@ class Trainer:
             batch_size=self.setup.batch_size,
             num_parameters=facts["parameters"],
             versions=package_versions(),
-            instruments=self.instruments.describe() if self.instruments is not None else {},
+            instruments=self.tracker.describe(),
             notes={"splits": facts["splits"]},
         )
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
-        self._flush_records()
-        warnings = [self.instrument_failure] if self.instrument_failure else []
+        self.tracker.flush()
+        warnings = [self.tracker.failure] if self.tracker.failure else []
         end = RunEnd(status=status, steps=self.step, epochs=self.epoch, message=message, train_seconds=self._elapsed(), warnings=warnings)
         self._notify("on_end", end)
         return end

@@ -29,7 +29,7 @@ class LayerStats(Quantity):
         self.partial[data.step] = {
             "weight_norm": norms(data.params),
             "grad_norm": norms(data.grads),
-            "zero_grad_fraction": [float((g == 0).float().mean()) for g in data.grads],
+            "zero_grad_fraction": [int((g == 0).sum()) / max(g.numel(), 1) for g in data.grads],
         }
 
     def after_update(self, data: UpdateData) -> None:

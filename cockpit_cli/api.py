@@ -1,0 +1,133 @@
+"""Attach the instruments to your own PyTorch training loop, and get a run directory.
+
+Four added lines; ``cockpit diagnose`` / ``compare`` / ``watch`` then read the result like any
+run made by ``cockpit run``::
+
+    from cockpit_cli.api import TrackedRun
+
+    with TrackedRun("results/my-run", model, loss_fn, per_sample_loss_fn, optimizer, preset="economy") as run:
+        for step, (inputs, targets) in enumerate(loader):
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+            run.backward(step, loss, inputs, outputs, targets)   # instead of loss.backward()
+            optimizer.step()
+            run.step(step, loss)                                  # after optimizer.step()
+
+``per_sample_loss_fn(outputs, targets)`` returns the ``[N]`` per-sample losses whose mean is
+``loss_fn``'s value (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from cockpit_cli.config import parse_config
+from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.instruments.settings import build_quantities
+from cockpit_cli.instruments.tracker import Tracker
+from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+from cockpit_cli.training.optim import learning_rates
+from cockpit_cli.versions import package_versions
+
+
+class TrackedRun:
+    """A training run of your own loop, instrumented and recorded.
+
+    Args:
+        run_dir: The run directory to create (its parent is created if needed).
+        model: The network.
+        loss_function: Mean-reduced loss used for training.
+        per_sample_loss_function: ``(outputs, targets) -> [N]`` per-sample losses.
+        optimizer: The optimizer.
+        preset: ``none``, ``economy``, ``business`` or ``full``.
+        every: Track the preset's quantities every ``every`` steps.
+        quantities: Per-quantity additions and overrides, as under ``instruments.quantities``
+            in a config (e.g. ``{"HessMaxEV": {"every": 10}, "TICDiag": False}``).
+        total_steps: Planned number of steps (shown in the dashboard; needed for log spacing).
+        weight_decay: L2 factor of a ``0.5 * lambda * ||w||^2`` term your loss includes.
+        decayed_parameters: The parameters that term applies to.
+        curvature: ``hessian``, ``ggn`` or ``ggn_mc`` for HessTrace and TIC.
+        overwrite: Replace an existing run directory.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: nn.Module,
+        loss_function: Any,
+        per_sample_loss_function: Any,
+        optimizer: torch.optim.Optimizer,
+        *,
+        preset: str = "economy",
+        every: int = 1,
+        quantities: dict[str, Any] | None = None,
+        total_steps: int | None = None,
+        weight_decay: float = 0.0,
+        decayed_parameters: Iterable[nn.Parameter] = (),
+        curvature: str = "hessian",
+        overwrite: bool = False,
+    ):
+        settings = {"preset": preset, "every": every, "curvature": curvature, "quantities": quantities or {}}
+        config = parse_config({"instruments": settings, "optimizer": {"name": type(optimizer).__name__}, "problem": {"name": "custom"}}, source="TrackedRun")
+        instruments = Instruments(
+            model, loss_function, per_sample_loss_function, optimizer, build_quantities(config, total_steps or 0),
+            weight_decay=weight_decay, decayed_parameters=decayed_parameters, curvature=curvature,
+        )
+        run_dir = Path(run_dir)
+        self.run_dir = prepare_run_directory(run_dir.parent, run_dir.name, overwrite=overwrite)
+        self.writer = RunWriter(self.run_dir, config.to_dict(), config.to_yaml())
+        self.tracker = Tracker(instruments, self.writer.on_step)
+        self.optimizer = optimizer
+        self.epoch = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.closed = False
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        device = str(next(model.parameters()).device)
+        meta = RunMeta("custom", type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
+        self.writer.on_start(meta)
+
+    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
+        """Use instead of ``loss.backward()``: gradients plus every quantity due at ``step``."""
+        self.tracker.backward(step, loss, inputs, outputs, targets)
+
+    def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
+        """Call after ``optimizer.step()`` of ``step`` to record it."""
+        if epoch is not None:
+            self.epoch = epoch
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
+        self.tracker.after_update(step, record)
+        self.steps = step + 1
+
+    def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
+        """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""
+        metrics = {name: SplitMetrics(float(loss), None if accuracy is None else float(accuracy), 0) for name, (loss, accuracy) in splits.items()}
+        self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))
+
+    def close(self, status: RunStatus = RunStatus.COMPLETED, message: str | None = None) -> None:
+        """Flush everything and mark the run ended (done by the ``with`` block)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.tracker.flush()
+        warnings = [self.tracker.failure] if self.tracker.failure else []
+        self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings))
+
+    def __enter__(self) -> "TrackedRun":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+        elif issubclass(kind, KeyboardInterrupt):
+            self.close(RunStatus.INTERRUPTED, "interrupted by the user")
+        else:
+            self.close(RunStatus.FAILED, f"{kind.__name__}: {error}")

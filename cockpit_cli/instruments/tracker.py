@@ -1,0 +1,77 @@
+"""Instruments plus the step records they complete: the piece any training loop plugs in.
+
+The CLI's training loop and the Python API (:mod:`cockpit_cli.api`) both use a
+:class:`Tracker`. It runs the backward pass through the instruments, holds each step's record
+until its quantities are complete (Alpha's value for step t is known after step t+1), and hands
+finished records to ``emit``. If the instruments fail, they are switched off, the step's
+gradients are recomputed plainly, and training goes on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from torch import Tensor
+
+from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.training.events import StepRecord
+
+
+class Tracker:
+    """Runs a loop's backward passes through ``instruments`` and emits completed step records.
+
+    Args:
+        instruments: The instruments, or ``None`` to track nothing.
+        emit: Receives each :class:`StepRecord` once its quantities are complete, in order.
+    """
+
+    def __init__(self, instruments: Instruments | None, emit: Callable[[StepRecord], None]):
+        self.instruments = instruments
+        self.emit = emit
+        self.pending: deque[StepRecord] = deque()
+        self.failure: str | None = None
+
+    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
+        """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
+        if self.instruments is None:
+            loss.backward()
+            return
+        try:
+            self.instruments.backward(step, loss, inputs, outputs, targets)
+        except Exception as error:  # an instrument never ends the run
+            instruments, self.instruments = self.instruments, None
+            self.failure = f"instruments switched off at step {step}: {type(error).__name__}: {error}"
+            if "backpropagation quantity" in str(error):
+                self.failure += " (curvature quantities need the loss computed by the very loss module given to the instruments)"
+            instruments.finish()
+            for param in instruments.params:
+                param.grad = None
+            retry = instruments.capture.loss_function(instruments.model(inputs), targets) + instruments.capture.regularization_tensor()
+            retry.backward()
+
+    def after_update(self, step: int, record: StepRecord) -> None:
+        """Call after ``optimizer.step()``: finish the step's quantities and queue its record."""
+        if self.instruments is not None:
+            self.instruments.after_update(step)
+        self.pending.append(record)
+        if self.instruments is None:
+            self.flush()
+            return
+        values = self.instruments.completed(step)
+        while self.pending and self.pending[0].step <= step - self.instruments.lag:
+            done = self.pending.popleft()
+            done.quantities = values.pop(done.step, {})
+            self.emit(done)
+
+    def flush(self) -> None:
+        """Emit every queued record (at the end of a run; values still lagging stay missing)."""
+        values = self.instruments.finish() if self.instruments is not None else {}
+        while self.pending:
+            done = self.pending.popleft()
+            done.quantities = values.pop(done.step, done.quantities)
+            self.emit(done)
+
+    def describe(self) -> dict[str, Any]:
+        """What is tracked, for the manifest."""
+        return self.instruments.describe() if self.instruments is not None else {}
