@@ -103,6 +103,22 @@ def problems(
             stdout.print(render_problem_table(rows, width=stdout.width))
 
 
+@app.command()
+def quantities(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    traceback: TracebackOption = False,
+) -> None:
+    """List every instrument quantity, what it needs, and which presets track it."""
+    with reporting_errors(traceback):
+        from cockpit_cli.quantity_table import quantity_rows, render_quantity_table
+
+        rows = quantity_rows()
+        if as_json:
+            stdout.print_json(json.dumps({"schema_version": 1, "quantities": rows}))
+        else:
+            stdout.print(render_quantity_table(rows))
+
+
 def main() -> None:
     """Entry point of the ``cockpit`` script."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

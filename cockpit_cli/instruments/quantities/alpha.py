@@ -1,4 +1,4 @@
-"""Alpha: the local effective step size of Cockpit.
+"""Alpha: the local effective step size (-1 no progress, 0 ideal, +1 overshoot), from a 1-D quadratic fit.
 
 Between the start of step t (theta_t, mini-batch B_t) and the start of step t+1 (theta_{t+1},
 mini-batch B_{t+1}) a 1-D quadratic is fitted along the update d = theta_{t+1} - theta_t to the

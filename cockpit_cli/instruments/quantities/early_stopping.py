@@ -1,4 +1,4 @@
-"""EarlyStopping: the evidence-based criterion of Mahsereci et al.
+"""EarlyStopping: the evidence-based (EB) criterion of Mahsereci et al.; above 0 suggests stopping.
 
 ``1 - N * mean_d[ g_d^2 / (sigma_d^2 + 1e-5) ]`` with the unbiased per-coordinate variance
 ``sigma_d^2``; a value above 0 suggests stopping. Defined for plain SGD only.

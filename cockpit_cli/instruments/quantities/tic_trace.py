@@ -1,4 +1,4 @@
-"""TICTrace: ``sum_d (1/N) sum_i g_id^2 / (sum_d h_d + 1e-7)``, the trace form of TIC."""
+"""TICTrace: the trace form of TIC, sum_d (1/N) sum_i g_id^2 / (sum_d h_d + 1e-7)."""
 
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.quantities.base import CURVATURE, Quantity, StepData, register
