@@ -67,6 +67,7 @@ class TrainingConfig:
     eval_every_epochs: int | None = _positive(1)
     eval_every_steps: int | None = _positive()
     eval_max_batches: int | None = _positive()
+    track_samples: int = field(default=512, metadata={"min": 0})
     log_every: int = _positive(50)
 
 

@@ -111,8 +111,8 @@ class Problem:
             return torch.zeros((), device=device)
         return 0.5 * self.weight_decay * sum(p.pow(2).sum() for p in self.decayed_parameters)
 
-    def correct(self, outputs: Tensor, targets: Tensor) -> int | None:
-        """Return the number of correctly classified samples, or ``None`` without accuracy.
+    def correct_mask(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """Return which samples are classified correctly (``[N]`` bool), or ``None`` without accuracy.
 
         Args:
             outputs: Logits ``[N, C]``.
@@ -120,7 +120,12 @@ class Problem:
         """
         if not self.info.has_accuracy:
             return None
-        return int((outputs.argmax(dim=1) == targets).sum().item())
+        return outputs.argmax(dim=1) == targets
+
+    def correct(self, outputs: Tensor, targets: Tensor) -> int | None:
+        """Return the number of correctly classified samples, or ``None`` without accuracy."""
+        mask = self.correct_mask(outputs, targets)
+        return None if mask is None else int(mask.sum().item())
 
     def num_parameters(self) -> int:
         """Return the number of trainable parameters."""

@@ -139,3 +139,20 @@ def test_an_error_marks_the_run_failed_and_propagates(data_dir: Path, tmp_path: 
         run(data_dir, tmp_path, recorder)
     assert recorder.end is not None and recorder.end.status is RunStatus.FAILED
     assert recorder.end.message == "RuntimeError: disk on fire"
+
+
+def test_evaluations_record_outcomes_of_a_fixed_validation_subset(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, training={"track_samples": 100})
+    for record in recorder.evals:
+        assert record.samples is not None and len(record.samples) == 100
+        assert set(record.samples) <= {"0", "1", "?"}
+    assert recorder.meta is not None
+    indices = recorder.meta.notes["samples"]["indices"]
+    assert len(indices) == 100 and indices == sorted(indices)
+    # only the first 64 validation examples are evaluated (eval_max_batches=2 at batch 32)
+    expected_unknown = sum(1 for i in indices if i >= 64)
+    assert recorder.evals[0].samples.count("?") == expected_unknown
+    again = run(data_dir, tmp_path, training={"track_samples": 100})
+    assert again.meta.notes["samples"]["indices"] == indices  # seeded: the same samples every run
+    none = run(data_dir, tmp_path, training={"track_samples": 0})
+    assert all(record.samples is None for record in none.evals)

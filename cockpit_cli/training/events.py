@@ -63,12 +63,16 @@ class EvalRecord:
         epoch: Number of epochs completed.
         time: Seconds since training started.
         splits: Metrics per split name (``train_eval``, ``valid``, ``test``).
+        samples: For the tracked validation samples (manifest ``samples.indices``), one
+            character each: ``1`` classified correctly, ``0`` wrongly, ``?`` not evaluated;
+            ``None`` without accuracy or tracking.
     """
 
     step: int
     epoch: int
     time: float
     splits: dict[str, SplitMetrics]
+    samples: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -65,6 +65,8 @@ class Trainer:
                 curvature=setup.config.instruments.curvature,
             )
         self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record))
+        self.sample_indices = self._choose_tracked_samples()
+        self._sample_hits: str | None = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -140,9 +142,10 @@ class Trainer:
         """Evaluate loss (with the weight-decay term) and accuracy on the held-out splits."""
         self.model.eval()
         regularization = float(self.problem.regularization_loss().item())
+        self._sample_hits = None
         metrics = {split: self._evaluate_split(split, regularization) for split in EVAL_SPLITS}
         self.model.train()
-        record = EvalRecord(self.step, self.epoch, self._elapsed(), metrics)
+        record = EvalRecord(self.step, self.epoch, self._elapsed(), metrics, self._sample_hits)
         self.last_eval_step = self.step
         self._notify("on_eval", record)
         return record
@@ -150,6 +153,7 @@ class Trainer:
     def _evaluate_split(self, split: str, regularization: float) -> SplitMetrics:
         loader = make_loader(self.problem.splits.get(split), self.setup.batch_size, shuffle=False, seed=0, drop_last=False)
         total_loss, correct, examples = 0.0, 0, 0
+        hits: list[torch.Tensor] = []
         for index, (inputs, targets) in enumerate(loader):
             if self.training.eval_max_batches is not None and index >= self.training.eval_max_batches:
                 break
@@ -157,13 +161,31 @@ class Trainer:
             outputs = self.model(inputs)
             batch = len(inputs)
             total_loss += float(self.problem.loss_function(outputs, targets).item()) * batch
-            batch_correct = self.problem.correct(outputs, targets)
-            correct += batch_correct or 0
+            mask = self.problem.correct_mask(outputs, targets)
+            if mask is not None:
+                correct += int(mask.sum())
+                hits.append(mask.cpu())
             examples += batch
+        if split == "valid" and self.sample_indices and hits:
+            self._sample_hits = self._tracked_outcomes(torch.cat(hits))
         if examples == 0:
             return SplitMetrics(loss=float("nan"), accuracy=None, examples=0)
         accuracy = correct / examples if self.problem.info.has_accuracy else None
         return SplitMetrics(loss=total_loss / examples + regularization, accuracy=accuracy, examples=examples)
+
+    # -- per-sample outcomes (which validation samples are learned, and when) --------------
+
+    def _choose_tracked_samples(self) -> list[int]:
+        """Pick a fixed, seeded subset of validation positions whose outcomes are recorded."""
+        size = min(self.training.track_samples, len(self.problem.splits.valid))
+        if not self.problem.info.has_accuracy or size == 0:
+            return []
+        generator = torch.Generator().manual_seed(self.training.seed + 2)
+        return sorted(torch.randperm(len(self.problem.splits.valid), generator=generator)[:size].tolist())
+
+    def _tracked_outcomes(self, hits: torch.Tensor) -> str:
+        """Return ``1`` / ``0`` / ``?`` per tracked sample from the valid split's ``[M]`` hits."""
+        return "".join("?" if i >= len(hits) else ("1" if hits[i] else "0") for i in self.sample_indices)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -187,7 +209,7 @@ class Trainer:
             num_parameters=facts["parameters"],
             versions=package_versions(),
             instruments=self.tracker.describe(),
-            notes={"splits": facts["splits"]},
+            notes={"splits": facts["splits"], "samples": {"split": "valid", "indices": self.sample_indices}},
         )
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
