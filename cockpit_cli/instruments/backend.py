@@ -17,7 +17,8 @@ from backpack import backpack, extend
 from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC, DiagHessian
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.nn.modules.dropout import _DropoutNd
 
 from cockpit_cli.instruments.reductions import Accumulator, LayerBlock, ReductionOptions, reduce_block
 from cockpit_cli.instruments.support import Support
@@ -97,6 +98,7 @@ class GradientCapture:
         curvature: bool,
         options: ReductionOptions,
         retain_graph: bool = False,
+        rng_state: tuple | None = None,
     ) -> Accumulator:
         """Run ``loss.backward()`` and return the sums of the requested reductions.
 
@@ -109,6 +111,7 @@ class GradientCapture:
             curvature: Whether the curvature diagonal is needed.
             options: Histogram ranges and projection direction.
             retain_graph: Keep the graph (for Hessian-vector products afterwards).
+            rng_state: The random state right before the training forward (torch.func fallback).
         """
         accumulator = Accumulator(len(self.params))
         batch_size = inputs.shape[0]
@@ -126,7 +129,7 @@ class GradientCapture:
         else:
             loss.backward(retain_graph=retain_graph)
         if per_sample and self.support.per_sample == "functorch":
-            for index, samples in enumerate(self._functorch_per_sample(inputs, targets)):
+            for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
                 block = LayerBlock(index, self._with_regularizer(index, samples), self.params[index])
                 reduce_block(block, requested, accumulator, options)
         return accumulator
@@ -152,15 +155,30 @@ class GradientCapture:
         decay = self.weight_decay[index]
         return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
 
-    def _functorch_per_sample(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
-        """Per-sample data-loss gradients by ``vmap(grad(...))``, one ``[N, *p.shape]`` per parameter."""
+    def _functorch_per_sample(self, inputs: Tensor, targets: Tensor, rng_state: tuple | None) -> list[Tensor]:
+        """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter.
+
+        Without dropout: ``vmap(grad(...))`` over samples. With dropout in training mode, the
+        Jacobian of the per-sample losses of one forward pass on the whole batch that replays the
+        training forward's random state, so every sample sees the mask it was trained with (row i
+        is g_i, as samples do not interact). The training's random state is never advanced.
+        """
         params = {name: p.detach() for name, p in zip(self.names, self.params)}
 
         def sample_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             outputs = functional_call(self.model, theta, (x.unsqueeze(0),))
             return self.per_sample_loss_function(outputs, y.unsqueeze(0)).sum()
 
-        gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(params, inputs, targets)
+        def batch_losses(theta: dict[str, Tensor]) -> Tensor:
+            return self.per_sample_loss_function(functional_call(self.model, theta, (inputs,)), targets)
+
+        with torch.random.fork_rng(devices=_devices(inputs)):
+            if _has_dropout(self.model):
+                if rng_state is not None:
+                    _set_rng_state(rng_state)
+                gradients = jacrev(batch_losses)(params)
+            else:
+                gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(params, inputs, targets)
         return [gradients[name] for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -204,6 +222,11 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Return whether a dropout layer of ``model`` draws masks (training mode, p > 0)."""
+    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
 
 
 def _devices(tensor: Tensor) -> list[int]:

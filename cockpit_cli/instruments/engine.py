@@ -129,7 +129,8 @@ class Instruments:
             return
         _, needs = self._plan(self.next_step)
         self._activations = {} if q.ACTIVATIONS in needs else None
-        self._rng_state = capture_rng_state(self.params[0].device) if START_SLOPES in needs and self.params else None
+        replay = START_SLOPES in needs or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
+        self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
 
     def _activation_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -176,7 +177,15 @@ class Instruments:
         hvp = q.HVP in needs
         with self._engine_pass():
             accumulator = self.capture.backward(
-                loss, inputs, targets, requested, per_sample=bool(requested & r.NEEDS_SAMPLES), curvature=q.CURVATURE in needs, options=options, retain_graph=hvp
+                loss,
+                inputs,
+                targets,
+                requested,
+                per_sample=bool(requested & r.NEEDS_SAMPLES),
+                curvature=q.CURVATURE in needs,
+                options=options,
+                retain_graph=hvp,
+                rng_state=self._rng_state,
             )
         if START_SLOPES in needs:
             self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)

@@ -1,0 +1,153 @@
+"""Alpha against ``reference_curvature.reference_alpha`` over consecutive steps.
+
+Alpha of step t fits a quadratic to the losses and slopes at theta_t (batch t) and theta_{t+1}
+(batch t+1) along the update. For plain SGD the engine gets the start slopes from the per-sample
+dot products with the gradient; for any other optimizer from one forward-mode pass at theta_t on
+batch t, which must see the same dropout masks as that step's training forward.
+
+Dropout masks in the references: the CPU random state is saved right before every training
+forward (``Run.rng_states``). Restoring it and calling ``F.dropout`` on a tensor of ones of the
+dropout input's shape draws exactly the training forward's mask (the first random draw of that
+forward). The reference model reads the mask as extra input columns, so the brute-force
+per-sample loops of ``reference`` apply it sample by sample.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import reference as ref
+import reference_curvature as curv
+from cockpit_cli.instruments import Schedule
+from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
+    BUILDERS,
+    CASES,
+    DECAY,
+    LR,
+    N,
+    OptimizerFactory,
+    Run,
+    dropout_mlp,
+    load,
+    make_batches,
+    one_thread,
+    quantities,
+    scaled_dropout_mlp,
+    sgd,
+    train,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd": sgd,
+    "momentum": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.05),
+}
+DROPOUT = 0.3
+HIDDEN = 5  # width of the dropout layer's input in ``dropout_mlp``
+
+
+def reference_alpha(
+    run: Run, step: int, weight_decay: float = 0.0, model: nn.Module | None = None, batches: list[ref.Batch] | None = None
+) -> float:
+    """Brute-force Alpha of ``step`` (needs theta and batch of ``step`` and ``step + 1``)."""
+    model = model if model is not None else run.reference_model(step)
+    batches = batches if batches is not None else run.batches
+    decayed = ref.weights(model) if weight_decay else None
+    return curv.reference_alpha(
+        model, batches[step].per_sample_loss_fn, batches[step], batches[step + 1], run.thetas[step], run.thetas[step + 1], decayed, weight_decay
+    )
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("seed, weight_decay", [(0, 0.0), (1, DECAY)])
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_alpha_matches_reference(kind: str, loss: str, seed: int, weight_decay: float, optimizer: str) -> None:
+    run = train(BUILDERS[kind](seed), make_batches(kind, loss, seed, 3), quantities(("Alpha", "Loss")), OPTIMIZERS[optimizer], weight_decay)
+    assert run.instruments.plain_sgd == (optimizer == "sgd")
+    assert run.instruments.unavailable == {}
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
+    assert set(run.records[2]) == {"Loss"}  # step 2's Alpha needs step 3
+
+
+def test_alpha_on_a_schedule() -> None:
+    """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1."""
+    tracked = [quantities(("Alpha",), Schedule(every=2))[0]]
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 4), tracked, OPTIMIZERS["momentum"])
+    assert sorted(run.records) == [0, 2]
+    assert run.completed_keys == [[], [0], [], [2]]
+    for step in (0, 2):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+
+class MaskedDropoutMLP(nn.Module):
+    """``dropout_mlp`` with its dropout mask read from the input columns after the features.
+
+    Args:
+        model: A ``dropout_mlp``; its layers (and trainable parameters, in order) are shared.
+    """
+
+    def __init__(self, model: nn.Sequential):
+        super().__init__()
+        self.net = model
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        features, mask = inputs[:, :-HIDDEN], inputs[:, -HIDDEN:]
+        hidden = self.net[1](self.net[0](features)) * mask
+        for layer in list(self.net)[3:]:
+            hidden = layer(hidden)
+        return hidden
+
+
+def dropout_mask(rng_state: Tensor) -> Tensor:
+    """The mask ``[N, HIDDEN]`` (entries 0 or 1 / (1 - p)) the forward from ``rng_state`` draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        return nn.functional.dropout(torch.ones(N, HIDDEN, dtype=torch.float64), DROPOUT, training=True)
+
+
+def masked_batches(run: Run) -> list[ref.Batch]:
+    """The run's batches with every step's dropout mask appended to the inputs."""
+    return [batch._replace(inputs=torch.cat([batch.inputs, dropout_mask(state)], dim=1)) for batch, state in zip(run.batches, run.rng_states)]
+
+
+def record_dropout(model: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
+    """Record (input, output) of the dropout layer in every training forward (not the engine's)."""
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(output):
+            seen.append((args[0].detach(), output.detach()))
+
+    model[2].register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("builder", [dropout_mlp, scaled_dropout_mlp], ids=["backpack", "functorch"])
+def test_alpha_with_dropout_uses_the_training_masks(builder: Callable[[int], nn.Sequential], loss: str, optimizer: str) -> None:
+    """Start slopes (forward mode), end slopes and NormTest all see each step's training masks."""
+    model = builder(0)
+    seen = record_dropout(model)
+    torch.manual_seed(123)
+    run = train(model, make_batches("mlp", loss, 0, 3), quantities(("Alpha", "NormTest")), OPTIMIZERS[optimizer])
+    batches = masked_batches(run)
+    assert len(seen) == 3
+    for (dropout_in, dropout_out), batch in zip(seen, batches):  # the masks are the training forward's
+        assert torch.equal(dropout_out, dropout_in * batch.inputs[:, -HIDDEN:])
+    masked = MaskedDropoutMLP(copy.deepcopy(run.pristine))
+    for step in (0, 1):
+        expected = reference_alpha(run, step, model=masked, batches=batches)
+        assert run.records[step]["Alpha"] == pytest.approx(expected, rel=1e-6, abs=1e-8)
+        inputs, targets, _, per_sample = batches[step]
+        load(masked, run.thetas[step])
+        grads = ref.per_sample_gradients(masked, per_sample, inputs, targets)
+        assert run.records[step]["NormTest"] == pytest.approx(ref.norm_test(grads), rel=1e-9)

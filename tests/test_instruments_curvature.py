@@ -1,0 +1,121 @@
+"""Curvature instruments against dense references: HessTrace, TICDiag, TICTrace, HessMaxEV.
+
+The curvature diagonal is BackPACK's exact Hessian or exact GGN diagonal, plus lambda on the
+decayed weights; the references build it entry by entry with autograd
+(``reference_curvature``). The Monte-Carlo GGN is random, so only its shapes, finiteness and its
+independence from the training's random state are checked. HessMaxEV's Lanczos iteration stops
+at a relative residual of 1e-3 (an eigenvalue lies that close, though in a cluster of nearly
+equal top eigenvalues not necessarily the largest), so it is compared with the dense Hessian's
+largest-magnitude eigenvalue to 1e-2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as ref
+import reference_curvature as curv
+from test_instruments_exact import BUILDERS, CASES, DECAY, SEEDS, Run, assert_close, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+DIAGONAL = ("HessTrace", "TICDiag", "TICTrace")
+DIAGONALS = {"hessian": curv.hessian_diagonal, "ggn": curv.ggn_diagonal}
+
+
+def reference_values(run: Run, step: int, curvature: str, weight_decay: float) -> dict[str, object]:
+    """HessTrace, TICDiag and TICTrace of ``step`` from the dense references."""
+    model = run.reference_model(step)
+    inputs, targets, loss_fn, per_sample = run.batches[step]
+    decayed = ref.weights(model) if weight_decay else None
+    diagonal = DIAGONALS[curvature](model, loss_fn, inputs, targets, decayed, weight_decay)
+    grads = ref.per_sample_gradients(model, per_sample, inputs, targets, decayed, weight_decay)
+    return {"HessTrace": curv.hess_trace(diagonal), "TICDiag": curv.tic_diag(grads, diagonal), "TICTrace": curv.tic_trace(grads, diagonal)}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_curvature_quantities_match_references(kind: str, loss: str, curvature: str, seed: int, weight_decay: float) -> None:
+    run = train(BUILDERS[kind](seed), make_batches(kind, loss, seed, 2), quantities(DIAGONAL + ("GradNorm",)), weight_decay=weight_decay, curvature=curvature)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        values = run.records[step]
+        expected = reference_values(run, step, curvature, weight_decay)
+        assert_close(values["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(values["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(values["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_monte_carlo_ggn_is_finite_and_leaves_the_random_state_alone(kind: str, loss: str) -> None:
+    model = BUILDERS[kind](0)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    run = train(model, make_batches(kind, loss, 0, 2), quantities(DIAGONAL), weight_decay=DECAY, curvature="ggn_mc")
+    assert torch.equal(torch.get_rng_state(), before)
+    num_params = len(run.thetas[0])
+    for step in range(2):
+        values = run.records[step]
+        assert len(values["HessTrace"]) == num_params
+        assert all(math.isfinite(t) and t >= 0.0 for t in values["HessTrace"])  # a GGN is positive semi-definite
+        assert math.isfinite(values["TICDiag"]) and values["TICDiag"] >= 0.0
+        assert math.isfinite(values["TICTrace"]) and values["TICTrace"] >= 0.0
+
+
+def test_monte_carlo_ggn_is_reproducible_from_the_seed() -> None:
+    """The Monte-Carlo draw comes from the global random state (restored afterwards): same seed, same value."""
+    traces = []
+    for _ in range(2):
+        model = ref.mlp(0)
+        torch.manual_seed(11)
+        run = train(model, make_batches("mlp", "ce", 0, 1), quantities(("HessTrace",)), curvature="ggn_mc")
+        traces.append(run.records[0]["HessTrace"])
+    assert traces[0] == traces[1]
+
+
+def dense_max_eigenvalue(run: Run, step: int, weight_decay: float) -> float:
+    """Largest-magnitude eigenvalue of the dense Hessian of step ``step``'s loss."""
+    model = run.reference_model(step)
+    inputs, targets, loss_fn, _ = run.batches[step]
+    decayed = ref.weights(model) if weight_decay else None
+    return curv.max_abs_eigenvalue(curv.hessian(model, loss_fn, inputs, targets, decayed, weight_decay))
+
+
+@pytest.mark.parametrize("seed, weight_decay", [(0, 0.0), (1, DECAY)])
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_hess_max_ev_matches_dense_eigenvalue(kind: str, loss: str, seed: int, weight_decay: float) -> None:
+    tracked = quantities(("HessMaxEV", "GradNorm"))
+    run = train(BUILDERS[kind](seed), make_batches(kind, loss, seed, 2), tracked, weight_decay=weight_decay)
+    for step in range(2):
+        assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, weight_decay), rel=1e-2)
+    assert len(tracked[0].iterations) == 2
+
+
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_hess_max_ev_warm_start_needs_few_iterations(kind: str, loss: str) -> None:
+    """Small steps on one batch barely move the Hessian: the previous eigenvector is nearly converged."""
+    batch = make_batches(kind, loss, 0, 1)[0]
+    small_steps = lambda params: torch.optim.SGD(params, lr=1e-3)  # noqa: E731
+    counts = {}
+    for warm_start in (True, False):
+        tracked = quantities(("HessMaxEV",), HessMaxEV={"warm_start": warm_start})
+        run = train(BUILDERS[kind](0), [batch] * 3, tracked, optimizer=small_steps)
+        counts[warm_start] = tracked[0].iterations
+        for step in range(3):
+            assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-2)
+    assert counts[True][0] == counts[False][0] >= 4  # the same random first start
+    assert max(counts[True][1:]) <= 2
+    assert min(counts[False][1:]) >= 4
+
+
+def test_hess_max_ev_leaves_the_random_state_alone() -> None:
+    model = ref.cnn(0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    train(model, make_batches("cnn", "ce", 0, 2), quantities(("HessMaxEV",), HessMaxEV={"warm_start": False}))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1,0 +1,646 @@
+"""The instruments engine against the brute-force references: first-order quantities,
+histograms, per-layer diagnostics, schedules, availability, non-interference and settings.
+
+Every run below trains a float64 reference model (``reference.mlp`` / ``reference.cnn``) for a
+few steps of N = 8 samples through :class:`Instruments`, exactly as the training loop does
+(the regulariser ``0.5 * lambda * sum ||w||^2`` is added to the loss by the loop), and keeps
+``theta_t`` at the start of every step. The references are then evaluated on an untouched copy
+of the model with ``theta_t`` loaded. Curvature quantities and Alpha are checked in
+``test_instruments_curvature`` and ``test_instruments_alpha``, which use the helpers here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import reference as ref
+import reference_curvature as curv
+from cockpit_cli.config import parse_config
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule
+from cockpit_cli.instruments.reductions import HistogramSpec
+from cockpit_cli.instruments.settings import build_quantities
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+N = 8
+LR = 0.1
+DECAY = 0.3
+SEEDS = (0, 1)
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {"mlp": ref.mlp, "cnn": ref.cnn}
+CASES = [(kind, loss) for kind in BUILDERS for loss in ("ce", "mse")]
+HIST_BINS = 11  # odd: exact zeros (dead units) sit in the middle of a bin, never on an edge
+HIST2D_BINS = (7, 5)
+
+FIRST_ORDER = (
+    "GradNorm", "Distance", "UpdateSize", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "CABS",
+    "EarlyStopping", "GradHist1d", "GradHist2d", "LayerStats", "Activations", "InputStats", "Loss", "Time",
+)  # fmt: skip
+CURVATURE = ("HessTrace", "TICDiag", "TICTrace", "HessMaxEV")
+# Alpha: test_instruments_alpha.py; curvature: test_instruments_curvature.py.
+CHECKED = {*FIRST_ORDER, *CURVATURE, "Alpha"}
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread: the tensors are tiny, and idle threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Plain SGD with the tests' learning rate."""
+    return torch.optim.SGD(params, lr=LR)
+
+
+# --- running the engine ------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a few instrumented training steps produced.
+
+    Attributes:
+        records: ``{step: {quantity: value}}`` as popped from ``completed`` and ``finish``.
+        thetas: Parameters at the start of every step, then after the last step.
+        batches: The batch of every step.
+        rng_states: The CPU random state just before every step's forward pass.
+        pristine: An unextended copy of the model as it was before training (for references).
+        instruments: The engine (``None`` for plain training).
+        completed_keys: For every step, the steps ``completed(step)`` returned.
+    """
+
+    records: dict[int, dict[str, Any]]
+    thetas: list[list[Tensor]]
+    batches: list[ref.Batch]
+    rng_states: list[Tensor]
+    pristine: nn.Module
+    instruments: Instruments | None
+    completed_keys: list[list[int]] = field(default_factory=list)
+
+    def reference_model(self, step: int) -> nn.Module:
+        """A fresh copy of the model with ``theta_step`` loaded."""
+        model = copy.deepcopy(self.pristine)
+        load(model, self.thetas[step])
+        return model
+
+
+def load(model: nn.Module, theta: Sequence[Tensor]) -> None:
+    """Copy ``theta`` into the trainable parameters of ``model``."""
+    with torch.no_grad():
+        for p, value in zip(ref.trainable(model), theta):
+            p.copy_(value)
+
+
+def snapshot(model: nn.Module) -> list[Tensor]:
+    """Detached copies of the trainable parameters."""
+    return [p.detach().clone() for p in ref.trainable(model)]
+
+
+def make_batches(kind: str, loss: str, seed: int, steps: int) -> list[ref.Batch]:
+    """``steps`` different batches of N samples for ``kind`` and ``loss``."""
+    return [ref.batch(kind, loss, N, 1000 * seed + 100 + step) for step in range(steps)]
+
+
+def quantities(names: Sequence[str], schedule: Schedule | None = None, **options: dict[str, Any]) -> list[Quantity]:
+    """One quantity per name, all with ``schedule`` (default: every step); ``options`` by name."""
+    return [QUANTITIES[name](schedule or Schedule(), options.get(name)) for name in names]
+
+
+def train(
+    model: nn.Module,
+    batches: Sequence[ref.Batch],
+    tracked: Sequence[Quantity] | None,
+    optimizer: OptimizerFactory = sgd,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+) -> Run:
+    """Train ``model`` on ``batches`` like the training loop, with instruments unless ``tracked`` is None.
+
+    Args:
+        model: The network (trained in place).
+        batches: One batch per step.
+        tracked: The quantities, or ``None`` for plain training with ``loss.backward()``.
+        optimizer: Builds the optimizer from the trainable parameters.
+        weight_decay: lambda of the regulariser on the weights (added to the loss here).
+        curvature: The engine's curvature diagonal.
+    """
+    pristine = copy.deepcopy(model)
+    params = ref.trainable(model)
+    decayed = ref.weights(model) if weight_decay else []
+    opt = optimizer(params)
+    first = batches[0]
+    instruments = None
+    if tracked is not None:
+        instruments = Instruments(
+            model, first.loss_fn, first.per_sample_loss_fn, opt, tracked, weight_decay=weight_decay, decayed_parameters=decayed, curvature=curvature
+        )
+    run = Run({}, [], list(batches), [], pristine, instruments)
+    loss_fn = first.loss_fn  # the one the engine extends, as in the training loop
+    for step, (inputs, targets, *_) in enumerate(batches):
+        run.thetas.append(snapshot(model))
+        run.rng_states.append(torch.get_rng_state())
+        opt.zero_grad()
+        outputs = model(inputs)
+        loss = loss_fn(outputs, targets) + ref.regularizer(decayed, weight_decay)
+        if instruments is None:
+            loss.backward()
+            opt.step()
+            continue
+        instruments.backward(step, loss, inputs, outputs, targets)
+        opt.step()
+        instruments.after_update(step)
+        done = instruments.completed(step)
+        run.completed_keys.append(list(done))
+        assert not set(done) & set(run.records), "a step was completed twice"
+        run.records.update(done)
+    run.thetas.append(snapshot(model))
+    if instruments is not None:
+        rest = instruments.finish()
+        assert not set(rest) & set(run.records), "a step was completed twice"
+        run.records.update(rest)
+    return run
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf modules whose outputs Activations reports: activations and layers with parameters."""
+    activations = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name and not list(module.children()) and (isinstance(module, activations) or any(True for _ in module.parameters(recurse=False)))
+    }
+
+
+def symmetric_range(values: Tensor, quantile: float) -> tuple[float, float]:
+    """``(-q, q)`` with ``q`` the ``quantile`` of ``|values|``: some values fall outside (clamped)."""
+    q = float(torch.quantile(values.detach().abs().reshape(-1), quantile))
+    return (-q, q)
+
+
+def histogram_options(run_model: nn.Module, batch: ref.Batch, weight_decay: float) -> dict[str, dict[str, Any]]:
+    """Histogram options with ranges inside the step-0 gradients and parameters (so there is clamping)."""
+    decayed = ref.weights(run_model) if weight_decay else None
+    grads = ref.flatten(ref.per_sample_gradients(run_model, batch.per_sample_loss_fn, batch.inputs, batch.targets, decayed, weight_decay))
+    theta = torch.cat([p.detach().reshape(-1) for p in ref.trainable(run_model)])
+    return {
+        "GradHist1d": {"bins": HIST_BINS, "range": symmetric_range(grads, 0.8)},
+        "GradHist2d": {"bins": HIST2D_BINS, "range": (symmetric_range(grads, 0.85), symmetric_range(theta, 0.7))},
+    }
+
+
+def assert_close(actual: Any, expected: Any, rel: float = 1e-9, abs: float = 1e-12) -> None:
+    """Float or list of floats, to ``rel`` / ``abs``."""
+    assert actual == pytest.approx(expected, rel=rel, abs=abs)
+
+
+def check_first_order(run: Run, step: int, weight_decay: float = 0.0, lr: float = LR, names: Sequence[str] = FIRST_ORDER) -> None:
+    """Compare the record of ``step`` with the references at ``theta_step`` on that step's batch."""
+    values = run.records[step]
+    model = run.reference_model(step)
+    inputs, targets, loss_fn, per_sample = run.batches[step]
+    decayed = ref.weights(model) if weight_decay else None
+    grads = ref.per_sample_gradients(model, per_sample, inputs, targets, decayed, weight_decay)
+    theta, theta_next, theta_0 = run.thetas[step], run.thetas[step + 1], run.thetas[0]
+    loss = float(ref.individual_losses(model, per_sample, inputs, targets, decayed, weight_decay).mean())
+    expected: dict[str, Callable[[], Any]] = {
+        "GradNorm": lambda: ref.grad_norm(grads),
+        "Distance": lambda: ref.distance(theta, theta_0),
+        "UpdateSize": lambda: ref.update_size(theta_next, theta),
+        "NormTest": lambda: ref.norm_test(grads),
+        "InnerTest": lambda: ref.inner_test(grads),
+        "OrthoTest": lambda: ref.ortho_test(grads),
+        "MeanGSNR": lambda: ref.mean_gsnr(grads),
+        "CABS": lambda: ref.cabs(grads, loss, lr),
+        "EarlyStopping": lambda: ref.early_stopping(grads),
+        "InputStats": lambda: ref.input_stats(inputs),
+        "Loss": lambda: loss,
+    }
+    for name in names:
+        if name in expected:
+            assert_close(values[name], expected[name]())
+    if "LayerStats" in names:
+        stats = values["LayerStats"]
+        assert set(stats) == {"weight_norm", "grad_norm", "update_ratio", "zero_grad_fraction"}
+        assert_close(stats["weight_norm"], ref.param_norms(theta))
+        assert_close(stats["grad_norm"], ref.grad_norm(grads))
+        assert_close(stats["update_ratio"], ref.update_ratio(theta_next, theta))
+        assert stats["zero_grad_fraction"] == ref.zero_grad_fraction(grads)
+    if "Activations" in names:
+        modules = activation_modules(model)
+        assert set(values["Activations"]) == set(modules)
+        for name, module in modules.items():
+            assert_close(values["Activations"][name], ref.activation_stats(model, module, inputs))
+    if "GradHist1d" in names:
+        check_hist1d(values["GradHist1d"], grads)
+    if "GradHist2d" in names:
+        check_hist2d(values["GradHist2d"], grads, theta)
+    if "Time" in names:
+        assert isinstance(values["Time"], float) and values["Time"] >= 0.0
+
+
+def check_hist1d(hist: dict[str, Any], grads: list[Tensor]) -> None:
+    """Exact counts, whole network and per parameter, in the range the engine reports."""
+    low, high = hist["range"]
+    bins = len(hist["counts"])
+    assert hist["counts"] == ref.grad_hist1d(grads, bins, (low, high)).tolist()
+    assert hist["per_parameter"] == [ref.grad_hist1d(g.reshape(g.shape[0], -1), bins, (low, high)).tolist() for g in grads]
+
+
+def check_hist2d(hist: dict[str, Any], grads: list[Tensor], theta: list[Tensor]) -> None:
+    """Exact joint counts, whole network and per parameter, in the ranges the engine reports."""
+    (g_low, g_high), (p_low, p_high) = hist["range"]
+    bins = (len(hist["counts"]), len(hist["counts"][0]))
+    ranges = ((g_low, g_high), (p_low, p_high))
+    assert hist["counts"] == ref.grad_hist2d(grads, theta, bins, ranges).tolist()
+    assert hist["per_parameter"] == [h.tolist() for h in ref.grad_hist2d_per_param(grads, theta, bins, ranges)]
+
+
+# --- first-order quantities ----------------------------------------------------------------------
+
+
+def test_every_registered_quantity_is_checked() -> None:
+    """A new quantity must get a test here or in the curvature / Alpha files."""
+    assert set(QUANTITIES) == CHECKED
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_first_order_quantities_match_references(kind: str, loss: str, seed: int) -> None:
+    model = BUILDERS[kind](seed)
+    batches = make_batches(kind, loss, seed, 3)
+    options = histogram_options(model, batches[0], 0.0)
+    run = train(model, batches, quantities(FIRST_ORDER, **options))
+    assert run.instruments.unavailable == {}
+    assert run.instruments.support.per_sample == "backpack"
+    assert sorted(run.records) == [0, 1, 2]
+    for step in range(3):
+        assert set(run.records[step]) == set(FIRST_ORDER)
+        check_first_order(run, step)
+    assert run.records[0]["Distance"] == [0.0] * len(run.thetas[0])
+    times = [run.records[step]["Time"] for step in range(3)]
+    assert times == sorted(times)
+
+
+def test_histogram_ranges_exercise_clamping_and_several_bins() -> None:
+    """The ranges chosen above leave values outside (clamped into the edge bins) and spread the rest."""
+    for kind, loss in CASES:
+        model = BUILDERS[kind](0)
+        batch = make_batches(kind, loss, 0, 1)[0]
+        options = histogram_options(model, batch, 0.0)
+        grads = ref.per_sample_gradients(model, batch.per_sample_loss_fn, batch.inputs, batch.targets)
+        flat = ref.flatten(grads)
+        low, high = options["GradHist1d"]["range"]
+        assert ((flat < low) | (flat > high)).sum() > 0
+        assert (ref.grad_hist1d(grads, HIST_BINS, (low, high)) > 0).sum() >= 5
+        theta = torch.cat([p.detach().reshape(-1) for p in ref.trainable(model)])
+        p_low, p_high = options["GradHist2d"]["range"][1]
+        assert ((theta < p_low) | (theta > p_high)).sum() > 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_first_order_quantities_with_weight_decay(kind: str, loss: str, seed: int) -> None:
+    """``g_i`` includes ``lambda * w`` on the decayed weights; the loss includes the regulariser."""
+    model = BUILDERS[kind](seed)
+    batches = make_batches(kind, loss, seed, 2)
+    options = histogram_options(model, batches[0], DECAY)
+    run = train(model, batches, quantities(FIRST_ORDER, **options), weight_decay=DECAY)
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY)
+
+
+def dead_unit_mlp(seed: int) -> nn.Sequential:
+    """The reference mlp with two of the five first hidden units that never fire."""
+    model = ref.mlp(seed)
+    with torch.no_grad():
+        model[0].bias[:2] = -100.0
+    return model
+
+
+def test_layer_stats_and_activations_see_dead_units() -> None:
+    tracked = quantities(("LayerStats", "Activations", "GradHist1d"), GradHist1d={"range": (-0.05, 0.05), "bins": 5})
+    run = train(dead_unit_mlp(0), make_batches("mlp", "ce", 0, 2), tracked)
+    for step in range(2):
+        check_first_order(run, step, names=("LayerStats", "Activations", "GradHist1d"))
+        stats = run.records[step]["LayerStats"]
+        assert stats["zero_grad_fraction"][0] == pytest.approx(2 / 5) and stats["zero_grad_fraction"][1] == pytest.approx(2 / 5)
+        assert run.records[step]["Activations"]["1"]["zero_fraction"] >= 2 / 5
+
+
+def test_adaptive_histogram_range_follows_the_largest_gradient() -> None:
+    model = ref.mlp(0)
+    batches = make_batches("mlp", "mse", 0, 2)
+    run = train(model, batches, quantities(("GradHist1d",), GradHist1d={"bins": HIST_BINS, "adaptive": True}))
+    assert run.records[0]["GradHist1d"]["range"] == [-2.0, 2.0]
+    first = ref.flatten(ref.per_sample_gradients(run.reference_model(0), batches[0].per_sample_loss_fn, batches[0].inputs, batches[0].targets))
+    largest = float(first.abs().max())
+    assert run.records[1]["GradHist1d"]["range"] == pytest.approx([-largest, largest], rel=1e-12)
+    for step in range(2):
+        check_first_order(run, step, names=("GradHist1d",))
+
+
+def test_histogram_spec_clamps_and_drops_nan() -> None:
+    spec = HistogramSpec(4, -2.0, 2.0)
+    values = torch.tensor([-5.0, -2.0, -1.99, 0.0, 1.99, 2.0, 7.0, float("nan")], dtype=torch.float64)
+    assert spec.indices(values).tolist() == [0, 0, 0, 2, 3, 3, 3, 4]
+
+
+# --- schedules and lag ---------------------------------------------------------------------------
+
+
+def test_offset_schedule_and_absent_quantities() -> None:
+    tracked = [QUANTITIES["GradNorm"](Schedule(every=3, offset=1)), QUANTITIES["Loss"](Schedule(every=2))]
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 9), tracked)
+    assert [s for s in sorted(run.records) if "GradNorm" in run.records[s]] == [1, 4, 7]
+    assert [s for s in sorted(run.records) if "Loss" in run.records[s]] == [0, 2, 4, 6, 8]
+    assert sorted(run.records) == [0, 1, 2, 4, 6, 7, 8]  # steps 3 and 5 track nothing
+    assert set(run.records[1]) == {"GradNorm"} and set(run.records[4]) == {"GradNorm", "Loss"}
+    check_first_order(run, 4, names=("GradNorm", "Loss"))
+
+
+def test_log_spaced_schedule() -> None:
+    schedule = Schedule(spacing="log", points=5, last_step=20)
+    run = train(ref.mlp(0), make_batches("mlp", "mse", 0, 21), quantities(("GradNorm", "UpdateSize"), schedule))
+    assert sorted(run.records) == [0, 1, 4, 9, 20]
+    assert all(set(values) == {"GradNorm", "UpdateSize"} for values in run.records.values())
+    check_first_order(run, 9, names=("GradNorm", "UpdateSize"))
+
+
+def test_completed_waits_for_alpha() -> None:
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 4), quantities(("Alpha", "GradNorm")))
+    assert run.instruments.lag == 1
+    assert run.completed_keys == [[], [0], [1], [2]]
+    assert [set(run.records[s]) for s in range(3)] == [{"Alpha", "GradNorm"}] * 3
+    assert set(run.records[3]) == {"GradNorm"}  # the last step's Alpha would need one more step
+
+
+def test_completed_without_lag_returns_each_step_at_once() -> None:
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(("GradNorm",)))
+    assert run.completed_keys == [[0], [1], [2]]
+
+
+# --- availability ----------------------------------------------------------------------------------
+
+
+def test_adam_leaves_out_plain_sgd_quantities() -> None:
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(FIRST_ORDER), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    unavailable = run.instruments.unavailable
+    assert set(unavailable) == {"CABS", "EarlyStopping"}
+    for name in ("CABS", "EarlyStopping"):
+        assert unavailable[name] == f"{name} is defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses Adam"
+    others = [name for name in FIRST_ORDER if name not in unavailable]
+    for step in range(3):
+        assert set(run.records[step]) == set(others)
+        check_first_order(run, step, names=others)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=LR, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=LR, momentum=0.5, nesterov=True),
+        lambda p: torch.optim.SGD([{"params": p[:2], "lr": 0.5}, {"params": p[2:]}], lr=LR),
+    ],
+    ids=["momentum", "weight_decay", "nesterov", "two_learning_rates"],
+)
+def test_other_sgd_variants_are_not_plain_sgd(make_optimizer: OptimizerFactory) -> None:
+    model = ref.mlp(0)
+    tracked = quantities(("CABS", "EarlyStopping", "GradNorm"))
+    instruments = Instruments(model, nn.CrossEntropyLoss(), ref.cross_entropy_per_sample, make_optimizer(ref.trainable(model)), tracked)
+    assert not instruments.plain_sgd
+    assert set(instruments.unavailable) == {"CABS", "EarlyStopping"}
+    assert [q.name for q in instruments.quantities] == ["GradNorm"]
+
+
+def batchnorm_mlp(seed: int) -> nn.Sequential:
+    """The reference mlp with a BatchNorm1d after the first layer (float64)."""
+    model = ref.mlp(seed)
+    return nn.Sequential(model[0], nn.BatchNorm1d(5).double(), *list(model)[1:])
+
+
+def test_batchnorm_gives_no_per_sample_quantities() -> None:
+    run = train(batchnorm_mlp(0), make_batches("mlp", "ce", 0, 3), quantities(tuple(QUANTITIES)))
+    instruments = run.instruments
+    assert instruments.support.per_sample is None
+    per_sample = {name for name, cls in QUANTITIES.items() if cls.per_sample}
+    curvature = {name for name, cls in QUANTITIES.items() if cls.needs_curvature and not cls.per_sample}
+    assert set(instruments.unavailable) == per_sample | curvature
+    for name in per_sample:
+        assert "layer '1' (BatchNorm1d)" in instruments.unavailable[name]
+        assert "per-sample gradients do not exist" in instruments.unavailable[name]
+    for name in curvature:
+        assert instruments.unavailable[name] == "layer '1' (BatchNorm1d) has no curvature rule"
+    kept = ("GradNorm", "Distance", "UpdateSize", "Loss", "LayerStats", "InputStats", "Activations")
+    for step in range(3):
+        assert {"GradNorm", "Distance", "UpdateSize", "Loss"} <= set(run.records[step])
+        model = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        model.train()
+        grads = ref.batch_gradient(model, loss_fn, inputs, targets)
+        values = run.records[step]
+        assert_close(values["GradNorm"], [float(g.norm()) for g in grads])
+        assert_close(values["Distance"], ref.distance(run.thetas[step], run.thetas[0]))
+        assert_close(values["UpdateSize"], ref.update_size(run.thetas[step + 1], run.thetas[step]))
+        assert_close(values["Loss"], float(loss_fn(model(inputs), targets).detach()))
+        assert set(values) == set(kept) | {"Time", "HessMaxEV"}
+
+
+class Scale(nn.Module):
+    """Elementwise learned scale: a layer with its own parameter that BackPACK has no rule for."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, features, dtype=torch.float64))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return inputs * self.scale
+
+
+def scaled_mlp(seed: int) -> nn.Sequential:
+    """The reference mlp with a :class:`Scale` after the first layer."""
+    model = ref.mlp(seed)
+    return nn.Sequential(model[0], Scale(5), *list(model)[1:])
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
+    model = scaled_mlp(0)
+    batches = make_batches("mlp", loss, 0, 2)
+    options = histogram_options(model, batches[0], DECAY)
+    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace",), **options), weight_decay=DECAY)
+    instruments = run.instruments
+    assert instruments.support.per_sample == "functorch"
+    assert instruments.support.per_sample_reason == "layer '1' (Scale) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
+    assert instruments.unavailable == {"HessTrace": "layer '1' (Scale) has no BackPACK curvature rule"}
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY)
+
+
+class Broken(Quantity):
+    """A quantity whose computation fails at its second tracked step."""
+
+    name = "Broken"
+
+    def compute(self, data: Any) -> None:
+        if data.step >= 1:
+            raise RuntimeError("boom")
+        data.emit(self.name, 1.0)
+
+
+def test_a_failing_quantity_is_switched_off_and_training_goes_on() -> None:
+    batches = make_batches("mlp", "ce", 0, 4)
+    run = train(ref.mlp(0), batches, [Broken(Schedule()), *quantities(("GradNorm", "Loss"))])
+    assert run.instruments.unavailable == {"Broken": "failed at step 1 and was switched off: RuntimeError: boom"}
+    assert run.records[0]["Broken"] == 1.0
+    assert [sorted(run.records[s]) for s in range(4)] == [["Broken", "GradNorm", "Loss"]] + [["GradNorm", "Loss"]] * 3
+    plain = train(ref.mlp(0), batches, None)
+    assert all(torch.equal(a, b) for a, b in zip(run.thetas[-1], plain.thetas[-1]))
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = ref.mlp(0)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    batches = make_batches("mlp", "mse", 0, 2)
+    options = histogram_options(model, batches[0], DECAY)
+    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace",), **options), weight_decay=DECAY)
+    assert run.instruments.names == ["0.bias", "2.weight", "4.weight", "4.bias"]
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY)
+        model = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        diagonal = curv.hessian_diagonal(model, loss_fn, inputs, targets, ref.weights(model), DECAY)
+        assert len(diagonal) == 4
+        assert_close(run.records[step]["HessTrace"], curv.hess_trace(diagonal))
+
+
+# --- the engine does not change training ----------------------------------------------------------
+
+
+def dropout_mlp(seed: int) -> nn.Sequential:
+    """The reference mlp with Dropout(0.3) after the first activation (float64, train mode)."""
+    model = ref.mlp(seed)
+    return nn.Sequential(model[0], model[1], nn.Dropout(0.3), *list(model)[2:])
+
+
+def scaled_dropout_mlp(seed: int) -> nn.Sequential:
+    """``dropout_mlp`` followed by a :class:`Scale`: dropout on the torch.func path."""
+    return nn.Sequential(*dropout_mlp(seed), Scale(3))
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"mlp": ref.mlp, "cnn": ref.cnn, "dropout": dropout_mlp, "scaled_dropout": scaled_dropout_mlp}
+
+
+@pytest.mark.parametrize("preset", ["economy", "full"])
+@pytest.mark.parametrize(
+    "kind, make_optimizer",
+    [
+        ("cnn", sgd),
+        ("dropout", sgd),
+        ("dropout", lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9)),
+        ("scaled_dropout", lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9)),
+        ("mlp", lambda p: torch.optim.Adam(p, lr=0.01)),
+    ],
+    ids=["cnn-sgd", "dropout-sgd", "dropout-momentum", "functorch-dropout-momentum", "mlp-adam"],
+)
+def test_training_is_unchanged(preset: str, kind: str, make_optimizer: OptimizerFactory) -> None:
+    """Parameters (and the random state) after k steps equal those of plain training with the same seed."""
+    batches = make_batches("cnn" if kind == "cnn" else "mlp", "ce", 0, 4)
+    config = parse_config({"instruments": {"preset": preset}}, source="c.yaml")
+    decay = DECAY if kind == "cnn" else 0.0
+    torch.manual_seed(7)
+    tracked = train(MODELS[kind](0), batches, build_quantities(config, len(batches)), make_optimizer, weight_decay=decay)
+    tracked_state = torch.get_rng_state()
+    torch.manual_seed(7)
+    plain = train(MODELS[kind](0), batches, None, make_optimizer, weight_decay=decay)
+    for step in range(len(batches) + 1):
+        for a, b in zip(tracked.thetas[step], plain.thetas[step]):
+            assert torch.equal(a, b)
+    assert torch.equal(tracked_state, torch.get_rng_state())
+    assert set(tracked.records[0]) >= set(PRESETS[preset]) - set(tracked.instruments.unavailable)
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+
+def build(instruments: dict[str, Any], total_steps: int = 100) -> list[Quantity]:
+    """``build_quantities`` of a config with this ``instruments`` section."""
+    return build_quantities(parse_config({"instruments": instruments}, source="c.yaml"), total_steps)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets(preset: str) -> None:
+    built = build({"preset": preset, "every": 2, "offset": 1})
+    assert [q.name for q in built] == list(PRESETS[preset])
+    assert all([s for s in range(8) if q.schedule(s)] == [1, 3, 5, 7] for q in built)
+
+
+def test_overrides() -> None:
+    overrides = {"HessMaxEV": {"every": 5}, "TICDiag": False, "GradHist1d": {"bins": 10, "range": [-1, 1]}, "MeanGSNR": True}
+    built = {q.name: q for q in build({"preset": "business", "every": 2, "quantities": overrides})}
+    assert "TICDiag" not in built and "MeanGSNR" in built and "HessMaxEV" in built
+    assert set(built) == (set(PRESETS["business"]) - {"TICDiag"}) | {"HessMaxEV", "MeanGSNR"}
+    assert [s for s in range(12) if built["HessMaxEV"].schedule(s)] == [0, 5, 10]
+    assert [s for s in range(6) if built["GradNorm"].schedule(s)] == [0, 2, 4]
+    assert built["GradHist1d"].spec == HistogramSpec(10, -1.0, 1.0)
+    assert built["GradHist1d"].options == {"bins": 10, "range": (-1.0, 1.0), "adaptive": False}
+    hist2d = {q.name: q for q in build({"preset": "none", "quantities": {"GradHist2d": {"bins": [3, 4], "range": [[-1, 1], [-0.5, 0.5]]}}})}["GradHist2d"]
+    assert hist2d.specs == (HistogramSpec(3, -1.0, 1.0), HistogramSpec(4, -0.5, 0.5))
+
+
+def test_log_spacing_settings() -> None:
+    overrides = {"HessMaxEV": {"every": 5}, "Loss": {"points": 3}}
+    built = {q.name: q for q in build({"preset": "economy", "spacing": "log", "points": 5, "quantities": overrides}, total_steps=21)}
+    assert [s for s in range(21) if built["GradNorm"].schedule(s)] == [0, 1, 4, 9, 20]
+    assert [s for s in range(21) if built["Loss"].schedule(s)] == [0, 4, 20]
+    assert [s for s in range(21) if built["HessMaxEV"].schedule(s)] == [0, 5, 10, 15, 20]  # every: linear spacing
+    built = {q.name: q for q in build({"preset": "economy", "every": 2, "quantities": {"Loss": {"points": 3}}}, total_steps=21)}
+    assert [s for s in range(21) if built["Loss"].schedule(s)] == [0, 4, 20]  # points: log spacing
+
+
+KNOWN = "known: " + ", ".join(sorted(QUANTITIES))
+
+
+@pytest.mark.parametrize(
+    "entries, message, hint",
+    [
+        ({"GradNrom": True}, "c.yaml: instruments.quantities.GradNrom: quantity 'GradNrom' is unknown; did you mean 'GradNorm'?", KNOWN),
+        ({"Nothing": True}, "c.yaml: instruments.quantities.Nothing: quantity 'Nothing' is unknown", KNOWN),
+        (
+            {"GradHist1d": {"bin": 10}},
+            "c.yaml: instruments.quantities.GradHist1d.bin: GradHist1d has no setting 'bin'; did you mean 'bins'?",
+            "its settings: every, offset, spacing, points, bins, range, adaptive",
+        ),
+        ({"GradNorm": {"color": 1}}, "c.yaml: instruments.quantities.GradNorm.color: GradNorm has no setting 'color'", "its settings: every, offset, spacing, points"),
+        ({"GradHist1d": {"bins": "ten"}}, "c.yaml: instruments.quantities.GradHist1d.bins: expected an integer, got 'ten'", None),
+        ({"GradHist1d": {"bins": 0}}, "c.yaml: instruments.quantities.GradHist1d.bins: expected a value >= 1, got 0", None),
+        ({"GradHist1d": {"range": [1]}}, "c.yaml: instruments.quantities.GradHist1d.range: expected 2 values, got 1", None),
+        ({"GradHist1d": {"range": ["a", 1]}}, "c.yaml: instruments.quantities.GradHist1d.range: expected a number, got 'a'", None),
+        ({"GradHist1d": {"adaptive": "yes"}}, "c.yaml: instruments.quantities.GradHist1d.adaptive: expected true or false, got 'yes'", None),
+        ({"HessMaxEV": {"every": 0}}, "c.yaml: instruments.quantities.HessMaxEV.every: expected a value >= 1, got 0", None),
+        ({"HessMaxEV": {"rtol": "small"}}, "c.yaml: instruments.quantities.HessMaxEV.rtol: expected a number, got 'small'", None),
+        ({"HessMaxEV": {"spacing": "cubic"}}, "c.yaml: instruments.quantities.HessMaxEV.spacing: expected 'linear' or 'log', got 'cubic'", None),
+        ({"GradNorm": 3}, "c.yaml: instruments.quantities.GradNorm: expected true, false or a mapping of settings, got 3", None),
+    ],
+)
+def test_bad_entries(entries: dict[str, Any], message: str, hint: str | None) -> None:
+    with pytest.raises(CockpitError) as error:
+        build({"preset": "none", "quantities": entries})
+    assert error.value.message == message
+    assert error.value.hint == hint
