@@ -357,7 +357,24 @@ def test_adaptive_histogram_range_follows_the_largest_gradient() -> None:
 def test_histogram_spec_clamps_and_drops_nan() -> None:
     spec = HistogramSpec(4, -2.0, 2.0)
     values = torch.tensor([-5.0, -2.0, -1.99, 0.0, 1.99, 2.0, 7.0, float("nan")], dtype=torch.float64)
-    assert spec.indices(values).tolist() == [0, 0, 0, 2, 3, 3, 3, 4]
+    assert spec.bin_of(values).tolist() == [0, 0, 0, 2, 3, 3, 3, 4]
+    assert spec.count(values.reshape(2, 4)).tolist() == [3, 0, 1, 3]  # NaN dropped, outside clamped
+
+
+def test_reductions_split_into_row_blocks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.instruments import reductions as r
+
+    samples = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta = torch.randn(5, dtype=torch.float64)
+    requested = frozenset({r.SAMPLE_SQ_NORMS, r.CENTERED_TOTAL, r.EB_SUM, r.HIST1D, r.HIST2D})
+    whole = r.Accumulator(1)
+    r.reduce_block(r.LayerBlock(0, samples.clone(), theta), requested, whole, r.ReductionOptions())
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 10)  # blocks of 2 rows
+    assert len(r.row_chunks(samples)) == 4
+    blocked = r.Accumulator(1)
+    r.reduce_block(r.LayerBlock(0, samples.clone(), theta), requested, blocked, r.ReductionOptions())
+    for name in requested:
+        assert torch.allclose(whole.totals[name].double(), blocked.totals[name].double(), rtol=1e-12), name
 
 
 # --- schedules and lag ---------------------------------------------------------------------------

@@ -129,7 +129,7 @@ class Instruments:
             return
         _, needs = self._plan(self.next_step)
         self._activations = {} if q.ACTIVATIONS in needs else None
-        replay = START_SLOPES in needs or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
+        replay = START_SLOPES in needs or _projections_only(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
 
     def _activation_hook(self, name: str):
@@ -167,6 +167,9 @@ class Instruments:
         for quantity in active:
             quantity.reduction_options(step, options)
         requested = frozenset(needs & set(r.KERNELS))
+        by_forward_mode = _projections_only(needs)  # one forward-mode pass beats forming per-sample gradients
+        if by_forward_mode:
+            requested -= {r.PROJECTIONS}
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             with torch.no_grad():
@@ -187,6 +190,10 @@ class Instruments:
                 retain_graph=hvp,
                 rng_state=self._rng_state,
             )
+        if by_forward_mode:
+            theta = [p.detach() for p in self.params]
+            with self._engine_pass():
+                accumulator.add(r.PROJECTIONS, self.capture.start_slopes(inputs, targets, theta, self._rng_state)(options.direction))
         if START_SLOPES in needs:
             self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         data = StepData(
@@ -257,6 +264,11 @@ class Instruments:
             "unavailable": dict(self.unavailable),
             "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
         }
+
+
+def _projections_only(needs: set[str]) -> bool:
+    """Whether projections g_i . u are the only per-sample values due (Alpha's second point)."""
+    return needs & r.NEEDS_SAMPLES == {r.PROJECTIONS}
 
 
 def _detach(outputs: Any) -> Any:

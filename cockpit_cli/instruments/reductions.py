@@ -39,6 +39,16 @@ EB_EPSILON = 1e-5
 TIC_EPSILON = 1e-7
 
 
+# Row blocks of about this many elements bound the temporaries of the reductions.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def row_chunks(samples: Tensor) -> list[Tensor]:
+    """Split ``[N, D]`` into row blocks of about :data:`CHUNK_ELEMENTS` elements (views)."""
+    rows = max(1, CHUNK_ELEMENTS // max(samples.shape[1], 1))
+    return [samples[i : i + rows] for i in range(0, samples.shape[0], rows)]
+
+
 @dataclass
 class HistogramSpec:
     """Bins and clamping range of a histogram axis."""
@@ -47,14 +57,21 @@ class HistogramSpec:
     low: float
     high: float
 
-    def indices(self, values: Tensor) -> Tensor:
-        """Return the bin index of each value (``[...]`` int64).
+    def bin_of(self, values: Tensor) -> Tensor:
+        """Return the bin of each value (int32, same shape; never modifies ``values``).
 
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
         which callers drop, so a non-finite gradient never breaks a histogram.
         """
         scaled = (values - self.low) * (self.bins / (self.high - self.low))
-        return scaled.floor_().clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).long()
+        return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
+
+    def count(self, samples: Tensor) -> Tensor:
+        """Return the counts ``[bins]`` (int64) of all elements of ``[N, D]``, block by block."""
+        counts = torch.zeros(self.bins + 1, dtype=torch.int64, device=samples.device)
+        for block in row_chunks(samples):
+            counts += torch.bincount(self.bin_of(block).reshape(-1), minlength=self.bins + 1)
+        return counts[: self.bins]
 
 
 @dataclass
@@ -104,8 +121,13 @@ class LayerBlock:
 
     @cached_property
     def centered(self) -> Tensor:
-        """``sum_i (g_id - g_d)^2``, shape ``[D_p]``."""
-        return (self.G - self.g).pow(2).sum(0)
+        """``sum_i (g_id - g_d)^2``, shape ``[D_p]`` (summed block by block)."""
+        return sum((block - self.g).pow(2).sum(0) for block in row_chunks(self.G))
+
+    @cached_property
+    def sq_norms(self) -> Tensor:
+        """``||g_i||^2``, shape ``[N]`` (block by block, no ``[N, D_p]`` temporary)."""
+        return torch.cat([block.pow(2).sum(1) for block in row_chunks(self.G)])
 
 
 class Accumulator:
@@ -142,7 +164,7 @@ def _grad_sq_norm(block: LayerBlock, acc: Accumulator, options: ReductionOptions
 
 
 def _sample_sq_norms(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.add(SAMPLE_SQ_NORMS, block.G.pow(2).sum(1))
+    acc.add(SAMPLE_SQ_NORMS, block.sq_norms)
 
 
 def _sample_dots(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
@@ -178,19 +200,20 @@ def _curvature_trace(block: LayerBlock, acc: Accumulator, options: ReductionOpti
 
 
 def _hist1d(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    spec = options.hist1d
-    counts = torch.bincount(spec.indices(block.G).reshape(-1), minlength=spec.bins + 1)[: spec.bins]
+    counts = options.hist1d.count(block.G)
     acc.add(HIST1D, counts)
     acc.add_per_param(HIST1D, block.index, counts)
 
 
 def _hist2d(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
     grad_axis, param_axis = options.hist2d
-    rows = grad_axis.indices(block.G)  # [N, D_p], NaN -> grad_axis.bins
-    columns = param_axis.indices(block.theta)  # [D_p], NaN -> param_axis.bins
+    columns = param_axis.bin_of(block.theta)  # [D_p], NaN -> param_axis.bins
     cells = grad_axis.bins * param_axis.bins
-    flat = torch.where((rows < grad_axis.bins) & (columns < param_axis.bins), rows * param_axis.bins + columns, cells)
-    counts = torch.bincount(flat.reshape(-1), minlength=cells + 1)[:cells].reshape(grad_axis.bins, param_axis.bins)
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=block.G.device)
+    for rows in (grad_axis.bin_of(chunk) for chunk in row_chunks(block.G)):  # [r, D_p], NaN -> grad_axis.bins
+        flat = torch.where((rows < grad_axis.bins) & (columns < param_axis.bins), rows * param_axis.bins + columns, cells)
+        counts += torch.bincount(flat.reshape(-1), minlength=cells + 1)
+    counts = counts[:cells].reshape(grad_axis.bins, param_axis.bins)
     acc.add(HIST2D, counts)
     acc.add_per_param(HIST2D, block.index, counts)
 
