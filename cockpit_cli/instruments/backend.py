@@ -13,8 +13,9 @@ import warnings
 from typing import Callable
 
 import torch
-from backpack import backpack, extend
+from backpack import backpack, hook_run_extensions, hook_store_io
 from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC, DiagHessian
+from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
@@ -74,10 +75,24 @@ class GradientCapture:
             own = [(index[id(p)], p) for p in module.parameters(recurse=False) if id(p) in index]
             if own:
                 self.module_params[module] = own
-        if support.per_sample == "backpack" or support.curvature:
-            extend(model)
+        # BackPACK's hooks are installed only for the steps that use them (see attach): on the
+        # other steps a full backward hook on every layer would cost time for nothing.
+        self.extendable = [m for m in model.modules() if not is_no_op(m)] if support.per_sample == "backpack" or support.curvature else []
         if support.curvature and isinstance(loss_function, nn.Module):
-            extend(loss_function)
+            self.extendable.append(loss_function)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass."""
+        if not self._handles:
+            for module in self.extendable:
+                self._handles += [module.register_forward_hook(hook_store_io), module.register_full_backward_hook(hook_run_extensions)]
+
+    def detach(self) -> None:
+        """Remove BackPACK's hooks again, after the tracked step's backward pass."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def regularization(self) -> float:
         """Return the regulariser's value ``sum_p 0.5 * lambda_p * ||p||^2``."""

@@ -131,6 +131,15 @@ class Instruments:
         self._activations = {} if q.ACTIVATIONS in needs else None
         replay = START_SLOPES in needs or _projections_only(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
+        if self._uses_backpack(needs):
+            self.capture.attach()
+        else:
+            self.capture.detach()
+
+    def _uses_backpack(self, needs: set[str]) -> bool:
+        """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
+        per_sample = bool(needs & r.NEEDS_SAMPLES) and not _projections_only(needs) and self.support.per_sample == "backpack"
+        return per_sample or (q.CURVATURE in needs and self.support.curvature)
 
     def _activation_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -162,6 +171,7 @@ class Instruments:
         active, needs = self._plan(step)
         if not active:
             loss.backward()
+            self.capture.detach()
             return
         options = r.ReductionOptions()
         for quantity in active:
@@ -190,6 +200,7 @@ class Instruments:
                 retain_graph=hvp,
                 rng_state=self._rng_state,
             )
+        self.capture.detach()
         if by_forward_mode:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
@@ -249,6 +260,7 @@ class Instruments:
 
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
+        self.capture.detach()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
