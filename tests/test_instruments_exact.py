@@ -661,3 +661,31 @@ def test_bad_entries(entries: dict[str, Any], message: str, hint: str | None) ->
         build({"preset": "none", "quantities": entries})
     assert error.value.message == message
     assert error.value.hint == hint
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
+def test_unfolded_convolution_rule_matches_backpack(kind: str) -> None:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+    from torch import nn
+
+    from cockpit_cli.instruments.conv_batch_grad import fast_batch_grad
+
+    torch.manual_seed(0)
+    if kind == "conv2d":
+        net = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3, dilation=2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+        inputs = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2, stride=2), nn.ReLU(), nn.Conv1d(4, 3, 3, dilation=2), nn.Flatten(), nn.Linear(3 * 16, 3))
+        inputs = torch.randn(5, 2, 40, dtype=torch.float64)
+    net = extend(net.double())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    targets = torch.randint(0, 3, (5,))
+    results = []
+    for extension in (BatchGrad(), fast_batch_grad()):
+        net.zero_grad()
+        with backpack(extension):
+            loss_fn(net(inputs), targets).backward()
+        results.append([p.grad_batch.clone() for p in net.parameters()])
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -14,13 +14,14 @@ from typing import Callable
 
 import torch
 from backpack import backpack, hook_run_extensions, hook_store_io
-from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC, DiagHessian
+from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
+from cockpit_cli.instruments.conv_batch_grad import fast_batch_grad
 from cockpit_cli.instruments.reductions import Accumulator, LayerBlock, ReductionOptions, reduce_block
 from cockpit_cli.instruments.support import Support
 
@@ -132,7 +133,7 @@ class GradientCapture:
         batch_size = inputs.shape[0]
         extensions = []
         if per_sample and self.support.per_sample == "backpack":
-            extensions.append(BatchGrad())
+            extensions.append(fast_batch_grad())
         if curvature and self.support.curvature:
             extensions.append(self.curvature_extension())
         if extensions:
