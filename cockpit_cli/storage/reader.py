@@ -17,6 +17,20 @@ import yaml
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage import schema
 
+try:  # a fast parser where installed; it rejects the NaN tokens of diverged steps, json takes those
+    from orjson import JSONDecodeError as _FastError
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is a dependency, but reading must never need it
+    _fast_loads, _FastError = json.loads, json.JSONDecodeError
+
+
+def parse_line(line: str) -> object:
+    """Parse one JSON Lines record (fast path first; ``NaN`` / ``Infinity`` through ``json``)."""
+    try:
+        return _fast_loads(line)
+    except _FastError:
+        return json.loads(line)
+
 
 @dataclass
 class RunData:
@@ -66,7 +80,7 @@ def read_json_lines(path: Path, notes: list[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_line(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 notes.append(f"{path.name}: the last line (line {number}) is cut off and was ignored")
