@@ -77,13 +77,35 @@ def run(
     name: Annotated[Optional[str], typer.Option("--name", "-n", help="Name of the run directory (output.name).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the config, build problem and optimizer, print the effective config, exit.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory of the same name.")] = False,
+    live: Annotated[
+        Optional[bool],
+        typer.Option("--live/--no-live", help="Live dashboard, or a plain log line every training.log_every steps. Default: live on a terminal unless CI is set.", show_default=False),
+    ] = None,
     traceback: TracebackOption = False,
 ) -> None:
     """Train the problem in CONFIG with instruments attached and write a run directory."""
     with reporting_errors(traceback):
         from cockpit_cli.runner import execute_run
 
-        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr)
+        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live)
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def watch(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to show (written by `cockpit run`).", show_default=False)],
+    follow: Annotated[
+        Optional[bool],
+        typer.Option("--follow/--no-follow", help="Keep following the files for new records. Default: follow while the run is running.", show_default=False),
+    ] = None,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between reads of the run's files.")] = 1.0,
+    traceback: TracebackOption = False,
+) -> None:
+    """Show the live dashboard of RUN_DIR, one being written by another process or a finished one."""
+    with reporting_errors(traceback):
+        from cockpit_cli.display.watch import watch_run
+
+        code = watch_run(run_dir, stdout, follow=follow, interval=interval)
     raise typer.Exit(int(code))
 
 
@@ -117,6 +139,56 @@ def quantities(
             stdout.print_json(json.dumps({"schema_version": 1, "quantities": rows}))
         else:
             stdout.print(render_quantity_table(rows))
+
+
+@app.command()
+def diagnose(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cockpit run`.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON (schema_version 1).")] = False,
+    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe: info, warning or error.")] = None,
+    traceback: TracebackOption = False,
+) -> None:
+    """Name what went wrong in a run: findings with evidence, meaning and what to try."""
+    with reporting_errors(traceback):
+        from cockpit_cli.diagnosis.command import run_diagnose
+
+        code = run_diagnose(run_dir, as_json, fail_on, stdout)
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories, directories holding runs, or glob patterns (two runs or more).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG with the runs overlaid to this file.", dir_okay=False)] = None,
+    metric: Annotated[list[str], typer.Option("--metric", "-m", help="Also show this metric: a scalar quantity (NormTest) or an evaluation metric (valid.loss); the first evaluation metric decides which run is better (repeatable).")] = [],  # noqa: B006
+    traceback: TracebackOption = False,
+) -> None:
+    """Compare runs: config differences, outcome, instruments, findings, and which did better."""
+    with reporting_errors(traceback):
+        from cockpit_cli.compare_render import run_compare
+        from cockpit_cli.diagnosis import diagnose as diagnose_run
+
+        def findings(run: object) -> list[dict]:
+            return [finding.to_dict() for finding in diagnose_run(run).findings]
+
+        code = run_compare(runs, list(metric), as_json=as_json, plot=plot, console=stdout, findings=findings)
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (written by `cockpit run`).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the figures (default: the run directory).")] = None,
+    step_range: Annotated[Optional[str], typer.Option("--step-range", help="Show only steps A to B, e.g. 100:500.", show_default=False)] = None,
+    traceback: TracebackOption = False,
+) -> None:
+    """Write the run's figures: cockpit.png, layers.png and samples.png."""
+    with reporting_errors(traceback):
+        from cockpit_cli.report.command import run_report
+
+        code = run_report(run_dir, out, step_range, stdout)
+    raise typer.Exit(int(code))
 
 
 def main() -> None:

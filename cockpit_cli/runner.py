@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.syntax import Syntax
@@ -24,6 +26,16 @@ def resolve_config(config_path: Path, overrides: list[str], out: Path | None, na
     return load_config(config_path, extra)
 
 
+def use_live_display(requested: bool | None, console: Console, errors: Console) -> bool:
+    """Whether to draw the live dashboard: asked for (``--live``), or by default on a terminal
+    outside CI. Without a terminal there is only the plain log, whatever was asked for."""
+    if not console.is_terminal:
+        if requested:
+            errors.print("note: --live needs a terminal; standard output is not one, so the plain log follows", style="dim")
+        return False
+    return requested if requested is not None else not os.environ.get("CI")
+
+
 def execute_run(
     config_path: Path,
     overrides: list[str],
@@ -33,8 +45,12 @@ def execute_run(
     overwrite: bool,
     console: Console,
     errors: Console,
+    live: bool | None = None,
 ) -> ExitCode:
     """Run (or, with ``dry_run``, only build) the training described by ``config_path``.
+
+    Args:
+        live: Draw the live dashboard (``None``: on a terminal outside CI), else the plain log.
 
     Returns:
         The exit code: OK when completed, FAILURE when diverged, INTERRUPTED on Ctrl-C.
@@ -62,21 +78,58 @@ def execute_run(
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
     writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
     console.rule(f"run directory: {run_dir}", style="dim")
-    end = train(setup, [writer, PlainLog(every=config.training.log_every, console=console)])
-    return report_end(end, run_dir, console, errors)
+    if not use_live_display(live, console, errors):
+
+        def print_alert(severity: str, text: str, key: str) -> None:
+            console.print(f"alert ({severity}) {text}", style="yellow" if severity == "warning" else "red" if severity == "critical" else None)
+
+        end = train(setup, [writer, PlainLog(every=config.training.log_every, console=console), live_diagnosis(config, print_alert)])
+        return report_end(end, run_dir, console, errors)
+
+    from cockpit_cli.display.dashboard import LiveDashboard
+
+    dashboard = LiveDashboard(console, run_dir=str(run_dir))
+    try:
+        end = train(setup, [writer, dashboard, live_diagnosis(config, dashboard.add_alert)])
+    finally:
+        dashboard.close()
+    console.print(dashboard.final_summary())
+    return report_end(end, run_dir, console, errors, quiet=True)
 
 
-def report_end(end: RunEnd, run_dir: Path, console: Console, errors: Console) -> ExitCode:
-    """Print where the results went and how the run ended; return the exit code."""
+def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None]) -> object:
+    """Return an observer that runs the diagnosis rules during training and raises alerts.
+
+    Args:
+        config: The run's config (the rules read the optimizer's settings).
+        alert: ``(severity, text, key)``; severity ``info``, ``warning`` or ``critical``.
+    """
+    from cockpit_cli.diagnosis import LiveDiagnosis
+
+    def on_alert(finding: object) -> None:
+        severity = "critical" if finding.severity == "error" else finding.severity
+        alert(severity, f"{finding.rule}: {finding.meaning} Try: {finding.hint}", finding.rule)
+
+    return LiveDiagnosis(on_alert=on_alert, config=config.to_dict())
+
+
+def report_end(end: RunEnd, run_dir: Path, console: Console, errors: Console, quiet: bool = False) -> ExitCode:
+    """Print where the results went and how the run ended; return the exit code.
+
+    Args:
+        quiet: Only the exit code and the error lines (a summary was shown already).
+    """
     from cockpit_cli.storage.reader import read_run
 
-    data = read_run(run_dir)
-    final = (data.summary or {}).get("final", {})
-    for split, metrics in final.items():
-        accuracy = metrics.get("accuracy")
-        text = f"{split:>10}: loss {metrics.get('loss'):.4g}" + (f", accuracy {accuracy:.3f}" if accuracy is not None else "")
-        console.print(text)
-    console.print(f"results in [bold]{run_dir}[/]  (steps: {len(data.steps)}, evaluations: {len(data.evals)})")
+    if not quiet:
+        data = read_run(run_dir)
+        final = (data.summary or {}).get("final", {})
+        for split, metrics in final.items():
+            accuracy = metrics.get("accuracy")
+            text = f"{split:>10}: loss {metrics.get('loss'):.4g}" + (f", accuracy {accuracy:.3f}" if accuracy is not None else "")
+            console.print(text)
+        console.print(f"results in [bold]{run_dir}[/]  (steps: {len(data.steps)}, evaluations: {len(data.evals)})")
+        console.print(f"diagnose it with: [bold]cockpit diagnose {run_dir}[/]")
     if end.status is RunStatus.COMPLETED:
         return ExitCode.OK
     if end.status is RunStatus.INTERRUPTED:

@@ -21,6 +21,25 @@ def format_number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+# Instruments shown on a step line when the step tracked them: (quantity, label).
+KEY_INSTRUMENTS = (("Alpha", "alpha"), ("GradNorm", "grad-norm"), ("NormTest", "norm-test"), ("HessMaxEV", "hess-max-ev"))
+
+
+def instrument_summary(quantities: dict[str, Any]) -> str:
+    """``alpha 0.12  grad-norm 1.7  norm-test 0.85`` for the key instruments present.
+
+    Per-parameter values (GradNorm) are reduced to their total norm.
+    """
+    parts = []
+    for name, label in KEY_INSTRUMENTS:
+        value = quantities.get(name)
+        if isinstance(value, list):
+            value = math.sqrt(math.fsum(v * v for v in value)) if value and all(isinstance(v, (int, float)) for v in value) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {format_number(float(value), 3)}")
+    return "  ".join(parts)
+
+
 class PlainLog:
     """Observer printing progress lines to ``stream`` (or a Rich console).
 
@@ -45,9 +64,10 @@ class PlainLog:
         last = record.step + 1 == self.total_steps
         if record.step % self.every == 0 or last or not math.isfinite(record.loss):
             rates = ", ".join(format_number(rate, 3) for rate in record.lr)
+            instruments = instrument_summary(record.quantities)
             self.console.print(
                 f"step {record.step:>6}/{self.total_steps}  epoch {record.epoch:>3}  "
-                f"loss {format_number(record.loss)}  lr {rates}  {record.time:7.1f}s"
+                f"loss {format_number(record.loss)}  lr {rates}  " + (f"{instruments}  " if instruments else "") + f"{record.time:7.1f}s"
             )
 
     def on_eval(self, record: EvalRecord) -> None:

@@ -134,18 +134,21 @@ class RunWriter:
         self._write_manifest()
 
     def on_end(self, end: RunEnd) -> None:
+        # The records on disk are the truth: an interruption can fall between a step's update and
+        # its record, so count what was written rather than what the loop counted.
+        steps = self.manifest["steps_completed"] if self.manifest["steps_completed"] else end.steps
         self._steps.close()
         self._evals.close()
         self.manifest.update(
             status=end.status.value,
             message=end.message,
             ended_at=now_iso(),
-            steps_completed=end.steps,
+            steps_completed=steps,
             epochs_completed=end.epochs,
             warnings=end.warnings,
         )
         self.manifest["timings"]["train_seconds"] = round(end.train_seconds, 3)
-        summary = summarize(end.status.value, end.message, end.steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)
+        summary = summarize(end.status.value, end.message, steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)
         write_json_atomic(self.run_dir / schema.SUMMARY, summary)
         self._write_manifest()
         self._lock.unlink(missing_ok=True)

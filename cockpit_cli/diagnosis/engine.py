@@ -1,0 +1,111 @@
+"""Runs the diagnosis rules over a run: a finished run directory, or the records seen so far.
+
+Rules whose data is missing are skipped and listed as "not checked" with what would enable
+them. Findings are ordered most severe first, then root causes before symptoms (each rule's
+``priority``), so the first finding is the one to act on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from cockpit_cli.diagnosis.finding import Diagnosis, Finding, NotChecked, severity_rank
+from cockpit_cli.diagnosis.rules import RULES
+from cockpit_cli.diagnosis.rules.base import Rule
+from cockpit_cli.diagnosis.series import RunSeries
+
+# The smallest instruments preset that tracks each quantity; others are enabled by name.
+PRESET_ORDER = ("economy", "business", "full")
+ENABLED_BY_PRESET: dict[str, str] = {
+    **dict.fromkeys(
+        ("Alpha", "Distance", "GradHist1d", "GradNorm", "InnerTest", "Loss", "NormTest", "OrthoTest", "UpdateSize", "LayerStats", "Activations", "InputStats"),
+        "economy",
+    ),
+    **dict.fromkeys(("TICDiag", "HessTrace"), "business"),
+    **dict.fromkeys(("HessMaxEV", "GradHist2d"), "full"),
+}
+RECORD_FIELDS = {"loss": "step losses", "lr": "learning rates", "evals": "evaluations with a valid split"}
+
+
+def _what(name: str) -> str:
+    """How records of ``name`` are counted in messages: ``"evaluations ..."``, ``"tracked steps of Alpha"``."""
+    return RECORD_FIELDS.get(name, f"tracked steps of {name}")
+
+
+def how_to_enable(name: str) -> str:
+    """Say how to record ``name`` (a quantity or a record field)."""
+    if name == "evals":
+        return "training.eval_every_epochs or training.eval_every_steps"
+    if name in RECORD_FIELDS:
+        return "more training steps"
+    preset = ENABLED_BY_PRESET.get(name)
+    by_name = f"instruments.quantities.{name}: true"
+    return f"preset {preset} or higher, or {by_name}" if preset else by_name
+
+
+def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
+    """Why ``rule`` cannot run on ``run`` (``None`` when it can)."""
+    unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
+    for requirement in rule.requires:
+        options = (requirement,) if isinstance(requirement, str) else requirement
+        counts = {name: run.count(name) for name in options}
+        if max(counts.values()) >= rule.min_points:
+            continue
+        shown = " or ".join(options)
+        why = "; ".join(f"{name} unavailable: {unavailable[name]}" for name in options if name in unavailable)
+        if why:
+            reason = why
+        elif any(counts.values()) or all(name in RECORD_FIELDS for name in options):
+            best = max(options, key=lambda name: counts[name])
+            reason = f"only {counts[best]} {_what(best)} so far (needs {rule.min_points})"
+        else:
+            reason = f"needs {shown}"
+        cheapest = min(options, key=lambda name: PRESET_ORDER.index(ENABLED_BY_PRESET.get(name, "full")))
+        return NotChecked(rule.name, reason, how_to_enable(cheapest))
+    return None
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """Most severe first; among equals, root causes (lower rule priority) first, then earlier steps."""
+    priority = {name: rule.priority for name, rule in RULES.items()}
+    return sorted(findings, key=lambda f: (-severity_rank(f.severity), priority.get(f.rule, 99), f.steps[0]))
+
+
+def run_rules(run: RunSeries, rules: Iterable[Rule] | None = None) -> tuple[list[Finding], list[str], list[NotChecked]]:
+    """Run ``rules`` (default: all) over ``run``; return findings (sorted), checked rules and skipped ones."""
+    findings, checked, skipped = [], [], []
+    for rule in RULES.values() if rules is None else rules:
+        missing = _missing(rule, run)
+        if missing is not None:
+            skipped.append(missing)
+            continue
+        checked.append(rule.name)
+        finding = rule.check(run)
+        if finding is not None:
+            findings.append(finding)
+    return sort_findings(findings), checked, skipped
+
+
+def run_facts(manifest: dict[str, Any], name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The facts about a run a report starts with."""
+    tracked = sum(1 for record in steps if record.get("quantities"))
+    return {
+        "name": name,
+        "problem": manifest.get("problem"),
+        "optimizer": manifest.get("optimizer"),
+        "status": manifest.get("status", "unknown"),
+        "steps": len(steps),
+        "tracked_steps": tracked,
+    }
+
+
+def diagnose(run: Any, rules: Iterable[Rule] | None = None) -> Diagnosis:
+    """Diagnose a run read by :func:`cockpit_cli.storage.reader.read_run` (a ``RunData``).
+
+    Args:
+        run: Anything with ``manifest``, ``config``, ``steps``, ``evals`` and ``name``.
+        rules: The rules to run (default: every registered rule).
+    """
+    series = RunSeries(run.manifest, run.steps, run.evals, run.config)
+    findings, checked, skipped = run_rules(series, rules)
+    return Diagnosis(run=run_facts(run.manifest, run.name, run.steps), findings=findings, checked=checked, not_checked=skipped)

@@ -1,0 +1,102 @@
+"""Diagnosis during training: the same rules over the records seen so far, one alert per episode.
+
+:class:`LiveDiagnosis` is an observer of the training loop. Every ``check_every`` steps (and at once
+on a non-finite loss) it runs the rules over everything recorded so far. A rule that starts firing opens an *episode* and
+raises one alert; further checks that still find it stay silent. The episode closes after the
+rule has been quiet for ``quiet_checks`` consecutive checks, so a problem that comes back later
+is announced again, while one that flickers around its threshold is announced once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, is_dataclass
+from typing import Any, Callable, Iterable
+
+from cockpit_cli.diagnosis.engine import run_rules
+from cockpit_cli.diagnosis.finding import Finding
+from cockpit_cli.diagnosis.rules.base import Rule
+from cockpit_cli.diagnosis.series import RunSeries
+
+
+def _as_dict(record: Any) -> dict[str, Any]:
+    """A record as a plain dict (records may be dicts, dataclasses or have ``to_dict``)."""
+    if isinstance(record, dict):
+        return record
+    if hasattr(record, "to_dict"):
+        return record.to_dict()
+    return asdict(record) if is_dataclass(record) else dict(record)
+
+
+class LiveDiagnosis:
+    """Runs the rules while a run trains and reports each problem once per episode.
+
+    Args:
+        on_alert: Called with each new finding (the start of an episode).
+        check_every: Run the rules every this many steps (every 1% of the steps seen so far once
+            that is more, which bounds the cost on long runs), and at the end.
+        quiet_checks: Consecutive checks without a finding that close its episode.
+        rules: The rules to run (default: every registered rule).
+        manifest: The run's manifest so far (``instruments.parameters`` in particular); also
+            filled by :meth:`on_start`.
+        config: The effective config as a mapping.
+    """
+
+    def __init__(
+        self,
+        on_alert: Callable[[Finding], None] | None = None,
+        check_every: int = 25,
+        quiet_checks: int = 3,
+        rules: Iterable[Rule] | None = None,
+        manifest: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        self.on_alert = on_alert
+        self.check_every = max(1, check_every)
+        self.quiet_checks = max(1, quiet_checks)
+        self.rules = None if rules is None else list(rules)
+        self.series = RunSeries(dict(manifest or {}), [], [], config)
+        self.active: dict[str, int] = {}  # rule -> consecutive quiet checks in its open episode
+        self.alerts: list[Finding] = []
+        self.checked_at = 0  # steps seen at the last check
+
+    def on_start(self, meta: Any) -> None:
+        """Take the parameter names and optimizer from the run's start facts (a ``RunMeta``)."""
+        facts = _as_dict(meta)
+        self.series.manifest.update({key: facts[key] for key in ("problem", "optimizer", "batch_size", "instruments") if key in facts})
+
+    def on_step(self, record: Any) -> None:
+        """Add a step record; check every ``check_every`` steps (1% of the steps so far in long runs), and on a non-finite loss."""
+        record = _as_dict(record)
+        self.series.steps.append(record)
+        loss, seen = record.get("loss"), len(self.series.steps)
+        if seen - self.checked_at >= max(self.check_every, seen // 100) or (isinstance(loss, float) and not math.isfinite(loss)):
+            self.check()
+
+    def on_eval(self, record: Any) -> None:
+        """Add an evaluation record."""
+        self.series.evals.append(_as_dict(record))
+
+    def on_end(self, end: Any) -> None:
+        """Run a last check with the final status."""
+        status = getattr(end, "status", None)
+        if status is not None:
+            self.series.manifest["status"] = getattr(status, "value", status)
+        self.check()
+
+    def check(self) -> list[Finding]:
+        """Run the rules now; return (and announce) the findings that open a new episode."""
+        self.checked_at = len(self.series.steps)
+        findings, _, _ = run_rules(self.series, self.rules)
+        firing = {finding.rule: finding for finding in findings}
+        new = [finding for rule, finding in firing.items() if rule not in self.active]
+        for rule in list(self.active):
+            self.active[rule] = 0 if rule in firing else self.active[rule] + 1
+            if self.active[rule] >= self.quiet_checks:
+                del self.active[rule]
+        for finding in new:
+            self.active[finding.rule] = 0
+            self.alerts.append(finding)
+            if self.on_alert is not None:
+                self.on_alert(finding)
+        return new

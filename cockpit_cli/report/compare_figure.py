@@ -1,0 +1,106 @@
+"""The overlay plot of ``cockpit compare --plot``: several runs in one figure, one colour each.
+
+Panels: the mini-batch loss (smoothed), the valid accuracy, Alpha, the gradient norm, and one per
+extra ``--metric`` (a scalar quantity such as ``NormTest`` or an evaluation metric such as
+``valid.loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from cockpit_cli.diagnosis.windows import Series
+from cockpit_cli.report.data import RunView, eval_metric
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, ema, empty_panel, finite, log_y, new_figure, run_color, save, style
+from cockpit_cli.storage.reader import RunData
+
+LOSS_SMOOTHING = 0.05  # moving-average weight for the per-step mini-batch loss
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel: title, y label, how to get a run's series, how to draw it, the quantity it shows."""
+
+    title: str
+    ylabel: str
+    get: Callable[[RunView], Series]
+    how: str  # "smooth", "scalar", "log" (scatter + moving average) or "evaluation" (lines)
+    quantity: str | None = None
+
+
+BASE_PANELS = (
+    Panel("Mini-batch loss (smoothed)", "mini-batch loss (moving average)", RunView.loss, "smooth"),
+    Panel("Valid accuracy", "valid accuracy (%)", lambda view: view.evaluation("valid", "accuracy"), "evaluation"),
+    Panel("Alpha", "local step length α (moving average)", lambda view: view.quantity("Alpha"), "scalar", "Alpha"),
+    Panel("Gradient norm", "‖g‖ (L2, mini-batch)", RunView.grad_norm, "log", "GradNorm"),
+)
+
+
+def metric_panel(name: str) -> Panel:
+    """The panel of an extra metric: an evaluation metric or a scalar quantity."""
+    parsed = eval_metric(name)
+    if parsed:
+        unit = " (%)" if parsed[1] == "accuracy" else ""
+        return Panel(f"{parsed[0]} {parsed[1]}", f"{parsed[0]} {parsed[1]}{unit}", lambda view: view.metric(name), "evaluation")
+    return Panel(name, f"{name} (moving average)", lambda view: view.quantity(name), "scalar", name)
+
+
+def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
+    """Overlay every run's series of ``panel`` on ``ax``; ``False`` when no run has data."""
+    how = panel.how
+    drawn, shown = False, []
+    for index, view in enumerate(views):
+        steps, values = finite(panel.get(view), positive=how == "log")
+        if not len(values):
+            continue
+        shown.append(values)
+        color, label = run_color(index), view.run.name
+        if how == "evaluation":
+            scale = 100 if panel.title.endswith("accuracy") else 1
+            ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, label=label)
+        else:
+            ax.scatter(steps, values, s=5, color=color, alpha=0.25, edgecolors="none")
+            ax.plot(steps, ema(list(values), LOSS_SMOOTHING if how == "smooth" else 0.2), color=color, lw=1.8, label=label)
+        drawn = True
+    if drawn:
+        if how == "log":
+            log_y(ax)
+        elif how != "evaluation":
+            low, high = np.percentile(np.concatenate(shown), [2, 98])
+            pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+        style(ax, panel.title, ylabel=panel.ylabel)
+    return drawn
+
+
+def compare_figure(runs: Sequence[RunData], metrics: Sequence[str] = ()) -> Figure:
+    """Build the overlay figure of ``runs`` with the base panels and one per metric."""
+    views = [RunView(run) for run in runs]
+    panels = list(BASE_PANELS) + [metric_panel(name) for name in metrics]
+    columns = 2 if len(panels) <= 4 else 3
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(6.5 * columns, 4.2 * rows + 1.0)
+    grid = figure.add_gridspec(rows, columns, hspace=0.45, wspace=0.25, left=0.07, right=0.98, top=1 - 1.2 / (4.2 * rows + 1.0), bottom=0.5 / (4.2 * rows + 1.0) + 0.04)
+    for number, panel in enumerate(panels):
+        ax = figure.add_subplot(grid[number // columns, number % columns])
+        if not _draw(ax, views, panel):
+            why = f": {views[0].why_empty(panel.quantity)}" if panel.quantity else ""
+            empty_panel(ax, panel.title, f"no run has {panel.title.lower()}{why}")
+    handles = [Line2D([], [], color=run_color(index), lw=2, label=view.run.name) for index, view in enumerate(views)]
+    figure.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 0.995), ncol=min(len(views), 6), fontsize=BASE_FONT_SIZE + 1, frameon=False)
+    names = ", ".join(view.run.name for view in views)
+    figure.suptitle(f"Comparison of {names}", x=0.07, ha="left", fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
+    return figure
+
+
+def write_compare_figure(runs: Sequence[RunData], metrics: Sequence[str], path: Path) -> Path:
+    """Write the overlay figure of ``runs`` to ``path``."""
+    return save(compare_figure(runs, metrics), path)

@@ -1,0 +1,162 @@
+"""What every figure shares: colours, the scatter-by-iteration with its moving average, axis
+styling, the text of a panel without data, and saving.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly (rendered by the Agg canvas), so
+no global pyplot state is touched and no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from cockpit_cli.diagnosis.windows import Series
+
+PRIMARY = (0.29, 0.45, 0.68)  # blue: step size
+SECONDARY = (0.95, 0.50, 0.20)  # orange: gradients
+TERTIARY = (0.30, 0.60, 0.40)  # green: curvature
+NEUTRAL = (0.55, 0.55, 0.60)  # grey: hyperparameters and performance
+ITERATION_CMAP = "viridis"
+EMA_COLOR = "#d62728"
+EMA_ALPHA = 0.2  # weight of the newest point in the exponential moving average
+RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+STEP_LABEL = "iteration (training step)"
+BASE_FONT_SIZE = 9.0
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches with the report's fonts."""
+    figure = Figure(figsize=(width, height), dpi=100)
+    figure.patch.set_facecolor("white")
+    return figure
+
+
+def save(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` as PNG to ``path`` and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100, facecolor=figure.get_facecolor())
+    return path
+
+
+def ema(values: Sequence[float], alpha: float = EMA_ALPHA) -> np.ndarray:
+    """Exponential moving average; non-finite values are skipped (the average carries over)."""
+    result = np.full(len(values), np.nan)
+    current = math.nan
+    for index, value in enumerate(values):
+        if value is not None and math.isfinite(value):
+            current = value if math.isnan(current) else alpha * value + (1 - alpha) * current
+        result[index] = current
+    return result
+
+
+def finite(series: Series, positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of ``series`` as arrays, keeping finite (and, if asked, positive) values."""
+    steps = np.asarray(series.steps, dtype=float)
+    values = np.asarray([math.nan if value is None else value for value in series.values], dtype=float)
+    keep = np.isfinite(values) & ((values > 0) if positive else True)
+    return steps[keep], values[keep]
+
+
+def style(ax: Axes, title: str, xlabel: str | None = STEP_LABEL, ylabel: str | None = None) -> None:
+    """Give ``ax`` a bold title, axis labels and a light grid."""
+    ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold")
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=BASE_FONT_SIZE)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=BASE_FONT_SIZE)
+    ax.tick_params(labelsize=BASE_FONT_SIZE - 1)
+    ax.grid(True, ls=":", lw=0.6, alpha=0.7)
+
+
+def empty_panel(ax: Axes, title: str, message: str) -> None:
+    """Mark ``ax`` as a panel without data: its title and ``message`` in the middle."""
+    ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("#f4f4f4")
+    width_inches = ax.get_position().width * ax.figure.get_figwidth()
+    characters = max(12, int(0.9 * width_inches * 72 / (0.6 * BASE_FONT_SIZE)))
+    ax.text(0.5, 0.5, textwrap.fill(message, characters), ha="center", va="center", fontsize=BASE_FONT_SIZE, color="#555555", transform=ax.transAxes)
+
+
+def scatter_ema(ax: Axes, series: Series, span: tuple[int, int], log: bool = False, size: float = 10.0) -> bool:
+    """Scatter ``series`` coloured by iteration over ``span`` and draw its moving average.
+
+    Args:
+        ax: Where to draw.
+        series: Values over steps.
+        span: First and last step of the figure (the colour scale, same in every panel).
+        log: Use a log y axis (non-positive values are then left out).
+        size: Marker size.
+
+    Returns:
+        ``False`` when there was nothing to draw.
+    """
+    steps, values = finite(series, positive=log)
+    if not len(values):
+        return False
+    norm = Normalize(vmin=span[0], vmax=max(span[1], span[0] + 1))
+    ax.scatter(steps, values, c=steps, cmap=ITERATION_CMAP, norm=norm, s=size, edgecolors="none", zorder=2)
+    ax.plot(steps, ema(list(values)), color=EMA_COLOR, lw=1.4, zorder=3, label="moving average")
+    if log:
+        log_y(ax)
+    step_limits(ax, span)
+    return True
+
+
+def step_limits(ax: Axes, span: tuple[int, int]) -> None:
+    """Show steps ``span[0]`` to ``span[1]`` on the x axis, with a small margin for the markers."""
+    margin = 0.015 * max(span[1] - span[0], 1)
+    ax.set_xlim(span[0] - margin, span[1] + margin)
+
+
+class ReadableLogLocator(ticker.Locator):
+    """Log-axis ticks at 1, 2 and 5 times the powers of ten over short ranges, at powers of ten
+    (every second, third, ... one over very long ranges) otherwise: never crowded, never empty."""
+
+    def __call__(self) -> list[float]:
+        low, high = self.axis.get_view_interval()
+        return self.tick_values(low, high)
+
+    def tick_values(self, vmin: float, vmax: float) -> list[float]:
+        low, high = max(min(vmin, vmax), 1e-300), max(vmin, vmax, 1e-300)
+        decades = math.log10(high / low)
+        subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+        stride = max(1, math.ceil(decades / 6))
+        exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        return [sub * 10.0**exponent for exponent in exponents if exponent % stride == 0 for sub in subs]
+
+
+def log_y(ax: Axes) -> None:
+    """A log y axis labelled with plain numbers (see :class:`ReadableLogLocator`)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ReadableLogLocator())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def run_color(index: int) -> str:
+    """The colour of the ``index``-th run in overlays."""
+    return RUN_COLORS[index % len(RUN_COLORS)]
+
+
+def column_background(figure: Figure, spec: object, title: str, color: tuple[float, float, float]) -> Axes:
+    """A tinted background axes spanning ``spec`` with a group title (e.g. STEP SIZE)."""
+    ax = figure.add_subplot(spec)
+    ax.set_facecolor((*color, 0.22))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color((*color, 0.9))
+        spine.set_linewidth(2)
+    ax.set_title(title, fontsize=BASE_FONT_SIZE + 5, fontweight="bold", color=tuple(0.6 * c for c in color))
+    ax.set_zorder(-1)
+    return ax

@@ -1,0 +1,148 @@
+"""``cockpit compare`` on real tiny runs: text, JSON, different problems, path expansion, errors, plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config, write_config
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cockpit_cli.cli import app
+from cockpit_cli.compare import compare_runs, config_differences, expand_paths
+from cockpit_cli.compare_render import format_value, render_text, run_compare
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.storage.reader import read_run
+
+runner = CliRunner()
+ECONOMY = {"preset": "economy", "every": 2}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """Three runs in one directory: ``a`` and ``b`` (two learning rates), ``c`` (another problem, no instruments)."""
+    root = tmp_path_factory.mktemp("compare")
+    out = root / "results"
+    runs = {
+        "a": {"instruments": ECONOMY},
+        "b": {"instruments": ECONOMY, "optimizer": {"lr": 0.5}},
+        "c": {"problem": {"name": "mnist1d_cnn"}, "training": {"steps": 6}},
+    }
+    for name, sections in runs.items():
+        config = write_config(root / f"{name}.yaml", tiny_config(data_dir, out, output={"name": name}, **sections))
+        result = runner.invoke(app, ["run", str(config), "--no-live"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return out
+
+
+def text_of(paths: list[Path], metrics: tuple[str, ...] = (), plot: Path | None = None, **options) -> str:
+    console = Console(file=io.StringIO(), width=140)
+    assert run_compare(paths, list(metrics), as_json=False, plot=plot, console=console, **options) == 0
+    return console.file.getvalue()
+
+
+def test_text_shows_differences_outcome_instruments_and_the_better_run(results: Path) -> None:
+    text = text_of([results / "a", results / "b"], findings=lambda run: [{"rule": "demo_rule", "severity": "warning", "meaning": f"seen in {run.name}"}])
+    assert "Comparing 2 runs" in text
+    assert "optimizer.lr" in text and "0.5" in text
+    assert text.count("output.name") == 1  # only in the heading that says it is ignored
+    for label in ("valid accuracy (best)", "test loss (final)", "wall time", "status", "Alpha median (last 10%)", "gradient norm (final)", "NormTest median"):
+        assert label in text
+    assert "HessMaxEV" not in text  # not tracked by either run: no row
+    assert "[warning] demo_rule: seen in b" in text
+    assert "Better:" in text and "valid accuracy" in text
+
+
+def test_json_is_versioned_and_names_the_winner(results: Path) -> None:
+    console = Console(file=io.StringIO(), width=200)
+    run_compare([results / "a", results / "b"], ["valid.loss"], as_json=True, plot=None, console=console)
+    data = json.loads(console.file.getvalue())
+    assert data["schema_version"] == 1
+    assert [run["name"] for run in data["runs"]] == ["a", "b"]
+    assert data["config_differences"] == [{"key": "optimizer.lr", "values": [0.1, 0.5]}]
+    keys = {row["key"]: row for row in data["outcomes"]}
+    assert keys["valid.loss.best"]["better"] == "lower" and len(keys["valid.loss.best"]["values"]) == 2
+    ranking = data["ranking"]
+    assert ranking["metric"] == "valid.loss"
+    best = min(value for value in ranking["values"])
+    assert ranking["winner"] == data["runs"][ranking["values"].index(best)]["name"]
+    assert data["findings"] is None
+
+
+def test_different_problems_and_nothing_in_common_are_noted(results: Path) -> None:
+    comparison = compare_runs([results / "a", results / "c"], [])
+    assert "problem.name" in comparison.config_differences
+    assert any("different problems" in note for note in comparison.notes)
+    assert any("no instrument quantity in common" in note for note in comparison.notes)
+    alpha = next(row for row in comparison.instruments if row.key == "Alpha.median_last_10pct")
+    assert alpha.values[0] is not None and alpha.values[1] is None
+    assert format_value(alpha.values[1], alpha.kind) == "-"
+
+
+def test_parent_directory_and_glob_expand_to_all_runs(results: Path) -> None:
+    assert [path.name for path in expand_paths([results])] == ["a", "b", "c"]
+    assert [path.name for path in expand_paths([str(results / "[ab]")])] == ["a", "b"]
+    comparison = compare_runs([results], [])
+    assert [run["name"] for run in comparison.runs] == ["a", "b", "c"]
+    assert "Comparing 3 runs" in text_of([results])
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (["missing", "a"], "does not exist"),
+        (["a"], "at least two runs"),
+        (["a", "a"], "at least two runs"),
+        (["empty"], "holds none"),
+        (["x*"], "matches no run directory"),
+    ],
+)
+def test_bad_paths_are_one_line_errors(results: Path, paths: list[str], message: str) -> None:
+    (results.parent / "empty").mkdir(exist_ok=True)
+    base = {"missing": results / "missing", "empty": results.parent / "empty", "x*": str(results / "x*")}
+    with pytest.raises(CockpitError, match=message) as error:
+        compare_runs([base.get(item, results / item) for item in paths], [])
+    assert "\n" not in error.value.message
+
+
+def test_unknown_metrics_are_errors_with_a_suggestion(results: Path) -> None:
+    with pytest.raises(CockpitError, match="did you mean 'NormTest'"):
+        compare_runs([results / "a", results / "b"], ["NormTets"])
+    with pytest.raises(CockpitError, match="not an evaluation metric"):
+        compare_runs([results / "a", results / "b"], ["valid.acc"])
+    with pytest.raises(CockpitError, match="not a scalar quantity"):
+        compare_runs([results / "a", results / "b"], ["GradHist1d"])
+
+
+def test_plot_is_written_with_extra_metrics(results: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "compare.png"
+    text = text_of([results / "a", results / "b", results / "c"], ("NormTest", "valid.loss"), plot=plot)
+    assert plot.exists() and plot.stat().st_size > 20_000
+    assert "plot written to" in text
+
+
+def test_config_differences_ignore_the_name_and_mark_unset_keys(results: Path) -> None:
+    a, c = read_run(results / "a"), read_run(results / "c")
+    c.config["problem"]["extra"] = 1
+    differences = config_differences([a, c])
+    assert "output.name" not in differences
+    assert differences["problem.extra"] == ["(unset)", 1]
+
+
+def test_render_text_of_identical_configs_says_so(results: Path) -> None:
+    comparison = compare_runs([results / "a", results / "b"], [])
+    comparison.config_differences.clear()
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render_text(comparison))
+    assert "Config differences: none" in console.file.getvalue()
+
+
+@pytest.mark.skipif("compare" not in {command.name or command.callback.__name__ for command in app.registered_commands}, reason="compare is not a command of the CLI yet")
+def test_cli_compare(results: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compare", str(results / "a"), str(results / "b"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.output)["schema_version"] == 1
+    result = runner.invoke(app, ["compare", str(results / "a")])
+    assert result.exit_code == 2 and "at least two runs" in result.output

@@ -1,0 +1,331 @@
+"""Diagnosis rules, engine, live episodes, rendering and the command, on hand-built runs (no torch)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from rich.console import Console
+
+from cockpit_cli.diagnosis import RULES, LiveDiagnosis, diagnose
+from cockpit_cli.diagnosis.command import run_diagnose
+from cockpit_cli.diagnosis.finding import Finding
+from cockpit_cli.diagnosis.render import diagnosis_to_dict, render_text
+from cockpit_cli.diagnosis.rules import register
+from cockpit_cli.diagnosis.rules.base import Rule
+from cockpit_cli.diagnosis.series import RunSeries
+from cockpit_cli.diagnosis.windows import Series
+from cockpit_cli.errors import CockpitError
+from cockpit_cli.storage.reader import RunData
+
+PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+Change = Callable[[int, dict[str, Any], random.Random], None]
+
+
+def _histogram(peak: float = 0.6) -> list[int]:
+    rest = [max(1, int(1000 * math.exp(-abs(i - 50) / 3))) for i in range(100)]
+    rest[50] = int(peak / (1 - peak) * (sum(rest) - rest[50]))
+    return rest
+
+
+def healthy_quantities(step: int, rng: random.Random) -> dict[str, Any]:
+    """Quantities shaped like those of a healthy MNIST-1D MLP run (see configs/failures/healthy_mlp.yaml)."""
+    grad = [0.5 + 0.2 * rng.random() for _ in PARAMS]
+    return {
+        "Alpha": rng.gauss(0.15, 0.3),
+        "GradNorm": grad,
+        "UpdateSize": [0.05 * g for g in grad],
+        "NormTest": 0.8 + 0.1 * rng.random(),
+        "GradHist1d": {"counts": _histogram(), "range": [-2.0, 2.0], "per_parameter": [_histogram() for _ in PARAMS]},
+        "LayerStats": {"weight_norm": [3.0] * 6, "grad_norm": grad, "update_ratio": [0.015] * 6, "zero_grad_fraction": [0.01] * 6},
+        "Activations": {name: {"mean": 0.1, "std": 0.5, "zero_fraction": 0.55 * (int(name) % 2)} for name in "01234"},
+        "InputStats": {"mean": 0.0, "std": 1.0, "min": -3.9, "max": 3.9},
+    }
+
+
+def train_loss(step: int, steps: int = 200) -> float:
+    """The synthetic runs' training loss at ``step`` (without noise)."""
+    return 2.0 * math.exp(-3 * step / steps) + 0.3
+
+
+def make_run(
+    steps: int = 200,
+    change: Change | None = None,
+    loss: Callable[[int], float] | None = None,
+    status: str = "completed",
+    valid_loss: Callable[[int], float] | None = None,
+    drop: tuple[str, ...] = (),
+    unavailable: dict[str, str] | None = None,
+    lr: float = 0.1,
+) -> RunData:
+    """A run of ``steps`` tracked steps, healthy unless ``change`` edits the quantities of a step."""
+    rng = random.Random(0)
+    records = []
+    for step in range(steps):
+        quantities = healthy_quantities(step, rng)
+        if change is not None:
+            change(step, quantities, rng)
+        for name in drop:
+            quantities.pop(name, None)
+        value = loss(step) if loss else train_loss(step, steps) + 0.05 * rng.random()
+        records.append({"step": step, "epoch": step // 50, "loss": value, "lr": [lr], "time": 0.1 * step, "quantities": quantities})
+    evals = []
+    for step in range(0, steps + 1, 25):
+        train = train_loss(step, steps)
+        valid = valid_loss(step) if valid_loss else train + 0.05
+        splits = {"train_eval": {"loss": train, "accuracy": 1 - train / 2.3}, "valid": {"loss": valid, "accuracy": 1 - valid / 2.3}}
+        evals.append({"step": step, "epoch": step // 50, "time": 0.1 * step, "splits": splits})
+    manifest = {
+        "schema_version": 1, "status": status, "problem": "mnist1d_mlp", "optimizer": "SGD", "batch_size": 100,
+        "instruments": {"parameters": PARAMS, "unavailable": unavailable or {}},
+    }
+    config = {"optimizer": {"name": "SGD", "lr": lr, "momentum": 0.9}}
+    return RunData(path=Path("synthetic"), manifest=manifest, config=config, steps=records, evals=evals, summary=None)
+
+
+def rules_found(run: RunData) -> list[str]:
+    return [finding.rule for finding in diagnose(run).findings]
+
+
+def test_healthy_run_has_no_findings():
+    diagnosis = diagnose(make_run())
+    assert diagnosis.findings == []
+    assert diagnosis.healthy() and diagnosis.worst() is None
+    assert [item.rule for item in diagnosis.not_checked] == ["early_stopping"]
+
+
+def _set(name: str, value: Callable[[int, random.Random], Any]) -> Change:
+    return lambda step, q, rng: q.__setitem__(name, value(step, rng))
+
+
+def _layer_scale(first: float) -> Change:
+    def change(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["GradNorm"][0] *= first
+        q["GradNorm"][1] *= first
+
+    return change
+
+
+def _dead(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    q["LayerStats"]["zero_grad_fraction"][2] = 0.95
+    q["Activations"]["3"]["zero_fraction"] = 0.99
+
+
+def _frozen(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    q["UpdateSize"][2] = 0.0
+
+
+def _collapsed(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    _layer_scale(5e-3)(step, q, rng)
+    q["GradHist1d"]["per_parameter"][0] = [0] * 50 + [10_000] + [0] * 49
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "divergence/nan loss": {"expect": "divergence", "loss": lambda s: math.nan if s >= 150 else 2.0},
+    "divergence/status": {"expect": "divergence", "status": "diverged"},
+    "divergence/loss growth": {"expect": "divergence", "loss": lambda s: 2.0 * math.exp(s / 40)},
+    "lr_too_large/alpha": {"expect": "lr_too_large", "change": _set("Alpha", lambda s, rng: rng.gauss(0.8, 0.15))},
+    "lr_too_large/sharpness": {"expect": "lr_too_large", "change": _set("HessMaxEV", lambda s, rng: 50.0)},
+    "lr_too_small": {"expect": "lr_too_small", "change": _set("Alpha", lambda s, rng: -0.99)},
+    "exploding/growth": {"expect": "exploding_gradients", "change": _set("GradNorm", lambda s, rng: [0.5 * 10 ** (s / 40)] * 6)},
+    "exploding/layer ratio": {"expect": "exploding_gradients", "change": _layer_scale(200.0)},
+    "vanishing/layer ratio": {"expect": "vanishing_gradients", "change": _layer_scale(1e-5)},
+    "vanishing/collapsed histogram": {"expect": "vanishing_gradients", "change": _collapsed},
+    "dead_units": {"expect": "dead_units", "change": _dead},
+    "misscaled_inputs": {"expect": "misscaled_inputs", "change": _set("InputStats", lambda s, rng: {"mean": 0.5, "std": 255.0, "min": -990.0, "max": 990.0})},
+    "gradient_noise": {"expect": "gradient_noise", "change": _set("NormTest", lambda s, rng: 0.96 + 0.04 * rng.random()), "loss": lambda s: 2.3 - s / 1000},
+    "stalled_training": {"expect": "stalled_training", "loss": lambda s: 2.3 + 0.01 * math.sin(s)},
+    "overfitting": {"expect": "overfitting", "valid_loss": lambda s: 1.0 + abs(s - 50) / 100},
+    "overfitting/accuracy gap": {"expect": "overfitting", "valid_loss": lambda s: train_loss(s) + s / 400},
+    "early_stopping": {"expect": "early_stopping", "change": _set("EarlyStopping", lambda s, rng: 0.3)},
+    "frozen_parameters": {"expect": "frozen_parameters", "change": _frozen},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rule_names_its_failure_first(case: str):
+    options = dict(CASES[case])
+    expect = options.pop("expect")
+    diagnosis = diagnose(make_run(**options))
+    assert diagnosis.findings, case
+    top = diagnosis.findings[0]
+    assert top.rule == expect
+    assert top.evidence and all(item.metric for item in top.evidence)
+    assert top.meaning and top.hint and top.steps[0] <= top.steps[1]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"change": _set("Alpha", lambda s, rng: rng.gauss(0.4, 0.3))},  # overshooting a little is fine
+        {"change": _set("Alpha", lambda s, rng: -0.8)},
+        {"change": _set("NormTest", lambda s, rng: 0.9)},
+        {"change": _set("NormTest", lambda s, rng: 1.0)},  # noise dominates near a minimum: expected
+        {"change": _set("HessMaxEV", lambda s, rng: 30.0)},  # lr * lambda = 3 < 2 (1 + 0.9)
+        {"change": _layer_scale(30.0)},
+        {"change": _layer_scale(3e-3)},
+        {"change": _set("InputStats", lambda s, rng: {"mean": 0.13, "std": 0.31, "min": 0.0, "max": 1.0})},  # MNIST in [0, 1]
+        {"valid_loss": lambda s: train_loss(s) + 0.05 + max(0, s - 150) / 2000},  # a small rise is noise
+        {"loss": lambda s: 2.3 - s / 200},  # slow but steady progress is not a stall
+    ],
+)
+def test_values_inside_thresholds_are_not_findings(options: dict[str, Any]):
+    assert [rule for rule in rules_found(make_run(**options)) if RULES[rule].severity != "info"] == []
+
+
+def test_findings_are_ordered_by_severity_then_root_cause():
+    def everything(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        _dead(step, q, rng)
+        q["InputStats"] = {"mean": 0.5, "std": 255.0, "min": -990.0, "max": 990.0}
+        q["Alpha"] = 0.9
+
+    found = rules_found(make_run(change=everything, loss=lambda s: math.nan if s > 190 else 2.0))
+    assert found[:4] == ["divergence", "misscaled_inputs", "dead_units", "lr_too_large"]
+
+
+def test_missing_data_is_listed_with_what_enables_it():
+    diagnosis = diagnose(make_run(drop=("Alpha", "NormTest"), unavailable={"NormTest": "needs per-sample gradients"}))
+    skipped = {item.rule: item for item in diagnosis.not_checked}
+    assert skipped["lr_too_small"].reason == "needs Alpha"
+    assert "preset economy" in skipped["lr_too_small"].enable
+    assert skipped["lr_too_large"].reason == "needs Alpha or HessMaxEV"
+    assert skipped["lr_too_large"].enable == "preset economy or higher, or instruments.quantities.Alpha: true"
+    assert "per-sample gradients" in skipped["gradient_noise"].reason
+    assert "EarlyStopping: true" in skipped["early_stopping"].enable
+    assert "lr_too_small" not in diagnosis.checked
+
+
+def test_too_few_tracked_steps_are_not_judged():
+    diagnosis = diagnose(make_run(steps=3, change=_set("Alpha", lambda s, rng: 0.9)))
+    assert "lr_too_large" in {item.rule for item in diagnosis.not_checked}
+    assert "only 3 tracked steps of Alpha so far (needs 5)" in next(item.reason for item in diagnosis.not_checked if item.rule == "lr_too_large")
+
+
+class _LossAbove(Rule):
+    name = "loss_above_five"
+    requires = ("loss",)
+    min_points = 1
+    meaning, hint = "loss high", "lower it"
+
+    def check(self, run: RunSeries) -> Finding | None:
+        loss = run.loss()
+        return self.report(loss.span(), []) if loss.values[-1] > 5 else None
+
+
+def test_live_alert_is_raised_once_per_episode():
+    alerts: list[Finding] = []
+    live = LiveDiagnosis(on_alert=alerts.append, check_every=1, quiet_checks=3, rules=[_LossAbove()], manifest={"instruments": {"parameters": PARAMS}})
+    losses = [1.0] * 5 + [9.0] * 10 + [1.0] * 2 + [9.0] * 3 + [1.0] * 5 + [9.0] * 2
+    for step, loss in enumerate(losses):
+        live.on_step({"step": step, "loss": loss, "lr": [0.1], "quantities": {}})
+    assert [alert.steps[1] for alert in alerts] == [5, 25]  # the short dip at 15-16 does not end the episode
+
+
+def test_live_diagnosis_uses_the_registered_rules_on_records_so_far():
+    run = make_run(loss=lambda s: math.nan if s >= 120 else train_loss(s))
+    live = LiveDiagnosis(check_every=10, manifest=run.manifest, config=run.config)
+    for record in run.steps:
+        live.on_step(record)
+    assert [alert.rule for alert in live.alerts] == ["divergence"]
+    assert live.alerts[0].steps == (120, 120)  # raised at the first non-finite loss, not at the next check
+
+
+def test_series_are_extended_as_records_arrive():
+    records: list[dict[str, Any]] = []
+    series = RunSeries({"instruments": {"parameters": PARAMS}}, records, [])
+    assert len(series.scalar("Alpha")) == 0
+    records += [{"step": i, "loss": 1.0, "quantities": {"Alpha": float(i)}} for i in range(4)]
+    assert list(series.scalar("Alpha").values) == [0.0, 1.0, 2.0, 3.0]
+    records.append({"step": 4, "loss": 1.0, "quantities": {}})
+    assert len(series.scalar("Alpha")) == 4 and len(series.loss()) == 5
+
+
+def test_windows():
+    series = Series(list(range(100)), [float(i) for i in range(100)])
+    assert series.last().span() == (50, 99) and series.first().span() == (0, 9)
+    assert series.between(0.5, 0.6).span() == (50, 59)
+    assert len(series.sample(10)) == 10 and series.sample(10).steps[-1] == 99
+    assert series.median() == 49.5 and math.isnan(Series([], []).median())
+
+
+def test_text_report_shows_evidence_against_thresholds():
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(render_text(diagnose(make_run(change=_set("Alpha", lambda s, rng: 0.8)))))
+    text = console.file.getvalue()
+    assert "WARNING" in text and "lr_too_large" in text and "steps 100-199" in text
+    assert "median Alpha, last 50% of tracked steps: 0.8 > 0.5" in text
+    assert "meaning:" in text and "try:" in text and "healthy" not in text
+
+
+def test_text_report_of_a_healthy_run():
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(render_text(diagnose(make_run())))
+    assert "healthy: no warnings" in console.file.getvalue()
+
+
+def test_json_structure_is_versioned_and_strict_json():
+    data = diagnosis_to_dict(diagnose(make_run(loss=lambda s: math.nan if s > 150 else 2.0)))
+    text = json.dumps(data, allow_nan=False)
+    assert set(data) == {"schema_version", "run", "healthy", "worst", "findings", "checked", "not_checked"}
+    assert data["schema_version"] == 1 and data["worst"] == "error" and not data["healthy"]
+    finding = data["findings"][0]
+    assert set(finding) == {"rule", "severity", "steps", "evidence", "meaning", "hint"}
+    assert set(finding["evidence"][0]) == {"metric", "value", "threshold", "comparison"}
+    assert '"nan"' in text
+
+
+def write_run_dir(path: Path, run: RunData) -> Path:
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps(run.manifest))
+    (path / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in run.steps))
+    (path / "evals.jsonl").write_text("".join(json.dumps(record) + "\n" for record in run.evals))
+    return path
+
+
+@pytest.mark.parametrize(("fail_on", "code"), [(None, 0), ("info", 1), ("warning", 1), ("error", 0)])
+def test_command_exit_code_follows_fail_on(tmp_path: Path, fail_on: str | None, code: int):
+    path = write_run_dir(tmp_path / "run", make_run(change=_set("Alpha", lambda s, rng: 0.8)))
+    assert run_diagnose(path, as_json=False, fail_on=fail_on, console=Console(file=io.StringIO())) == code
+
+
+def test_command_prints_json(tmp_path: Path):
+    path = write_run_dir(tmp_path / "run", make_run())
+    console = Console(file=io.StringIO(), width=40)
+    assert run_diagnose(path, as_json=True, fail_on="warning", console=console) == 0
+    assert json.loads(console.file.getvalue())["healthy"] is True
+
+
+def test_command_rejects_bad_input(tmp_path: Path):
+    with pytest.raises(CockpitError, match="does not exist"):
+        run_diagnose(tmp_path / "missing", as_json=False, fail_on=None, console=Console(file=io.StringIO()))
+    with pytest.raises(CockpitError, match="did you mean 'warning'"):
+        run_diagnose(tmp_path, as_json=False, fail_on="warn", console=Console(file=io.StringIO()))
+
+
+def test_registry_refuses_duplicates_and_documents_every_rule():
+    with pytest.raises(ValueError, match="twice"):
+        register(RULES["divergence"])
+    section = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, rule in RULES.items():
+        assert rule.source and rule.meaning and rule.hint and rule.requires
+        assert f"`{name}`" in section
+    assert len({rule.priority for rule in RULES.values()}) == len(RULES)
+
+
+def test_diagnosis_never_imports_torch(tmp_path: Path):
+    path = write_run_dir(tmp_path / "run", make_run())
+    code = (
+        "import sys, io; from pathlib import Path; from rich.console import Console; "
+        "from cockpit_cli.diagnosis.command import run_diagnose; "
+        f"run_diagnose(Path({str(path)!r}), False, None, Console(file=io.StringIO())); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

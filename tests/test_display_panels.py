@@ -1,0 +1,208 @@
+"""Dashboard panels as pure functions of hand-made states, rendered on fixed-width consoles."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any
+
+import pytest
+from rich.console import Console, RenderableType
+
+from cockpit_cli.display import panels
+from cockpit_cli.display.dashboard import LiveDashboard
+from cockpit_cli.display.layout import DashboardView
+from cockpit_cli.display.sparkline import COARSE, Series, spark
+from cockpit_cli.display.state import DashboardState, RunInfo
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+
+PARAMETERS = ["0.weight", "0.bias", "2.weight", "2.bias", "bad.weight"]
+ECONOMY = ["Alpha", "Distance", "GradHist1d", "GradNorm", "InnerTest", "Loss", "NormTest", "OrthoTest", "UpdateSize", "LayerStats", "Activations", "InputStats"]
+
+
+def quantities(step: int, alpha: float, grad_scale: float = 1.0, curvature: bool = False) -> dict[str, Any]:
+    """Instrument values of one step, shaped like the run directory's."""
+    counts = [0] * 100
+    counts[49], counts[50], counts[0], counts[99] = 500, 480, 3, 2
+    values: dict[str, Any] = {
+        "Alpha": alpha,
+        "GradNorm": [0.3, 0.1, 0.4, 0.1, 0.2 * grad_scale],
+        "Distance": [0.01 * step] * 5,
+        "UpdateSize": [0.01] * 5,
+        "NormTest": 0.5,
+        "InnerTest": 2.0,
+        "OrthoTest": 0.25,
+        "GradHist1d": {"counts": counts, "range": [-2.0, 2.0], "per_parameter": []},
+        "LayerStats": {
+            "weight_norm": [3.0, 1.0, 2.0, 0.5, 1.0],
+            "grad_norm": [0.3, 0.1, 0.4, 0.1, 0.2 * grad_scale],
+            "update_ratio": [0.01, 0.01, 0.02, 0.01, 0.01],
+            "zero_grad_fraction": [0.0, 0.0, 0.0, 0.0, 0.0],
+        },
+        "Activations": {"0": {"mean": 0.0, "std": 1.0, "zero_fraction": 0.0}, "1": {"mean": 0.1, "std": 0.4, "zero_fraction": 0.2}},
+    }
+    if curvature:
+        values.update(HessMaxEV=30.0 + step, HessTrace=[10.0, 1.0, 5.0, 1.0, 2.0], TICDiag=4.0)
+    return values
+
+
+def make_state(steps: int = 40, tracked: list[str] | None = None, grad_scale: float = 1.0, curvature: bool = False, losses: list[float] | None = None) -> DashboardState:
+    """A running economy-preset state with ``steps`` steps and two evaluations."""
+    state = DashboardState()
+    info = {"problem": "toy_mlp", "optimizer": "SGD", "device": "cpu", "total_steps": 100, "steps_per_epoch": 20, "batch_size": 32, "num_parameters": 1234}
+    state.start(RunInfo.from_mapping({**info, "instruments": {"parameters": PARAMETERS, "quantities": tracked or ECONOMY}}, run_dir="results/toy"))
+    state.add_eval(0, 0, 0.0, {"train_eval": {"loss": 2.3, "accuracy": 0.1}, "valid": {"loss": 2.31, "accuracy": 0.09}, "test": {"loss": 2.3, "accuracy": 0.11}})
+    for step in range(steps):
+        alpha = 0.5 if step < steps - steps // 10 else 0.0  # mean of all 0.45, of the last 10% 0.00
+        loss = losses[step] if losses else 2.3 * 0.97**step
+        state.add_step(step, step // 20, loss, [0.1], 0.05 * step, quantities(step, alpha, grad_scale, curvature))
+    state.add_eval(steps, steps // 20, 2.0, {"train_eval": {"loss": 0.9, "accuracy": 0.7}, "valid": {"loss": 1.0, "accuracy": 0.66}, "test": {"loss": 1.1, "accuracy": 0.65}})
+    return state
+
+
+def render(renderable: RenderableType, width: int, height: int = 60, soft_wrap: bool = False) -> str:
+    console = Console(record=True, width=width, height=height, file=io.StringIO(), color_system="truecolor", force_terminal=True, soft_wrap=soft_wrap)
+    console.print(renderable)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [100, 160])
+def test_wide_dashboard_has_the_three_columns_and_the_bottom_row(width: int) -> None:
+    text = render(DashboardView(make_state()), width)
+    for title in ("Cockpit for SGD", "STEP SIZE", "GRADIENTS", "CURVATURE", "Alpha", "Gradient tests", "Gradient elements", "Layers", "Hyperparameters", "Performance", "Alerts"):
+        assert title in text, title
+    assert re.search(r"mean \(all\) +0\.45 ", text) and re.search(r"mean \(last 10%\) +0 ", text)  # Alpha's means
+    assert "tracked with preset business" in text and "tracked with preset full" in text
+    assert "step 40/100" in text and "epoch 2/5" in text
+    assert "best valid" in text and "66.0%" in text
+    assert "nothing to report" in text
+
+
+def test_narrow_terminal_gets_the_compact_column() -> None:
+    text = render(DashboardView(make_state()), 80)
+    assert "STEP SIZE" not in text and "Instruments" in text
+    for label in ("alpha", "grad norm", "norm test", "loss (smoothed)"):
+        assert label in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_a_short_terminal_falls_back_to_the_compact_column() -> None:
+    assert "STEP SIZE" in render(DashboardView(make_state(), fit_height=True), 160, height=60)
+    assert "STEP SIZE" not in render(DashboardView(make_state(), fit_height=True), 160, height=20)
+
+
+@pytest.mark.parametrize("width", [60, 100, 160])
+def test_an_empty_state_renders_at_every_width(width: int) -> None:
+    text = render(DashboardView(DashboardState()), width)
+    assert "waiting" in text and "step 0/0" in text
+
+
+def test_outlier_layer_is_highlighted_in_red() -> None:
+    state = make_state(grad_scale=1000.0)  # bad.weight's gradient norm is 200 x the median
+    console = Console(width=100, color_system="truecolor", force_terminal=True, file=io.StringIO())
+    segments = [s for s in console.render(panels.layers(state)) if "bad.weight" in s.text]
+    assert segments and segments[0].style.color.name == "red" and segments[0].style.bold
+    normal = [s for s in console.render(panels.layers(state)) if "0.weight" in s.text]
+    assert normal[0].style is None or normal[0].style.color is None
+    assert "1 flagged" in render(panels.layers(state), 100)
+
+
+def test_dead_activations_are_flagged() -> None:
+    state = make_state()
+    state.latest["Activations"] = {"0": {"zero_fraction": 0.0}, "1": {"zero_fraction": 0.95}}  # ReLU after layer 0
+    text = render(panels.layers(state), 100)
+    assert "95%" in text and "1 flagged" in text
+
+
+def test_nan_loss_and_non_finite_quantities_raise_alerts() -> None:
+    state = make_state(steps=10)
+    state.add_step(10, 0, math.nan, [0.1], 1.0, {"GradNorm": [math.inf, 1.0], "Alpha": math.nan})
+    text = render(panels.alerts(state), 100)
+    assert "loss is nan at step 10" in text and "diverged" in text
+    assert "GradNorm is inf" in text and "Alpha is nan" in text
+    state.finish("diverged", "the loss became nan at step 10")
+    assert "run diverged" in render(panels.alerts(state), 100)
+    assert "✖" in render(DashboardView(state), 160)
+
+
+def test_a_loss_far_above_its_start_raises_an_alert() -> None:
+    state = make_state(steps=60, losses=[1.0] * 20 + [1.0 + 0.2 * i for i in range(40)])
+    alerts = state.alert_list()
+    assert any("loss rose far above its start" in text for _, text in alerts)
+    assert "rose far above" in render(panels.alerts(state), 160)
+
+
+def test_long_texts_wrap_inside_their_panel_on_a_soft_wrapping_console() -> None:
+    state = make_state(steps=5)
+    state.add_alert("warning", "a long finding that cannot fit on one line of the alerts panel at a hundred columns, ending here")
+    text = render(DashboardView(state), 100, soft_wrap=True)
+    assert "columns, ending" in text and "│   here" in text and max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_alerts_from_elsewhere_are_shown_most_severe_first() -> None:
+    state = make_state(steps=5)
+    state.add_alert("info", "a note")
+    state.add_alert("critical", "act now")
+    state.add_alert("warning", "watch this")
+    assert [severity for severity, _ in state.alert_list()] == ["critical", "warning", "info"]
+    with pytest.raises(ValueError):
+        state.add_alert("panic", "no such severity")
+
+
+def test_curvature_panels_when_tracked() -> None:
+    state = make_state(curvature=True, tracked=[*ECONOMY, "HessMaxEV", "HessTrace", "TICDiag"])
+    text = render(DashboardView(state), 160)
+    assert "tracked with preset" not in text
+    assert "λmax" in text and "69" in text  # 30 + step 39
+    assert "lr·λmax" in text and "6.9" in text and "unstable" in text
+    assert "trace" in text and "19" in text and "TIC" in text
+
+
+def test_gradient_histogram_marks_clamped_edge_bins() -> None:
+    state = make_state()
+    hist = render(panels.grad_hist(state), 100)
+    assert "clamped 0.51%" in hist and "◂-2" in hist and "2▸" in hist
+    console = Console(width=100, color_system="truecolor", force_terminal=True, file=io.StringIO())
+    clamped = [s for s in console.render(panels.grad_hist(state)) if "0.51%" in s.text]
+    assert clamped[0].style.color.name == "yellow"  # over 0.1% of the elements are clamped
+
+
+def test_gradient_tests_show_values_against_one() -> None:
+    text = render(panels.grad_tests(make_state()), 100)
+    assert "norm" in text and "0.5" in text and "inner" in text and "2" in text and "│" in text and "●" in text
+
+
+def test_summary_names_the_run_directory_and_the_next_command() -> None:
+    state = make_state()
+    state.finish("completed", seconds=12.0)
+    text = render(panels.summary(state), 100)
+    assert "completed after 40 of 100 steps" in text
+    assert "results/toy" in text and "cockpit diagnose results/toy" in text
+    assert "valid 1 66.0%" in text
+
+
+def test_series_keeps_a_bounded_summary_of_any_length() -> None:
+    series = Series()
+    for step in range(100_000):
+        series.append(step, float(step))
+    assert len(series) == 100_000 and len(series.history()) <= 2 * COARSE + 1
+    assert series.mean() == pytest.approx(49_999.5) and series.last() == 99_999.0
+    copy = series.copy()
+    assert len(copy.values) == 4096 and copy.mean() == series.mean() and copy.history() == series.history()
+    assert spark([1.0, 1.0 + 1e-15, 1.0], 3) == "▅▅▅"  # flat up to rounding
+    assert spark([0.0, math.nan, 1.0], 3) == "▁×█"
+    assert spark([0.0, 100.0, 1.0], 3, clip=(0.0, 1.0)) == "▁██"
+
+
+def test_live_dashboard_observer_without_a_terminal_prints_the_final_frame() -> None:
+    stream = io.StringIO()
+    dashboard = LiveDashboard(Console(file=stream, width=120), run_dir="results/toy")
+    dashboard.on_start(RunMeta("toy_mlp", "Adam", 0, "cpu", 3, 3, 8, 99, instruments={"parameters": ["w"], "quantities": {"GradNorm": "every step"}}))
+    dashboard.on_eval(EvalRecord(0, 0, 0.0, {"valid": SplitMetrics(2.0, 0.25, 10)}))
+    for step in range(3):
+        dashboard.on_step(StepRecord(step, 0, 1.0 / (step + 1), [0.01], 0.1 * step, {"GradNorm": [0.5]}))
+    dashboard.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3))
+    output = stream.getvalue()
+    assert "Cockpit for Adam" in output and "step 3/3" in output and "completed" in output
+    assert "cockpit diagnose results/toy" in render(dashboard.final_summary(), 100)

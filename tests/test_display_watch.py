@@ -1,0 +1,112 @@
+"""`cockpit watch` on finished, cut-off and growing run directories; the plain log of `cockpit run`."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cockpit_cli.cli import app
+from cockpit_cli.display.watch import JsonLinesFollower, RunFollower
+from cockpit_cli.runner import use_live_display
+from cockpit_cli.storage import schema
+
+runner = CliRunner()
+
+
+def test_plain_log_then_watch_a_finished_and_a_cut_off_run(make_config, tmp_path: Path) -> None:
+    config = make_config(instruments={"preset": "economy"}, training={"steps": 6})
+    result = runner.invoke(app, ["run", str(config), "--live"], catch_exceptions=False)  # not a terminal: plain log
+    assert result.exit_code == 0, result.output
+    assert "--live needs a terminal" in result.output
+    step_lines = [line for line in result.output.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2  # step 0, then step 5: a multiple of log_every and the last
+    assert "alpha" in step_lines[0] and "grad-norm" in step_lines[0] and "norm-test" in step_lines[0]
+    assert "STEP SIZE" not in result.output and "cockpit diagnose" in result.output
+    run_dir = tmp_path / "results" / "run"
+
+    watched = runner.invoke(app, ["watch", str(run_dir)], env={"COLUMNS": "160"}, catch_exceptions=False)
+    assert watched.exit_code == 0, watched.output
+    for text in ("Cockpit for SGD", "STEP SIZE", "GRADIENTS", "CURVATURE", "step 6/6", "completed", "mnist1d_mlp", "best valid"):
+        assert text in watched.output, text
+    assert "tracked with preset business" in watched.output
+    assert f"cockpit diagnose {run_dir}" in watched.output.replace("\n", "")
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    steps = (cut / schema.STEPS).read_bytes()
+    (cut / schema.STEPS).write_bytes(steps[: len(steps) - 40])  # the last line loses its end
+    watched = runner.invoke(app, ["watch", str(cut), "--no-follow"], env={"COLUMNS": "100"}, catch_exceptions=False)
+    assert watched.exit_code == 0, watched.output
+    assert "step 5/6" in watched.output and "cut-off" in watched.output and "Traceback" not in watched.output
+
+
+def test_live_display_only_on_a_terminal_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal, pipe = Console(force_terminal=True, file=io.StringIO()), Console(force_terminal=False, file=io.StringIO())
+    errors = Console(file=io.StringIO())
+    monkeypatch.delenv("CI", raising=False)
+    assert use_live_display(None, terminal, errors) and not use_live_display(False, terminal, errors)
+    assert not use_live_display(None, pipe, errors) and not use_live_display(True, pipe, errors)
+    monkeypatch.setenv("CI", "true")
+    assert not use_live_display(None, terminal, errors) and use_live_display(True, terminal, errors)
+
+
+def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["watch", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "error: run directory" in missing.output and "does not exist" in missing.output
+    (tmp_path / "file.txt").write_text("x")
+    assert "is a file, not a run directory" in runner.invoke(app, ["watch", str(tmp_path / "file.txt")]).output
+    empty = runner.invoke(app, ["watch", str(tmp_path)])
+    assert empty.exit_code == 2 and "has no run.json" in empty.output and "Traceback" not in empty.output
+
+
+def test_follower_waits_for_a_line_to_be_complete(tmp_path: Path) -> None:
+    path = tmp_path / "steps.jsonl"
+    follower = JsonLinesFollower(path)
+    assert follower.read() == []  # not there yet
+    path.write_text('{"step": 0}\n{"step"')
+    assert follower.read() == [{"step": 0}]
+    with path.open("a") as handle:
+        handle.write(': 1}\n{"step": 2}\n')
+    assert follower.read() == [{"step": 1}, {"step": 2}] and follower.read() == []
+
+
+def write_manifest(run_dir: Path, status: str) -> None:
+    manifest = {"schema_version": 1, "status": status, "problem": "toy", "optimizer": "SGD", "total_steps": 20, "steps_per_epoch": 10, "heartbeat_at": "2000-01-01T00:00:00+00:00"}
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_watch_follows_a_run_that_another_process_writes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "growing"
+    run_dir.mkdir()
+    write_manifest(run_dir, "running")
+
+    def train() -> None:
+        with (run_dir / schema.STEPS).open("a") as handle:
+            for step in range(20):
+                line = json.dumps({"step": step, "epoch": step // 10, "loss": 1.0, "lr": [0.1], "time": step * 0.01, "quantities": {"NormTest": 0.5}})
+                handle.write(line[:10])
+                handle.flush()
+                time.sleep(0.005)
+                handle.write(line[10:] + "\n")
+                handle.flush()
+        write_manifest(run_dir, "completed")
+
+    writer = threading.Thread(target=train)
+    writer.start()
+    result = runner.invoke(app, ["watch", str(run_dir), "--interval", "0.05"], env={"COLUMNS": "120"}, catch_exceptions=False)
+    writer.join()
+    assert result.exit_code == 0, result.output
+    assert "step 20/20" in result.output and "completed" in result.output
+
+    follower = RunFollower(run_dir)  # a stale running run gets an alert
+    write_manifest(run_dir, "running")
+    follower.poll()
+    assert any("no heartbeat" in text for _, text in follower.state.alert_list())
