@@ -95,6 +95,7 @@ class OutputConfig:
 
     directory: str = "results"
     name: str | None = None
+    figures: bool = True  # write cockpit.png, layers.png and samples.png at the end of the run
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ def execute_run(
             console.print(f"alert ({severity}) {text}", style="yellow" if severity == "warning" else "red" if severity == "critical" else None)
 
         end = train(setup, [writer, PlainLog(every=config.training.log_every, console=console), live_diagnosis(config, print_alert)])
+        write_figures(config, run_dir, errors)
         return report_end(end, run_dir, console, errors)
 
     from cockpit_cli.display.dashboard import LiveDashboard
@@ -94,7 +95,21 @@ def execute_run(
     finally:
         dashboard.close()
     console.print(dashboard.final_summary())
+    write_figures(config, run_dir, errors)
     return report_end(end, run_dir, console, errors, quiet=True)
+
+
+def write_figures(config: RunConfig, run_dir: Path, errors: Console) -> None:
+    """Write the run's figures into its directory; a failure is a note, never a lost run."""
+    if not config.output.figures:
+        return
+    try:
+        from cockpit_cli.report import write_report
+        from cockpit_cli.storage.reader import read_run
+
+        write_report(read_run(run_dir), run_dir)
+    except Exception as error:  # the records are safe on disk; `cockpit report` can retry
+        errors.print(f"note: the figures could not be written ({type(error).__name__}: {error}); `cockpit report {run_dir}` retries")
 
 
 def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None]) -> object:

@@ -22,7 +22,7 @@ def tiny_config(data_dir: Path, out_dir: Path, **sections: dict[str, Any]) -> di
         "optimizer": {"name": "SGD", "lr": 0.1},
         "training": {"steps": 12, "seed": 0, "device": "cpu", "eval_every_steps": 5, "eval_max_batches": 2, "log_every": 5},
         "instruments": {"preset": "none"},
-        "output": {"directory": str(out_dir), "name": "run"},
+        "output": {"directory": str(out_dir), "name": "run", "figures": False},
     }
     for section, values in sections.items():
         if values is None:

@@ -66,9 +66,11 @@ def test_dry_run_validates_and_writes_nothing(make_config, tmp_path: Path) -> No
 
 def test_run_writes_a_complete_run_directory(make_config, tmp_path: Path) -> None:
     config = make_config()
-    result = invoke("run", str(config), "--name", "first", "--set", "training.steps=6")
+    result = invoke("run", str(config), "--name", "first", "--set", "training.steps=6", "--set", "output.figures=true")
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "results" / "first"
+    for figure in ("cockpit.png", "layers.png", "samples.png"):
+        assert (run_dir / figure).stat().st_size > 10_000
     assert f"results in {run_dir}" in result.output.replace("\n", "")
     run = read_run(run_dir)
     assert run.status == "completed"
