@@ -56,12 +56,12 @@ def execute_run(
         The exit code: OK when completed, FAILURE when diverged, INTERRUPTED on Ctrl-C.
     """
     config = resolve_config(config_path, overrides, out, name)
-    console.rule("effective config", style="dim")
-    console.print(Syntax(config.to_yaml().rstrip(), "yaml", theme="ansi_dark", background_color="default"))
 
     from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
 
-    setup = build_run(config)
+    setup = build_run(config)  # every config error surfaces here, before anything is printed
+    console.rule("effective config", style="dim")
+    console.print(Syntax(config.to_yaml().rstrip(), "yaml", theme="ansi_dark", background_color="default"))
     facts = describe_setup(setup)
     if dry_run:
         console.rule("dry run: config is valid", style="dim")
