@@ -68,6 +68,7 @@ class TrainingConfig:
     eval_every_steps: int | None = _positive()
     eval_max_batches: int | None = _positive()
     track_samples: int = field(default=512, metadata={"min": 0})
+    on_nonfinite: Literal["stop", "skip", "continue"] = "stop"
     log_every: int = _positive(50)
 
 
@@ -373,8 +374,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Keys that exclude each other: an override of one replaces the other from the file.
+EXCLUSIVE_KEYS = ((("training", "steps"), ("training", "epochs")), (("training", "eval_every_steps"), ("training", "eval_every_epochs")))
+
+
 def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a config file."""
+    """Read, override and validate a config file.
+
+    ``--set training.steps=N`` on a config that gives ``epochs`` replaces them (and likewise
+    for the evaluation interval), so an override never collides with the file it overrides.
+    """
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    overrides = overrides or []
+    data = read_yaml(path)
+    overridden = {tuple(parse_override(text)[0]) for text in overrides}
+    for pair in EXCLUSIVE_KEYS:
+        for chosen, other in (pair, pair[::-1]):
+            section = data.get(chosen[0])
+            if chosen in overridden and other not in overridden and isinstance(section, dict):
+                section.pop(other[1], None)
+    data = apply_overrides(data, overrides)
     return parse_config(data, source=str(path))

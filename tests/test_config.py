@@ -137,3 +137,14 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     evil.write_text("problem: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(CockpitError, match="malformed YAML"):
         load_config(evil)
+
+
+def test_overriding_steps_replaces_the_files_epochs(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 2\n  eval_every_epochs: 1\n")
+    config = load_config(path, ["training.steps=7", "training.eval_every_steps=3"])
+    assert (config.training.steps, config.training.epochs) == (7, None)
+    assert (config.training.eval_every_steps, config.training.eval_every_epochs) == (3, None)
+    assert load_config(path, ["training.epochs=5"]).training.epochs == 5
+    with pytest.raises(CockpitError, match="give either epochs or steps"):
+        load_config(path, ["training.steps=7", "training.epochs=3"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,26 @@ def test_evaluations_record_outcomes_of_a_fixed_validation_subset(data_dir: Path
     assert again.meta.notes["samples"]["indices"] == indices  # seeded: the same samples every run
     none = run(data_dir, tmp_path, training={"track_samples": 0})
     assert all(record.samples is None for record in none.evals)
+
+
+@pytest.mark.parametrize("policy", ["skip", "continue"])
+def test_nonfinite_policy_keeps_the_run_going(data_dir: Path, tmp_path: Path, policy: str) -> None:
+    recorder = run(data_dir, tmp_path, optimizer={"lr": 1e6}, problem={"input_scale": 1000.0}, training={"steps": 40, "on_nonfinite": policy})
+    assert recorder.end is not None and recorder.end.status is RunStatus.COMPLETED
+    assert [r.step for r in recorder.steps] == list(range(40))
+    nonfinite = [r for r in recorder.steps if not math.isfinite(r.loss)]
+    assert nonfinite, "the setting should produce non-finite losses"
+    (warning,) = recorder.end.warnings
+    assert warning.startswith(f"{len(nonfinite)} steps had a non-finite loss")
+
+
+def test_skipped_steps_leave_the_parameters_alone(data_dir: Path, tmp_path: Path) -> None:
+    setup = build_run(parse_config(tiny_config(data_dir, tmp_path, training={"on_nonfinite": "skip"})))
+    from cockpit_cli.training.loop import Trainer
+
+    trainer = Trainer(setup, [Recorder()])
+    before = [p.detach().clone() for p in setup.problem.model.parameters()]
+    inputs, targets = next(iter(torch.utils.data.DataLoader(setup.problem.splits.train, batch_size=32)))
+    trainer.train_step(inputs * float("nan"), targets)
+    assert all(torch.equal(a, b) for a, b in zip(before, setup.problem.model.parameters()))
+    assert trainer.step == 1 and trainer.nonfinite_steps == 1

@@ -228,6 +228,12 @@ class Instruments:
         self._collect(data.outputs)
         self._activations = None
 
+    def skip(self, step: int) -> None:
+        """Call instead of :meth:`backward` for a step whose update is dropped (non-finite loss)."""
+        self.next_step = step + 1
+        self.capture.detach()
+        self._activations = None
+
     def after_update(self, step: int) -> None:
         """Call after ``optimizer.step()`` of ``step``: quantities that compare theta_t and theta_{t+1}."""
         if self._before is None:

@@ -54,6 +54,15 @@ class Tracker:
         """Call after ``optimizer.step()``: finish the step's quantities and queue its record."""
         if self.instruments is not None:
             self.instruments.after_update(step)
+        self._queue(step, record)
+
+    def skip(self, step: int, record: StepRecord) -> None:
+        """Record a step whose update was dropped (no backward pass, no quantities)."""
+        if self.instruments is not None:
+            self.instruments.skip(step)
+        self._queue(step, record)
+
+    def _queue(self, step: int, record: StepRecord) -> None:
         self.pending.append(record)
         if self.instruments is None:
             self.flush()

@@ -66,6 +66,7 @@ class Trainer:
             )
         self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record))
         self.sample_indices = self._choose_tracked_samples()
+        self.nonfinite_steps = 0
         self._sample_hits: str | None = None
 
     # -- the loop --------------------------------------------------------------------------
@@ -114,19 +115,29 @@ class Trainer:
         loss_value = float(loss.item())
         rates = learning_rates(optimizer)
         if not math.isfinite(loss_value):
-            self.tracker.flush()
-            self._notify("on_step", StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
-            return (
-                f"the loss became {loss_value} at step {self.step} (epoch {self.epoch}); "
-                "the learning rate is probably too large for this problem"
-            )
+            self.nonfinite_steps += 1
+            if self.training.on_nonfinite == "stop":
+                self.tracker.flush()
+                self._notify("on_step", StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
+                return (
+                    f"the loss became {loss_value} at step {self.step} (epoch {self.epoch}); "
+                    "the learning rate is probably too large for this problem (training.on_nonfinite: skip drops such steps instead)"
+                )
+            if self.training.on_nonfinite == "skip":
+                self.tracker.skip(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
+                self._step_schedule()
+                self.step += 1
+                return None
         self.tracker.backward(self.step, loss, inputs, outputs, targets)
         optimizer.step()
         self.tracker.after_update(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
-        if self.setup.scheduler is not None and self.setup.config.schedule.interval == "step":
-            self.setup.scheduler.step()
+        self._step_schedule()
         self.step += 1
         return None
+
+    def _step_schedule(self) -> None:
+        if self.setup.scheduler is not None and self.setup.config.schedule.interval == "step":
+            self.setup.scheduler.step()
 
     def end_epoch(self) -> None:
         """Count a finished epoch, step a per-epoch schedule, evaluate if due."""
@@ -215,6 +226,9 @@ class Trainer:
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
         self.tracker.flush()
         warnings = [self.tracker.failure] if self.tracker.failure else []
+        if self.nonfinite_steps and self.training.on_nonfinite != "stop":
+            action = "skipped" if self.training.on_nonfinite == "skip" else "taken anyway"
+            warnings.append(f"{self.nonfinite_steps} steps had a non-finite loss and were {action} (training.on_nonfinite: {self.training.on_nonfinite})")
         end = RunEnd(status=status, steps=self.step, epochs=self.epoch, message=message, train_seconds=self._elapsed(), warnings=warnings)
         self._notify("on_end", end)
         return end
