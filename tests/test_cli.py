@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -159,3 +160,26 @@ def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path: Path, data_dir: Path
     assert len(run.steps) >= 10 and run.summary is not None
     assert run.manifest["steps_completed"] == len(run.steps)
     assert yaml.safe_load((run.path / "config.yaml").read_text())["training"]["steps"] == 100_000
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_stays_readable_by_every_command(tmp_path: Path, data_dir: Path) -> None:
+    from conftest import tiny_config, write_config
+
+    config = tiny_config(data_dir, tmp_path / "results", training={"steps": 100_000, "eval_every_steps": 50}, instruments={"preset": "economy", "every": 3})
+    path = write_config(tmp_path / "long.yaml", config)
+    process = subprocess.Popen([sys.executable, "-m", "cockpit_cli", "run", str(path), "--no-live"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "results" / "run"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not (run_dir / "steps.jsonl").exists() or (run_dir / "steps.jsonl").stat().st_size < 20_000):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    run = read_run(run_dir)
+    assert run.status == "running" and run.summary is None and len(run.steps) > 5
+    assert invoke("diagnose", str(run_dir)).exit_code == 0
+    assert invoke("report", str(run_dir), "--out", str(tmp_path / "figures")).exit_code == 0
+    assert invoke("watch", str(run_dir), "--no-follow").exit_code == 0
+    other = tmp_path / "results" / "other"
+    shutil.copytree(run_dir, other)
+    assert invoke("compare", str(run_dir), str(other)).exit_code == 0

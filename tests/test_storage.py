@@ -143,3 +143,15 @@ def test_json_lines_are_one_object_per_line(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path)
     for line in (run_dir / schema.EVALS).read_text().splitlines():
         assert isinstance(json.loads(line), dict)
+
+
+def test_a_running_run_with_a_stale_heartbeat_reads_as_crashed_or_still_running(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, end=False)
+    assert read_run(run_dir).status == "running"
+    manifest = json.loads((run_dir / schema.MANIFEST).read_text())
+    manifest["heartbeat_at"] = "2020-01-01T00:00:00+00:00"
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+    assert read_run(run_dir).status == "crashed or still running"
+    from cockpit_cli.diagnosis import diagnose
+
+    assert diagnose(read_run(run_dir)).run["status"] == "crashed or still running"

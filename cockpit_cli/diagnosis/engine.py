@@ -86,6 +86,14 @@ def run_rules(run: RunSeries, rules: Iterable[Rule] | None = None) -> tuple[list
     return sort_findings(findings), checked, skipped
 
 
+def run_status(manifest: dict[str, Any]) -> str:
+    """The manifest's status, with a stale ``running`` shown as crashed or still running."""
+    from cockpit_cli.storage.reader import CRASHED_OR_RUNNING, heartbeat_is_stale
+
+    status = str(manifest.get("status", "unknown"))
+    return CRASHED_OR_RUNNING if status == "running" and heartbeat_is_stale(manifest) else status
+
+
 def run_facts(manifest: dict[str, Any], name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The facts about a run a report starts with."""
     tracked = sum(1 for record in steps if record.get("quantities"))
@@ -93,7 +101,7 @@ def run_facts(manifest: dict[str, Any], name: str, steps: list[dict[str, Any]]) 
         "name": name,
         "problem": manifest.get("problem"),
         "optimizer": manifest.get("optimizer"),
-        "status": manifest.get("status", "unknown"),
+        "status": run_status(manifest),
         "steps": len(steps),
         "tracked_steps": tracked,
     }

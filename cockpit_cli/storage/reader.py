@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,22 @@ def parse_line(line: str) -> object:
         return _fast_loads(line)
     except _FastError:
         return json.loads(line)
+
+
+CRASHED_OR_RUNNING = "crashed or still running"
+# A running run rewrites its manifest at least every HEARTBEAT_SECONDS while it takes steps; a
+# heartbeat this much older means the process died (or is stuck in one very long step).
+STALE_HEARTBEAT_SECONDS = 6 * schema.HEARTBEAT_SECONDS
+
+
+def heartbeat_is_stale(manifest: dict[str, Any], now: datetime | None = None) -> bool:
+    """Return whether the manifest's ``heartbeat_at`` is older than :data:`STALE_HEARTBEAT_SECONDS`."""
+    try:
+        beat = datetime.fromisoformat(str(manifest.get("heartbeat_at")))
+    except ValueError:
+        return False
+    now = now or datetime.now(timezone.utc)
+    return (now - beat).total_seconds() > STALE_HEARTBEAT_SECONDS
 
 
 @dataclass
@@ -56,7 +73,9 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.manifest.get("status", "unknown"))
+        """The manifest's status; a ``running`` run whose heartbeat is stale reads as crashed or still running."""
+        status = str(self.manifest.get("status", "unknown"))
+        return CRASHED_OR_RUNNING if status == "running" and heartbeat_is_stale(self.manifest) else status
 
     @property
     def name(self) -> str:
