@@ -155,3 +155,36 @@ def test_a_running_run_with_a_stale_heartbeat_reads_as_crashed_or_still_running(
     from cockpit_cli.diagnosis import diagnose
 
     assert diagnose(read_run(run_dir)).run["status"] == "crashed or still running"
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_what_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.storage.jsonio import JsonLinesAppender
+
+    run_dir = prepare_run_directory(tmp_path, "full")
+    writer = RunWriter(run_dir, {}, "")
+    writer.on_step(StepRecord(0, 0, 1.0, [0.1], 0.0))
+    original = JsonLinesAppender.append
+
+    def no_space(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JsonLinesAppender, "append", no_space)
+    with pytest.raises(CockpitError) as caught:
+        writer.on_step(StepRecord(1, 0, 0.5, [0.1], 0.1))
+    assert caught.value.message == f"cannot write the run directory {run_dir}: No space left on device"
+    assert "everything written before is intact" in caught.value.hint
+    monkeypatch.setattr(JsonLinesAppender, "append", original)
+    writer.on_end(RunEnd(RunStatus.FAILED, 1, 0, caught.value.message, 0.1))
+    run = read_run(run_dir)
+    assert run.status == "failed" and [s["step"] for s in run.steps] == [0]
+
+
+def test_a_vanished_run_directory_is_one_clear_error(tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = prepare_run_directory(tmp_path, "gone")
+    writer = RunWriter(run_dir, {}, "")
+    shutil.rmtree(run_dir)
+    with pytest.raises(CockpitError, match="cannot write the run directory .*: No such file or directory"):
+        writer.on_eval(EvalRecord(0, 0, 0.0, {"valid": SplitMetrics(1.0, 0.5, 10)}))
+    writer.on_end(RunEnd(RunStatus.FAILED, 0, 0, "gone", 0.0))  # nothing more to write; no second error

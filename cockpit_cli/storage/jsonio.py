@@ -45,6 +45,10 @@ class JsonLinesAppender:
         self._handle.flush()
 
     def close(self) -> None:
+        """Close the file; a failure to flush on close (full disk) is left to the last append's error."""
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except OSError:
+                pass

@@ -11,6 +11,7 @@ Layout (see the README for every field)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -18,10 +19,10 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cockpit_cli.config import is_safe_name
-from cockpit_cli.errors import CockpitError
+from cockpit_cli.errors import CockpitError, ExitCode
 from cockpit_cli.storage import schema
 from cockpit_cli.storage.jsonio import JsonLinesAppender, write_json_atomic, write_text_atomic
 from cockpit_cli.storage.summary import summarize
@@ -104,6 +105,7 @@ class RunWriter:
         self._eval_records: list[dict[str, Any]] = []
         self._recent_losses: deque[float] = deque(maxlen=50)
         self._last_heartbeat = 0.0
+        self.broken = False
         self._write_manifest()
 
     def on_start(self, meta: RunMeta) -> None:
@@ -119,7 +121,25 @@ class RunWriter:
         )
         self._write_manifest()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed write (full disk, vanished directory) into one clear error."""
+        try:
+            yield
+        except OSError as error:
+            self.broken = True
+            reason = error.strerror or type(error).__name__
+            raise CockpitError(
+                f"cannot write the run directory {self.run_dir}: {reason}",
+                "free disk space or check that the directory still exists; everything written before is intact",
+                ExitCode.FAILURE,
+            ) from None
+
     def on_step(self, record: StepRecord) -> None:
+        with self._writing():
+            self._append_step(record)
+
+    def _append_step(self, record: StepRecord) -> None:
         self._steps.append(record.to_dict())
         self._recent_losses.append(record.loss)
         self.manifest["steps_completed"] = record.step + 1
@@ -129,9 +149,10 @@ class RunWriter:
 
     def on_eval(self, record: EvalRecord) -> None:
         data = record.to_dict()
-        self._evals.append(data)
-        self._eval_records.append(data)
-        self._write_manifest()
+        with self._writing():
+            self._evals.append(data)
+            self._eval_records.append(data)
+            self._write_manifest()
 
     def on_end(self, end: RunEnd) -> None:
         # The records on disk are the truth: an interruption can fall between a step's update and
@@ -149,9 +170,13 @@ class RunWriter:
         )
         self.manifest["timings"]["train_seconds"] = round(end.train_seconds, 3)
         summary = summarize(end.status.value, end.message, steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)
-        write_json_atomic(self.run_dir / schema.SUMMARY, summary)
-        self._write_manifest()
-        self._lock.unlink(missing_ok=True)
+        try:
+            write_json_atomic(self.run_dir / schema.SUMMARY, summary)
+            self._write_manifest()
+            self._lock.unlink(missing_ok=True)
+        except OSError:
+            if not self.broken:  # the first failure was reported already; keep that message
+                raise
 
     def _write_manifest(self) -> None:
         self.manifest["heartbeat_at"] = now_iso()

@@ -17,6 +17,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
@@ -94,7 +95,7 @@ class Trainer:
         except KeyboardInterrupt:
             return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
         except BaseException as error:
-            self._end(RunStatus.FAILED, f"{type(error).__name__}: {error}")
+            self._end(RunStatus.FAILED, error.message if isinstance(error, CockpitError) else f"{type(error).__name__}: {error}")
             raise
         return self._end(RunStatus.COMPLETED)
 
