@@ -71,7 +71,7 @@ def main_callback(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML config of the run (see configs/).", show_default=False)],
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config of the run (see configs/).", show_default=False)] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: --set optimizer.lr=0.01 (repeatable).")] = [],  # noqa: B006
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parent directory of the run directory (output.directory).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", "-n", help="Name of the run directory (output.name).")] = None,
@@ -81,13 +81,14 @@ def run(
         Optional[bool],
         typer.Option("--live/--no-live", help="Live dashboard, or a plain log line every training.log_every steps. Default: live on a terminal unless CI is set.", show_default=False),
     ] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue RUN_DIR from its last checkpoint (training.checkpoint_every).", show_default=False)] = None,
     traceback: TracebackOption = False,
 ) -> None:
     """Train the problem in CONFIG with instruments attached and write a run directory."""
     with reporting_errors(traceback):
         from cockpit_cli.runner import execute_run
 
-        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live)
+        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live, resume=resume)
     raise typer.Exit(int(code))
 
 

@@ -69,6 +69,7 @@ class TrainingConfig:
     eval_max_batches: int | None = _positive()
     track_samples: int = field(default=512, metadata={"min": 0})
     on_nonfinite: Literal["stop", "skip", "continue"] = "stop"
+    checkpoint_every: int | None = _positive()  # steps between checkpoints (null: none)
     log_every: int = _positive(50)
 
 

@@ -37,7 +37,7 @@ def use_live_display(requested: bool | None, console: Console, errors: Console) 
 
 
 def execute_run(
-    config_path: Path,
+    config_path: Path | None,
     overrides: list[str],
     out: Path | None,
     name: str | None,
@@ -46,16 +46,31 @@ def execute_run(
     console: Console,
     errors: Console,
     live: bool | None = None,
+    resume: Path | None = None,
 ) -> ExitCode:
     """Run (or, with ``dry_run``, only build) the training described by ``config_path``.
 
     Args:
         live: Draw the live dashboard (``None``: on a terminal outside CI), else the plain log.
+        resume: A run directory to continue from its checkpoint (instead of ``config_path``).
 
     Returns:
         The exit code: OK when completed, FAILURE when diverged, INTERRUPTED on Ctrl-C.
     """
-    config = resolve_config(config_path, overrides, out, name)
+    checkpoint = None
+    if resume is not None:
+        if config_path is not None or overrides or out or name or overwrite:
+            raise CockpitError("--resume continues a run with its own config", "give only --resume RUN_DIR (with --live/--no-live if you like)")
+        from cockpit_cli.storage.reader import read_run
+        from cockpit_cli.training.checkpoint import load_checkpoint
+
+        read_run(resume)  # a clear error for anything that is not a run directory
+        checkpoint = load_checkpoint(resume)
+        config = load_config(resume / "config.yaml")
+    elif config_path is None:
+        raise CockpitError("cockpit run needs a CONFIG file (or --resume RUN_DIR)", "for example: cockpit run configs/quickstart.yaml")
+    else:
+        config = resolve_config(config_path, overrides, out, name)
 
     from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
 
@@ -70,20 +85,28 @@ def execute_run(
         return ExitCode.OK
 
     from cockpit_cli.display.plain import PlainLog
-    from cockpit_cli.storage.writer import RunWriter, default_run_name, prepare_run_directory
+    from cockpit_cli.storage.writer import RunWriter, default_run_name, prepare_run_directory, reopen_run_directory
     from cockpit_cli.training.loop import train
 
-    run_name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
-    run_dir = prepare_run_directory(Path(config.output.directory).expanduser(), run_name, overwrite=overwrite)
-    config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
-    writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
-    console.rule(f"run directory: {run_dir}", style="dim")
+    if checkpoint is not None:
+        run_dir = resume
+        pending = checkpoint["tracker"]["pending"]
+        kept = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["step"])
+        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), resume_evals=kept)
+        console.rule(f"resuming {run_dir} at step {checkpoint['step']}", style="dim")
+    else:
+        run_name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
+        run_dir = prepare_run_directory(Path(config.output.directory).expanduser(), run_name, overwrite=overwrite)
+        config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
+        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
+        console.rule(f"run directory: {run_dir}", style="dim")
     if not use_live_display(live, console, errors):
 
         def print_alert(severity: str, text: str, key: str) -> None:
             console.print(f"alert ({severity}) {text}", style="yellow" if severity == "warning" else "red" if severity == "critical" else None)
 
-        end = train(setup, [writer, PlainLog(every=config.training.log_every, console=console), live_diagnosis(config, print_alert)])
+        observers = [writer, PlainLog(every=config.training.log_every, console=console), live_diagnosis(config, print_alert)]
+        end = train(setup, observers, run_dir, checkpoint)
         write_figures(config, run_dir, errors)
         return report_end(end, run_dir, console, errors)
 
@@ -91,7 +114,7 @@ def execute_run(
 
     dashboard = LiveDashboard(console, run_dir=str(run_dir))
     try:
-        end = train(setup, [writer, dashboard, live_diagnosis(config, dashboard.add_alert)])
+        end = train(setup, [writer, dashboard, live_diagnosis(config, dashboard.add_alert)], run_dir, checkpoint)
     finally:
         dashboard.close()
     console.print(dashboard.final_summary())

@@ -272,6 +272,17 @@ class Instruments:
         self._hooks = []
         return {s: self.results.pop(s) for s in sorted(self.results)}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return the carried state: values waiting for their step, and each quantity's state."""
+        return {"results": self.results, "next_step": self.next_step, "quantities": {q.name: q.state_dict() for q in self.quantities}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the same quantities must be tracked)."""
+        self.results = {int(step): values for step, values in state["results"].items()}
+        self.next_step = int(state["next_step"])
+        for quantity in self.quantities:
+            quantity.load_state_dict(state["quantities"].get(quantity.name, {}))
+
     def describe(self) -> dict[str, Any]:
         """Return what is tracked and what is not (for the run manifest)."""
         return {

@@ -81,6 +81,19 @@ class Tracker:
             done.quantities = values.pop(done.step, done.quantities)
             self.emit(done)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return the queued records and the instruments' carried state (for checkpoints)."""
+        return {
+            "pending": [record.to_dict() for record in self.pending],
+            "instruments": self.instruments.state_dict() if self.instruments is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.pending = deque(StepRecord(**record) for record in state["pending"])
+        if self.instruments is not None and state.get("instruments") is not None:
+            self.instruments.load_state_dict(state["instruments"])
+
     def describe(self) -> dict[str, Any]:
         """What is tracked, for the manifest."""
         return self.instruments.describe() if self.instruments is not None else {}

@@ -12,6 +12,7 @@ Layout (see the README for every field)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -37,6 +38,43 @@ def now_iso() -> str:
 def default_run_name(problem: str, optimizer: str) -> str:
     """Return ``<problem>_<optimizer>_<YYYYmmdd-HHMMSS>`` (local time)."""
     return f"{problem}_{optimizer.lower()}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """Return the pid of a live process holding the run's lock, or ``None`` (no lock, or a dead writer)."""
+    try:
+        pid = int((run_dir / schema.LOCK).read_text(encoding="utf-8").strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_through: int) -> list[dict[str, Any]]:
+    """Prepare a run directory for resuming: cut records written after the checkpoint.
+
+    Args:
+        run_dir: The run to continue.
+        keep_steps_below: Step records from this step on are dropped (they will be written again).
+        keep_evals_through: Evaluations after this step are dropped.
+
+    Returns:
+        The evaluation records kept (for the summary).
+
+    Raises:
+        CockpitError: another live process writes the directory.
+    """
+    holder = lock_holder(run_dir)
+    if holder is not None and holder != os.getpid():
+        raise CockpitError(f"run directory {run_dir} is being written by process {holder}", "wait for it to finish, or stop it first")
+    from cockpit_cli.storage.reader import read_json_lines
+
+    notes: list[str] = []
+    steps = [r for r in read_json_lines(run_dir / schema.STEPS, notes) if r.get("step", 0) < keep_steps_below]
+    evals = [r for r in read_json_lines(run_dir / schema.EVALS, notes) if r.get("step", 0) <= keep_evals_through]
+    for name, records in ((schema.STEPS, steps), (schema.EVALS, evals)):
+        write_text_atomic(run_dir / name, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    return evals
 
 
 def prepare_run_directory(parent: Path, name: str, overwrite: bool = False) -> Path:
@@ -78,13 +116,19 @@ class RunWriter:
         config: The effective config as a plain mapping.
         config_yaml: The same config as YAML text (saved verbatim).
         command: The command line that started the run.
+        resume_evals: When continuing a run (``cockpit run --resume``), the evaluations it kept;
+            the files are then appended to rather than started.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], config_yaml: str, command: list[str] | None = None):
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], config_yaml: str, command: list[str] | None = None, resume_evals: list[dict[str, Any]] | None = None
+    ):
+        resume = resume_evals is not None
         self.run_dir = run_dir
         self._lock = run_dir / schema.LOCK
         self._lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        write_text_atomic(run_dir / schema.CONFIG, config_yaml)
+        if not resume:
+            write_text_atomic(run_dir / schema.CONFIG, config_yaml)
         self.manifest: dict[str, Any] = {
             "schema_version": schema.SCHEMA_VERSION,
             "status": RunStatus.RUNNING.value,
@@ -100,9 +144,13 @@ class RunWriter:
             "epochs_completed": 0,
             "timings": {"started": time.time()},
         }
+        if resume:
+            previous = json.loads((run_dir / schema.MANIFEST).read_text(encoding="utf-8"))
+            self.manifest.update({key: previous[key] for key in ("created_at", "timings") if key in previous})
+            self.manifest["resumed_at"] = [*previous.get("resumed_at", []), now_iso()]
         self._steps = JsonLinesAppender(run_dir / schema.STEPS)
         self._evals = JsonLinesAppender(run_dir / schema.EVALS)
-        self._eval_records: list[dict[str, Any]] = []
+        self._eval_records: list[dict[str, Any]] = list(resume_evals or [])
         self._recent_losses: deque[float] = deque(maxlen=50)
         self._last_heartbeat = 0.0
         self.broken = False

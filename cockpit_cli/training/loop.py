@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,6 +22,7 @@ from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
+from cockpit_cli.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import learning_rates
 from cockpit_cli.versions import package_versions
@@ -42,9 +44,12 @@ class Trainer:
         observers: Receive the records in order (writer first, so nothing is lost).
     """
 
-    def __init__(self, setup: RunSetup, observers: list[Observer]):
+    def __init__(self, setup: RunSetup, observers: list[Observer], run_dir: Path | None = None):
         self.setup = setup
         self.observers = observers
+        self.run_dir = run_dir  # where checkpoints go (none without one)
+        self.epoch_order: torch.Tensor | None = None
+        self.batches_in_epoch = 0
         self.problem = setup.problem
         self.model = setup.problem.model
         self.training = setup.config.training
@@ -72,22 +77,36 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def run(self) -> RunEnd:
-        """Train to the end (or until divergence / Ctrl-C) and return how the run ended."""
+    def run(self, resume: dict | None = None) -> RunEnd:
+        """Train to the end (or until divergence / Ctrl-C) and return how the run ended.
+
+        Args:
+            resume: A checkpoint (see :mod:`checkpoint`) to continue from, or ``None``.
+        """
         self._notify("on_start", self._meta())
         self.started = time.perf_counter()
         train_loader = make_loader(self.problem.splits.train, self.setup.batch_size, shuffle=True, seed=self.training.seed, drop_last=True)
         try:
-            self.evaluate()
+            skip = self._restore(resume, train_loader.generator) if resume else 0
+            if resume is None:
+                self.evaluate()
             while self.step < self.setup.total_steps:
+                self.epoch_order = train_loader.generator.get_state()  # the sampler draws this epoch's order from it
+                self.batches_in_epoch = 0
                 for inputs, targets in train_loader:
+                    if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
+                        skip -= 1
+                        self.batches_in_epoch += 1
+                        continue
                     if self.step >= self.setup.total_steps:
                         break
                     diverged = self.train_step(inputs, targets)
+                    self.batches_in_epoch += 1
                     if diverged:
                         return self._end(RunStatus.DIVERGED, diverged)
                     if self._eval_due_after_step():
                         self.evaluate()
+                    self._checkpoint_if_due()
                 else:
                     self.end_epoch()
             if self.last_eval_step != self.step:
@@ -98,6 +117,45 @@ class Trainer:
             self._end(RunStatus.FAILED, error.message if isinstance(error, CockpitError) else f"{type(error).__name__}: {error}")
             raise
         return self._end(RunStatus.COMPLETED)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.training.checkpoint_every
+        if every is not None and self.run_dir is not None and self.step % every == 0:
+            save_checkpoint(self.run_dir, self.checkpoint_state())
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly from here (after a step and its evaluation)."""
+        scheduler = self.setup.scheduler
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "epoch_order": self.epoch_order,
+            "last_eval_step": self.last_eval_step,
+            "elapsed": self._elapsed(),
+            "nonfinite_steps": self.nonfinite_steps,
+            "model": self.model.state_dict(),
+            "optimizer": self.setup.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(self.setup.device),
+            "tracker": self.tracker.state_dict(),
+        }
+
+    def _restore(self, state: dict, generator: torch.Generator) -> int:
+        """Load a checkpoint; return how many batches of the current epoch to skip."""
+        self.model.load_state_dict(state["model"])
+        self.setup.optimizer.load_state_dict(state["optimizer"])
+        if self.setup.scheduler is not None and state["scheduler"] is not None:
+            self.setup.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.last_eval_step = state["step"], state["epoch"], state["last_eval_step"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.started -= state["elapsed"]
+        self.tracker.load_state_dict(state["tracker"])
+        generator.set_state(state["epoch_order"])
+        set_rng_state(state["rng"], self.setup.device)
+        return state["batches_in_epoch"]
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
         """Take one optimisation step; return a message if the loss was not finite.
@@ -239,6 +297,13 @@ class Trainer:
             getattr(observer, method)(payload)
 
 
-def train(setup: RunSetup, observers: list[Observer]) -> RunEnd:
-    """Train ``setup`` to the end, reporting to ``observers``; return how the run ended."""
-    return Trainer(setup, observers).run()
+def train(setup: RunSetup, observers: list[Observer], run_dir: Path | None = None, resume: dict | None = None) -> RunEnd:
+    """Train ``setup`` to the end, reporting to ``observers``; return how the run ended.
+
+    Args:
+        setup: What to train.
+        observers: Receive the records.
+        run_dir: Where checkpoints are written (``training.checkpoint_every``).
+        resume: A checkpoint to continue from.
+    """
+    return Trainer(setup, observers, run_dir).run(resume)

@@ -31,6 +31,7 @@ VARIANCE_FLOOR = 1e-10
 @register
 class Alpha(Quantity):
     name = "Alpha"
+    carried = ("start", "pending")
     lag = 1
     per_sample = True
 

@@ -136,9 +136,18 @@ class Quantity:
     def after_update(self, data: UpdateData) -> None:
         """Called after every optimizer step at which the quantity asked for PARAMS_BEFORE."""
 
+    # Attributes that carry state from one step to the next (saved in checkpoints).
+    carried: ClassVar[tuple[str, ...]] = ()
+
     def state_dict(self) -> dict[str, Any]:
-        """Return carried state (for checkpoints)."""
-        return {}
+        """Return carried state (tensors and plain containers), for checkpoints."""
+        return {name: getattr(self, name) for name in self.carried}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for name in self.carried:
+            if name in state:
+                setattr(self, name, state[name])
 
 
 QUANTITIES: dict[str, type[Quantity]] = {}

@@ -12,6 +12,7 @@ from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
 @register
 class Distance(Quantity):
     name = "Distance"
+    carried = ("origin",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -26,6 +27,3 @@ class Distance(Quantity):
             self.set_origin(data.params)
         distances = [float(torch.linalg.vector_norm(p.detach() - p0)) for p, p0 in zip(data.params, self.origin)]
         data.emit(self.name, distances)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin}

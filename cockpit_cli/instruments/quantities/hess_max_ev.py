@@ -26,6 +26,7 @@ from cockpit_cli.instruments.quantities.base import HVP, Quantity, StepData, fla
 @register
 class HessMaxEV(Quantity):
     name = "HessMaxEV"
+    carried = ("eigenvector",)
     options_defaults: dict[str, Any] = {"max_iterations": 100, "rtol": 1e-3, "atol": 1e-6, "warm_start": True}
 
     def __init__(self, *args: Any, **kwargs: Any):

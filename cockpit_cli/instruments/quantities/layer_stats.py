@@ -17,6 +17,7 @@ from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, Ste
 @register
 class LayerStats(Quantity):
     name = "LayerStats"
+    carried = ("partial",)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -1,0 +1,93 @@
+"""Checkpoints and `cockpit run --resume`: an interrupted, resumed run equals one left alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cockpit_cli.cli import app
+from cockpit_cli.storage.reader import read_run
+from conftest import tiny_config, write_config
+
+runner = CliRunner()
+
+
+class Interrupt:
+    """Observer that presses Ctrl-C once the run reaches a step."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_start(self, meta) -> None: ...
+    def on_eval(self, record) -> None: ...
+    def on_end(self, end) -> None: ...
+
+    def on_step(self, record) -> None:
+        if record.step == self.at:
+            raise KeyboardInterrupt
+
+
+def without_time(records: list[dict]) -> list[dict]:
+    cleaned = []
+    for record in records:
+        record = {k: v for k, v in record.items() if k != "time"}
+        quantities = {k: v for k, v in record.get("quantities", {}).items() if k != "Time"}
+        cleaned.append({**record, "quantities": quantities})
+    return cleaned
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "SGD", "lr": 0.1}, {"name": "Adam", "lr": 0.01}])
+def test_interrupted_and_resumed_run_equals_one_left_alone(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: dict) -> None:
+    sections = {
+        "training": {"steps": 30, "eval_every_steps": 10, "checkpoint_every": 7},
+        "instruments": {"preset": "economy", "every": 2},
+        "optimizer": optimizer,
+        "schedule": {"name": "StepLR", "interval": "step", "step_size": 9, "gamma": 0.5},
+    }
+    alone = write_config(tmp_path / "alone.yaml", tiny_config(data_dir, tmp_path / "a", **sections))
+    assert runner.invoke(app, ["run", str(alone), "--no-live"], catch_exceptions=False).exit_code == 0
+
+    import cockpit_cli.training.loop as loop
+
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda setup, observers, *args: original(setup, [*observers, Interrupt(at=17)], *args))
+    broken = write_config(tmp_path / "broken.yaml", tiny_config(data_dir, tmp_path / "b", **sections))
+    result = runner.invoke(app, ["run", str(broken), "--no-live"], catch_exceptions=False)
+    assert result.exit_code == 130
+    monkeypatch.setattr(loop, "train", original)
+    assert read_run(tmp_path / "b" / "run").status == "interrupted"
+
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "b" / "run"), "--no-live"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(tmp_path / "b" / "run")
+    assert resumed.status == "completed" and len(resumed.manifest["resumed_at"]) == 1
+    assert [r["step"] for r in resumed.steps] == list(range(30))
+    for a, b in zip(without_time(left_alone.steps), without_time(resumed.steps)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9), a["step"]
+        assert a["lr"] == b["lr"]
+        for name, value in a["quantities"].items():
+            if isinstance(value, float) and math.isfinite(value):
+                assert b["quantities"][name] == pytest.approx(value, rel=1e-4, abs=1e-7), (a["step"], name)
+        assert set(a["quantities"]) == set(b["quantities"]), a["step"]
+    assert [e["step"] for e in left_alone.evals] == [e["step"] for e in resumed.evals] == [0, 10, 20, 30]
+    for key in ("loss", "accuracy"):
+        expected = [e["splits"]["valid"][key] for e in left_alone.evals]
+        assert [e["splits"]["valid"][key] for e in resumed.evals] == pytest.approx(expected, rel=1e-6)
+    assert resumed.summary["final"] == left_alone.summary["final"]
+
+
+def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "r", training={"steps": 3}))
+    assert runner.invoke(app, ["run", str(config), "--no-live"], catch_exceptions=False).exit_code == 0
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "has no checkpoint to resume from" in result.output
+    result = runner.invoke(app, ["run", str(config), "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "--resume continues a run with its own config" in result.output
+    result = runner.invoke(app, ["run"], catch_exceptions=False)
+    assert result.exit_code == 2 and "needs a CONFIG file" in result.output
+    (tmp_path / "r" / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "cannot be read" in result.output
