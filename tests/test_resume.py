@@ -91,3 +91,13 @@ def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "r" / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
     assert result.exit_code == 2 and "cannot be read" in result.output
+
+
+def test_same_config_and_seed_write_identical_records(data_dir: Path, tmp_path: Path) -> None:
+    sections = {"training": {"steps": 12, "eval_every_steps": 6}, "instruments": {"preset": "full", "every": 3}}
+    for name in ("one", "two"):
+        path = write_config(tmp_path / f"{name}.yaml", tiny_config(data_dir, tmp_path / name, **sections))
+        assert runner.invoke(app, ["run", str(path), "--no-live"], catch_exceptions=False).exit_code == 0
+    one, two = read_run(tmp_path / "one" / "run"), read_run(tmp_path / "two" / "run")
+    assert without_time(one.steps) == without_time(two.steps)
+    assert [{k: v for k, v in e.items() if k != "time"} for e in one.evals] == [{k: v for k, v in e.items() if k != "time"} for e in two.evals]
