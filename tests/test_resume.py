@@ -101,3 +101,14 @@ def test_same_config_and_seed_write_identical_records(data_dir: Path, tmp_path: 
     one, two = read_run(tmp_path / "one" / "run"), read_run(tmp_path / "two" / "run")
     assert without_time(one.steps) == without_time(two.steps)
     assert [{k: v for k, v in e.items() if k != "time"} for e in one.evals] == [{k: v for k, v in e.items() if k != "time"} for e in two.evals]
+
+
+def test_adaptive_histogram_range_survives_a_checkpoint() -> None:
+    from cockpit_cli.instruments.quantities.grad_hist_1d import GradHist1d
+    from cockpit_cli.instruments.schedules import Schedule
+
+    adapted = GradHist1d(Schedule(), {"adaptive": True})
+    adapted.spec.low, adapted.spec.high = -0.25, 0.25
+    fresh = GradHist1d(Schedule(), {"adaptive": True})
+    fresh.load_state_dict(adapted.state_dict())
+    assert (fresh.spec.low, fresh.spec.high, fresh.spec.bins) == (-0.25, 0.25, 100)

@@ -24,6 +24,15 @@ class GradHist1d(Quantity):
         low, high = self.options["range"]
         self.spec = r.HistogramSpec(int(self.options["bins"]), float(low), float(high))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The current (possibly adapted) range, for checkpoints."""
+        return {"range": [self.spec.low, self.spec.high]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "range" in state:
+            low, high = state["range"]
+            self.spec = r.HistogramSpec(self.spec.bins, float(low), float(high))
+
     def requirements(self, step: int) -> set[str]:
         return {r.HIST1D, r.ABS_MAX} if self.options["adaptive"] else {r.HIST1D}
 
