@@ -17,7 +17,8 @@ from cockpit_cli.errors import CockpitError
 from cockpit_cli.report import parse_step_range, write_report
 from cockpit_cli.report.cockpit_figure import cockpit_figure
 from cockpit_cli.report.command import run_report
-from cockpit_cli.report.data import RunView, SampleOutcomes, total
+from cockpit_cli.report.data import RunView, SampleOutcomes
+from cockpit_cli.storage.totals import quantity_total as total
 from cockpit_cli.report.layers_figure import layers_figure
 from cockpit_cli.report.samples_figure import history, samples_figure, sort_samples
 from cockpit_cli.storage.reader import RunData, read_run

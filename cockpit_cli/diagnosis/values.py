@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
-def is_number(value: Any) -> bool:
-    """True for ints and floats (bools excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from cockpit_cli.storage.totals import is_number  # noqa: F401  (re-exported for the rules)
 
 
 def layer_of(parameter: str) -> str:

@@ -7,18 +7,9 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from cockpit_cli.display.panels.common import num
+from cockpit_cli.storage.totals import quantity_total
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, StepRecord
-
-
-def format_number(value: Any, digits: int = 4) -> str:
-    """Format a metric compactly: ``0.1235``, ``1.2e-05``, ``nan``, ``-`` for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}g}"
 
 
 # Instruments shown on a step line when the step tracked them: (quantity, label).
@@ -32,11 +23,9 @@ def instrument_summary(quantities: dict[str, Any]) -> str:
     """
     parts = []
     for name, label in KEY_INSTRUMENTS:
-        value = quantities.get(name)
-        if isinstance(value, list):
-            value = math.sqrt(math.fsum(v * v for v in value)) if value and all(isinstance(v, (int, float)) for v in value) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f"{label} {format_number(float(value), 3)}")
+        value = quantity_total(name, quantities.get(name))
+        if value is not None:
+            parts.append(f"{label} {num(value)}")
     return "  ".join(parts)
 
 
@@ -63,17 +52,17 @@ class PlainLog:
     def on_step(self, record: StepRecord) -> None:
         last = record.step + 1 == self.total_steps
         if record.step % self.every == 0 or last or not math.isfinite(record.loss):
-            rates = ", ".join(format_number(rate, 3) for rate in record.lr)
+            rates = ", ".join(num(rate, 3) for rate in record.lr)
             instruments = instrument_summary(record.quantities)
             self.console.print(
                 f"step {record.step:>6}/{self.total_steps}  epoch {record.epoch:>3}  "
-                f"loss {format_number(record.loss)}  lr {rates}  " + (f"{instruments}  " if instruments else "") + f"{record.time:7.1f}s"
+                f"loss {num(record.loss)}  lr {rates}  " + (f"{instruments}  " if instruments else "") + f"{record.time:7.1f}s"
             )
 
     def on_eval(self, record: EvalRecord) -> None:
         parts = []
         for split, metrics in record.splits.items():
-            text = f"{split} loss {format_number(metrics.loss)}"
+            text = f"{split} loss {num(metrics.loss)}"
             if metrics.accuracy is not None:
                 text += f" acc {metrics.accuracy:.3f}"
             parts.append(text)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cockpit_cli.display.sparkline import Series
+from cockpit_cli.storage.totals import quantity_total
 
 ALPHA_RANGE = (-1.5, 1.5)
 ALPHA_BINS = 15  # odd, so that one bin is centred on the ideal 0
-NORM_TOTALS = ("GradNorm", "Distance", "UpdateSize")  # per-parameter norms -> total norm
-SUM_TOTALS = ("HessTrace", "TICTrace")  # per-parameter sums -> total
 LATEST = ("GradHist1d", "GradHist2d", "LayerStats", "Activations", "InputStats")
 EMA_BETA = 0.95
 ALERT_LIMIT = 20
@@ -59,18 +58,6 @@ class RunInfo:
             unavailable=dict(instruments.get("unavailable") or {}),
             run_dir=run_dir,
         )
-
-
-def _total(name: str, value: Any) -> float | None:
-    """Reduce a quantity's value to one number for its history (``None``: not a scalar)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        if name in NORM_TOTALS:
-            return math.sqrt(math.fsum(v * v for v in value))
-        if name in SUM_TOTALS:
-            return math.fsum(value)
-    return None
 
 
 @dataclass
@@ -136,7 +123,7 @@ class DashboardState:
             if name in LATEST:
                 self.latest[name], self.latest_step[name] = value, step
                 continue
-            total = _total(name, value)
+            total = quantity_total(name, value)
             if total is None:
                 continue
             self._append(name, step, total)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cockpit_cli.diagnosis.engine import ENABLED_BY_PRESET
-from cockpit_cli.diagnosis.series import RunSeries, as_float, as_floats
+from cockpit_cli.diagnosis.series import RunSeries, as_floats
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import RunData
+from cockpit_cli.storage.totals import quantity_total
 
 # Per-parameter quantities whose total over the parameters is a sum (the rest: a Euclidean norm).
-SUMMED = frozenset({"HessTrace"})
 SPLITS = ("train_eval", "valid", "test")
 EVAL_METRICS = ("loss", "accuracy")
 LAST_SHARE = 0.1  # "the last 10%" of the tracked steps (Alpha's recent distribution)
@@ -55,17 +55,6 @@ def eval_metric(name: str) -> tuple[str, str] | None:
 def eval_metric_names() -> list[str]:
     """Every evaluation metric name: ``train_eval.loss``, ..., ``test.accuracy``."""
     return [f"{split}.{metric}" for split in SPLITS for metric in EVAL_METRICS]
-
-
-def total(name: str, value: Any) -> float | None:
-    """One number for a quantity's value: the value itself, or the sum / norm of a per-parameter list."""
-    scalar = as_float(value)
-    if scalar is not None:
-        return scalar
-    values = as_floats(value)
-    if not values:
-        return None
-    return math.fsum(values) if name in SUMMED else math.sqrt(math.fsum(x * x for x in values))
 
 
 def clip(series: Series, step_range: tuple[int, int] | None) -> Series:
@@ -135,7 +124,7 @@ class RunView:
 
     def quantity(self, name: str) -> Series:
         """One number per tracked step of quantity ``name`` (see :func:`total`)."""
-        return Series(*_finite(self.raw(name), lambda value: total(name, value)))
+        return Series(*_finite(self.raw(name), lambda value: quantity_total(name, value)))
 
     def metric(self, name: str) -> Series:
         """An evaluation metric (``"valid.loss"``) or a quantity (``"NormTest"``) as one number per step."""
