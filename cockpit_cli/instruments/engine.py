@@ -86,14 +86,12 @@ class Instruments:
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay)
         for quantity in self.quantities:
-            if hasattr(quantity, "plain_sgd"):
-                quantity.plain_sgd = self.plain_sgd
-            if hasattr(quantity, "set_origin"):
-                quantity.set_origin(self.params)
+            quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
         self.results: dict[int, dict[str, Any]] = {}
         self.started = time.perf_counter()
         self.next_step = 0
+        self._planned: tuple[int, list[Quantity], set[str]] | None = None
         self._before: list[Tensor] | None = None
         self._updating: list[Quantity] = []
         self._start_slopes = None
@@ -119,8 +117,13 @@ class Instruments:
         return reason is None
 
     def _plan(self, step: int) -> tuple[list[Quantity], set[str]]:
+        """Return the quantities active at ``step`` and what they need (asked once per step:
+        before the forward pass and again at the backward pass)."""
+        if self._planned is not None and self._planned[0] == step:
+            return self._planned[1], self._planned[2]
         active = [quantity for quantity in self.quantities if quantity.is_active(step)]
         needs: set[str] = set().union(*(quantity.requirements(step) for quantity in active)) if active else set()
+        self._planned = (step, active, needs)
         return active, needs
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:

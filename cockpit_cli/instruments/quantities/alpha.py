@@ -41,6 +41,9 @@ class Alpha(Quantity):
         self.start: dict[str, Any] | None = None  # observations at theta_t, until the update
         self.pending: dict[str, Any] | None = None  # start observations + direction, until t+1
 
+    def attach(self, params: list[torch.Tensor], plain_sgd: bool) -> None:
+        self.plain_sgd = plain_sgd
+
     def _ends_at(self, step: int) -> bool:
         return self.pending is not None and self.pending["step"] == step - 1
 

@@ -119,6 +119,10 @@ class Quantity:
         self.schedule = schedule
         self.options = {**self.options_defaults, **(options or {})}
 
+    def attach(self, params: list[Tensor], plain_sgd: bool) -> None:
+        """Called once when the instruments attach: the tracked parameters (theta_0) and whether
+        the optimizer is plain SGD (``d = -lr g``)."""
+
     def is_active(self, step: int) -> bool:
         """Return whether the quantity works at ``step`` (its schedule, plus any pending work)."""
         return self.schedule(step)

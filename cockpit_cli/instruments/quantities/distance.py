@@ -18,12 +18,12 @@ class Distance(Quantity):
         super().__init__(*args, **kwargs)
         self.origin: list[torch.Tensor] | None = None
 
-    def set_origin(self, params: list[torch.Tensor]) -> None:
-        """Remember theta_0 (called by the engine when it attaches)."""
+    def attach(self, params: list[torch.Tensor], plain_sgd: bool) -> None:
+        """Remember theta_0."""
         self.origin = [p.detach().clone() for p in params]
 
     def compute(self, data: StepData) -> None:
         if self.origin is None:
-            self.set_origin(data.params)
+            self.attach(data.params, data.plain_sgd)
         distances = [float(torch.linalg.vector_norm(p.detach() - p0)) for p, p0 in zip(data.params, self.origin)]
         data.emit(self.name, distances)
