@@ -42,7 +42,8 @@ class StepRecord:
     quantities: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Return the record as a dict (shallow: the quantity values are shared, not copied)."""
+        return {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr, "time": self.time, "quantities": self.quantities}
 
 
 @dataclass
