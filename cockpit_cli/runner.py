@@ -100,26 +100,21 @@ def execute_run(
         config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
         writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
         console.rule(f"run directory: {run_dir}", style="dim")
-    if not use_live_display(live, console, errors):
+    live_view = use_live_display(live, console, errors)
+    if live_view:
+        from cockpit_cli.display.dashboard import LiveDashboard
 
-        def print_alert(severity: str, text: str, key: str) -> None:
-            console.print(f"alert ({severity}) {text}", style="yellow" if severity == "warning" else "red" if severity == "critical" else None)
-
-        observers = [writer, PlainLog(every=config.training.log_every, console=console), live_diagnosis(config, print_alert)]
-        end = train(setup, observers, run_dir, checkpoint)
-        write_figures(config, run_dir, errors)
-        return report_end(end, run_dir, console, errors)
-
-    from cockpit_cli.display.dashboard import LiveDashboard
-
-    dashboard = LiveDashboard(console, run_dir=str(run_dir))
+        display = LiveDashboard(console, run_dir=str(run_dir))
+    else:
+        display = PlainLog(every=config.training.log_every, console=console)
     try:
-        end = train(setup, [writer, dashboard, live_diagnosis(config, dashboard.add_alert)], run_dir, checkpoint)
+        end = train(setup, [writer, display, live_diagnosis(config, display.add_alert)], run_dir, checkpoint)
     finally:
-        dashboard.close()
-    console.print(dashboard.final_summary())
+        display.close()
+    if live_view:
+        console.print(display.final_summary())
     write_figures(config, run_dir, errors)
-    return report_end(end, run_dir, console, errors, quiet=True)
+    return report_end(end, run_dir, console, errors, quiet=live_view)
 
 
 def write_figures(config: RunConfig, run_dir: Path, errors: Console) -> None:

@@ -183,3 +183,10 @@ def test_a_run_killed_with_sigkill_stays_readable_by_every_command(tmp_path: Pat
     other = tmp_path / "results" / "other"
     shutil.copytree(run_dir, other)
     assert invoke("compare", str(run_dir), str(other)).exit_code == 0
+
+
+def test_plain_log_prints_live_diagnosis_alerts(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "failures" / "lr_too_large.yaml"
+    result = invoke("run", str(config), "--no-live", "--out", str(tmp_path), "--name", "lr", "--set", "output.figures=false")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("alert (warning) lr_too_large:") == 1  # once per episode, not every check

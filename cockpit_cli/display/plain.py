@@ -68,5 +68,13 @@ class PlainLog:
             parts.append(text)
         self.console.print(f"eval after step {record.step} (epoch {record.epoch}): " + " | ".join(parts))
 
+    def add_alert(self, severity: str, text: str, key: str | None = None) -> None:
+        """Print an alert line (the dashboard's alerts panel, as a log line)."""
+        style = {"warning": "yellow", "critical": "red"}.get(severity)
+        self.console.print(f"alert ({severity}) {text}", style=style)
+
+    def close(self) -> None:
+        """Nothing to release (the live dashboard's counterpart stops its screen)."""
+
     def on_end(self, end: RunEnd) -> None:
         self.console.print(f"run {end.status.value} after {end.steps} steps ({end.train_seconds:.1f}s)")
