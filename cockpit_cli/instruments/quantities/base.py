@@ -11,6 +11,7 @@ does). A quantity that is not active at a step is not asked and costs nothing th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -70,6 +71,16 @@ class StepData:
     def emit(self, name: str, value: Any, step: int | None = None) -> None:
         """Record ``value`` of quantity ``name`` for ``step`` (default: this step)."""
         self.outputs.setdefault(self.step if step is None else step, {})[name] = value
+
+    @cached_property
+    def grad_norms(self) -> list[float]:
+        """``||g_p||`` per parameter (computed once, shared by the quantities that show it)."""
+        return norms(self.grads)
+
+    @cached_property
+    def param_norms(self) -> list[float]:
+        """``||theta_p||`` per parameter."""
+        return norms(self.params)
 
 
 @dataclass

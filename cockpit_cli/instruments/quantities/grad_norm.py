@@ -1,6 +1,6 @@
 """GradNorm: the 2-norm of the mini-batch gradient, per parameter."""
 
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, norms, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
 
 
 @register
@@ -8,4 +8,4 @@ class GradNorm(Quantity):
     name = "GradNorm"
 
     def compute(self, data: StepData) -> None:
-        data.emit(self.name, norms(data.grads))
+        data.emit(self.name, data.grad_norms)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, StepData, UpdateData, norms, register
+from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, StepData, UpdateData, register
 
 
 @register
@@ -28,8 +28,8 @@ class LayerStats(Quantity):
 
     def compute(self, data: StepData) -> None:
         self.partial[data.step] = {
-            "weight_norm": norms(data.params),
-            "grad_norm": norms(data.grads),
+            "weight_norm": data.param_norms,
+            "grad_norm": data.grad_norms,
             "zero_grad_fraction": [int((g == 0).sum()) / max(g.numel(), 1) for g in data.grads],
         }
 
