@@ -146,6 +146,3 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "quantities": ", ".join(f"{q.name} ({q.schedule.describe()})" for q in setup.quantities) or "none",
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }
-
-
-
