@@ -190,3 +190,14 @@ def test_plain_log_prints_live_diagnosis_alerts(tmp_path: Path) -> None:
     result = invoke("run", str(config), "--no-live", "--out", str(tmp_path), "--name", "lr", "--set", "output.figures=false")
     assert result.exit_code == 0, result.output
     assert result.output.count("alert (warning) lr_too_large:") == 1  # once per episode, not every check
+
+
+@pytest.mark.parametrize("training", [{"steps": 12, "eval_every_steps": 5}, {"steps": None, "epochs": 1, "eval_every_steps": None, "eval_every_epochs": 1}])
+def test_the_last_step_is_logged_before_the_final_evaluation(make_config, training: dict) -> None:
+    config = make_config(instruments={"preset": "economy"}, problem={"batch_size": 1000}, training=training)  # Alpha delays records by a step
+    result = invoke("run", str(config), "--no-live")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    last_step = max(i for i, line in enumerate(lines) if line.startswith("step "))
+    final_eval = max(i for i, line in enumerate(lines) if line.startswith("eval after step"))
+    assert last_step < final_eval

@@ -109,6 +109,7 @@ class Trainer:
                     self._checkpoint_if_due()
                 else:
                     self.end_epoch()
+            self.tracker.flush()  # the last step's record first, then the final evaluation
             if self.last_eval_step != self.step:
                 self.evaluate()
         except KeyboardInterrupt:
@@ -203,6 +204,8 @@ class Trainer:
         self.epoch += 1
         if self.setup.scheduler is not None and self.setup.config.schedule.interval == "epoch":
             self.setup.scheduler.step()
+        if self.step >= self.setup.total_steps:
+            self.tracker.flush()  # training is over: the last step's record before the final evaluation
         every = self.training.eval_every_epochs
         if every is not None and self.epoch % every == 0 and self.last_eval_step != self.step:
             self.evaluate()
