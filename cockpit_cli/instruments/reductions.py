@@ -8,6 +8,12 @@ data-parallel workers.
 Notation: ``G[i]`` is the gradient of sample i's total loss (its data loss plus the regulariser,
 so that ``g = mean_i G[i]`` is the mini-batch gradient), ``theta`` the parameter, ``h`` its
 curvature diagonal when one was computed in the same backward pass.
+
+With data-parallel processes (:mod:`sync`), a block holds the local shard's rows only. The
+per-coordinate statistics ``g``, ``m2``, ``centered`` and ``h`` are combined across processes
+when first used (all processes use them in the same order, see :func:`reduce_block`), so every
+kernel that reads them computes the global batch's value; per-sample vectors and counts stay
+local until :meth:`Accumulator.synchronize` combines them after the backward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from cockpit_cli.instruments.sync import Synchronizer
 
 # Names of the reductions quantities may request.
 GRAD_SQ_NORM = "grad_sq_norm"  # scalar: ||g||^2
@@ -33,6 +41,21 @@ HIST1D = "hist1d"  # [bins] and per parameter: counts of all g_id
 HIST2D = "hist2d"  # [bins_g, bins_theta]: joint counts of (g_id, theta_d)
 PROJECTIONS = "projections"  # [N]: g_i . u for a direction u given in the options
 ABS_MAX = "abs_max"  # scalar: max_id |g_id| (for adaptive histogram ranges)
+
+# How each reduction is combined across data-parallel processes: per-sample vectors are
+# gathered, counts summed, ABS_MAX maximised; all others are computed from the combined
+# per-coordinate statistics a kernel reads (SHARED_STATISTICS) and are global already.
+PER_SAMPLE = frozenset({SAMPLE_SQ_NORMS, SAMPLE_DOTS, PROJECTIONS})
+COUNTS = frozenset({HIST1D, HIST2D})
+SHARED_STATISTICS: dict[str, tuple[str, ...]] = {
+    GRAD_SQ_NORM: ("g",),
+    SAMPLE_DOTS: ("g",),
+    CENTERED_TOTAL: ("g", "centered"),
+    SECOND_MOMENT_TOTAL: ("m2",),
+    GSNR_SUM: ("g", "m2"),
+    EB_SUM: ("g", "centered"),
+    TIC_DIAG_SUM: ("m2",),
+}
 
 GSNR_EPSILON = 1e-5
 EB_EPSILON = 1e-5
@@ -96,33 +119,49 @@ class LayerBlock:
         index: Position of the parameter among the tracked parameters.
         samples: ``G``, shape ``[N, *p.shape]`` (or ``None`` if only curvature was computed).
         theta: The parameter's value, shape ``p.shape``.
-        curvature: Curvature diagonal, shape ``p.shape``, or ``None``.
+        curvature: Curvature diagonal of the local shard's mean loss, shape ``p.shape``, or ``None``.
+        sync: Combines statistics across data-parallel processes (default: one process).
     """
 
-    def __init__(self, index: int, samples: Tensor | None, theta: Tensor, curvature: Tensor | None = None):
+    def __init__(self, index: int, samples: Tensor | None, theta: Tensor, curvature: Tensor | None = None, sync: Synchronizer | None = None):
         self.index = index
+        self.sync = sync or Synchronizer()
         self.G = None if samples is None else samples.reshape(samples.shape[0], -1)
         self.theta = theta.detach().reshape(-1)
-        self.h = None if curvature is None else curvature.reshape(-1)
+        self.h = None if curvature is None else self._global_curvature(curvature.reshape(-1))
+
+    def _global_curvature(self, local: Tensor) -> Tensor:
+        """The global batch's curvature diagonal: the mean of the equal shards' diagonals."""
+        world = self.sync.world_size
+        return local if world == 1 else self.sync.sum(local) / world
 
     @property
     def n(self) -> int:
-        return self.G.shape[0]
+        """Samples in the global batch (equal shards on every process)."""
+        return self.G.shape[0] * self.sync.world_size
 
     @cached_property
     def g(self) -> Tensor:
-        """Mean gradient ``[D_p]``."""
-        return self.G.mean(0)
+        """Mean gradient of the global batch ``[D_p]``."""
+        return self.sync.sum(self.G.sum(0)) / self.n
 
     @cached_property
     def m2(self) -> Tensor:
-        """``sum_i g_id^2``, shape ``[D_p]``."""
-        return self.G.pow(2).sum(0)
+        """``sum_i g_id^2`` over the global batch, shape ``[D_p]``."""
+        return self.sync.sum(self.G.pow(2).sum(0))
 
     @cached_property
     def centered(self) -> Tensor:
-        """``sum_i (g_id - g_d)^2``, shape ``[D_p]`` (summed block by block)."""
-        return sum((block - self.g).pow(2).sum(0) for block in row_chunks(self.G))
+        """``sum_i (g_id - g_d)^2`` over the global batch, shape ``[D_p]`` (summed block by block)."""
+        return self.sync.sum(sum((block - self.g).pow(2).sum(0) for block in row_chunks(self.G)))
+
+    def share(self, requested: frozenset[str]) -> None:
+        """Combine, in a fixed order, the per-coordinate statistics the requested kernels read,
+        so that every process takes part in the same collectives whatever happens next."""
+        wanted = set().union(*(SHARED_STATISTICS.get(name, ()) for name in requested))
+        for statistic in ("g", "m2", "centered"):
+            if statistic in wanted:
+                getattr(self, statistic)
 
     @cached_property
     def sq_norms(self) -> Tensor:
@@ -131,7 +170,11 @@ class LayerBlock:
 
 
 class Accumulator:
-    """Sums of reductions over parameters (float64 scalars and vectors, counts as int64)."""
+    """Sums of reductions over parameters (float64 scalars and vectors, counts as int64).
+
+    Values derived from the combined per-coordinate statistics are global already; per-sample
+    vectors, counts and maxima are the local shard's until :meth:`synchronize`.
+    """
 
     def __init__(self, num_params: int):
         self.errors: list[str] = []
@@ -154,6 +197,24 @@ class Accumulator:
         current = self.totals.get(name)
         value = value.detach().to(torch.float64)
         self.totals[name] = value if current is None else torch.maximum(current, value)
+
+    def synchronize(self, sync: Synchronizer) -> None:
+        """Combine the local values across processes (a no-op for one process).
+
+        Per-sample vectors are concatenated in rank order, counts summed, maxima maximised.
+        """
+        if sync.world_size == 1:
+            return
+        for name in sorted(self.totals):
+            if name in PER_SAMPLE:
+                self.totals[name] = sync.gather(self.totals[name])
+            elif name in COUNTS:
+                self.totals[name] = sync.sum(self.totals[name])
+            elif name == ABS_MAX:
+                self.totals[name] = sync.maximum(self.totals[name])
+        for name in sorted(self.per_param):
+            if name in COUNTS:
+                self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]
 
 
 Kernel = Callable[[LayerBlock, Accumulator, ReductionOptions], None]
@@ -254,13 +315,18 @@ def reduce_block(block: LayerBlock, requested: frozenset[str], acc: Accumulator,
     A failing kernel is recorded in ``acc.errors`` and never raised: this runs inside the
     backward pass, which must complete for training to go on.
     """
-    for name in requested:
-        if name in NEEDS_SAMPLES and block.G is None:
-            continue
-        if name in NEEDS_CURVATURE and block.h is None:
-            continue
+    runnable = [name for name in KERNELS if name in requested and _has_inputs(block, name)]
+    if block.G is not None:
+        block.share(frozenset(runnable))
+    for name in runnable:
         try:
             KERNELS[name](block, acc, options)
         except Exception as error:  # noqa: BLE001 - reported by the quantities that lack the value
             acc.errors.append(f"{name}: {type(error).__name__}: {error}")
     acc.coordinates += block.theta.numel()
+
+
+def _has_inputs(block: LayerBlock, name: str) -> bool:
+    if name in NEEDS_SAMPLES and block.G is None:
+        return False
+    return not (name in NEEDS_CURVATURE and block.h is None)
