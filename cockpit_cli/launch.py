@@ -62,7 +62,7 @@ def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, err
 
     # Split the cores between the processes (torchrun would otherwise warn and pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    _quiet_launcher_logs()
     arguments = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "cockpit_cli", *worker_arguments])
     try:
         run(arguments)
@@ -72,6 +72,13 @@ def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, err
     except ChildFailedError as failed:
         return _report_failure(failed.failures, nproc, run_dir, errors)
     return ExitCode.OK
+
+
+def _quiet_launcher_logs() -> None:
+    """Silence the launcher's own log lines (each module's logger has its level set)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _report_failure(failures: dict, nproc: int, run_dir: Path, errors: Console) -> ExitCode:
