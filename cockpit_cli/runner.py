@@ -14,7 +14,7 @@ from rich.syntax import Syntax
 
 from cockpit_cli.config import RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode
-from cockpit_cli.launch import environment_world
+from cockpit_cli.launch import check_shards, environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 
@@ -80,10 +80,11 @@ def execute_run(
         config = resolve_config(config_path, overrides, out, name)
 
     if config.distributed.nproc > 1 and not dry_run and environment_world() is None:
+        check_shards(config, config.problem.batch_size, config.distributed.nproc)
         return _launch(config, config_path, overrides, resume, overwrite, live, traceback, errors)
 
     from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
-    from cockpit_cli.training.distributed import check_shards, start_processes
+    from cockpit_cli.training.distributed import start_processes
 
     processes = start_processes(config)  # joins the run's process group when it is one of several
     if processes is not None and not processes.is_main:
