@@ -95,6 +95,10 @@ def execute_run(
     console.rule("effective config", style="dim")
     console.print(Syntax(config.to_yaml().rstrip(), "yaml", theme="ansi_dark", background_color="default"))
     facts = describe_setup(setup)
+    if config.distributed.nproc > 1:
+        from cockpit_cli.training.distributed import choose_backend
+
+        facts["processes"] = f"{config.distributed.nproc} ({choose_backend(config)}), {setup.batch_size // config.distributed.nproc} samples of every batch each"
     if dry_run:
         console.rule("dry run: config is valid", style="dim")
         for key, value in facts.items():
