@@ -72,9 +72,17 @@ class Processes:
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def mean(self, value: float) -> float:
-        """Return the mean of ``value`` over the processes (the global batch's mean loss)."""
-        return self.sync.mean(value)
+    def agree(self, loss: float) -> tuple[float, bool, bool]:
+        """Return the global batch's mean loss, and whether any process was asked to stop
+        (Ctrl-C; another process failed), in one collective per step.
+
+        Every process takes the same decision at the same step, so none leaves while the others
+        are inside a collective with it.
+        """
+        signals = self.signals
+        votes = torch.tensor([loss, float(signals.interrupted), float(signals.peer_stopped)], dtype=torch.float64)
+        total = self.sync.sum(votes.to(_vote_device(self.backend))).tolist()
+        return total[0] / self.world_size, total[1] > 0, total[2] > 0
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``processes`` entry."""
@@ -84,6 +92,10 @@ class Processes:
         """Leave the process group (stop signals are noted until the process ends)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _vote_device(backend: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def start_processes(config: RunConfig) -> Processes | None:

@@ -113,7 +113,6 @@ class Trainer:
                     self.batches_in_epoch += 1
                     if diverged:
                         return self._end(RunStatus.DIVERGED, diverged)
-                    self._check_stop_signals()
                     if self._eval_due_after_step():
                         self.evaluate()
                     self._checkpoint_if_due()
@@ -191,7 +190,9 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         outputs = self.train_model(inputs)
         loss = self.problem.loss_function(outputs, targets) + self.problem.regularization_loss()
-        loss_value = float(loss.item()) if self.processes is None else self.processes.mean(float(loss.item()))
+        loss_value = float(loss.item())
+        if self.processes is not None:
+            loss_value = self._agree(loss_value)
         rates = learning_rates(optimizer)
         if not math.isfinite(loss_value):
             self.nonfinite_steps += 1
@@ -309,14 +310,15 @@ class Trainer:
             notes={"splits": facts["splits"], "samples": {"split": "valid", "indices": self.sample_indices}},
         )
 
-    def _check_stop_signals(self) -> None:
-        """Data-parallel training: act on the launcher's Ctrl-C or stop request between steps."""
-        if self.processes is None:
-            return
-        if self.processes.signals.interrupted:
+    def _agree(self, loss_value: float) -> float:
+        """Data-parallel training: the global mean loss, and stop (before this step's update) if
+        any process's launcher asked it to: Ctrl-C, or another process failed."""
+        loss_value, interrupted, peer_stopped = self.processes.agree(loss_value)
+        if interrupted:
             raise KeyboardInterrupt
-        if self.processes.signals.peer_stopped:
+        if peer_stopped:
             raise PeerStopped(self.processes.rank, self.processes.world_size, self.step)
+        return loss_value
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
         self.tracker.flush()
