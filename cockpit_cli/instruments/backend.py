@@ -2,8 +2,9 @@
 
 :class:`GradientCapture` runs ``loss.backward()`` with the BackPACK extensions the due
 quantities need (per-sample gradients and/or a curvature diagonal) and reduces each layer's
-block inside BackPACK's extension hook, so only one layer's ``[N, ...]`` block is alive at a
-time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
+per-sample gradients inside BackPACK's extension hook. Those of Linear and convolution weights
+stay factored and are formed a block of samples at a time (:mod:`factored_gradients`); other
+layers' ``[N, ...]`` blocks are alive one at a time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
 It also builds Hessian-vector products and forward-mode per-sample slopes.
 """
 
@@ -21,8 +22,9 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
-from cockpit_cli.instruments.conv_batch_grad import fast_batch_grad
-from cockpit_cli.instruments.reductions import Accumulator, LayerBlock, ReductionOptions, reduce_block
+from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad
+from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
+from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
 
 CURVATURES = {
@@ -133,7 +135,7 @@ class GradientCapture:
         batch_size = inputs.shape[0]
         extensions = []
         if per_sample and self.support.per_sample == "backpack":
-            extensions.append(fast_batch_grad())
+            extensions.append(factored_batch_grad())
         if curvature and self.support.curvature:
             extensions.append(self.curvature_extension())
         if extensions:
@@ -146,25 +148,31 @@ class GradientCapture:
             loss.backward(retain_graph=retain_graph)
         if per_sample and self.support.per_sample == "functorch":
             for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
-                block = LayerBlock(index, self._with_regularizer(index, samples), self.params[index])
-                reduce_block(block, requested, accumulator, options)
+                source = DenseSamples(self._with_regularizer(index, samples))
+                reduce_layer(index, source, self.params[index], None, requested, accumulator, options)
         return accumulator
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
         def reduce_module(module: nn.Module) -> None:
             for index, param in self.module_params.get(module, []):
-                samples = getattr(param, "grad_batch", None)
-                if samples is not None:
-                    samples = self._with_regularizer(index, samples * batch_size)  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
                 diagonal = getattr(param, self.curvature_attribute, None)
                 if diagonal is not None and self.weight_decay[index]:
                     diagonal = diagonal + self.weight_decay[index]
-                reduce_block(LayerBlock(index, samples, param, diagonal), requested, accumulator, options)
+                source = self._source(index, getattr(param, "grad_batch", None), batch_size)
+                reduce_layer(index, source, param, diagonal, requested, accumulator, options)
                 for attribute in ("grad_batch", self.curvature_attribute):
                     if hasattr(param, attribute):
                         delattr(param, attribute)
 
         return reduce_module
+
+    def _source(self, index: int, samples: Tensor | FactoredSamples | None, batch_size: int) -> SampleSource | None:
+        """Return the per-sample gradients of parameter ``index`` (with the regulariser) from BackPACK's ``grad_batch``."""
+        if samples is None:
+            return None
+        if isinstance(samples, FactoredSamples):
+            return samples.regularized(self.params[index], self.weight_decay[index])
+        return DenseSamples(self._with_regularizer(index, samples * batch_size))  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
 
     def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:
         """Add the regulariser's gradient lambda * p (the same for every sample) in place."""

@@ -1,0 +1,148 @@
+"""Phases 1 and 2 of a layer's reductions: the mean gradient, then one pass over sample blocks.
+
+A :class:`SampleSource` hands out one parameter's per-sample gradients ``G`` (``[N, D_p]``) block
+by block of samples. It may hold the whole block (:class:`DenseSamples`) or form each block of
+samples only when asked, from the layer's inputs and output gradients
+(:mod:`factored_gradients`), so that no ``[N, D_p]`` tensor of a large layer ever exists.
+:func:`reduce_layer` runs the three phases of :mod:`reductions` on a source.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments import reductions as r
+
+
+class SampleSource(Protocol):
+    """One parameter's per-sample gradients ``G``, ``[N, D_p]``, handed out block by block."""
+
+    n: int
+
+    def mean(self) -> Tensor:
+        """Return the mean gradient ``g = mean_i G[i]``, shape ``[D_p]``."""
+
+    def blocks(self) -> Iterator[Tensor]:
+        """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order)."""
+
+
+class DenseSamples:
+    """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
+
+    def __init__(self, samples: Tensor):
+        self.samples = samples.reshape(samples.shape[0], -1)
+        self.n = self.samples.shape[0]
+
+    def mean(self) -> Tensor:
+        return self.samples.mean(0)
+
+    def blocks(self) -> Iterator[Tensor]:
+        yield from r.row_chunks(self.samples)
+
+
+def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
+    """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
+    return torch.bincount(bins.reshape(-1), minlength=spec.bins + 1)
+
+
+def sample_statistics(
+    source: SampleSource,
+    g: Tensor | None,
+    wanted: frozenset[str],
+    theta: Tensor,
+    options: r.ReductionOptions,
+    direction: Tensor | None = None,
+) -> r.SampleStatistics:
+    """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
+
+    Args:
+        source: The per-sample gradients ``G``, ``[N, D_p]``.
+        g: Mean gradient ``[D_p]`` (needed for ``centered`` and ``dots``).
+        wanted: Names of :class:`reductions.SampleStatistics` fields.
+        theta: The parameter, flattened ``[D_p]`` (for the 2-D histogram).
+        options: Histogram ranges.
+        direction: ``u``, flattened ``[D_p]`` (for ``projected``).
+
+    Returns:
+        The statistics; those not wanted stay ``None``.
+    """
+    sums: dict[str, Tensor] = {}
+    rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS, r.DOTS, r.PROJECTED}}
+    grad_axis, param_axis = options.hist2d
+    columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p], NaN -> bins
+    for block in source.blocks():  # [b, D_p]
+        if wanted & {r.M2, r.SQ_NORMS}:
+            squares = block.square()
+            if r.M2 in wanted:
+                _accumulate(sums, r.M2, squares.sum(0))
+            if r.SQ_NORMS in wanted:
+                rows[r.SQ_NORMS].append(squares.sum(1))
+            del squares
+        if r.CENTERED in wanted:
+            _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
+        if r.DOTS in wanted:
+            rows[r.DOTS].append(block @ g)
+        if r.PROJECTED in wanted:
+            rows[r.PROJECTED].append(block @ direction)
+        if r.HIST1D_COUNTS in wanted:
+            _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
+        if r.HIST2D_COUNTS in wanted:
+            cells = grad_axis.bins * param_axis.bins
+            bins = grad_axis.bin_of(block)  # [b, D_p], NaN -> grad_axis.bins
+            flat = torch.where((bins < grad_axis.bins) & (columns < param_axis.bins), bins * param_axis.bins + columns, cells)
+            _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=cells + 1))
+        if r.LARGEST in wanted:
+            low, high = block.aminmax()
+            largest = torch.maximum(high, -low)
+            sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
+    stats = r.SampleStatistics(**sums, **{name: torch.cat(parts) for name, parts in rows.items()})
+    if stats.hist1d_counts is not None:
+        stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
+    if stats.hist2d_counts is not None:
+        stats.hist2d_counts = stats.hist2d_counts[: grad_axis.bins * param_axis.bins].reshape(grad_axis.bins, param_axis.bins)
+    return stats
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    sums[name] = value if name not in sums else sums[name].add_(value)
+
+
+def reduce_layer(
+    index: int,
+    source: SampleSource | None,
+    theta: Tensor,
+    curvature: Tensor | None,
+    requested: frozenset[str],
+    acc: r.Accumulator,
+    options: r.ReductionOptions,
+) -> None:
+    """Run the three phases for one parameter and add its reductions to ``acc``.
+
+    Args:
+        index: Position of the parameter among the tracked parameters.
+        source: Its per-sample gradients, or ``None`` when only curvature was computed.
+        theta: The parameter ``p.shape``.
+        curvature: Its curvature diagonal ``p.shape``, or ``None``.
+        requested: Reduction names.
+        acc: Where the sums go.
+        options: Histogram ranges and projection direction.
+    """
+    theta = theta.detach().reshape(-1)
+    h = None if curvature is None else curvature.reshape(-1)
+    block = r.LayerBlock(index, 0, theta, h=h)
+    requested = r.runnable(requested, source is not None, h is not None)
+    if source is not None and requested & r.NEEDS_SAMPLES:
+        try:
+            block.n = source.n
+            block.g = source.mean() if requested & r.NEEDS_MEAN else None  # phase 1
+            wanted = r.statistics_for(requested)
+            direction = options.direction[index].reshape(-1).to(theta.dtype) if r.PROJECTED in wanted else None
+            block.stats = sample_statistics(source, block.g, wanted, theta, options, direction)  # phase 2
+        except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+            acc.errors.append(f"per-sample statistics: {type(error).__name__}: {error}")
+            requested -= r.NEEDS_SAMPLES
+    r.reduce_block(block, requested, acc, options)  # phase 3
+
