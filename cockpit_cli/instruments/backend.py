@@ -84,12 +84,23 @@ class GradientCapture:
         if support.curvature and isinstance(loss_function, nn.Module):
             self.extendable.append(loss_function)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached_for_curvature = False
 
-    def attach(self) -> None:
-        """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass."""
+    def attach(self, curvature: bool) -> None:
+        """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
+
+        A curvature diagonal is backpropagated through every layer, which then keeps its input
+        and output. Per-sample gradients alone need only the layers with tracked parameters, and
+        of Linear and convolution layers only the inputs (see :func:`store_inputs`).
+        """
+        if self._handles and self._attached_for_curvature != curvature:
+            self.detach()
         if not self._handles:
-            for module in self.extendable:
-                self._handles += [module.register_forward_hook(hook_store_io), module.register_full_backward_hook(hook_run_extensions)]
+            self._attached_for_curvature = curvature
+            modules = self.extendable if curvature else [m for m in self.extendable if m in self.module_params]
+            for module in modules:
+                store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
+                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(hook_run_extensions)]
 
     def detach(self) -> None:
         """Remove BackPACK's hooks again, after the tracked step's backward pass."""
@@ -233,6 +244,23 @@ class GradientCapture:
             return tangent.detach().double() + regularizer
 
         return slopes
+
+
+INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def store_inputs(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    """BackPACK's ``hook_store_io`` for first-order rules of Linear and convolution layers.
+
+    It stores the inputs (``module.input0``, ...) but, in place of the output, a stand-in of the
+    output's shape, dtype and device that holds one element: these rules read only the output's
+    shape, and keeping the output itself would hold every layer's pre-activation alive until the
+    backward pass reaches it (plain training frees it once the activation function has run).
+    """
+    if torch.is_grad_enabled():
+        for i, tensor in enumerate(inputs):
+            setattr(module, f"input{i}", tensor)
+        module.output = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
 
 
 def capture_rng_state(device: torch.device) -> tuple:

@@ -135,7 +135,7 @@ class Instruments:
         replay = START_SLOPES in needs or _projections_only(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
-            self.capture.attach()
+            self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
         else:
             self.capture.detach()
 

@@ -74,13 +74,14 @@ def sample_statistics(
     grad_axis, param_axis = options.hist2d
     columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p], NaN -> bins
     for block in source.blocks():  # [b, D_p]
-        if wanted & {r.M2, r.SQ_NORMS}:
+        if r.M2 in wanted:
             squares = block.square()
-            if r.M2 in wanted:
-                _accumulate(sums, r.M2, squares.sum(0))
+            _accumulate(sums, r.M2, squares.sum(0))
             if r.SQ_NORMS in wanted:
                 rows[r.SQ_NORMS].append(squares.sum(1))
             del squares
+        elif r.SQ_NORMS in wanted:
+            rows[r.SQ_NORMS].append(torch.linalg.vector_norm(block, dim=1).square_())  # one pass, no [b, D_p] temporary
         if r.CENTERED in wanted:
             _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
         if r.DOTS in wanted:
