@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 
 from cockpit_cli import __version__
-from cockpit_cli.errors import CockpitError, ExitCode
+from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
+from cockpit_cli.launch import process_label
 
 app = typer.Typer(
     name="cockpit",
@@ -42,7 +43,10 @@ def reporting_errors(show_traceback: bool) -> Iterator[None]:
     except CockpitError as error:
         if show_traceback:
             raise
-        stderr.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False)
+        label = process_label()  # another process than rank 0 of a data-parallel run
+        if label and (isinstance(error, PeerStopped) or error.code == ExitCode.BAD_INPUT):
+            raise typer.Exit(int(error.code)) from None  # rank 0 says it once for the whole run
+        stderr.print(f"[bold red]error:[/] {label}{error.message}", markup=True, highlight=False)
         if error.hint:
             stderr.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
         raise typer.Exit(int(error.code)) from None
@@ -51,7 +55,7 @@ def reporting_errors(show_traceback: bool) -> Iterator[None]:
     except Exception as error:  # a defect, not bad input: still one line unless asked for more
         if show_traceback:
             raise
-        stderr.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {error}", markup=True, highlight=False)
+        stderr.print(f"[bold red]error:[/] {process_label()}unexpected {type(error).__name__}: {error}", markup=True, highlight=False)
         stderr.print("[dim]hint:[/] rerun with --traceback to see where it happened", markup=True)
         raise typer.Exit(int(ExitCode.FAILURE)) from None
 
@@ -82,13 +86,20 @@ def run(
         typer.Option("--live/--no-live", help="Live dashboard, or a plain log line every training.log_every steps. Default: live on a terminal unless CI is set.", show_default=False),
     ] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue RUN_DIR from its last checkpoint (training.checkpoint_every).", show_default=False)] = None,
+    nproc: Annotated[
+        Optional[int],
+        typer.Option("--nproc", min=1, help="Train on N data-parallel processes (distributed.nproc), started through torch.distributed.run.", show_default=False),
+    ] = None,
     traceback: TracebackOption = False,
 ) -> None:
     """Train the problem in CONFIG with instruments attached and write a run directory."""
     with reporting_errors(traceback):
         from cockpit_cli.runner import execute_run
 
-        code = execute_run(config, overrides=list(set_), out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live, resume=resume)
+        overrides = list(set_) + ([f"distributed.nproc={nproc}"] if nproc is not None else [])
+        code = execute_run(
+            config, overrides=overrides, out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live, resume=resume, traceback=traceback
+        )
     raise typer.Exit(int(code))
 
 

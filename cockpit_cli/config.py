@@ -101,6 +101,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """``distributed:`` section: data-parallel training on ``nproc`` processes of this machine.
+
+    Each process trains on an equal shard of every batch (the batch size must divide by
+    ``nproc``). ``backend: auto`` is NCCL on CUDA and Gloo on the CPU.
+    """
+
+    nproc: int = _positive(1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole, validated configuration of a run."""
 
@@ -110,6 +122,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: str = field(default="<config>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +134,7 @@ class RunConfig:
             "training": dataclasses.asdict(self.training),
             "instruments": dataclasses.asdict(self.instruments),
             "output": dataclasses.asdict(self.output),
+            "distributed": dataclasses.asdict(self.distributed),
         }
 
     def to_yaml(self) -> str:
@@ -303,6 +317,8 @@ def _check_consistency(config: RunConfig) -> None:
         raise config.fail("training", "give either epochs or steps, not both")
     if training.eval_every_epochs is not None and training.eval_every_steps is not None:
         raise config.fail("training", "give either eval_every_epochs or eval_every_steps, not both", "set one of them to null")
+    if config.distributed.backend == "nccl" and training.device == "cpu":
+        raise config.fail("distributed.backend", "nccl needs CUDA GPUs, but training.device is cpu", "use backend: gloo (or auto) on the CPU")
     name = config.output.name
     if name is not None and not is_safe_name(name):
         raise config.fail("output.name", f"{name!r} is not a safe directory name", "use letters, digits, '.', '_' and '-' only")

@@ -39,6 +39,20 @@ class CockpitError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class PeerStopped(CockpitError):
+    """Another process of a data-parallel run stopped (it failed, or its launcher ended it).
+
+    The process that failed prints its own error; the others only end.
+    """
+
+    def __init__(self, rank: int, world_size: int, step: int):
+        super().__init__(
+            f"another process of this run stopped at step {step}; process {rank} of {world_size} ended with it",
+            "the failing process's error is printed above; the records up to that step are kept",
+            ExitCode.FAILURE,
+        )
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest known name, or ``""`` if none is close."""
     matches = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.syntax import Syntax
 
 from cockpit_cli.config import RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode
+from cockpit_cli.launch import environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 
@@ -47,12 +49,17 @@ def execute_run(
     errors: Console,
     live: bool | None = None,
     resume: Path | None = None,
+    traceback: bool = False,
 ) -> ExitCode:
     """Run (or, with ``dry_run``, only build) the training described by ``config_path``.
+
+    With ``distributed.nproc`` above 1, this process becomes the launcher of that many processes
+    (:mod:`launch`), each of which comes back here as a worker of the data-parallel run.
 
     Args:
         live: Draw the live dashboard (``None``: on a terminal outside CI), else the plain log.
         resume: A run directory to continue from its checkpoint (instead of ``config_path``).
+        traceback: Pass ``--traceback`` on to the processes of a data-parallel run.
 
     Returns:
         The exit code: OK when completed, FAILURE when diverged, INTERRUPTED on Ctrl-C.
@@ -72,9 +79,18 @@ def execute_run(
     else:
         config = resolve_config(config_path, overrides, out, name)
 
-    from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
+    if config.distributed.nproc > 1 and not dry_run and environment_world() is None:
+        return _launch(config, config_path, overrides, resume, overwrite, live, traceback, errors)
 
+    from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
+    from cockpit_cli.training.distributed import check_shards, start_processes
+
+    processes = start_processes(config)  # joins the run's process group when it is one of several
+    if processes is not None and not processes.is_main:
+        console = Console(file=io.StringIO())  # rank 0 speaks for the run
+        live = False
     setup = build_run(config)  # every config error surfaces here, before anything is printed
+    check_shards(config, setup.batch_size, processes.world_size if processes else config.distributed.nproc)
     console.rule("effective config", style="dim")
     console.print(Syntax(config.to_yaml().rstrip(), "yaml", theme="ansi_dark", background_color="default"))
     facts = describe_setup(setup)
@@ -88,6 +104,8 @@ def execute_run(
     from cockpit_cli.storage.writer import RunWriter, default_run_name, prepare_run_directory, reopen_run_directory
     from cockpit_cli.training.loop import train
 
+    if processes is not None and not processes.is_main:
+        return _train_quietly(setup, config, checkpoint, resume, processes)
     if checkpoint is not None:
         run_dir = resume
         pending = checkpoint["tracker"]["pending"]
@@ -108,13 +126,47 @@ def execute_run(
     else:
         display = PlainLog(every=config.training.log_every, console=console)
     try:
-        end = train(setup, [writer, display, live_diagnosis(config, display.add_alert)], run_dir, checkpoint)
+        end = train(setup, [writer, display, live_diagnosis(config, display.add_alert)], run_dir, checkpoint, processes)
     finally:
         display.close()
+        if processes is not None:
+            processes.close()
     if live_view:
         console.print(display.final_summary())
     write_figures(config, run_dir, errors)
     return report_end(end, run_dir, console, errors, quiet=live_view)
+
+
+def _launch(
+    config: RunConfig, config_path: Path | None, overrides: list[str], resume: Path | None, overwrite: bool, live: bool | None, traceback: bool, errors: Console
+) -> ExitCode:
+    """Start the data-parallel processes, each running this command as a worker."""
+    from cockpit_cli.launch import launch_processes
+    from cockpit_cli.storage.writer import default_run_name
+
+    if resume is not None:
+        run_dir, arguments = resume, ["run", "--resume", str(resume)]
+    else:
+        name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
+        run_dir = Path(config.output.directory).expanduser() / name
+        arguments = ["run", str(config_path), *(f"--set={override}" for override in overrides), "--out", str(run_dir.parent), "--name", name]
+        arguments += ["--overwrite"] if overwrite else []
+    arguments += [] if live is None else ["--live" if live else "--no-live"]
+    arguments += ["--traceback"] if traceback else []
+    return launch_processes(arguments, config.distributed.nproc, run_dir, errors)
+
+
+def _train_quietly(setup: object, config: RunConfig, checkpoint: dict | None, resume: Path | None, processes: object) -> ExitCode:
+    """A data-parallel process other than rank 0: train its shards, write and show nothing."""
+    from cockpit_cli.training.loop import train
+
+    run_dir = resume if resume is not None else Path(config.output.directory).expanduser() / (config.output.name or "")
+    try:
+        end = train(setup, [], run_dir, checkpoint, processes)
+    finally:
+        processes.close()
+    codes = {RunStatus.COMPLETED: ExitCode.OK, RunStatus.INTERRUPTED: ExitCode.INTERRUPTED}
+    return codes.get(end.status, ExitCode.FAILURE)
 
 
 def write_figures(config: RunConfig, run_dir: Path, errors: Console) -> None:

@@ -26,6 +26,7 @@ from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored
 from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
+from cockpit_cli.instruments.sync import Synchronizer
 
 CURVATURES = {
     "hessian": (DiagHessian, "diag_h"),
@@ -51,6 +52,8 @@ class GradientCapture:
         curvature: ``"hessian"``, ``"ggn"`` or ``"ggn_mc"``.
         weight_decay: Per parameter, the L2 factor lambda of the regulariser
             ``0.5 * lambda * ||p||^2`` included in the loss (0 for undecayed parameters).
+        sync: Combines the shards of data-parallel processes (default: one process). Each
+            process then holds ``n = N / W`` samples; per-sample results are gathered to ``[N]``.
     """
 
     def __init__(
@@ -63,7 +66,9 @@ class GradientCapture:
         support: Support,
         curvature: str,
         weight_decay: list[float],
+        sync: Synchronizer | None = None,
     ):
+        self.sync = sync or Synchronizer()
         self.model = model
         self.loss_function = loss_function
         self.per_sample_loss_function = per_sample_loss_function
@@ -129,7 +134,8 @@ class GradientCapture:
         retain_graph: bool = False,
         rng_state: tuple | None = None,
     ) -> Accumulator:
-        """Run ``loss.backward()`` and return the sums of the requested reductions.
+        """Run ``loss.backward()`` and return the sums of the requested reductions (global ones,
+        combined across data-parallel processes).
 
         Args:
             loss: The mini-batch loss (scalar, with the regulariser).
@@ -160,7 +166,8 @@ class GradientCapture:
         if per_sample and self.support.per_sample == "functorch":
             for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
                 source = DenseSamples(self._with_regularizer(index, samples))
-                reduce_layer(index, source, self.params[index], None, requested, accumulator, options)
+                reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
+        accumulator.synchronize(self.sync)
         return accumulator
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
@@ -170,7 +177,7 @@ class GradientCapture:
                 if diagonal is not None and self.weight_decay[index]:
                     diagonal = diagonal + self.weight_decay[index]
                 source = self._source(index, getattr(param, "grad_batch", None), batch_size)
-                reduce_layer(index, source, param, diagonal, requested, accumulator, options)
+                reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
                 for attribute in ("grad_batch", self.curvature_attribute):
                     if hasattr(param, attribute):
                         delattr(param, attribute)
@@ -217,11 +224,17 @@ class GradientCapture:
         return [gradients[name] for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
-        """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist)."""
+        """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
+
+        With data-parallel processes, ``loss`` is the local shard's mean loss and the product is
+        the mean of the shards' products: the global batch's Hessian times ``v``.
+        """
         gradients = torch.autograd.grad(loss, self.params, create_graph=True)
+        world = self.sync.world_size
 
         def product(vector: list[Tensor]) -> list[Tensor]:
-            return list(torch.autograd.grad(gradients, self.params, grad_outputs=vector, retain_graph=True))
+            local = torch.autograd.grad(gradients, self.params, grad_outputs=vector, retain_graph=True)
+            return list(local) if world == 1 else [self.sync.sum(h) / world for h in local]
 
         return product
 
@@ -229,7 +242,7 @@ class GradientCapture:
         """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``.
 
         One forward-mode pass on the same batch; the random state of the original forward pass is
-        restored first, so dropout draws the same masks.
+        restored first, so dropout draws the same masks. Data-parallel shards are gathered.
         """
 
         def slopes(direction: list[Tensor]) -> Tensor:
@@ -241,7 +254,7 @@ class GradientCapture:
                 losses = self.per_sample_loss_function(functional_call(self.model, duals, (inputs,)), targets)
                 tangent = forward_ad.unpack_dual(losses).tangent
             regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, self.weight_decay) if wd)
-            return tangent.detach().double() + regularizer
+            return self.sync.gather(tangent.detach().double() + regularizer)
 
         return slopes
 

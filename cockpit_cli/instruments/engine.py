@@ -33,6 +33,7 @@ from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
 from cockpit_cli.instruments.support import check_support
+from cockpit_cli.instruments.sync import Synchronizer
 
 ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU)
 
@@ -59,6 +60,9 @@ class Instruments:
             training loss includes, applied to ``decayed_parameters``.
         decayed_parameters: The parameters the regulariser applies to.
         curvature: Curvature diagonal for HessTrace / TIC: ``hessian``, ``ggn`` or ``ggn_mc``.
+        sync: For data-parallel training: combines the processes' shards, so that every value
+            is the global batch's (each process passes its shard of ``n = N / W`` samples and
+            its local mean loss; the model's gradients must be averaged, as DDP does).
     """
 
     def __init__(
@@ -71,7 +75,9 @@ class Instruments:
         weight_decay: float = 0.0,
         decayed_parameters: Iterable[nn.Parameter] = (),
         curvature: str = "hessian",
+        sync: Synchronizer | None = None,
     ):
+        self.sync = sync or Synchronizer()
         self.model = model
         self.optimizer = optimizer
         self.per_sample_loss_function = per_sample_loss_function
@@ -84,7 +90,7 @@ class Instruments:
         self.unavailable: dict[str, str] = {}
         self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
-        self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay)
+        self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay, self.sync)
         for quantity in self.quantities:
             quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
@@ -96,7 +102,7 @@ class Instruments:
         self._updating: list[Quantity] = []
         self._start_slopes = None
         self._rng_state: tuple | None = None
-        self._activations: dict[str, dict[str, float]] | None = None
+        self._activations: dict[str, Tensor] | None = None  # module name -> [sum, sum of squares, zeros, count]
         self._own_pass = False  # True while the engine runs forward passes of its own
         self._hooks = [model.register_forward_pre_hook(self._before_forward)]
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
@@ -149,11 +155,25 @@ class Instruments:
             if self._own_pass or self._activations is None or not isinstance(output, Tensor):
                 return
             values = output.detach()
-            self._activations[name] = {
-                "mean": float(values.mean()),
-                "std": float(values.std(unbiased=False)),
-                "zero_fraction": int((values == 0).sum()) / max(values.numel(), 1),
-            }
+            moments = torch.stack([values.sum(dtype=torch.float64), values.double().pow(2).sum(), (values == 0).sum().double()])
+            self._activations[name] = torch.cat([moments, moments.new_tensor([values.numel()])])
+
+        return record
+
+    def _activation_statistics(self) -> dict[str, dict[str, float]] | None:
+        """Mean, standard deviation and zero fraction of each recorded output over the global batch."""
+        if self._activations is None:
+            return None
+        names = sorted(self._activations)
+        if not names:
+            return {}
+        sums = self.sync.sum(torch.stack([self._activations[name] for name in names])).tolist()
+        statistics = {}
+        for name, (total, squares, zeros, count) in zip(names, sums):
+            count = max(count, 1.0)
+            mean = total / count
+            statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
+        return statistics
 
         return record
 
@@ -186,7 +206,7 @@ class Instruments:
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             with torch.no_grad():
-                individual = self.per_sample_loss_function(_detach(outputs), targets).detach() + self.capture.regularization()
+                individual = self.sync.gather(self.per_sample_loss_function(_detach(outputs), targets).detach() + self.capture.regularization())
         if q.PARAMS_BEFORE in needs:
             self._before = [p.detach().clone() for p in self.params]
             self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]
@@ -212,8 +232,8 @@ class Instruments:
             self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         data = StepData(
             step=step,
-            loss=float(loss.detach()),
-            batch_size=inputs.shape[0],
+            loss=self.sync.mean(float(loss.detach())),
+            batch_size=inputs.shape[0] * self.sync.world_size,
             params=self.params,
             names=self.names,
             grads=[p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
@@ -223,8 +243,8 @@ class Instruments:
             elapsed=time.perf_counter() - self.started,
             individual_losses=individual,
             hvp=self.capture.hessian_vector_product(loss) if hvp else None,
-            inputs=inputs if q.INPUTS in needs else None,
-            activations=self._activations,
+            inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
+            activations=self._activation_statistics(),
         )
         for quantity in active:
             self._run(quantity, quantity.compute, data)

@@ -10,8 +10,12 @@ them and no ``[N, D_p]`` block of a large layer need ever exist:
    ``g``, projections), histogram counts and the largest magnitude;
 3. the kernels below, which read only ``g``, those statistics and the curvature diagonal.
 
-Every reduction is a sum over samples or over coordinates, so it can also be summed across
-data-parallel workers.
+With data-parallel processes (:mod:`sync`), a source holds the local shard's samples only. The
+per-coordinate statistics ``g``, ``m2``, ``centered`` and ``h`` are combined across processes
+between the phases (:func:`sample_pass.reduce_layer`, the same collectives in the same order on
+every process), so every kernel that reads them computes the global batch's value; per-sample
+vectors and counts stay local until :meth:`Accumulator.synchronize` combines them after the
+backward pass.
 
 Notation: ``G[i]`` is the gradient of sample i's total loss (its data loss plus the regulariser,
 so that ``g = mean_i G[i]`` is the mini-batch gradient), ``theta`` the parameter, ``h`` its
@@ -25,6 +29,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from cockpit_cli.instruments.sync import Synchronizer
 
 # Names of the reductions quantities may request.
 GRAD_SQ_NORM = "grad_sq_norm"  # scalar: ||g||^2
@@ -40,6 +46,12 @@ HIST1D = "hist1d"  # [bins] and per parameter: counts of all g_id
 HIST2D = "hist2d"  # [bins_g, bins_theta]: joint counts of (g_id, theta_d)
 PROJECTIONS = "projections"  # [N]: g_i . u for a direction u given in the options
 ABS_MAX = "abs_max"  # scalar: max_id |g_id| (for adaptive histogram ranges)
+
+# How each reduction is combined across data-parallel processes after the backward pass:
+# per-sample vectors are gathered, counts summed, ABS_MAX maximised; all others are computed
+# from the combined per-coordinate statistics and are global already.
+PER_SAMPLE = frozenset({SAMPLE_SQ_NORMS, SAMPLE_DOTS, PROJECTIONS})
+COUNTS = frozenset({HIST1D, HIST2D})
 
 GSNR_EPSILON = 1e-5
 EB_EPSILON = 1e-5
@@ -138,11 +150,12 @@ class LayerBlock:
 
     Attributes:
         index: Position of the parameter among the tracked parameters.
-        n: Number of samples N (0 when only curvature was computed).
+        n: Number of samples N of the global batch (0 when only curvature was computed).
         theta: The parameter's value, flattened ``[D_p]``.
-        g: Mean gradient ``[D_p]``, or ``None``.
-        stats: The phase-2 sums, or ``None`` without per-sample gradients.
-        h: Curvature diagonal ``[D_p]``, or ``None``.
+        g: Mean gradient of the global batch ``[D_p]``, or ``None``.
+        stats: The phase-2 sums (``m2`` and ``centered`` global, the rest local), or ``None``
+            without per-sample gradients.
+        h: Curvature diagonal of the global batch ``[D_p]``, or ``None``.
     """
 
     index: int
@@ -162,7 +175,11 @@ class LayerBlock:
 
 
 class Accumulator:
-    """Sums of reductions over parameters (float64 scalars and vectors, counts as int64)."""
+    """Sums of reductions over parameters (float64 scalars and vectors, counts as int64).
+
+    Values derived from the combined per-coordinate statistics are global already; per-sample
+    vectors, counts and maxima are the local shard's until :meth:`synchronize`.
+    """
 
     def __init__(self, num_params: int):
         self.errors: list[str] = []
@@ -185,6 +202,24 @@ class Accumulator:
         current = self.totals.get(name)
         value = value.detach().to(torch.float64)
         self.totals[name] = value if current is None else torch.maximum(current, value)
+
+    def synchronize(self, sync: Synchronizer) -> None:
+        """Combine the local values across processes (a no-op for one process).
+
+        Per-sample vectors are concatenated in rank order, counts summed, maxima maximised.
+        """
+        if sync.world_size == 1:
+            return
+        for name in sorted(self.totals):
+            if name in PER_SAMPLE:
+                self.totals[name] = sync.gather(self.totals[name])
+            elif name in COUNTS:
+                self.totals[name] = sync.sum(self.totals[name])
+            elif name == ABS_MAX:
+                self.totals[name] = sync.maximum(self.totals[name])
+        for name in sorted(self.per_param):
+            if name in COUNTS:
+                self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]
 
 
 Kernel = Callable[[LayerBlock, Accumulator, ReductionOptions], None]

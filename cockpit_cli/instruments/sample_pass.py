@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.sync import Synchronizer
 
 
 class SampleSource(Protocol):
@@ -119,31 +120,59 @@ def reduce_layer(
     requested: frozenset[str],
     acc: r.Accumulator,
     options: r.ReductionOptions,
+    sync: Synchronizer | None = None,
 ) -> None:
     """Run the three phases for one parameter and add its reductions to ``acc``.
 
+    With data-parallel processes the mean gradient is combined after phase 1, ``m2`` and
+    ``centered`` after phase 2 and the curvature diagonal first, in that fixed order and even
+    after a local failure, so that every process takes part in the same collectives.
+
     Args:
         index: Position of the parameter among the tracked parameters.
-        source: Its per-sample gradients, or ``None`` when only curvature was computed.
+        source: Its per-sample gradients (the local shard's), or ``None`` when only curvature was computed.
         theta: The parameter ``p.shape``.
-        curvature: Its curvature diagonal ``p.shape``, or ``None``.
+        curvature: The curvature diagonal of the local shard's mean loss ``p.shape``, or ``None``.
         requested: Reduction names.
         acc: Where the sums go.
         options: Histogram ranges and projection direction.
+        sync: Combines statistics across processes (default: one process).
     """
+    sync = sync or Synchronizer()
     theta = theta.detach().reshape(-1)
-    h = None if curvature is None else curvature.reshape(-1)
+    h = None if curvature is None else _shared_mean(sync, curvature.reshape(-1), 1)
     block = r.LayerBlock(index, 0, theta, h=h)
     requested = r.runnable(requested, source is not None, h is not None)
     if source is not None and requested & r.NEEDS_SAMPLES:
-        try:
-            block.n = source.n
-            block.g = source.mean() if requested & r.NEEDS_MEAN else None  # phase 1
-            wanted = r.statistics_for(requested)
-            direction = options.direction[index].reshape(-1).to(theta.dtype) if r.PROJECTED in wanted else None
-            block.stats = sample_statistics(source, block.g, wanted, theta, options, direction)  # phase 2
-        except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
-            acc.errors.append(f"per-sample statistics: {type(error).__name__}: {error}")
+        block.n = source.n * sync.world_size
+        wanted = r.statistics_for(requested)
+        stats, failure = r.SampleStatistics(), None
+        if requested & r.NEEDS_MEAN:  # phase 1
+            try:
+                local = source.mean()
+            except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+                local, failure = torch.zeros_like(theta), error
+            block.g = _shared_mean(sync, local, source.n)
+        if failure is None:  # phase 2
+            try:
+                direction = options.direction[index].reshape(-1).to(theta.dtype) if r.PROJECTED in wanted else None
+                stats = sample_statistics(source, block.g, wanted, theta, options, direction)
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        for name in (r.M2, r.CENTERED):
+            if name in wanted:
+                local = getattr(stats, name)
+                setattr(stats, name, sync.sum(torch.zeros_like(theta) if local is None else local))
+        if failure is None:
+            block.stats = stats
+        else:
+            acc.errors.append(f"per-sample statistics: {type(failure).__name__}: {failure}")
             requested -= r.NEEDS_SAMPLES
     r.reduce_block(block, requested, acc, options)  # phase 3
 
+
+def _shared_mean(sync: Synchronizer, local_mean: Tensor, weight: int) -> Tensor:
+    """Return the mean over processes of equal shards: ``sum_w weight * mean_w / (W * weight)``."""
+    if sync.world_size == 1:
+        return local_mean
+    return sync.sum(local_mean * weight) / (weight * sync.world_size)

@@ -77,6 +77,28 @@ def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_throug
     return evals
 
 
+def close_abandoned_run(run_dir: Path, status: RunStatus, message: str) -> bool:
+    """Mark a run whose writer was killed before it could say how it ended.
+
+    Nothing changes unless ``run.json`` still says ``running`` and no live process holds the
+    lock. The records on disk are kept as they are.
+
+    Returns:
+        Whether the manifest was changed.
+    """
+    path = run_dir / schema.MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("status") != RunStatus.RUNNING.value or lock_holder(run_dir) is not None:
+        return False
+    manifest.update(status=status.value, message=message, ended_at=now_iso())
+    write_json_atomic(path, manifest)
+    (run_dir / schema.LOCK).unlink(missing_ok=True)
+    return True
+
+
 def prepare_run_directory(parent: Path, name: str, overwrite: bool = False) -> Path:
     """Create ``parent/name`` for a new run and return it.
 
@@ -166,6 +188,7 @@ class RunWriter:
             versions=meta.versions,
             instruments=meta.instruments,
             notes=meta.notes,
+            processes=meta.processes,
         )
         self._write_manifest()
 

@@ -96,6 +96,8 @@ class RunMeta:
         instruments: What is tracked: parameter names and shapes, quantities with their
             schedules, and the quantities that are unavailable with the reason.
         notes: Free-form facts (e.g. split sizes).
+        processes: Data-parallel training: ``{"world_size": W, "backend": ...}`` (one process:
+            world size 1, backend ``None``).
     """
 
     problem: str
@@ -109,6 +111,7 @@ class RunMeta:
     versions: dict[str, str] = field(default_factory=dict)
     instruments: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    processes: dict[str, Any] = field(default_factory=lambda: {"world_size": 1, "backend": None})
 
 
 @dataclass

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cockpit_cli.errors import CockpitError
+from cockpit_cli.errors import CockpitError, PeerStopped
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
 from cockpit_cli.training.checkpoint import rng_state, save_checkpoint, set_rng_state
+from cockpit_cli.training.distributed import Processes, StopSignals, is_collective_failure
 from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import learning_rates
 from cockpit_cli.versions import package_versions
@@ -42,10 +43,15 @@ class Trainer:
     Args:
         setup: Problem, optimizer, scheduler and device, built from the config.
         observers: Receive the records in order (writer first, so nothing is lost).
+        run_dir: Where checkpoints go (none without one).
+        processes: This process's part in data-parallel training (``None``: one process). Each
+            process trains on its shard of every batch; only rank 0 evaluates and checkpoints.
     """
 
-    def __init__(self, setup: RunSetup, observers: list[Observer], run_dir: Path | None = None):
+    def __init__(self, setup: RunSetup, observers: list[Observer], run_dir: Path | None = None, processes: Processes | None = None):
         self.setup = setup
+        self.processes = processes
+        self.is_main = processes is None or processes.is_main
         self.observers = observers
         self.run_dir = run_dir  # where checkpoints go (none without one)
         self.epoch_order: torch.Tensor | None = None
@@ -69,7 +75,9 @@ class Trainer:
                 weight_decay=problem.weight_decay,
                 decayed_parameters=problem.decayed_parameters,
                 curvature=setup.config.instruments.curvature,
+                sync=processes.sync if processes else None,
             )
+        self.train_model = processes.wrap(self.model, setup.device) if processes else self.model
         self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record))
         self.sample_indices = self._choose_tracked_samples()
         self.nonfinite_steps = 0
@@ -85,6 +93,12 @@ class Trainer:
         """
         self._notify("on_start", self._meta())
         self.started = time.perf_counter()
+        if self.processes is None:
+            return self._train(resume)
+        with StopSignals() as self._signals:
+            return self._train(resume)
+
+    def _train(self, resume: dict | None) -> RunEnd:
         train_loader = make_loader(self.problem.splits.train, self.setup.batch_size, shuffle=True, seed=self.training.seed, drop_last=True)
         try:
             skip = self._restore(resume, train_loader.generator) if resume else 0
@@ -104,6 +118,7 @@ class Trainer:
                     self.batches_in_epoch += 1
                     if diverged:
                         return self._end(RunStatus.DIVERGED, diverged)
+                    self._check_stop_signals()
                     if self._eval_due_after_step():
                         self.evaluate()
                     self._checkpoint_if_due()
@@ -115,7 +130,14 @@ class Trainer:
         except KeyboardInterrupt:
             return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
         except BaseException as error:
+            if self.processes is not None and is_collective_failure(error):
+                self._signals.settle()
+                if self._signals.interrupted:
+                    return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
+                error = PeerStopped(self.processes.rank, self.processes.world_size, self.step)
             self._end(RunStatus.FAILED, error.message if isinstance(error, CockpitError) else f"{type(error).__name__}: {error}")
+            if isinstance(error, PeerStopped):
+                raise error from None
             raise
         return self._end(RunStatus.COMPLETED)
 
@@ -123,7 +145,7 @@ class Trainer:
 
     def _checkpoint_if_due(self) -> None:
         every = self.training.checkpoint_every
-        if every is not None and self.run_dir is not None and self.step % every == 0:
+        if every is not None and self.run_dir is not None and self.is_main and self.step % every == 0:
             save_checkpoint(self.run_dir, self.checkpoint_state())
 
     def checkpoint_state(self) -> dict:
@@ -166,13 +188,15 @@ class Trainer:
             targets: Its targets ``[N, ...]``.
         """
         device = self.setup.device
+        if self.processes is not None:
+            inputs, targets = self.processes.shard(inputs), self.processes.shard(targets)
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer = self.setup.optimizer
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
+        outputs = self.train_model(inputs)
         loss = self.problem.loss_function(outputs, targets) + self.problem.regularization_loss()
-        loss_value = float(loss.item())
+        loss_value = float(loss.item()) if self.processes is None else self.processes.mean(float(loss.item()))
         rates = learning_rates(optimizer)
         if not math.isfinite(loss_value):
             self.nonfinite_steps += 1
@@ -211,8 +235,12 @@ class Trainer:
             self.evaluate()
 
     @torch.no_grad()
-    def evaluate(self) -> EvalRecord:
-        """Evaluate loss (with the weight-decay term) and accuracy on the held-out splits."""
+    def evaluate(self) -> EvalRecord | None:
+        """Evaluate loss (with the weight-decay term) and accuracy on the held-out splits
+        (rank 0 alone in data-parallel training: the others return ``None``)."""
+        if not self.is_main:
+            self.last_eval_step = self.step
+            return None
         self.model.eval()
         regularization = float(self.problem.regularization_loss().item())
         self._sample_hits = None
@@ -282,8 +310,18 @@ class Trainer:
             num_parameters=facts["parameters"],
             versions=package_versions(),
             instruments=self.tracker.describe(),
+            processes=self.processes.describe() if self.processes else {"world_size": 1, "backend": None},
             notes={"splits": facts["splits"], "samples": {"split": "valid", "indices": self.sample_indices}},
         )
+
+    def _check_stop_signals(self) -> None:
+        """Data-parallel training: act on the launcher's Ctrl-C or stop request between steps."""
+        if self.processes is None:
+            return
+        if self._signals.interrupted:
+            raise KeyboardInterrupt
+        if self._signals.peer_stopped:
+            raise PeerStopped(self.processes.rank, self.processes.world_size, self.step)
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
         self.tracker.flush()
@@ -300,7 +338,7 @@ class Trainer:
             getattr(observer, method)(payload)
 
 
-def train(setup: RunSetup, observers: list[Observer], run_dir: Path | None = None, resume: dict | None = None) -> RunEnd:
+def train(setup: RunSetup, observers: list[Observer], run_dir: Path | None = None, resume: dict | None = None, processes: Processes | None = None) -> RunEnd:
     """Train ``setup`` to the end, reporting to ``observers``; return how the run ended.
 
     Args:
@@ -308,5 +346,6 @@ def train(setup: RunSetup, observers: list[Observer], run_dir: Path | None = Non
         observers: Receive the records.
         run_dir: Where checkpoints are written (``training.checkpoint_every``).
         resume: A checkpoint to continue from.
+        processes: This process's part in data-parallel training, or ``None``.
     """
-    return Trainer(setup, observers, run_dir).run(resume)
+    return Trainer(setup, observers, run_dir, processes).run(resume)

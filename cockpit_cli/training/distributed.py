@@ -1,0 +1,157 @@
+"""Data-parallel training: this process's place among the run's processes.
+
+A run on ``W`` processes is started by ``torch.distributed.run`` (``cockpit run --nproc W`` or
+``torchrun``), which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process's
+environment. Every process builds the same model from the same seed and draws the same
+sequence of global batches; process ``r`` trains on rows ``[r n, (r + 1) n)`` of each batch
+(``n = N / W``), and :class:`~torch.nn.parallel.DistributedDataParallel` averages the
+gradients, so the update is the single-process update on the whole batch. The instruments
+combine their per-sample sums over a process group of their own (:mod:`instruments.sync`).
+Only rank 0 evaluates, writes the run directory and shows the display.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cockpit_cli.config import RunConfig
+from cockpit_cli.instruments.sync import GroupSynchronizer
+from cockpit_cli.launch import environment_world
+
+# Long enough for rank 0's evaluations, during which the other processes wait.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long a process whose peer vanished waits for the launcher's signal that says why.
+SETTLE_SECONDS = 0.5
+
+
+def check_shards(config: RunConfig, batch_size: int, world_size: int) -> None:
+    """Raise a config error unless every batch splits into ``world_size`` equal shards."""
+    if world_size > 1 and batch_size % world_size:
+        raise config.fail(
+            "distributed.nproc",
+            f"a batch of {batch_size} samples does not split into {world_size} equal shards",
+            f"choose a number of processes that divides {batch_size}, or set problem.batch_size to a multiple of {world_size}",
+        )
+
+
+def choose_backend(config: RunConfig) -> str:
+    """Return the process-group backend: the config's, or NCCL on CUDA and Gloo otherwise."""
+    wanted = config.distributed.backend
+    if wanted != "auto":
+        return wanted
+    cuda = config.training.device == "cuda" or (config.training.device == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
+
+
+@dataclass
+class Processes:
+    """This process's part in a data-parallel run.
+
+    Attributes:
+        rank: This process's rank (0 reports).
+        world_size: Number of processes W.
+        local_rank: Rank on this machine (picks the GPU).
+        backend: ``gloo`` or ``nccl``.
+        sync: Combines the instruments' sums over a process group of their own.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    sync: GroupSynchronizer
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: Tensor) -> Tensor:
+        """Return this process's rows of a global batch ``[N, ...]``: ``[N / W, ...]``."""
+        size = batch.shape[0] // self.world_size
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Return ``model`` wrapped for gradient averaging (DistributedDataParallel)."""
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def mean(self, value: float) -> float:
+        """Return the mean of ``value`` over the processes (the global batch's mean loss)."""
+        return self.sync.mean(value)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``processes`` entry."""
+        return {"world_size": self.world_size, "backend": self.backend}
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_processes(config: RunConfig) -> Processes | None:
+    """Join the run's process group when launched as one of several processes (else ``None``).
+
+    Selects this process's GPU first when training on CUDA.
+    """
+    world = environment_world()
+    if world is None:
+        return None
+    rank, world_size, local_rank = world
+    backend = choose_backend(config)
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise config.fail("distributed.backend", "nccl needs CUDA GPUs and none is available", "use backend: gloo on the CPU")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    group = dist.new_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    return Processes(rank, world_size, local_rank, backend, GroupSynchronizer(group))
+
+
+class StopSignals:
+    """Requests to stop, from the launcher, noted while training runs.
+
+    ``torch.distributed.run`` passes Ctrl-C on to every process as SIGINT, and ends the other
+    processes with SIGTERM when one fails. Raising inside a collective would leave the run
+    half-written, so both only set a flag that the loop reads between steps. A process blocked in
+    a collective whose peer has gone gets an error instead (see :func:`is_collective_failure`).
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.peer_stopped = False
+        self.previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            self.interrupted = True
+        else:
+            self.peer_stopped = True
+
+    def __enter__(self) -> "StopSignals":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def settle(self) -> None:
+        """Give a signal sent together with a peer's exit a moment to arrive."""
+        time.sleep(SETTLE_SECONDS)
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a collective failed (a peer process is gone)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower())
