@@ -48,7 +48,7 @@ class PeerStopped(CockpitError):
     def __init__(self, rank: int, world_size: int, step: int):
         super().__init__(
             f"another process of this run stopped at step {step}; process {rank} of {world_size} ended with it",
-            "the failing process's error is printed above; the records up to that step are kept",
+            "the process that failed says why in its own error line; the records up to that step are kept",
             ExitCode.FAILURE,
         )
 

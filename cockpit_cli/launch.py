@@ -78,15 +78,15 @@ def _report_failure(failures: dict, nproc: int, run_dir: Path, errors: Console) 
     """Say which process died silently, close the run directory, and pick the exit code."""
     from cockpit_cli.training.events import RunStatus
 
-    for rank, failure in sorted(failures.items()):
-        if failure.exitcode < 0:
-            errors.print(f"[bold red]error:[/] process {rank} of {nproc} was killed by {failure.signal_name()}", markup=True, highlight=False)
-            errors.print("[dim]hint:[/] a process killed by the system often ran out of memory; try fewer processes or a smaller batch", markup=True)
+    first = min(failures, key=lambda rank: (failures[rank].timestamp, rank))  # the cause; the launcher ended the others
+    cause = failures[first]
+    if cause.exitcode < 0:  # died without a word of its own
+        errors.print(f"[bold red]error:[/] process {first} of {nproc} was killed by {cause.signal_name()}", markup=True, highlight=False)
+        errors.print("[dim]hint:[/] a process killed by the system often ran out of memory; try fewer processes or a smaller batch", markup=True)
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     if codes.get(0) == ExitCode.INTERRUPTED:
         _close_abandoned(run_dir, RunStatus.INTERRUPTED, "interrupted by the user")
         return ExitCode.INTERRUPTED
-    first = min(failures)
     _close_abandoned(run_dir, RunStatus.FAILED, f"process {first} of {nproc} failed (exit code {codes[first]})")
     if 0 in codes and codes[0] > 0:
         return ExitCode(codes[0]) if codes[0] in ExitCode._value2member_map_ else ExitCode.FAILURE

@@ -45,7 +45,7 @@ class PlainLog:
     def on_start(self, meta: RunMeta) -> None:
         self.total_steps = meta.total_steps
         self.console.print(
-            f"training {meta.problem} ({meta.num_parameters:,} parameters) with {meta.optimizer} on {meta.device}: "
+            f"training {meta.problem} ({meta.num_parameters:,} parameters) with {meta.optimizer} on {meta.device}{_processes(meta)}: "
             f"{meta.total_steps} steps, {meta.steps_per_epoch} per epoch, batch size {meta.batch_size}"
         )
 
@@ -78,3 +78,9 @@ class PlainLog:
 
     def on_end(self, end: RunEnd) -> None:
         self.console.print(f"run {end.status.value} after {end.steps} steps ({end.train_seconds:.1f}s)")
+
+
+def _processes(meta: RunMeta) -> str:
+    """`` (2 processes, gloo)`` for a data-parallel run, else nothing."""
+    world = meta.processes.get("world_size") or 1
+    return f" ({world} processes, {meta.processes.get('backend')})" if world > 1 else ""

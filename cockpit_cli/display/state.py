@@ -25,6 +25,14 @@ SEVERITIES = ("info", "warning", "critical")  # green: fine, yellow: watch, red:
 Alert = tuple[str, str]
 
 
+def _device_text(data: dict[str, Any]) -> str:
+    """``cpu``, or ``cpu ×2 (gloo)`` for a data-parallel run of two processes."""
+    device = str(data.get("device") or "?")
+    processes = data.get("processes") or {}
+    world = processes.get("world_size") or 1
+    return f"{device} ×{world} ({processes.get('backend')})" if world > 1 else device
+
+
 @dataclass
 class RunInfo:
     """Facts fixed at the start of a run (from :class:`RunMeta` or a manifest)."""
@@ -48,7 +56,7 @@ class RunInfo:
         return cls(
             problem=str(data.get("problem") or "?"),
             optimizer=str(data.get("optimizer") or "?"),
-            device=str(data.get("device") or "?"),
+            device=_device_text(data),
             total_steps=int(data.get("total_steps") or 0),
             steps_per_epoch=int(data.get("steps_per_epoch") or 0),
             batch_size=int(data.get("batch_size") or 0),

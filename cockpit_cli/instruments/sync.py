@@ -83,3 +83,8 @@ def _device(group: object | None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` says that a collective failed (a peer process is gone)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower())

@@ -4,7 +4,8 @@ The CLI's training loop and the Python API (:mod:`cockpit_cli.api`) both use a
 :class:`Tracker`. It runs the backward pass through the instruments, holds each step's record
 until its quantities are complete (Alpha's value for step t is known after step t+1), and hands
 finished records to ``emit``. If the instruments fail, they are switched off, the step's
-gradients are recomputed plainly, and training goes on.
+gradients are recomputed plainly, and training goes on (a failed collective of data-parallel
+training is no instrument failure: it ends the run).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections import deque
 from typing import Any, Callable
 
 from torch import Tensor
+from torch.nn import Module
 
 from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord
 
 
@@ -24,10 +27,13 @@ class Tracker:
     Args:
         instruments: The instruments, or ``None`` to track nothing.
         emit: Receives each :class:`StepRecord` once its quantities are complete, in order.
+        model: What recomputes the gradients after a failure (default: the instruments' model;
+            in data-parallel training, the wrapped model that averages them).
     """
 
-    def __init__(self, instruments: Instruments | None, emit: Callable[[StepRecord], None]):
+    def __init__(self, instruments: Instruments | None, emit: Callable[[StepRecord], None], model: Module | None = None):
         self.instruments = instruments
+        self.model = model
         self.emit = emit
         self.pending: deque[StepRecord] = deque()
         self.failure: str | None = None
@@ -40,6 +46,8 @@ class Tracker:
         try:
             self.instruments.backward(step, loss, inputs, outputs, targets)
         except Exception as error:  # an instrument never ends the run
+            if is_collective_failure(error):
+                raise
             instruments, self.instruments = self.instruments, None
             self.failure = f"instruments switched off at step {step}: {type(error).__name__}: {error}"
             if "backpropagation quantity" in str(error):
@@ -47,7 +55,7 @@ class Tracker:
             instruments.finish()
             for param in instruments.params:
                 param.grad = None
-            retry = instruments.capture.loss_function(instruments.model(inputs), targets) + instruments.capture.regularization_tensor()
+            retry = instruments.capture.loss_function((self.model or instruments.model)(inputs), targets) + instruments.capture.regularization_tensor()
             retry.backward()
 
     def after_update(self, step: int, record: StepRecord) -> None:

@@ -63,6 +63,8 @@ class Processes:
         local_rank: Rank on this machine (picks the GPU).
         backend: ``gloo`` or ``nccl``.
         sync: Combines the instruments' sums over a process group of their own.
+        signals: The launcher's stop requests (Ctrl-C, another process failed), noted from
+            joining the group until :meth:`close`.
     """
 
     rank: int
@@ -70,6 +72,7 @@ class Processes:
     local_rank: int
     backend: str
     sync: GroupSynchronizer
+    signals: "StopSignals"
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +97,7 @@ class Processes:
         return {"world_size": self.world_size, "backend": self.backend}
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (stop signals are noted until the process ends)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -113,9 +116,10 @@ def start_processes(config: RunConfig) -> Processes | None:
         if not torch.cuda.is_available():
             raise config.fail("distributed.backend", "nccl needs CUDA GPUs and none is available", "use backend: gloo on the CPU")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    signals = StopSignals().install()
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     group = dist.new_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
-    return Processes(rank, world_size, local_rank, backend, GroupSynchronizer(group))
+    return Processes(rank, world_size, local_rank, backend, GroupSynchronizer(group), signals)
 
 
 class StopSignals:
@@ -123,14 +127,14 @@ class StopSignals:
 
     ``torch.distributed.run`` passes Ctrl-C on to every process as SIGINT, and ends the other
     processes with SIGTERM when one fails. Raising inside a collective would leave the run
-    half-written, so both only set a flag that the loop reads between steps. A process blocked in
-    a collective whose peer has gone gets an error instead (see :func:`is_collective_failure`).
+    half-written, so both only set a flag that the loop reads between steps; after training they
+    let rank 0 finish writing (the launcher kills a process 30 s after SIGTERM). A process blocked
+    in a collective whose peer has gone gets an error instead (``is_collective_failure``).
     """
 
     def __init__(self) -> None:
         self.interrupted = False
         self.peer_stopped = False
-        self.previous: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -138,20 +142,12 @@ class StopSignals:
         else:
             self.peer_stopped = True
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
+        """Note SIGINT and SIGTERM from now on (for the rest of the process)."""
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._note)
+            signal.signal(signum, self._note)
         return self
 
     def settle(self) -> None:
         """Give a signal sent together with a peer's exit a moment to arrive."""
         time.sleep(SETTLE_SECONDS)
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def is_collective_failure(error: BaseException) -> bool:
-    """Whether ``error`` says a collective failed (a peer process is gone)."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower())

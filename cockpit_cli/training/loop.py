@@ -23,7 +23,8 @@ from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
 from cockpit_cli.training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from cockpit_cli.training.distributed import Processes, StopSignals, is_collective_failure
+from cockpit_cli.instruments.sync import is_collective_failure
+from cockpit_cli.training.distributed import Processes
 from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import learning_rates
 from cockpit_cli.versions import package_versions
@@ -78,7 +79,7 @@ class Trainer:
                 sync=processes.sync if processes else None,
             )
         self.train_model = processes.wrap(self.model, setup.device) if processes else self.model
-        self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record))
+        self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record), self.train_model)
         self.sample_indices = self._choose_tracked_samples()
         self.nonfinite_steps = 0
         self._sample_hits: str | None = None
@@ -93,12 +94,6 @@ class Trainer:
         """
         self._notify("on_start", self._meta())
         self.started = time.perf_counter()
-        if self.processes is None:
-            return self._train(resume)
-        with StopSignals() as self._signals:
-            return self._train(resume)
-
-    def _train(self, resume: dict | None) -> RunEnd:
         train_loader = make_loader(self.problem.splits.train, self.setup.batch_size, shuffle=True, seed=self.training.seed, drop_last=True)
         try:
             skip = self._restore(resume, train_loader.generator) if resume else 0
@@ -131,8 +126,8 @@ class Trainer:
             return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
         except BaseException as error:
             if self.processes is not None and is_collective_failure(error):
-                self._signals.settle()
-                if self._signals.interrupted:
+                self.processes.signals.settle()
+                if self.processes.signals.interrupted:
                     return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
                 error = PeerStopped(self.processes.rank, self.processes.world_size, self.step)
             self._end(RunStatus.FAILED, error.message if isinstance(error, CockpitError) else f"{type(error).__name__}: {error}")
@@ -318,9 +313,9 @@ class Trainer:
         """Data-parallel training: act on the launcher's Ctrl-C or stop request between steps."""
         if self.processes is None:
             return
-        if self._signals.interrupted:
+        if self.processes.signals.interrupted:
             raise KeyboardInterrupt
-        if self._signals.peer_stopped:
+        if self.processes.signals.peer_stopped:
             raise PeerStopped(self.processes.rank, self.processes.world_size, self.step)
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:

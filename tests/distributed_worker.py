@@ -1,0 +1,80 @@
+"""Train a tiny reference model with every quantity tracked, alone or as one of several processes.
+
+Run directly for one process, or under ``python -m torch.distributed.run --nproc-per-node W``:
+then every process trains on its shard of each batch through DistributedDataParallel, and the
+instruments combine the shards. Rank 0 writes ``{step: {quantity: value}}`` as JSON to OUT, so a
+test can compare the two.
+
+Usage: ``distributed_worker.py OUT KIND OPTIMIZER [FAIL_AT]`` with KIND ``mlp`` / ``cnn``,
+OPTIMIZER ``sgd`` (plain SGD: every quantity) / ``adam`` (Alpha by forward mode), and FAIL_AT a
+step at which rank 1 raises (to test how the others end).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import reference as ref
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
+from cockpit_cli.instruments.sync import GroupSynchronizer, Synchronizer
+
+warnings.filterwarnings("ignore")
+
+N = 8
+STEPS = 3
+DECAY = 0.3
+EVERYTHING = {
+    "GradHist1d": {"bins": 11, "range": (-0.5, 0.5)},
+    "GradHist2d": {"bins": (7, 5), "range": ((-0.5, 0.5), (-1.0, 1.0))},
+}
+PLAIN_SGD_ONLY = ("CABS", "EarlyStopping")
+
+
+def main(out: str, kind: str, optimizer_name: str, fail_at: int | None) -> None:
+    torch.set_num_threads(1)
+    distributed = "WORLD_SIZE" in __import__("os").environ and int(__import__("os").environ["WORLD_SIZE"]) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+        sync: Synchronizer = GroupSynchronizer(dist.new_group(backend="gloo"))
+    else:
+        sync = Synchronizer()
+    model = ref.mlp(0) if kind == "mlp" else ref.cnn(0)
+    params = ref.trainable(model)
+    decayed = ref.weights(model)
+    optimizer = torch.optim.SGD(params, lr=0.1) if optimizer_name == "sgd" else torch.optim.Adam(params, lr=0.01)
+    names = [name for name in QUANTITIES if name != "Time" and (optimizer_name == "sgd" or name not in PLAIN_SGD_ONLY)]
+    quantities = [QUANTITIES[name](Schedule(), EVERYTHING.get(name)) for name in names]
+    batches = [ref.batch(kind, "ce", N, 100 + step) for step in range(STEPS)]
+    first = batches[0]
+    instruments = Instruments(model, first.loss_fn, first.per_sample_loss_fn, optimizer, quantities, weight_decay=DECAY, decayed_parameters=decayed, sync=sync)
+    trained = nn.parallel.DistributedDataParallel(model) if distributed else model
+    records: dict[int, dict] = {}
+    for step, (inputs, targets, *_) in enumerate(batches):
+        if distributed:
+            size = N // sync.world_size
+            inputs, targets = inputs[sync.rank * size : (sync.rank + 1) * size], targets[sync.rank * size : (sync.rank + 1) * size]
+        if fail_at == step and sync.rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        optimizer.zero_grad()
+        outputs = trained(inputs)
+        loss = first.loss_fn(outputs, targets) + ref.regularizer(decayed, DECAY)
+        instruments.backward(step, loss, inputs, outputs, targets)
+        optimizer.step()
+        instruments.after_update(step)
+        records.update(instruments.completed(step))
+    records.update(instruments.finish())
+    if sync.rank == 0:
+        with open(out, "w", encoding="utf-8") as file:
+            json.dump({"records": records, "unavailable": instruments.unavailable}, file, default=lambda value: value.tolist())
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)

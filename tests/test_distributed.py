@@ -1,0 +1,207 @@
+"""Data-parallel training on two Gloo processes: exact instruments, equal records, clean failures.
+
+The instrument test runs ``distributed_worker.py`` once alone and once as two processes under
+``torch.distributed.run`` (each process holds half of every batch) and compares every tracked
+value. The CLI tests run ``cockpit run --nproc 2`` against ``cockpit run`` on the same config,
+and stop one process of a running data-parallel run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "distributed_worker.py"
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+COCKPIT = [sys.executable, "-m", "cockpit_cli"]
+
+
+def flat(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, leaf)`` for every number / string / None inside nested dicts and lists."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from flat(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from flat(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def assert_same_values(single: dict, parallel: dict, rel: float, skip: tuple[str, ...] = ()) -> int:
+    """Assert both hold the same leaves, numbers equal to ``rel`` (histogram counts exactly);
+    return how many numbers were compared."""
+    left, right = dict(flat(single)), dict(flat(parallel))
+    assert left.keys() == right.keys()
+    compared = 0
+    for path, expected in left.items():
+        if any(part in path for part in skip):
+            continue
+        actual = right[path]
+        if isinstance(expected, float) and isinstance(actual, float) and math.isfinite(expected):
+            assert actual == pytest.approx(expected, rel=rel, abs=1e-12), path
+            compared += 1
+        else:
+            assert actual == expected, path
+            compared += isinstance(expected, int)
+    return compared
+
+
+def run_worker(out: Path, kind: str, optimizer: str, processes: int, fail_at: int | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(WORKER), str(out), kind, optimizer, *([str(fail_at)] if fail_at is not None else [])]
+    if processes > 1:
+        command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(WORKER)]
+    return subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize(("kind", "optimizer"), [("mlp", "sgd"), ("cnn", "sgd"), ("cnn", "adam")])
+def test_every_quantity_on_two_processes_equals_one_process(tmp_path: Path, kind: str, optimizer: str) -> None:
+    """Float64 models: two processes with half a batch each give every quantity of the whole batch,
+    including the per-sample tests, curvature, HessMaxEV, histograms and Alpha."""
+    for processes in (1, 2):
+        result = run_worker(tmp_path / f"{processes}.json", kind, optimizer, processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single = json.loads((tmp_path / "1.json").read_text())
+    parallel = json.loads((tmp_path / "2.json").read_text())
+    assert single["unavailable"] == parallel["unavailable"] == {}
+    assert sorted(single["records"]) == ["0", "1", "2"]
+    expected = {"Alpha", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "TICDiag", "HessTrace", "HessMaxEV", "GradHist1d", "GradHist2d", "Activations", "InputStats"}
+    assert expected <= set(single["records"]["0"])
+    compared = assert_same_values(single["records"], parallel["records"], rel=1e-8)
+    assert compared > 200
+
+
+def test_a_failing_process_ends_the_others(tmp_path: Path) -> None:
+    """Rank 1 raises at step 1: rank 0 does not hang in the next collective, and the launcher fails."""
+    started = time.monotonic()
+    result = run_worker(tmp_path / "out.json", "mlp", "sgd", 2, fail_at=1)
+    assert result.returncode != 0
+    assert "rank 1 fails on purpose" in result.stderr
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "out.json").exists()
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def cockpit(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*COCKPIT, *arguments], env=ENVIRONMENT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def parallel_config(make_config: Any, data_dir: Path) -> Path:
+    """Six steps of the MNIST-1D MLP with the full preset and more, evaluated every third step."""
+    return make_config(
+        problem={"name": "mnist1d_mlp", "batch_size": 16, "data_dir": str(data_dir)},
+        training={"steps": 6, "seed": 0, "device": "cpu", "eval_every_steps": 3, "eval_max_batches": 2, "track_samples": 8},
+        instruments={"preset": "full", "quantities": {"MeanGSNR": True, "LayerStats": True, "Activations": True, "InputStats": True}},
+    )
+
+
+@pytest.mark.slow
+def test_cli_run_on_two_processes_matches_one_process(tmp_path: Path, parallel_config: Path) -> None:
+    """`cockpit run --nproc 2` writes the records a single process writes for the same batches."""
+    single = cockpit("run", str(parallel_config), "--out", str(tmp_path), "--name", "one", "--no-live")
+    assert single.returncode == 0, single.stderr
+    parallel = cockpit("run", str(parallel_config), "--nproc", "2", "--out", str(tmp_path), "--name", "two", "--no-live")
+    assert parallel.returncode == 0, parallel.stderr
+    assert "error" not in parallel.stderr
+    assert "(2 processes, gloo)" in parallel.stdout
+    manifest = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["processes"] == {"world_size": 2, "backend": "gloo"}
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == {"world_size": 1, "backend": None}
+    one, two = read_lines(tmp_path / "one" / "steps.jsonl"), read_lines(tmp_path / "two" / "steps.jsonl")
+    assert [r["step"] for r in two] == list(range(6))
+    assert {"NormTest", "HessMaxEV", "TICDiag", "GradHist2d", "Alpha", "MeanGSNR"} <= set(two[0]["quantities"])
+    # float32 sums in another order: equal to rounding; histogram counts may move across a bin edge
+    assert_same_values(one, two, rel=2e-3, skip=("time", "Time", "GradHist", "HessMaxEV"))
+    for a, b in zip(one, two):
+        counts_a, counts_b = a["quantities"]["GradHist1d"]["counts"], b["quantities"]["GradHist1d"]["counts"]
+        assert sum(counts_a) == sum(counts_b) and sum(abs(x - y) for x, y in zip(counts_a, counts_b)) <= 0.001 * sum(counts_a)
+        assert b["quantities"]["HessMaxEV"] == pytest.approx(a["quantities"]["HessMaxEV"], rel=1e-2)
+    evals_one, evals_two = read_lines(tmp_path / "one" / "evals.jsonl"), read_lines(tmp_path / "two" / "evals.jsonl")
+    assert [e["step"] for e in evals_two] == [0, 3, 6]
+    assert_same_values(evals_one, evals_two, rel=1e-4, skip=("time",))
+
+
+@pytest.mark.slow
+def test_cli_rejects_a_batch_that_does_not_split(tmp_path: Path, parallel_config: Path) -> None:
+    result = cockpit("run", str(parallel_config), "--nproc", "3", "--out", str(tmp_path), "--name", "bad", "--no-live")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {parallel_config}: distributed.nproc: a batch of 16 samples does not split into 3 equal shards"], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def worker_pids(rank: int, parent: int) -> list[int]:
+    """Process ids of ``cockpit_cli`` workers of ``rank`` started under ``parent`` (any depth)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes().split(b"\0")
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environment and b"cockpit_cli" in command and _descends_from(int(entry.name), parent):
+            found.append(int(entry.name))
+    return found
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
+def test_cli_a_killed_process_ends_the_run_cleanly(tmp_path: Path, parallel_config: Path) -> None:
+    """Rank 1 is killed mid-run: one error line names it, exit code 1, the run directory says
+    failed with the steps written so far, and no traceback."""
+    launcher = subprocess.Popen(
+        [*COCKPIT, "run", str(parallel_config), "--nproc", "2", "--set", "training.steps=100000", "--set", "instruments.preset=economy", "--out", str(tmp_path), "--name", "k", "--no-live"],
+        env=ENVIRONMENT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    steps = tmp_path / "k" / "steps.jsonl"
+    deadline = time.monotonic() + 120
+    while not (steps.exists() and steps.read_text().count("\n") >= 20):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    (victim,) = worker_pids(1, launcher.pid)
+    os.kill(victim, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, err
+    assert "error: process 1 of 2 was killed by SIGKILL" in err
+    assert "Traceback" not in err
+    manifest = json.loads((tmp_path / "k" / "run.json").read_text())
+    assert manifest["status"] == "failed"
+    assert "another process of this run stopped" in manifest["message"]
+    records = read_lines(steps)
+    assert manifest["steps_completed"] == len(records) >= 20
+    assert [r["step"] for r in records] == list(range(len(records)))
