@@ -154,9 +154,7 @@ class Instruments:
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             if self._own_pass or self._activations is None or not isinstance(output, Tensor):
                 return
-            values = output.detach()
-            moments = torch.stack([values.sum(dtype=torch.float64), values.double().pow(2).sum(), (values == 0).sum().double()])
-            self._activations[name] = torch.cat([moments, moments.new_tensor([values.numel()])])
+            self._activations[name] = output_moments(output.detach())
 
         return record
 
@@ -316,6 +314,25 @@ class Instruments:
             "unavailable": dict(self.unavailable),
             "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
         }
+
+
+MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
+
+
+def output_moments(values: Tensor) -> Tensor:
+    """Return ``[sum, sum of squares, zeros, count]`` of all elements of ``values`` (float64).
+
+    The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
+    is ever made.
+    """
+    flat = values.reshape(-1)
+    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
+    for block in flat.split(MOMENT_BLOCK):
+        block = block.double()
+        total = total + block.sum()
+        squares = squares + torch.dot(block, block)
+    zeros = flat.numel() - torch.count_nonzero(flat).double()
+    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
 
 
 def _projections_only(needs: set[str]) -> bool:
