@@ -90,6 +90,7 @@ class GradientCapture:
             self.extendable.append(loss_function)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached_for_curvature = False
+        self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
 
     def attach(self, curvature: bool) -> None:
         """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
@@ -152,7 +153,7 @@ class GradientCapture:
         batch_size = inputs.shape[0]
         extensions = []
         if per_sample and self.support.per_sample == "backpack":
-            extensions.append(factored_batch_grad())
+            extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self.curvature_extension())
         if extensions:

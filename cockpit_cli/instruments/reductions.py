@@ -59,7 +59,7 @@ TIC_EPSILON = 1e-7
 
 
 # Row blocks of about this many elements bound the temporaries of the reductions.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 16
 
 
 def row_chunks(samples: Tensor) -> list[Tensor]:
