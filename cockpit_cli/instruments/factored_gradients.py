@@ -61,9 +61,9 @@ class FactoredSamples:
         """Return the elements of one sample's input factor that a block allocates."""
         return 0
 
-    def _matrix_theta(self) -> Tensor:
-        """Return ``theta`` as ``[C_out, K]`` (zeros' stand-in when undecayed, never read)."""
-        return self.theta.reshape(self.weight_shape[0], -1) if self.decay else self.delta.new_zeros(())
+    def _decay_term(self) -> Tensor | None:
+        """Return the regulariser's gradient ``lambda * theta`` as ``[C_out, K]``, or ``None``."""
+        return self.decay * self.theta.reshape(self.weight_shape[0], -1) if self.decay else None
 
     def data_mean(self) -> Tensor:
         """Return ``sum_i delta_i^T @ x_i``, the mean data-loss gradient ``[C_out, K]``."""
@@ -72,18 +72,22 @@ class FactoredSamples:
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
         mean = self.data_mean().reshape(self.weight_shape[0], -1)
-        if self.decay:
-            mean = mean.add(self._matrix_theta(), alpha=self.decay)
-        return mean.reshape(-1)
+        decay_term = self._decay_term()
+        return (mean if decay_term is None else mean + decay_term).reshape(-1)
 
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""
         size = self.weight_shape.numel()
         rows = max(1, r.CHUNK_ELEMENTS // (size + self._input_elements()))
+        decay_term = self._decay_term()
+        scale_first = self.delta.shape[2] * self.weight_shape[0] <= size  # delta's block is the smaller: scale it by N
         for start in range(0, self.n, rows):
             stop = min(start + rows, self.n)
             delta = self.delta[start:stop]  # [b, C_out, L]
-            block = torch.baddbmm(self._matrix_theta(), delta, self._inputs(start, stop), beta=self.decay, alpha=self.n)  # beta 0: theta unread
+            inputs = self._inputs(start, stop)  # [b, L, K]
+            block = torch.bmm(delta * self.n, inputs) if scale_first else torch.bmm(delta, inputs).mul_(self.n)
+            if decay_term is not None:
+                block.add_(decay_term)
             yield block.reshape(stop - start, size)
 
 
