@@ -15,6 +15,9 @@ from torch import Tensor
 
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.factored_gradients import FactoredLinear, FactoredSamples
+from cockpit_cli.instruments import Schedule
+from cockpit_cli.instruments.backend import GradientCapture
+from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import DIAGONAL, reference_values
 from test_instruments_exact import (  # noqa: F401 (fixture)
     BUILDERS, CASES, DECAY, FIRST_ORDER, N, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train,
@@ -93,3 +96,19 @@ def test_adaptive_range_and_projections_in_blocks(monkeypatch: pytest.MonkeyPatc
     assert_close(results[1][r.PROJECTIONS].tolist(), (dense @ direction.reshape(-1)).tolist())
     for name in requested:
         assert torch.allclose(results[0][name], results[1][name], rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_alpha_completes_with_products_from_the_factors(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracked every other step: the steps in between need only the projections ``G[i] . d``,
+    which come from the layers' factors in the backward pass, not from a forward-mode pass."""
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", CHUNKS[kind][0])
+    forward_mode = []
+    slopes = GradientCapture.start_slopes
+    monkeypatch.setattr(GradientCapture, "start_slopes", lambda self, *args: forward_mode.append(args) or slopes(self, *args))
+    run = train(BUILDERS[kind](2), make_batches(kind, "ce", 2, 4), quantities(("Alpha",), Schedule(every=2)), weight_decay=weight_decay)
+    assert run.instruments.capture.factored and forward_mode == []
+    assert sorted(run.records) == [0, 2]
+    for step in (0, 2):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)

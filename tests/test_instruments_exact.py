@@ -703,6 +703,8 @@ def test_factored_weight_gradients_match_backpack(kind: str, chunk_elements: int
         assert torch.allclose(our_mean, their_mean, rtol=1e-10, atol=1e-12)
         if isinstance(ours, FactoredSamples):
             assert torch.allclose(torch.cat(list(ours.blocks())), theirs, rtol=1e-10, atol=1e-12)
+            vector = torch.randn(theirs.shape[1], dtype=torch.float64)
+            assert torch.allclose(ours.products(vector), theirs @ vector, rtol=1e-10, atol=1e-12)
 
 
 def _collect(module: nn.Module, decay: float) -> list[tuple[Any, Tensor]]:

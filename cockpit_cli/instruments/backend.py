@@ -22,7 +22,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
-from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad
+from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
 from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
@@ -90,6 +90,9 @@ class GradientCapture:
             self.extendable.append(loss_function)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached_for_curvature = False
+        # Whether every tracked parameter's per-sample gradients stay factored (or are biases):
+        # products G[i] . v then cost about a forward pass of the layers, without forming G.
+        self.factored = support.per_sample == "backpack" and all(factored_layer(m) for m in self.module_params)
         self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
 
     def attach(self, curvature: bool) -> None:

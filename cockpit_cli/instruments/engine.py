@@ -138,7 +138,7 @@ class Instruments:
             return
         _, needs = self._plan(self.next_step)
         self._activations = {} if q.ACTIVATIONS in needs else None
-        replay = START_SLOPES in needs or _projections_only(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
+        replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
@@ -147,8 +147,14 @@ class Instruments:
 
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
-        per_sample = bool(needs & r.NEEDS_SAMPLES) and not _projections_only(needs) and self.support.per_sample == "backpack"
+        per_sample = bool(needs & r.NEEDS_SAMPLES) and not self._by_forward_mode(needs) and self.support.per_sample == "backpack"
         return per_sample or (q.CURVATURE in needs and self.support.curvature)
+
+    def _by_forward_mode(self, needs: set[str]) -> bool:
+        """Whether projections g_i . u, the only per-sample values due, come from one forward-mode
+        pass: cheaper than forming per-sample gradients, but not than products from the factors
+        of Linear and convolution layers in the backward pass (see ``GradientCapture.factored``)."""
+        return _projections_only(needs) and not self.capture.factored
 
     def _activation_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -198,7 +204,7 @@ class Instruments:
         for quantity in active:
             quantity.reduction_options(step, options)
         requested = frozenset(needs & set(r.KERNELS))
-        by_forward_mode = _projections_only(needs)  # one forward-mode pass beats forming per-sample gradients
+        by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
             requested -= {r.PROJECTIONS}
         individual = None

@@ -10,7 +10,9 @@ its unfolded patches (``[L, C_in * prod(kernel)]``, ``L`` the output positions):
 where ``delta`` is the gradient of the mean loss (hence the factor N) and ``lambda * theta`` the
 regulariser's gradient. The sources below keep only the factors and form ``G`` one block of
 samples at a time (:mod:`sample_pass`), so that the ``[N, D]`` block of a large layer never
-exists. The mean gradient needs no per-sample gradients at all: ``sum_i delta_i^T @ x_i``.
+exists. The mean gradient and the products ``G[i] . v`` with a vector need no per-sample
+gradients at all: ``sum_i delta_i^T @ x_i``, and ``delta_i`` times the layer's output for the
+input ``x_i`` with ``v`` as its weight.
 
 :func:`factored_batch_grad` is BackPACK's ``BatchGrad`` with weight rules that return such a
 source (in ``grad_batch``) instead of the tensor; biases, other layers and convolutions that
@@ -69,6 +71,20 @@ class FactoredSamples:
         """Return ``sum_i delta_i^T @ x_i``, the mean data-loss gradient ``[C_out, K]``."""
         raise NotImplementedError
 
+    def data_products(self, vector: Tensor) -> Tensor:
+        """Return ``delta_i^T @ x_i . U`` for every sample, ``[N]``, with ``U`` the vector as ``[C_out, K]``."""
+        raise NotImplementedError
+
+    def products(self, vector: Tensor) -> Tensor:
+        """Return ``G[i] . v`` for every sample, ``[N]``, without forming per-sample gradients.
+
+        Args:
+            vector: ``v``, flattened ``[D]``.
+        """
+        products = self.n * self.data_products(vector.reshape(self.weight_shape))
+        decay_term = self._decay_term()
+        return products if decay_term is None else products + (decay_term.reshape(-1) @ vector)
+
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
         mean = self.data_mean().reshape(self.weight_shape[0], -1)
@@ -106,6 +122,10 @@ class FactoredLinear(FactoredSamples):
         delta = self.delta.transpose(1, 2).reshape(-1, self.delta.shape[1])  # [N * L, out]
         return delta.T @ self.x.reshape(-1, self.x.shape[-1])
 
+    def data_products(self, vector: Tensor) -> Tensor:
+        outputs = self.x @ vector.T  # [N, L, out]: the layer's output with the vector as its weight
+        return (outputs * self.delta.transpose(1, 2)).sum((1, 2))
+
 
 class FactoredConv(FactoredSamples):
     """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, zero padding).
@@ -132,6 +152,12 @@ class FactoredConv(FactoredSamples):
         weight_gradient = torch.nn.grad.conv1d_weight if isinstance(m, nn.Conv1d) else torch.nn.grad.conv2d_weight
         return weight_gradient(self.inputs, self.weight_shape, self.grad_outputs, m.stride, m.padding, m.dilation, m.groups)
 
+    def data_products(self, vector: Tensor) -> Tensor:
+        m = self.module
+        convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+        outputs = convolution(self.inputs, vector, None, m.stride, m.padding, m.dilation, m.groups)  # [N, C_out, *spatial_out]
+        return (outputs * self.grad_outputs).sum(tuple(range(1, outputs.dim())))
+
 
 def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
     """Return the input patches ``[N, C_in * prod(kernel), L]`` the convolution multiplies."""
@@ -145,6 +171,11 @@ def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
 def unfoldable(module: nn.Module) -> bool:
     """Whether a convolution is one that :func:`unfold` covers (one group, zero padding given as numbers)."""
     return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def factored_layer(module: nn.Module) -> bool:
+    """Whether :func:`factored_batch_grad` keeps the layer's weight gradients factored."""
+    return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and unfoldable(module))
 
 
 class _FactoredWeight(BatchGradBase):

@@ -29,6 +29,9 @@ class SampleSource(Protocol):
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order)."""
 
+    def products(self, vector: Tensor) -> Tensor:
+        """Return ``G[i] . v`` for every sample, ``[N]`` (``vector``: ``[D_p]``)."""
+
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
@@ -42,6 +45,9 @@ class DenseSamples:
 
     def blocks(self) -> Iterator[Tensor]:
         yield from r.row_chunks(self.samples)
+
+    def products(self, vector: Tensor) -> Tensor:
+        return self.samples @ vector
 
 
 def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
@@ -71,10 +77,12 @@ def sample_statistics(
         The statistics; those not wanted stay ``None``.
     """
     sums: dict[str, Tensor] = {}
-    rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS, r.DOTS, r.PROJECTED}}
+    products = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
+    wanted = wanted - set(products)
+    rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
     columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p], NaN -> bins
-    for block in source.blocks():  # [b, D_p]
+    for block in source.blocks() if wanted else ():  # [b, D_p]
         if r.M2 in wanted:
             squares = block.square()
             _accumulate(sums, r.M2, squares.sum(0))
@@ -85,10 +93,6 @@ def sample_statistics(
             rows[r.SQ_NORMS].append(torch.linalg.vector_norm(block, dim=1).square_())  # one pass, no [b, D_p] temporary
         if r.CENTERED in wanted:
             _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
-        if r.DOTS in wanted:
-            rows[r.DOTS].append(block @ g)
-        if r.PROJECTED in wanted:
-            rows[r.PROJECTED].append(block @ direction)
         if r.HIST1D_COUNTS in wanted:
             _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
         if r.HIST2D_COUNTS in wanted:
@@ -100,7 +104,7 @@ def sample_statistics(
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
             sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
-    stats = r.SampleStatistics(**sums, **{name: torch.cat(parts) for name, parts in rows.items()})
+    stats = r.SampleStatistics(**sums, **products, **{name: torch.cat(parts) for name, parts in rows.items()})
     if stats.hist1d_counts is not None:
         stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
     if stats.hist2d_counts is not None:
