@@ -19,7 +19,7 @@ from rich.console import Console
 
 from cockpit_cli import __version__
 from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
-from cockpit_cli.launch import process_label
+from cockpit_cli.launch import environment_world, process_label, worker_signals
 
 app = typer.Typer(
     name="cockpit",
@@ -205,7 +205,10 @@ def report(
 
 def main() -> None:
     """Entry point of the ``cockpit`` script."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if environment_world() is not None:
+        worker_signals()  # a process of a data-parallel run: its launcher's signals are acted on between steps
+    else:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     app()
 
 

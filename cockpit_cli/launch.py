@@ -15,11 +15,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 
+from cockpit_cli.config import RunConfig
 from cockpit_cli.errors import CockpitError, ExitCode
+
+# How long a process whose peer vanished waits for the launcher's signal that says why.
+SETTLE_SECONDS = 0.5
 
 
 def environment_world() -> tuple[int, int, int] | None:
@@ -42,6 +48,66 @@ def process_label() -> str:
     return "" if world is None or world[0] == 0 else f"process {world[0]} of {world[1]}: "
 
 
+def check_shards(config: RunConfig, batch_size: int | None, world_size: int) -> None:
+    """Raise a config error unless every batch splits into ``world_size`` equal shards
+    (``batch_size`` ``None``: the problem's default)."""
+    if batch_size is None:
+        from problems import PROBLEMS
+
+        entry = PROBLEMS.get(config.problem.name)
+        batch_size = entry.info.batch_size if entry is not None else None
+    if world_size > 1 and batch_size and batch_size % world_size:
+        raise config.fail(
+            "distributed.nproc",
+            f"a batch of {batch_size} samples does not split into {world_size} equal shards",
+            f"choose a number of processes that divides {batch_size}, or set problem.batch_size to a multiple of {world_size}",
+        )
+
+
+class StopSignals:
+    """Requests to stop from the launcher, noted by a process of a data-parallel run.
+
+    ``torch.distributed.run`` passes Ctrl-C on to every process as SIGINT, and ends the other
+    processes with SIGTERM when one fails. Raising inside a collective would leave the run
+    half-written, so both only set a flag that the training loop reads between steps; before and
+    after training they let the process finish what it does (rank 0's config errors, figures;
+    the launcher kills a process 30 s after SIGTERM). A process blocked in a collective whose
+    peer has gone gets an error instead, and waits a moment (:meth:`settle`) for the signal that
+    says why.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.peer_stopped = False
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            self.interrupted = True
+        else:
+            self.peer_stopped = True
+
+    def install(self) -> "StopSignals":
+        """Note SIGINT and SIGTERM from now on (for the rest of the process)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._note)
+        return self
+
+    def settle(self) -> None:
+        """Give a signal sent together with a peer's exit a moment to arrive."""
+        time.sleep(SETTLE_SECONDS)
+
+
+_worker_signals: StopSignals | None = None
+
+
+def worker_signals() -> StopSignals:
+    """This worker's stop signals, installed on the first call (as early as possible)."""
+    global _worker_signals
+    if _worker_signals is None:
+        _worker_signals = StopSignals().install()
+    return _worker_signals
+
+
 def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, errors: Console) -> ExitCode:
     """Run ``cockpit run`` on ``nproc`` local processes and wait for them.
 
@@ -62,8 +128,13 @@ def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, err
 
     # Split the cores between the processes (torchrun would otherwise warn and pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-    arguments = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "cockpit_cli", *worker_arguments])
+    _quiet_launcher_logs()
+    # SIGTERM to the command means what Ctrl-C means (as for one process): the launcher passes
+    # SIGINT on to the processes. Its own SIGTERM tells them that another process failed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    arguments = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "--module", "cockpit_cli", *worker_arguments]
+    )
     try:
         run(arguments)
     except SignalException as stop:
@@ -74,15 +145,22 @@ def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, err
     return ExitCode.OK
 
 
+def _quiet_launcher_logs() -> None:
+    """Silence the launcher's own log lines (each module's logger has its level set)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _report_failure(failures: dict, nproc: int, run_dir: Path, errors: Console) -> ExitCode:
     """Say which process died silently, close the run directory, and pick the exit code."""
     from cockpit_cli.training.events import RunStatus
 
-    first = min(failures, key=lambda rank: (failures[rank].timestamp, rank))  # the cause; the launcher ended the others
-    cause = failures[first]
-    if cause.exitcode < 0:  # died without a word of its own
-        errors.print(f"[bold red]error:[/] process {first} of {nproc} was killed by {cause.signal_name()}", markup=True, highlight=False)
-        errors.print("[dim]hint:[/] a process killed by the system often ran out of memory; try fewer processes or a smaller batch", markup=True)
+    for rank, failure in sorted(failures.items()):
+        if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:  # died without a word; SIGTERM is the launcher's own
+            errors.print(f"[bold red]error:[/] process {rank} of {nproc} was killed by {failure.signal_name()}", markup=True, highlight=False)
+            errors.print("[dim]hint:[/] a process killed by the system often ran out of memory; try fewer processes or a smaller batch", markup=True)
+    first = min(failures)
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     if codes.get(0) == ExitCode.INTERRUPTED:
         _close_abandoned(run_dir, RunStatus.INTERRUPTED, "interrupted by the user")

@@ -14,7 +14,7 @@ from rich.syntax import Syntax
 
 from cockpit_cli.config import RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode
-from cockpit_cli.launch import environment_world
+from cockpit_cli.launch import check_shards, environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 
@@ -80,10 +80,11 @@ def execute_run(
         config = resolve_config(config_path, overrides, out, name)
 
     if config.distributed.nproc > 1 and not dry_run and environment_world() is None:
+        check_shards(config, config.problem.batch_size, config.distributed.nproc)
         return _launch(config, config_path, overrides, resume, overwrite, live, traceback, errors)
 
     from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
-    from cockpit_cli.training.distributed import check_shards, start_processes
+    from cockpit_cli.training.distributed import start_processes
 
     processes = start_processes(config)  # joins the run's process group when it is one of several
     if processes is not None and not processes.is_main:
@@ -94,6 +95,10 @@ def execute_run(
     console.rule("effective config", style="dim")
     console.print(Syntax(config.to_yaml().rstrip(), "yaml", theme="ansi_dark", background_color="default"))
     facts = describe_setup(setup)
+    if config.distributed.nproc > 1:
+        from cockpit_cli.training.distributed import choose_backend
+
+        facts["processes"] = f"{config.distributed.nproc} ({choose_backend(config)}), {setup.batch_size // config.distributed.nproc} samples of every batch each"
     if dry_run:
         console.rule("dry run: config is valid", style="dim")
         for key, value in facts.items():

@@ -181,18 +181,9 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 def test_cli_a_killed_process_ends_the_run_cleanly(tmp_path: Path, parallel_config: Path) -> None:
     """Rank 1 is killed mid-run: one error line names it, exit code 1, the run directory says
     failed with the steps written so far, and no traceback."""
-    launcher = subprocess.Popen(
-        [*COCKPIT, "run", str(parallel_config), "--nproc", "2", "--set", "training.steps=100000", "--set", "instruments.preset=economy", "--out", str(tmp_path), "--name", "k", "--no-live"],
-        env=ENVIRONMENT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = start_parallel_run(parallel_config, tmp_path, "k", "training.steps=100000", "instruments.preset=economy")
     steps = tmp_path / "k" / "steps.jsonl"
-    deadline = time.monotonic() + 120
-    while not (steps.exists() and steps.read_text().count("\n") >= 20):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        time.sleep(0.2)
+    wait_for_steps(launcher, steps, 20)
     (victim,) = worker_pids(1, launcher.pid)
     os.kill(victim, signal.SIGKILL)
     out, err = launcher.communicate(timeout=120)
@@ -205,3 +196,34 @@ def test_cli_a_killed_process_ends_the_run_cleanly(tmp_path: Path, parallel_conf
     records = read_lines(steps)
     assert manifest["steps_completed"] == len(records) >= 20
     assert [r["step"] for r in records] == list(range(len(records)))
+
+
+def start_parallel_run(config: Path, out: Path, name: str, *settings: str) -> subprocess.Popen:
+    sets = [argument for setting in settings for argument in ("--set", setting)]
+    command = [*COCKPIT, "run", str(config), "--nproc", "2", *sets, "--out", str(out), "--name", name, "--no-live"]
+    return subprocess.Popen(command, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(launcher: subprocess.Popen, steps: Path, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (steps.exists() and steps.read_text().count("\n") >= count):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_cli_interrupt_then_resume_on_two_processes(tmp_path: Path, parallel_config: Path) -> None:
+    """SIGTERM to `cockpit run --nproc 2` closes the run as interrupted (exit 130); --resume
+    finishes it on two processes with every step recorded once."""
+    launcher = start_parallel_run(parallel_config, tmp_path, "r", "training.steps=300", "training.checkpoint_every=10", "instruments.preset=economy")
+    wait_for_steps(launcher, tmp_path / "r" / "steps.jsonl", 20)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err
+    assert "interrupted: the run stopped after" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "interrupted"
+    resumed = cockpit("run", "--resume", str(tmp_path / "r"), "--no-live")
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"]["world_size"] == 2
+    assert [r["step"] for r in read_lines(tmp_path / "r" / "steps.jsonl")] == list(range(300))

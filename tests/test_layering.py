@@ -8,6 +8,7 @@ import sys
 TORCH_FREE = [
     "cockpit_cli.cli",
     "cockpit_cli.config",
+    "cockpit_cli.launch",
     "cockpit_cli.storage.reader",
     "cockpit_cli.storage.writer",
     "cockpit_cli.display.dashboard",

@@ -11,7 +11,7 @@ import pytest
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage import schema
 from cockpit_cli.storage.reader import read_run
-from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
+from cockpit_cli.storage.writer import RunWriter, close_abandoned_run, prepare_run_directory
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 
 
@@ -50,6 +50,20 @@ def test_a_running_run_is_readable_and_locked(tmp_path: Path) -> None:
     run = read_run(run_dir)
     assert run.status == "running" and run.summary is None and len(run.steps) == 5
     assert (run_dir / schema.LOCK).exists()
+
+
+def test_an_abandoned_run_is_closed_only_when_its_writer_is_gone(tmp_path: Path) -> None:
+    """The launcher of a data-parallel run closes a run whose rank-0 writer was killed."""
+    run_dir = write_run(tmp_path, end=False)  # the lock holds this (live) process's pid
+    assert not close_abandoned_run(run_dir, RunStatus.FAILED, "process 1 of 2 failed")
+    assert read_run(run_dir).status == "running"
+    (run_dir / schema.LOCK).write_text("999999999", encoding="utf-8")  # a writer that is gone
+    assert close_abandoned_run(run_dir, RunStatus.FAILED, "process 1 of 2 failed")
+    run = read_run(run_dir)
+    assert run.status == "failed" and run.manifest["message"] == "process 1 of 2 failed" and len(run.steps) == 5
+    assert not (run_dir / schema.LOCK).exists()
+    assert not close_abandoned_run(run_dir, RunStatus.INTERRUPTED, "again")  # an ended run is left alone
+    assert not close_abandoned_run(tmp_path / "missing", RunStatus.FAILED, "no run")
 
 
 def test_nonfinite_losses_survive(tmp_path: Path) -> None:

@@ -179,8 +179,6 @@ class Instruments:
             statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
         return statistics
 
-        return record
-
     @contextmanager
     def _engine_pass(self) -> Iterator[None]:
         """Mark forward passes the engine makes itself (torch.func, forward mode): hooks ignore them."""

@@ -13,11 +13,7 @@ Only rank 0 evaluates, writes the run directory and shows the display.
 from __future__ import annotations
 
 import datetime
-import os
-import signal
-import time
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import torch
@@ -26,22 +22,10 @@ from torch import Tensor, nn
 
 from cockpit_cli.config import RunConfig
 from cockpit_cli.instruments.sync import GroupSynchronizer
-from cockpit_cli.launch import environment_world
+from cockpit_cli.launch import StopSignals, environment_world, worker_signals
 
 # Long enough for rank 0's evaluations, during which the other processes wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-# How long a process whose peer vanished waits for the launcher's signal that says why.
-SETTLE_SECONDS = 0.5
-
-
-def check_shards(config: RunConfig, batch_size: int, world_size: int) -> None:
-    """Raise a config error unless every batch splits into ``world_size`` equal shards."""
-    if world_size > 1 and batch_size % world_size:
-        raise config.fail(
-            "distributed.nproc",
-            f"a batch of {batch_size} samples does not split into {world_size} equal shards",
-            f"choose a number of processes that divides {batch_size}, or set problem.batch_size to a multiple of {world_size}",
-        )
 
 
 def choose_backend(config: RunConfig) -> str:
@@ -116,38 +100,7 @@ def start_processes(config: RunConfig) -> Processes | None:
         if not torch.cuda.is_available():
             raise config.fail("distributed.backend", "nccl needs CUDA GPUs and none is available", "use backend: gloo on the CPU")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    signals = StopSignals().install()
+    signals = worker_signals()
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     group = dist.new_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return Processes(rank, world_size, local_rank, backend, GroupSynchronizer(group), signals)
-
-
-class StopSignals:
-    """Requests to stop, from the launcher, noted while training runs.
-
-    ``torch.distributed.run`` passes Ctrl-C on to every process as SIGINT, and ends the other
-    processes with SIGTERM when one fails. Raising inside a collective would leave the run
-    half-written, so both only set a flag that the loop reads between steps; after training they
-    let rank 0 finish writing (the launcher kills a process 30 s after SIGTERM). A process blocked
-    in a collective whose peer has gone gets an error instead (``is_collective_failure``).
-    """
-
-    def __init__(self) -> None:
-        self.interrupted = False
-        self.peer_stopped = False
-
-    def _note(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT:
-            self.interrupted = True
-        else:
-            self.peer_stopped = True
-
-    def install(self) -> "StopSignals":
-        """Note SIGINT and SIGTERM from now on (for the rest of the process)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._note)
-        return self
-
-    def settle(self) -> None:
-        """Give a signal sent together with a peer's exit a moment to arrive."""
-        time.sleep(SETTLE_SECONDS)
