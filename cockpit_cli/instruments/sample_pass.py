@@ -65,6 +65,9 @@ def sample_statistics(
 ) -> r.SampleStatistics:
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
+    Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
+    which for factored layers needs no blocks; no block is formed when nothing else is wanted.
+
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
         g: Mean gradient ``[D_p]`` (needed for ``centered`` and ``dots``).
