@@ -112,3 +112,31 @@ def test_alpha_completes_with_products_from_the_factors(kind: str, weight_decay:
     assert sorted(run.records) == [0, 2]
     for step in (0, 2):
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("conv", ["grouped", "same_padding", "same_padding_1d"])
+def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped convolution forms dense blocks by BackPACK's rule, which reads only the shape of
+    the layer output that the engine keeps in place of the output itself; ``padding="same"``
+    (which BackPACK's rule gets wrong) is unfolded with its padding as numbers."""
+    from torch import nn
+
+    from cockpit_cli.instruments.factored_gradients import factored_layer
+
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 100)
+    torch.manual_seed(3)
+    batches = make_batches("cnn", "ce", 3, 2)
+    if conv == "grouped":
+        layer, outputs = nn.Conv2d(2, 4, 3, groups=2), 4 * 4 * 4
+    elif conv == "same_padding":
+        layer, outputs = nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(2, 1)), 3 * 6 * 6
+    else:
+        layer, outputs = nn.Conv1d(2, 3, 3, padding="same"), 3 * 6 * 6
+        batches = [batch._replace(inputs=batch.inputs.reshape(len(batch.inputs), 2, -1)) for batch in batches]
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(outputs, 3)).double()
+    assert factored_layer(layer) == (conv != "grouped")
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d")
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY, names=names)

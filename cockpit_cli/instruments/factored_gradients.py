@@ -150,12 +150,12 @@ class FactoredConv(FactoredSamples):
     def data_mean(self) -> Tensor:
         m = self.module
         weight_gradient = torch.nn.grad.conv1d_weight if isinstance(m, nn.Conv1d) else torch.nn.grad.conv2d_weight
-        return weight_gradient(self.inputs, self.weight_shape, self.grad_outputs, m.stride, m.padding, m.dilation, m.groups)
+        return weight_gradient(self.inputs, self.weight_shape, self.grad_outputs, m.stride, numeric_padding(m), m.dilation, m.groups)
 
     def data_products(self, vector: Tensor) -> Tensor:
         m = self.module
         convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
-        outputs = convolution(self.inputs, vector, None, m.stride, m.padding, m.dilation, m.groups)  # [N, C_out, *spatial_out]
+        outputs = convolution(self.inputs, vector, None, m.stride, numeric_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
         return (outputs * self.grad_outputs).sum(tuple(range(1, outputs.dim())))
 
 
@@ -163,14 +163,25 @@ def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
     """Return the input patches ``[N, C_in * prod(kernel), L]`` the convolution multiplies."""
     if isinstance(module, nn.Conv1d):
         inputs = inputs.unsqueeze(2)  # [N, C, 1, L]: a 1-D convolution is a 2-D one of height 1
-        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
+        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *numeric_padding(module)), (1, *module.stride)
         return F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)
-    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=numeric_padding(module), stride=module.stride)
+
+
+def numeric_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """Return the zero padding per side as numbers (``"same"`` and ``"valid"`` resolved), or
+    ``None`` for ``"same"`` padding that is not the same on both sides (an even kernel extent)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    extents = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    return tuple(e // 2 for e in extents) if all(e % 2 == 0 for e in extents) else None
 
 
 def unfoldable(module: nn.Module) -> bool:
-    """Whether a convolution is one that :func:`unfold` covers (one group, zero padding given as numbers)."""
-    return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    """Whether a convolution is one that :func:`unfold` covers (one group, zero padding the same on both sides)."""
+    return module.groups == 1 and module.padding_mode == "zeros" and numeric_padding(module) is not None
 
 
 def factored_layer(module: nn.Module) -> bool:
