@@ -705,6 +705,10 @@ def test_factored_weight_gradients_match_backpack(kind: str, chunk_elements: int
             assert torch.allclose(torch.cat(list(ours.blocks())), theirs, rtol=1e-10, atol=1e-12)
             vector = torch.randn(theirs.shape[1], dtype=torch.float64)
             assert torch.allclose(ours.products(vector), theirs @ vector, rtol=1e-10, atol=1e-12)
+            square_norms = ours.square_norms()  # a closed form for one position per sample, else None
+            assert (square_norms is None) == (ours.delta.shape[2] > 1)
+            if square_norms is not None:
+                assert torch.allclose(square_norms, theirs.square().sum(1), rtol=1e-10, atol=1e-12)
 
 
 def _collect(module: nn.Module, decay: float) -> list[tuple[Any, Tensor]]:

@@ -85,6 +85,20 @@ class FactoredSamples:
         decay_term = self._decay_term()
         return products if decay_term is None else products + (decay_term.reshape(-1) @ vector)
 
+    def square_norms(self) -> Tensor | None:
+        """Return ``||G[i]||^2`` for every sample, ``[N]``, where that needs no blocks, else ``None``.
+
+        With one position per sample (``L = 1``), ``G[i] = N delta_i x_i^T + lambda theta`` and
+        ``||G[i]||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N lambda delta_i^T theta x_i + lambda^2 ||theta||^2``.
+        """
+        if self.delta.shape[2] != 1:
+            return None
+        squares = self.n**2 * self.delta.square().sum((1, 2)) * self._inputs(0, self.n).square().sum((1, 2))
+        decay_term = self._decay_term()
+        if decay_term is None:
+            return squares
+        return squares + 2 * self.n * self.data_products(decay_term) + decay_term.square().sum()
+
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
         mean = self.data_mean().reshape(self.weight_shape[0], -1)

@@ -32,6 +32,9 @@ class SampleSource(Protocol):
     def products(self, vector: Tensor) -> Tensor:
         """Return ``G[i] . v`` for every sample, ``[N]`` (``vector``: ``[D_p]``)."""
 
+    def square_norms(self) -> Tensor | None:
+        """Return ``||G[i]||^2``, ``[N]``, where that needs no blocks, else ``None``."""
+
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
@@ -48,6 +51,9 @@ class DenseSamples:
 
     def products(self, vector: Tensor) -> Tensor:
         return self.samples @ vector
+
+    def square_norms(self) -> None:
+        return None
 
 
 def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
@@ -66,7 +72,8 @@ def sample_statistics(
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
     Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
-    which for factored layers needs no blocks; no block is formed when nothing else is wanted.
+    and squared norms from :meth:`SampleSource.square_norms` where it has them: for factored
+    layers these need no blocks, and no block is formed when nothing else is wanted.
 
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
@@ -81,6 +88,10 @@ def sample_statistics(
     """
     sums: dict[str, Tensor] = {}
     products = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
+    if r.SQ_NORMS in wanted and r.M2 not in wanted:
+        square_norms = source.square_norms()
+        if square_norms is not None:
+            products[r.SQ_NORMS] = square_norms
     wanted = wanted - set(products)
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
