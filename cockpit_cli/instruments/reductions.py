@@ -82,7 +82,7 @@ class HistogramSpec:
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
         which callers drop, so a non-finite gradient never breaks a histogram.
         """
-        scaled = (values - self.low) * (self.bins / (self.high - self.low))
+        scaled = (values - self.low).mul_(self.bins / (self.high - self.low))
         return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
 
     def count(self, samples: Tensor) -> Tensor:
