@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
 from problems import build_problem
 from problems.image_classification import PROBLEM_TABLE, layer_weights
 
@@ -376,18 +377,16 @@ def histogram_seconds(run: Run, repeats: int) -> dict[str, float]:
     blocks = [samples.mul_(samples.shape[0]) for samples in run.last_per_sample]
     params = [p for p in run.model.parameters() if p.requires_grad]
     run.last_per_sample = []
-    spec = r.ReductionOptions().hist1d
-    kernel = r.KERNELS[r.HIST1D]
+    options = r.ReductionOptions()
+    spec = options.hist1d
 
     def histc() -> None:
         for samples in blocks:
             torch.histc(samples, bins=spec.bins, min=spec.low, max=spec.high)
 
     def engine() -> None:
-        accumulator = r.Accumulator(len(blocks))
-        options = r.ReductionOptions()
-        for index, (samples, param) in enumerate(zip(blocks, params)):
-            kernel(r.LayerBlock(index, samples, param), accumulator, options)
+        for samples, param in zip(blocks, params):
+            sample_statistics(DenseSamples(samples), None, frozenset({r.HIST1D_COUNTS}), param.detach().reshape(-1), options)
 
     return {"histc": median_seconds(histc, repeats, run.device), "engine": median_seconds(engine, repeats, run.device), "elements": float(sum(b.numel() for b in blocks))}
 

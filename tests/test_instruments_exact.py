@@ -363,16 +363,17 @@ def test_histogram_spec_clamps_and_drops_nan() -> None:
 
 def test_reductions_split_into_row_blocks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
     from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer
 
     samples = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     theta = torch.randn(5, dtype=torch.float64)
     requested = frozenset({r.SAMPLE_SQ_NORMS, r.CENTERED_TOTAL, r.EB_SUM, r.HIST1D, r.HIST2D})
     whole = r.Accumulator(1)
-    r.reduce_block(r.LayerBlock(0, samples.clone(), theta), requested, whole, r.ReductionOptions())
+    reduce_layer(0, DenseSamples(samples.clone()), theta, None, requested, whole, r.ReductionOptions())
     monkeypatch.setattr(r, "CHUNK_ELEMENTS", 10)  # blocks of 2 rows
     assert len(r.row_chunks(samples)) == 4
     blocked = r.Accumulator(1)
-    r.reduce_block(r.LayerBlock(0, samples.clone(), theta), requested, blocked, r.ReductionOptions())
+    reduce_layer(0, DenseSamples(samples.clone()), theta, None, requested, blocked, r.ReductionOptions())
     for name in requested:
         assert torch.allclose(whole.totals[name].double(), blocked.totals[name].double(), rtol=1e-12), name
 
@@ -663,29 +664,64 @@ def test_bad_entries(entries: dict[str, Any], message: str, hint: str | None) ->
     assert error.value.hint == hint
 
 
-@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
-def test_unfolded_convolution_rule_matches_backpack(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["linear3d", "conv1d", "conv2d"])
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1])
+def test_factored_weight_gradients_match_backpack(kind: str, chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of the factored per-sample gradients (and their mean) equal BackPACK's ``grad_batch``."""
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
     from torch import nn
 
-    from cockpit_cli.instruments.conv_batch_grad import fast_batch_grad
+    from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad
 
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", chunk_elements)  # 1: one sample per block
     torch.manual_seed(0)
     if kind == "conv2d":
         net = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3, dilation=2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
         inputs = torch.randn(5, 3, 16, 16, dtype=torch.float64)
-    else:
+    elif kind == "conv1d":
         net = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2, stride=2), nn.ReLU(), nn.Conv1d(4, 3, 3, dilation=2), nn.Flatten(), nn.Linear(3 * 16, 3))
         inputs = torch.randn(5, 2, 40, dtype=torch.float64)
+    else:  # a Linear layer applied at every position of a sequence
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Flatten(), nn.Linear(7 * 6, 3))
+        inputs = torch.randn(5, 7, 4, dtype=torch.float64)
     net = extend(net.double())
     loss_fn = extend(nn.CrossEntropyLoss())
     targets = torch.randint(0, 3, (5,))
+    decay = 0.3
     results = []
-    for extension in (BatchGrad(), fast_batch_grad()):
+    for extension in (BatchGrad(), factored_batch_grad()):
         net.zero_grad()
-        with backpack(extension):
+        gradients = []
+        with backpack(extension, extension_hook=lambda module: gradients.extend(_collect(module, decay))):
             loss_fn(net(inputs), targets).backward()
-        results.append([p.grad_batch.clone() for p in net.parameters()])
-    for ours, theirs in zip(*results):
-        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+        results.append(gradients)
+    factored = [type(samples).__name__ for samples, _ in results[1] if isinstance(samples, FactoredSamples)]
+    assert factored == (["FactoredLinear"] * 2 if kind == "linear3d" else ["FactoredLinear", "FactoredConv", "FactoredConv"])
+    for (ours, our_mean), (theirs, their_mean) in zip(results[1], results[0]):
+        assert torch.allclose(our_mean, their_mean, rtol=1e-10, atol=1e-12)
+        if isinstance(ours, FactoredSamples):
+            assert torch.allclose(torch.cat(list(ours.blocks())), theirs, rtol=1e-10, atol=1e-12)
+            vector = torch.randn(theirs.shape[1], dtype=torch.float64)
+            assert torch.allclose(ours.products(vector), theirs @ vector, rtol=1e-10, atol=1e-12)
+            square_norms = ours.square_norms()  # a closed form for one position per sample, else None
+            assert (square_norms is None) == (ours.delta.shape[2] > 1)
+            if square_norms is not None:
+                assert torch.allclose(square_norms, theirs.square().sum(1), rtol=1e-10, atol=1e-12)
+
+
+def _collect(module: nn.Module, decay: float) -> list[tuple[Any, Tensor]]:
+    """Per-sample gradients of a module's parameters (regularised, times N) and their means."""
+    from cockpit_cli.instruments.factored_gradients import FactoredSamples
+
+    found = []
+    for param in module.parameters(recurse=False):
+        samples = param.__dict__.pop("grad_batch")
+        if isinstance(samples, FactoredSamples):
+            samples.regularized(param, decay)
+            found.append((samples, samples.mean()))
+        else:
+            dense = (samples * samples.shape[0] + decay * param.detach()).reshape(samples.shape[0], -1)
+            found.append((dense, dense.mean(0)))
+    return found

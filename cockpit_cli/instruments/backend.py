@@ -2,8 +2,9 @@
 
 :class:`GradientCapture` runs ``loss.backward()`` with the BackPACK extensions the due
 quantities need (per-sample gradients and/or a curvature diagonal) and reduces each layer's
-block inside BackPACK's extension hook, so only one layer's ``[N, ...]`` block is alive at a
-time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
+per-sample gradients inside BackPACK's extension hook. Those of Linear and convolution weights
+stay factored and are formed a block of samples at a time (:mod:`factored_gradients`); other
+layers' ``[N, ...]`` blocks are alive one at a time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
 It also builds Hessian-vector products and forward-mode per-sample slopes.
 """
 
@@ -21,8 +22,9 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
-from cockpit_cli.instruments.conv_batch_grad import fast_batch_grad
-from cockpit_cli.instruments.reductions import Accumulator, LayerBlock, ReductionOptions, reduce_block
+from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
+from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
+from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -87,12 +89,27 @@ class GradientCapture:
         if support.curvature and isinstance(loss_function, nn.Module):
             self.extendable.append(loss_function)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached_for_curvature = False
+        # Whether every tracked parameter's per-sample gradients stay factored (or are biases):
+        # products G[i] . v then cost about a forward pass of the layers, without forming G.
+        self.factored = support.per_sample == "backpack" and all(factored_layer(m) for m in self.module_params)
+        self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
 
-    def attach(self) -> None:
-        """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass."""
+    def attach(self, curvature: bool) -> None:
+        """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
+
+        A curvature diagonal is backpropagated through every layer, which then keeps its input
+        and output. Per-sample gradients alone need only the layers with tracked parameters, and
+        of Linear and convolution layers only the inputs (see :func:`store_inputs`).
+        """
+        if self._handles and self._attached_for_curvature != curvature:
+            self.detach()
         if not self._handles:
-            for module in self.extendable:
-                self._handles += [module.register_forward_hook(hook_store_io), module.register_full_backward_hook(hook_run_extensions)]
+            self._attached_for_curvature = curvature
+            modules = self.extendable if curvature else [m for m in self.extendable if m in self.module_params]
+            for module in modules:
+                store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
+                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(hook_run_extensions)]
 
     def detach(self) -> None:
         """Remove BackPACK's hooks again, after the tracked step's backward pass."""
@@ -139,7 +156,7 @@ class GradientCapture:
         batch_size = inputs.shape[0]
         extensions = []
         if per_sample and self.support.per_sample == "backpack":
-            extensions.append(fast_batch_grad())
+            extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self.curvature_extension())
         if extensions:
@@ -152,26 +169,32 @@ class GradientCapture:
             loss.backward(retain_graph=retain_graph)
         if per_sample and self.support.per_sample == "functorch":
             for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
-                block = LayerBlock(index, self._with_regularizer(index, samples), self.params[index], sync=self.sync)
-                reduce_block(block, requested, accumulator, options)
+                source = DenseSamples(self._with_regularizer(index, samples))
+                reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
         return accumulator
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
         def reduce_module(module: nn.Module) -> None:
             for index, param in self.module_params.get(module, []):
-                samples = getattr(param, "grad_batch", None)
-                if samples is not None:
-                    samples = self._with_regularizer(index, samples * batch_size)  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
                 diagonal = getattr(param, self.curvature_attribute, None)
                 if diagonal is not None and self.weight_decay[index]:
                     diagonal = diagonal + self.weight_decay[index]
-                reduce_block(LayerBlock(index, samples, param, diagonal, self.sync), requested, accumulator, options)
+                source = self._source(index, getattr(param, "grad_batch", None), batch_size)
+                reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
                 for attribute in ("grad_batch", self.curvature_attribute):
                     if hasattr(param, attribute):
                         delattr(param, attribute)
 
         return reduce_module
+
+    def _source(self, index: int, samples: Tensor | FactoredSamples | None, batch_size: int) -> SampleSource | None:
+        """Return the per-sample gradients of parameter ``index`` (with the regulariser) from BackPACK's ``grad_batch``."""
+        if samples is None:
+            return None
+        if isinstance(samples, FactoredSamples):
+            return samples.regularized(self.params[index], self.weight_decay[index])
+        return DenseSamples(self._with_regularizer(index, samples * batch_size))  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
 
     def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:
         """Add the regulariser's gradient lambda * p (the same for every sample) in place."""
@@ -238,6 +261,23 @@ class GradientCapture:
             return self.sync.gather(tangent.detach().double() + regularizer)
 
         return slopes
+
+
+INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def store_inputs(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    """BackPACK's ``hook_store_io`` for first-order rules of Linear and convolution layers.
+
+    It stores the inputs (``module.input0``, ...) but, in place of the output, a stand-in of the
+    output's shape, dtype and device that holds one element: these rules read only the output's
+    shape, and keeping the output itself would hold every layer's pre-activation alive until the
+    backward pass reaches it (plain training frees it once the activation function has run).
+    """
+    if torch.is_grad_enabled():
+        for i, tensor in enumerate(inputs):
+            setattr(module, f"input{i}", tensor)
+        module.output = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
 
 
 def capture_rng_state(device: torch.device) -> tuple:

@@ -138,25 +138,29 @@ class Instruments:
             return
         _, needs = self._plan(self.next_step)
         self._activations = {} if q.ACTIVATIONS in needs else None
-        replay = START_SLOPES in needs or _projections_only(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
+        replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
-            self.capture.attach()
+            self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
         else:
             self.capture.detach()
 
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
-        per_sample = bool(needs & r.NEEDS_SAMPLES) and not _projections_only(needs) and self.support.per_sample == "backpack"
+        per_sample = bool(needs & r.NEEDS_SAMPLES) and not self._by_forward_mode(needs) and self.support.per_sample == "backpack"
         return per_sample or (q.CURVATURE in needs and self.support.curvature)
+
+    def _by_forward_mode(self, needs: set[str]) -> bool:
+        """Whether projections g_i . u, the only per-sample values due, come from one forward-mode
+        pass: cheaper than forming per-sample gradients, but not than products from the factors
+        of Linear and convolution layers in the backward pass (see ``GradientCapture.factored``)."""
+        return _projections_only(needs) and not self.capture.factored
 
     def _activation_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             if self._own_pass or self._activations is None or not isinstance(output, Tensor):
                 return
-            values = output.detach()
-            moments = torch.stack([values.sum(dtype=torch.float64), values.double().pow(2).sum(), (values == 0).sum().double()])
-            self._activations[name] = torch.cat([moments, moments.new_tensor([values.numel()])])
+            self._activations[name] = output_moments(output.detach())
 
         return record
 
@@ -198,7 +202,7 @@ class Instruments:
         for quantity in active:
             quantity.reduction_options(step, options)
         requested = frozenset(needs & set(r.KERNELS))
-        by_forward_mode = _projections_only(needs)  # one forward-mode pass beats forming per-sample gradients
+        by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
             requested -= {r.PROJECTIONS}
         individual = None
@@ -314,6 +318,25 @@ class Instruments:
             "unavailable": dict(self.unavailable),
             "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
         }
+
+
+MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
+
+
+def output_moments(values: Tensor) -> Tensor:
+    """Return ``[sum, sum of squares, zeros, count]`` of all elements of ``values`` (float64).
+
+    The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
+    is ever made.
+    """
+    flat = values.reshape(-1)
+    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
+    for block in flat.split(MOMENT_BLOCK):
+        block = block.double()
+        total = total + block.sum()
+        squares = squares + torch.dot(block, block)
+    zeros = flat.numel() - torch.count_nonzero(flat).double()
+    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
 
 
 def _projections_only(needs: set[str]) -> bool:

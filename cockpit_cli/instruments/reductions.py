@@ -1,25 +1,30 @@
-"""Fused per-layer reductions of per-sample gradients.
+"""Per-layer reductions of per-sample gradients, in three phases.
 
-While one parameter's block of per-sample gradients ``G`` (``[N, D_p]``) is in memory, every
-reduction that any due quantity asked for is computed from it, and the block is dropped. Every
-reduction is a sum over samples or over coordinates, so it can also be summed across
-data-parallel workers.
+For one parameter with per-sample gradients ``G`` (``[N, D_p]``), the reductions any due quantity
+asked for are computed in three phases, so that a data-parallel synchronisation can sit between
+them and no ``[N, D_p]`` block of a large layer need ever exist:
+
+1. the mean gradient ``g`` (``[D_p]``) of the local batch;
+2. one pass over blocks of samples (:mod:`sample_pass`) that sums the :class:`SampleStatistics`:
+   ``[D_p]`` vectors (``m2``, ``centered``), ``[N]`` vectors (squared norms, dot products with
+   ``g``, projections), histogram counts and the largest magnitude;
+3. the kernels below, which read only ``g``, those statistics and the curvature diagonal.
+
+With data-parallel processes (:mod:`sync`), a source holds the local shard's samples only. The
+per-coordinate statistics ``g``, ``m2``, ``centered`` and ``h`` are combined across processes
+between the phases (:func:`sample_pass.reduce_layer`, the same collectives in the same order on
+every process), so every kernel that reads them computes the global batch's value; per-sample
+vectors and counts stay local until :meth:`Accumulator.synchronize` combines them after the
+backward pass.
 
 Notation: ``G[i]`` is the gradient of sample i's total loss (its data loss plus the regulariser,
 so that ``g = mean_i G[i]`` is the mini-batch gradient), ``theta`` the parameter, ``h`` its
 curvature diagonal when one was computed in the same backward pass.
-
-With data-parallel processes (:mod:`sync`), a block holds the local shard's rows only. The
-per-coordinate statistics ``g``, ``m2``, ``centered`` and ``h`` are combined across processes
-when first used (all processes use them in the same order, see :func:`reduce_block`), so every
-kernel that reads them computes the global batch's value; per-sample vectors and counts stay
-local until :meth:`Accumulator.synchronize` combines them after the backward pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Callable
 
 import torch
@@ -42,20 +47,11 @@ HIST2D = "hist2d"  # [bins_g, bins_theta]: joint counts of (g_id, theta_d)
 PROJECTIONS = "projections"  # [N]: g_i . u for a direction u given in the options
 ABS_MAX = "abs_max"  # scalar: max_id |g_id| (for adaptive histogram ranges)
 
-# How each reduction is combined across data-parallel processes: per-sample vectors are
-# gathered, counts summed, ABS_MAX maximised; all others are computed from the combined
-# per-coordinate statistics a kernel reads (SHARED_STATISTICS) and are global already.
+# How each reduction is combined across data-parallel processes after the backward pass:
+# per-sample vectors are gathered, counts summed, ABS_MAX maximised; all others are computed
+# from the combined per-coordinate statistics and are global already.
 PER_SAMPLE = frozenset({SAMPLE_SQ_NORMS, SAMPLE_DOTS, PROJECTIONS})
 COUNTS = frozenset({HIST1D, HIST2D})
-SHARED_STATISTICS: dict[str, tuple[str, ...]] = {
-    GRAD_SQ_NORM: ("g",),
-    SAMPLE_DOTS: ("g",),
-    CENTERED_TOTAL: ("g", "centered"),
-    SECOND_MOMENT_TOTAL: ("m2",),
-    GSNR_SUM: ("g", "m2"),
-    EB_SUM: ("g", "centered"),
-    TIC_DIAG_SUM: ("m2",),
-}
 
 GSNR_EPSILON = 1e-5
 EB_EPSILON = 1e-5
@@ -63,7 +59,7 @@ TIC_EPSILON = 1e-7
 
 
 # Row blocks of about this many elements bound the temporaries of the reductions.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 16
 
 
 def row_chunks(samples: Tensor) -> list[Tensor]:
@@ -86,7 +82,7 @@ class HistogramSpec:
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
         which callers drop, so a non-finite gradient never breaks a histogram.
         """
-        scaled = (values - self.low) * (self.bins / (self.high - self.low))
+        scaled = (values - self.low).mul_(self.bins / (self.high - self.low))
         return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
 
     def count(self, samples: Tensor) -> Tensor:
@@ -112,61 +108,70 @@ class ReductionOptions:
     direction: list[Tensor] | None = None
 
 
-class LayerBlock:
-    """One parameter's per-sample gradients and the intermediates derived from them (cached).
+# Names of the phase-2 statistics (fields of SampleStatistics).
+M2 = "m2"
+CENTERED = "centered"
+SQ_NORMS = "sq_norms"
+DOTS = "dots"
+PROJECTED = "projected"
+HIST1D_COUNTS = "hist1d_counts"
+HIST2D_COUNTS = "hist2d_counts"
+LARGEST = "largest"
 
-    Args:
-        index: Position of the parameter among the tracked parameters.
-        samples: ``G``, shape ``[N, *p.shape]`` (or ``None`` if only curvature was computed).
-        theta: The parameter's value, shape ``p.shape``.
-        curvature: Curvature diagonal of the local shard's mean loss, shape ``p.shape``, or ``None``.
-        sync: Combines statistics across data-parallel processes (default: one process).
+
+@dataclass
+class SampleStatistics:
+    """Sums over one parameter's samples (phase 2); each is ``None`` unless it was requested.
+
+    Attributes:
+        m2: ``sum_i G[i]^2``, shape ``[D_p]``.
+        centered: ``sum_i (G[i] - g)^2``, shape ``[D_p]``.
+        sq_norms: ``||G[i]||^2``, shape ``[N]``.
+        dots: ``G[i] . g``, shape ``[N]``.
+        projected: ``G[i] . u`` for the options' direction ``u``, shape ``[N]``.
+        hist1d_counts: Counts of all ``G[i, d]``, shape ``[bins]`` (int64).
+        hist2d_counts: Joint counts of ``(G[i, d], theta_d)``, shape ``[bins_g, bins_theta]``.
+        largest: ``max_id |G[i, d]|`` (scalar).
     """
 
-    def __init__(self, index: int, samples: Tensor | None, theta: Tensor, curvature: Tensor | None = None, sync: Synchronizer | None = None):
-        self.index = index
-        self.sync = sync or Synchronizer()
-        self.G = None if samples is None else samples.reshape(samples.shape[0], -1)
-        self.theta = theta.detach().reshape(-1)
-        self.h = None if curvature is None else self._global_curvature(curvature.reshape(-1))
+    m2: Tensor | None = None
+    centered: Tensor | None = None
+    sq_norms: Tensor | None = None
+    dots: Tensor | None = None
+    projected: Tensor | None = None
+    hist1d_counts: Tensor | None = None
+    hist2d_counts: Tensor | None = None
+    largest: Tensor | None = None
 
-    def _global_curvature(self, local: Tensor) -> Tensor:
-        """The global batch's curvature diagonal: the mean of the equal shards' diagonals."""
-        world = self.sync.world_size
-        return local if world == 1 else self.sync.sum(local) / world
+
+@dataclass
+class LayerBlock:
+    """What the kernels of one parameter read (phase 3): its statistics, never its samples.
+
+    Attributes:
+        index: Position of the parameter among the tracked parameters.
+        n: Number of samples N of the global batch (0 when only curvature was computed).
+        theta: The parameter's value, flattened ``[D_p]``.
+        g: Mean gradient of the global batch ``[D_p]``, or ``None``.
+        stats: The phase-2 sums (``m2`` and ``centered`` global, the rest local), or ``None``
+            without per-sample gradients.
+        h: Curvature diagonal of the global batch ``[D_p]``, or ``None``.
+    """
+
+    index: int
+    n: int
+    theta: Tensor
+    g: Tensor | None = None
+    stats: SampleStatistics | None = None
+    h: Tensor | None = None
 
     @property
-    def n(self) -> int:
-        """Samples in the global batch (equal shards on every process)."""
-        return self.G.shape[0] * self.sync.world_size
-
-    @cached_property
-    def g(self) -> Tensor:
-        """Mean gradient of the global batch ``[D_p]``."""
-        return self.sync.sum(self.G.sum(0)) / self.n
-
-    @cached_property
     def m2(self) -> Tensor:
-        """``sum_i g_id^2`` over the global batch, shape ``[D_p]``."""
-        return self.sync.sum(self.G.pow(2).sum(0))
+        return self.stats.m2
 
-    @cached_property
+    @property
     def centered(self) -> Tensor:
-        """``sum_i (g_id - g_d)^2`` over the global batch, shape ``[D_p]`` (summed block by block)."""
-        return self.sync.sum(sum((block - self.g).pow(2).sum(0) for block in row_chunks(self.G)))
-
-    def share(self, requested: frozenset[str]) -> None:
-        """Combine, in a fixed order, the per-coordinate statistics the requested kernels read,
-        so that every process takes part in the same collectives whatever happens next."""
-        wanted = set().union(*(SHARED_STATISTICS.get(name, ()) for name in requested))
-        for statistic in ("g", "m2", "centered"):
-            if statistic in wanted:
-                getattr(self, statistic)
-
-    @cached_property
-    def sq_norms(self) -> Tensor:
-        """``||g_i||^2``, shape ``[N]`` (block by block, no ``[N, D_p]`` temporary)."""
-        return torch.cat([block.pow(2).sum(1) for block in row_chunks(self.G)])
+        return self.stats.centered
 
 
 class Accumulator:
@@ -225,11 +230,11 @@ def _grad_sq_norm(block: LayerBlock, acc: Accumulator, options: ReductionOptions
 
 
 def _sample_sq_norms(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.add(SAMPLE_SQ_NORMS, block.sq_norms)
+    acc.add(SAMPLE_SQ_NORMS, block.stats.sq_norms)
 
 
 def _sample_dots(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.add(SAMPLE_DOTS, block.G @ block.g)
+    acc.add(SAMPLE_DOTS, block.stats.dots)
 
 
 def _centered_total(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
@@ -261,31 +266,21 @@ def _curvature_trace(block: LayerBlock, acc: Accumulator, options: ReductionOpti
 
 
 def _hist1d(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    counts = options.hist1d.count(block.G)
-    acc.add(HIST1D, counts)
-    acc.add_per_param(HIST1D, block.index, counts)
+    acc.add(HIST1D, block.stats.hist1d_counts)
+    acc.add_per_param(HIST1D, block.index, block.stats.hist1d_counts)
 
 
 def _hist2d(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    grad_axis, param_axis = options.hist2d
-    columns = param_axis.bin_of(block.theta)  # [D_p], NaN -> param_axis.bins
-    cells = grad_axis.bins * param_axis.bins
-    counts = torch.zeros(cells + 1, dtype=torch.int64, device=block.G.device)
-    for rows in (grad_axis.bin_of(chunk) for chunk in row_chunks(block.G)):  # [r, D_p], NaN -> grad_axis.bins
-        flat = torch.where((rows < grad_axis.bins) & (columns < param_axis.bins), rows * param_axis.bins + columns, cells)
-        counts += torch.bincount(flat.reshape(-1), minlength=cells + 1)
-    counts = counts[:cells].reshape(grad_axis.bins, param_axis.bins)
-    acc.add(HIST2D, counts)
-    acc.add_per_param(HIST2D, block.index, counts)
+    acc.add(HIST2D, block.stats.hist2d_counts)
+    acc.add_per_param(HIST2D, block.index, block.stats.hist2d_counts)
 
 
 def _projections(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    direction = options.direction[block.index].reshape(-1).to(block.G.dtype)
-    acc.add(PROJECTIONS, block.G @ direction)
+    acc.add(PROJECTIONS, block.stats.projected)
 
 
 def _abs_max(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.maximum(ABS_MAX, block.G.abs().max())
+    acc.maximum(ABS_MAX, block.stats.largest)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -304,29 +299,49 @@ KERNELS: dict[str, Kernel] = {
     ABS_MAX: _abs_max,
 }
 
-# Reductions that need the curvature diagonal; all others need the per-sample block.
+# Reductions that need the curvature diagonal; all others need per-sample gradients.
 NEEDS_CURVATURE = frozenset({TIC_DIAG_SUM, CURVATURE_TRACE})
 NEEDS_SAMPLES = frozenset(KERNELS) - {CURVATURE_TRACE}
 
+# The phase-2 statistics each reduction reads (the mean gradient g aside).
+STATISTICS: dict[str, frozenset[str]] = {
+    SAMPLE_SQ_NORMS: frozenset({SQ_NORMS}),
+    SAMPLE_DOTS: frozenset({DOTS}),
+    CENTERED_TOTAL: frozenset({CENTERED}),
+    SECOND_MOMENT_TOTAL: frozenset({M2}),
+    GSNR_SUM: frozenset({M2}),
+    EB_SUM: frozenset({CENTERED}),
+    TIC_DIAG_SUM: frozenset({M2}),
+    HIST1D: frozenset({HIST1D_COUNTS}),
+    HIST2D: frozenset({HIST2D_COUNTS}),
+    PROJECTIONS: frozenset({PROJECTED}),
+    ABS_MAX: frozenset({LARGEST}),
+}
+# Reductions that read the mean gradient g, directly or through a statistic.
+NEEDS_MEAN = frozenset({GRAD_SQ_NORM, SAMPLE_DOTS, CENTERED_TOTAL, GSNR_SUM, EB_SUM})
+
+
+def runnable(requested: frozenset[str], samples: bool, curvature: bool) -> frozenset[str]:
+    """Return the requested reductions whose inputs exist (per-sample gradients, curvature)."""
+    return frozenset(
+        name for name in requested if (samples or name not in NEEDS_SAMPLES) and (curvature or name not in NEEDS_CURVATURE)
+    )
+
+
+def statistics_for(requested: frozenset[str]) -> frozenset[str]:
+    """Return the phase-2 statistics that the ``requested`` reductions read."""
+    return frozenset().union(*(STATISTICS.get(name, frozenset()) for name in requested))
+
 
 def reduce_block(block: LayerBlock, requested: frozenset[str], acc: Accumulator, options: ReductionOptions) -> None:
-    """Run every requested kernel that the block has the inputs for.
+    """Phase 3: run every requested kernel that the block has the inputs for.
 
     A failing kernel is recorded in ``acc.errors`` and never raised: this runs inside the
     backward pass, which must complete for training to go on.
     """
-    runnable = [name for name in KERNELS if name in requested and _has_inputs(block, name)]
-    if block.G is not None:
-        block.share(frozenset(runnable))
-    for name in runnable:
+    for name in runnable(requested, block.stats is not None, block.h is not None):
         try:
             KERNELS[name](block, acc, options)
         except Exception as error:  # noqa: BLE001 - reported by the quantities that lack the value
             acc.errors.append(f"{name}: {type(error).__name__}: {error}")
     acc.coordinates += block.theta.numel()
-
-
-def _has_inputs(block: LayerBlock, name: str) -> bool:
-    if name in NEEDS_SAMPLES and block.G is None:
-        return False
-    return not (name in NEEDS_CURVATURE and block.h is None)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import INDIVIDUAL_LOSSES, PARAMS_BEFORE, Quantity, StepData, UpdateData, register
+from cockpit_cli.instruments.quantities.base import INDIVIDUAL_LOSSES, PARAMS_BEFORE, Quantity, StepData, UpdateData, flat_dot, register
 
 START_SLOPES = "start_slopes"  # the engine keeps what it needs for a forward-mode pass at theta_t
 VARIANCE_FLOOR = 1e-10
@@ -79,7 +79,7 @@ class Alpha(Quantity):
         if start is None or start["step"] != data.step:
             return
         direction = [(after.detach() - before) for before, after in zip(data.before, data.after)]
-        length = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction))
+        length = math.sqrt(flat_dot(direction, direction))
         if length > 0:
             if self.plain_sgd:
                 products = -start["lr"] * start["dots"]  # g_i . d with d = -lr g

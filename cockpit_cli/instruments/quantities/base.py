@@ -176,9 +176,19 @@ def register(cls: type[Quantity]) -> type[Quantity]:
     return cls
 
 
+DOT_BLOCK = 1 << 16  # elements per float64 block of flat_dot
+
+
 def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
-    """Return the dot product of two parameter lists as a float64 Python float."""
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+    """Return the dot product of two parameter lists as a float64 Python float.
+
+    Summed in float64 a block of elements at a time, so no float64 copy of a whole parameter is made.
+    """
+    total = 0.0
+    for x, y in zip(a, b):
+        for p, q in zip(x.detach().reshape(-1).split(DOT_BLOCK), y.detach().reshape(-1).split(DOT_BLOCK)):
+            total += float(torch.dot(p.double(), q.double()))
+    return total
 
 
 def norms(tensors: list[Tensor]) -> list[float]:

@@ -1,0 +1,241 @@
+"""Per-sample weight gradients of Linear and convolution layers, formed block by block of samples.
+
+The weight gradient of sample i of a Linear layer is a product of two small factors, its input
+``x_i`` (``[L, in]``) and its output gradient ``delta_i`` (``[L, out]``, with ``L`` the extra
+positions, 1 for a plain MLP); that of a convolution the same product with ``x_i`` replaced by
+its unfolded patches (``[L, C_in * prod(kernel)]``, ``L`` the output positions):
+
+    G[i] = N * delta_i^T @ x_i + lambda * theta        (shape of the weight, flattened to [D])
+
+where ``delta`` is the gradient of the mean loss (hence the factor N) and ``lambda * theta`` the
+regulariser's gradient. The sources below keep only the factors and form ``G`` one block of
+samples at a time (:mod:`sample_pass`), so that the ``[N, D]`` block of a large layer never
+exists. The mean gradient and the products ``G[i] . v`` with a vector need no per-sample
+gradients at all: ``sum_i delta_i^T @ x_i``, and ``delta_i`` times the layer's output for the
+input ``x_i`` with ``v`` as its weight.
+
+:func:`factored_batch_grad` is BackPACK's ``BatchGrad`` with weight rules that return such a
+source (in ``grad_batch``) instead of the tensor; biases, other layers and convolutions that
+unfolding does not cover keep BackPACK's rules.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.linear import LinearDerivatives
+from backpack.extensions import BatchGrad
+from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
+from torch import Tensor, nn
+
+from cockpit_cli.instruments import reductions as r
+
+
+class FactoredSamples:
+    """Per-sample weight gradients ``G`` (``[N, D]``) of a layer, kept as their factors.
+
+    Args:
+        grad_outputs: ``delta``, the output gradients of the mean loss, ``[N, C_out, L]``.
+        weight_shape: The weight's shape (``[C_out, ...]``, ``D`` elements).
+    """
+
+    def __init__(self, grad_outputs: Tensor, weight_shape: torch.Size):
+        self.delta = grad_outputs
+        self.n = grad_outputs.shape[0]
+        self.weight_shape = weight_shape
+        self.theta: Tensor | None = None
+        self.decay = 0.0
+
+    def regularized(self, theta: Tensor, decay: float) -> FactoredSamples:
+        """Include the regulariser's gradient ``decay * theta`` in every ``G[i]`` (returns self)."""
+        self.theta, self.decay = theta.detach(), decay
+        return self
+
+    def _inputs(self, start: int, stop: int) -> Tensor:
+        """Return the input factor of samples ``start:stop``, ``[b, L, K]`` (``D = C_out * K``)."""
+        raise NotImplementedError
+
+    def _input_elements(self) -> int:
+        """Return the elements of one sample's input factor that a block allocates."""
+        return 0
+
+    def _decay_term(self) -> Tensor | None:
+        """Return the regulariser's gradient ``lambda * theta`` as ``[C_out, K]``, or ``None``."""
+        return self.decay * self.theta.reshape(self.weight_shape[0], -1) if self.decay else None
+
+    def data_mean(self) -> Tensor:
+        """Return ``sum_i delta_i^T @ x_i``, the mean data-loss gradient ``[C_out, K]``."""
+        raise NotImplementedError
+
+    def data_products(self, vector: Tensor) -> Tensor:
+        """Return ``delta_i^T @ x_i . U`` for every sample, ``[N]``, with ``U`` the vector as ``[C_out, K]``."""
+        raise NotImplementedError
+
+    def products(self, vector: Tensor) -> Tensor:
+        """Return ``G[i] . v`` for every sample, ``[N]``, without forming per-sample gradients.
+
+        Args:
+            vector: ``v``, flattened ``[D]``.
+        """
+        products = self.n * self.data_products(vector.reshape(self.weight_shape))
+        decay_term = self._decay_term()
+        return products if decay_term is None else products + (decay_term.reshape(-1) @ vector)
+
+    def square_norms(self) -> Tensor | None:
+        """Return ``||G[i]||^2`` for every sample, ``[N]``, where that needs no blocks, else ``None``.
+
+        With one position per sample (``L = 1``), ``G[i] = N delta_i x_i^T + lambda theta`` and
+        ``||G[i]||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N lambda delta_i^T theta x_i + lambda^2 ||theta||^2``.
+        """
+        if self.delta.shape[2] != 1:
+            return None
+        squares = self.n**2 * self.delta.square().sum((1, 2)) * self._inputs(0, self.n).square().sum((1, 2))
+        decay_term = self._decay_term()
+        if decay_term is None:
+            return squares
+        return squares + 2 * self.n * self.data_products(decay_term) + decay_term.square().sum()
+
+    def mean(self) -> Tensor:
+        """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
+        mean = self.data_mean().reshape(self.weight_shape[0], -1)
+        decay_term = self._decay_term()
+        return (mean if decay_term is None else mean + decay_term).reshape(-1)
+
+    def blocks(self) -> Iterator[Tensor]:
+        """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""
+        size = self.weight_shape.numel()
+        rows = max(1, r.CHUNK_ELEMENTS // (size + self._input_elements()))
+        decay_term = self._decay_term()
+        scale_first = self.delta.shape[2] * self.weight_shape[0] <= size  # delta's block is the smaller: scale it by N
+        for start in range(0, self.n, rows):
+            stop = min(start + rows, self.n)
+            delta = self.delta[start:stop]  # [b, C_out, L]
+            inputs = self._inputs(start, stop)  # [b, L, K]
+            block = torch.bmm(delta * self.n, inputs) if scale_first else torch.bmm(delta, inputs).mul_(self.n)
+            if decay_term is not None:
+                block.add_(decay_term)
+            yield block.reshape(stop - start, size)
+
+
+class FactoredLinear(FactoredSamples):
+    """Per-sample weight gradients of ``nn.Linear`` from its inputs ``[N, *, in]`` and output gradients ``[N, *, out]``."""
+
+    def __init__(self, inputs: Tensor, grad_outputs: Tensor, weight_shape: torch.Size):
+        n, out_features = grad_outputs.shape[0], grad_outputs.shape[-1]
+        super().__init__(grad_outputs.reshape(n, -1, out_features).transpose(1, 2), weight_shape)  # [N, out, L]
+        self.x = inputs.reshape(n, -1, inputs.shape[-1])  # [N, L, in]
+
+    def _inputs(self, start: int, stop: int) -> Tensor:
+        return self.x[start:stop]
+
+    def data_mean(self) -> Tensor:
+        delta = self.delta.transpose(1, 2).reshape(-1, self.delta.shape[1])  # [N * L, out]
+        return delta.T @ self.x.reshape(-1, self.x.shape[-1])
+
+    def data_products(self, vector: Tensor) -> Tensor:
+        outputs = self.x @ vector.T  # [N, L, out]: the layer's output with the vector as its weight
+        return (outputs * self.delta.transpose(1, 2)).sum((1, 2))
+
+
+class FactoredConv(FactoredSamples):
+    """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, zero padding).
+
+    Args:
+        module: The convolution, with BackPACK's stored input ``module.input0`` (``[N, C_in, *spatial]``).
+        grad_outputs: Output gradients ``[N, C_out, *spatial_out]``.
+    """
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, grad_outputs: Tensor):
+        super().__init__(grad_outputs.reshape(grad_outputs.shape[0], grad_outputs.shape[1], -1), module.weight.shape)
+        self.module = module
+        self.inputs = module.input0
+        self.grad_outputs = grad_outputs
+
+    def _inputs(self, start: int, stop: int) -> Tensor:
+        return unfold(self.module, self.inputs[start:stop]).transpose(1, 2)  # [b, L, K]
+
+    def _input_elements(self) -> int:
+        return self.weight_shape[1:].numel() * self.delta.shape[2]  # K * L
+
+    def data_mean(self) -> Tensor:
+        m = self.module
+        weight_gradient = torch.nn.grad.conv1d_weight if isinstance(m, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        return weight_gradient(self.inputs, self.weight_shape, self.grad_outputs, m.stride, numeric_padding(m), m.dilation, m.groups)
+
+    def data_products(self, vector: Tensor) -> Tensor:
+        m = self.module
+        convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+        outputs = convolution(self.inputs, vector, None, m.stride, numeric_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
+        return (outputs * self.grad_outputs).sum(tuple(range(1, outputs.dim())))
+
+
+def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
+    """Return the input patches ``[N, C_in * prod(kernel), L]`` the convolution multiplies."""
+    if isinstance(module, nn.Conv1d):
+        inputs = inputs.unsqueeze(2)  # [N, C, 1, L]: a 1-D convolution is a 2-D one of height 1
+        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *numeric_padding(module)), (1, *module.stride)
+        return F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)
+    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=numeric_padding(module), stride=module.stride)
+
+
+def numeric_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """Return the zero padding per side as numbers (``"same"`` and ``"valid"`` resolved), or
+    ``None`` for ``"same"`` padding that is not the same on both sides (an even kernel extent)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    extents = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    return tuple(e // 2 for e in extents) if all(e % 2 == 0 for e in extents) else None
+
+
+def unfoldable(module: nn.Module) -> bool:
+    """Whether a convolution is one that :func:`unfold` covers (one group, zero padding the same on both sides)."""
+    return module.groups == 1 and module.padding_mode == "zeros" and numeric_padding(module) is not None
+
+
+def factored_layer(module: nn.Module) -> bool:
+    """Whether :func:`factored_batch_grad` keeps the layer's weight gradients factored."""
+    return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and unfoldable(module))
+
+
+class _FactoredWeight(BatchGradBase):
+    """BackPACK's BatchGrad rules of a layer, except that the weight's is a :class:`FactoredSamples`."""
+
+    def __init__(self, derivatives: object):
+        super().__init__(derivatives=derivatives, params=["bias", "weight"])
+        self._dense_weight = self._make_param_function("weight")
+
+    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
+        """Return the factored per-sample gradients, or ``None`` where BackPACK's rule applies."""
+        raise NotImplementedError
+
+    def weight(self, ext: BatchGrad, module: nn.Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], bp_quantities: None) -> Tensor | FactoredSamples:
+        source = self.factors(module, g_out[0]) if ext.get_subsampling() is None else None
+        return source if source is not None else self._dense_weight(ext, module, g_inp, g_out, bp_quantities)
+
+
+class _LinearWeight(_FactoredWeight):
+    def __init__(self):
+        super().__init__(LinearDerivatives())
+
+    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
+        return FactoredLinear(module.input0, grad_output, module.weight.shape)
+
+
+class _ConvWeight(_FactoredWeight):
+    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
+        return FactoredConv(module, grad_output) if unfoldable(module) else None
+
+
+def factored_batch_grad() -> BatchGrad:
+    """Return a BatchGrad extension whose Linear, Conv1d and Conv2d weights get :class:`FactoredSamples`."""
+    extension = BatchGrad()
+    rules = {nn.Linear: _LinearWeight(), nn.Conv1d: _ConvWeight(Conv1DDerivatives()), nn.Conv2d: _ConvWeight(Conv2DDerivatives())}
+    for module, rule in rules.items():
+        extension.set_module_extension(module, rule, overwrite=True)
+    return extension

@@ -1,0 +1,196 @@
+"""Phases 1 and 2 of a layer's reductions: the mean gradient, then one pass over sample blocks.
+
+A :class:`SampleSource` hands out one parameter's per-sample gradients ``G`` (``[N, D_p]``) block
+by block of samples. It may hold the whole block (:class:`DenseSamples`) or form each block of
+samples only when asked, from the layer's inputs and output gradients
+(:mod:`factored_gradients`), so that no ``[N, D_p]`` tensor of a large layer ever exists.
+:func:`reduce_layer` runs the three phases of :mod:`reductions` on a source.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.sync import Synchronizer
+
+
+class SampleSource(Protocol):
+    """One parameter's per-sample gradients ``G``, ``[N, D_p]``, handed out block by block."""
+
+    n: int
+
+    def mean(self) -> Tensor:
+        """Return the mean gradient ``g = mean_i G[i]``, shape ``[D_p]``."""
+
+    def blocks(self) -> Iterator[Tensor]:
+        """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order)."""
+
+    def products(self, vector: Tensor) -> Tensor:
+        """Return ``G[i] . v`` for every sample, ``[N]`` (``vector``: ``[D_p]``)."""
+
+    def square_norms(self) -> Tensor | None:
+        """Return ``||G[i]||^2``, ``[N]``, where that needs no blocks, else ``None``."""
+
+
+class DenseSamples:
+    """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
+
+    def __init__(self, samples: Tensor):
+        self.samples = samples.reshape(samples.shape[0], -1)
+        self.n = self.samples.shape[0]
+
+    def mean(self) -> Tensor:
+        return self.samples.mean(0)
+
+    def blocks(self) -> Iterator[Tensor]:
+        yield from r.row_chunks(self.samples)
+
+    def products(self, vector: Tensor) -> Tensor:
+        return self.samples @ vector
+
+    def square_norms(self) -> None:
+        return None
+
+
+def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
+    """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
+    return torch.bincount(bins.reshape(-1), minlength=spec.bins + 1)
+
+
+def sample_statistics(
+    source: SampleSource,
+    g: Tensor | None,
+    wanted: frozenset[str],
+    theta: Tensor,
+    options: r.ReductionOptions,
+    direction: Tensor | None = None,
+) -> r.SampleStatistics:
+    """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
+
+    Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
+    and squared norms from :meth:`SampleSource.square_norms` where it has them: for factored
+    layers these need no blocks, and no block is formed when nothing else is wanted.
+
+    Args:
+        source: The per-sample gradients ``G``, ``[N, D_p]``.
+        g: Mean gradient ``[D_p]`` (needed for ``centered`` and ``dots``).
+        wanted: Names of :class:`reductions.SampleStatistics` fields.
+        theta: The parameter, flattened ``[D_p]`` (for the 2-D histogram).
+        options: Histogram ranges.
+        direction: ``u``, flattened ``[D_p]`` (for ``projected``).
+
+    Returns:
+        The statistics; those not wanted stay ``None``.
+    """
+    sums: dict[str, Tensor] = {}
+    products = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
+    if r.SQ_NORMS in wanted and r.M2 not in wanted:
+        square_norms = source.square_norms()
+        if square_norms is not None:
+            products[r.SQ_NORMS] = square_norms
+    wanted = wanted - set(products)
+    rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
+    grad_axis, param_axis = options.hist2d
+    columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p], NaN -> bins
+    for block in source.blocks() if wanted else ():  # [b, D_p]
+        if r.M2 in wanted:
+            squares = block.square()
+            _accumulate(sums, r.M2, squares.sum(0))
+            if r.SQ_NORMS in wanted:
+                rows[r.SQ_NORMS].append(squares.sum(1))
+            del squares
+        elif r.SQ_NORMS in wanted:
+            rows[r.SQ_NORMS].append(torch.linalg.vector_norm(block, dim=1).square_())  # one pass, no [b, D_p] temporary
+        if r.CENTERED in wanted:
+            _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
+        if r.HIST1D_COUNTS in wanted:
+            _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
+        if r.HIST2D_COUNTS in wanted:
+            cells = grad_axis.bins * param_axis.bins
+            bins = grad_axis.bin_of(block)  # [b, D_p], NaN -> grad_axis.bins
+            flat = torch.where((bins < grad_axis.bins) & (columns < param_axis.bins), bins * param_axis.bins + columns, cells)
+            _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=cells + 1))
+        if r.LARGEST in wanted:
+            low, high = block.aminmax()
+            largest = torch.maximum(high, -low)
+            sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
+    stats = r.SampleStatistics(**sums, **products, **{name: torch.cat(parts) for name, parts in rows.items()})
+    if stats.hist1d_counts is not None:
+        stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
+    if stats.hist2d_counts is not None:
+        stats.hist2d_counts = stats.hist2d_counts[: grad_axis.bins * param_axis.bins].reshape(grad_axis.bins, param_axis.bins)
+    return stats
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    sums[name] = value if name not in sums else sums[name].add_(value)
+
+
+def reduce_layer(
+    index: int,
+    source: SampleSource | None,
+    theta: Tensor,
+    curvature: Tensor | None,
+    requested: frozenset[str],
+    acc: r.Accumulator,
+    options: r.ReductionOptions,
+    sync: Synchronizer | None = None,
+) -> None:
+    """Run the three phases for one parameter and add its reductions to ``acc``.
+
+    With data-parallel processes the mean gradient is combined after phase 1, ``m2`` and
+    ``centered`` after phase 2 and the curvature diagonal first, in that fixed order and even
+    after a local failure, so that every process takes part in the same collectives.
+
+    Args:
+        index: Position of the parameter among the tracked parameters.
+        source: Its per-sample gradients (the local shard's), or ``None`` when only curvature was computed.
+        theta: The parameter ``p.shape``.
+        curvature: The curvature diagonal of the local shard's mean loss ``p.shape``, or ``None``.
+        requested: Reduction names.
+        acc: Where the sums go.
+        options: Histogram ranges and projection direction.
+        sync: Combines statistics across processes (default: one process).
+    """
+    sync = sync or Synchronizer()
+    theta = theta.detach().reshape(-1)
+    h = None if curvature is None else _shared_mean(sync, curvature.reshape(-1), 1)
+    block = r.LayerBlock(index, 0, theta, h=h)
+    requested = r.runnable(requested, source is not None, h is not None)
+    if source is not None and requested & r.NEEDS_SAMPLES:
+        block.n = source.n * sync.world_size
+        wanted = r.statistics_for(requested)
+        stats, failure = r.SampleStatistics(), None
+        if requested & r.NEEDS_MEAN:  # phase 1
+            try:
+                local = source.mean()
+            except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+                local, failure = torch.zeros_like(theta), error
+            block.g = _shared_mean(sync, local, source.n)
+        if failure is None:  # phase 2
+            try:
+                direction = options.direction[index].reshape(-1).to(theta.dtype) if r.PROJECTED in wanted else None
+                stats = sample_statistics(source, block.g, wanted, theta, options, direction)
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        for name in (r.M2, r.CENTERED):
+            if name in wanted:
+                local = getattr(stats, name)
+                setattr(stats, name, sync.sum(torch.zeros_like(theta) if local is None else local))
+        if failure is None:
+            block.stats = stats
+        else:
+            acc.errors.append(f"per-sample statistics: {type(failure).__name__}: {failure}")
+            requested -= r.NEEDS_SAMPLES
+    r.reduce_block(block, requested, acc, options)  # phase 3
+
+
+def _shared_mean(sync: Synchronizer, local_mean: Tensor, weight: int) -> Tensor:
+    """Return the mean over processes of equal shards: ``sum_w weight * mean_w / (W * weight)``."""
+    if sync.world_size == 1:
+        return local_mean
+    return sync.sum(local_mean * weight) / (weight * sync.world_size)

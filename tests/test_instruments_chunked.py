@@ -1,0 +1,142 @@
+"""The engine with per-sample gradients formed a few samples at a time, against the brute-force references.
+
+The reference models are so small that every layer normally fits in one block of samples. Here
+``CHUNK_ELEMENTS`` is lowered so that Linear and Conv2d weights are formed in blocks of 1 to 5 of
+the N = 8 samples, most of which do not divide N, with and without weight decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.factored_gradients import FactoredLinear, FactoredSamples
+from cockpit_cli.instruments import Schedule
+from cockpit_cli.instruments.backend import GradientCapture
+from test_instruments_alpha import reference_alpha
+from test_instruments_curvature import DIAGONAL, reference_values
+from test_instruments_exact import (  # noqa: F401 (fixture)
+    BUILDERS, CASES, DECAY, FIRST_ORDER, N, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train,
+)  # fmt: skip
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+# Elements per block -> samples per block of each weight. mlp: Linear(6, 5), (5, 4), (4, 3) have
+# D = 30, 20, 12; cnn: Conv2d(2, 3, 3) has D = 54 plus 18 x 16 patch elements per sample, Linear(12, 3) D = 36.
+CHUNKS = {"mlp": (40, 100), "cnn": (250, 1100)}
+
+
+@pytest.fixture
+def block_sizes(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
+    """Record the number of samples of every block the factored sources form, by class."""
+    sizes: dict[str, set[int]] = {}
+    original = FactoredSamples.blocks
+
+    def recording(self: FactoredSamples) -> Iterator[Tensor]:
+        for block in original(self):
+            sizes.setdefault(type(self).__name__, set()).add(block.shape[0])
+            yield block
+
+    monkeypatch.setattr(FactoredSamples, "blocks", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_first_order_quantities_in_blocks_of_samples(
+    kind: str, loss: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch, block_sizes: dict[str, set[int]]
+) -> None:
+    for chunk in CHUNKS[kind]:
+        monkeypatch.setattr(r, "CHUNK_ELEMENTS", chunk)
+        block_sizes.clear()
+        model = BUILDERS[kind](1)
+        batches = make_batches(kind, loss, 1, 2)
+        run = train(model, batches, quantities(FIRST_ORDER, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay)
+        assert run.instruments.unavailable == {}
+        for step in range(2):
+            check_first_order(run, step, weight_decay=weight_decay)
+        formed = set().union(*block_sizes.values())
+        assert any(N % size for size in formed), f"every block size {formed} divides N"
+        assert min(formed) < N
+    assert set(block_sizes) == ({"FactoredLinear"} if kind == "mlp" else {"FactoredLinear", "FactoredConv"})
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_curvature_quantities_in_blocks_of_samples(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", CHUNKS[kind][0])
+    run = train(BUILDERS[kind](0), make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("MeanGSNR",)), weight_decay=weight_decay)
+    for step in range(2):
+        expected = reference_values(run, step, "hessian", weight_decay)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+def test_adaptive_range_and_projections_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest magnitude (adaptive histogram) and the projections ``G[i] . u`` of a block-wise pass."""
+    from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer
+
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 40)
+    gen = torch.Generator().manual_seed(5)
+    inputs, delta = torch.randn(N, 6, generator=gen, dtype=torch.float64), torch.randn(N, 5, generator=gen, dtype=torch.float64)
+    theta, direction = torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    dense = (N * delta[:, :, None] * inputs[:, None, :] + DECAY * theta).reshape(N, -1)
+    requested = frozenset({r.ABS_MAX, r.PROJECTIONS, r.SAMPLE_DOTS, r.SAMPLE_SQ_NORMS, r.GSNR_SUM, r.EB_SUM})
+    options = r.ReductionOptions(direction=[direction])
+    results = []
+    for source in (DenseSamples(dense.clone()), FactoredLinear(inputs, delta, theta.shape).regularized(theta, DECAY)):
+        acc = r.Accumulator(1)
+        reduce_layer(0, source, theta, None, requested, acc, options)
+        results.append(acc.totals)
+    assert_close(float(results[1][r.ABS_MAX]), float(dense.abs().max()))
+    assert_close(results[1][r.PROJECTIONS].tolist(), (dense @ direction.reshape(-1)).tolist())
+    for name in requested:
+        assert torch.allclose(results[0][name], results[1][name], rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_alpha_completes_with_products_from_the_factors(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracked every other step: the steps in between need only the projections ``G[i] . d``,
+    which come from the layers' factors in the backward pass, not from a forward-mode pass."""
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", CHUNKS[kind][0])
+    forward_mode = []
+    slopes = GradientCapture.start_slopes
+    monkeypatch.setattr(GradientCapture, "start_slopes", lambda self, *args: forward_mode.append(args) or slopes(self, *args))
+    run = train(BUILDERS[kind](2), make_batches(kind, "ce", 2, 4), quantities(("Alpha",), Schedule(every=2)), weight_decay=weight_decay)
+    assert run.instruments.capture.factored and forward_mode == []
+    assert sorted(run.records) == [0, 2]
+    for step in (0, 2):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("conv", ["grouped", "same_padding", "same_padding_1d"])
+def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped convolution forms dense blocks by BackPACK's rule, which reads only the shape of
+    the layer output that the engine keeps in place of the output itself; ``padding="same"``
+    (which BackPACK's rule gets wrong) is unfolded with its padding as numbers."""
+    from torch import nn
+
+    from cockpit_cli.instruments.factored_gradients import factored_layer
+
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 100)
+    torch.manual_seed(3)
+    batches = make_batches("cnn", "ce", 3, 2)
+    if conv == "grouped":
+        layer, outputs = nn.Conv2d(2, 4, 3, groups=2), 4 * 4 * 4
+    elif conv == "same_padding":
+        layer, outputs = nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(2, 1)), 3 * 6 * 6
+    else:
+        layer, outputs = nn.Conv1d(2, 3, 3, padding="same"), 3 * 6 * 6
+        batches = [batch._replace(inputs=batch.inputs.reshape(len(batch.inputs), 2, -1)) for batch in batches]
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(outputs, 3)).double()
+    assert factored_layer(layer) == (conv != "grouped")
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d")
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY, names=names)
