@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -205,11 +206,22 @@ def report(
 
 def main() -> None:
     """Entry point of the ``cockpit`` script."""
-    if environment_world() is not None:
-        worker_signals()  # a process of a data-parallel run: its launcher's signals are acted on between steps
-    else:
+    if environment_world() is None:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    app()
+        app()
+        return
+    worker_signals()  # a process of a data-parallel run: its launcher's signals are acted on between steps
+    try:
+        app()
+    except SystemExit as ended:
+        code = ended.code if isinstance(ended.code, int) else int(ended.code is not None)
+    else:
+        code = 0
+    # Everything is written; skip the interpreter's teardown, where the C++ threads of the
+    # process group can abort a process that is done (and turn a finished run into a failure).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
