@@ -28,15 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture, capture_rng_state
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
 from cockpit_cli.instruments.support import check_support
 from cockpit_cli.instruments.sync import Synchronizer
-
-ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU)
-
 
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """Return whether ``optimizer`` steps ``d = -lr * g`` (SGD, no momentum / decay / Nesterov, one lr)."""
@@ -102,11 +100,11 @@ class Instruments:
         self._updating: list[Quantity] = []
         self._start_slopes = None
         self._rng_state: tuple | None = None
-        self._activations: dict[str, Tensor] | None = None  # module name -> [sum, sum of squares, zeros, count]
         self._own_pass = False  # True while the engine runs forward passes of its own
         self._hooks = [model.register_forward_pre_hook(self._before_forward)]
+        self._activations: ActivationRecorder | None = None
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
-            self._hooks += [m.register_forward_hook(self._activation_hook(n)) for n, m in _activation_layers(model)]
+            self._activations = ActivationRecorder(model, self.sync, ignore=lambda: self._own_pass)
 
     # -- what is due -----------------------------------------------------------------------
 
@@ -137,7 +135,10 @@ class Instruments:
         if self._own_pass or not (module.training and torch.is_grad_enabled()):
             return
         _, needs = self._plan(self.next_step)
-        self._activations = {} if q.ACTIVATIONS in needs else None
+        if self._activations is not None and q.ACTIVATIONS in needs:
+            self._activations.start()
+        else:
+            self._stop_recording()
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
@@ -156,28 +157,9 @@ class Instruments:
         of Linear and convolution layers in the backward pass (see ``GradientCapture.factored``)."""
         return _projections_only(needs) and not self.capture.factored
 
-    def _activation_hook(self, name: str):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._own_pass or self._activations is None or not isinstance(output, Tensor):
-                return
-            self._activations[name] = output_moments(output.detach())
-
-        return record
-
-    def _activation_statistics(self) -> dict[str, dict[str, float]] | None:
-        """Mean, standard deviation and zero fraction of each recorded output over the global batch."""
-        if self._activations is None:
-            return None
-        names = sorted(self._activations)
-        if not names:
-            return {}
-        sums = self.sync.sum(torch.stack([self._activations[name] for name in names])).tolist()
-        statistics = {}
-        for name, (total, squares, zeros, count) in zip(names, sums):
-            count = max(count, 1.0)
-            mean = total / count
-            statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
-        return statistics
+    def _stop_recording(self) -> None:
+        if self._activations is not None:
+            self._activations.stop()
 
     @contextmanager
     def _engine_pass(self) -> Iterator[None]:
@@ -246,18 +228,18 @@ class Instruments:
             individual_losses=individual,
             hvp=self.capture.hessian_vector_product(loss) if hvp else None,
             inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
-            activations=self._activation_statistics(),
+            activations=self._activations.statistics() if self._activations is not None else None,
         )
         for quantity in active:
             self._run(quantity, quantity.compute, data)
         self._collect(data.outputs)
-        self._activations = None
+        self._stop_recording()
 
     def skip(self, step: int) -> None:
         """Call instead of :meth:`backward` for a step whose update is dropped (non-finite loss)."""
         self.next_step = step + 1
         self.capture.detach()
-        self._activations = None
+        self._stop_recording()
 
     def after_update(self, step: int) -> None:
         """Call after ``optimizer.step()`` of ``step``: quantities that compare theta_t and theta_{t+1}."""
@@ -295,6 +277,8 @@ class Instruments:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._activations is not None:
+            self._activations.remove()
         return {s: self.results.pop(s) for s in sorted(self.results)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,25 +304,6 @@ class Instruments:
         }
 
 
-MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
-
-
-def output_moments(values: Tensor) -> Tensor:
-    """Return ``[sum, sum of squares, zeros, count]`` of all elements of ``values`` (float64).
-
-    The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
-    is ever made.
-    """
-    flat = values.reshape(-1)
-    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
-    for block in flat.split(MOMENT_BLOCK):
-        block = block.double()
-        total = total + block.sum()
-        squares = squares + torch.dot(block, block)
-    zeros = flat.numel() - torch.count_nonzero(flat).double()
-    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
-
-
 def _projections_only(needs: set[str]) -> bool:
     """Whether projections g_i . u are the only per-sample values due (Alpha's second point)."""
     return needs & r.NEEDS_SAMPLES == {r.PROJECTIONS}
@@ -346,14 +311,3 @@ def _projections_only(needs: set[str]) -> bool:
 
 def _detach(outputs: Any) -> Any:
     return tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
-
-
-def _activation_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules whose outputs are worth watching: activations and layers with parameters."""
-    chosen = []
-    for name, module in model.named_modules():
-        if list(module.children()) or not name:
-            continue
-        if isinstance(module, ACTIVATION_MODULES) or any(p.requires_grad for p in module.parameters(recurse=False)):
-            chosen.append((name, module))
-    return chosen

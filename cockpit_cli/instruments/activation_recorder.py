@@ -1,0 +1,99 @@
+"""Statistics of layer outputs during a tracked step's forward pass (for Activations).
+
+Forward hooks on every activation module and every leaf module with parameters sum each output's
+elements, squares and zeros while recording is on (only on steps where Activations is due). The
+sums are combined across data-parallel processes before they become the mean, standard deviation
+and zero fraction of the global batch's outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from cockpit_cli.instruments.sync import Synchronizer
+
+ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU)
+MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
+
+
+class ActivationRecorder:
+    """Records output moments of the watched layers of ``model`` between :meth:`start` and :meth:`statistics`.
+
+    Args:
+        model: The network.
+        sync: Combines the processes' sums (default: one process).
+        ignore: Returns whether the current forward pass is one of the engine's own (not recorded).
+    """
+
+    def __init__(self, model: nn.Module, sync: Synchronizer, ignore: Callable[[], bool]):
+        self.sync = sync
+        self.ignore = ignore
+        self.moments: dict[str, Tensor] | None = None  # module name -> [sum, sum of squares, zeros, count]
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in watched_layers(model)]
+
+    def start(self) -> None:
+        """Record the coming forward pass."""
+        self.moments = {}
+
+    def stop(self) -> None:
+        """Drop what was recorded and record nothing until :meth:`start`."""
+        self.moments = None
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.moments is None or self.ignore() or not isinstance(output, Tensor):
+                return
+            self.moments[name] = output_moments(output.detach())
+
+        return record
+
+    def statistics(self) -> dict[str, dict[str, float]] | None:
+        """Return ``{layer: {mean, std, zero_fraction}}`` over the global batch (``None`` when not recording)."""
+        if self.moments is None:
+            return None
+        names = sorted(self.moments)
+        if not names:
+            return {}
+        sums = self.sync.sum(torch.stack([self.moments[name] for name in names])).tolist()
+        statistics = {}
+        for name, (total, squares, zeros, count) in zip(names, sums):
+            count = max(count, 1.0)
+            mean = total / count
+            statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
+        return statistics
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def output_moments(values: Tensor) -> Tensor:
+    """Return ``[sum, sum of squares, zeros, count]`` of all elements of ``values`` (float64).
+
+    The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
+    is ever made.
+    """
+    flat = values.reshape(-1)
+    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
+    for block in flat.split(MOMENT_BLOCK):
+        block = block.double()
+        total = total + block.sum()
+        squares = squares + torch.dot(block, block)
+    zeros = flat.numel() - torch.count_nonzero(flat).double()
+    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
+
+
+def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules whose outputs are worth watching: activations and layers with parameters."""
+    chosen = []
+    for name, module in model.named_modules():
+        if list(module.children()) or not name:
+            continue
+        if isinstance(module, ACTIVATION_MODULES) or any(p.requires_grad for p in module.parameters(recurse=False)):
+            chosen.append((name, module))
+    return chosen
