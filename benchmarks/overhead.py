@@ -593,6 +593,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute: small problems, few steps")
     parser.add_argument("--profile", metavar="PRESET", choices=ALL_PRESETS, default=None, help="instead of the benchmark, profile one tracked step of PRESET on each problem")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--nproc", type=int, default=None, metavar="W",
+        help="also time the presets on 1 and W data-parallel processes (a table from data_parallel.py with the columns for W processes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         if args.problems == list(ALL_PROBLEMS):
@@ -633,6 +637,13 @@ def main(argv: list[str] | None = None) -> None:
             result = benchmark_problem(name, args, progress)
             results.append(result)
             print("\n" + report(result), flush=True)
+        if args.nproc:
+            import data_parallel
+
+            print(f"\ndata-parallel: 1 and {args.nproc} processes (benchmarks/data_parallel.py)", flush=True)
+            data_parallel.main(
+                ["--problems", *args.problems, "--presets", *args.presets, "--intervals", *map(str, args.intervals), "--nproc", "1", str(args.nproc), "--device", args.device, "--clock", args.clock]
+            )
         total = time.perf_counter() - started
         print(f"\ntotal {total:.0f} s wall; times ({args.clock} clock) are per-group medians weighted by the groups' shares of steps, {args.repeats} repeat(s)", flush=True)
         if args.json:
