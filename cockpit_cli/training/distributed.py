@@ -13,6 +13,7 @@ Only rank 0 evaluates, writes the run directory and shows the display.
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +112,14 @@ def start_processes(config: RunConfig) -> Processes | None:
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise config.fail("distributed.backend", "nccl needs CUDA GPUs and none is available", "use backend: gloo on the CPU")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if local_processes > torch.cuda.device_count():
+            raise config.fail(
+                "distributed.nproc",
+                f"{local_processes} processes on this machine need one GPU each, but it has {torch.cuda.device_count()}",
+                "start as many processes as there are GPUs (CUDA_VISIBLE_DEVICES chooses them), or use backend: gloo",
+            )
+        torch.cuda.set_device(local_rank)
     signals = worker_signals()
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     group = dist.new_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
