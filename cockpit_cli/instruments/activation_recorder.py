@@ -79,13 +79,16 @@ def output_moments(values: Tensor) -> Tensor:
     is ever made.
     """
     flat = values.reshape(-1)
-    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
+    total = squares = None
     for block in flat.split(MOMENT_BLOCK):
         block = block.double()
-        total = total + block.sum()
-        squares = squares + torch.dot(block, block)
-    zeros = flat.numel() - torch.count_nonzero(flat).double()
-    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
+        block_total, block_squares = block.sum(), torch.dot(block, block)
+        total = block_total if total is None else total + block_total
+        squares = block_squares if squares is None else squares + block_squares
+    if total is None:  # no elements
+        total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
+    count = flat.numel()
+    return torch.stack([total, squares, count - torch.count_nonzero(flat).double(), total.new_tensor(float(count))])
 
 
 def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

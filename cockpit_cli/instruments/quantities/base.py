@@ -106,6 +106,16 @@ class UpdateData:
         """Record ``value`` of quantity ``name`` for ``step`` (default: the update's step)."""
         self.outputs.setdefault(self.step if step is None else step, {})[name] = value
 
+    @cached_property
+    def updates(self) -> list[Tensor]:
+        """``theta_{t+1} - theta_t`` per parameter (computed once, shared by the quantities that use it)."""
+        return [after.detach() - before for before, after in zip(self.before, self.after)]
+
+    @cached_property
+    def update_norms(self) -> list[float]:
+        """``||theta_{t+1} - theta_t||`` per parameter."""
+        return norms(self.updates)
+
 
 class Quantity:
     """Base class: a named instrument with a schedule.
@@ -192,5 +202,7 @@ def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def norms(tensors: list[Tensor]) -> list[float]:
-    """Return the 2-norm of each tensor."""
-    return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
+    """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
+    if len(tensors) <= 1:
+        return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
+    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).tolist()

@@ -1,5 +1,7 @@
 """InputStats: mean, standard deviation, minimum and maximum of the input batch."""
 
+import torch
+
 from cockpit_cli.instruments.quantities.base import INPUTS, Quantity, StepData, register
 
 
@@ -11,8 +13,8 @@ class InputStats(Quantity):
         return {INPUTS}
 
     def compute(self, data: StepData) -> None:
-        inputs = data.inputs.detach().double()
-        data.emit(
-            self.name,
-            {"mean": float(inputs.mean()), "std": float(inputs.std(unbiased=False)), "min": float(inputs.min()), "max": float(inputs.max())},
-        )
+        inputs = data.inputs.detach()
+        low, high = inputs.aminmax()  # exact in any dtype: no float64 copy needed
+        wide = inputs.double()
+        mean, std, low, high = torch.stack([wide.mean(), wide.std(unbiased=False), low.double(), high.double()]).tolist()
+        data.emit(self.name, {"mean": mean, "std": std, "min": low, "max": high})
