@@ -190,7 +190,10 @@ class Instruments:
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             with torch.no_grad():
-                individual = self.sync.gather(self.per_sample_loss_function(_detach(outputs), targets).detach() + self.capture.regularization())
+                individual = self.per_sample_loss_function(_detach(outputs), targets).detach()
+                if any(self.capture.weight_decay):
+                    individual = individual + self.capture.regularization()
+                individual = self.sync.gather(individual)
         if q.PARAMS_BEFORE in needs:
             self._before = [p.detach().clone() for p in self.params]
             self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]

@@ -197,7 +197,8 @@ def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
     total = 0.0
     for x, y in zip(a, b):
         for p, q in zip(x.detach().reshape(-1).split(DOT_BLOCK), y.detach().reshape(-1).split(DOT_BLOCK)):
-            total += float(torch.dot(p.double(), q.double()))
+            p = p.double()
+            total += float(torch.dot(p, p if x is y else q.double()))
     return total
 
 

@@ -45,7 +45,5 @@ class LayerStats(Quantity):
 
 
 def zero_counts(tensors: list[torch.Tensor]) -> list[int]:
-    """Return the number of exactly-zero entries of each tensor (one conversion to Python ints)."""
-    if not tensors:
-        return []
-    return torch.stack([(t == 0).sum() for t in tensors]).tolist()
+    """Return the number of exactly-zero entries of each tensor (-0.0 counts as zero, NaN does not)."""
+    return [t.numel() - int(torch.count_nonzero(t)) for t in tensors]
