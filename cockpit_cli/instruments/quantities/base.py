@@ -196,9 +196,12 @@ def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
     """
     total = 0.0
     for x, y in zip(a, b):
-        for p, q in zip(x.detach().reshape(-1).split(DOT_BLOCK), y.detach().reshape(-1).split(DOT_BLOCK)):
+        same = x is y
+        x, y = x.detach().reshape(-1), y.detach().reshape(-1)
+        blocks = zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK)) if x.numel() > DOT_BLOCK else ((x, y),)
+        for p, q in blocks:
             p = p.double()
-            total += float(torch.dot(p, p if x is y else q.double()))
+            total += float(torch.dot(p, p if same else q.double()))
     return total
 
 
