@@ -31,7 +31,7 @@ class ActivationRecorder:
     def __init__(self, model: nn.Module, sync: Synchronizer, ignore: Callable[[], bool]):
         self.sync = sync
         self.ignore = ignore
-        self.moments: dict[str, Tensor] | None = None  # module name -> [sum, sum of squares, zeros, count]
+        self.moments: dict[str, tuple[Tensor, int]] | None = None  # module name -> ([sum, sum of squares, nonzeros], count)
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in watched_layers(model)]
 
     def start(self) -> None:
@@ -46,7 +46,7 @@ class ActivationRecorder:
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             if self.moments is None or self.ignore() or not isinstance(output, Tensor):
                 return
-            self.moments[name] = output_moments(output.detach())
+            self.moments[name] = (output_moments(output.detach()), output.numel())
 
         return record
 
@@ -57,9 +57,12 @@ class ActivationRecorder:
         names = sorted(self.moments)
         if not names:
             return {}
-        sums = self.sync.sum(torch.stack([self.moments[name] for name in names])).tolist()
+        moments = torch.stack([self.moments[name][0] for name in names])  # [layers, 3]
+        counts = moments.new_tensor([[float(self.moments[name][1])] for name in names])  # [layers, 1]
+        sums = self.sync.sum(torch.cat([moments, counts], dim=1)).tolist()
         statistics = {}
-        for name, (total, squares, zeros, count) in zip(names, sums):
+        for name, (total, squares, nonzeros, count) in zip(names, sums):
+            zeros = count - nonzeros
             count = max(count, 1.0)
             mean = total / count
             statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
@@ -73,19 +76,19 @@ class ActivationRecorder:
 
 
 def output_moments(values: Tensor) -> Tensor:
-    """Return ``[sum, sum of squares, zeros, count]`` of all elements of ``values`` (float64).
+    """Return ``[sum, sum of squares, nonzeros]`` of all elements of ``values`` (float64, ``[3]``).
 
     The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
     is ever made.
     """
     flat = values.reshape(-1)
-    total = squares = torch.zeros((), dtype=torch.float64, device=values.device)
-    for block in flat.split(MOMENT_BLOCK):
+    total = squares = None
+    for block in flat.split(MOMENT_BLOCK) if flat.numel() > MOMENT_BLOCK else (flat,):
         block = block.double()
-        total = total + block.sum()
-        squares = squares + torch.dot(block, block)
-    zeros = flat.numel() - torch.count_nonzero(flat).double()
-    return torch.stack([total, squares, zeros, torch.tensor(float(flat.numel()), dtype=torch.float64, device=values.device)])
+        block_total, block_squares = block.sum(), torch.dot(block, block)
+        total = block_total if total is None else total + block_total
+        squares = block_squares if squares is None else squares + block_squares
+    return torch.stack([total, squares, torch.count_nonzero(flat).double()])
 
 
 def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -190,7 +190,10 @@ class Instruments:
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             with torch.no_grad():
-                individual = self.sync.gather(self.per_sample_loss_function(_detach(outputs), targets).detach() + self.capture.regularization())
+                individual = self.per_sample_loss_function(_detach(outputs), targets).detach()
+                if any(self.capture.weight_decay):
+                    individual = individual + self.capture.regularization()
+                individual = self.sync.gather(individual)
         if q.PARAMS_BEFORE in needs:
             self._before = [p.detach().clone() for p in self.params]
             self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]
@@ -230,8 +233,9 @@ class Instruments:
             inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
             activations=self._activations.statistics() if self._activations is not None else None,
         )
-        for quantity in active:
-            self._run(quantity, quantity.compute, data)
+        with torch.no_grad():
+            for quantity in active:
+                self._run(quantity, quantity.compute, data)
         self._collect(data.outputs)
         self._stop_recording()
 
@@ -246,16 +250,16 @@ class Instruments:
         if self._before is None:
             return
         data = UpdateData(step=step, before=self._before, after=self.params, start_slopes=self._start_slopes)
-        with self._engine_pass():
+        with self._engine_pass(), torch.no_grad():
             for quantity in self._updating:
                 self._run(quantity, quantity.after_update, data)
         self._collect(data.outputs)
         self._before, self._updating, self._start_slopes = None, [], None
 
     def _run(self, quantity: Quantity, method: Any, data: Any) -> None:
+        """Call ``method(data)`` (callers hold ``torch.no_grad``); a failure switches the quantity off."""
         try:
-            with torch.no_grad():
-                method(data)
+            method(data)
         except Exception as error:  # an instrument never stops training
             self.quantities.remove(quantity)
             self.unavailable[quantity.name] = f"failed at step {data.step} and was switched off: {type(error).__name__}: {error}"

@@ -118,12 +118,17 @@ def sample_statistics(
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
             sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
-    stats = r.SampleStatistics(**sums, **products, **{name: torch.cat(parts) for name, parts in rows.items()})
+    stats = r.SampleStatistics(**sums, **products, **{name: _concatenated(parts) for name, parts in rows.items()})
     if stats.hist1d_counts is not None:
         stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
     if stats.hist2d_counts is not None:
         stats.hist2d_counts = stats.hist2d_counts[: grad_axis.bins * param_axis.bins].reshape(grad_axis.bins, param_axis.bins)
     return stats
+
+
+def _concatenated(parts: list[Tensor]) -> Tensor:
+    """Return the row blocks ``[b, ...]`` as one ``[N, ...]`` tensor (no copy for a single block)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:

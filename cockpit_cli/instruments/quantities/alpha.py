@@ -63,14 +63,14 @@ class Alpha(Quantity):
             options.direction = self.pending["direction"]
 
     def compute(self, data: StepData) -> None:
-        losses = data.individual_losses
+        var_f = _variance(data.individual_losses)
         if self._ends_at(data.step):
             pending, self.pending = self.pending, None
             slopes = data.reductions.totals[r.PROJECTIONS] / pending["length"] if pending["length"] > 0 else None
-            value = self._alpha(pending, data.loss, _variance(losses), slopes)
+            value = self._alpha(pending, data.loss, var_f, slopes)
             data.emit(self.name, value, step=pending["step"])
         if self.schedule(data.step):
-            self.start = {"step": data.step, "f": data.loss, "var_f": _variance(losses), "lr": data.lr}
+            self.start = {"step": data.step, "f": data.loss, "var_f": var_f, "lr": data.lr}
             if self.plain_sgd:
                 self.start["dots"] = data.reductions.totals[r.SAMPLE_DOTS]
 
@@ -78,7 +78,7 @@ class Alpha(Quantity):
         start, self.start = self.start, None
         if start is None or start["step"] != data.step:
             return
-        direction = [(after.detach() - before) for before, after in zip(data.before, data.after)]
+        direction = data.updates
         length = math.sqrt(flat_dot(direction, direction))
         if length > 0:
             if self.plain_sgd:

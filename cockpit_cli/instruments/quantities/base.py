@@ -106,6 +106,16 @@ class UpdateData:
         """Record ``value`` of quantity ``name`` for ``step`` (default: the update's step)."""
         self.outputs.setdefault(self.step if step is None else step, {})[name] = value
 
+    @cached_property
+    def updates(self) -> list[Tensor]:
+        """``theta_{t+1} - theta_t`` per parameter (computed once, shared by the quantities that use it)."""
+        return [after.detach() - before for before, after in zip(self.before, self.after)]
+
+    @cached_property
+    def update_norms(self) -> list[float]:
+        """``||theta_{t+1} - theta_t||`` per parameter."""
+        return norms(self.updates)
+
 
 class Quantity:
     """Base class: a named instrument with a schedule.
@@ -186,11 +196,17 @@ def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
     """
     total = 0.0
     for x, y in zip(a, b):
-        for p, q in zip(x.detach().reshape(-1).split(DOT_BLOCK), y.detach().reshape(-1).split(DOT_BLOCK)):
-            total += float(torch.dot(p.double(), q.double()))
+        same = x is y
+        x, y = x.detach().reshape(-1), y.detach().reshape(-1)
+        blocks = zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK)) if x.numel() > DOT_BLOCK else ((x, y),)
+        for p, q in blocks:
+            p = p.double()
+            total += float(torch.dot(p, p if same else q.double()))
     return total
 
 
 def norms(tensors: list[Tensor]) -> list[float]:
-    """Return the 2-norm of each tensor."""
-    return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
+    """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
+    if len(tensors) <= 1:
+        return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
+    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).tolist()

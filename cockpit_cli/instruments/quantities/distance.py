@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, norms, register
 
 
 @register
@@ -25,5 +25,4 @@ class Distance(Quantity):
     def compute(self, data: StepData) -> None:
         if self.origin is None:
             self.attach(data.params, data.plain_sgd)
-        distances = [float(torch.linalg.vector_norm(p.detach() - p0)) for p, p0 in zip(data.params, self.origin)]
-        data.emit(self.name, distances)
+        data.emit(self.name, norms([p.detach() - p0 for p, p0 in zip(data.params, self.origin)]))

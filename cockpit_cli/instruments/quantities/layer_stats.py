@@ -30,7 +30,7 @@ class LayerStats(Quantity):
         self.partial[data.step] = {
             "weight_norm": data.param_norms,
             "grad_norm": data.grad_norms,
-            "zero_grad_fraction": [int((g == 0).sum()) / max(g.numel(), 1) for g in data.grads],
+            "zero_grad_fraction": [zeros / max(g.numel(), 1) for zeros, g in zip(zero_counts(data.grads), data.grads)],
         }
 
     def after_update(self, data: UpdateData) -> None:
@@ -38,8 +38,12 @@ class LayerStats(Quantity):
         if stats is None:
             return
         ratios = []
-        for before, after, weight in zip(data.before, data.after, stats["weight_norm"]):
-            change = float(torch.linalg.vector_norm(after.detach() - before))
+        for change, weight in zip(data.update_norms, stats["weight_norm"]):
             ratios.append(change / weight if weight > 0 else (0.0 if change == 0 else float("inf")))
         stats["update_ratio"] = ratios
         data.emit(self.name, stats)
+
+
+def zero_counts(tensors: list[torch.Tensor]) -> list[int]:
+    """Return the number of exactly-zero entries of each tensor (-0.0 counts as zero, NaN does not)."""
+    return [t.numel() - int(torch.count_nonzero(t)) for t in tensors]

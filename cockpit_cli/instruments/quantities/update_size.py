@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, UpdateData, register
 
 
@@ -15,5 +13,4 @@ class UpdateSize(Quantity):
         return {PARAMS_BEFORE}
 
     def after_update(self, data: UpdateData) -> None:
-        sizes = [float(torch.linalg.vector_norm(after.detach() - before)) for before, after in zip(data.before, data.after)]
-        data.emit(self.name, sizes)
+        data.emit(self.name, data.update_norms)
