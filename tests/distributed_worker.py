@@ -12,6 +12,7 @@ step at which rank 1 raises (to test how the others end).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import warnings
@@ -73,6 +74,8 @@ def main(out: str, kind: str, optimizer_name: str, fail_at: int | None) -> None:
         with open(out, "w", encoding="utf-8") as file:
             json.dump({"records": records, "unavailable": instruments.unavailable}, file, default=lambda value: value.tolist())
     if distributed:
+        del trained, instruments  # the wrapper holds the process group: free it before the group goes
+        gc.collect()
         dist.destroy_process_group()
 
 

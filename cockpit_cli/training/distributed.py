@@ -13,6 +13,7 @@ Only rank 0 evaluates, writes the run directory and shows the display.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,12 @@ class Processes:
         return {"world_size": self.world_size, "backend": self.backend}
 
     def close(self) -> None:
-        """Leave the process group (stop signals are noted until the process ends)."""
+        """Leave the process group (stop signals are noted until the process ends).
+
+        The training's DistributedDataParallel wrapper holds the group; it is collected first, so
+        that the group is not torn down later from a destructor (which can abort the process).
+        """
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
