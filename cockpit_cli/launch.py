@@ -159,7 +159,12 @@ def _report_failure(failures: dict, nproc: int, run_dir: Path, errors: Console) 
     for rank, failure in sorted(failures.items()):
         if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:  # died without a word; SIGTERM is the launcher's own
             errors.print(f"[bold red]error:[/] process {rank} of {nproc} was killed by {failure.signal_name()}", markup=True, highlight=False)
-            errors.print("[dim]hint:[/] a process killed by the system often ran out of memory; try fewer processes or a smaller batch", markup=True)
+            hint = (
+                "a process killed by the system often ran out of memory; try fewer processes or a smaller batch"
+                if -failure.exitcode == signal.SIGKILL
+                else "it crashed in native code; the records up to then are kept in the run directory"
+            )
+            errors.print(f"[dim]hint:[/] {hint}", markup=True)
     first = min(failures)
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
     if codes.get(0) == ExitCode.INTERRUPTED:
