@@ -36,12 +36,6 @@ def environment_world() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def is_main_process() -> bool:
-    """Whether this process speaks to the user (the only one, or rank 0 of several)."""
-    world = environment_world()
-    return world is None or world[0] == 0
-
-
 def process_label() -> str:
     """``"process r of W: "`` in a process other than rank 0, else ``""`` (prefixes its errors)."""
     world = environment_world()

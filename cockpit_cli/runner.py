@@ -7,7 +7,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rich.console import Console
 from rich.syntax import Syntax
@@ -16,6 +16,10 @@ from cockpit_cli.config import RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode
 from cockpit_cli.launch import check_shards, environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
+
+if TYPE_CHECKING:  # torch is imported only when a run is built
+    from cockpit_cli.training.build import RunSetup
+    from cockpit_cli.training.distributed import Processes
 
 
 def resolve_config(config_path: Path, overrides: list[str], out: Path | None, name: str | None) -> RunConfig:
@@ -161,7 +165,7 @@ def _launch(
     return launch_processes(arguments, config.distributed.nproc, run_dir, errors)
 
 
-def _train_quietly(setup: object, config: RunConfig, checkpoint: dict | None, resume: Path | None, processes: object) -> ExitCode:
+def _train_quietly(setup: RunSetup, config: RunConfig, checkpoint: dict | None, resume: Path | None, processes: Processes) -> ExitCode:
     """A data-parallel process other than rank 0: train its shards, write and show nothing."""
     from cockpit_cli.training.loop import train
 

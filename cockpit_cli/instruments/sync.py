@@ -56,6 +56,9 @@ class GroupSynchronizer(Synchronizer):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        # Where tensors of this group's collectives live: the current GPU for NCCL, else the CPU.
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def sum(self, tensor: Tensor) -> Tensor:
         total = tensor.detach().clone()
@@ -74,15 +77,8 @@ class GroupSynchronizer(Synchronizer):
         return torch.cat(pieces)
 
     def mean(self, value: float) -> float:
-        total = self.sum(torch.tensor([value], dtype=torch.float64, device=_device(self.group)))
+        total = self.sum(torch.tensor([value], dtype=torch.float64, device=self.device))
         return float(total) / self.world_size
-
-
-def _device(group: object | None) -> torch.device:
-    """Where this group's tensors must live: the current GPU for NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def is_collective_failure(error: BaseException) -> bool:

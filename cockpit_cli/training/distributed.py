@@ -83,7 +83,7 @@ class Processes:
         """
         signals = self.signals
         votes = torch.tensor([loss, float(signals.interrupted), float(signals.peer_stopped)], dtype=torch.float64)
-        total = self.sync.sum(votes.to(_vote_device(self.backend))).tolist()
+        total = self.sync.sum(votes.to(self.sync.device)).tolist()
         return total[0] / self.world_size, total[1] > 0, total[2] > 0
 
     def describe(self) -> dict[str, Any]:
@@ -99,10 +99,6 @@ class Processes:
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _vote_device(backend: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def start_processes(config: RunConfig) -> Processes | None:

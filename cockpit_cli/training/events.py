@@ -79,6 +79,9 @@ class EvalRecord:
         return asdict(self)
 
 
+SINGLE_PROCESS = {"world_size": 1, "backend": None}  # RunMeta.processes of a run on one process
+
+
 @dataclass
 class RunMeta:
     """Facts fixed at the start of a run, for the manifest and the display.
@@ -111,7 +114,7 @@ class RunMeta:
     versions: dict[str, str] = field(default_factory=dict)
     instruments: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
-    processes: dict[str, Any] = field(default_factory=lambda: {"world_size": 1, "backend": None})
+    processes: dict[str, Any] = field(default_factory=lambda: dict(SINGLE_PROCESS))
 
 
 @dataclass

@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cockpit_cli.errors import CockpitError, PeerStopped
 from cockpit_cli.instruments import Instruments
+from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.build import RunSetup, describe_setup
 from cockpit_cli.training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.distributed import Processes
-from cockpit_cli.training.events import EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+from cockpit_cli.training.events import SINGLE_PROCESS, EvalRecord, Observer, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import learning_rates
 from cockpit_cli.versions import package_versions
 
@@ -306,7 +306,7 @@ class Trainer:
             num_parameters=facts["parameters"],
             versions=package_versions(),
             instruments=self.tracker.describe(),
-            processes=self.processes.describe() if self.processes else {"world_size": 1, "backend": None},
+            processes=self.processes.describe() if self.processes else dict(SINGLE_PROCESS),
             notes={"splits": facts["splits"], "samples": {"split": "valid", "indices": self.sample_indices}},
         )
 
