@@ -17,6 +17,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cockpit_cli import __version__
 from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
@@ -47,16 +48,16 @@ def reporting_errors(show_traceback: bool) -> Iterator[None]:
         label = process_label()  # another process than rank 0 of a data-parallel run
         if label and (isinstance(error, PeerStopped) or error.code == ExitCode.BAD_INPUT):
             raise typer.Exit(int(error.code)) from None  # rank 0 says it once for the whole run
-        stderr.print(f"[bold red]error:[/] {label}{error.message}", markup=True, highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(label + error.message)}", markup=True, highlight=False)
         if error.hint:
-            stderr.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
+            stderr.print(f"[dim]hint:[/] {escape(error.hint)}", markup=True, highlight=False)
         raise typer.Exit(int(error.code)) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as error:  # a defect, not bad input: still one line unless asked for more
         if show_traceback:
             raise
-        stderr.print(f"[bold red]error:[/] {process_label()}unexpected {type(error).__name__}: {error}", markup=True, highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(f'{process_label()}unexpected {type(error).__name__}: {error}')}", markup=True, highlight=False)
         stderr.print("[dim]hint:[/] rerun with --traceback to see where it happened", markup=True)
         raise typer.Exit(int(ExitCode.FAILURE)) from None
 

@@ -45,9 +45,10 @@ class PeerStopped(CockpitError):
     The process that failed prints its own error; the others only end.
     """
 
-    def __init__(self, rank: int, world_size: int, step: int):
+    def __init__(self, rank: int, world_size: int, step: int | None):
+        when = f"at step {step}" if step is not None else "before training"
         super().__init__(
-            f"another process of this run stopped at step {step}; process {rank} of {world_size} ended with it",
+            f"another process of this run stopped {when}; process {rank} of {world_size} ended with it",
             "the process that failed says why in its own error line; the records up to that step are kept",
             ExitCode.FAILURE,
         )

@@ -12,17 +12,22 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Callable, ParamSpec, TypeVar
 
 from rich.console import Console
 
 from cockpit_cli.config import RunConfig
-from cockpit_cli.errors import CockpitError, ExitCode
+from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # How long a process whose peer vanished waits for the launcher's signal that says why.
 SETTLE_SECONDS = 0.5
@@ -34,6 +39,27 @@ def environment_world() -> tuple[int, int, int] | None:
     if world_size <= 1:
         return None
     return int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def ending_with_peers(run: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a process's run so that a failed collective (a peer process is gone, whatever this
+    process was doing) ends it as :class:`PeerStopped` instead of a low-level error."""
+
+    @functools.wraps(run)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return run(*args, **kwargs)
+        except Exception as error:
+            world = environment_world()
+            if world is None or isinstance(error, CockpitError):
+                raise
+            from cockpit_cli.instruments.sync import is_collective_failure
+
+            if not is_collective_failure(error):
+                raise
+            raise PeerStopped(world[0], world[1], None) from None
+
+    return guarded
 
 
 def process_label() -> str:

@@ -14,7 +14,7 @@ from rich.syntax import Syntax
 
 from cockpit_cli.config import RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode
-from cockpit_cli.launch import check_shards, environment_world
+from cockpit_cli.launch import check_shards, ending_with_peers, environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 if TYPE_CHECKING:  # torch is imported only when a run is built
@@ -42,6 +42,7 @@ def use_live_display(requested: bool | None, console: Console, errors: Console) 
     return requested if requested is not None else not os.environ.get("CI")
 
 
+@ending_with_peers
 def execute_run(
     config_path: Path | None,
     overrides: list[str],

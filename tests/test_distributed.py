@@ -227,3 +227,16 @@ def test_cli_interrupt_then_resume_on_two_processes(tmp_path: Path, parallel_con
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"]["world_size"] == 2
     assert [r["step"] for r in read_lines(tmp_path / "r" / "steps.jsonl")] == list(range(300))
+
+
+@pytest.mark.slow
+def test_cli_an_existing_run_directory_is_one_error_line(tmp_path: Path, parallel_config: Path) -> None:
+    """Rank 0 refuses to overwrite while the other process has started: one error line, exit 2,
+    no traceback from the process left waiting, and the existing run untouched."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "run.json").write_text('{"status": "completed"}')
+    result = cockpit("run", str(parallel_config), "--nproc", "2", "--out", str(tmp_path), "--name", "taken", "--no-live")
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: run directory {tmp_path / 'taken'} already exists"]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "taken" / "run.json").read_text() == '{"status": "completed"}'
