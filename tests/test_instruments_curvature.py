@@ -119,3 +119,75 @@ def test_hess_max_ev_leaves_the_random_state_alone() -> None:
     before = torch.get_rng_state()
     train(model, make_batches("cnn", "ce", 0, 2), quantities(("HessMaxEV",), HessMaxEV={"warm_start": False}))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def _diagonals(model: torch.nn.Module, extension: object, attribute: str, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    from backpack import backpack, extend
+
+    model = extend(model)
+    loss_function = extend(torch.nn.CrossEntropyLoss())
+    model.zero_grad()
+    torch.manual_seed(5)  # the Monte-Carlo GGN draws the same samples for both extensions
+    with backpack(extension):
+        loss_function(model(inputs), targets).backward()
+    diagonals = [getattr(p, attribute).clone() for p in model.parameters()]
+    for p in model.parameters():
+        delattr(p, attribute)
+    return diagonals
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "ggn_mc"])
+def test_convolution_diagonals_a_sample_at_a_time_match_backpack(curvature: str) -> None:
+    """The blockwise convolution-weight diagonals equal BackPACK's own, for 1-D and 2-D
+    convolutions with stride, dilation, padding (also "same", which BackPACK's rule cannot unfold:
+    its reference is the same layer with the padding as numbers) and a grouped one (BackPACK's rule)."""
+    import copy
+
+    from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
+    from cockpit_cli.instruments.factored_gradients import numeric_padding
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net2d = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.Sigmoid(),
+        nn.Conv2d(6, 4, 3, dilation=2, padding="same"), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 5),
+    ).double()
+    net1d = nn.Sequential(nn.Conv1d(2, 3, 4, stride=3, padding=2), nn.Sigmoid(), nn.Conv1d(3, 2, 3, padding="same"), nn.Flatten(), nn.Linear(2 * 5, 5)).double()
+    stock, attribute = CURVATURES[curvature]
+    for model, inputs in ((net2d, torch.randn(7, 3, 8, 8, dtype=torch.float64)), (net1d, torch.randn(7, 2, 13, dtype=torch.float64))):
+        targets = torch.randint(0, 5, (7,))
+        numeric = copy.deepcopy(model)
+        for layer in numeric.modules():
+            if isinstance(getattr(layer, "padding", None), str):
+                layer.padding = numeric_padding(layer)
+        expected = _diagonals(numeric, stock(), attribute, inputs, targets)
+        actual = _diagonals(model, curvature_extension(curvature), attribute, inputs, targets)
+        for a, e in zip(actual, expected):
+            assert a.shape == e.shape
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+            assert e.abs().max() > 0
+
+
+def same_padding_cnn(seed: int, kernel: int) -> torch.nn.Sequential:
+    """The reference cnn with its convolution padded "same" (float64): [N, 2, 6, 6] -> [N, 3]."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(2, 3, kernel, padding="same"), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 3)).double()
+
+
+def test_same_padding_gets_exact_curvature() -> None:
+    run = train(same_padding_cnn(0, 3), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm",)), curvature="hessian")
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        expected = reference_values(run, step, "hessian", 0.0)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+
+
+def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
+    run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert "layer '0' (Conv2d) pads 'same' unevenly" in run.instruments.unavailable["HessTrace"]
+    assert {"GradNorm", "NormTest"} <= set(run.records[1])

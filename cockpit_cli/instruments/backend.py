@@ -15,24 +15,19 @@ from typing import Callable
 
 import torch
 from backpack import backpack, hook_run_extensions, hook_store_io
-from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
+from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
 from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
 
-CURVATURES = {
-    "hessian": (DiagHessian, "diag_h"),
-    "ggn": (DiagGGNExact, "diag_ggn_exact"),
-    "ggn_mc": (DiagGGNMC, "diag_ggn_mc"),
-}
 PerSampleLoss = Callable[[object, Tensor], Tensor]
 
 # BackPACK hooks the first layer too, whose input needs no gradient; torch warns about that.
@@ -75,7 +70,9 @@ class GradientCapture:
         self.params = params
         self.names = names
         self.support = support
-        self.curvature_extension, self.curvature_attribute = CURVATURES[curvature]
+        self.curvature_attribute = CURVATURES[curvature][1]
+        self._curvature = curvature_extension(curvature) if support.curvature else None
+        self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
         index = {id(p): i for i, p in enumerate(params)}
         self.module_params: dict[nn.Module, list[tuple[int, nn.Parameter]]] = {}
@@ -158,10 +155,10 @@ class GradientCapture:
         if per_sample and self.support.per_sample == "backpack":
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
-            extensions.append(self.curvature_extension())
+            extensions.append(self._curvature)
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
-            fork = self.curvature_extension is DiagGGNMC and curvature
+            fork = self._monte_carlo and curvature
             with torch.random.fork_rng(devices=_devices(loss), enabled=fork):  # MC samples never touch training's RNG
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph):
                     loss.backward(retain_graph=retain_graph)

@@ -203,6 +203,24 @@ def factored_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and unfoldable(module))
 
 
+class NumericPadding:
+    """Mixin for a BackPACK rule of a convolution: runs it with ``padding="same"`` or ``"valid"``
+    given as numbers, as BackPACK's convolution derivatives need (they compute with the padding).
+
+    Only for the rule's call; the layer computes the same either way. An even "same" extent has
+    no symmetric equivalent; the model check refuses such layers before (see ``support``).
+    """
+
+    def __call__(self, extension: object, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
+        padding = module.padding
+        if isinstance(padding, str) and numeric_padding(module) is not None:
+            module.padding = numeric_padding(module)
+        try:
+            super().__call__(extension, module, g_inp, g_out)
+        finally:
+            module.padding = padding
+
+
 class _FactoredWeight(BatchGradBase):
     """BackPACK's BatchGrad rules of a layer, except that the weight's is a :class:`FactoredSamples`."""
 
@@ -227,7 +245,7 @@ class _LinearWeight(_FactoredWeight):
         return FactoredLinear(module.input0, grad_output, module.weight.shape)
 
 
-class _ConvWeight(_FactoredWeight):
+class _ConvWeight(NumericPadding, _FactoredWeight):
     def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
         return FactoredConv(module, grad_output) if unfoldable(module) else None
 

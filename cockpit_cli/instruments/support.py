@@ -16,6 +16,8 @@ from backpack.extensions import BatchGrad, DiagHessian
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cockpit_cli.instruments.factored_gradients import numeric_padding
+
 PerSampleBackend = Literal["backpack", "functorch"]
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
 
@@ -83,4 +85,6 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
         if type(module) not in known:
             return False, f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
+        if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
+            return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
     return True, None
