@@ -361,6 +361,26 @@ def test_histogram_spec_clamps_and_drops_nan() -> None:
     assert spec.count(values.reshape(2, 4)).tolist() == [3, 0, 1, 3]  # NaN dropped, outside clamped
 
 
+def test_2d_histogram_clamps_and_drops_nan_gradients_and_parameters() -> None:
+    """Every cell of a 3 x 2 histogram against a count by hand; a NaN gradient element or a
+    NaN parameter element is dropped from every cell."""
+    from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
+
+    nan = float("nan")
+    theta = torch.tensor([-9.0, 0.5, nan, -0.5], dtype=torch.float64)  # columns 0, 1, dropped, 0
+    samples = torch.tensor([[-3.0, 0.0, 0.0, 0.9], [nan, 2.5, 1.0, -0.2], [0.4, -0.4, 0.0, nan]], dtype=torch.float64)
+    options = r.ReductionOptions(hist2d=(HistogramSpec(3, -1.5, 1.5), HistogramSpec(2, -1.0, 1.0)))
+    stats = sample_statistics(DenseSamples(samples), None, frozenset({r.HIST2D_COUNTS}), theta, options)
+    expected = torch.zeros(3, 2, dtype=torch.int64)
+    for row in samples.tolist():
+        for value, parameter in zip(row, theta.tolist()):
+            if value == value and parameter == parameter:
+                expected[min(max(int((value + 1.5) // 1.0), 0), 2), min(max(int((parameter + 1.0) // 1.0), 0), 1)] += 1
+    assert stats.hist2d_counts.tolist() == expected.tolist()
+    assert int(expected.sum()) == 7  # 12 elements less 3 NaN parameters and 2 NaN gradients
+
+
 def test_reductions_split_into_row_blocks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
     from cockpit_cli.instruments import reductions as r
     from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer

@@ -95,7 +95,8 @@ def sample_statistics(
     wanted = wanted - set(products)
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
-    columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p], NaN -> bins
+    cells = grad_axis.bins * param_axis.bins
+    offsets = _cell_offsets(param_axis.bin_of(theta), cells, param_axis.bins) if r.HIST2D_COUNTS in wanted else None
     for block in source.blocks() if wanted else ():  # [b, D_p]
         if r.M2 in wanted:
             squares = block.square()
@@ -110,10 +111,8 @@ def sample_statistics(
         if r.HIST1D_COUNTS in wanted:
             _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
         if r.HIST2D_COUNTS in wanted:
-            cells = grad_axis.bins * param_axis.bins
-            bins = grad_axis.bin_of(block)  # [b, D_p], NaN -> grad_axis.bins
-            flat = torch.where((bins < grad_axis.bins) & (columns < param_axis.bins), bins * param_axis.bins + columns, cells)
-            _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=cells + 1))
+            flat = grad_axis.bin_of(block).mul_(param_axis.bins).add_(offsets)  # [b, D_p]; NaN anywhere -> >= cells
+            _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=2 * cells + param_axis.bins + 1))
         if r.LARGEST in wanted:
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
@@ -124,6 +123,22 @@ def sample_statistics(
     if stats.hist2d_counts is not None:
         stats.hist2d_counts = stats.hist2d_counts[: grad_axis.bins * param_axis.bins].reshape(grad_axis.bins, param_axis.bins)
     return stats
+
+
+def _cell_offsets(columns: Tensor, cells: int, width: int) -> Tensor:
+    """Return what a parameter element adds to ``gradient bin * width`` to index its 2-D cell.
+
+    Args:
+        columns: The parameter-axis bin of each element, ``[D_p]`` (int32; NaN -> ``width``).
+        cells: Cells of the histogram (gradient bins times ``width``).
+        width: Parameter-axis bins.
+
+    Returns:
+        ``[D_p]`` int32: the column, or for a NaN parameter ``cells + width``, which puts every
+        cell index of that element at ``cells`` or beyond, as a NaN gradient's bin does; those
+        indices are dropped.
+    """
+    return torch.where(columns < width, columns, cells + width).to(torch.int32)
 
 
 def _concatenated(parts: list[Tensor]) -> Tensor:

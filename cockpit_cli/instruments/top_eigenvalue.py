@@ -1,0 +1,138 @@
+"""The largest-magnitude eigenpair of a symmetric operator known only by its products ``H v``.
+
+A Rayleigh-Ritz iteration on a growing subspace: the subspace starts with a few given vectors
+(the previous step's eigenvector and the current gradient, which the top eigenvectors of a
+network's Hessian tend to lie close to), and each iteration adds the residual ``H u - theta u``
+of the current Ritz pair ``(theta, u)``. From a single start vector this spans the same Krylov
+space as Lanczos iteration, so it is never slower than Lanczos (or power iteration); with
+several, it is as good as the best of them. One product per added vector.
+
+It stops when the Ritz value's estimated error is within ``atol + rtol * |theta|``: the residual
+norm ``r`` bounds the distance to the nearest eigenvalue, and once the Ritz value is separated
+from the others by ``gap`` that distance is at most about ``r^2 / gap``, which is far smaller.
+(No method that sees H only through products can rule out an eigenvalue that its vectors have
+not yet met; the start vectors make that unlikely.) When the basis is full, the iteration
+restarts from its best Ritz vectors, whose products it already knows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Product = Callable[[Tensor], Tensor]
+KEPT_ON_RESTART = 3
+
+
+@dataclass
+class Eigenpair:
+    """The result of :func:`largest_eigenpair`.
+
+    Attributes:
+        value: The Ritz value of largest magnitude.
+        vector: Its unit Ritz vector ``[D]``.
+        products: How many products ``H v`` were taken.
+        error: The estimated distance of ``value`` to an eigenvalue when it stopped.
+    """
+
+    value: float
+    vector: Tensor
+    products: int
+    error: float
+
+
+class _Subspace:
+    """An orthonormal basis ``V`` (``[k, D]``), its products ``W = H V`` and ``T = V^T H V``."""
+
+    def __init__(self, product: Product, size: int, like: Tensor):
+        self.product = product
+        self.basis = torch.empty(size, like.numel(), dtype=like.dtype, device=like.device)
+        self.images = torch.empty_like(self.basis)
+        self.projected = np.zeros((size, size))
+        self.k = 0
+        self.products = 0
+
+    def add(self, vector: Tensor) -> bool:
+        """Orthonormalise ``vector`` against the basis and add it with its product; return
+        whether it added a direction (``False`` if it lies in the span already)."""
+        size = float(vector.norm())
+        if size == 0.0 or not math.isfinite(size):
+            return False
+        vector = vector / size
+        basis = self.basis[: self.k]
+        for _ in range(2):  # twice, for round-off
+            vector = vector - basis.T @ (basis @ vector)
+        remaining = float(vector.norm())
+        if remaining < 1e-6:  # already (numerically) in the span: the Ritz pair is exact
+            return False
+        self._append(vector / remaining, self.product(vector / remaining))
+        self.products += 1
+        return True
+
+    def _append(self, vector: Tensor, image: Tensor) -> None:
+        k = self.k
+        self.basis[k], self.images[k] = vector, image
+        column = (self.basis[: k + 1] @ image).double().cpu().numpy()
+        self.projected[: k + 1, k] = column
+        self.projected[k, : k + 1] = column
+        self.k += 1
+
+    def ritz(self) -> tuple[float, np.ndarray, float]:
+        """Return the largest-magnitude Ritz value, its coefficients ``[k]``, and its distance
+        to the nearest other Ritz value (``inf`` with one)."""
+        values, vectors = np.linalg.eigh(self.projected[: self.k, : self.k])
+        top = int(np.argmax(np.abs(values)))
+        others = np.delete(values, top)
+        gap = float(np.min(np.abs(others - values[top]))) if others.size else math.inf
+        return float(values[top]), vectors[:, top], gap
+
+    def combine(self, coefficients: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Return ``V y`` and ``W y`` for coefficients ``y`` (``[k]``)."""
+        y = torch.as_tensor(coefficients, dtype=self.basis.dtype, device=self.basis.device)
+        return y @ self.basis[: self.k], y @ self.images[: self.k]
+
+    def restart(self) -> None:
+        """Keep only the best Ritz vectors (by magnitude) and their known products."""
+        values, vectors = np.linalg.eigh(self.projected[: self.k, : self.k])
+        best = np.argsort(-np.abs(values))[:KEPT_ON_RESTART]
+        kept = [self.combine(vectors[:, i]) for i in best]
+        self.k = 0
+        self.projected[:] = 0.0
+        for vector, image in kept:
+            self._append(vector / vector.norm(), image / vector.norm())
+
+
+def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol: float, max_products: int, max_basis: int = 12) -> Eigenpair:
+    """Return the largest-magnitude eigenpair of the symmetric ``H`` behind ``product``.
+
+    Args:
+        product: ``v -> H v`` for flat vectors ``[D]``.
+        starts: Start vectors ``[D]`` (at least one non-zero); the first ones count most
+            when the budget is small.
+        rtol: Relative tolerance on the eigenvalue.
+        atol: Absolute tolerance on the eigenvalue.
+        max_products: At most this many products.
+        max_basis: Vectors kept at once (memory: twice this many of size D).
+    """
+    space = _Subspace(product, max(max_basis, KEPT_ON_RESTART + 1), starts[0])
+    for start in starts:
+        if space.products < max_products:
+            space.add(start.reshape(-1))
+    if space.k == 0:
+        raise ValueError("every start vector is zero")
+    while True:
+        value, coefficients, gap = space.ritz()
+        vector, image = space.combine(coefficients)
+        residual = image - value * vector
+        size = float(residual.norm())
+        if size <= atol + rtol * abs(value) or space.products >= max_products:
+            return Eigenpair(value, vector / vector.norm(), space.products, size)
+        if space.k == space.basis.shape[0]:
+            space.restart()
+        if not space.add(residual):  # the residual is round-off: nothing left to add
+            return Eigenpair(value, vector / vector.norm(), space.products, size)

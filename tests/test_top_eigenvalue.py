@@ -1,0 +1,92 @@
+"""The largest-magnitude eigenpair from products: against ``numpy.linalg.eigh`` on explicit matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments.top_eigenvalue import largest_eigenpair
+
+
+def symmetric(eigenvalues: list[float], seed: int) -> tuple[Tensor, Tensor]:
+    """Return ``Q diag(eigenvalues) Q^T`` ``[D, D]`` (float64) and its eigenvectors ``Q``."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=generator, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def spectrum(top: float, size: int = 80, seed: int = 0) -> list[float]:
+    """``top`` and ``size - 1`` eigenvalues spread over ``(-1, 1)``, slowly decaying towards it."""
+    rest = np.linspace(-0.9, 0.9, size - 1) * np.sign(top)
+    return [top, *rest.tolist()]
+
+
+def random_start(size: int, seed: int) -> Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("top", [1.3, -1.3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_finds_the_largest_magnitude_eigenvalue_with_its_sign(top: float, seed: int) -> None:
+    matrix, q = symmetric(spectrum(top), seed)
+    pair = largest_eigenpair(lambda v: matrix @ v, [random_start(80, seed)], rtol=1e-10, atol=0.0, max_products=200)
+    assert pair.value == pytest.approx(top, rel=1e-9)
+    assert abs(float(pair.vector @ q[:, 0])) == pytest.approx(1.0, abs=1e-6)
+    assert float((matrix @ pair.vector - pair.value * pair.vector).norm()) <= 1e-10 * abs(top) * 1.01
+
+
+def test_the_residual_tolerance_bounds_the_distance_to_an_eigenvalue() -> None:
+    matrix, _ = symmetric(spectrum(1.05), 2)
+    eigenvalues = np.linalg.eigvalsh(matrix.numpy())
+    for rtol in (1e-1, 1e-2, 1e-3):
+        pair = largest_eigenpair(lambda v: matrix @ v, [random_start(80, 3)], rtol=rtol, atol=0.0, max_products=200)
+        assert pair.error <= rtol * abs(pair.value)
+        assert np.min(np.abs(eigenvalues - pair.value)) <= pair.error
+
+
+def test_one_start_spans_the_krylov_space_of_lanczos() -> None:
+    """After k products from one start vector the Ritz value is that of the k-dimensional Krylov
+    space (Lanczos iteration), computed here by Rayleigh-Ritz on an explicit Krylov basis."""
+    matrix, _ = symmetric(spectrum(1.02), 4)
+    start = random_start(80, 5)
+    for k in (1, 2, 5, 9):
+        pair = largest_eigenpair(lambda v: matrix @ v, [start], rtol=0.0, atol=0.0, max_products=k)
+        assert pair.products == k
+        columns = [start / start.norm()]
+        for _ in range(k - 1):
+            columns.append(matrix @ columns[-1])
+            columns[-1] = columns[-1] / columns[-1].norm()
+        basis, _ = torch.linalg.qr(torch.stack(columns, 1))
+        ritz = np.linalg.eigvalsh((basis.T @ matrix @ basis).numpy())
+        assert pair.value == pytest.approx(ritz[np.argmax(np.abs(ritz))], rel=1e-9)
+
+
+def test_a_start_at_the_eigenvector_needs_one_product_and_a_useless_start_costs_one() -> None:
+    matrix, q = symmetric(spectrum(2.0), 6)
+    exact = largest_eigenpair(lambda v: matrix @ v, [q[:, 0]], rtol=1e-8, atol=0.0, max_products=50)
+    assert exact.products == 1
+    assert exact.value == pytest.approx(2.0, rel=1e-12)
+    useless = q[:, 40]  # an eigenvector far from the top
+    both = largest_eigenpair(lambda v: matrix @ v, [useless, q[:, 0] + 1e-3 * q[:, 1]], rtol=1e-8, atol=0.0, max_products=50)
+    alone = largest_eigenpair(lambda v: matrix @ v, [q[:, 0] + 1e-3 * q[:, 1]], rtol=1e-8, atol=0.0, max_products=50)
+    assert both.value == pytest.approx(2.0, rel=1e-12)
+    assert both.products <= alone.products + 1
+
+
+def test_restarts_keep_converging_with_a_small_basis() -> None:
+    matrix, _ = symmetric(spectrum(1.01, size=120), 7)
+    full = largest_eigenpair(lambda v: matrix @ v, [random_start(120, 8)], rtol=1e-9, atol=0.0, max_products=400)
+    small = largest_eigenpair(lambda v: matrix @ v, [random_start(120, 8)], rtol=1e-9, atol=0.0, max_products=400, max_basis=5)
+    assert small.products > 5  # it did restart
+    assert small.value == pytest.approx(1.01, rel=1e-9)
+    assert full.value == pytest.approx(1.01, rel=1e-9)
+
+
+def test_stops_at_the_product_budget_and_refuses_zero_starts() -> None:
+    matrix, _ = symmetric(spectrum(1.01), 9)
+    pair = largest_eigenpair(lambda v: matrix @ v, [random_start(80, 1)], rtol=0.0, atol=0.0, max_products=3)
+    assert pair.products == 3
+    with pytest.raises(ValueError, match="zero"):
+        largest_eigenpair(lambda v: matrix @ v, [torch.zeros(80, dtype=torch.float64)], rtol=1e-3, atol=0.0, max_products=3)
