@@ -4,15 +4,15 @@ A Rayleigh-Ritz iteration on a growing subspace: the subspace starts with a few 
 (the previous step's eigenvector and the current gradient, which the top eigenvectors of a
 network's Hessian tend to lie close to), and each iteration adds the residual ``H u - theta u``
 of the current Ritz pair ``(theta, u)``. From a single start vector this spans the same Krylov
-space as Lanczos iteration, so it is never slower than Lanczos (or power iteration); with
-several, it is as good as the best of them. One product per added vector.
+space as Lanczos iteration, so until its first restart it is never slower than Lanczos (or power
+iteration); from several, it is as good as the best of them. One product per added vector.
 
-It stops when the Ritz value's estimated error is within ``atol + rtol * |theta|``: the residual
-norm ``r`` bounds the distance to the nearest eigenvalue, and once the Ritz value is separated
-from the others by ``gap`` that distance is at most about ``r^2 / gap``, which is far smaller.
-(No method that sees H only through products can rule out an eigenvalue that its vectors have
-not yet met; the start vectors make that unlikely.) When the basis is full, the iteration
-restarts from its best Ritz vectors, whose products it already knows.
+It stops when the residual norm ``r = ||H u - theta u||`` is at most ``atol + rtol * |theta|``:
+a symmetric operator has an eigenvalue within ``r`` of ``theta``, and once ``theta`` is separated
+from the rest of the spectrum by ``gap``, within about ``r^2 / gap``, far closer. (No method that
+sees H only through products can rule out an eigenvalue its vectors have not met yet: in a
+cluster of nearly equal top eigenvalues the value may be another member of the cluster.) When
+the basis is full, the iteration restarts from its best Ritz vectors, whose products it knows.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Eigenpair:
         value: The Ritz value of largest magnitude.
         vector: Its unit Ritz vector ``[D]``.
         products: How many products ``H v`` were taken.
-        error: The estimated distance of ``value`` to an eigenvalue when it stopped.
+        error: The residual norm when it stopped, which bounds the distance of ``value`` to an eigenvalue.
     """
 
     value: float
@@ -82,14 +82,11 @@ class _Subspace:
         self.projected[k, : k + 1] = column
         self.k += 1
 
-    def ritz(self) -> tuple[float, np.ndarray, float]:
-        """Return the largest-magnitude Ritz value, its coefficients ``[k]``, and its distance
-        to the nearest other Ritz value (``inf`` with one)."""
+    def ritz(self) -> tuple[float, np.ndarray]:
+        """Return the largest-magnitude Ritz value and its coefficients ``[k]`` in the basis."""
         values, vectors = np.linalg.eigh(self.projected[: self.k, : self.k])
         top = int(np.argmax(np.abs(values)))
-        others = np.delete(values, top)
-        gap = float(np.min(np.abs(others - values[top]))) if others.size else math.inf
-        return float(values[top]), vectors[:, top], gap
+        return float(values[top]), vectors[:, top]
 
     def combine(self, coefficients: np.ndarray) -> tuple[Tensor, Tensor]:
         """Return ``V y`` and ``W y`` for coefficients ``y`` (``[k]``)."""
@@ -114,8 +111,8 @@ def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol:
         product: ``v -> H v`` for flat vectors ``[D]``.
         starts: Start vectors ``[D]`` (at least one non-zero); the first ones count most
             when the budget is small.
-        rtol: Relative tolerance on the eigenvalue.
-        atol: Absolute tolerance on the eigenvalue.
+        rtol: Relative tolerance of the residual norm (to the value).
+        atol: Absolute tolerance of the residual norm.
         max_products: At most this many products.
         max_basis: Vectors kept at once (memory: twice this many of size D).
     """
@@ -126,7 +123,7 @@ def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol:
     if space.k == 0:
         raise ValueError("every start vector is zero")
     while True:
-        value, coefficients, gap = space.ritz()
+        value, coefficients = space.ritz()
         vector, image = space.combine(coefficients)
         residual = image - value * vector
         size = float(residual.norm())
