@@ -145,14 +145,15 @@ class FactoredConv(FactoredSamples):
     """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, zero padding).
 
     Args:
-        module: The convolution, with BackPACK's stored input ``module.input0`` (``[N, C_in, *spatial]``).
+        module: The convolution.
         grad_outputs: Output gradients ``[N, C_out, *spatial_out]``.
+        inputs: Its input ``[N, C_in, *spatial]`` (default: BackPACK's stored ``module.input0``).
     """
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d, grad_outputs: Tensor):
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, grad_outputs: Tensor, inputs: Tensor | None = None):
         super().__init__(grad_outputs.reshape(grad_outputs.shape[0], grad_outputs.shape[1], -1), module.weight.shape)
         self.module = module
-        self.inputs = module.input0
+        self.inputs = module.input0 if inputs is None else inputs
         self.grad_outputs = grad_outputs
 
     def _inputs(self, start: int, stop: int) -> Tensor:
