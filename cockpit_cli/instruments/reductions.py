@@ -189,18 +189,18 @@ class Accumulator:
         self.coordinates = 0
 
     def add(self, name: str, value: Tensor) -> None:
-        value = value.detach()
-        value = value.to(torch.float64) if value.is_floating_point() else value
+        value = _detached(value)
+        value = value.to(torch.float64) if value.is_floating_point() and value.dtype != torch.float64 else value
         current = self.totals.get(name)
         self.totals[name] = value if current is None else current + value
 
     def add_per_param(self, name: str, index: int, value: Tensor) -> None:
         slots = self.per_param.setdefault(name, [None] * self.num_params)
-        slots[index] = value.detach()
+        slots[index] = _detached(value)
 
     def maximum(self, name: str, value: Tensor) -> None:
         current = self.totals.get(name)
-        value = value.detach().to(torch.float64)
+        value = _detached(value).to(torch.float64)
         self.totals[name] = value if current is None else torch.maximum(current, value)
 
     def synchronize(self, sync: Synchronizer) -> None:
@@ -220,6 +220,11 @@ class Accumulator:
         for name in sorted(self.per_param):
             if name in COUNTS:
                 self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]
+
+
+def _detached(value: Tensor) -> Tensor:
+    """Return ``value`` cut from the graph (itself where it is in none, as inside the backward pass)."""
+    return value.detach() if value.requires_grad else value
 
 
 Kernel = Callable[[LayerBlock, Accumulator, ReductionOptions], None]

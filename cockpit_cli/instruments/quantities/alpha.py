@@ -62,7 +62,7 @@ class Alpha(Quantity):
             options.direction = self.pending["direction"]
 
     def compute(self, data: StepData) -> None:
-        var_f = _mean_and_variance(data.individual_losses)[1]
+        var_f = _variance(data.individual_losses)
         if self._ends_at(data.step):
             pending, self.pending = self.pending, None
             slopes = data.reductions.totals[r.PROJECTIONS] / pending["length"] if pending["length"] > 0 else None
@@ -96,14 +96,18 @@ class Alpha(Quantity):
         return fit_alpha(start["length"], (start["f"], f_end), (start["df"], df_end), (start["var_f"], var_f_end), (start["var_df"], var_df_end))
 
 
+def _variance(values: torch.Tensor) -> float:
+    """Unbiased sample variance of a ``[N]`` tensor as a float (0 for one sample)."""
+    return float(values.double().var(unbiased=True)) if values.numel() > 1 else 0.0
+
+
 def _mean_and_variance(values: torch.Tensor) -> tuple[float, float]:
-    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats, from one pass."""
+    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats (one conversion)."""
     values = values.double()
     if values.numel() <= 1:
         return float(values.mean()), 0.0
-    variance, mean = torch.var_mean(values, unbiased=True)
-    mean_value, variance_value = torch.stack((mean, variance)).tolist()
-    return mean_value, variance_value
+    mean, variance = torch.stack((values.mean(), values.var(unbiased=True))).tolist()
+    return mean, variance
 
 
 def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]) -> float:

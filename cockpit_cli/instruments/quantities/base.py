@@ -192,21 +192,23 @@ DOT_BLOCK = 1 << 16  # elements per float64 block of flat_dot
 def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
     """Return the dot product of two parameter lists as a float64 Python float.
 
-    Summed in float64 a block of elements at a time, so no float64 copy of a whole parameter is made.
+    Summed in float64 a block of elements at a time, so no float64 copy of a whole parameter is made;
+    the partial sums are added in order as tensors and converted once.
     """
-    total = 0.0
+    total = None
     for x, y in zip(a, b):
         same = x is y
-        x, y = x.detach().reshape(-1), y.detach().reshape(-1)
+        x, y = x.reshape(-1), y.reshape(-1)
         blocks = zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK)) if x.numel() > DOT_BLOCK else ((x, y),)
         for p, q in blocks:
             p = p.double()
-            total += float(torch.dot(p, p if same else q.double()))
-    return total
+            part = torch.dot(p, p if same else q.double())
+            total = part if total is None else total + part
+    return 0.0 if total is None else float(total)
 
 
 def norms(tensors: list[Tensor]) -> list[float]:
     """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
     if len(tensors) <= 1:
-        return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
-    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).tolist()
+        return [float(torch.linalg.vector_norm(t)) for t in tensors]
+    return torch.stack(torch._foreach_norm(tensors)).tolist()
