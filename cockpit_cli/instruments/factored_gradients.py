@@ -115,10 +115,19 @@ class FactoredSamples:
             stop = min(start + rows, self.n)
             delta = self.delta[start:stop]  # [b, C_out, L]
             inputs = self._inputs(start, stop)  # [b, L, K]
-            block = torch.bmm(delta * self.n, inputs) if scale_first else torch.bmm(delta, inputs).mul_(self.n)
+            block = _outer(delta * self.n, inputs) if scale_first else _outer(delta, inputs).mul_(self.n)
             if decay_term is not None:
                 block.add_(decay_term)
             yield block.reshape(stop - start, size)
+
+
+def _outer(delta: Tensor, inputs: Tensor) -> Tensor:
+    """Return ``delta @ inputs`` for ``[b, C_out, L]`` and ``[b, L, K]``: ``[b, C_out, K]``.
+
+    With one position (``L = 1``) each element is a single product, which broadcasting forms
+    faster than a batched matrix product (and to the same bits).
+    """
+    return delta * inputs if delta.shape[2] == 1 else torch.bmm(delta, inputs)
 
 
 class FactoredLinear(FactoredSamples):

@@ -111,6 +111,7 @@ class ReductionOptions:
 # Names of the phase-2 statistics (fields of SampleStatistics).
 M2 = "m2"
 CENTERED = "centered"
+CENTERED_SUM = "centered_sum"
 SQ_NORMS = "sq_norms"
 DOTS = "dots"
 PROJECTED = "projected"
@@ -126,6 +127,7 @@ class SampleStatistics:
     Attributes:
         m2: ``sum_i G[i]^2``, shape ``[D_p]``.
         centered: ``sum_i (G[i] - g)^2``, shape ``[D_p]``.
+        centered_sum: ``sum_i ||G[i] - g||^2``, the sum of ``centered`` (scalar; formed without it).
         sq_norms: ``||G[i]||^2``, shape ``[N]``.
         dots: ``G[i] . g``, shape ``[N]``.
         projected: ``G[i] . u`` for the options' direction ``u``, shape ``[N]``.
@@ -136,6 +138,7 @@ class SampleStatistics:
 
     m2: Tensor | None = None
     centered: Tensor | None = None
+    centered_sum: Tensor | None = None
     sq_norms: Tensor | None = None
     dots: Tensor | None = None
     projected: Tensor | None = None
@@ -153,7 +156,7 @@ class LayerBlock:
         n: Number of samples N of the global batch (0 when only curvature was computed).
         theta: The parameter's value, flattened ``[D_p]``.
         g: Mean gradient of the global batch ``[D_p]``, or ``None``.
-        stats: The phase-2 sums (``m2`` and ``centered`` global, the rest local), or ``None``
+        stats: The phase-2 sums (``m2``, ``centered`` and ``centered_sum`` global, the rest local), or ``None``
             without per-sample gradients.
         h: Curvature diagonal of the global batch ``[D_p]``, or ``None``.
     """
@@ -243,7 +246,7 @@ def _sample_dots(block: LayerBlock, acc: Accumulator, options: ReductionOptions)
 
 
 def _centered_total(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.add(CENTERED_TOTAL, block.centered.sum())
+    acc.add(CENTERED_TOTAL, block.stats.centered_sum)
 
 
 def _second_moment_total(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
@@ -312,7 +315,7 @@ NEEDS_SAMPLES = frozenset(KERNELS) - {CURVATURE_TRACE}
 STATISTICS: dict[str, frozenset[str]] = {
     SAMPLE_SQ_NORMS: frozenset({SQ_NORMS}),
     SAMPLE_DOTS: frozenset({DOTS}),
-    CENTERED_TOTAL: frozenset({CENTERED}),
+    CENTERED_TOTAL: frozenset({CENTERED_SUM}),
     SECOND_MOMENT_TOTAL: frozenset({M2}),
     GSNR_SUM: frozenset({M2}),
     EB_SUM: frozenset({CENTERED}),

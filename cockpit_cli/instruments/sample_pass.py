@@ -77,7 +77,7 @@ def sample_statistics(
 
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
-        g: Mean gradient ``[D_p]`` (needed for ``centered`` and ``dots``).
+        g: Mean gradient ``[D_p]`` (needed for ``centered``, ``centered_sum`` and ``dots``).
         wanted: Names of :class:`reductions.SampleStatistics` fields.
         theta: The parameter, flattened ``[D_p]`` (for the 2-D histogram).
         options: Histogram ranges.
@@ -105,8 +105,14 @@ def sample_statistics(
             del squares
         elif r.SQ_NORMS in wanted:
             rows[r.SQ_NORMS].append(torch.linalg.vector_norm(block, dim=1).square_())  # one pass, no [b, D_p] temporary
-        if r.CENTERED in wanted:
-            _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
+        if r.CENTERED in wanted or r.CENTERED_SUM in wanted:
+            deviations = block - g  # [b, D_p]
+            if r.CENTERED_SUM in wanted:
+                flat = deviations.reshape(-1)
+                _accumulate(sums, r.CENTERED_SUM, torch.dot(flat, flat))  # one pass: no [b, D_p] of squares
+            if r.CENTERED in wanted:
+                _accumulate(sums, r.CENTERED, deviations.square_().sum(0))
+            del deviations
         if r.HIST1D_COUNTS in wanted:
             _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
         if r.HIST2D_COUNTS in wanted:
@@ -148,7 +154,7 @@ def reduce_layer(
     """Run the three phases for one parameter and add its reductions to ``acc``.
 
     With data-parallel processes the mean gradient is combined after phase 1, ``m2`` and
-    ``centered`` after phase 2 and the curvature diagonal first, in that fixed order and even
+    ``centered`` (or its sum) after phase 2 and the curvature diagonal first, in that fixed order and even
     after a local failure, so that every process takes part in the same collectives.
 
     Args:
@@ -182,10 +188,11 @@ def reduce_layer(
                 stats = sample_statistics(source, block.g, wanted, theta, options, direction)
             except Exception as error:  # noqa: BLE001
                 failure = error
-        for name in (r.M2, r.CENTERED):
+        for name in (r.M2, r.CENTERED, r.CENTERED_SUM):
             if name in wanted:
                 local = getattr(stats, name)
-                setattr(stats, name, sync.sum(torch.zeros_like(theta) if local is None else local))
+                zeros = theta.new_zeros(()) if name == r.CENTERED_SUM else torch.zeros_like(theta)
+                setattr(stats, name, sync.sum(zeros if local is None else local))
         if failure is None:
             block.stats = stats
         else:
