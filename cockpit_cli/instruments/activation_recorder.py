@@ -58,8 +58,11 @@ class ActivationRecorder:
         if not names:
             return {}
         moments = torch.stack([self.moments[name][0] for name in names])  # [layers, 3]
-        counts = moments.new_tensor([[float(self.moments[name][1])] for name in names])  # [layers, 1]
-        sums = self.sync.sum(torch.cat([moments, counts], dim=1)).tolist()
+        counts = [float(self.moments[name][1]) for name in names]
+        if self.sync.world_size > 1:  # the counts are combined with the sums, in one collective
+            sums = self.sync.sum(torch.cat([moments, moments.new_tensor(counts).unsqueeze(1)], dim=1)).tolist()
+        else:
+            sums = [[*row, count] for row, count in zip(moments.tolist(), counts)]
         statistics = {}
         for name, (total, squares, nonzeros, count) in zip(names, sums):
             zeros = count - nonzeros
@@ -82,8 +85,11 @@ def output_moments(values: Tensor) -> Tensor:
     is ever made.
     """
     flat = values.reshape(-1)
+    if flat.numel() <= MOMENT_BLOCK:
+        wide = flat.double()
+        return torch.stack((wide.sum(), torch.dot(wide, wide), torch.count_nonzero(flat)))  # the count is promoted to float64
     total = squares = None
-    for block in flat.split(MOMENT_BLOCK) if flat.numel() > MOMENT_BLOCK else (flat,):
+    for block in flat.split(MOMENT_BLOCK):
         block = block.double()
         block_total, block_squares = block.sum(), torch.dot(block, block)
         total = block_total if total is None else total + block_total

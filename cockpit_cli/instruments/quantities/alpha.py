@@ -114,7 +114,7 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
     """Fit the weighted quadratic to two noisy values and slopes and return alpha.
 
     The fit ``f(x) = mu0 + mu1 x + mu2 x^2`` solves the 3 x 3 weighted normal equations of the
-    four observations (plain float64 arithmetic: the system is too small for an array library).
+    four observations, written out (plain float64 arithmetic: too small for an array library).
 
     Args:
         length: Distance t between the two points (> 0).
@@ -127,11 +127,16 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
         ``2 t / (-mu1 / mu2) - 1``, or -1 for a concave (or degenerate) fit.
     """
     t = length
-    design = ((1.0, 0.0, 0.0), (1.0, t, t * t), (0.0, 1.0, 0.0), (0.0, 1.0, 2.0 * t))  # one row per observation
-    weights = [1.0 / (v if v != 0.0 else VARIANCE_FLOOR) for v in (*var_fs, *var_dfs)]
-    observations = (*fs, *dfs)
-    normal = [[sum(row[i] * w * row[j] for row, w in zip(design, weights)) for j in range(3)] for i in range(3)]
-    right = [sum(row[i] * w * y for row, w, y in zip(design, weights, observations)) for i in range(3)]
+    w0, w1, w2, w3 = (1.0 / (v if v != 0.0 else VARIANCE_FLOOR) for v in (*var_fs, *var_dfs))
+    (f0, f1), (d0, d1) = fs, dfs
+    # Design rows (1, 0, 0), (1, t, t^2), (0, 1, 0), (0, 1, 2t): normal matrix and right-hand side.
+    tt, two_t = t * t, 2.0 * t
+    normal = [
+        [w0 + w1, w1 * t, w1 * tt],
+        [w1 * t, w1 * tt + w2 + w3, w1 * tt * t + w3 * two_t],
+        [w1 * tt, w1 * tt * t + w3 * two_t, w1 * tt * tt + w3 * two_t * two_t],
+    ]
+    right = [w0 * f0 + w1 * f1, w1 * t * f1 + w2 * d0 + w3 * d1, w1 * tt * f1 + w3 * two_t * d1]
     mu = solve(normal, right)
     if mu is None or not all(math.isfinite(m) for m in mu) or mu[2] <= 0.0:
         return -1.0  # singular, concave or flat along d: still going downhill where the step ended
