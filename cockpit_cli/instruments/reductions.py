@@ -59,7 +59,7 @@ TIC_EPSILON = 1e-7
 
 
 # Row blocks of about this many elements bound the temporaries of the reductions.
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32: fewer, larger blocks run faster, and still fit in the caches
 
 
 def row_chunks(samples: Tensor) -> list[Tensor]:
