@@ -181,30 +181,43 @@ class Accumulator:
     """Sums of reductions over parameters (float64 scalars and vectors, counts as int64).
 
     Values derived from the combined per-coordinate statistics are global already; per-sample
-    vectors, counts and maxima are the local shard's until :meth:`synchronize`.
+    vectors, counts and maxima are the local shard's until :meth:`synchronize`. The values added
+    under a name are kept until :attr:`totals` is read, then summed in one stacked sum (a few
+    ops per name, not two per parameter).
     """
 
     def __init__(self, num_params: int):
         self.errors: list[str] = []
-        self.totals: dict[str, Tensor] = {}
+        self._totals: dict[str, Tensor] = {}
+        self._parts: dict[str, list[Tensor]] = {}  # values added since the totals were last combined
         self.per_param: dict[str, list[Tensor | None]] = {}
         self.num_params = num_params
         self.coordinates = 0
 
+    @property
+    def totals(self) -> dict[str, Tensor]:
+        """The sums by name: floating-point ones in float64, counts in int64."""
+        for name, parts in self._parts.items():
+            current = self._totals.get(name)
+            values = parts if current is None else [current, *parts]
+            total = values[0] if len(values) == 1 else torch.stack(values)  # promotes to the widest dtype
+            total = total.to(torch.float64) if total.is_floating_point() and total.dtype != torch.float64 else total
+            self._totals[name] = total if len(values) == 1 else total.sum(0)
+        self._parts = {}
+        return self._totals
+
     def add(self, name: str, value: Tensor) -> None:
-        value = _detached(value)
-        value = value.to(torch.float64) if value.is_floating_point() and value.dtype != torch.float64 else value
-        current = self.totals.get(name)
-        self.totals[name] = value if current is None else current + value
+        """Add ``value`` (any shape, the same for every call with ``name``) to the sum ``name``."""
+        self._parts.setdefault(name, []).append(_detached(value))
 
     def add_per_param(self, name: str, index: int, value: Tensor) -> None:
         slots = self.per_param.setdefault(name, [None] * self.num_params)
         slots[index] = _detached(value)
 
     def maximum(self, name: str, value: Tensor) -> None:
-        current = self.totals.get(name)
+        current = self._totals.get(name)
         value = _detached(value).to(torch.float64)
-        self.totals[name] = value if current is None else torch.maximum(current, value)
+        self._totals[name] = value if current is None else torch.maximum(current, value)
 
     def synchronize(self, sync: Synchronizer) -> None:
         """Combine the local values across processes (a no-op for one process).
