@@ -22,6 +22,9 @@ MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
 class ActivationRecorder:
     """Records output moments of the watched layers of ``model`` between :meth:`start` and :meth:`statistics`.
 
+    The forward hooks are installed by :meth:`start` and stay for the following recorded steps;
+    :meth:`remove` takes them off for steps that record nothing.
+
     Args:
         model: The network.
         sync: Combines the processes' sums (default: one process).
@@ -32,10 +35,13 @@ class ActivationRecorder:
         self.sync = sync
         self.ignore = ignore
         self.moments: dict[str, tuple[Tensor, int]] | None = None  # module name -> ([sum, sum of squares, nonzeros], count)
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in watched_layers(model)]
+        self.layers = watched_layers(model)
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def start(self) -> None:
-        """Record the coming forward pass."""
+        """Record the coming forward pass (installing the hooks if they are off)."""
+        if not self.handles:
+            self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers]
         self.moments = {}
 
     def stop(self) -> None:
@@ -72,7 +78,8 @@ class ActivationRecorder:
         return statistics
 
     def remove(self) -> None:
-        """Remove the hooks."""
+        """Stop recording and remove the hooks (:meth:`start` installs them again)."""
+        self.moments = None
         for handle in self.handles:
             handle.remove()
         self.handles = []

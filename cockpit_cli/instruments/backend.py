@@ -123,10 +123,18 @@ class GradientCapture:
                 self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(hook_run_extensions)]
 
     def detach(self) -> None:
-        """Remove BackPACK's hooks (or the output hooks) again, after the tracked step's backward pass."""
+        """Remove BackPACK's hooks again, after the tracked step's backward pass.
+
+        The output hooks stay for the next tracked step: between steps they only mark the layers'
+        outputs of forward passes with gradients, and act only inside :meth:`backward`.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def release(self) -> None:
+        """Remove every hook (for steps without per-sample gradients or curvature, and at the end)."""
+        self.detach()
         if self._output_hooks is not None:
             self._output_hooks.detach()
 

@@ -143,14 +143,14 @@ class Instruments:
         _, needs = self._plan(self.next_step)
         if self._activations is not None and q.ACTIVATIONS in needs:
             self._activations.start()
-        else:
-            self._stop_recording()
+        elif self._activations is not None:
+            self._activations.remove()
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
         else:
-            self.capture.detach()
+            self.capture.release()
 
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
@@ -283,7 +283,7 @@ class Instruments:
 
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
-        self.capture.detach()
+        self.capture.release()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
