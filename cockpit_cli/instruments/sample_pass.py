@@ -191,8 +191,9 @@ def reduce_layer(
         for name in (r.M2, r.CENTERED, r.CENTERED_SUM):
             if name in wanted:
                 local = getattr(stats, name)
-                zeros = theta.new_zeros(()) if name == r.CENTERED_SUM else torch.zeros_like(theta)
-                setattr(stats, name, sync.sum(zeros if local is None else local))
+                if local is None:  # a local failure: this process adds nothing
+                    local = theta.new_zeros(()) if name == r.CENTERED_SUM else torch.zeros_like(theta)
+                setattr(stats, name, sync.sum(local))
         if failure is None:
             block.stats = stats
         else:
