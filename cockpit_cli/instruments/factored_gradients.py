@@ -99,6 +99,32 @@ class FactoredSamples:
             return squares
         return squares + 2 * self.n * self.data_products(decay_term) + decay_term.square().sum()
 
+    def centered_sum(self, g: Tensor) -> Tensor | None:
+        """Return ``sum_i ||G[i] - g||^2`` (float64 scalar) where that needs no blocks, else ``None``.
+
+        With one position per sample (``L = 1``), ``G[i] - g = N delta_i x_i^T + C`` with the
+        constant ``C = lambda theta - g`` (``[C_out, K]``), so that
+
+            ``||G[i] - g||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N delta_i^T C x_i + ||C||^2``.
+
+        The terms are formed from the factors in float64: the sum they cancel to is then at least
+        as accurate as squaring the float32 differences of the formed ``G[i]``.
+
+        Args:
+            g: The mean gradient, flattened ``[D]``.
+        """
+        if self.delta.shape[2] != 1:
+            return None
+        delta = self.delta[:, :, 0].double()  # [N, C_out]
+        inputs = self._inputs(0, self.n)[:, 0, :].double()  # [N, K]
+        constant = -g.reshape(self.weight_shape[0], -1).double()  # [C_out, K]
+        decay_term = self._decay_term()
+        if decay_term is not None:
+            constant = constant + decay_term.double()
+        squares = torch.dot(delta.square().sum(1), inputs.square().sum(1))  # sum_i ||delta_i||^2 ||x_i||^2
+        crossed = (inputs @ constant.T).mul_(delta).sum()  # sum_i delta_i^T C x_i
+        return self.n**2 * squares + 2 * self.n * crossed + self.n * constant.square().sum()
+
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
         mean = self.data_mean().reshape(self.weight_shape[0], -1)

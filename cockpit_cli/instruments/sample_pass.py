@@ -35,6 +35,9 @@ class SampleSource(Protocol):
     def square_norms(self) -> Tensor | None:
         """Return ``||G[i]||^2``, ``[N]``, where that needs no blocks, else ``None``."""
 
+    def centered_sum(self, g: Tensor) -> Tensor | None:
+        """Return ``sum_i ||G[i] - g||^2`` (scalar) where that needs no blocks, else ``None``."""
+
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
@@ -55,6 +58,9 @@ class DenseSamples:
     def square_norms(self) -> None:
         return None
 
+    def centered_sum(self, g: Tensor) -> None:
+        return None
+
 
 def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
     """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
@@ -72,8 +78,9 @@ def sample_statistics(
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
     Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
-    and squared norms from :meth:`SampleSource.square_norms` where it has them: for factored
-    layers these need no blocks, and no block is formed when nothing else is wanted.
+    and squared norms and the centered sum from :meth:`SampleSource.square_norms` and
+    :meth:`SampleSource.centered_sum` where it has them: for factored layers these need no
+    blocks, and no block is formed when nothing else is wanted.
 
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
@@ -92,6 +99,10 @@ def sample_statistics(
         square_norms = source.square_norms()
         if square_norms is not None:
             products[r.SQ_NORMS] = square_norms
+    if r.CENTERED_SUM in wanted:
+        centered_sum = source.centered_sum(g)
+        if centered_sum is not None:
+            products[r.CENTERED_SUM] = centered_sum
     wanted = wanted - set(products)
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
