@@ -4,7 +4,9 @@
 quantities need (per-sample gradients and/or a curvature diagonal) and reduces each layer's
 per-sample gradients inside BackPACK's extension hook. Those of Linear and convolution weights
 stay factored and are formed a block of samples at a time (:mod:`factored_gradients`); other
-layers' ``[N, ...]`` blocks are alive one at a time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
+layers' ``[N, ...]`` blocks are alive one at a time. Where every tracked parameter sits in a
+Linear or convolution layer and no curvature is due, hooks on the layers' outputs hand over the
+same factors without BackPACK (:mod:`output_hooks`). Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
 It also builds Hessian-vector products and forward-mode per-sample slopes.
 """
 
