@@ -22,6 +22,9 @@ MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
 class ActivationRecorder:
     """Records output moments of the watched layers of ``model`` between :meth:`start` and :meth:`statistics`.
 
+    The forward hooks are installed by :meth:`start` and stay for the following recorded steps;
+    :meth:`remove` takes them off for steps that record nothing.
+
     Args:
         model: The network.
         sync: Combines the processes' sums (default: one process).
@@ -32,10 +35,13 @@ class ActivationRecorder:
         self.sync = sync
         self.ignore = ignore
         self.moments: dict[str, tuple[Tensor, int]] | None = None  # module name -> ([sum, sum of squares, nonzeros], count)
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in watched_layers(model)]
+        self.layers = watched_layers(model)
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def start(self) -> None:
-        """Record the coming forward pass."""
+        """Record the coming forward pass (installing the hooks if they are off)."""
+        if not self.handles:
+            self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers]
         self.moments = {}
 
     def stop(self) -> None:
@@ -58,8 +64,11 @@ class ActivationRecorder:
         if not names:
             return {}
         moments = torch.stack([self.moments[name][0] for name in names])  # [layers, 3]
-        counts = moments.new_tensor([[float(self.moments[name][1])] for name in names])  # [layers, 1]
-        sums = self.sync.sum(torch.cat([moments, counts], dim=1)).tolist()
+        counts = [float(self.moments[name][1]) for name in names]
+        if self.sync.world_size > 1:  # the counts are combined with the sums, in one collective
+            sums = self.sync.sum(torch.cat([moments, moments.new_tensor(counts).unsqueeze(1)], dim=1)).tolist()
+        else:
+            sums = [[*row, count] for row, count in zip(moments.tolist(), counts)]
         statistics = {}
         for name, (total, squares, nonzeros, count) in zip(names, sums):
             zeros = count - nonzeros
@@ -69,7 +78,8 @@ class ActivationRecorder:
         return statistics
 
     def remove(self) -> None:
-        """Remove the hooks."""
+        """Stop recording and remove the hooks (:meth:`start` installs them again)."""
+        self.moments = None
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -82,8 +92,11 @@ def output_moments(values: Tensor) -> Tensor:
     is ever made.
     """
     flat = values.reshape(-1)
+    if flat.numel() <= MOMENT_BLOCK:
+        wide = flat.double()
+        return torch.stack((wide.sum(), torch.dot(wide, wide), torch.count_nonzero(flat)))  # the count is promoted to float64
     total = squares = None
-    for block in flat.split(MOMENT_BLOCK) if flat.numel() > MOMENT_BLOCK else (flat,):
+    for block in flat.split(MOMENT_BLOCK):
         block = block.double()
         block_total, block_squares = block.sum(), torch.dot(block, block)
         total = block_total if total is None else total + block_total

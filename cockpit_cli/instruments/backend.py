@@ -4,7 +4,9 @@
 quantities need (per-sample gradients and/or a curvature diagonal) and reduces each layer's
 per-sample gradients inside BackPACK's extension hook. Those of Linear and convolution weights
 stay factored and are formed a block of samples at a time (:mod:`factored_gradients`); other
-layers' ``[N, ...]`` blocks are alive one at a time. Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
+layers' ``[N, ...]`` blocks are alive one at a time. Where every tracked parameter sits in a
+Linear or convolution layer and no curvature is due, hooks on the layers' outputs hand over the
+same factors without BackPACK (:mod:`output_hooks`). Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
 It also builds Hessian-vector products and forward-mode per-sample slopes.
 """
 
@@ -23,6 +25,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks
 from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
@@ -91,14 +94,24 @@ class GradientCapture:
         # products G[i] . v then cost about a forward pass of the layers, without forming G.
         self.factored = support.per_sample == "backpack" and all(factored_layer(m) for m in self.module_params)
         self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
+        # Then, on steps without curvature, hooks on the layers' outputs give the same sources at less cost.
+        self._output_hooks = OutputGradientHooks({m: [p for _, p in own] for m, own in self.module_params.items()}) if self.factored else None
 
     def attach(self, curvature: bool) -> None:
         """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
 
         A curvature diagonal is backpropagated through every layer, which then keeps its input
         and output. Per-sample gradients alone need only the layers with tracked parameters, and
-        of Linear and convolution layers only the inputs (see :func:`store_inputs`).
+        of Linear and convolution layers only the inputs (see :func:`store_inputs`); where all of
+        them are such layers, hooks on their outputs replace BackPACK's (see :mod:`output_hooks`).
         """
+        if not curvature and self._output_hooks is not None:
+            if self._handles:
+                self.detach()
+            self._output_hooks.attach()
+            return
+        if self._output_hooks is not None:
+            self._output_hooks.detach()
         if self._handles and self._attached_for_curvature != curvature:
             self.detach()
         if not self._handles:
@@ -109,10 +122,20 @@ class GradientCapture:
                 self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(hook_run_extensions)]
 
     def detach(self) -> None:
-        """Remove BackPACK's hooks again, after the tracked step's backward pass."""
+        """Remove BackPACK's hooks again, after the tracked step's backward pass.
+
+        The output hooks stay for the next tracked step: between steps they only mark the layers'
+        outputs of forward passes with gradients, and act only inside :meth:`backward`.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def release(self) -> None:
+        """Remove every hook (for steps without per-sample gradients or curvature, and at the end)."""
+        self.detach()
+        if self._output_hooks is not None:
+            self._output_hooks.detach()
 
     def regularization(self) -> float:
         """Return the regulariser's value ``sum_p 0.5 * lambda_p * ||p||^2``."""
@@ -152,7 +175,8 @@ class GradientCapture:
         accumulator = Accumulator(len(self.params))
         batch_size = inputs.shape[0]
         extensions = []
-        if per_sample and self.support.per_sample == "backpack":
+        by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
+        if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self._curvature)
@@ -162,6 +186,12 @@ class GradientCapture:
             with torch.random.fork_rng(devices=_devices(loss), enabled=fork):  # MC samples never touch training's RNG
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph):
                     loss.backward(retain_graph=retain_graph)
+        elif by_output_hooks:
+            self._output_hooks.callback = self._layer_hook(accumulator, requested, options, batch_size)
+            try:
+                loss.backward(retain_graph=retain_graph)
+            finally:
+                self._output_hooks.callback = None
         else:
             loss.backward(retain_graph=retain_graph)
         if per_sample and self.support.per_sample == "functorch":
@@ -184,6 +214,13 @@ class GradientCapture:
                         delattr(param, attribute)
 
         return reduce_module
+
+    def _layer_hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module, list], None]:
+        def reduce_sources(module: nn.Module, sources: list[Tensor | FactoredSamples]) -> None:
+            for (index, param), samples in zip(self.module_params[module], sources):
+                reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync)
+
+        return reduce_sources
 
     def _source(self, index: int, samples: Tensor | FactoredSamples | None, batch_size: int) -> SampleSource | None:
         """Return the per-sample gradients of parameter ``index`` (with the regulariser) from BackPACK's ``grad_batch``."""

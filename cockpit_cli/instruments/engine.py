@@ -95,7 +95,7 @@ class Instruments:
         self.results: dict[int, dict[str, Any]] = {}
         self.started = time.perf_counter()
         self.next_step = 0
-        self._planned: tuple[int, list[Quantity], set[str]] | None = None
+        self._planned: tuple[int, list[Quantity], list[set[str]], set[str]] | None = None
         self._before: list[Tensor] | None = None
         self._updating: list[Quantity] = []
         self._start_slopes = None
@@ -124,11 +124,17 @@ class Instruments:
         """Return the quantities active at ``step`` and what they need (asked once per step:
         before the forward pass and again at the backward pass)."""
         if self._planned is not None and self._planned[0] == step:
-            return self._planned[1], self._planned[2]
+            return self._planned[1], self._planned[3]
         active = [quantity for quantity in self.quantities if quantity.is_active(step)]
-        needs: set[str] = set().union(*(quantity.requirements(step) for quantity in active)) if active else set()
-        self._planned = (step, active, needs)
+        requirements = [quantity.requirements(step) for quantity in active]
+        needs: set[str] = set().union(*requirements)
+        self._planned = (step, active, requirements, needs)
         return active, needs
+
+    def _needing(self, need: str) -> list[Quantity]:
+        """Return the quantities active at the planned step that need ``need``."""
+        _, active, requirements, _ = self._planned
+        return [quantity for quantity, needs in zip(active, requirements) if need in needs]
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
@@ -137,14 +143,14 @@ class Instruments:
         _, needs = self._plan(self.next_step)
         if self._activations is not None and q.ACTIVATIONS in needs:
             self._activations.start()
-        else:
-            self._stop_recording()
+        elif self._activations is not None:
+            self._activations.remove()
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
         else:
-            self.capture.detach()
+            self.capture.release()
 
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
@@ -183,7 +189,7 @@ class Instruments:
         options = r.ReductionOptions()
         for quantity in active:
             quantity.reduction_options(step, options)
-        requested = frozenset(needs & set(r.KERNELS))
+        requested = frozenset(needs & r.KERNELS.keys())
         by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
             requested -= {r.PROJECTIONS}
@@ -196,7 +202,7 @@ class Instruments:
                 individual = self.sync.gather(individual)
         if q.PARAMS_BEFORE in needs:
             self._before = [p.detach().clone() for p in self.params]
-            self._updating = [quantity for quantity in active if q.PARAMS_BEFORE in quantity.requirements(step)]
+            self._updating = self._needing(q.PARAMS_BEFORE)
         hvp = q.HVP in needs
         with self._engine_pass():
             accumulator = self.capture.backward(
@@ -277,7 +283,7 @@ class Instruments:
 
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
-        self.capture.detach()
+        self.capture.release()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

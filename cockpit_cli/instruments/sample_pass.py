@@ -35,6 +35,9 @@ class SampleSource(Protocol):
     def square_norms(self) -> Tensor | None:
         """Return ``||G[i]||^2``, ``[N]``, where that needs no blocks, else ``None``."""
 
+    def centered_sum(self, g: Tensor) -> Tensor | None:
+        """Return ``sum_i ||G[i] - g||^2`` (scalar) where that needs no blocks, else ``None``."""
+
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
@@ -55,6 +58,9 @@ class DenseSamples:
     def square_norms(self) -> None:
         return None
 
+    def centered_sum(self, g: Tensor) -> None:
+        return None
+
 
 def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
     """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
@@ -72,12 +78,13 @@ def sample_statistics(
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
     Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
-    and squared norms from :meth:`SampleSource.square_norms` where it has them: for factored
-    layers these need no blocks, and no block is formed when nothing else is wanted.
+    and squared norms and the centered sum from :meth:`SampleSource.square_norms` and
+    :meth:`SampleSource.centered_sum` where it has them: for factored layers these need no
+    blocks, and no block is formed when nothing else is wanted.
 
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
-        g: Mean gradient ``[D_p]`` (needed for ``centered`` and ``dots``).
+        g: Mean gradient ``[D_p]`` (needed for ``centered``, ``centered_sum`` and ``dots``).
         wanted: Names of :class:`reductions.SampleStatistics` fields.
         theta: The parameter, flattened ``[D_p]`` (for the 2-D histogram).
         options: Histogram ranges.
@@ -92,6 +99,10 @@ def sample_statistics(
         square_norms = source.square_norms()
         if square_norms is not None:
             products[r.SQ_NORMS] = square_norms
+    if r.CENTERED_SUM in wanted:
+        centered_sum = source.centered_sum(g)
+        if centered_sum is not None:
+            products[r.CENTERED_SUM] = centered_sum
     wanted = wanted - set(products)
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
@@ -106,8 +117,14 @@ def sample_statistics(
             del squares
         elif r.SQ_NORMS in wanted:
             rows[r.SQ_NORMS].append(torch.linalg.vector_norm(block, dim=1).square_())  # one pass, no [b, D_p] temporary
-        if r.CENTERED in wanted:
-            _accumulate(sums, r.CENTERED, (block - g).square_().sum(0))
+        if r.CENTERED in wanted or r.CENTERED_SUM in wanted:
+            deviations = block - g  # [b, D_p]
+            if r.CENTERED_SUM in wanted:
+                flat = deviations.reshape(-1)
+                _accumulate(sums, r.CENTERED_SUM, torch.dot(flat, flat))  # one pass: no [b, D_p] of squares
+            if r.CENTERED in wanted:
+                _accumulate(sums, r.CENTERED, deviations.square_().sum(0))
+            del deviations
         if r.HIST1D_COUNTS in wanted:
             _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
         if r.HIST2D_COUNTS in wanted:
@@ -163,7 +180,7 @@ def reduce_layer(
     """Run the three phases for one parameter and add its reductions to ``acc``.
 
     With data-parallel processes the mean gradient is combined after phase 1, ``m2`` and
-    ``centered`` after phase 2 and the curvature diagonal first, in that fixed order and even
+    ``centered`` (or its sum) after phase 2 and the curvature diagonal first, in that fixed order and even
     after a local failure, so that every process takes part in the same collectives.
 
     Args:
@@ -197,10 +214,12 @@ def reduce_layer(
                 stats = sample_statistics(source, block.g, wanted, theta, options, direction)
             except Exception as error:  # noqa: BLE001
                 failure = error
-        for name in (r.M2, r.CENTERED):
+        for name in (r.M2, r.CENTERED, r.CENTERED_SUM):
             if name in wanted:
                 local = getattr(stats, name)
-                setattr(stats, name, sync.sum(torch.zeros_like(theta) if local is None else local))
+                if local is None:  # a local failure: this process adds nothing
+                    local = theta.new_zeros(()) if name == r.CENTERED_SUM else torch.zeros_like(theta)
+                setattr(stats, name, sync.sum(local))
         if failure is None:
             block.stats = stats
         else:

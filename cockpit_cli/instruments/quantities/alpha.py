@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from cockpit_cli.instruments import reductions as r
@@ -85,8 +84,7 @@ class Alpha(Quantity):
                 products = -start["lr"] * start["dots"]  # g_i . d with d = -lr g
             else:
                 products = data.start_slopes(direction)
-            slopes = products / length
-            start["df"], start["var_df"] = float(slopes.mean()), _variance(slopes)
+            start["df"], start["var_df"] = _mean_and_variance(products / length)
         start.update(direction=direction, length=length)
         self.pending = start
 
@@ -94,22 +92,29 @@ class Alpha(Quantity):
     def _alpha(start: dict[str, Any], f_end: float, var_f_end: float, slopes_end: torch.Tensor | None) -> float:
         if start["length"] == 0.0 or slopes_end is None:
             return -1.0
-        return fit_alpha(
-            start["length"],
-            (start["f"], f_end),
-            (start["df"], float(slopes_end.mean())),
-            (start["var_f"], var_f_end),
-            (start["var_df"], _variance(slopes_end)),
-        )
+        df_end, var_df_end = _mean_and_variance(slopes_end)
+        return fit_alpha(start["length"], (start["f"], f_end), (start["df"], df_end), (start["var_f"], var_f_end), (start["var_df"], var_df_end))
 
 
 def _variance(values: torch.Tensor) -> float:
-    """Unbiased sample variance of a ``[N]`` tensor as a float."""
+    """Unbiased sample variance of a ``[N]`` tensor as a float (0 for one sample)."""
     return float(values.double().var(unbiased=True)) if values.numel() > 1 else 0.0
+
+
+def _mean_and_variance(values: torch.Tensor) -> tuple[float, float]:
+    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats (one conversion)."""
+    values = values.double()
+    if values.numel() <= 1:
+        return float(values.mean()), 0.0
+    mean, variance = torch.stack((values.mean(), values.var(unbiased=True))).tolist()
+    return mean, variance
 
 
 def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]) -> float:
     """Fit the weighted quadratic to two noisy values and slopes and return alpha.
+
+    The fit ``f(x) = mu0 + mu1 x + mu2 x^2`` solves the 3 x 3 weighted normal equations of the
+    four observations, written out (plain float64 arithmetic: too small for an array library).
 
     Args:
         length: Distance t between the two points (> 0).
@@ -122,16 +127,44 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
         ``2 t / (-mu1 / mu2) - 1``, or -1 for a concave (or degenerate) fit.
     """
     t = length
-    design = np.array([[1.0, 0.0, 0.0], [1.0, t, t * t], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0 * t]]).T  # [3, 4]
-    variances = np.array([*var_fs, *var_dfs], dtype=np.float64)
-    variances[variances == 0.0] = VARIANCE_FLOOR
-    weights = np.diag(1.0 / variances)
-    observations = np.array([*fs, *dfs], dtype=np.float64)
-    try:
-        mu = np.linalg.solve(design @ weights @ design.T, design @ weights @ observations)
-    except np.linalg.LinAlgError:
-        return -1.0
-    if not np.all(np.isfinite(mu)) or mu[2] <= 0.0:
-        return -1.0  # concave or flat along d: still going downhill where the step ended
+    w0, w1, w2, w3 = (1.0 / (v if v != 0.0 else VARIANCE_FLOOR) for v in (*var_fs, *var_dfs))
+    (f0, f1), (d0, d1) = fs, dfs
+    # Design rows (1, 0, 0), (1, t, t^2), (0, 1, 0), (0, 1, 2t): normal matrix and right-hand side.
+    tt, two_t = t * t, 2.0 * t
+    normal = [
+        [w0 + w1, w1 * t, w1 * tt],
+        [w1 * t, w1 * tt + w2 + w3, w1 * tt * t + w3 * two_t],
+        [w1 * tt, w1 * tt * t + w3 * two_t, w1 * tt * tt + w3 * two_t * two_t],
+    ]
+    right = [w0 * f0 + w1 * f1, w1 * t * f1 + w2 * d0 + w3 * d1, w1 * tt * f1 + w3 * two_t * d1]
+    mu = solve(normal, right)
+    if mu is None or not all(math.isfinite(m) for m in mu) or mu[2] <= 0.0:
+        return -1.0  # singular, concave or flat along d: still going downhill where the step ended
     other_side = -mu[1] / mu[2]
     return float(2.0 * t / other_side - 1.0) if other_side != 0.0 else float("inf")
+
+
+def solve(matrix: list[list[float]], right: list[float]) -> list[float] | None:
+    """Solve ``matrix @ x = right`` by Gaussian elimination with partial pivoting (small dense systems).
+
+    Args:
+        matrix: ``[n, n]`` rows.
+        right: ``[n]``.
+
+    Returns:
+        ``x`` (``[n]``), or ``None`` when a pivot is exactly zero (a singular matrix).
+    """
+    n = len(right)
+    rows = [[*row, value] for row, value in zip(matrix, right)]  # augmented [n, n + 1]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda k: abs(rows[k][col]))
+        if rows[pivot][col] == 0.0:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for k in range(col + 1, n):
+            factor = rows[k][col] / rows[col][col]
+            rows[k] = [a - factor * b for a, b in zip(rows[k], rows[col])]
+    x = [0.0] * n
+    for k in reversed(range(n)):
+        x[k] = (rows[k][n] - sum(rows[k][c] * x[c] for c in range(k + 1, n))) / rows[k][k]
+    return x

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -109,7 +109,8 @@ class UpdateData:
     @cached_property
     def updates(self) -> list[Tensor]:
         """``theta_{t+1} - theta_t`` per parameter (computed once, shared by the quantities that use it)."""
-        return [after.detach() - before for before, after in zip(self.before, self.after)]
+        with torch.no_grad():
+            return list(torch._foreach_sub(self.after, self.before))
 
     @cached_property
     def update_norms(self) -> list[float]:
@@ -190,23 +191,41 @@ DOT_BLOCK = 1 << 16  # elements per float64 block of flat_dot
 
 
 def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
-    """Return the dot product of two parameter lists as a float64 Python float.
+    """Return the dot product of two parameter lists (same shapes) as a float64 Python float.
 
-    Summed in float64 a block of elements at a time, so no float64 copy of a whole parameter is made.
+    Summed in float64 a block of at most :data:`DOT_BLOCK` elements at a time (large tensors
+    split, runs of small ones joined), so no float64 copy of a whole parameter is made; the
+    partial sums are added in order as tensors and converted once.
     """
-    total = 0.0
-    for x, y in zip(a, b):
-        same = x is y
-        x, y = x.detach().reshape(-1), y.detach().reshape(-1)
-        blocks = zip(x.split(DOT_BLOCK), y.split(DOT_BLOCK)) if x.numel() > DOT_BLOCK else ((x, y),)
-        for p, q in blocks:
-            p = p.double()
-            total += float(torch.dot(p, p if same else q.double()))
-    return total
+    same = all(x is y for x, y in zip(a, b))
+    pairs = ((p, p) for p in float64_blocks(a)) if same else zip(float64_blocks(a), float64_blocks(b))
+    total = None
+    for p, q in pairs:
+        part = torch.dot(p, q)
+        total = part if total is None else total + part
+    return 0.0 if total is None else float(total)
+
+
+def float64_blocks(tensors: list[Tensor]) -> Iterator[Tensor]:
+    """Yield the tensors' elements in order, flattened, as float64 blocks of at most :data:`DOT_BLOCK` elements."""
+    run: list[Tensor] = []  # small tensors waiting to be joined, [sizes] summing to at most DOT_BLOCK
+    size = 0
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        if run and size + flat.numel() > DOT_BLOCK:
+            yield torch.cat(run).double() if len(run) > 1 else run[0].double()
+            run, size = [], 0
+        if flat.numel() > DOT_BLOCK:
+            yield from (block.double() for block in flat.split(DOT_BLOCK))
+        else:
+            run.append(flat)
+            size += flat.numel()
+    if run:
+        yield torch.cat(run).double() if len(run) > 1 else run[0].double()
 
 
 def norms(tensors: list[Tensor]) -> list[float]:
     """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
     if len(tensors) <= 1:
-        return [float(torch.linalg.vector_norm(t.detach())) for t in tensors]
-    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).tolist()
+        return [float(torch.linalg.vector_norm(t)) for t in tensors]
+    return torch.stack(torch._foreach_norm(tensors)).tolist()

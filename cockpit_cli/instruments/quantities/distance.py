@@ -25,4 +25,4 @@ class Distance(Quantity):
     def compute(self, data: StepData) -> None:
         if self.origin is None:
             self.attach(data.params, data.plain_sgd)
-        data.emit(self.name, norms([p.detach() - p0 for p, p0 in zip(data.params, self.origin)]))
+        data.emit(self.name, norms(list(torch._foreach_sub(data.params, self.origin))))

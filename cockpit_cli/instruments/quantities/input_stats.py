@@ -1,5 +1,7 @@
 """InputStats: mean, standard deviation, minimum and maximum of the input batch."""
 
+import torch
+
 from cockpit_cli.instruments.quantities.base import INPUTS, Quantity, StepData, register
 
 
@@ -14,4 +16,5 @@ class InputStats(Quantity):
         inputs = data.inputs.detach()
         low, high = inputs.aminmax()  # exact in the inputs' dtype: no float64 pass needed
         wide = inputs.double()
-        data.emit(self.name, {"mean": float(wide.mean()), "std": float(wide.std(unbiased=False)), "min": float(low), "max": float(high)})
+        mean, std, low, high = torch.stack((wide.mean(), wide.std(unbiased=False), low.double(), high.double())).tolist()  # exact: float64 holds every value of the inputs' dtype
+        data.emit(self.name, {"mean": mean, "std": std, "min": low, "max": high})

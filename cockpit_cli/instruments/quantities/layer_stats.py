@@ -46,4 +46,7 @@ class LayerStats(Quantity):
 
 def zero_counts(tensors: list[torch.Tensor]) -> list[int]:
     """Return the number of exactly-zero entries of each tensor (-0.0 counts as zero, NaN does not)."""
-    return [t.numel() - int(torch.count_nonzero(t)) for t in tensors]
+    if len(tensors) <= 1:
+        return [t.numel() - int(torch.count_nonzero(t)) for t in tensors]
+    nonzeros = torch.stack([torch.count_nonzero(t) for t in tensors]).tolist()
+    return [t.numel() - count for t, count in zip(tensors, nonzeros)]

@@ -1,0 +1,63 @@
+"""The per-sample gradients of the output hooks equal BackPACK's ``grad_batch``.
+
+Linear layers on ``[N, in]`` and ``[N, L, in]`` inputs, Conv1d and Conv2d with bias, and a ReLU
+applied in place to a hooked output (the hook must see the gradient before that change; the
+reference, which BackPACK's module hooks compute, applies it out of place).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad
+from torch import Tensor, nn
+
+from cockpit_cli.instruments.factored_gradients import FactoredSamples
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks
+
+N = 4
+
+
+def build(kind: str) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)), torch.randn(N, 3)
+    if kind == "linear3d":
+        return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2), nn.Flatten()), torch.randn(N, 6, 3)
+    if kind == "conv1d":
+        return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten()), torch.randn(N, 2, 7)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten()), torch.randn(N, 2, 7, 7)
+
+
+def dense(samples: Tensor | FactoredSamples) -> Tensor:
+    """Return the per-sample gradients of the mean loss, ``[N, D]`` (``g_i / N``, as BackPACK's)."""
+    if isinstance(samples, FactoredSamples):
+        return torch.cat(list(samples.blocks())) / samples.n
+    return samples.reshape(samples.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear3d", "conv1d", "conv2d"])
+def test_output_hooks_match_backpack(kind: str) -> None:
+    model, inputs = build(kind)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    hooks = OutputGradientHooks({layer: [layer.weight, layer.bias] for layer in layers})
+    found: dict[nn.Module, list[Tensor]] = {}
+    hooks.callback = lambda module, sources: found.__setitem__(module, [dense(s).clone() for s in sources])
+    hooks.attach()
+    model(inputs).pow(2).mean().backward()
+    hooks.detach()
+
+    reference = extend(copy.deepcopy(model))
+    for module in reference.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    with backpack(BatchGrad()):
+        reference(inputs).pow(2).mean().backward()
+    references = [m for m in reference.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    for layer, twin in zip(layers, references):
+        expected = [twin.weight.grad_batch.reshape(N, -1), twin.bias.grad_batch.reshape(N, -1)]
+        for actual, wanted in zip(found[layer], expected):
+            assert torch.allclose(actual, wanted, rtol=1e-5, atol=1e-7)
