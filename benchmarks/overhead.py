@@ -58,12 +58,14 @@ from torch.utils.data import DataLoader
 
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.presets import COCKPIT_ECONOMY, DIAGNOSTICS
 from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
 from problems import build_problem
 from problems.image_classification import PROBLEM_TABLE, layer_weights
 
 ALL_PROBLEMS = ("quadratic_deep", "mnist1d_mlp", "mnist_mlp", "cifar10_3c3d")
 ALL_PRESETS = ("economy", "business", "full")
+COCKPIT_SET = "economy (Cockpit)"  # the published package's nine economy quantities, timed with economy every 1
 DEFAULT_INTERVALS = (1, 4, 16)
 # Timed steps per window at interval 1, chosen so that the default run takes about ten minutes
 # on two CPU cores; at interval k a window is at least one interval and a whole number of them.
@@ -426,6 +428,8 @@ def benchmark_problem(name: str, args: argparse.Namespace, progress: Callable[[s
     plain = start_run(case, "plain", None, 1, False, args)
     batch_grad = start_run(case, "BatchGrad only", None, 1, True, args)
     preset_runs = [(preset, start_run(case, f"{preset} every {every}", PRESETS[preset], every, False, args)) for preset in args.presets for every in args.intervals]
+    if "economy" in args.presets and 1 in args.intervals:  # the published package's economy: without the diagnostics
+        preset_runs.append((COCKPIT_SET, start_run(case, "economy (Cockpit's set) every 1", COCKPIT_ECONOMY, 1, False, args)))
     turns = [(plain, longest), (batch_grad, steps)] + [(run, window(steps, run.every)) for _, run in preset_runs]
     take_turns(turns, args.repeats, progress)
     quantity_runs: list[Run] = []
@@ -441,6 +445,7 @@ def benchmark_problem(name: str, args: argparse.Namespace, progress: Callable[[s
     histogram_s = min(histogram["histc"], histogram["engine"])
     floor_s = plain_s + per_sample_s + histogram_s
     economy = next((run for preset, run in preset_runs if preset == "economy" and run.every == 1), None)
+    cockpit_economy = next((run for preset, run in preset_runs if preset == COCKPIT_SET), None)
     result: dict[str, Any] = {
         "problem": name,
         "data": case.data,
@@ -464,6 +469,8 @@ def benchmark_problem(name: str, args: argparse.Namespace, progress: Callable[[s
             "floor_ratio": floor_s / plain_s,
             "economy_s": economy.seconds_per_step() if economy else None,
             "economy_to_floor": economy.seconds_per_step() / floor_s if economy else None,
+            "cockpit_economy_s": cockpit_economy.seconds_per_step() if cockpit_economy else None,
+            "cockpit_economy_to_floor": cockpit_economy.seconds_per_step() / floor_s if cockpit_economy else None,
         },
     }
     return result
@@ -557,6 +564,8 @@ def report(result: dict[str, Any]) -> str:
     ]
     if floor["economy_to_floor"] is not None:
         lines.append(f"economy every 1: {seconds_text(floor['economy_s'])} = {floor['economy_to_floor']:.2f} x floor")
+    if floor.get("cockpit_economy_to_floor") is not None:
+        lines.append(f"economy (Cockpit's set, without {', '.join(DIAGNOSTICS)}) every 1: {seconds_text(floor['cockpit_economy_s'])} = {floor['cockpit_economy_to_floor']:.2f} x floor")
     if result["quantities"]:
         lines += ["", "each quantity alone, every step:"]
         lines.append(table(header, [format_row(row) for row in result["quantities"]], right={1, 2, 3, 4, 5}))
