@@ -191,3 +191,26 @@ def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
     assert set(run.instruments.unavailable) == set(DIAGONAL)
     assert "layer '0' (Conv2d) pads 'same' unevenly" in run.instruments.unavailable["HessTrace"]
     assert {"GradNorm", "NormTest"} <= set(run.records[1])
+
+
+def test_hess_max_ev_continues_from_a_checkpoint_as_if_never_stopped() -> None:
+    """The carried eigenvector (views of one flat vector) goes through torch.save and a
+    ``weights_only`` load, and the next step then takes the same products to the same value."""
+    import io
+
+    from cockpit_cli.instruments.quantities.hess_max_ev import HessMaxEV
+
+    batches = make_batches("cnn", "ce", 0, 3)
+    whole = quantities(("HessMaxEV",))
+    uninterrupted = train(BUILDERS["cnn"](0), batches, whole)
+    first = quantities(("HessMaxEV",))
+    stopped = train(BUILDERS["cnn"](0), batches[:2], first)
+    buffer = io.BytesIO()
+    torch.save(first[0].state_dict(), buffer)
+    buffer.seek(0)
+    resumed = HessMaxEV(first[0].schedule)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.eigenvector, first[0].eigenvector))
+    continued = train(stopped.reference_model(2), batches[2:], [resumed])
+    assert continued.records[0]["HessMaxEV"] == uninterrupted.records[2]["HessMaxEV"]
+    assert resumed.iterations == whole[0].iterations[2:]
