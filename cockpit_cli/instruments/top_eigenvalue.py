@@ -70,7 +70,8 @@ class _Subspace:
         remaining = float(vector.norm())
         if remaining < 1e-6:  # already (numerically) in the span: the Ritz pair is exact
             return False
-        self._append(vector / remaining, self.product(vector / remaining))
+        vector = vector / remaining
+        self._append(vector, self.product(vector))
         self.products += 1
         return True
 
@@ -101,7 +102,8 @@ class _Subspace:
         self.k = 0
         self.projected[:] = 0.0
         for vector, image in kept:
-            self._append(vector / vector.norm(), image / vector.norm())
+            size = vector.norm()
+            self._append(vector / size, image / size)
 
 
 def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol: float, max_products: int, max_basis: int = 12) -> Eigenpair:

@@ -62,7 +62,7 @@ class Alpha(Quantity):
             options.direction = self.pending["direction"]
 
     def compute(self, data: StepData) -> None:
-        var_f = _variance(data.individual_losses)
+        _, var_f = _mean_and_variance(data.individual_losses)
         if self._ends_at(data.step):
             pending, self.pending = self.pending, None
             slopes = data.reductions.totals[r.PROJECTIONS] / pending["length"] if pending["length"] > 0 else None
@@ -94,11 +94,6 @@ class Alpha(Quantity):
             return -1.0
         df_end, var_df_end = _mean_and_variance(slopes_end)
         return fit_alpha(start["length"], (start["f"], f_end), (start["df"], df_end), (start["var_f"], var_f_end), (start["var_df"], var_df_end))
-
-
-def _variance(values: torch.Tensor) -> float:
-    """Unbiased sample variance of a ``[N]`` tensor as a float (0 for one sample)."""
-    return float(values.double().var(unbiased=True)) if values.numel() > 1 else 0.0
 
 
 def _mean_and_variance(values: torch.Tensor) -> tuple[float, float]:

@@ -5,8 +5,9 @@ previous tracked step's eigenvector (``warm_start``) together with the current m
 gradient (``gradient_start``): consecutive steps' top eigenvectors are close when the batches
 are alike, and the gradient lies close to the top eigenvectors when they are not, so the
 iteration meets the top eigenvector in a few products where a random start needs dozens. From
-one start vector it is Lanczos iteration. It stops when the eigenvalue's estimated error is
-within ``atol + rtol * |lambda|``, or after ``max_iterations`` products. The first step without
+one start vector it is Lanczos iteration. It stops when the residual ``||H u - lambda u||`` is
+at most ``atol + rtol * |lambda|`` (an eigenvalue lies that close), or after ``max_iterations``
+products. The first step without
 a previous eigenvector starts from a random vector of a private generator, so tracking never
 changes the training's random numbers. ``2 * max_basis`` vectors of the parameters' size are
 kept during a step.
