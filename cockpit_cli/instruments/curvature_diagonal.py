@@ -14,7 +14,9 @@ then squares and sums it; here the products of one sample (or a few small ones) 
 squared and summed while they are in cache. The numbers are the same; the time of the layer's
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
 :func:`~factored_gradients.unfold` does not cover, and all other layers, keep BackPACK's rules.
-The convolution rules also accept ``padding="same"`` (see :class:`~factored_gradients.NumericPadding`).
+The convolution rules also accept ``padding="same"`` (see :class:`~factored_gradients.NumericPadding`),
+and cross-entropy starts the backpropagation with a factor of one column fewer than classes
+(:mod:`cross_entropy_factor`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.convnd import DiagGGNConvND
+from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNCrossEntropyLoss
 from backpack.extensions.secondorder.diag_hessian.convnd import DiagHConvND
+from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntropyLoss
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.factored_gradients import NumericPadding, unfold, unfoldable
 
 CURVATURES = {
@@ -83,10 +88,15 @@ class _GGNConv(NumericPadding, DiagGGNConvND):
 
 def curvature_extension(curvature: str) -> BackpropExtension:
     """Return the BackPACK extension of ``curvature`` (``"hessian"``, ``"ggn"`` or ``"ggn_mc"``)
-    with the convolution rules above."""
+    with the convolution rules above and cross-entropy's factor of ``C - 1`` columns
+    (:mod:`cross_entropy_factor`)."""
     extension_class = CURVATURES[curvature][0]
     extension = extension_class()
-    rule = _HessianConv if extension_class is DiagHessian else _GGNConv
+    hessian = extension_class is DiagHessian
+    rule = _HessianConv if hessian else _GGNConv
     for module, derivatives in ((nn.Conv1d, Conv1DDerivatives), (nn.Conv2d, Conv2DDerivatives)):
         extension.set_module_extension(module, rule(derivatives=derivatives(), params=["bias", "weight"]), overwrite=True)
+    loss_rule = DiagHCrossEntropyLoss() if hessian else DiagGGNCrossEntropyLoss()
+    loss_rule.derivatives = ReducedCrossEntropyDerivatives()
+    extension.set_module_extension(nn.CrossEntropyLoss, loss_rule, overwrite=True)
     return extension
