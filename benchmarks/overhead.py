@@ -48,6 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+
+# As the `cockpit` script does (cockpit_cli.cli.use_huge_pages): before torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 from backpack import backpack, extend
 from backpack.extensions import BatchGrad

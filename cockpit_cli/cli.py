@@ -207,6 +207,7 @@ def report(
 
 def main() -> None:
     """Entry point of the ``cockpit`` script."""
+    use_huge_pages()
     if environment_world() is None:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         app()
@@ -223,6 +224,18 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def use_huge_pages() -> None:
+    """Back torch's large CPU tensors with transparent huge pages (unless the user chose otherwise).
+
+    The instruments' per-sample gradients and curvature factors are tensors of hundreds of MiB
+    that live for a moment; with 4 KiB pages most of their cost is the kernel faulting their pages
+    in (a fresh 256 MiB tensor: about 50 ms to zero, 17 ms with huge pages). torch reads
+    ``THP_MEM_ALLOC_ENABLE`` once, before its first allocation, so this runs before torch is
+    imported; data-parallel processes inherit it.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

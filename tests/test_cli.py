@@ -40,6 +40,18 @@ def test_version() -> None:
     assert result.exit_code == 0 and result.output.startswith("cockpit ")
 
 
+def test_the_entry_point_turns_on_huge_pages_before_torch_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reads THP_MEM_ALLOC_ENABLE once, before its first allocation: the script sets it
+    first thing (in a fresh process, before torch is imported), and keeps a value the user set."""
+    probe = "import os, sys; sys.argv = ['cockpit', '--version']; from cockpit_cli import cli\ntry: cli.main()\nexcept SystemExit: pass\nprint(os.environ['THP_MEM_ALLOC_ENABLE'], 'torch' in sys.modules)"
+    for preset, expected in ((None, "1 False"), ("0", "0 False")):
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if preset is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = preset
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        assert result.stdout.split("\n")[-2] == expected
+
+
 def test_problems_table_and_json() -> None:
     result = runner.invoke(app, ["problems"], terminal_width=200)
     assert result.exit_code == 0
