@@ -214,3 +214,36 @@ def test_hess_max_ev_continues_from_a_checkpoint_as_if_never_stopped() -> None:
     continued = train(stopped.reference_model(2), batches[2:], [resumed])
     assert continued.records[0]["HessMaxEV"] == uninterrupted.records[2]["HessMaxEV"]
     assert resumed.iterations == whole[0].iterations[2:]
+
+
+@pytest.mark.parametrize("others", [(), ("GradNorm", "NormTest", "GradHist1d"), ("HessTrace", "NormTest")])
+def test_hess_max_ev_differentiates_the_gradients_of_the_one_backward_pass(others: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no other quantity, with per-sample statistics from output hooks, and with BackPACK's
+    curvature pass, the products differentiate the gradients that the step's backward pass left
+    differentiable (no second backward pass for a graph), the values stay exact, and the
+    optimizer sees plain gradients again: the graph is released before the update."""
+    taken_again = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        if kwargs.get("create_graph"):
+            taken_again.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    seen_by_update = []
+
+    def recording_sgd(params):
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        step = optimizer.step
+        optimizer.step = lambda: (seen_by_update.append([p.grad.grad_fn is None and not p.grad.requires_grad for p in params]), step())[1]
+        return optimizer
+
+    run = train(BUILDERS["cnn"](0), make_batches("cnn", "ce", 0, 2), quantities(("HessMaxEV", *others)), optimizer=recording_sgd)
+    monkeypatch.undo()  # the references below take gradients with a graph
+    for step in range(2):
+        assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-2)
+        for name in others:
+            assert run.records[step][name] is not None
+    assert taken_again == []
+    assert seen_by_update and all(all(flags) for flags in seen_by_update)

@@ -119,7 +119,7 @@ class GradientCapture:
             modules = self.extendable if curvature else [m for m in self.extendable if m in self.module_params]
             for module in modules:
                 store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
-                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(hook_run_extensions)]
+                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(run_extensions)]
 
     def detach(self) -> None:
         """Remove BackPACK's hooks again, after the tracked step's backward pass.
@@ -157,6 +157,7 @@ class GradientCapture:
         options: ReductionOptions,
         retain_graph: bool = False,
         rng_state: tuple | None = None,
+        create_graph: bool = False,
     ) -> Accumulator:
         """Run ``loss.backward()`` and return the sums of the requested reductions (global ones,
         combined across data-parallel processes).
@@ -171,6 +172,9 @@ class GradientCapture:
             options: Histogram ranges and projection direction.
             retain_graph: Keep the graph (for Hessian-vector products afterwards).
             rng_state: The random state right before the training forward (torch.func fallback).
+            create_graph: Leave the gradients ``p.grad`` differentiable, so that
+                :meth:`hessian_vector_product` needs no second backward pass; call
+                :meth:`release_gradient_graph` when done. (The extensions' work is not recorded.)
         """
         accumulator = Accumulator(len(self.params))
         batch_size = inputs.shape[0]
@@ -184,16 +188,16 @@ class GradientCapture:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
             with torch.random.fork_rng(devices=_devices(loss), enabled=fork):  # MC samples never touch training's RNG
-                with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph):
-                    loss.backward(retain_graph=retain_graph)
+                with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph):
+                    _backward(loss, retain_graph, create_graph)
         elif by_output_hooks:
             self._output_hooks.callback = self._layer_hook(accumulator, requested, options, batch_size)
             try:
-                loss.backward(retain_graph=retain_graph)
+                _backward(loss, retain_graph, create_graph)
             finally:
                 self._output_hooks.callback = None
         else:
-            loss.backward(retain_graph=retain_graph)
+            _backward(loss, retain_graph, create_graph)
         if per_sample and self.support.per_sample == "functorch":
             for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
                 source = DenseSamples(self._with_regularizer(index, samples))
@@ -264,10 +268,14 @@ class GradientCapture:
     def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
         """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
 
+        The products differentiate the gradients ``p.grad`` where :meth:`backward` left them
+        differentiable (``create_graph``), else gradients taken again with a graph.
         With data-parallel processes, ``loss`` is the local shard's mean loss and the product is
         the mean of the shards' products: the global batch's Hessian times ``v``.
         """
-        gradients = torch.autograd.grad(loss, self.params, create_graph=True)
+        gradients = [p.grad for p in self.params]
+        if not all(g is not None and g.grad_fn is not None for g in gradients):
+            gradients = torch.autograd.grad(loss, self.params, create_graph=True)
         world = self.sync.world_size
 
         def product(vector: list[Tensor]) -> list[Tensor]:
@@ -275,6 +283,13 @@ class GradientCapture:
             return list(local) if world == 1 else [self.sync.sum(h) / world for h in local]
 
         return product
+
+    def release_gradient_graph(self) -> None:
+        """Detach the gradients ``p.grad`` from the graph that ``backward(create_graph=True)`` left
+        on them (which also breaks the parameter-gradient reference cycle)."""
+        for p in self.params:
+            if p.grad is not None and p.grad.grad_fn is not None:
+                p.grad = p.grad.detach()
 
     def start_slopes(self, inputs: Tensor, targets: Tensor, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
         """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``.
@@ -298,6 +313,24 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _backward(loss: Tensor, retain_graph: bool, create_graph: bool) -> None:
+    """``loss.backward`` (with ``create_graph``, without torch's warning about the reference cycle
+    between parameters and their gradients: :meth:`GradientCapture.release_gradient_graph` breaks it)."""
+    if not create_graph:
+        loss.backward(retain_graph=retain_graph)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        loss.backward(create_graph=True)
+
+
+def run_extensions(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+    """BackPACK's ``hook_run_extensions``, not recorded by autograd (the backward pass may be
+    building a graph of the gradients for Hessian-vector products)."""
+    with torch.no_grad():
+        hook_run_extensions(module, grad_input, grad_output)
 
 
 def store_inputs(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:

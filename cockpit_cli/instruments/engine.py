@@ -215,6 +215,7 @@ class Instruments:
                 options=options,
                 retain_graph=hvp,
                 rng_state=self._rng_state,
+                create_graph=hvp and self.sync.world_size == 1,  # data-parallel gradients are taken again locally
             )
         self.capture.detach()
         if by_forward_mode:
@@ -239,9 +240,12 @@ class Instruments:
             inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
             activations=self._activations.statistics() if self._activations is not None else None,
         )
-        with torch.no_grad():
-            for quantity in active:
-                self._run(quantity, quantity.compute, data)
+        try:
+            with torch.no_grad():
+                for quantity in active:
+                    self._run(quantity, quantity.compute, data)
+        finally:
+            self.capture.release_gradient_graph()
         self._collect(data.outputs)
         self._stop_recording()
 

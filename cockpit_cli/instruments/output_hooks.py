@@ -61,7 +61,8 @@ class OutputGradientHooks:
 
     def _backward(self, module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
         if self.callback is not None:
-            self.callback(module, [layer_samples(module, param, inputs, grad_output) for param in self.params[module]])
+            with torch.no_grad():  # the backward pass may be recording a graph of the gradients
+                self.callback(module, [layer_samples(module, param, inputs, grad_output) for param in self.params[module]])
 
 
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:
