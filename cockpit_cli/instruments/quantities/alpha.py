@@ -97,12 +97,12 @@ class Alpha(Quantity):
 
 
 def _mean_and_variance(values: torch.Tensor) -> tuple[float, float]:
-    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats (one conversion)."""
+    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats (one fused reduction)."""
     values = values.double()
     if values.numel() <= 1:
         return float(values.mean()), 0.0
-    mean, variance = torch.stack((values.mean(), values.var(unbiased=True))).tolist()
-    return mean, variance
+    variance, mean = torch.var_mean(values)  # unbiased
+    return float(mean), float(variance)
 
 
 def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]) -> float:
