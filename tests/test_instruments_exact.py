@@ -312,6 +312,32 @@ def test_histogram_ranges_exercise_clamping_and_several_bins() -> None:
         assert ((theta < p_low) | (theta > p_high)).sum() > 0
 
 
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_histograms_on_commensurate_ranges_come_from_one_joint_count(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-D gradient range made of the middle 1-D bins: both histograms from the joint counts
+    of a common refinement (checked to be taken), still exact against the references."""
+    from cockpit_cli.instruments import reductions as r
+
+    refinements: list[r.Refinement | None] = []
+    common_refinement = r.common_refinement
+
+    def spied(a: HistogramSpec, b: HistogramSpec, max_bins: int = r.MAX_FINE_BINS) -> r.Refinement | None:
+        refinements.append(common_refinement(a, b, max_bins))
+        return refinements[-1]
+
+    monkeypatch.setattr(r, "common_refinement", spied)
+    model = BUILDERS[kind](0)
+    batches = make_batches(kind, "ce", 0, 2)
+    options = histogram_options(model, batches[0], 0.0)
+    low, high = options["GradHist1d"]["range"]
+    inner = 7 * (high - low) / HIST_BINS / 2  # the middle 7 of the 11 bins
+    options["GradHist2d"] = {"bins": (7, 5), "range": ((-inner, inner), options["GradHist2d"]["range"][1])}
+    run = train(model, batches, quantities(("GradHist1d", "GradHist2d"), **options))
+    assert refinements and all(grid is not None and grid.fine.bins == HIST_BINS for grid in refinements)
+    for step in range(2):
+        check_first_order(run, step, names=("GradHist1d", "GradHist2d"))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("kind, loss", CASES)
 def test_first_order_quantities_with_weight_decay(kind: str, loss: str, seed: int) -> None:

@@ -24,7 +24,9 @@ curvature diagonal when one was computed in the same backward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -91,6 +93,96 @@ class HistogramSpec:
         for block in row_chunks(samples):
             counts += torch.bincount(self.bin_of(block).reshape(-1), minlength=self.bins + 1)
         return counts[: self.bins]
+
+
+# A common refinement is used only up to this many fine bins (its joint counts stay small).
+MAX_FINE_BINS = 1024
+_GRID_TOLERANCE = 1e-9  # relative: how far a float ratio may be from an integer and still count as one
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Equal-width fine bins whose edges include every edge of two coarser axes.
+
+    Every coarse bin is a run of whole fine bins, so counts over the fine bins determine the
+    counts over either coarse axis (:meth:`coarsen`). Fine bins outside a coarse range lie
+    wholly below or above it and go to its edge bins, as values outside the range do.
+
+    Attributes:
+        fine: The fine axis, over the union of the coarse ranges.
+        coarse: The two coarse axes.
+        starts: Per coarse axis, the fine bin where its range begins.
+        factors: Per coarse axis, fine bins per coarse bin.
+    """
+
+    fine: HistogramSpec
+    coarse: tuple[HistogramSpec, HistogramSpec]
+    starts: tuple[int, int]
+    factors: tuple[int, int]
+
+    def coarsen(self, counts: Tensor, axis: int) -> Tensor:
+        """Return fine-bin counts grouped into the bins of ``self.coarse[axis]``.
+
+        Args:
+            counts: Counts ``[fine.bins, ...]`` over the fine bins (any trailing dimensions).
+            axis: Which coarse axis (0 or 1).
+
+        Returns:
+            Counts ``[coarse[axis].bins, ...]``: each coarse bin sums its run of fine bins, the
+            first and last also the fine bins below and above the coarse range.
+        """
+        spec, start, factor = self.coarse[axis], self.starts[axis], self.factors[axis]
+        stop = start + spec.bins * factor
+        grouped = counts[start:stop].reshape(spec.bins, factor, *counts.shape[1:]).sum(1)
+        grouped[0] += counts[:start].sum(0)
+        grouped[-1] += counts[stop:].sum(0)
+        return grouped
+
+
+def common_refinement(a: HistogramSpec, b: HistogramSpec, max_bins: int = MAX_FINE_BINS) -> Refinement | None:
+    """Return the coarsest common refinement of two axes with at most ``max_bins`` fine bins, or ``None``.
+
+    The bin widths must be integer multiples of one fine width and the lows must lie on its grid,
+    each up to a relative :data:`_GRID_TOLERANCE`: widths such as 4/100 and 2/40 are not exact in
+    binary floating point, and their ratio is 4/5 only up to a rounding error. The defaults (100 bins over ``(-2, 2)``, 40 over ``(-1, 1)``) give 400
+    bins of width 0.01 over ``(-2, 2)``.
+
+    The fine bin of a value is ``fine.bin_of(value)``, which rounds differently from
+    ``a.bin_of`` or ``b.bin_of`` where ``low`` or the scale differ: a value within a rounding
+    error of a bin edge may then land in the neighbouring coarse bin. Where the low is the same
+    and the scales differ by a power of two (the 1-D axis of the defaults), the bins agree exactly.
+
+    Args:
+        a: A coarse axis.
+        b: The other coarse axis.
+        max_bins: Most fine bins allowed.
+
+    Returns:
+        The refinement, or ``None`` (incommensurate widths, misaligned lows, too many fine bins,
+        or an empty or non-finite range).
+    """
+    widths = [(spec.high - spec.low) / spec.bins if spec.bins > 0 else float("nan") for spec in (a, b)]
+    if not all(math.isfinite(w) and w > 0 for w in widths):
+        return None
+    ratio = Fraction(widths[0] / widths[1]).limit_denominator(max_bins)  # fine bins per a-bin : per b-bin
+    if ratio == 0 or abs(widths[0] / widths[1] - float(ratio)) > _GRID_TOLERANCE * float(ratio):
+        return None
+    low, high = min(a.low, b.low), max(a.high, b.high)
+    for multiple in range(1, max_bins + 1):  # finer and finer grids with the same ratio
+        factors = (ratio.numerator * multiple, ratio.denominator * multiple)
+        width = widths[0] / factors[0]
+        bins, starts = (high - low) / width, [(spec.low - low) / width for spec in (a, b)]
+        if bins > max_bins + 0.5:
+            return None
+        if _is_integer(bins) and all(_is_integer(start) for start in starts):
+            fine_bins, first = round(bins), (round(starts[0]), round(starts[1]))
+            if all(start + spec.bins * factor <= fine_bins for start, spec, factor in zip(first, (a, b), factors)):
+                return Refinement(HistogramSpec(fine_bins, low, high), (a, b), first, factors)
+    return None
+
+
+def _is_integer(x: float) -> bool:
+    return abs(x - round(x)) <= _GRID_TOLERANCE * max(1.0, abs(x))
 
 
 @dataclass

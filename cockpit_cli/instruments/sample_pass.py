@@ -82,6 +82,13 @@ def sample_statistics(
     :meth:`SampleSource.centered_sum` where it has them: for factored layers these need no
     blocks, and no block is formed when nothing else is wanted.
 
+    When both histograms are wanted and the 1-D axis and the 2-D gradient axis have a common
+    refinement (:func:`reductions.common_refinement`, as the default ranges do), each block gets
+    one fine gradient bin per element and one bincount over (fine bin, parameter bin) cells, and
+    both histograms are grouped from those joint counts at the end. A gradient within a rounding
+    error of a bin edge may then fall in the neighbouring bin compared with
+    :meth:`reductions.HistogramSpec.bin_of` on the coarse axis; otherwise the counts are the same.
+
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
         g: Mean gradient ``[D_p]`` (needed for ``centered``, ``centered_sum`` and ``dots``).
@@ -107,7 +114,11 @@ def sample_statistics(
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
     cells = grad_axis.bins * param_axis.bins
-    offsets = _cell_offsets(param_axis.bin_of(theta), cells, param_axis.bins) if r.HIST2D_COUNTS in wanted else None
+    columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p] int32, NaN -> param_axis.bins
+    # Both histograms from one bin index and one bincount per block where the axes allow it.
+    refinement = r.common_refinement(options.hist1d, grad_axis) if r.HIST1D_COUNTS in wanted and r.HIST2D_COUNTS in wanted else None
+    offsets = _cell_offsets(columns, cells, param_axis.bins) if columns is not None and refinement is None else None
+    joint: Tensor | None = None  # [(fine bins + 1) * (param_axis.bins + 1)] counts
     for block in source.blocks() if wanted else ():  # [b, D_p]
         if r.M2 in wanted:
             squares = block.square()
@@ -125,11 +136,15 @@ def sample_statistics(
             if r.CENTERED in wanted:
                 _accumulate(sums, r.CENTERED, deviations.square_().sum(0))
             del deviations
-        if r.HIST1D_COUNTS in wanted:
-            _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
-        if r.HIST2D_COUNTS in wanted:
-            flat = grad_axis.bin_of(block).mul_(param_axis.bins).add_(offsets)  # [b, D_p]; NaN anywhere -> >= cells
-            _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=2 * cells + param_axis.bins + 1))
+        if refinement is not None:
+            counts = _joint_counts(refinement.fine, block, columns, param_axis.bins)
+            joint = counts if joint is None else joint.add_(counts)
+        else:
+            if r.HIST1D_COUNTS in wanted:
+                _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
+            if r.HIST2D_COUNTS in wanted:
+                flat = grad_axis.bin_of(block).mul_(param_axis.bins).add_(offsets)  # [b, D_p]; NaN anywhere -> >= cells
+                _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=2 * cells + param_axis.bins + 1))
         if r.LARGEST in wanted:
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
@@ -139,7 +154,32 @@ def sample_statistics(
         stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
     if stats.hist2d_counts is not None:
         stats.hist2d_counts = stats.hist2d_counts[: grad_axis.bins * param_axis.bins].reshape(grad_axis.bins, param_axis.bins)
+    if joint is not None:
+        fine = joint[: refinement.fine.bins * (param_axis.bins + 1)].reshape(refinement.fine.bins, param_axis.bins + 1)
+        stats.hist1d_counts = refinement.coarsen(fine.sum(1), 0)  # [hist1d.bins], the NaN-parameter column included
+        stats.hist2d_counts = refinement.coarsen(fine[:, : param_axis.bins], 1)  # [grad_axis.bins, param_axis.bins]
     return stats
+
+
+def _joint_counts(fine: r.HistogramSpec, block: Tensor, columns: Tensor, width: int) -> Tensor:
+    """Return the joint counts of (fine gradient bin, parameter column) over a block.
+
+    The cell of an element is ``fine bin * (width + 1) + column``: a NaN parameter has column
+    ``width``, an extra column that the 1-D counts keep and the 2-D counts drop; a NaN gradient
+    has fine bin ``fine.bins``, past the last row.
+
+    Args:
+        fine: The fine gradient axis.
+        block: Per-sample gradients ``[b, D_p]``.
+        columns: The parameter-axis bin of each element, ``[D_p]`` (int32; NaN -> ``width``).
+        width: Parameter-axis bins.
+
+    Returns:
+        ``[(fine.bins + 1) * (width + 1)]`` int64: the first ``fine.bins * (width + 1)`` are the
+        cells ``[fine.bins, width + 1]``, the rest the counts of NaN gradients.
+    """
+    flat = fine.bin_of(block).mul_(width + 1).add_(columns)  # [b, D_p]
+    return torch.bincount(flat.reshape(-1), minlength=(fine.bins + 1) * (width + 1))
 
 
 def _cell_offsets(columns: Tensor, cells: int, width: int) -> Tensor:
