@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import INDIVIDUAL_LOSSES, PARAMS_BEFORE, Quantity, StepData, UpdateData, flat_dot, register
+from cockpit_cli.instruments.quantities.base import INDIVIDUAL_LOSSES, PARAMS_BEFORE, Quantity, StepData, UpdateData, register
 
 START_SLOPES = "start_slopes"  # the engine keeps what it needs for a forward-mode pass at theta_t
 VARIANCE_FLOOR = 1e-10
@@ -78,7 +78,7 @@ class Alpha(Quantity):
         if start is None or start["step"] != data.step:
             return
         direction = data.updates
-        length = math.sqrt(flat_dot(direction, direction))
+        length = math.sqrt(math.fsum(size * size for size in data.update_norms))  # ||d||, from the norms UpdateSize shares
         if length > 0:
             if self.plain_sgd:
                 products = -start["lr"] * start["dots"]  # g_i . d with d = -lr g
@@ -140,26 +140,30 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
 
 
 def solve(matrix: list[list[float]], right: list[float]) -> list[float] | None:
-    """Solve ``matrix @ x = right`` by Gaussian elimination with partial pivoting (small dense systems).
+    """Solve the 3 x 3 system ``matrix @ x = right`` by Gaussian elimination with partial pivoting.
 
     Args:
-        matrix: ``[n, n]`` rows.
-        right: ``[n]``.
+        matrix: ``[3, 3]`` rows.
+        right: ``[3]``.
 
     Returns:
-        ``x`` (``[n]``), or ``None`` when a pivot is exactly zero (a singular matrix).
+        ``x`` (``[3]``), or ``None`` when a pivot is exactly zero (a singular matrix).
     """
-    n = len(right)
-    rows = [[*row, value] for row, value in zip(matrix, right)]  # augmented [n, n + 1]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda k: abs(rows[k][col]))
+    rows = [[*row, value] for row, value in zip(matrix, right)]  # augmented [3, 4]
+    for col in range(3):
+        pivot = col
+        for k in range(col + 1, 3):
+            if abs(rows[k][col]) > abs(rows[pivot][col]):
+                pivot = k
         if rows[pivot][col] == 0.0:
             return None
         rows[col], rows[pivot] = rows[pivot], rows[col]
-        for k in range(col + 1, n):
-            factor = rows[k][col] / rows[col][col]
-            rows[k] = [a - factor * b for a, b in zip(rows[k], rows[col])]
-    x = [0.0] * n
-    for k in reversed(range(n)):
-        x[k] = (rows[k][n] - sum(rows[k][c] * x[c] for c in range(k + 1, n))) / rows[k][k]
-    return x
+        top = rows[col]
+        for row in rows[col + 1 :]:
+            factor = row[col] / top[col]
+            for c in range(col, 4):
+                row[c] -= factor * top[c]
+    x2 = rows[2][3] / rows[2][2]
+    x1 = (rows[1][3] - rows[1][2] * x2) / rows[1][1]
+    x0 = (rows[0][3] - rows[0][1] * x1 - rows[0][2] * x2) / rows[0][0]
+    return [x0, x1, x2]

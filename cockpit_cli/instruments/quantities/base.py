@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -185,43 +185,6 @@ def register(cls: type[Quantity]) -> type[Quantity]:
         raise ValueError(f"quantity '{cls.name}' is registered twice")
     QUANTITIES[cls.name] = cls
     return cls
-
-
-DOT_BLOCK = 1 << 16  # elements per float64 block of flat_dot
-
-
-def flat_dot(a: list[Tensor], b: list[Tensor]) -> float:
-    """Return the dot product of two parameter lists (same shapes) as a float64 Python float.
-
-    Summed in float64 a block of at most :data:`DOT_BLOCK` elements at a time (large tensors
-    split, runs of small ones joined), so no float64 copy of a whole parameter is made; the
-    partial sums are added in order as tensors and converted once.
-    """
-    same = all(x is y for x, y in zip(a, b))
-    pairs = ((p, p) for p in float64_blocks(a)) if same else zip(float64_blocks(a), float64_blocks(b))
-    total = None
-    for p, q in pairs:
-        part = torch.dot(p, q)
-        total = part if total is None else total + part
-    return 0.0 if total is None else float(total)
-
-
-def float64_blocks(tensors: list[Tensor]) -> Iterator[Tensor]:
-    """Yield the tensors' elements in order, flattened, as float64 blocks of at most :data:`DOT_BLOCK` elements."""
-    run: list[Tensor] = []  # small tensors waiting to be joined, [sizes] summing to at most DOT_BLOCK
-    size = 0
-    for tensor in tensors:
-        flat = tensor.reshape(-1)
-        if run and size + flat.numel() > DOT_BLOCK:
-            yield torch.cat(run).double() if len(run) > 1 else run[0].double()
-            run, size = [], 0
-        if flat.numel() > DOT_BLOCK:
-            yield from (block.double() for block in flat.split(DOT_BLOCK))
-        else:
-            run.append(flat)
-            size += flat.numel()
-    if run:
-        yield torch.cat(run).double() if len(run) > 1 else run[0].double()
 
 
 def norms(tensors: list[Tensor]) -> list[float]:
