@@ -445,6 +445,30 @@ def test_log_spaced_schedule() -> None:
     check_first_order(run, 9, names=("GradNorm", "UpdateSize"))
 
 
+@pytest.mark.parametrize("schedule", [Schedule(), Schedule(every=3), Schedule(every=5, offset=7), Schedule(spacing="log", points=9, last_step=60)])
+def test_next_step_is_the_first_tracked_step_from_there(schedule: Schedule) -> None:
+    for step in range(70):
+        expected = next((s for s in range(step, 200) if schedule(s)), None)
+        assert schedule.next_step(step) == expected
+
+
+def test_idle_steps_ask_no_quantity_and_tracked_steps_stay_on_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between tracked steps (Alpha every 5 from 2, with its completion the step after, and
+    GradNorm on log-spaced steps) the engine knows when the next one is due and asks no quantity
+    at the idle steps in between; the values land at exactly the scheduled steps."""
+    alpha = quantities(("Alpha",), Schedule(every=5, offset=2))[0]
+    grad_norm = quantities(("GradNorm",), Schedule(spacing="log", points=4, last_step=13))[0]
+    asked = []
+    for quantity in (alpha, grad_norm):
+        original = quantity.is_active
+        monkeypatch.setattr(quantity, "is_active", lambda step, original=original: (asked.append(step), original(step))[1])
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 14), [alpha, grad_norm])
+    assert [s for s in sorted(run.records) if "Alpha" in run.records[s]] == [2, 7, 12]
+    assert [s for s in sorted(run.records) if "GradNorm" in run.records[s]] == [0, 1, 5, 13]
+    active = {0, 1, 2, 3, 5, 7, 8, 12, 13}  # tracked steps and Alpha's completions (3, 8, 13)
+    assert sorted(set(asked) - active) == [4, 6, 9]  # only the first idle step after activity looks ahead
+
+
 def test_completed_waits_for_alpha() -> None:
     run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 4), quantities(("Alpha", "GradNorm")))
     assert run.instruments.lag == 1

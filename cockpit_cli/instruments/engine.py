@@ -20,6 +20,8 @@ quantity that fails is switched off with its reason; it never stops the training
 
 from __future__ import annotations
 
+import math
+
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -96,6 +98,8 @@ class Instruments:
         self.started = time.perf_counter()
         self.next_step = 0
         self._planned: tuple[int, list[Quantity], list[set[str]], set[str]] | None = None
+        self._idle_until: float = 0  # no quantity is active before this step (known at an idle step)
+        self._quiet = False  # hooks and recording are off for idle steps
         self._before: list[Tensor] | None = None
         self._updating: list[Quantity] = []
         self._start_slopes = None
@@ -125,10 +129,16 @@ class Instruments:
         before the forward pass and again at the backward pass)."""
         if self._planned is not None and self._planned[0] == step:
             return self._planned[1], self._planned[3]
+        if step < self._idle_until:  # nothing is due before then: skip asking every quantity
+            self._planned = (step, [], [], set())
+            return [], set()
         active = [quantity for quantity in self.quantities if quantity.is_active(step)]
         requirements = [quantity.requirements(step) for quantity in active]
         needs: set[str] = set().union(*requirements)
         self._planned = (step, active, requirements, needs)
+        if not active:
+            upcoming = [due for due in (quantity.next_active(step) for quantity in self.quantities) if due is not None]
+            self._idle_until = min(upcoming, default=math.inf)
         return active, needs
 
     def _needing(self, need: str) -> list[Quantity]:
@@ -141,6 +151,9 @@ class Instruments:
         if self._own_pass or not (module.training and torch.is_grad_enabled()):
             return
         _, needs = self._plan(self.next_step)
+        if not needs and self._quiet:  # an idle step after an idle step: everything is off already
+            return
+        self._quiet = not needs
         if self._activations is not None and q.ACTIVATIONS in needs:
             self._activations.start()
         elif self._activations is not None:
@@ -272,6 +285,7 @@ class Instruments:
             method(data)
         except Exception as error:  # an instrument never stops training
             self.quantities.remove(quantity)
+            self._idle_until = 0
             self.unavailable[quantity.name] = f"failed at step {data.step} and was switched off: {type(error).__name__}: {error}"
 
     def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
@@ -303,6 +317,7 @@ class Instruments:
         """Restore what :meth:`state_dict` returned (the same quantities must be tracked)."""
         self.results = {int(step): values for step, values in state["results"].items()}
         self.next_step = int(state["next_step"])
+        self._idle_until, self._planned, self._quiet = 0, None, False
         for quantity in self.quantities:
             quantity.load_state_dict(state["quantities"].get(quantity.name, {}))
 

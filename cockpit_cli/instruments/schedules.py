@@ -36,6 +36,14 @@ class Schedule:
             return step in self._log_steps  # type: ignore[attr-defined]
         return step >= self.offset and (step - self.offset) % self.every == 0
 
+    def next_step(self, step: int) -> int | None:
+        """Return the first tracked step at or after ``step`` (``None`` if there is none)."""
+        if self.spacing == "log":
+            return min((s for s in self._log_steps if s >= step), default=None)  # type: ignore[attr-defined]
+        if step <= self.offset:
+            return self.offset
+        return step + (-(step - self.offset)) % self.every
+
     def describe(self) -> str:
         """Return a short description, e.g. ``"every 4 steps from 0"``."""
         if self.spacing == "log":

@@ -49,6 +49,13 @@ class Alpha(Quantity):
     def is_active(self, step: int) -> bool:
         return self.schedule(step) or self._ends_at(step)
 
+    def next_active(self, step: int) -> int | None:
+        scheduled = self.schedule.next_step(step)
+        if self.pending is not None and self.pending["step"] + 1 >= step:
+            completion = self.pending["step"] + 1
+            return completion if scheduled is None else min(scheduled, completion)
+        return scheduled
+
     def requirements(self, step: int) -> set[str]:
         needs = {INDIVIDUAL_LOSSES}
         if self._ends_at(step):

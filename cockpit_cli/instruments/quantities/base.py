@@ -149,6 +149,11 @@ class Quantity:
         """Return whether the quantity works at ``step`` (its schedule, plus any pending work)."""
         return self.schedule(step)
 
+    def next_active(self, step: int) -> int | None:
+        """Return the first step at or after ``step`` at which :meth:`is_active` holds, as things
+        stand (``None``: never). Override it together with :meth:`is_active`."""
+        return self.schedule.next_step(step)
+
     def requirements(self, step: int) -> set[str]:
         """Return what the quantity needs at an active ``step``."""
         return set()
