@@ -11,13 +11,13 @@ gradients and NaN parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor
 
 import reference as ref
+from test_instruments_exact import one_thread  # noqa: F401 (fixture: one intra-op thread)
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.reductions import HistogramSpec, common_refinement
 from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
@@ -29,14 +29,6 @@ SMALL = r.ReductionOptions(hist1d=HistogramSpec(8, -1.0, 1.0), hist2d=(Histogram
 # (Dyadic, so that the bin edges planted below are exact for either path.)
 WIDER_2D = r.ReductionOptions(hist1d=HistogramSpec(8, -1.0, 1.0), hist2d=(HistogramSpec(8, -0.875, 1.125), HistogramSpec(4, -1.0, 1.0)))
 COMMENSURATE = {"defaults": DEFAULTS, "small": SMALL, "wider_2d": WIDER_2D}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the grid ----------------------------------------------------------------------------------
