@@ -21,7 +21,6 @@ quantity that fails is switched off with its reason; it never stops the training
 from __future__ import annotations
 
 import math
-
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
