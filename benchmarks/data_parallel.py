@@ -53,7 +53,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def worker(args: argparse.Namespace) -> None:
     """Inside ``torch.distributed.run``: time every configuration; rank 0 writes the results."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the `cockpit` script does, before torch is imported
+    from cockpit_cli.launch import use_huge_pages
+
+    use_huge_pages()  # as the `cockpit` script does: before torch is imported
     import torch
     import torch.distributed as dist
     from torch import nn

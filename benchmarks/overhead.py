@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from cockpit_cli.launch import use_huge_pages
 
-# As the `cockpit` script does (cockpit_cli.cli.use_huge_pages): before torch is imported.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+use_huge_pages()  # as the `cockpit` script does: before torch is imported
 
 import torch
 from backpack import backpack, extend

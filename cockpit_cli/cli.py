@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from cockpit_cli import __version__
 from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
-from cockpit_cli.launch import environment_world, process_label, worker_signals
+from cockpit_cli.launch import environment_world, process_label, use_huge_pages, worker_signals
 
 app = typer.Typer(
     name="cockpit",
@@ -224,18 +224,6 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def use_huge_pages() -> None:
-    """Back torch's large CPU tensors with transparent huge pages (unless the user chose otherwise).
-
-    The instruments' per-sample gradients and curvature factors are tensors of hundreds of MiB
-    that live for a moment; with 4 KiB pages most of their cost is the kernel faulting their pages
-    in (a fresh 256 MiB tensor: about 50 ms to zero, 17 ms with huge pages). torch reads
-    ``THP_MEM_ALLOC_ENABLE`` once, before its first allocation, so this runs before torch is
-    imported; data-parallel processes inherit it.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

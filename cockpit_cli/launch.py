@@ -33,6 +33,18 @@ R = TypeVar("R")
 SETTLE_SECONDS = 0.5
 
 
+def use_huge_pages() -> None:
+    """Back torch's large CPU tensors with transparent huge pages (unless the user chose otherwise).
+
+    The instruments' per-sample gradients and curvature factors are tensors of hundreds of MiB
+    that live for a moment; with 4 KiB pages most of their cost is the kernel faulting their pages
+    in (a fresh 256 MiB tensor: about 50 ms to zero, 17 ms with huge pages). torch reads
+    ``THP_MEM_ALLOC_ENABLE`` once, before its first allocation, so this runs before torch is
+    imported; data-parallel processes inherit it.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def environment_world() -> tuple[int, int, int] | None:
     """Return ``(rank, world_size, local_rank)`` when started as one of several processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)

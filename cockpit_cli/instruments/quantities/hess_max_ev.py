@@ -58,7 +58,7 @@ class HessMaxEV(Quantity):
         params = data.params
 
         def product(vector: Tensor) -> Tensor:
-            return _flat([h.detach() for h in data.hvp(_split(vector, params))])
+            return _flat(data.hvp(_split(vector, params)))
 
         pair = largest_eigenpair(
             product, self._starts(data), float(self.options["rtol"]), float(self.options["atol"]),
