@@ -257,7 +257,8 @@ class Instruments:
                 for quantity in active:
                     self._run(quantity, quantity.compute, data)
         finally:
-            self.capture.release_gradient_graph()
+            if hvp:
+                self.capture.release_gradient_graph()
         self._collect(data.outputs)
         self._stop_recording()
 
