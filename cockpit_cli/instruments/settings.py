@@ -40,21 +40,22 @@ def _check_entry(config: RunConfig, name: str, entry: Any) -> dict[str, Any] | N
             if key == "spacing" and value not in ("linear", "log"):
                 raise config.fail(f"{path}.{key}", f"expected 'linear' or 'log', got {value!r}")
         elif key in defaults:
-            settings[key] = _like(defaults[key], value, where)
+            settings[key] = _like(defaults[key], value, where, QUANTITIES[name].options_minimums.get(key))
         else:
             known = [*SCHEDULE_KEYS, *defaults]
             raise config.fail(f"{path}.{key}", f"{name} has no setting '{key}'{did_you_mean(key, known)}", f"its settings: {', '.join(known)}")
     return settings
 
 
-def _like(default: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the type of ``default`` (numbers, booleans, nested pairs)."""
+def _like(default: Any, value: Any, where: str, minimum: float | None = None) -> Any:
+    """Check ``value`` against the type of ``default`` (numbers, booleans, nested pairs) and, for
+    a number, against ``minimum`` (integers: at least 1 unless given)."""
     if isinstance(default, bool):
         return check_value(value, bool, where)
     if isinstance(default, int):
-        return check_value(value, int, where, 1)
+        return check_value(value, int, where, 1 if minimum is None else minimum)
     if isinstance(default, float):
-        return check_value(value, float, where)
+        return check_value(value, float, where, minimum)
     if isinstance(default, tuple):
         items = check_value(value, list[Any], where)
         if len(items) != len(default):

@@ -136,6 +136,7 @@ class Quantity:
     needs_curvature: ClassVar[bool] = False  # needs a curvature diagonal (BackPACK second order)
     plain_sgd_only: ClassVar[bool] = False
     options_defaults: ClassVar[dict[str, Any]] = {}
+    options_minimums: ClassVar[dict[str, float]] = {}  # lower bounds of numeric options, checked with the config
 
     def __init__(self, schedule: Schedule, options: dict[str, Any] | None = None):
         self.schedule = schedule

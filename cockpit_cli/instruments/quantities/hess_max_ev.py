@@ -34,6 +34,7 @@ class HessMaxEV(Quantity):
     name = "HessMaxEV"
     carried = ("eigenvector",)
     options_defaults: dict[str, Any] = {"max_iterations": 100, "rtol": 3e-2, "atol": 1e-6, "warm_start": True, "gradient_start": True, "max_basis": 12}
+    options_minimums = {"rtol": 0.0, "atol": 0.0}  # a negative tolerance would never stop before max_iterations
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
