@@ -140,3 +140,36 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run.instruments.unavailable == {}
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY, names=names)
+
+
+def float32_source(spread: float, weight_decay: float) -> tuple[FactoredLinear, Tensor]:
+    """A float32 Linear source whose per-sample gradients deviate from a common one by about
+    ``spread`` (relative), and the float64 sum ``sum_i ||G[i] - g||^2`` of its exact products."""
+    gen = torch.Generator().manual_seed(7)
+    n, outputs, width = 64, 30, 40
+    delta = (torch.randn(1, outputs, generator=gen) + spread * torch.randn(n, outputs, generator=gen)) / n
+    inputs = torch.randn(1, width, generator=gen) + spread * torch.randn(n, width, generator=gen)
+    theta = torch.randn(outputs, width, generator=gen)
+    source = FactoredLinear(inputs, delta, theta.shape).regularized(theta, weight_decay)
+    g = source.mean()
+    exact = n * delta.double()[:, :, None] * inputs.double()[:, None, :] + weight_decay * theta.double()  # float32 products are exact in float64
+    return source, ((exact.reshape(n, -1) - g.double()) ** 2).sum()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("spread", [1.0, 0.1, 0.01, 0.001])
+def test_centered_sum_of_float32_factors_stays_accurate_when_gradients_nearly_agree(spread: float, weight_decay: float) -> None:
+    source, expected = float32_source(spread, weight_decay)
+    centered = source.centered_sum(source.mean())
+    assert float(abs(centered - expected) / expected) < 2e-6
+
+
+def test_centered_sum_sums_over_samples_where_its_terms_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-sample gradients within 0.1% of each other: the terms cancel by a factor of about 4e5,
+    where the float32 data gradient's rounding would show; summed over the samples, it does not."""
+    from cockpit_cli.instruments import factored_gradients
+
+    source, expected = float32_source(0.001, 0.0)
+    assert float(abs(source.centered_sum(source.mean()) - expected) / expected) < 1e-9
+    monkeypatch.setattr(factored_gradients, "CANCELLATION_LIMIT", float("inf"))
+    assert float(abs(source.centered_sum(source.mean()) - expected) / expected) > 1e-7

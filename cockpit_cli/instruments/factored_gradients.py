@@ -33,6 +33,11 @@ from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradB
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.outer_histogram import outer_histogram
+
+
+# centered_sum sums its crossed terms over the samples where its terms cancel beyond this factor.
+CANCELLATION_LIMIT = 100.0
 
 
 class FactoredSamples:
@@ -49,6 +54,7 @@ class FactoredSamples:
         self.weight_shape = weight_shape
         self.theta: Tensor | None = None
         self.decay = 0.0
+        self._data_mean: Tensor | None = None
 
     def regularized(self, theta: Tensor, decay: float) -> FactoredSamples:
         """Include the regulariser's gradient ``decay * theta`` in every ``G[i]`` (returns self)."""
@@ -105,10 +111,16 @@ class FactoredSamples:
         With one position per sample (``L = 1``), ``G[i] - g = N delta_i x_i^T + C`` with the
         constant ``C = lambda theta - g`` (``[C_out, K]``), so that
 
-            ``||G[i] - g||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N delta_i^T C x_i + ||C||^2``.
+            ``||G[i] - g||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N delta_i^T C x_i + ||C||^2``
 
-        The terms are formed from the factors in float64: the sum they cancel to is then at least
-        as accurate as squaring the float32 differences of the formed ``G[i]``.
+        and the middle terms sum to ``2 N <C, M>`` with ``M = sum_i delta_i x_i^T``, the data
+        gradient that :meth:`mean` computed: no product over all samples, outputs and inputs.
+        The sums are taken in float64, but a float32 ``M`` carries its rounding errors into the
+        result, magnified by how far the terms cancel (about ``3e-8`` times the ratio of the
+        positive terms to the result, measured). Where they cancel to less than
+        ``1 / CANCELLATION_LIMIT`` of their size (per-sample gradients that nearly agree), the
+        middle terms are summed over the samples in float64 instead, which is as accurate as
+        squaring the differences of formed per-sample gradients.
 
         Args:
             g: The mean gradient, flattened ``[D]``.
@@ -122,14 +134,39 @@ class FactoredSamples:
         if decay_term is not None:
             constant = constant + decay_term.double()
         squares = torch.dot(delta.square().sum(1), inputs.square().sum(1))  # sum_i ||delta_i||^2 ||x_i||^2
-        crossed = (inputs @ constant.T).mul_(delta).sum()  # sum_i delta_i^T C x_i
-        return self.n**2 * squares + 2 * self.n * crossed + self.n * constant.square().sum()
+        positive = self.n**2 * squares + self.n * constant.square().sum()
+        data_gradient = self._data_gradient()
+        crossed = torch.dot(constant.reshape(-1), data_gradient.reshape(-1).double())  # sum_i delta_i^T C x_i
+        total = positive + 2 * self.n * crossed
+        if data_gradient.dtype != torch.float64 and float(total) * CANCELLATION_LIMIT < float(positive):
+            total = positive + 2 * self.n * (inputs @ constant.T).mul_(delta).sum()
+        return total
+
+    def _data_gradient(self) -> Tensor:
+        """Return :meth:`data_mean`, computed once per source."""
+        if self._data_mean is None:
+            self._data_mean = self.data_mean()
+        return self._data_mean
 
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
-        mean = self.data_mean().reshape(self.weight_shape[0], -1)
+        mean = self._data_gradient().reshape(self.weight_shape[0], -1)
         decay_term = self._decay_term()
         return (mean if decay_term is None else mean + decay_term).reshape(-1)
+
+    def histogram(self, spec: r.HistogramSpec) -> Tensor | None:
+        """Return the counts ``[spec.bins + 1]`` of all elements of ``G`` (the last slot: NaN),
+        forming only the rows of products that may span several bins (:mod:`outer_histogram`);
+        ``None`` where the factors do not allow it (several positions per sample, a regulariser's
+        gradient) or where forming every element is cheaper.
+
+        Args:
+            spec: The histogram axis.
+        """
+        if self.delta.shape[2] != 1 or self._decay_term() is not None:
+            return None
+        scaled = self.delta[:, :, 0] * self.n  # [N, C_out]: the same factor as in blocks()
+        return outer_histogram(scaled, self._inputs(0, self.n)[:, 0, :], spec)
 
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -72,19 +73,34 @@ def row_chunks(samples: Tensor) -> list[Tensor]:
 
 @dataclass
 class HistogramSpec:
-    """Bins and clamping range of a histogram axis."""
+    """Bins and clamping range of a histogram axis (replace a spec rather than change its fields)."""
 
     bins: int
     low: float
     high: float
 
+    @cached_property
+    def zero_offset(self) -> int | None:
+        """Return ``z`` where 0 is an edge of the grid of bins (bin ``z`` starts at 0, ``z`` may lie
+        outside ``0..bins``), else ``None``; exact in the floats' rational values, so every
+        symmetric range with an even number of bins has ``z = bins / 2``."""
+        if not (self.bins > 0 and math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            return None
+        offset = -Fraction(self.low) * self.bins / (Fraction(self.high) - Fraction(self.low))
+        return int(offset) if offset.denominator == 1 else None
+
     def bin_of(self, values: Tensor) -> Tensor:
         """Return the bin of each value (int32, same shape; never modifies ``values``).
 
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
-        which callers drop, so a non-finite gradient never breaks a histogram.
+        which callers drop, so a non-finite gradient never breaks a histogram. Where 0 is an
+        edge (:attr:`zero_offset`), the bin is ``z + floor(value * scale)``: exact in sign, so a
+        negative value however small lies below the edge at 0 and a positive one above it
+        (factored sources count whole rows of products by their signs and rely on this).
         """
-        scaled = (values - self.low).mul_(self.bins / (self.high - self.low))
+        scale = self.bins / (self.high - self.low)
+        zero = self.zero_offset
+        scaled = (values - self.low).mul_(scale) if zero is None else (values * scale).floor_().add_(zero)
         return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
 
     def count(self, samples: Tensor) -> Tensor:

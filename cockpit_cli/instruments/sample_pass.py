@@ -38,6 +38,9 @@ class SampleSource(Protocol):
     def centered_sum(self, g: Tensor) -> Tensor | None:
         """Return ``sum_i ||G[i] - g||^2`` (scalar) where that needs no blocks, else ``None``."""
 
+    def histogram(self, spec: r.HistogramSpec) -> Tensor | None:
+        """Return the counts ``[spec.bins + 1]`` of all elements (last: NaN) where that needs no blocks, else ``None``."""
+
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
@@ -61,6 +64,9 @@ class DenseSamples:
     def centered_sum(self, g: Tensor) -> None:
         return None
 
+    def histogram(self, spec: r.HistogramSpec) -> None:
+        return None
+
 
 def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
     """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
@@ -78,9 +84,11 @@ def sample_statistics(
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
     Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
-    and squared norms and the centered sum from :meth:`SampleSource.square_norms` and
-    :meth:`SampleSource.centered_sum` where it has them: for factored layers these need no
-    blocks, and no block is formed when nothing else is wanted.
+    and squared norms, the centered sum and the 1-D histogram (without the 2-D one) from
+    :meth:`SampleSource.square_norms`, :meth:`SampleSource.centered_sum` and
+    :meth:`SampleSource.histogram` where it has them: for factored layers these need no blocks
+    (or, for the histogram, only the few rows of products that span several bins), and no block
+    is formed when nothing else is wanted.
 
     When both histograms are wanted and the 1-D axis and the 2-D gradient axis have a common
     refinement (:func:`reductions.common_refinement`, as the default ranges do), each block gets
@@ -101,16 +109,20 @@ def sample_statistics(
         The statistics; those not wanted stay ``None``.
     """
     sums: dict[str, Tensor] = {}
-    products = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
+    without_blocks = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
     if r.SQ_NORMS in wanted and r.M2 not in wanted:
         square_norms = source.square_norms()
         if square_norms is not None:
-            products[r.SQ_NORMS] = square_norms
+            without_blocks[r.SQ_NORMS] = square_norms
     if r.CENTERED_SUM in wanted:
         centered_sum = source.centered_sum(g)
         if centered_sum is not None:
-            products[r.CENTERED_SUM] = centered_sum
-    wanted = wanted - set(products)
+            without_blocks[r.CENTERED_SUM] = centered_sum
+    if r.HIST1D_COUNTS in wanted and r.HIST2D_COUNTS not in wanted:  # with both, the joint pass bins each element once
+        counts = source.histogram(options.hist1d)
+        if counts is not None:
+            without_blocks[r.HIST1D_COUNTS] = counts
+    wanted = wanted - set(without_blocks)
     rows: dict[str, list[Tensor]] = {name: [] for name in wanted & {r.SQ_NORMS}}
     grad_axis, param_axis = options.hist2d
     cells = grad_axis.bins * param_axis.bins
@@ -149,7 +161,7 @@ def sample_statistics(
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
             sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
-    stats = r.SampleStatistics(**sums, **products, **{name: _concatenated(parts) for name, parts in rows.items()})
+    stats = r.SampleStatistics(**sums, **without_blocks, **{name: _concatenated(parts) for name, parts in rows.items()})
     if stats.hist1d_counts is not None:
         stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
     if stats.hist2d_counts is not None:

@@ -1,0 +1,144 @@
+"""Histogram of the elements of outer products, counting most rows without forming them.
+
+The per-sample weight gradient of a Linear layer (one position per sample, no regulariser) is
+an outer product: row ``a`` of sample ``i`` holds the products ``c_ia * x_ib`` of one number
+``c_ia = N delta_ia`` with the layer's input ``x_i`` (``[K]``). Per-sample gradients are mostly
+much smaller than a histogram's bins, so most rows fall into the bin or two around 0, and such
+a row's counts follow from ``c_ia``, the largest ``|x_ib|`` and the signs of ``x_i``, without
+its ``K`` products. Only the other rows are formed and binned.
+
+Exactness: rounding is monotone, so every computed product of a row has magnitude at most
+``reach = |c| * max|x|`` computed in the same dtype, and :meth:`HistogramSpec.bin_of` is
+monotone, so a product ``p`` with ``tiny <= p <= reach`` has ``bin_of(tiny) <= bin_of(p) <=
+bin_of(reach)``. A :class:`SignRule` holds the largest ``reach`` for which both ends (and the
+negative ones) give the same bin; the counts are then those :meth:`HistogramSpec.bin_of` gives
+the formed products, to the element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from cockpit_cli.instruments.reductions import CHUNK_ELEMENTS, HistogramSpec
+
+# Form the remaining rows only while they are at most this share of all rows: forming a row
+# from gathered factors costs a little more than a row of the dense block.
+MAX_FORMED_SHARE = 0.75
+_SEARCH_POINTS = 1024  # candidate thresholds per round of the search
+
+
+@dataclass(frozen=True)
+class SignRule:
+    """Which bins the products of a row with ``reach <= limit`` fall into.
+
+    Attributes:
+        limit: The largest reach counted by signs.
+        positive: The bin of every product in ``[0, limit]`` (exact zeros included).
+        negative: The bin of every product in ``[-limit, -tiny]``.
+        tiny: The smallest positive normal number of the dtype: no nonzero product may be smaller.
+    """
+
+    limit: float
+    positive: int
+    negative: int
+    tiny: float
+
+
+@lru_cache(maxsize=64)
+def sign_rule(bins: int, low: float, high: float, dtype: torch.dtype) -> SignRule | None:
+    """Return the :class:`SignRule` of a histogram axis for values of ``dtype``, or ``None`` when
+    none holds (the bins beside 0 narrower than the dtype's smallest normal number).
+
+    The limit is found by a search over the dtype's positive floats, in the order of their bit
+    patterns (which is their order), evaluating ``bin_of`` on ``_SEARCH_POINTS`` candidates per
+    round: the condition ``bin_of(t) == positive and bin_of(-t) == negative`` holds for every
+    ``t`` from ``tiny`` to the limit and for none above it, since ``bin_of`` is monotone.
+    """
+    spec = HistogramSpec(bins, low, high)
+    info = torch.finfo(dtype)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    ends = torch.tensor([info.tiny, float("inf")], dtype=dtype)
+    positive, negative = (int(b) for b in spec.bin_of(torch.cat([ends[:1], -ends[:1]])))
+    zero_bins = spec.bin_of(torch.tensor([0.0, -0.0], dtype=dtype)).tolist()
+    if zero_bins != [positive, positive]:
+        return None
+
+    def holds(candidates: Tensor) -> Tensor:
+        return (spec.bin_of(candidates) == positive) & (spec.bin_of(-candidates) == negative)
+
+    low_bits, high_bits = (int(b) for b in ends.view(bits).to(torch.int64))
+    if bool(holds(ends[1:])):  # one bin each side (or one bin): still, an infinite reach may hide inf * 0 = NaN
+        return SignRule(info.max, positive, negative, info.tiny)
+    while high_bits - low_bits > 1:  # holds at low_bits, fails at high_bits
+        count = min(_SEARCH_POINTS, high_bits - low_bits + 1)
+        points = [low_bits + (high_bits - low_bits) * k // (count - 1) for k in range(count)]  # exact integers, both ends included
+        passing = holds(torch.tensor(points, dtype=torch.int64).to(bits).view(dtype)).nonzero()
+        last = int(passing[-1]) if passing.numel() else 0
+        low_bits, high_bits = points[last], points[last + 1]
+    limit = float(torch.tensor([low_bits], dtype=torch.int64).to(bits).view(dtype))
+    return SignRule(limit, positive, negative, info.tiny)
+
+
+def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tensor | None:
+    """Return the counts ``[spec.bins + 1]`` (int64; the last slot: NaN) of the products
+    ``scaled[i, a] * inputs[i, b]`` over all ``i, a, b``, as ``spec.bin_of`` bins them; ``None``
+    where forming and binning every product is the cheaper way.
+
+    Args:
+        scaled: ``c``, ``[N, C_out]``.
+        inputs: ``x``, ``[N, K]``.
+        spec: The histogram axis.
+    """
+    rule = sign_rule(spec.bins, spec.low, spec.high, scaled.dtype) if scaled.dtype == inputs.dtype else None
+    if rule is None:
+        return None
+    width = inputs.shape[1]
+    scale, size = scaled.abs(), inputs.abs()
+    reach = scale * size.amax(1, keepdim=True)  # [N, C_out]; NaN or inf anywhere: above the limit
+    counted = reach <= rule.limit
+    remaining = ~counted
+    remaining_rows = remaining.sum(1)  # [N]
+    formed = int(remaining_rows.sum())
+    if formed > MAX_FORMED_SHARE * remaining.numel():
+        return None
+    # No nonzero product may lie below tiny, where bin_of need not give the rule's bins.
+    smallest = torch.where(scale > 0, scale, torch.inf).amin() * torch.where(size > 0, size, torch.inf).amin()
+    if float(smallest) < rule.tiny:
+        return None
+    counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=scaled.device)
+    in_rule = counted.sum() * width
+    if rule.negative != rule.positive:  # negative products: x of the sign opposite to c's
+        up = ((scaled > 0) & counted).sum(1)  # [N] rows with c > 0
+        down = ((scaled < 0) & counted).sum(1)
+        negatives = (up * (inputs < 0).sum(1) + down * (inputs > 0).sum(1)).sum()
+        counts[rule.negative] += negatives
+        in_rule = in_rule - negatives
+    counts[rule.positive] += in_rule
+    if formed:
+        for start, stop in _sample_groups(remaining_rows.tolist(), max(1, CHUNK_ELEMENTS // max(width, 1))):
+            factors = scaled[start:stop][remaining[start:stop]]  # [m]: the remaining rows' c, in row order
+            rows = inputs[start:stop].repeat_interleave(remaining_rows[start:stop], dim=0)  # [m, K]
+            products = factors.unsqueeze(1) * rows
+            counts += torch.bincount(spec.bin_of(products).reshape(-1), minlength=spec.bins + 1)
+    return counts
+
+
+def _sample_groups(rows: list[int], most: int) -> list[tuple[int, int]]:
+    """Split samples into consecutive groups ``[start, stop)`` of at most ``most`` rows (a sample
+    with more rows forms a group of its own); samples without rows are skipped at group starts."""
+    groups, start, total = [], 0, 0
+    for index, count in enumerate(rows):
+        if total and total + count > most:
+            groups.append((start, index))
+            start, total = index, 0
+        if not total and not count:
+            start = index + 1
+            continue
+        total += count
+    if total:
+        groups.append((start, len(rows)))
+    return groups

@@ -1,0 +1,191 @@
+"""The 1-D histogram of a Linear layer's per-sample gradients, counted mostly from their factors.
+
+:func:`outer_histogram.outer_histogram` counts the rows of the outer products ``c_ia * x_ib``
+that lie in the bin or two around 0 from ``c``, the largest ``|x|`` and the signs of ``x``, and
+forms and bins only the other rows. These tests check that its counts equal those of binning
+every formed product with ``HistogramSpec.bin_of`` (to the element, NaN slot included) on data
+with zero rows, signed zeros, subnormal, infinite and NaN values, in float32 and float64; that
+it really skips most rows; that it declines where it cannot be exact or would be slower; and
+that the engine's histograms with it still equal numpy's counts of autograd's per-sample
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import reference as ref
+from test_instruments_exact import make_batches, one_thread, quantities, train  # noqa: F401 (one_thread: fixture)
+from cockpit_cli.instruments import outer_histogram as oh
+from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear
+from cockpit_cli.instruments.reductions import HistogramSpec
+
+SPECS = [
+    HistogramSpec(100, -2.0, 2.0),  # the default: 0 is the edge between bins 49 and 50
+    HistogramSpec(11, -1.0, 1.0),  # 0 inside bin 5
+    HistogramSpec(6, -3e-3, 3e-3),  # narrow bins: most rows formed
+    HistogramSpec(8, -0.01, 0.03),  # 0 on an edge only up to rounding (not a grid the sign rule knows)
+    HistogramSpec(4, 0.001, 0.002),  # 0 below the range: small values clamp into bin 0
+    HistogramSpec(1, -1.0, 1.0),  # one bin
+    HistogramSpec(10, -1e5, 1e5),  # wide bins: every finite row counted
+]
+
+
+def formed_counts(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tensor:
+    """Bin every product ``scaled[i, a] * inputs[i, b]`` (computed as the layer's blocks compute them)."""
+    products = scaled.unsqueeze(2) * inputs.unsqueeze(1)  # [N, C_out, K]
+    return torch.bincount(spec.bin_of(products).reshape(-1), minlength=spec.bins + 1)
+
+
+def factors(seed: int, dtype: torch.dtype, n: int = 37, outputs: int = 11, width: int = 23) -> tuple[Tensor, Tensor]:
+    """Factors with ReLU-like zeros, zero rows and magnitudes over several decades (mostly small)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, width, generator=generator, dtype=dtype) * torch.rand(n, 1, generator=generator, dtype=dtype) * 3
+    inputs[inputs.abs() < 0.3] = 0.0
+    scaled = torch.randn(n, outputs, generator=generator, dtype=dtype) * 10 ** (-4 * torch.rand(n, outputs, generator=generator, dtype=dtype)) * 0.05
+    scaled[torch.rand(n, outputs, generator=generator) < 0.3] = 0.0
+    return scaled, inputs
+
+
+def oddities(scaled: Tensor, inputs: Tensor, kind: str) -> None:
+    """Plant one kind of unusual value (in place)."""
+    tiny = torch.finfo(inputs.dtype).smallest_normal
+    if kind == "nan input":
+        inputs[3, 4] = math.nan
+    elif kind == "nan and inf":
+        inputs[5, 1] = math.inf
+        scaled[7, 2] = math.nan
+        scaled[8, 3] = math.inf
+    elif kind == "signed zeros":
+        scaled[2, :] = -0.0
+        inputs[2, 2] = -0.0
+        inputs[9, :5] = -0.0
+    elif kind == "subnormal input":
+        inputs[6, :] = tiny / 8
+        inputs[6, 0] = -tiny / 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["plain", "nan input", "nan and inf", "signed zeros", "subnormal input"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_counts_equal_those_of_every_formed_product(dtype: torch.dtype, kind: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oh, "MAX_FORMED_SHARE", 1.0)  # never decline for speed: compare every spec
+    scaled, inputs = factors(seed, dtype)
+    oddities(scaled, inputs, kind)
+    for spec in SPECS:
+        counts = oh.outer_histogram(scaled, inputs, spec)
+        expected = formed_counts(scaled, inputs, spec)
+        if counts is None:  # declined: only where a subnormal product could have the wrong sign
+            assert kind == "subnormal input"
+            continue
+        assert counts.tolist() == expected.tolist(), spec
+
+
+def test_small_rows_are_counted_without_being_formed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default bins, rows of products below 0.04 are counted from signs: only the few
+    larger rows reach ``bin_of`` (besides the reaches themselves)."""
+    scaled, inputs = factors(2, torch.float32, n=64, outputs=50, width=200)
+    scaled[:5] *= 1000  # five samples with large rows
+    spec = HistogramSpec(100, -2.0, 2.0)
+    binned: list[int] = []
+    bin_of = HistogramSpec.bin_of
+
+    def counting(self: HistogramSpec, values: Tensor) -> Tensor:
+        binned.append(values.numel())
+        return bin_of(self, values)
+
+    monkeypatch.setattr(HistogramSpec, "bin_of", counting)
+    counts = oh.outer_histogram(scaled, inputs, spec)
+    monkeypatch.setattr(HistogramSpec, "bin_of", bin_of)
+    assert counts.tolist() == formed_counts(scaled, inputs, spec).tolist()
+    products = scaled.numel() * inputs.shape[1]
+    assert sum(binned) < 0.15 * products
+    assert int(counts[49]) > 0 and int(counts[50]) > 0 and int(counts[:49].sum() + counts[51:].sum()) > 0  # both signs and formed rows
+
+
+def test_declines_where_forming_is_cheaper_or_products_could_be_subnormal() -> None:
+    scaled, inputs = factors(3, torch.float32)
+    assert oh.outer_histogram(torch.randn(scaled.shape), inputs, HistogramSpec(100, -2.0, 2.0)) is None  # most rows span many bins
+    inputs[0, 0] = torch.finfo(torch.float32).smallest_normal / 4
+    assert oh.outer_histogram(scaled, inputs, HistogramSpec(100, -2.0, 2.0)) is None
+    assert oh.outer_histogram(scaled, inputs.double(), HistogramSpec(100, -2.0, 2.0)) is None  # mixed dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_sign_rule_limit_is_the_last_reach_that_keeps_its_bins(dtype: torch.dtype, spec: HistogramSpec) -> None:
+    rule = oh.sign_rule(spec.bins, spec.low, spec.high, dtype)
+    assert rule is not None
+    limit = torch.tensor([rule.limit], dtype=dtype)
+    beyond = torch.nextafter(limit, torch.tensor([math.inf], dtype=dtype))
+    tiny = torch.tensor([rule.tiny], dtype=dtype)
+    for value, expected in ((tiny, rule.positive), (limit, rule.positive), (-tiny, rule.negative), (-limit, rule.negative)):
+        assert int(spec.bin_of(value)) == expected
+    assert spec.bin_of(torch.tensor([0.0, -0.0], dtype=dtype)).tolist() == [rule.positive] * 2
+    if rule.limit < torch.finfo(dtype).max:
+        assert int(spec.bin_of(beyond)) != rule.positive or int(spec.bin_of(-beyond)) != rule.negative
+    zero = spec.zero_offset
+    if zero is not None and 0 < zero < spec.bins:  # 0 is an edge: the sign decides
+        assert (rule.negative, rule.positive) == (zero - 1, zero)
+    else:
+        assert rule.negative == rule.positive
+
+
+def test_bins_are_exact_in_sign_at_a_zero_edge() -> None:
+    """Where 0 is an edge, a negative value however small is below it (the rule's premise)."""
+    assert HistogramSpec(100, -2.0, 2.0).zero_offset == 50
+    assert HistogramSpec(8, -1.0, 3.0).zero_offset == 2
+    assert HistogramSpec(100, -0.37, 0.37).zero_offset == 50  # any symmetric range with an even number of bins
+    assert HistogramSpec(11, -1.0, 1.0).zero_offset is None
+    for dtype in (torch.float32, torch.float64):
+        tiny = torch.finfo(dtype).tiny
+        values = torch.tensor([-1e-30, -tiny, -0.0, 0.0, tiny, 1e-30], dtype=dtype)
+        assert HistogramSpec(4, -2.0, 2.0).bin_of(values).tolist() == [1, 1, 2, 2, 2, 2]
+
+
+def test_factored_linear_counts_its_rows_and_convolutions_and_regularized_layers_do_not() -> None:
+    scaled, inputs = factors(4, torch.float32)
+    n = scaled.shape[0]
+    source = FactoredLinear(inputs, scaled / n, torch.Size([scaled.shape[1], inputs.shape[1]]))
+    spec = HistogramSpec(100, -2.0, 2.0)
+    formed = torch.cat(list(source.blocks()))
+    assert source.histogram(spec).tolist() == torch.bincount(spec.bin_of(formed).reshape(-1), minlength=101).tolist()
+    assert source.regularized(torch.randn(scaled.shape[1], inputs.shape[1]), 0.1).histogram(spec) is None
+    conv = nn.Conv2d(2, 3, 3)
+    images = torch.randn(4, 2, 5, 5)
+    assert FactoredConv(conv, torch.randn(4, 3, 3, 3), images).histogram(spec) is None
+
+
+@pytest.mark.parametrize("bins", [10, 11])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_engine_histograms_with_wide_bins_equal_numpy_counts(bins: int, loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide bins put every row of the MLP's Linear layers beside 0 (even bins: split by sign, odd:
+    one bin); the counts, whole and per parameter, are numpy's of autograd's per-sample gradients."""
+    calls: list[tuple[Tensor | None, bool]] = []
+    histogram = oh.outer_histogram
+
+    def spied(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tensor | None:
+        rule = oh.sign_rule(spec.bins, spec.low, spec.high, scaled.dtype)
+        every_row_counted = bool((scaled.abs() * inputs.abs().amax(1, keepdim=True) <= rule.limit).all())
+        calls.append((histogram(scaled, inputs, spec), every_row_counted))
+        return calls[-1][0]
+
+    monkeypatch.setattr("cockpit_cli.instruments.factored_gradients.outer_histogram", spied)
+    hist_range = (-1000.0, 1000.0)
+    model = ref.mlp(0)
+    batches = make_batches("mlp", loss, 0, 2)
+    run = train(model, batches, quantities(("GradHist1d",), GradHist1d={"bins": bins, "range": hist_range}))
+    assert len(calls) == 6  # three Linear weights, two steps
+    assert all(counts is not None and every_row_counted for counts, every_row_counted in calls)
+    for step in range(2):
+        theta_model = run.reference_model(step)
+        batch = batches[step]
+        grads = ref.per_sample_gradients(theta_model, batch.per_sample_loss_fn, batch.inputs, batch.targets)
+        record = run.records[step]["GradHist1d"]
+        assert record["counts"] == ref.grad_hist1d(grads, bins, hist_range).tolist()
+        assert record["per_parameter"] == [ref.grad_hist1d(g.reshape(g.shape[0], -1), bins, hist_range).tolist() for g in grads]
