@@ -173,3 +173,24 @@ def test_centered_sum_sums_over_samples_where_its_terms_cancel(monkeypatch: pyte
     assert float(abs(source.centered_sum(source.mean()) - expected) / expected) < 1e-9
     monkeypatch.setattr(factored_gradients, "CANCELLATION_LIMIT", float("inf"))
     assert float(abs(source.centered_sum(source.mean()) - expected) / expected) > 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_second_moment_from_the_factors_equals_that_of_formed_gradients(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(8)
+    inputs, delta = torch.randn(N, 6, generator=gen, dtype=dtype), torch.randn(N, 5, generator=gen, dtype=dtype)
+    source = FactoredLinear(inputs, delta, torch.Size([5, 6]))
+    formed = torch.cat(list(source.blocks()))
+    assert torch.allclose(source.second_moment(), formed.square().sum(0), rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    assert source.regularized(torch.randn(5, 6, generator=gen, dtype=dtype), DECAY).second_moment() is None
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_linear_layers_form_no_blocks_for_the_second_moment(kind: str, block_sizes: dict[str, set[int]]) -> None:
+    """MeanGSNR needs sum_i G[i]^2 per coordinate: Linear weights give it from their factors
+    (without an L2 term), convolutions from blocks; the values match the references."""
+    model = BUILDERS[kind](2)
+    run = train(model, make_batches(kind, "ce", 2, 2), quantities(("MeanGSNR", "NormTest")))
+    for step in range(2):
+        check_first_order(run, step, names=("MeanGSNR", "NormTest"))
+    assert set(block_sizes) == (set() if kind == "mlp" else {"FactoredConv"})

@@ -1,9 +1,11 @@
-"""The 1-D histogram of a Linear layer's per-sample gradients, counted mostly from their factors.
+"""The histograms of a Linear layer's per-sample gradients, counted mostly from their factors.
 
 :func:`outer_histogram.outer_histogram` counts the rows of the outer products ``c_ia * x_ib``
 that lie in the bin or two around 0 from ``c``, the largest ``|x|`` and the signs of ``x``, and
 forms and bins only the other rows. These tests check that its counts equal those of binning
-every formed product with ``HistogramSpec.bin_of`` (to the element, NaN slot included) on data
+every formed product with ``HistogramSpec.bin_of`` (to the element, NaN slot included), and
+:func:`outer_histogram.outer_joint_histogram`'s joint counts (gradient bin, parameter bin) those
+of the blocks' joint count, on data
 with zero rows, signed zeros, subnormal, infinite and NaN values, in float32 and float64; that
 it really skips most rows; that it declines where it cannot be exact or would be slower; and
 that the engine's histograms with it still equal numpy's counts of autograd's per-sample
@@ -24,6 +26,7 @@ from cockpit_cli.instruments import outer_histogram as oh
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear
 from cockpit_cli.instruments.reductions import HistogramSpec
+from cockpit_cli.instruments.sample_pass import _joint_counts
 
 SPECS = [
     HistogramSpec(100, -2.0, 2.0),  # the default: 0 is the edge between bins 49 and 50
@@ -189,3 +192,51 @@ def test_engine_histograms_with_wide_bins_equal_numpy_counts(bins: int, loss: st
         record = run.records[step]["GradHist1d"]
         assert record["counts"] == ref.grad_hist1d(grads, bins, hist_range).tolist()
         assert record["per_parameter"] == [ref.grad_hist1d(g.reshape(g.shape[0], -1), bins, hist_range).tolist() for g in grads]
+
+
+FINE_SPECS = [HistogramSpec(400, -2.0, 2.0), HistogramSpec(11, -1.0, 1.0), HistogramSpec(8, -0.875, 1.125), HistogramSpec(6, -3e-3, 3e-3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["plain", "nan input", "nan and inf", "signed zeros"])
+def test_joint_counts_equal_those_of_every_formed_product(dtype: torch.dtype, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oh, "MAX_FORMED_SHARE", 1.0)
+    scaled, inputs = factors(5, dtype)
+    oddities(scaled, inputs, kind)
+    width = 5
+    theta = torch.randn(scaled.shape[1] * inputs.shape[1], dtype=dtype)
+    theta[::17] = math.nan
+    columns = HistogramSpec(width, -1.0, 1.0).bin_of(theta)  # NaN -> width
+    formed = (scaled.unsqueeze(2) * inputs.unsqueeze(1)).reshape(scaled.shape[0], -1)
+    for fine in FINE_SPECS:
+        counts = oh.outer_joint_histogram(scaled, inputs, fine, columns, width)
+        assert counts is not None
+        assert counts.tolist() == _joint_counts(fine, formed, columns, width).tolist(), fine
+
+
+def test_engine_joint_histograms_from_factors_equal_numpy_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commensurate wide ranges (one fine grid) with most rows beside 0: both histograms, whole
+    and per parameter, equal numpy's counts of autograd's per-sample gradients, and every Linear
+    weight's joint counts came from its factors."""
+    calls: list[Tensor | None] = []
+    joint = oh.outer_joint_histogram
+
+    def spied(*args: object) -> Tensor | None:
+        calls.append(joint(*args))
+        return calls[-1]
+
+    monkeypatch.setattr("cockpit_cli.instruments.factored_gradients.outer_joint_histogram", spied)
+    model = ref.mlp(1)
+    batches = make_batches("mlp", "ce", 1, 2)
+    options = {"GradHist1d": {"bins": 10, "range": (-100.0, 100.0)}, "GradHist2d": {"bins": (20, 4), "range": ((-100.0, 100.0), (-0.5, 0.5))}}
+    run = train(model, batches, quantities(("GradHist1d", "GradHist2d"), **options))
+    assert len(calls) == 6 and all(counts is not None for counts in calls)
+    for step in range(2):
+        batch = batches[step]
+        theta_model = run.reference_model(step)
+        grads = ref.per_sample_gradients(theta_model, batch.per_sample_loss_fn, batch.inputs, batch.targets)
+        theta = [p.detach() for p in ref.trainable(theta_model)]
+        hist1d, hist2d = run.records[step]["GradHist1d"], run.records[step]["GradHist2d"]
+        assert hist1d["counts"] == ref.grad_hist1d(grads, 10, (-100.0, 100.0)).tolist()
+        assert hist2d["counts"] == ref.grad_hist2d(grads, theta, (20, 4), ((-100.0, 100.0), (-0.5, 0.5))).tolist()
+        assert hist2d["per_parameter"] == [h.tolist() for h in ref.grad_hist2d_per_param(grads, theta, (20, 4), ((-100.0, 100.0), (-0.5, 0.5)))]

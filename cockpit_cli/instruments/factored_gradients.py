@@ -33,7 +33,7 @@ from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradB
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.outer_histogram import outer_histogram
+from cockpit_cli.instruments.outer_histogram import outer_histogram, outer_joint_histogram
 
 
 # centered_sum sums its crossed terms over the samples where its terms cancel beyond this factor.
@@ -105,6 +105,18 @@ class FactoredSamples:
             return squares
         return squares + 2 * self.n * self.data_products(decay_term) + decay_term.square().sum()
 
+    def second_moment(self) -> Tensor | None:
+        """Return ``sum_i G[i]^2`` per coordinate, ``[D]``, where that needs no blocks, else ``None``.
+
+        With one position per sample and no regulariser, ``G[i]_ab = N delta_ia x_ib``, so the
+        sum is ``N^2 (delta^2)^T (x^2)``: one matrix product of non-negative numbers, as accurate
+        as squaring and summing formed gradients. (A regulariser adds terms that may cancel.)
+        """
+        if self.delta.shape[2] != 1 or self._decay_term() is not None:
+            return None
+        squares = self.delta[:, :, 0].square().T @ self._inputs(0, self.n)[:, 0, :].square()  # [C_out, K]
+        return squares.mul_(self.n**2).reshape(-1)
+
     def centered_sum(self, g: Tensor) -> Tensor | None:
         """Return ``sum_i ||G[i] - g||^2`` (float64 scalar) where that needs no blocks, else ``None``.
 
@@ -167,6 +179,21 @@ class FactoredSamples:
             return None
         scaled = self.delta[:, :, 0] * self.n  # [N, C_out]: the same factor as in blocks()
         return outer_histogram(scaled, self._inputs(0, self.n)[:, 0, :], spec)
+
+    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
+        """Return the joint counts of (fine gradient bin, parameter column) of all elements of ``G``
+        in the layout of :func:`sample_pass._joint_counts`, forming only the rows that may span
+        several bins (:func:`outer_histogram.outer_joint_histogram`); ``None`` where
+        :meth:`histogram` would be.
+
+        Args:
+            fine: The gradient axis.
+            columns: The parameter-axis bin of each element, ``[D]`` (int32; NaN -> ``width``).
+            width: Parameter-axis bins.
+        """
+        if self.delta.shape[2] != 1 or self._decay_term() is not None:
+            return None
+        return outer_joint_histogram(self.delta[:, :, 0] * self.n, self._inputs(0, self.n)[:, 0, :], fine, columns, width)
 
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""

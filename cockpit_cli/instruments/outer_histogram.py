@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -83,10 +84,28 @@ def sign_rule(bins: int, low: float, high: float, dtype: torch.dtype) -> SignRul
     return SignRule(limit, positive, negative, info.tiny)
 
 
-def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tensor | None:
-    """Return the counts ``[spec.bins + 1]`` (int64; the last slot: NaN) of the products
-    ``scaled[i, a] * inputs[i, b]`` over all ``i, a, b``, as ``spec.bin_of`` bins them; ``None``
-    where forming and binning every product is the cheaper way.
+@dataclass
+class RowSplit:
+    """Which rows of the outer products a :class:`SignRule` counts and which must be formed.
+
+    Attributes:
+        rule: The rule.
+        counted: ``[N, C_out]`` bool: rows counted from signs.
+        remaining: ``[N, C_out]`` bool: rows to form.
+        remaining_rows: ``[N]``: rows to form per sample.
+    """
+
+    rule: SignRule
+    counted: Tensor
+    remaining: Tensor
+    remaining_rows: Tensor
+
+
+def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit | None:
+    """Return which rows of ``scaled[i, a] * inputs[i, b]`` ``spec``'s sign rule counts, or ``None``
+    where no rule holds, where a nonzero product could lie below the dtype's smallest normal
+    number (and need not get the rule's bin), or where more than :data:`MAX_FORMED_SHARE` of the
+    rows would still be formed.
 
     Args:
         scaled: ``c``, ``[N, C_out]``.
@@ -96,34 +115,98 @@ def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tens
     rule = sign_rule(spec.bins, spec.low, spec.high, scaled.dtype) if scaled.dtype == inputs.dtype else None
     if rule is None:
         return None
-    width = inputs.shape[1]
     scale, size = scaled.abs(), inputs.abs()
     reach = scale * size.amax(1, keepdim=True)  # [N, C_out]; NaN or inf anywhere: above the limit
     counted = reach <= rule.limit
     remaining = ~counted
     remaining_rows = remaining.sum(1)  # [N]
-    formed = int(remaining_rows.sum())
-    if formed > MAX_FORMED_SHARE * remaining.numel():
+    if int(remaining_rows.sum()) > MAX_FORMED_SHARE * remaining.numel():
         return None
-    # No nonzero product may lie below tiny, where bin_of need not give the rule's bins.
     smallest = torch.where(scale > 0, scale, torch.inf).amin() * torch.where(size > 0, size, torch.inf).amin()
     if float(smallest) < rule.tiny:
         return None
+    return RowSplit(rule, counted, remaining, remaining_rows)
+
+
+def formed_rows(scaled: Tensor, inputs: Tensor, split: RowSplit) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield the remaining rows' products ``[m, K]`` (computed as the layer's blocks compute them)
+    with their output index ``a`` (``[m]``), a few samples at a time (about ``CHUNK_ELEMENTS``)."""
+    width = inputs.shape[1]
+    for start, stop in _sample_groups(split.remaining_rows.tolist(), max(1, CHUNK_ELEMENTS // max(width, 1))):
+        remaining = split.remaining[start:stop]
+        factors = scaled[start:stop][remaining]  # [m]: the remaining rows' c, in row order
+        rows = inputs[start:stop].repeat_interleave(split.remaining_rows[start:stop], dim=0)  # [m, K]
+        yield factors.unsqueeze(1) * rows, remaining.nonzero()[:, 1]
+
+
+def _negative_rows(scaled: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the counted rows with ``c > 0`` and with ``c < 0`` as ``[N, C_out]`` float32 0/1:
+    their products are negative where ``x < 0`` and where ``x > 0``, respectively."""
+    return ((scaled > 0) & counted).float(), ((scaled < 0) & counted).float()
+
+
+def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tensor | None:
+    """Return the counts ``[spec.bins + 1]`` (int64; the last slot: NaN) of the products
+    ``scaled[i, a] * inputs[i, b]`` over all ``i, a, b``, as ``spec.bin_of`` bins them; ``None``
+    where :func:`split_rows` declines.
+
+    Args:
+        scaled: ``c``, ``[N, C_out]``.
+        inputs: ``x``, ``[N, K]``.
+        spec: The histogram axis.
+    """
+    split = split_rows(scaled, inputs, spec)
+    if split is None:
+        return None
+    rule = split.rule
     counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=scaled.device)
-    in_rule = counted.sum() * width
+    in_rule = split.counted.sum() * inputs.shape[1]
     if rule.negative != rule.positive:  # negative products: x of the sign opposite to c's
-        up = ((scaled > 0) & counted).sum(1)  # [N] rows with c > 0
-        down = ((scaled < 0) & counted).sum(1)
+        up, down = (rows.sum(1).long() for rows in _negative_rows(scaled, split.counted))  # [N] each
         negatives = (up * (inputs < 0).sum(1) + down * (inputs > 0).sum(1)).sum()
         counts[rule.negative] += negatives
         in_rule = in_rule - negatives
     counts[rule.positive] += in_rule
-    if formed:
-        for start, stop in _sample_groups(remaining_rows.tolist(), max(1, CHUNK_ELEMENTS // max(width, 1))):
-            factors = scaled[start:stop][remaining[start:stop]]  # [m]: the remaining rows' c, in row order
-            rows = inputs[start:stop].repeat_interleave(remaining_rows[start:stop], dim=0)  # [m, K]
-            products = factors.unsqueeze(1) * rows
-            counts += torch.bincount(spec.bin_of(products).reshape(-1), minlength=spec.bins + 1)
+    for products, _ in formed_rows(scaled, inputs, split):
+        counts += torch.bincount(spec.bin_of(products).reshape(-1), minlength=spec.bins + 1)
+    return counts
+
+
+def outer_joint_histogram(scaled: Tensor, inputs: Tensor, fine: HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
+    """Return the joint counts of (fine gradient bin, parameter column) over all products
+    ``scaled[i, a] * inputs[i, b]``, the element ``(a, b)`` in column ``columns[a * K + b]``; the
+    layout of :func:`sample_pass._joint_counts` (cell ``bin * (width + 1) + column``, NaN
+    gradients in the rows past ``fine.bins``); ``None`` where :func:`split_rows` declines.
+
+    The counted rows' products with ``x_ib`` of the sign opposite to ``c_ia`` are negative, so per
+    element ``(a, b)`` the number of counted rows with a negative product is
+    ``sum_i [c_ia > 0] [x_ib < 0] + [c_ia < 0] [x_ib > 0]``: two matrix products of 0/1 matrices
+    (exact in float32 up to 2^24 samples), added to the element's cells with one weighted count.
+
+    Args:
+        scaled: ``c``, ``[N, C_out]``.
+        inputs: ``x``, ``[N, K]``.
+        fine: The gradient axis.
+        columns: The parameter-axis bin of each element, ``[C_out * K]`` (int32; NaN -> ``width``).
+        width: Parameter-axis bins.
+    """
+    split = split_rows(scaled, inputs, fine)
+    if split is None:
+        return None
+    rule, stride, size = split.rule, width + 1, (fine.bins + 1) * (width + 1)
+    cells = columns.reshape(scaled.shape[1], inputs.shape[1]).long()  # [C_out, K]
+    per_row = split.counted.sum(0).double().unsqueeze(1).expand(cells.shape)  # [C_out, K]: counted rows of output a
+    if rule.negative != rule.positive:
+        up, down = _negative_rows(scaled, split.counted)
+        negatives = (up.T @ (inputs < 0).float() + down.T @ (inputs > 0).float()).double()  # [C_out, K]
+        counts = torch.bincount((cells + rule.negative * stride).reshape(-1), weights=negatives.reshape(-1), minlength=size)
+        counts += torch.bincount((cells + rule.positive * stride).reshape(-1), weights=(per_row - negatives).reshape(-1), minlength=size)
+    else:
+        counts = torch.bincount((cells + rule.positive * stride).reshape(-1), weights=per_row.reshape(-1), minlength=size)
+    counts = counts.round_().long()
+    for products, outputs in formed_rows(scaled, inputs, split):
+        flat = fine.bin_of(products).mul_(stride).add_(cells.index_select(0, outputs))  # [m, K]
+        counts += torch.bincount(flat.reshape(-1), minlength=size)
     return counts
 
 

@@ -35,11 +35,17 @@ class SampleSource(Protocol):
     def square_norms(self) -> Tensor | None:
         """Return ``||G[i]||^2``, ``[N]``, where that needs no blocks, else ``None``."""
 
+    def second_moment(self) -> Tensor | None:
+        """Return ``sum_i G[i]^2``, ``[D_p]``, where that needs no blocks, else ``None``."""
+
     def centered_sum(self, g: Tensor) -> Tensor | None:
         """Return ``sum_i ||G[i] - g||^2`` (scalar) where that needs no blocks, else ``None``."""
 
     def histogram(self, spec: r.HistogramSpec) -> Tensor | None:
         """Return the counts ``[spec.bins + 1]`` of all elements (last: NaN) where that needs no blocks, else ``None``."""
+
+    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
+        """Return the counts of :func:`_joint_counts` over all elements where that needs no blocks, else ``None``."""
 
 
 class DenseSamples:
@@ -61,10 +67,16 @@ class DenseSamples:
     def square_norms(self) -> None:
         return None
 
+    def second_moment(self) -> None:
+        return None
+
     def centered_sum(self, g: Tensor) -> None:
         return None
 
     def histogram(self, spec: r.HistogramSpec) -> None:
+        return None
+
+    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> None:
         return None
 
 
@@ -84,9 +96,10 @@ def sample_statistics(
     """Phase 2: sum the ``wanted`` statistics over the samples in one pass over the blocks.
 
     Products with a vector (``dots``, ``projected``) come from :meth:`SampleSource.products`,
-    and squared norms, the centered sum and the 1-D histogram (without the 2-D one) from
-    :meth:`SampleSource.square_norms`, :meth:`SampleSource.centered_sum` and
-    :meth:`SampleSource.histogram` where it has them: for factored layers these need no blocks
+    and the second moment, squared norms, the centered sum and the 1-D histogram (without the
+    2-D one) from :meth:`SampleSource.second_moment`, :meth:`SampleSource.square_norms`,
+    :meth:`SampleSource.centered_sum` and :meth:`SampleSource.histogram` where it has them:
+    for factored layers these need no blocks
     (or, for the histogram, only the few rows of products that span several bins), and no block
     is formed when nothing else is wanted.
 
@@ -110,7 +123,11 @@ def sample_statistics(
     """
     sums: dict[str, Tensor] = {}
     without_blocks = {name: source.products(vector) for name, vector in ((r.DOTS, g), (r.PROJECTED, direction)) if name in wanted}
-    if r.SQ_NORMS in wanted and r.M2 not in wanted:
+    if r.M2 in wanted:
+        second_moment = source.second_moment()
+        if second_moment is not None:
+            without_blocks[r.M2] = second_moment
+    if r.SQ_NORMS in wanted and (r.M2 not in wanted or r.M2 in without_blocks):  # else from the blocks' squares
         square_norms = source.square_norms()
         if square_norms is not None:
             without_blocks[r.SQ_NORMS] = square_norms
@@ -130,7 +147,9 @@ def sample_statistics(
     # Both histograms from one bin index and one bincount per block where the axes allow it.
     refinement = r.common_refinement(options.hist1d, grad_axis) if r.HIST1D_COUNTS in wanted and r.HIST2D_COUNTS in wanted else None
     offsets = _cell_offsets(columns, cells, param_axis.bins) if columns is not None and refinement is None else None
-    joint: Tensor | None = None  # [(fine bins + 1) * (param_axis.bins + 1)] counts
+    joint = source.joint_histogram(refinement.fine, columns, param_axis.bins) if refinement is not None else None
+    if joint is not None:  # from the factors: the blocks need not bin
+        wanted = wanted - {r.HIST1D_COUNTS, r.HIST2D_COUNTS}
     for block in source.blocks() if wanted else ():  # [b, D_p]
         if r.M2 in wanted:
             squares = block.square()
@@ -148,7 +167,7 @@ def sample_statistics(
             if r.CENTERED in wanted:
                 _accumulate(sums, r.CENTERED, deviations.square_().sum(0))
             del deviations
-        if refinement is not None:
+        if refinement is not None and r.HIST2D_COUNTS in wanted:
             counts = _joint_counts(refinement.fine, block, columns, param_axis.bins)
             joint = counts if joint is None else joint.add_(counts)
         else:
