@@ -194,7 +194,7 @@ def outer_joint_histogram(scaled: Tensor, inputs: Tensor, fine: HistogramSpec, c
     if split is None:
         return None
     rule, stride, size = split.rule, width + 1, (fine.bins + 1) * (width + 1)
-    cells = columns.reshape(scaled.shape[1], inputs.shape[1]).long()  # [C_out, K]
+    cells = columns.reshape(scaled.shape[1], inputs.shape[1])  # [C_out, K] int32
     per_row = split.counted.sum(0).double().unsqueeze(1).expand(cells.shape)  # [C_out, K]: counted rows of output a
     if rule.negative != rule.positive:
         up, down = _negative_rows(scaled, split.counted)
