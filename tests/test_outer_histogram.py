@@ -36,6 +36,8 @@ SPECS = [
     HistogramSpec(4, 0.001, 0.002),  # 0 below the range: small values clamp into bin 0
     HistogramSpec(1, -1.0, 1.0),  # one bin
     HistogramSpec(10, -1e5, 1e5),  # wide bins: every finite row counted
+    HistogramSpec(100, -0.3701, 0.3701),  # an adaptive range: symmetric, widths not exact in binary
+    HistogramSpec(7, -0.5, 1.3),  # 0 inside a bin, off centre
 ]
 
 
@@ -132,6 +134,9 @@ def test_sign_rule_limit_is_the_last_reach_that_keeps_its_bins(dtype: torch.dtyp
     assert spec.bin_of(torch.tensor([0.0, -0.0], dtype=dtype)).tolist() == [rule.positive] * 2
     if rule.limit < torch.finfo(dtype).max:
         assert int(spec.bin_of(beyond)) != rule.positive or int(spec.bin_of(-beyond)) != rule.negative
+    guess = oh._limit_guess(spec)  # the search starts from it: within a few roundings of the limit
+    if rule.limit < torch.finfo(dtype).max and rule.limit > 1e-6:
+        assert abs(rule.limit - guess) <= 64 * torch.finfo(dtype).eps * guess
     zero = spec.zero_offset
     if zero is not None and 0 < zero < spec.bins:  # 0 is an edge: the sign decides
         assert (rule.negative, rule.positive) == (zero - 1, zero)

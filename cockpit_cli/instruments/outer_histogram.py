@@ -17,6 +17,7 @@ the formed products, to the element.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -71,9 +72,19 @@ def sign_rule(bins: int, low: float, high: float, dtype: torch.dtype) -> SignRul
     def holds(candidates: Tensor) -> Tensor:
         return (spec.bin_of(candidates) == positive) & (spec.bin_of(-candidates) == negative)
 
-    low_bits, high_bits = (int(b) for b in ends.view(bits).to(torch.int64))
+    def pattern(values: list[float]) -> list[int]:
+        return torch.tensor(values, dtype=dtype).view(bits).tolist()
+
+    low_bits, high_bits = pattern([info.tiny, math.inf])
     if bool(holds(ends[1:])):  # one bin each side (or one bin): still, an infinite reach may hide inf * 0 = NaN
         return SignRule(info.max, positive, negative, info.tiny)
+    guess = _limit_guess(spec)  # the distance from 0 to the nearest edge beside it, up to rounding
+    if math.isfinite(guess) and guess > info.tiny:
+        margin = 64 * info.eps  # the limit differs from the guess by a few roundings
+        near = torch.tensor([guess * (1 - margin), guess * (1 + margin)], dtype=dtype)
+        inside, outside = holds(near).tolist()
+        if inside and not outside:  # bracketed: search only between them
+            low_bits, high_bits = pattern(near.tolist())
     while high_bits - low_bits > 1:  # holds at low_bits, fails at high_bits
         count = min(_SEARCH_POINTS, high_bits - low_bits + 1)
         points = [low_bits + (high_bits - low_bits) * k // (count - 1) for k in range(count)]  # exact integers, both ends included
@@ -82,6 +93,17 @@ def sign_rule(bins: int, low: float, high: float, dtype: torch.dtype) -> SignRul
         low_bits, high_bits = points[last], points[last + 1]
     limit = float(torch.tensor([low_bits], dtype=torch.int64).to(bits).view(dtype))
     return SignRule(limit, positive, negative, info.tiny)
+
+
+def _limit_guess(spec: HistogramSpec) -> float:
+    """Return the distance from 0 to the nearest bin edge that separates values around 0 (the edge at
+    0 itself excepted, and the outer edges, beyond which values are clamped), ``inf`` if none."""
+    width = (spec.high - spec.low) / spec.bins
+    zero = spec.zero_offset
+    if zero is not None and 0 < zero < spec.bins:
+        return width
+    edges = [spec.low + k * width for k in range(1, spec.bins)]  # inner edges
+    return min((abs(edge) for edge in edges if edge != 0.0), default=math.inf)
 
 
 @dataclass
