@@ -141,18 +141,29 @@ class FactoredSamples:
             return None
         delta = self.delta[:, :, 0].double()  # [N, C_out]
         inputs = self._inputs(0, self.n)[:, 0, :].double()  # [N, K]
-        constant = -g.reshape(self.weight_shape[0], -1).double()  # [C_out, K]
-        decay_term = self._decay_term()
-        if decay_term is not None:
-            constant = constant + decay_term.double()
+        data_gradient = self._data_gradient().reshape(self.weight_shape[0], -1)  # M, [C_out, K]
         squares = torch.dot(delta.square().sum(1), inputs.square().sum(1))  # sum_i ||delta_i||^2 ||x_i||^2
-        positive = self.n**2 * squares + self.n * constant.square().sum()
-        data_gradient = self._data_gradient()
-        crossed = torch.dot(constant.reshape(-1), data_gradient.reshape(-1).double())  # sum_i delta_i^T C x_i
+        constant_square = crossed = torch.zeros((), dtype=torch.float64, device=delta.device)
+        for rows, constant in self._constant_rows(g):  # float64 rows of C, never all of it at once
+            constant_square = constant_square + constant.square().sum()
+            crossed = crossed + torch.dot(constant.reshape(-1), data_gradient[rows].reshape(-1).double())  # sum_i delta_i^T C x_i
+        positive = self.n**2 * squares + self.n * constant_square
         total = positive + 2 * self.n * crossed
         if data_gradient.dtype != torch.float64 and float(total) * CANCELLATION_LIMIT < float(positive):
-            total = positive + 2 * self.n * (inputs @ constant.T).mul_(delta).sum()
+            crossed = sum((inputs @ constant.T).mul_(delta[:, rows]).sum() for rows, constant in self._constant_rows(g))
+            total = positive + 2 * self.n * crossed
         return total
+
+    def _constant_rows(self, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``C = lambda theta - g`` (``[C_out, K]``) in float64 blocks of rows ``[r, K]``
+        of about ``CHUNK_ELEMENTS`` elements, with their row slices."""
+        g = g.reshape(self.weight_shape[0], -1)
+        decay_term = self._decay_term()
+        step = max(1, r.CHUNK_ELEMENTS // max(g.shape[1], 1))
+        for start in range(0, g.shape[0], step):
+            rows = slice(start, start + step)
+            constant = -g[rows].double()
+            yield rows, constant if decay_term is None else constant.add_(decay_term[rows])
 
     def _data_gradient(self) -> Tensor:
         """Return :meth:`data_mean`, computed once per source."""
