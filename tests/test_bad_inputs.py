@@ -53,6 +53,8 @@ CONFIG_CASES = [
     config_case({"instruments": {"quantities": {"GradHist1d": {"binz": 3}}}}, "instruments.quantities.GradHist1d.binz: GradHist1d has no setting 'binz'; did you mean 'bins'?"),
     config_case({"instruments": {"quantities": {"GradHist1d": {"bins": "many"}}}}, "instruments.quantities.GradHist1d.bins: expected an integer, got 'many'"),
     config_case({"instruments": {"quantities": {"HessMaxEV": {"rtol": -0.1}}}}, "instruments.quantities.HessMaxEV.rtol: expected a value >= 0, got -0.1"),
+    config_case({"instruments": {"quantities": {"GradHist1d": {"range": [2, -2]}}}}, "instruments.quantities.GradHist1d.range: expected a range [low, high] of finite numbers with low < high, got [2, -2]"),
+    config_case({"instruments": {"quantities": {"GradHist2d": {"range": [[-1, 1], [0.5, 0.5]]}}}}, "instruments.quantities.GradHist2d.range: expected a range [low, high] of finite numbers with low < high, got [0.5, 0.5]"),
     config_case({"instruments": {"preset": "luxury"}}, "instruments.preset: expected one of 'none', 'economy', 'business', 'full', got 'luxury'"),
     config_case({"instruments": {"curvature": "fisher"}}, "instruments.curvature: expected one of 'hessian', 'ggn', 'ggn_mc', got 'fisher'"),
     config_case({"training": {"device": "tpu"}}, "training.device: expected one of 'auto', 'cpu', 'cuda', got 'tpu'"),

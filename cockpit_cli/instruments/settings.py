@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cockpit_cli.config import RunConfig, check_value
@@ -41,6 +42,8 @@ def _check_entry(config: RunConfig, name: str, entry: Any) -> dict[str, Any] | N
                 raise config.fail(f"{path}.{key}", f"expected 'linear' or 'log', got {value!r}")
         elif key in defaults:
             settings[key] = _like(defaults[key], value, where, QUANTITIES[name].options_minimums.get(key))
+            if key == "range":
+                _check_ranges(settings[key], where)
         else:
             known = [*SCHEDULE_KEYS, *defaults]
             raise config.fail(f"{path}.{key}", f"{name} has no setting '{key}'{did_you_mean(key, known)}", f"its settings: {', '.join(known)}")
@@ -62,6 +65,17 @@ def _like(default: Any, value: Any, where: str, minimum: float | None = None) ->
             raise CockpitError(f"{where}: expected {len(default)} values, got {len(items)}")
         return tuple(_like(d, v, where) for d, v in zip(default, items))
     return value
+
+
+def _check_ranges(value: tuple, where: str) -> None:
+    """Check a histogram range ``(low, high)``, or a pair of them: finite, with ``low < high``."""
+    if all(isinstance(item, tuple) for item in value):
+        for item in value:
+            _check_ranges(item, where)
+        return
+    low, high = value
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise CockpitError(f"{where}: expected a range [low, high] of finite numbers with low < high, got [{low:g}, {high:g}]")
 
 
 def build_quantities(config: RunConfig, total_steps: int) -> list[Quantity]:
