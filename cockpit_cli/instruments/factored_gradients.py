@@ -112,10 +112,18 @@ class FactoredSamples:
         sum is ``N^2 (delta^2)^T (x^2)``: one matrix product of non-negative numbers, as accurate
         as squaring and summing formed gradients. (A regulariser adds terms that may cancel.)
         """
+        factors = self._rank_one_factors()
+        if factors is None:
+            return None
+        scaled, inputs = factors
+        return (scaled.square().T @ inputs.square()).reshape(-1)  # (N delta)^2 summed: [C_out * K]
+
+    def _rank_one_factors(self) -> tuple[Tensor, Tensor] | None:
+        """Return ``c = N delta`` (``[N, C_out]``) and ``x`` (``[N, K]``) where every ``G[i]`` is
+        their outer product ``c_i x_i^T`` (one position per sample, no regulariser), else ``None``."""
         if self.delta.shape[2] != 1 or self._decay_term() is not None:
             return None
-        squares = self.delta[:, :, 0].square().T @ self._inputs(0, self.n)[:, 0, :].square()  # [C_out, K]
-        return squares.mul_(self.n**2).reshape(-1)
+        return self.delta[:, :, 0] * self.n, self._inputs(0, self.n)[:, 0, :]  # c as blocks() scales it
 
     def centered_sum(self, g: Tensor) -> Tensor | None:
         """Return ``sum_i ||G[i] - g||^2`` (float64 scalar) where that needs no blocks, else ``None``.
@@ -186,10 +194,8 @@ class FactoredSamples:
         Args:
             spec: The histogram axis.
         """
-        if self.delta.shape[2] != 1 or self._decay_term() is not None:
-            return None
-        scaled = self.delta[:, :, 0] * self.n  # [N, C_out]: the same factor as in blocks()
-        return outer_histogram(scaled, self._inputs(0, self.n)[:, 0, :], spec)
+        factors = self._rank_one_factors()
+        return None if factors is None else outer_histogram(*factors, spec)
 
     def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
         """Return the joint counts of (fine gradient bin, parameter column) of all elements of ``G``
@@ -202,9 +208,8 @@ class FactoredSamples:
             columns: The parameter-axis bin of each element, ``[D]`` (int32; NaN -> ``width``).
             width: Parameter-axis bins.
         """
-        if self.delta.shape[2] != 1 or self._decay_term() is not None:
-            return None
-        return outer_joint_histogram(self.delta[:, :, 0] * self.n, self._inputs(0, self.n)[:, 0, :], fine, columns, width)
+        factors = self._rank_one_factors()
+        return None if factors is None else outer_joint_histogram(*factors, fine, columns, width)
 
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""

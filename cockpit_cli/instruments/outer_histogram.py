@@ -151,14 +151,15 @@ def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit 
 
 
 def formed_rows(scaled: Tensor, inputs: Tensor, split: RowSplit) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield the remaining rows' products ``[m, K]`` (computed as the layer's blocks compute them)
-    with their output index ``a`` (``[m]``), a few samples at a time (about ``CHUNK_ELEMENTS``)."""
+    """Yield the remaining rows' products ``[m, K]`` (computed as the layer's blocks compute them),
+    a few samples at a time (about ``CHUNK_ELEMENTS``), with those samples' rows of
+    ``split.remaining`` (``[b, C_out]``, its true entries in the products' order)."""
     width = inputs.shape[1]
     for start, stop in _sample_groups(split.remaining_rows.tolist(), max(1, CHUNK_ELEMENTS // max(width, 1))):
         remaining = split.remaining[start:stop]
         factors = scaled[start:stop][remaining]  # [m]: the remaining rows' c, in row order
         rows = inputs[start:stop].repeat_interleave(split.remaining_rows[start:stop], dim=0)  # [m, K]
-        yield factors.unsqueeze(1) * rows, remaining.nonzero()[:, 1]
+        yield factors.unsqueeze(1) * rows, remaining
 
 
 def _negative_rows(scaled: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,7 +227,8 @@ def outer_joint_histogram(scaled: Tensor, inputs: Tensor, fine: HistogramSpec, c
     else:
         counts = torch.bincount((cells + rule.positive * stride).reshape(-1), weights=per_row.reshape(-1), minlength=size)
     counts = counts.round_().long()
-    for products, outputs in formed_rows(scaled, inputs, split):
+    for products, remaining in formed_rows(scaled, inputs, split):
+        outputs = remaining.nonzero()[:, 1]  # [m]: each formed row's output a
         flat = fine.bin_of(products).mul_(stride).add_(cells.index_select(0, outputs))  # [m, K]
         counts += torch.bincount(flat.reshape(-1), minlength=size)
     return counts
