@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -127,6 +128,34 @@ class StopSignals:
     def settle(self) -> None:
         """Give a signal sent together with a peer's exit a moment to arrive."""
         time.sleep(SETTLE_SECONDS)
+
+
+class StopAfterStep:
+    """Ctrl-C while one process trains: the first SIGINT only asks the training loop to stop after
+    the current step, a second one stops at once.
+
+    An exception raised wherever the signal lands can be lost, for instance in a finalizer that
+    runs at that moment, and leave the run going; the loop instead raises ``KeyboardInterrupt``
+    itself, between steps, where the run is closed cleanly as interrupted. Outside the ``with``
+    block (and outside the main thread, where no handler can be set) SIGINT acts as before.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Callable | int | None = None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    def __enter__(self) -> "StopAfterStep":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 _worker_signals: StopSignals | None = None

@@ -180,3 +180,22 @@ def test_skipped_steps_leave_the_parameters_alone(data_dir: Path, tmp_path: Path
     trainer.train_step(inputs * float("nan"), targets)
     assert all(torch.equal(a, b) for a, b in zip(before, setup.problem.model.parameters()))
     assert trainer.step == 1 and trainer.nonfinite_steps == 1
+
+
+def test_ctrl_c_while_training_asks_for_a_stop_between_steps_and_twice_stops_at_once() -> None:
+    """The first SIGINT only sets the flag the loop reads after each step (an exception raised
+    wherever the signal lands can be lost); a second raises at once; the old handler returns."""
+    import os
+    import signal
+
+    from cockpit_cli.launch import StopAfterStep
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopAfterStep() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGINT) is before

@@ -11,6 +11,7 @@ keep everything recorded so far.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from cockpit_cli.errors import CockpitError, PeerStopped
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.instruments.tracker import Tracker
+from cockpit_cli.launch import StopAfterStep
 from cockpit_cli.training.build import RunSetup, describe_setup
 from cockpit_cli.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cockpit_cli.training.distributed import Processes
@@ -95,32 +97,10 @@ class Trainer:
         self._notify("on_start", self._meta())
         self.started = time.perf_counter()
         train_loader = make_loader(self.problem.splits.train, self.setup.batch_size, shuffle=True, seed=self.training.seed, drop_last=True)
+        stop = StopAfterStep() if self.processes is None else None  # data-parallel processes note their launcher's signals
         try:
-            skip = self._restore(resume, train_loader.generator) if resume else 0
-            if resume is None:
-                self.evaluate()
-            while self.step < self.setup.total_steps:
-                self.epoch_order = train_loader.generator.get_state()  # the sampler draws this epoch's order from it
-                self.batches_in_epoch = 0
-                for inputs, targets in train_loader:
-                    if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
-                        skip -= 1
-                        self.batches_in_epoch += 1
-                        continue
-                    if self.step >= self.setup.total_steps:
-                        break
-                    diverged = self.train_step(inputs, targets)
-                    self.batches_in_epoch += 1
-                    if diverged:
-                        return self._end(RunStatus.DIVERGED, diverged)
-                    if self._eval_due_after_step():
-                        self.evaluate()
-                    self._checkpoint_if_due()
-                else:
-                    self.end_epoch()
-            self.tracker.flush()  # the last step's record first, then the final evaluation
-            if self.last_eval_step != self.step:
-                self.evaluate()
+            with stop or contextlib.nullcontext():
+                return self._train(resume, train_loader, stop)
         except KeyboardInterrupt:
             return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
         except BaseException as error:
@@ -133,6 +113,36 @@ class Trainer:
             if isinstance(error, PeerStopped):
                 raise error from None
             raise
+
+    def _train(self, resume: dict | None, train_loader: DataLoader, stop: StopAfterStep | None) -> RunEnd:
+        """The training of :meth:`run`; Ctrl-C noted by ``stop`` ends it between steps."""
+        skip = self._restore(resume, train_loader.generator) if resume else 0
+        if resume is None:
+            self.evaluate()
+        while self.step < self.setup.total_steps:
+            self.epoch_order = train_loader.generator.get_state()  # the sampler draws this epoch's order from it
+            self.batches_in_epoch = 0
+            for inputs, targets in train_loader:
+                if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
+                    skip -= 1
+                    self.batches_in_epoch += 1
+                    continue
+                if self.step >= self.setup.total_steps:
+                    break
+                diverged = self.train_step(inputs, targets)
+                self.batches_in_epoch += 1
+                if diverged:
+                    return self._end(RunStatus.DIVERGED, diverged)
+                if self._eval_due_after_step():
+                    self.evaluate()
+                self._checkpoint_if_due()
+                if stop is not None and stop.requested:
+                    raise KeyboardInterrupt
+            else:
+                self.end_epoch()
+        self.tracker.flush()  # the last step's record first, then the final evaluation
+        if self.last_eval_step != self.step:
+            self.evaluate()
         return self._end(RunStatus.COMPLETED)
 
     # -- checkpoints -----------------------------------------------------------------------
