@@ -121,7 +121,7 @@ class FactoredSamples:
     def _rank_one_factors(self) -> tuple[Tensor, Tensor] | None:
         """Return ``c = N delta`` (``[N, C_out]``) and ``x`` (``[N, K]``) where every ``G[i]`` is
         their outer product ``c_i x_i^T`` (one position per sample, no regulariser), else ``None``."""
-        if self.delta.shape[2] != 1 or self._decay_term() is not None:
+        if self.delta.shape[2] != 1 or self.decay:
             return None
         return self.delta[:, :, 0] * self.n, self._inputs(0, self.n)[:, 0, :]  # c as blocks() scales it
 
@@ -166,12 +166,12 @@ class FactoredSamples:
         """Yield ``C = lambda theta - g`` (``[C_out, K]``) in float64 blocks of rows ``[r, K]``
         of about ``CHUNK_ELEMENTS`` elements, with their row slices."""
         g = g.reshape(self.weight_shape[0], -1)
-        decay_term = self._decay_term()
+        theta = self.theta.reshape(g.shape) if self.decay else None
         step = max(1, r.CHUNK_ELEMENTS // max(g.shape[1], 1))
         for start in range(0, g.shape[0], step):
             rows = slice(start, start + step)
             constant = -g[rows].double()
-            yield rows, constant if decay_term is None else constant.add_(decay_term[rows])
+            yield rows, constant if theta is None else constant.add_(theta[rows], alpha=self.decay)
 
     def _data_gradient(self) -> Tensor:
         """Return :meth:`data_mean`, computed once per source."""

@@ -99,9 +99,9 @@ def sample_statistics(
     and the second moment, squared norms, the centered sum and the 1-D histogram (without the
     2-D one) from :meth:`SampleSource.second_moment`, :meth:`SampleSource.square_norms`,
     :meth:`SampleSource.centered_sum` and :meth:`SampleSource.histogram` where it has them:
-    for factored layers these need no blocks
-    (or, for the histogram, only the few rows of products that span several bins), and no block
-    is formed when nothing else is wanted.
+    for factored layers these need no blocks (the histogram only the few rows of products that
+    span several bins), and no block is formed when nothing else is wanted. Likewise the joint
+    counts of both histograms come from :meth:`SampleSource.joint_histogram` where it has them.
 
     When both histograms are wanted and the 1-D axis and the 2-D gradient axis have a common
     refinement (:func:`reductions.common_refinement`, as the default ranges do), each block gets
