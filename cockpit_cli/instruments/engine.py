@@ -212,9 +212,6 @@ class Instruments:
                 if any(self.capture.weight_decay):
                     individual = individual + self.capture.regularization()
                 individual = self.sync.gather(individual)
-        if q.PARAMS_BEFORE in needs:
-            self._before = [p.detach().clone() for p in self.params]
-            self._updating = self._needing(q.PARAMS_BEFORE)
         hvp = q.HVP in needs
         with self._engine_pass():
             accumulator = self.capture.backward(
@@ -234,8 +231,6 @@ class Instruments:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
                 accumulator.add(r.PROJECTIONS, self.capture.start_slopes(inputs, targets, theta, self._rng_state)(options.direction))
-        if START_SLOPES in needs:
-            self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         data = StepData(
             step=step,
             loss=self.sync.mean(float(loss.detach())),
@@ -260,6 +255,12 @@ class Instruments:
             if hvp:
                 self.capture.release_gradient_graph()
         self._collect(data.outputs)
+        del data, accumulator, options  # they may hold the direction of the last step's update
+        if q.PARAMS_BEFORE in needs:  # copied last, so that the last step's direction is released first
+            self._before = [p.detach().clone() for p in self.params]
+            self._updating = self._needing(q.PARAMS_BEFORE)
+            if START_SLOPES in needs:
+                self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         self._stop_recording()
 
     def skip(self, step: int) -> None:

@@ -38,6 +38,9 @@ from cockpit_cli.instruments.outer_histogram import outer_histogram, outer_joint
 
 # centered_sum sums its crossed terms over the samples where its terms cancel beyond this factor.
 CANCELLATION_LIMIT = 100.0
+# float64 copies of a layer's numbers (the centred sum's) are made this many elements at a time:
+# 128 KiB, a small fraction of the memory of any layer large enough for them to matter.
+WIDE_BLOCK_ELEMENTS = 1 << 14
 
 
 class FactoredSamples:
@@ -147,27 +150,28 @@ class FactoredSamples:
         """
         if self.delta.shape[2] != 1:
             return None
-        delta = self.delta[:, :, 0].double()  # [N, C_out]
-        inputs = self._inputs(0, self.n)[:, 0, :].double()  # [N, K]
+        delta, inputs = self.delta[:, :, 0], self._inputs(0, self.n)[:, 0, :]  # [N, C_out], [N, K]
         data_gradient = self._data_gradient().reshape(self.weight_shape[0], -1)  # M, [C_out, K]
-        squares = torch.dot(delta.square().sum(1), inputs.square().sum(1))  # sum_i ||delta_i||^2 ||x_i||^2
+        squares = torch.dot(_square_norms64(delta), _square_norms64(inputs))  # sum_i ||delta_i||^2 ||x_i||^2
         constant_square = crossed = torch.zeros((), dtype=torch.float64, device=delta.device)
         for rows, constant in self._constant_rows(g):  # float64 rows of C, never all of it at once
-            constant_square = constant_square + constant.square().sum()
-            crossed = crossed + torch.dot(constant.reshape(-1), data_gradient[rows].reshape(-1).double())  # sum_i delta_i^T C x_i
+            flat = constant.reshape(-1)
+            constant_square = constant_square + torch.dot(flat, flat)
+            crossed = crossed + torch.dot(flat, data_gradient[rows].reshape(-1).double())  # sum_i delta_i^T C x_i
         positive = self.n**2 * squares + self.n * constant_square
         total = positive + 2 * self.n * crossed
         if data_gradient.dtype != torch.float64 and float(total) * CANCELLATION_LIMIT < float(positive):
-            crossed = sum((inputs @ constant.T).mul_(delta[:, rows]).sum() for rows, constant in self._constant_rows(g))
+            wide_inputs = inputs.double()
+            crossed = sum((wide_inputs @ constant.T).mul_(delta[:, rows]).sum() for rows, constant in self._constant_rows(g))
             total = positive + 2 * self.n * crossed
         return total
 
     def _constant_rows(self, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
         """Yield ``C = lambda theta - g`` (``[C_out, K]``) in float64 blocks of rows ``[r, K]``
-        of about ``CHUNK_ELEMENTS`` elements, with their row slices."""
+        of about ``WIDE_BLOCK_ELEMENTS`` elements, with their row slices."""
         g = g.reshape(self.weight_shape[0], -1)
         theta = self.theta.reshape(g.shape) if self.decay else None
-        step = max(1, r.CHUNK_ELEMENTS // max(g.shape[1], 1))
+        step = max(1, WIDE_BLOCK_ELEMENTS // max(g.shape[1], 1))
         for start in range(0, g.shape[0], step):
             rows = slice(start, start + step)
             constant = -g[rows].double()
@@ -373,3 +377,10 @@ def factored_batch_grad() -> BatchGrad:
     for module, rule in rules.items():
         extension.set_module_extension(module, rule, overwrite=True)
     return extension
+
+
+def _square_norms64(matrix: Tensor) -> Tensor:
+    """Return the squared norm of each row of ``[N, C]``, ``[N]``, squared and summed in float64
+    a block of rows at a time (at most about ``WIDE_BLOCK_ELEMENTS`` float64 numbers at once)."""
+    rows = max(1, WIDE_BLOCK_ELEMENTS // max(matrix.shape[1], 1))
+    return torch.cat([block.double().square().sum(1) for block in matrix.split(rows)])

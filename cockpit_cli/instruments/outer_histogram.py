@@ -114,13 +114,11 @@ class RowSplit:
         rule: The rule.
         counted: ``[N, C_out]`` bool: rows counted from signs.
         remaining: ``[N, C_out]`` bool: rows to form.
-        remaining_rows: ``[N]``: rows to form per sample.
     """
 
     rule: SignRule
     counted: Tensor
     remaining: Tensor
-    remaining_rows: Tensor
 
 
 def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit | None:
@@ -137,29 +135,34 @@ def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit 
     rule = sign_rule(spec.bins, spec.low, spec.high, scaled.dtype) if scaled.dtype == inputs.dtype else None
     if rule is None:
         return None
-    scale, size = scaled.abs(), inputs.abs()
-    reach = scale * size.amax(1, keepdim=True)  # [N, C_out]; NaN or inf anywhere: above the limit
-    counted = reach <= rule.limit
+    size = inputs.abs()
+    largest_input, smallest_input = size.amax(1, keepdim=True), _smallest_nonzero(size)
+    del size  # at most two temporaries of the factors' size at once
+    reach = scaled.abs()
+    smallest = _smallest_nonzero(reach) * smallest_input
+    counted = reach.mul_(largest_input) <= rule.limit  # reach [N, C_out]; NaN or inf anywhere: above the limit
+    del reach
     remaining = ~counted
-    remaining_rows = remaining.sum(1)  # [N]
-    if int(remaining_rows.sum()) > MAX_FORMED_SHARE * remaining.numel():
+    if int(remaining.sum()) > MAX_FORMED_SHARE * remaining.numel():
         return None
-    smallest = torch.where(scale > 0, scale, torch.inf).amin() * torch.where(size > 0, size, torch.inf).amin()
     if float(smallest) < rule.tiny:
         return None
-    return RowSplit(rule, counted, remaining, remaining_rows)
+    return RowSplit(rule, counted, remaining)
+
+
+def _smallest_nonzero(magnitudes: Tensor) -> Tensor:
+    """Return the smallest nonzero entry of a tensor of magnitudes (``inf`` if there is none)."""
+    return magnitudes.masked_fill(magnitudes == 0, torch.inf).amin()
 
 
 def formed_rows(scaled: Tensor, inputs: Tensor, split: RowSplit) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield the remaining rows' products ``[m, K]`` (computed as the layer's blocks compute them),
-    a few samples at a time (about ``CHUNK_ELEMENTS``), with those samples' rows of
-    ``split.remaining`` (``[b, C_out]``, its true entries in the products' order)."""
-    width = inputs.shape[1]
-    for start, stop in _sample_groups(split.remaining_rows.tolist(), max(1, CHUNK_ELEMENTS // max(width, 1))):
-        remaining = split.remaining[start:stop]
-        factors = scaled[start:stop][remaining]  # [m]: the remaining rows' c, in row order
-        rows = inputs[start:stop].repeat_interleave(split.remaining_rows[start:stop], dim=0)  # [m, K]
-        yield factors.unsqueeze(1) * rows, remaining
+    about ``CHUNK_ELEMENTS`` at a time (a sample's rows may be split over several blocks), with
+    each row's output index ``a`` (``[m]``), in the order of ``split.remaining``'s true entries."""
+    most = max(1, CHUNK_ELEMENTS // max(inputs.shape[1], 1))
+    for pairs in split.remaining.nonzero().split(most):  # [m, 2]: (sample i, output a)
+        samples, outputs = pairs[:, 0], pairs[:, 1]
+        yield scaled[samples, outputs].unsqueeze(1) * inputs.index_select(0, samples), outputs
 
 
 def _negative_rows(scaled: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,25 +230,7 @@ def outer_joint_histogram(scaled: Tensor, inputs: Tensor, fine: HistogramSpec, c
     else:
         counts = torch.bincount((cells + rule.positive * stride).reshape(-1), weights=per_row.reshape(-1), minlength=size)
     counts = counts.round_().long()
-    for products, remaining in formed_rows(scaled, inputs, split):
-        outputs = remaining.nonzero()[:, 1]  # [m]: each formed row's output a
+    for products, outputs in formed_rows(scaled, inputs, split):
         flat = fine.bin_of(products).mul_(stride).add_(cells.index_select(0, outputs))  # [m, K]
         counts += torch.bincount(flat.reshape(-1), minlength=size)
     return counts
-
-
-def _sample_groups(rows: list[int], most: int) -> list[tuple[int, int]]:
-    """Split samples into consecutive groups ``[start, stop)`` of at most ``most`` rows (a sample
-    with more rows forms a group of its own); samples without rows are skipped at group starts."""
-    groups, start, total = [], 0, 0
-    for index, count in enumerate(rows):
-        if total and total + count > most:
-            groups.append((start, index))
-            start, total = index, 0
-        if not total and not count:
-            start = index + 1
-            continue
-        total += count
-    if total:
-        groups.append((start, len(rows)))
-    return groups

@@ -355,7 +355,7 @@ Kernel = Callable[[LayerBlock, Accumulator, ReductionOptions], None]
 
 
 def _grad_sq_norm(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:
-    acc.add(GRAD_SQ_NORM, block.g.pow(2).sum())
+    acc.add(GRAD_SQ_NORM, torch.dot(block.g, block.g))  # no temporary of the layer's size
 
 
 def _sample_sq_norms(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:

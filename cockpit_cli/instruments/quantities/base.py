@@ -89,7 +89,8 @@ class UpdateData:
 
     Attributes:
         step: The step whose update just happened.
-        before: theta_t (copies), when requested at that step.
+        before: theta_t (copies), when requested at that step; the update ``theta_{t+1} - theta_t``
+            once :attr:`updates` has been read (in place, unless ``start_slopes`` is set).
         after: theta_{t+1} (the live parameters).
         start_slopes: ``direction -> [N]``, the per-sample products g_i . direction at theta_t on
             step t's batch (forward mode), when START_SLOPES was requested at that step.
@@ -108,9 +109,18 @@ class UpdateData:
 
     @cached_property
     def updates(self) -> list[Tensor]:
-        """``theta_{t+1} - theta_t`` per parameter (computed once, shared by the quantities that use it)."""
+        """``theta_{t+1} - theta_t`` per parameter (computed once, shared by the quantities that use it).
+
+        Without ``start_slopes`` (which evaluates at theta_t) the difference is formed in place in
+        the copies ``before``, so that no third copy of the parameters is made: ``before`` holds
+        the update from then on. Both ways give the same values, as ``-(a - b) == b - a`` exactly.
+        """
         with torch.no_grad():
-            return list(torch._foreach_sub(self.after, self.before))
+            if self.start_slopes is not None:
+                return list(torch._foreach_sub(self.after, self.before))
+            torch._foreach_neg_(self.before)
+            torch._foreach_add_(self.before, self.after)
+            return self.before
 
     @cached_property
     def update_norms(self) -> list[float]:
@@ -198,3 +208,23 @@ def norms(tensors: list[Tensor]) -> list[float]:
     if len(tensors) <= 1:
         return [float(torch.linalg.vector_norm(t)) for t in tensors]
     return torch.stack(torch._foreach_norm(tensors)).tolist()
+
+
+DIFFERENCE_BLOCK = 1 << 16  # elements of the largest temporary difference (256 KiB of float32)
+
+
+def difference_norms(tensors: list[Tensor], others: list[Tensor]) -> list[float]:
+    """Return ``||a - b||`` for each pair of same-shaped tensors, without a difference of more
+    than :data:`DIFFERENCE_BLOCK` elements in memory (a large tensor's norm is combined, in
+    float64, from the norms of its blocks)."""
+    small = [i for i, t in enumerate(tensors) if t.numel() <= DIFFERENCE_BLOCK]
+    values = [0.0] * len(tensors)
+    if small:
+        differences = torch._foreach_sub([tensors[i] for i in small], [others[i] for i in small])
+        for i, value in zip(small, norms(list(differences))):
+            values[i] = value
+    for i, (a, b) in enumerate(zip(tensors, others)):
+        if a.numel() > DIFFERENCE_BLOCK:
+            blocks = zip(a.reshape(-1).split(DIFFERENCE_BLOCK), b.reshape(-1).split(DIFFERENCE_BLOCK))
+            values[i] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x - y) for x, y in blocks]).double()))
+    return values

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, norms, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, difference_norms, register
 
 
 @register
@@ -25,4 +25,4 @@ class Distance(Quantity):
     def compute(self, data: StepData) -> None:
         if self.origin is None:
             self.attach(data.params, data.plain_sgd)
-        data.emit(self.name, norms(list(torch._foreach_sub(data.params, self.origin))))
+        data.emit(self.name, difference_norms(data.params, self.origin))

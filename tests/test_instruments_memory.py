@@ -1,0 +1,119 @@
+"""Memory of the instruments: how many parameter-sized copies they keep, and exact in-place arithmetic."""
+
+from __future__ import annotations
+
+import copy
+import gc
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, outer_histogram, reductions
+from cockpit_cli.instruments.quantities.base import DIFFERENCE_BLOCK, UpdateData, difference_norms
+
+
+def test_difference_norms_equal_the_norms_of_the_differences() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3,), (40, 50), (DIFFERENCE_BLOCK + 1,), (700, 300)]  # small ones together, large ones in blocks
+    tensors = [torch.randn(shape, generator=generator) for shape in shapes]
+    others = [t + 1e-3 * torch.randn(t.shape, generator=generator) for t in tensors]
+    others[1] = tensors[1].clone()  # no change at all
+    expected = [float(torch.linalg.vector_norm(a.double() - b.double())) for a, b in zip(tensors, others)]
+    values = difference_norms(tensors, others)
+    assert values[1] == 0.0
+    assert values == pytest.approx(expected, rel=1e-6)
+
+
+def updates_data(start_slopes: bool) -> tuple[UpdateData, list[Tensor], list[Tensor]]:
+    """Return update data for random theta_t, theta_{t+1} and copies of both."""
+    generator = torch.Generator().manual_seed(1)
+    before = [torch.randn(5, 4, generator=generator), torch.randn(7, generator=generator)]
+    after = [b - 0.1 * torch.randn(b.shape, generator=generator) for b in before]
+    slopes = (lambda direction: torch.zeros(3)) if start_slopes else None
+    data = UpdateData(step=0, before=[b.clone() for b in before], after=after, start_slopes=slopes)
+    return data, before, after
+
+
+def test_updates_are_formed_in_the_copies_of_theta_t_with_the_same_values() -> None:
+    data, before, after = updates_data(start_slopes=False)
+    copies = list(data.before)
+    updates = data.updates
+    assert all(u is c for u, c in zip(updates, copies))  # no third copy of the parameters
+    assert all(torch.equal(u, a - b) for u, a, b in zip(updates, after, before))  # exactly theta_{t+1} - theta_t
+    assert data.update_norms == pytest.approx([float((a - b).norm()) for a, b in zip(after, before)])
+
+
+def test_updates_leave_theta_t_alone_where_the_start_slopes_evaluate_there() -> None:
+    data, before, after = updates_data(start_slopes=True)
+    updates = data.updates
+    assert all(torch.equal(c, b) for c, b in zip(data.before, before))
+    assert all(torch.equal(u, a - b) for u, a, b in zip(updates, after, before))
+
+
+def peak_bytes(train: Callable[[], None]) -> int:
+    """Return the peak of the bytes held by CPU tensors allocated while ``train()`` runs."""
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        train()
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    owned: set[int] = set()
+    live = peak = 0
+    for _, address, size in sorted(events):
+        if size > 0:
+            owned.add(address)
+        elif address in owned:
+            owned.discard(address)
+        else:
+            continue  # released, but allocated before the window
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_economy_keeps_two_copies_of_the_parameters_besides_training_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """theta_0 (Distance) and theta_t, which becomes the update d (UpdateSize, Alpha): the copy of
+    theta_{t+1} is made only after the last step's d is released, and nothing else of the
+    parameters' size stays (float64 sums and differences go a block at a time). Blocks of
+    per-sample products are made small here, so that only copies of the parameters' size count."""
+    for module in (reductions, outer_histogram):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1 << 12)
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(600, 1000), nn.ReLU(), nn.Linear(1000, 10))
+    parameter_bytes = sum(p.numel() * p.element_size() for p in template.parameters())
+    batches = [(torch.randn(8, 600), torch.randint(0, 10, (8,))) for _ in range(4)]
+
+    def trainer(tracked: bool) -> Callable[[], None]:
+        def train() -> None:
+            model = copy.deepcopy(template)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            loss_function = nn.CrossEntropyLoss()
+            instruments = None
+            if tracked:
+                chosen = [QUANTITIES[name](Schedule(every=1)) for name in PRESETS["economy"]]
+                instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, chosen)
+            for step, (inputs, targets) in enumerate(batches):
+                optimizer.zero_grad(set_to_none=True)
+                outputs = model(inputs)
+                loss = loss_function(outputs, targets)
+                if instruments is None:
+                    loss.backward()
+                    optimizer.step()
+                    continue
+                instruments.backward(step, loss, inputs, outputs, targets)
+                optimizer.step()
+                instruments.after_update(step)
+                instruments.completed(step)
+
+        return train
+
+    extra = peak_bytes(trainer(True)) - peak_bytes(trainer(False))
+    assert extra < 2.5 * parameter_bytes, f"{extra / parameter_bytes:.2f} copies of the parameters"
