@@ -119,6 +119,10 @@ def test_declines_where_forming_is_cheaper_or_products_could_be_subnormal() -> N
     inputs[0, 0] = torch.finfo(torch.float32).smallest_normal / 4
     assert oh.outer_histogram(scaled, inputs, HistogramSpec(100, -2.0, 2.0)) is None
     assert oh.outer_histogram(scaled, inputs.double(), HistogramSpec(100, -2.0, 2.0)) is None  # mixed dtypes
+    inputs[1, 1] = math.nan  # a NaN elsewhere must not hide the subnormal product
+    assert oh.outer_histogram(scaled, inputs, HistogramSpec(100, -2.0, 2.0)) is None
+    scaled[2, 2] = math.nan
+    assert oh.outer_histogram(scaled, inputs, HistogramSpec(100, -2.0, 2.0)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

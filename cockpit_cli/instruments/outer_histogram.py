@@ -151,8 +151,8 @@ def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit 
 
 
 def _smallest_nonzero(magnitudes: Tensor) -> Tensor:
-    """Return the smallest nonzero entry of a tensor of magnitudes (``inf`` if there is none)."""
-    return magnitudes.masked_fill(magnitudes == 0, torch.inf).amin()
+    """Return the smallest positive entry of a tensor of magnitudes, NaN left out (``inf`` if there is none)."""
+    return magnitudes.masked_fill(~(magnitudes > 0), torch.inf).amin()
 
 
 def formed_rows(scaled: Tensor, inputs: Tensor, split: RowSplit) -> Iterator[tuple[Tensor, Tensor]]:
