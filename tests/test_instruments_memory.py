@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-import gc
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
+from allocations import peak_bytes
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, outer_histogram, reductions
 from cockpit_cli.instruments.quantities.base import DIFFERENCE_BLOCK, UpdateData, difference_norms
 
@@ -52,31 +50,6 @@ def test_updates_leave_theta_t_alone_where_the_start_slopes_evaluate_there() -> 
     updates = data.updates
     assert all(torch.equal(c, b) for c, b in zip(data.before, before))
     assert all(torch.equal(u, a - b) for u, a, b in zip(updates, after, before))
-
-
-def peak_bytes(train: Callable[[], None]) -> int:
-    """Return the peak of the bytes held by CPU tensors allocated while ``train()`` runs."""
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        train()
-    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-    owned: set[int] = set()
-    live = peak = 0
-    for _, address, size in sorted(events):
-        if size > 0:
-            owned.add(address)
-        elif address in owned:
-            owned.discard(address)
-        else:
-            continue  # released, but allocated before the window
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def test_economy_keeps_two_copies_of_the_parameters_besides_training_s_own(monkeypatch: pytest.MonkeyPatch) -> None:

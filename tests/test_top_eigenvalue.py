@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from allocations import peak_bytes
 from cockpit_cli.instruments.top_eigenvalue import largest_eigenpair
 
 
@@ -90,3 +91,18 @@ def test_stops_at_the_product_budget_and_refuses_zero_starts() -> None:
     assert pair.products == 3
     with pytest.raises(ValueError, match="zero"):
         largest_eigenpair(lambda v: matrix @ v, [torch.zeros(80, dtype=torch.float64)], rtol=1e-3, atol=0.0, max_products=3)
+
+
+def test_memory_grows_with_the_products_taken_and_the_starts_are_released() -> None:
+    """Two vectors per product taken (the basis vector and its image) and four more while it runs
+    (the Ritz vector, its image as the residual, one being orthogonalised, one product), not
+    ``2 * max_basis`` allocated up front; the start vectors are freed as they enter the basis."""
+    size, products = 200_000, 5
+    scales = torch.linspace(1.0, 2.0, size)
+
+    def run() -> None:
+        starts = [torch.randn(size), torch.randn(size)]
+        largest_eigenpair(lambda v: scales * v, starts, rtol=0.0, atol=0.0, max_products=products, max_basis=12)
+
+    vector_bytes = size * 4
+    assert peak_bytes(run) <= (2 * products + 4) * vector_bytes + 64 * 1024

@@ -47,15 +47,26 @@ class Eigenpair:
 
 
 class _Subspace:
-    """An orthonormal basis ``V`` (``[k, D]``), its products ``W = H V`` and ``T = V^T H V``."""
+    """An orthonormal basis ``v_1 .. v_k`` (``[D]`` each), their products ``w_j = H v_j`` and
+    ``T = V^T H V`` (``[k, k]``). The vectors are kept as a list, so that memory grows with the
+    products actually taken (``2 k`` vectors), never to the largest basis allowed beforehand;
+    the operations on them go a vector at a time (``k`` is small and ``D`` large)."""
 
-    def __init__(self, product: Product, size: int, like: Tensor):
+    def __init__(self, product: Product, size: int):
         self.product = product
-        self.basis = torch.empty(size, like.numel(), dtype=like.dtype, device=like.device)
-        self.images = torch.empty_like(self.basis)
+        self.size = size
+        self.basis: list[Tensor] = []
+        self.images: list[Tensor] = []
         self.projected = np.zeros((size, size))
-        self.k = 0
         self.products = 0
+
+    @property
+    def k(self) -> int:
+        return len(self.basis)
+
+    @property
+    def full(self) -> bool:
+        return self.k == self.size
 
     def add(self, vector: Tensor) -> bool:
         """Orthonormalise ``vector`` against the basis and add it with its product; return
@@ -64,24 +75,24 @@ class _Subspace:
         if size == 0.0 or not math.isfinite(size):
             return False
         vector = vector / size
-        basis = self.basis[: self.k]
         for _ in range(2):  # twice, for round-off
-            vector = vector - basis.T @ (basis @ vector)
+            for known in self.basis:
+                vector.sub_(known, alpha=float(torch.dot(known, vector)))
         remaining = float(vector.norm())
         if remaining < 1e-6:  # already (numerically) in the span: the Ritz pair is exact
             return False
-        vector = vector / remaining
+        vector.div_(remaining)
         self._append(vector, self.product(vector))
         self.products += 1
         return True
 
     def _append(self, vector: Tensor, image: Tensor) -> None:
         k = self.k
-        self.basis[k], self.images[k] = vector, image
-        column = (self.basis[: k + 1] @ image).double().cpu().numpy()
+        self.basis.append(vector)
+        self.images.append(image)
+        column = torch.stack([torch.dot(known, image) for known in self.basis]).double().cpu().numpy()
         self.projected[: k + 1, k] = column
         self.projected[k, : k + 1] = column
-        self.k += 1
 
     def ritz(self) -> tuple[float, np.ndarray]:
         """Return the largest-magnitude Ritz value and its coefficients ``[k]`` in the basis."""
@@ -91,19 +102,26 @@ class _Subspace:
 
     def combine(self, coefficients: np.ndarray) -> tuple[Tensor, Tensor]:
         """Return ``V y`` and ``W y`` for coefficients ``y`` (``[k]``)."""
-        y = torch.as_tensor(coefficients, dtype=self.basis.dtype, device=self.basis.device)
-        return y @ self.basis[: self.k], y @ self.images[: self.k]
+        return _combination(self.basis, coefficients), _combination(self.images, coefficients)
 
     def restart(self) -> None:
         """Keep only the best Ritz vectors (by magnitude) and their known products."""
         values, vectors = np.linalg.eigh(self.projected[: self.k, : self.k])
         best = np.argsort(-np.abs(values))[:KEPT_ON_RESTART]
         kept = [self.combine(vectors[:, i]) for i in best]
-        self.k = 0
+        self.basis, self.images = [], []
         self.projected[:] = 0.0
         for vector, image in kept:
             size = vector.norm()
             self._append(vector / size, image / size)
+
+
+def _combination(vectors: list[Tensor], coefficients: np.ndarray) -> Tensor:
+    """Return ``sum_j coefficients[j] * vectors[j]`` (``[D]``)."""
+    total = vectors[0] * float(coefficients[0])
+    for vector, coefficient in zip(vectors[1:], coefficients[1:]):
+        total.add_(vector, alpha=float(coefficient))
+    return total
 
 
 def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol: float, max_products: int, max_basis: int = 12) -> Eigenpair:
@@ -112,26 +130,31 @@ def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol:
     Args:
         product: ``v -> H v`` for flat vectors ``[D]``.
         starts: Start vectors ``[D]`` (at least one non-zero); the first ones count most
-            when the budget is small.
+            when the budget is small. The list is emptied as they enter the basis, so that
+            the caller's copies are freed then.
         rtol: Relative tolerance of the residual norm (to the value).
         atol: Absolute tolerance of the residual norm.
         max_products: At most this many products.
-        max_basis: Vectors kept at once (memory: twice this many of size D).
+        max_basis: Vectors kept at once (memory: twice as many of size D as were added, at most
+            twice this many, and four more while it runs).
     """
-    space = _Subspace(product, max(max_basis, KEPT_ON_RESTART + 1), starts[0])
-    for start in starts:
+    space = _Subspace(product, max(max_basis, KEPT_ON_RESTART + 1))
+    while starts:
+        start = starts.pop(0).reshape(-1)
         if space.products < max_products:
-            space.add(start.reshape(-1))
+            space.add(start)
+        del start
     if space.k == 0:
         raise ValueError("every start vector is zero")
     while True:
         value, coefficients = space.ritz()
         vector, image = space.combine(coefficients)
-        residual = image - value * vector
+        residual = image.sub_(vector, alpha=value)  # H u - theta u, in place of H u (not needed after)
         size = float(residual.norm())
         if size <= atol + rtol * abs(value) or space.products >= max_products:
-            return Eigenpair(value, vector / vector.norm(), space.products, size)
-        if space.k == space.basis.shape[0]:
+            return Eigenpair(value, vector.div_(vector.norm()), space.products, size)
+        if space.full:
             space.restart()
         if not space.add(residual):  # the residual is round-off: nothing left to add
-            return Eigenpair(value, vector / vector.norm(), space.products, size)
+            return Eigenpair(value, vector.div_(vector.norm()), space.products, size)
+        del vector, image, residual  # before the next combination is formed

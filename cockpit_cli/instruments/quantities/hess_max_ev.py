@@ -14,8 +14,8 @@ power iteration (stopped when its value changes by less than 0.1%) with half the
 any method that sees H only through products, it may settle on another member of a cluster of
 nearly equal top eigenvalues.) The first step without
 a previous eigenvector starts from a random vector of a private generator, so tracking never
-changes the training's random numbers. ``2 * max_basis`` vectors of the parameters' size are
-kept during a step.
+changes the training's random numbers. During a step two vectors of the parameters' size are
+kept per product taken (at most ``2 * max_basis``), and four more.
 """
 
 from __future__ import annotations
