@@ -469,6 +469,22 @@ def test_idle_steps_ask_no_quantity_and_tracked_steps_stay_on_schedule(monkeypat
     assert sorted(set(asked) - active) == [4, 6, 9]  # only the first idle step after activity looks ahead
 
 
+def test_idle_stretches_run_without_the_forward_hook() -> None:
+    """The engine's forward pre-hook runs at due steps and at the first idle step after them
+    (which switches recording off); the other idle steps' forward passes run without any hook,
+    and the hook is back for the next due step, whose values land on schedule."""
+    model = ref.mlp(0)
+    hooked: list[bool] = []
+    model[0].register_forward_pre_hook(lambda module, args: hooked.append(bool(model._forward_pre_hooks)))
+    run = train(model, make_batches("mlp", "ce", 0, 12), quantities(("GradNorm", "GradHist1d"), Schedule(every=5)))
+    assert [step for step, present in enumerate(hooked) if present] == [0, 1, 5, 6, 10, 11]
+    assert sorted(run.records) == [0, 5, 10]
+    for step in (5, 10):
+        check_first_order(run, step, names=("GradNorm", "GradHist1d"))
+    run.instruments.finish()
+    assert not model._forward_pre_hooks
+
+
 def test_completed_waits_for_alpha() -> None:
     run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 4), quantities(("Alpha", "GradNorm")))
     assert run.instruments.lag == 1

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
@@ -104,7 +105,7 @@ class Instruments:
         self._start_slopes = None
         self._rng_state: tuple | None = None
         self._own_pass = False  # True while the engine runs forward passes of its own
-        self._hooks = [model.register_forward_pre_hook(self._before_forward)]
+        self._forward_hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
         self._activations: ActivationRecorder | None = None
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
             self._activations = ActivationRecorder(model, self.sync, ignore=lambda: self._own_pass)
@@ -164,6 +165,17 @@ class Instruments:
         else:
             self.capture.release()
 
+    def _watch_forward(self, next_step: int) -> None:
+        """Keep the forward pre-hook only where it has work: an idle stretch whose recording is
+        off already (``_quiet``) runs without it until the step before the next due one (even a
+        hook that returns at once costs a small model's step several microseconds)."""
+        wanted = not self._quiet or next_step >= self._idle_until
+        if wanted and self._forward_hook is None:
+            self._forward_hook = self.model.register_forward_pre_hook(self._before_forward)
+        elif not wanted and self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
         per_sample = bool(needs & r.NEEDS_SAMPLES) and not self._by_forward_mode(needs) and self.support.per_sample == "backpack"
@@ -197,6 +209,7 @@ class Instruments:
         if not active:
             loss.backward()
             self.capture.detach()
+            self._watch_forward(step + 1)
             return
         options = r.ReductionOptions()
         for quantity in active:
@@ -268,6 +281,7 @@ class Instruments:
         self.next_step = step + 1
         self.capture.detach()
         self._stop_recording()
+        self._watch_forward(step + 1)
 
     def after_update(self, step: int) -> None:
         """Call after ``optimizer.step()`` of ``step``: quantities that compare theta_t and theta_{t+1}."""
@@ -303,9 +317,9 @@ class Instruments:
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
         self.capture.release()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
         if self._activations is not None:
             self._activations.remove()
         return {s: self.results.pop(s) for s in sorted(self.results)}
@@ -319,6 +333,7 @@ class Instruments:
         self.results = {int(step): values for step, values in state["results"].items()}
         self.next_step = int(state["next_step"])
         self._idle_until, self._planned, self._quiet = 0, None, False
+        self._watch_forward(self.next_step)
         for quantity in self.quantities:
             quantity.load_state_dict(state["quantities"].get(quantity.name, {}))
 
