@@ -113,7 +113,8 @@ class UpdateData:
 
         Without ``start_slopes`` (which evaluates at theta_t) the difference is formed in place in
         the copies ``before``, so that no third copy of the parameters is made: ``before`` holds
-        the update from then on. Both ways give the same values, as ``-(a - b) == b - a`` exactly.
+        the update from then on. Both ways give the same values: ``after + (-before)`` rounds
+        exactly as ``after - before`` does.
         """
         with torch.no_grad():
             if self.start_slopes is not None:
