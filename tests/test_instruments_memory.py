@@ -64,7 +64,7 @@ def test_economy_keeps_two_copies_of_the_parameters_besides_training_s_own(monke
     parameter_bytes = sum(p.numel() * p.element_size() for p in template.parameters())
     batches = [(torch.randn(8, 600), torch.randint(0, 10, (8,))) for _ in range(4)]
 
-    def trainer(tracked: bool) -> Callable[[], None]:
+    def trainer(tracked: bool) -> Callable[[], None]:  # not test_instruments_exact.train: its snapshots of theta would count
         def train() -> None:
             model = copy.deepcopy(template)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
