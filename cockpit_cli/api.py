@@ -118,7 +118,7 @@ class TrackedRun:
             return
         self.closed = True
         self.tracker.flush()
-        warnings = [self.tracker.failure] if self.tracker.failure else []
+        warnings = self.tracker.warnings()
         self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings))
 
     def __enter__(self) -> "TrackedRun":

@@ -31,7 +31,9 @@ from torch.utils.hooks import RemovableHandle
 
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
+from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments.backend import GradientCapture, capture_rng_state
+from cockpit_cli.instruments.curvature_memory import OutputSizes
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
@@ -91,6 +93,9 @@ class Instruments:
         self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay, self.sync)
+        self.curvature, self.loss_function = curvature, loss_function
+        self._output_sizes: OutputSizes | None = None  # measures the first curvature step's layer outputs
+        self._curvature_checked = False
         for quantity in self.quantities:
             quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
@@ -158,6 +163,8 @@ class Instruments:
             self._activations.start()
         elif self._activations is not None:
             self._activations.remove()
+        if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
+            self._output_sizes = OutputSizes(self.model, ignore=lambda: self._own_pass)
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
@@ -206,6 +213,8 @@ class Instruments:
         """Run the backward pass of ``step`` with whatever the due quantities need, and compute them."""
         self.next_step = step + 1
         active, needs = self._plan(step)
+        if q.CURVATURE in needs and not self._curvature_checked:
+            active, needs = self._check_curvature_memory(step, inputs, outputs)
         if not active:
             loss.backward()
             self.capture.detach()
@@ -275,6 +284,37 @@ class Instruments:
             if START_SLOPES in needs:
                 self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         self._stop_recording()
+
+    def _check_curvature_memory(self, step: int, inputs: Tensor, outputs: Any) -> tuple[list[Quantity], set[str]]:
+        """At the first step with curvature due: switch the curvature quantities off, with the
+        reason, where the factor BackPACK would backpropagate exceeds the memory available
+        (:mod:`curvature_memory`; in every process if in any); return the step's plan (changed
+        if they were)."""
+        self._curvature_checked = True
+        sizes, self._output_sizes = self._output_sizes, None
+        reason = None
+        if sizes is not None:
+            sizes.remove()
+            if isinstance(outputs, Tensor) and sizes.largest > 0:
+                reason = curvature_memory.shortfall(
+                    curvature_memory.factor_columns(self.curvature, self.loss_function, outputs),
+                    inputs.shape[0],
+                    sizes.largest,
+                    outputs.element_size(),
+                    curvature_memory.available_bytes(outputs.device),
+                    self.curvature,
+                )
+        if self.sync.world_size > 1:  # the processes must reduce the same statistics
+            short = torch.tensor([float(reason is not None)], dtype=torch.float64, device=inputs.device)
+            if float(self.sync.maximum(short)) > 0 and reason is None:
+                reason = "the curvature factor does not fit in the memory of another process (its run's warnings say by how much)"
+        if reason is None:
+            return self._plan(step)
+        for quantity in [quantity for quantity in self.quantities if quantity.needs_curvature]:
+            self.quantities.remove(quantity)
+            self.unavailable[quantity.name] = reason
+        self._planned, self._idle_until = None, 0
+        return self._plan(step)
 
     def skip(self, step: int) -> None:
         """Call instead of :meth:`backward` for a step whose update is dropped (non-finite loss)."""

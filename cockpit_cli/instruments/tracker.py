@@ -37,6 +37,8 @@ class Tracker:
         self.emit = emit
         self.pending: deque[StepRecord] = deque()
         self.failure: str | None = None
+        self._unavailable_at_start = set(instruments.unavailable) if instruments is not None else set()
+        self._attached = instruments  # kept after a failure: the quantities it switched off
 
     def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
@@ -101,6 +103,14 @@ class Tracker:
         self.pending = deque(StepRecord(**record) for record in state["pending"])
         if self.instruments is not None and state.get("instruments") is not None:
             self.instruments.load_state_dict(state["instruments"])
+
+    def warnings(self) -> list[str]:
+        """What went wrong without ending the run: the instruments' failure, and each quantity
+        switched off during the run (a failing quantity, a curvature factor too large for the
+        memory), with the reason."""
+        switched = {} if self._attached is None else self._attached.unavailable
+        found = [f"{name} switched off: {reason}" for name, reason in switched.items() if name not in self._unavailable_at_start]
+        return ([self.failure] if self.failure else []) + found
 
     def describe(self) -> dict[str, Any]:
         """What is tracked, for the manifest."""

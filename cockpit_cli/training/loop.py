@@ -332,7 +332,7 @@ class Trainer:
 
     def _end(self, status: RunStatus, message: str | None = None) -> RunEnd:
         self.tracker.flush()
-        warnings = [self.tracker.failure] if self.tracker.failure else []
+        warnings = self.tracker.warnings()
         if self.nonfinite_steps and self.training.on_nonfinite != "stop":
             action = "skipped" if self.training.on_nonfinite == "skip" else "taken anyway"
             warnings.append(f"{self.nonfinite_steps} steps had a non-finite loss and were {action} (training.on_nonfinite: {self.training.on_nonfinite})")

@@ -1,0 +1,111 @@
+"""Whether the curvature diagonal's backpropagated factor fits in the memory there is.
+
+BackPACK's ``DiagHessian`` and ``DiagGGNExact`` backpropagate a factor of ``V`` columns per sample
+through every layer, ``[V, N, *output]`` at each layer's output. ``V`` is the number of classes
+less one for cross-entropy (:mod:`cross_entropy_factor`), the output size for the squared error,
+and one for ``ggn_mc`` (one Monte-Carlo sample). With many classes that factor dwarfs training:
+cifar100_3c3d at batch 128 took 4.9 GiB more than plain training (cifar10_3c3d: 0.47 GiB), and
+cifar100_allcnnc at batch 256 would take about 19 GiB. The memory above plain training's was measured at
+1.9 to 2.4 times the largest factor (cifar100_3c3d, cifar10_3c3d, a one-convolution network), so
+:data:`FACTOR_COPIES` leaves a margin. Where the estimate exceeds the memory available, the
+curvature quantities are skipped with the reason and a way out, and training goes on, instead of
+the process running out of memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+FACTOR_COPIES = 3.0
+GIB = 1 << 30
+
+
+class OutputSizes:
+    """The largest number of output elements per sample of ``model``'s leaf modules in the next
+    training forward pass (forward hooks, removed by :meth:`remove`).
+
+    Args:
+        model: The network.
+        ignore: Returns whether the current forward pass is one of the engine's own (not measured).
+    """
+
+    def __init__(self, model: nn.Module, ignore: Callable[[], bool]):
+        self.largest = 0
+        self.ignore = ignore
+        leaves = [module for module in model.modules() if not list(module.children())]
+        self.handles = [module.register_forward_hook(self._record) for module in leaves]
+
+    def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] > 0 and not self.ignore():
+            self.largest = max(self.largest, output[0].numel())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def factor_columns(curvature: str, loss_function: object, outputs: Tensor) -> int:
+    """Return ``V``, the columns per sample of the backpropagated factor.
+
+    Args:
+        curvature: ``"hessian"``, ``"ggn"`` or ``"ggn_mc"``.
+        loss_function: The (mean-reduced) loss module.
+        outputs: The model's outputs ``[N, C]``.
+    """
+    if curvature == "ggn_mc":
+        return 1
+    if isinstance(loss_function, nn.CrossEntropyLoss):
+        return max(outputs.shape[1] - 1, 1)
+    return int(outputs[0].numel())
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Return the memory that tensors on ``device`` can still take, or ``None`` where unknown.
+
+    On CUDA, the free device memory plus what PyTorch's allocator holds unused; on the CPU,
+    ``MemAvailable`` of ``/proc/meminfo`` (Linux).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def shortfall(columns: int, batch_size: int, largest_output: int, element_size: int, available: int | None, curvature: str) -> str | None:
+    """Return why the curvature factor would not fit (with the way out), or ``None`` if it fits
+    or the memory available is unknown.
+
+    Args:
+        columns: ``V``.
+        batch_size: ``N`` (this process's).
+        largest_output: The largest layer output, in elements per sample.
+        element_size: Bytes per element.
+        available: Bytes available (``None``: unknown).
+        curvature: The curvature asked for.
+    """
+    if available is None:
+        return None
+    factor = columns * batch_size * largest_output * element_size
+    needed = FACTOR_COPIES * factor
+    if needed <= available:
+        return None
+    way_out = "use the ggn_mc curvature (one column per sample: instruments.curvature: ggn_mc, or curvature=\"ggn_mc\"), " if curvature != "ggn_mc" else ""
+    return (
+        f"the curvature diagonal ({curvature}) would need about {needed / GIB:.1f} GiB (a factor of {columns} "
+        f"column(s) per sample, {batch_size} samples, up to {largest_output:,} numbers per sample at a layer's "
+        f"output), but only {available / GIB:.1f} GiB are available; {way_out}use a smaller batch, or a "
+        "machine with more memory"
+    )

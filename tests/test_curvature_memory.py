@@ -1,0 +1,102 @@
+"""The curvature factor's memory: the estimate, its bound on what is used, and switching off."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from allocations import peak_bytes
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule, curvature_memory
+from cockpit_cli.instruments.tracker import Tracker
+from cockpit_cli.training.events import StepRecord
+
+
+def test_factor_columns_per_curvature_and_loss() -> None:
+    outputs = torch.zeros(4, 10)
+    assert curvature_memory.factor_columns("hessian", nn.CrossEntropyLoss(), outputs) == 9
+    assert curvature_memory.factor_columns("ggn", nn.CrossEntropyLoss(), torch.zeros(4, 2)) == 1
+    assert curvature_memory.factor_columns("ggn", nn.MSELoss(), torch.zeros(4, 3, 2)) == 6
+    assert curvature_memory.factor_columns("ggn_mc", nn.CrossEntropyLoss(), outputs) == 1
+
+
+def test_shortfall_names_the_size_and_the_way_out() -> None:
+    fits = curvature_memory.shortfall(99, 256, 98_304, 4, 64 * curvature_memory.GIB, "hessian")
+    assert fits is None
+    reason = curvature_memory.shortfall(99, 256, 98_304, 4, 8 * curvature_memory.GIB, "hessian")
+    assert reason is not None
+    assert "about 27.8 GiB" in reason and "99 column(s)" in reason and "8.0 GiB" in reason and "ggn_mc" in reason
+    monte_carlo = curvature_memory.shortfall(1, 256, 98_304, 4, 1, "ggn_mc")
+    assert monte_carlo is not None and "ggn_mc (one" not in monte_carlo
+    assert curvature_memory.shortfall(99, 256, 98_304, 4, None, "hessian") is None  # unknown: go ahead
+
+
+def test_the_memory_available_is_known_on_this_cpu() -> None:
+    available = curvature_memory.available_bytes(torch.device("cpu"))
+    assert available is None or available > 0
+
+
+def cnn_run(quantity_names: tuple[str, ...], steps: int = 2) -> tuple[Tracker, list[StepRecord], nn.Module]:
+    """Train a small CNN with cross-entropy for ``steps`` steps, the quantities due at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 14 * 14, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_function = nn.CrossEntropyLoss()
+    chosen = [QUANTITIES[name](Schedule()) for name in quantity_names]
+    instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, chosen)
+    records: list[StepRecord] = []
+    tracker = Tracker(instruments, records.append)
+    for step in range(steps):
+        inputs, targets = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = loss_function(outputs, targets)
+        tracker.backward(step, loss, inputs, outputs, targets)
+        optimizer.step()
+        tracker.after_update(step, StepRecord(step=step, epoch=0, loss=loss.item(), lr=[0.01], time=0.0))
+    tracker.flush()
+    return tracker, records, model
+
+
+def test_curvature_quantities_are_switched_off_with_the_reason_where_the_factor_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(curvature_memory, "available_bytes", lambda device: 1024)
+    tracker, records, _ = cnn_run(("HessTrace", "TICDiag", "GradNorm"))
+    assert all("GradNorm" in record.quantities for record in records)
+    assert not any({"HessTrace", "TICDiag"} & set(record.quantities) for record in records)
+    reason = tracker.describe()["unavailable"]["HessTrace"]
+    assert reason.startswith("the curvature diagonal (hessian) would need about") and "9 column(s) per sample, 32 samples, up to 3,136 numbers" in reason
+    assert tracker.warnings() == [f"HessTrace switched off: {reason}", f"TICDiag switched off: {reason}"]
+
+
+def test_curvature_quantities_stay_where_the_factor_fits() -> None:
+    tracker, records, _ = cnn_run(("HessTrace", "GradNorm"))
+    assert all({"HessTrace", "GradNorm"} <= set(record.quantities) for record in records)
+    assert tracker.warnings() == []
+    assert not tracker.instruments.model._forward_hooks and all(not m._forward_hooks for m in tracker.instruments.model.modules())
+
+
+def test_the_estimate_bounds_the_memory_the_curvature_takes() -> None:
+    """The instruments' memory above plain training with HessTrace due (one step) stays below
+    FACTOR_COPIES times the largest factor: the estimate errs on the safe side."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10))
+    inputs, targets = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def step(tracked: bool) -> None:
+        model = copy.deepcopy(template)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss_function = nn.CrossEntropyLoss()
+        instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, [QUANTITIES["HessTrace"](Schedule())]) if tracked else None
+        outputs = model(inputs)
+        loss = loss_function(outputs, targets)
+        if instruments is None:
+            loss.backward()
+        else:
+            instruments.backward(0, loss, inputs, outputs, targets)
+        optimizer.step()
+
+    factor = 9 * 64 * (16 * 30 * 30) * 4
+    extra = peak_bytes(lambda: step(True)) - peak_bytes(lambda: step(False))
+    assert factor < extra < curvature_memory.FACTOR_COPIES * factor, extra / factor
