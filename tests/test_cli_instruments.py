@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
+from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments.presets import PRESETS
 from cockpit_cli.storage.reader import read_run
 
@@ -66,3 +67,19 @@ def test_quantities_command_lists_every_quantity() -> None:
     assert result.exit_code == 0
     for name in ("Alpha", "HessMaxEV", "TICDiag", "GradHist2d", "LayerStats"):
         assert name in result.output
+
+
+def test_curvature_too_large_for_the_memory_is_switched_off_and_said_when_it_happens(make_config, tmp_path: Path, monkeypatch) -> None:
+    """The run goes on without HessTrace and TICDiag; the warning is printed when it arises (not
+    only at the end) and is in the manifest, with the estimate and the way out."""
+    monkeypatch.setattr(curvature_memory, "available_bytes", lambda device: 4096)
+    config = make_config(instruments={"preset": "business", "every": 2}, training={"steps": 5, "eval_every_steps": 5})
+    result = runner.invoke(app, ["run", str(config), "--no-live"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning: HessTrace switched off: the curvature diagonal (hessian) would need about")]
+    assert len(warned) == 1 and "ggn_mc" in lines[warned[0]]
+    assert warned[0] < next(i for i, line in enumerate(lines) if line.startswith("eval after step 5"))  # said when it happened
+    run = read_run(tmp_path / "results" / "run")
+    assert sorted(w.split(":")[0] for w in run.manifest["warnings"]) == ["HessTrace switched off", "TICDiag switched off"]
+    assert all("GradNorm" in r["quantities"] and "HessTrace" not in r["quantities"] for r in run.steps if r["step"] % 2 == 0)

@@ -13,6 +13,7 @@ from rich.console import Console, RenderableType
 from cockpit_cli.display import panels
 from cockpit_cli.display.dashboard import LiveDashboard
 from cockpit_cli.display.layout import DashboardView
+from cockpit_cli.display.plain import PlainLog
 from cockpit_cli.display.sparkline import COARSE, Series, spark
 from cockpit_cli.display.state import DashboardState, RunInfo
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
@@ -206,3 +207,26 @@ def test_live_dashboard_observer_without_a_terminal_prints_the_final_frame() -> 
     output = stream.getvalue()
     assert "Cockpit for Adam" in output and "step 3/3" in output and "completed" in output
     assert "cockpit diagnose results/toy" in render(dashboard.final_summary(), 100)
+
+
+def test_a_quantity_switched_off_during_the_run_says_so_in_its_panel_and_the_alerts() -> None:
+    stream = io.StringIO()
+    dashboard = LiveDashboard(Console(file=stream, width=160), run_dir="results/toy")
+    dashboard.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99, instruments={"parameters": ["w"], "quantities": {"GradNorm": "every step", "HessTrace": "every step"}}))
+    dashboard.on_warning("HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB")
+    dashboard.on_warning("3 steps had a non-finite loss")  # not a quantity: an alert only
+    assert dashboard.state.info.unavailable == {"HessTrace": "the curvature diagonal (hessian) would need about 9.0 GiB"}
+    assert "unavailable: the curvature diagonal (hessian) would need about 9.0 GiB" in render(panels.hess_trace(dashboard.state), 160)
+    dashboard.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3, warnings=["HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB"]))
+    alerts = [text for _, text in dashboard.state.alerts.values()]
+    assert alerts.count("HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB") == 1
+
+
+def test_plain_log_prints_each_warning_once_when_it_arises_or_at_the_end() -> None:
+    stream = io.StringIO()
+    log = PlainLog(console=Console(file=stream, width=200))
+    log.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99))
+    log.on_warning("HessTrace switched off: too large")
+    log.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3, warnings=["HessTrace switched off: too large", "2 steps had a non-finite loss"]))
+    lines = stream.getvalue().splitlines()
+    assert lines[1:] == ["warning: HessTrace switched off: too large", "warning: 2 steps had a non-finite loss", "run completed after 3 steps (0.3s)"]

@@ -74,6 +74,15 @@ class LiveDashboard:
         with self.lock:
             self.state.add_eval(record.step, record.epoch, record.time, splits)
 
+    def on_warning(self, text: str) -> None:
+        """Show a warning that arose during the run; a quantity switched off (``"<name> switched
+        off: <reason>"``) also says so in its panels from then on."""
+        name, switched, reason = text.partition(" switched off: ")
+        with self.lock:
+            if switched and name in self.state.info.tracked:
+                self.state.info.unavailable[name] = reason
+            self.state.add_alert("warning", text)
+
     def on_end(self, end: RunEnd) -> None:
         with self.lock:
             self.state.finish(end.status.value, end.message, end.train_seconds)

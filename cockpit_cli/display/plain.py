@@ -41,6 +41,7 @@ class PlainLog:
         self.every = max(1, every)
         self.console = console or Console(file=stream, highlight=False, soft_wrap=True)
         self.total_steps = 0
+        self.warned: set[str] = set()  # warnings printed when they arose
 
     def on_start(self, meta: RunMeta) -> None:
         self.total_steps = meta.total_steps
@@ -76,7 +77,14 @@ class PlainLog:
     def close(self) -> None:
         """Nothing to release (the live dashboard's counterpart stops its screen)."""
 
+    def on_warning(self, text: str) -> None:
+        self.console.print(f"warning: {text}")
+        self.warned.add(text)
+
     def on_end(self, end: RunEnd) -> None:
+        for text in end.warnings:
+            if text not in self.warned:
+                self.console.print(f"warning: {text}")
         self.console.print(f"run {end.status.value} after {end.steps} steps ({end.train_seconds:.1f}s)")
 
 

@@ -105,12 +105,12 @@ class Tracker:
             self.instruments.load_state_dict(state["instruments"])
 
     def warnings(self) -> list[str]:
-        """What went wrong without ending the run: the instruments' failure, and each quantity
+        """What went wrong without ending the run, in order (the list only grows): each quantity
         switched off during the run (a failing quantity, a curvature factor too large for the
-        memory), with the reason."""
+        memory) with the reason, and the instruments' failure."""
         switched = {} if self._attached is None else self._attached.unavailable
         found = [f"{name} switched off: {reason}" for name, reason in switched.items() if name not in self._unavailable_at_start]
-        return ([self.failure] if self.failure else []) + found
+        return found + ([self.failure] if self.failure else [])  # in the order they happened: nothing follows a failure
 
     def describe(self) -> dict[str, Any]:
         """What is tracked, for the manifest."""

@@ -225,6 +225,12 @@ class RunWriter:
             self._eval_records.append(data)
             self._write_manifest()
 
+    def on_warning(self, text: str) -> None:
+        """Record a warning in the manifest when it arises (the end replaces the list with all of them)."""
+        self.manifest.setdefault("warnings", []).append(text)
+        with self._writing():
+            self._write_manifest()
+
     def on_end(self, end: RunEnd) -> None:
         # The records on disk are the truth: an interruption can fall between a step's update and
         # its record, so count what was written rather than what the loop counted.

@@ -148,3 +148,6 @@ class Observer(Protocol):
     def on_eval(self, record: EvalRecord) -> None: ...
 
     def on_end(self, end: RunEnd) -> None: ...
+
+    # Optional: ``on_warning(self, text: str) -> None`` receives each warning of ``RunEnd.warnings``
+    # that arises during the run (a quantity switched off), when it arises.

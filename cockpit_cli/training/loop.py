@@ -84,6 +84,7 @@ class Trainer:
         self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record), self.train_model)
         self.sample_indices = self._choose_tracked_samples()
         self.nonfinite_steps = 0
+        self._warned = 0  # warnings of the tracker handed to the observers so far
         self._sample_hits: str | None = None
 
     # -- the loop --------------------------------------------------------------------------
@@ -221,6 +222,7 @@ class Trainer:
         self.tracker.backward(self.step, loss, inputs, outputs, targets)
         optimizer.step()
         self.tracker.after_update(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
+        self._report_warnings()
         self._step_schedule()
         self.step += 1
         return None
@@ -339,6 +341,17 @@ class Trainer:
         end = RunEnd(status=status, steps=self.step, epochs=self.epoch, message=message, train_seconds=self._elapsed(), warnings=warnings)
         self._notify("on_end", end)
         return end
+
+    def _report_warnings(self) -> None:
+        """Hand the observers that take them each new warning of the tracker (a quantity switched
+        off during the run), so that it is seen, and written, when it happens."""
+        warnings = self.tracker.warnings()
+        for text in warnings[self._warned :]:
+            for observer in self.observers:
+                handler = getattr(observer, "on_warning", None)
+                if handler is not None:
+                    handler(text)
+        self._warned = len(warnings)
 
     def _notify(self, method: str, payload: object) -> None:
         for observer in self.observers:
