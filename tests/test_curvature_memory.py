@@ -67,7 +67,7 @@ def test_curvature_quantities_are_switched_off_with_the_reason_where_the_factor_
     assert not any({"HessTrace", "TICDiag"} & set(record.quantities) for record in records)
     reason = tracker.describe()["unavailable"]["HessTrace"]
     assert reason.startswith("the curvature diagonal (hessian) would need about") and "9 column(s) per sample, 32 samples, up to 3,136 numbers" in reason
-    assert tracker.warnings() == [f"HessTrace switched off: {reason}", f"TICDiag switched off: {reason}"]
+    assert tracker.warnings() == [f"HessTrace, TICDiag switched off: {reason}"]  # one line for one reason
 
 
 def test_curvature_quantities_stay_where_the_factor_fits() -> None:
@@ -100,3 +100,8 @@ def test_the_estimate_bounds_the_memory_the_curvature_takes() -> None:
     factor = 9 * 64 * (16 * 30 * 30) * 4
     extra = peak_bytes(lambda: step(True)) - peak_bytes(lambda: step(False))
     assert factor < extra < curvature_memory.FACTOR_COPIES * factor, extra / factor
+
+
+def test_sizes_below_a_gib_are_given_in_mib() -> None:
+    reason = curvature_memory.shortfall(9, 100, 640, 4, 1 << 20, "hessian")
+    assert reason is not None and "about 7 MiB" in reason and "only 1 MiB are available" in reason

@@ -212,14 +212,15 @@ def test_live_dashboard_observer_without_a_terminal_prints_the_final_frame() -> 
 def test_a_quantity_switched_off_during_the_run_says_so_in_its_panel_and_the_alerts() -> None:
     stream = io.StringIO()
     dashboard = LiveDashboard(Console(file=stream, width=160), run_dir="results/toy")
-    dashboard.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99, instruments={"parameters": ["w"], "quantities": {"GradNorm": "every step", "HessTrace": "every step"}}))
-    dashboard.on_warning("HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB")
+    dashboard.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99, instruments={"parameters": ["w"], "quantities": {"GradNorm": "every step", "HessTrace": "every step", "TICDiag": "every step"}}))
+    dashboard.on_warning("TICDiag, HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB")
     dashboard.on_warning("3 steps had a non-finite loss")  # not a quantity: an alert only
-    assert dashboard.state.info.unavailable == {"HessTrace": "the curvature diagonal (hessian) would need about 9.0 GiB"}
+    reason = "the curvature diagonal (hessian) would need about 9.0 GiB"
+    assert dashboard.state.info.unavailable == {"TICDiag": reason, "HessTrace": reason}
     assert "unavailable: the curvature diagonal (hessian) would need about 9.0 GiB" in render(panels.hess_trace(dashboard.state), 160)
-    dashboard.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3, warnings=["HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB"]))
+    dashboard.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3, warnings=[f"TICDiag, HessTrace switched off: {reason}"]))
     alerts = [text for _, text in dashboard.state.alerts.values()]
-    assert alerts.count("HessTrace switched off: the curvature diagonal (hessian) would need about 9.0 GiB") == 1
+    assert alerts.count(f"TICDiag, HessTrace switched off: {reason}") == 1
 
 
 def test_plain_log_prints_each_warning_once_when_it_arises_or_at_the_end() -> None:

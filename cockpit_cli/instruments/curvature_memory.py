@@ -104,8 +104,13 @@ def shortfall(columns: int, batch_size: int, largest_output: int, element_size: 
         return None
     way_out = "use the ggn_mc curvature (one column per sample: instruments.curvature: ggn_mc, or curvature=\"ggn_mc\"), " if curvature != "ggn_mc" else ""
     return (
-        f"the curvature diagonal ({curvature}) would need about {needed / GIB:.1f} GiB (a factor of {columns} "
+        f"the curvature diagonal ({curvature}) would need about {_size(needed)} (a factor of {columns} "
         f"column(s) per sample, {batch_size} samples, up to {largest_output:,} numbers per sample at a layer's "
-        f"output), but only {available / GIB:.1f} GiB are available; {way_out}use a smaller batch, or a "
+        f"output), but only {_size(available)} are available; {way_out}use a smaller batch, or a "
         "machine with more memory"
     )
+
+
+def _size(size: float) -> str:
+    """``27.8 GiB``, or ``14 MiB`` below a GiB."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / (1 << 20):.0f} MiB"

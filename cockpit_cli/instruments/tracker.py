@@ -109,7 +109,11 @@ class Tracker:
         switched off during the run (a failing quantity, a curvature factor too large for the
         memory) with the reason, and the instruments' failure."""
         switched = {} if self._attached is None else self._attached.unavailable
-        found = [f"{name} switched off: {reason}" for name, reason in switched.items() if name not in self._unavailable_at_start]
+        names_by_reason: dict[str, list[str]] = {}  # quantities switched off together share one line
+        for name, reason in switched.items():
+            if name not in self._unavailable_at_start:
+                names_by_reason.setdefault(reason, []).append(name)
+        found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason.items()]
         return found + ([self.failure] if self.failure else [])  # in the order they happened: nothing follows a failure
 
     def describe(self) -> dict[str, Any]:
