@@ -105,3 +105,14 @@ def test_the_estimate_bounds_the_memory_the_curvature_takes() -> None:
 def test_sizes_below_a_gib_are_given_in_mib() -> None:
     reason = curvature_memory.shortfall(9, 100, 640, 4, 1 << 20, "hessian")
     assert reason is not None and "about 7 MiB" in reason and "only 1 MiB are available" in reason
+
+
+def test_finish_removes_the_size_hooks_of_a_step_that_was_skipped() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    instruments = Instruments(model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, [QUANTITIES["HessTrace"](Schedule())])
+    model(torch.randn(2, 3, 8, 8))  # step 0's forward pass measures the layer outputs
+    assert any(module._forward_hooks for module in model.modules())
+    instruments.skip(0)  # a non-finite loss: no backward pass, no check
+    instruments.finish()
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())

@@ -29,11 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
-from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments.backend import GradientCapture, capture_rng_state
-from cockpit_cli.instruments.curvature_memory import OutputSizes
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
@@ -94,7 +93,7 @@ class Instruments:
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay, self.sync)
         self.curvature, self.loss_function = curvature, loss_function
-        self._output_sizes: OutputSizes | None = None  # measures the first curvature step's layer outputs
+        self._output_sizes: curvature_memory.OutputSizes | None = None  # measures the first curvature step's layer outputs
         self._curvature_checked = False
         for quantity in self.quantities:
             quantity.attach(self.params, self.plain_sgd)
@@ -164,7 +163,7 @@ class Instruments:
         elif self._activations is not None:
             self._activations.remove()
         if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
-            self._output_sizes = OutputSizes(self.model, ignore=lambda: self._own_pass)
+            self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass)
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
@@ -360,6 +359,9 @@ class Instruments:
         if self._forward_hook is not None:
             self._forward_hook.remove()
             self._forward_hook = None
+        if self._output_sizes is not None:
+            self._output_sizes.remove()
+            self._output_sizes = None
         if self._activations is not None:
             self._activations.remove()
         return {s: self.results.pop(s) for s in sorted(self.results)}
