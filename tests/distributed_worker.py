@@ -7,13 +7,15 @@ test can compare the two.
 
 Usage: ``distributed_worker.py OUT KIND OPTIMIZER [FAIL_AT]`` with KIND ``mlp`` / ``cnn``,
 OPTIMIZER ``sgd`` (plain SGD: every quantity) / ``adam`` (Alpha by forward mode), and FAIL_AT a
-step at which rank 1 raises (to test how the others end).
+step at which rank 1 raises (to test how the others end). With ``SHORT_OF_MEMORY_RANK=r`` in the
+environment, process r finds no memory for the curvature factor.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import warnings
 
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import reference as ref
-from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule, curvature_memory
 from cockpit_cli.instruments.sync import GroupSynchronizer, Synchronizer
 
 warnings.filterwarnings("ignore")
@@ -39,12 +41,14 @@ PLAIN_SGD_ONLY = ("CABS", "EarlyStopping")
 
 def main(out: str, kind: str, optimizer_name: str, fail_at: int | None) -> None:
     torch.set_num_threads(1)
-    distributed = "WORLD_SIZE" in __import__("os").environ and int(__import__("os").environ["WORLD_SIZE"]) > 1
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         dist.init_process_group("gloo")
         sync: Synchronizer = GroupSynchronizer(dist.new_group(backend="gloo"))
     else:
         sync = Synchronizer()
+    if os.environ.get("SHORT_OF_MEMORY_RANK") == str(sync.rank):  # this process finds no memory for the curvature
+        curvature_memory.available_bytes = lambda device: 0
     model = ref.mlp(0) if kind == "mlp" else ref.cnn(0)
     params = ref.trainable(model)
     decayed = ref.weights(model)

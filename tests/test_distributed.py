@@ -58,11 +58,11 @@ def assert_same_values(single: dict, parallel: dict, rel: float, skip: tuple[str
     return compared
 
 
-def run_worker(out: Path, kind: str, optimizer: str, processes: int, fail_at: int | None = None) -> subprocess.CompletedProcess:
+def run_worker(out: Path, kind: str, optimizer: str, processes: int, fail_at: int | None = None, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, str(WORKER), str(out), kind, optimizer, *([str(fail_at)] if fail_at is not None else [])]
     if processes > 1:
         command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(WORKER)]
-    return subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=TESTS, env={**ENVIRONMENT, **(environment or {})}, capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize(("kind", "optimizer"), [("mlp", "sgd"), ("cnn", "sgd"), ("cnn", "adam")])
@@ -90,6 +90,18 @@ def test_a_failing_process_ends_the_others(tmp_path: Path) -> None:
     assert "rank 1 fails on purpose" in result.stderr
     assert time.monotonic() - started < 120
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_process_short_of_memory_for_the_curvature_switches_it_off_in_every_process(tmp_path: Path) -> None:
+    """Rank 1 finds no memory for the curvature factor: rank 0 switches the curvature quantities
+    off too (else their collectives would not match), says why, and both finish the run."""
+    result = run_worker(tmp_path / "out.json", "cnn", "sgd", 2, environment={"SHORT_OF_MEMORY_RANK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads((tmp_path / "out.json").read_text())
+    curvature = {"HessTrace", "TICDiag", "TICTrace"}
+    assert set(output["unavailable"]) == curvature
+    assert all(reason.startswith("the curvature factor does not fit in the memory of another process") for reason in output["unavailable"].values())
+    assert all(not curvature & set(values) and "GradNorm" in values for values in output["records"].values())
 
 
 # --- the command line ----------------------------------------------------------------------------
