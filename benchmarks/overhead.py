@@ -56,12 +56,12 @@ import torch
 from backpack import backpack, extend
 from backpack.extensions import BatchGrad
 from torch import Tensor, nn
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.allocations import cpu_allocations, peak_of
 from cockpit_cli.instruments.presets import COCKPIT_ECONOMY, DIAGNOSTICS
 from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
 from problems import build_problem
@@ -303,34 +303,6 @@ def peak_memory(device: torch.device, result: dict[str, float]) -> Iterator[None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         yield
     result["peak"] = float(peak_of(cpu_allocations(profiler)))
-
-
-def cpu_allocations(profiler: profile) -> list[tuple[int, int, int]]:
-    """Return ``(time ns, address, bytes)`` of each CPU allocation (bytes > 0) and release (< 0) recorded."""
-    events = []
-    stack = list(profiler.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-    return sorted(events)
-
-
-def peak_of(events: list[tuple[int, int, int]]) -> int:
-    """Return the peak of the bytes held by blocks allocated among ``events`` (releases of older blocks are ignored)."""
-    owned: set[int] = set()
-    live = peak = 0
-    for _, address, size in events:
-        if size > 0:
-            owned.add(address)
-        elif address in owned:
-            owned.discard(address)
-        else:
-            continue
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def start_run(case: Case, label: str, quantities: tuple[str, ...] | None, every: int, batch_grad: bool, args: argparse.Namespace) -> Run:

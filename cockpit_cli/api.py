@@ -89,7 +89,6 @@ class TrackedRun:
         self.steps = 0
         self.started = time.perf_counter()
         self.closed = False
-        self.warned = 0  # warnings of the tracker written so far
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         device = str(next(model.parameters()).device)
         meta = RunMeta("custom", type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
@@ -107,10 +106,8 @@ class TrackedRun:
         record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
         self.tracker.after_update(step, record)
         self.steps = step + 1
-        warnings = self.tracker.warnings()
-        for text in warnings[self.warned :]:  # into the manifest when it arises (a quantity switched off)
+        for text in self.tracker.new_warnings():  # into the manifest when it arises (a quantity switched off)
             self.writer.on_warning(text)
-        self.warned = len(warnings)
 
     def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
         """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""

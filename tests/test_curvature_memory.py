@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from allocations import peak_bytes
+from cockpit_cli.instruments.allocations import peak_cpu_bytes as peak_bytes
 from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule, curvature_memory
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.training.events import StepRecord

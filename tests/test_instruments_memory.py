@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from allocations import peak_bytes
+from cockpit_cli.instruments.allocations import peak_cpu_bytes as peak_bytes
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, outer_histogram, reductions
 from cockpit_cli.instruments.quantities.base import DIFFERENCE_BLOCK, UpdateData, difference_norms
 

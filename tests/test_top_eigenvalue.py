@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from allocations import peak_bytes
+from cockpit_cli.instruments.allocations import peak_cpu_bytes as peak_bytes
 from cockpit_cli.instruments.top_eigenvalue import largest_eigenpair
 
 

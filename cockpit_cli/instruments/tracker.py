@@ -39,6 +39,7 @@ class Tracker:
         self.failure: str | None = None
         self._unavailable_at_start = set(instruments.unavailable) if instruments is not None else set()
         self._attached = instruments  # kept after a failure: the quantities it switched off
+        self._handed_out = 0  # warnings returned by new_warnings so far
 
     def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
@@ -115,6 +116,12 @@ class Tracker:
                 names_by_reason.setdefault(reason, []).append(name)
         found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason.items()]
         return found + ([self.failure] if self.failure else [])  # in the order they happened: nothing follows a failure
+
+    def new_warnings(self) -> list[str]:
+        """Return the warnings that arose since the last call (to say them when they happen)."""
+        warnings = self.warnings()
+        fresh, self._handed_out = warnings[self._handed_out :], len(warnings)
+        return fresh
 
     def describe(self) -> dict[str, Any]:
         """What is tracked, for the manifest."""

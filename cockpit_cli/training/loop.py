@@ -84,7 +84,6 @@ class Trainer:
         self.tracker = Tracker(instruments, lambda record: self._notify("on_step", record), self.train_model)
         self.sample_indices = self._choose_tracked_samples()
         self.nonfinite_steps = 0
-        self._warned = 0  # warnings of the tracker handed to the observers so far
         self._sample_hits: str | None = None
 
     # -- the loop --------------------------------------------------------------------------
@@ -345,13 +344,11 @@ class Trainer:
     def _report_warnings(self) -> None:
         """Hand the observers that take them each new warning of the tracker (a quantity switched
         off during the run), so that it is seen, and written, when it happens."""
-        warnings = self.tracker.warnings()
-        for text in warnings[self._warned :]:
+        for text in self.tracker.new_warnings():
             for observer in self.observers:
                 handler = getattr(observer, "on_warning", None)
                 if handler is not None:
                     handler(text)
-        self._warned = len(warnings)
 
     def _notify(self, method: str, payload: object) -> None:
         for observer in self.observers:
