@@ -121,7 +121,7 @@ class TrackedRun:
         self.closed = True
         self.tracker.flush()
         warnings = self.tracker.warnings()
-        self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings))
+        self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings, self.tracker.describe()))
 
     def __enter__(self) -> "TrackedRun":
         return self

@@ -83,3 +83,5 @@ def test_curvature_too_large_for_the_memory_is_switched_off_and_said_when_it_hap
     run = read_run(tmp_path / "results" / "run")
     assert [w.split(":")[0] for w in run.manifest["warnings"]] == ["TICDiag, HessTrace switched off"]
     assert all("GradNorm" in r["quantities"] and "HessTrace" not in r["quantities"] for r in run.steps if r["step"] % 2 == 0)
+    unavailable = run.manifest["instruments"]["unavailable"]  # the end's description: figures and reports say why
+    assert set(unavailable) == {"TICDiag", "HessTrace"} and unavailable["HessTrace"].startswith("the curvature diagonal (hessian) would need about")

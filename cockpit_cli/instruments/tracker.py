@@ -125,4 +125,4 @@ class Tracker:
 
     def describe(self) -> dict[str, Any]:
         """What is tracked, for the manifest."""
-        return self.instruments.describe() if self.instruments is not None else {}
+        return self._attached.describe() if self._attached is not None else {}  # after a failure too

@@ -245,6 +245,8 @@ class RunWriter:
             epochs_completed=end.epochs,
             warnings=end.warnings,
         )
+        if end.instruments:  # with the quantities switched off during the run, and why
+            self.manifest["instruments"] = end.instruments
         self.manifest["timings"]["train_seconds"] = round(end.train_seconds, 3)
         summary = summarize(end.status.value, end.message, steps, end.epochs, end.train_seconds, list(self._recent_losses), self._eval_records)
         try:

@@ -128,6 +128,8 @@ class RunEnd:
         message: One line for the user when the run did not complete normally.
         train_seconds: Seconds spent training (evaluation included).
         warnings: Things that went wrong without stopping the run (e.g. instruments switched off).
+        instruments: What was tracked at the end, as in :class:`RunMeta` (quantities switched off
+            during the run are under ``unavailable``); empty to keep the start's.
     """
 
     status: RunStatus
@@ -136,6 +138,7 @@ class RunEnd:
     message: str | None = None
     train_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    instruments: dict[str, Any] = field(default_factory=dict)
 
 
 class Observer(Protocol):

@@ -337,7 +337,7 @@ class Trainer:
         if self.nonfinite_steps and self.training.on_nonfinite != "stop":
             action = "skipped" if self.training.on_nonfinite == "skip" else "taken anyway"
             warnings.append(f"{self.nonfinite_steps} steps had a non-finite loss and were {action} (training.on_nonfinite: {self.training.on_nonfinite})")
-        end = RunEnd(status=status, steps=self.step, epochs=self.epoch, message=message, train_seconds=self._elapsed(), warnings=warnings)
+        end = RunEnd(status, self.step, self.epoch, message, self._elapsed(), warnings, self.tracker.describe())
         self._notify("on_end", end)
         return end
 
