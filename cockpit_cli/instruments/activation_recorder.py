@@ -71,10 +71,8 @@ class ActivationRecorder:
             sums = [[*row, count] for row, count in zip(moments.tolist(), counts)]
         statistics = {}
         for name, (total, squares, nonzeros, count) in zip(names, sums):
-            zeros = count - nonzeros
-            count = max(count, 1.0)
-            mean = total / count
-            statistics[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "zero_fraction": zeros / count}
+            mean, std = mean_and_std(total, squares, count)
+            statistics[name] = {"mean": mean, "std": std, "zero_fraction": (count - nonzeros) / max(count, 1.0)}
         return statistics
 
     def remove(self) -> None:
@@ -86,22 +84,35 @@ class ActivationRecorder:
 
 
 def output_moments(values: Tensor) -> Tensor:
-    """Return ``[sum, sum of squares, nonzeros]`` of all elements of ``values`` (float64, ``[3]``).
+    """Return ``[sum, sum of squares, nonzeros]`` of all elements of ``values`` (float64, ``[3]``)."""
+    return torch.stack((*wide_sums(values), torch.count_nonzero(values)))  # the count is promoted to float64
 
-    The float64 sums run over blocks of elements, so no float64 copy of a layer's whole output
-    is ever made.
+
+def wide_sums(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the sum and the sum of squares of all elements of ``values`` in float64 (0-d each).
+
+    The float64 sums run over blocks of :data:`MOMENT_BLOCK` elements, so no float64 copy of a
+    large tensor is ever made.
     """
     flat = values.reshape(-1)
     if flat.numel() <= MOMENT_BLOCK:
         wide = flat.double()
-        return torch.stack((wide.sum(), torch.dot(wide, wide), torch.count_nonzero(flat)))  # the count is promoted to float64
+        return wide.sum(), torch.dot(wide, wide)
     total = squares = None
     for block in flat.split(MOMENT_BLOCK):
         block = block.double()
         block_total, block_squares = block.sum(), torch.dot(block, block)
         total = block_total if total is None else total + block_total
         squares = block_squares if squares is None else squares + block_squares
-    return torch.stack([total, squares, torch.count_nonzero(flat).double()])
+    return total, squares
+
+
+def mean_and_std(total: float, squares: float, count: float) -> tuple[float, float]:
+    """Return the mean and the population standard deviation of ``count`` values from their
+    float64 sum and sum of squares (0 and 0 for no values)."""
+    count = max(count, 1.0)
+    mean = total / count
+    return mean, max(squares / count - mean * mean, 0.0) ** 0.5
 
 
 def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -291,7 +291,8 @@ class Accumulator:
     Values derived from the combined per-coordinate statistics are global already; per-sample
     vectors, counts and maxima are the local shard's until :meth:`synchronize`. The values added
     under a name are kept until :attr:`totals` is read, then summed in one stacked sum (a few
-    ops per name, not two per parameter).
+    ops per name, not two per parameter). :meth:`scalar` hands out the scalar totals as Python
+    numbers, all of them in one transfer from the device.
     """
 
     def __init__(self, num_params: int):
@@ -301,6 +302,7 @@ class Accumulator:
         self.per_param: dict[str, list[Tensor | None]] = {}
         self.num_params = num_params
         self.coordinates = 0
+        self._scalars: dict[str, float] | None = None  # the scalar totals as Python floats, once read
 
     @property
     def totals(self) -> dict[str, Tensor]:
@@ -314,9 +316,22 @@ class Accumulator:
         self._parts = {}
         return self._totals
 
+    def scalar(self, name: str) -> float:
+        """Return the scalar (0-d, floating-point) total ``name`` as a Python float.
+
+        The first call after a change converts every scalar total together: one stacked tensor and
+        one transfer (on a GPU each conversion waits for the device), not one per quantity.
+        """
+        if self._scalars is None:
+            totals = self.totals
+            names = [key for key, value in totals.items() if value.dim() == 0 and value.is_floating_point()]
+            self._scalars = dict(zip(names, torch.stack([totals[key] for key in names]).tolist() if names else []))
+        return self._scalars[name]
+
     def add(self, name: str, value: Tensor) -> None:
         """Add ``value`` (any shape, the same for every call with ``name``) to the sum ``name``."""
         self._parts.setdefault(name, []).append(_detached(value))
+        self._scalars = None
 
     def add_per_param(self, name: str, index: int, value: Tensor) -> None:
         slots = self.per_param.setdefault(name, [None] * self.num_params)
@@ -326,6 +341,7 @@ class Accumulator:
         current = self._totals.get(name)
         value = _detached(value).to(torch.float64)
         self._totals[name] = value if current is None else torch.maximum(current, value)
+        self._scalars = None
 
     def synchronize(self, sync: Synchronizer) -> None:
         """Combine the local values across processes (a no-op for one process).
@@ -341,6 +357,7 @@ class Accumulator:
                 self.totals[name] = sync.sum(self.totals[name])
             elif name == ABS_MAX:
                 self.totals[name] = sync.maximum(self.totals[name])
+        self._scalars = None
         for name in sorted(self.per_param):
             if name in COUNTS:
                 self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]

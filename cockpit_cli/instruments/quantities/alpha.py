@@ -69,16 +69,23 @@ class Alpha(Quantity):
             options.direction = self.pending["direction"]
 
     def compute(self, data: StepData) -> None:
-        _, var_f = _mean_and_variance(data.individual_losses)
-        if self._ends_at(data.step):
-            pending, self.pending = self.pending, None
-            slopes = data.reductions.totals[r.PROJECTIONS] / pending["length"] if pending["length"] > 0 else None
-            value = self._alpha(pending, data.loss, var_f, slopes)
-            data.emit(self.name, value, step=pending["step"])
-        if self.schedule(data.step):
+        ending = self.pending if self._ends_at(data.step) else None
+        starting = self.schedule(data.step)
+        # The step's [N] vectors in one reduction: losses, end slopes (times ||d||), start dot products.
+        vectors = {"f": data.individual_losses}
+        if ending is not None and ending["length"] > 0:
+            vectors["df_end"] = data.reductions.totals[r.PROJECTIONS]  # g_i . d
+        if starting and self.plain_sgd:
+            vectors["dots"] = data.reductions.totals[r.SAMPLE_DOTS]  # g_i . g
+        moments = dict(zip(vectors, means_and_variances(list(vectors.values()))))
+        _, var_f = moments["f"]
+        if ending is not None:
+            self.pending = None
+            data.emit(self.name, self._alpha(ending, data.loss, var_f, moments.get("df_end")), step=ending["step"])
+        if starting:
             self.start = {"step": data.step, "f": data.loss, "var_f": var_f, "lr": data.lr}
             if self.plain_sgd:
-                self.start["dots"] = data.reductions.totals[r.SAMPLE_DOTS]
+                self.start["dots"] = moments["dots"]
 
     def after_update(self, data: UpdateData) -> None:
         start, self.start = self.start, None
@@ -86,30 +93,45 @@ class Alpha(Quantity):
             return
         direction = data.updates
         length = math.sqrt(math.fsum(size * size for size in data.update_norms))  # ||d||, from the norms UpdateSize shares
+        dots = start.pop("dots", None)
         if length > 0:
-            if self.plain_sgd:
-                products = -start["lr"] * start["dots"]  # g_i . d with d = -lr g
+            if self.plain_sgd:  # g_i . d = -lr g_i . g
+                (mean, variance), scale = dots, -start["lr"]
             else:
-                products = data.start_slopes(direction)
-            start["df"], start["var_df"] = _mean_and_variance(products / length)
+                [(mean, variance)], scale = means_and_variances([data.start_slopes(direction)]), 1.0
+            start["df"], start["var_df"] = scale * mean / length, scale * scale * variance / (length * length)
         start.update(direction=direction, length=length)
         self.pending = start
 
     @staticmethod
-    def _alpha(start: dict[str, Any], f_end: float, var_f_end: float, slopes_end: torch.Tensor | None) -> float:
-        if start["length"] == 0.0 or slopes_end is None:
+    def _alpha(start: dict[str, Any], f_end: float, var_f_end: float, projections_end: tuple[float, float] | None) -> float:
+        """Return alpha from the start's observations and the end's; ``projections_end`` holds
+        the mean and variance of the end's products g_i . d (``None`` when ``d = 0``)."""
+        length = start["length"]
+        if length == 0.0 or projections_end is None:
             return -1.0
-        df_end, var_df_end = _mean_and_variance(slopes_end)
-        return fit_alpha(start["length"], (start["f"], f_end), (start["df"], df_end), (start["var_f"], var_f_end), (start["var_df"], var_df_end))
+        mean, variance = projections_end
+        return fit_alpha(length, (start["f"], f_end), (start["df"], mean / length), (start["var_f"], var_f_end), (start["var_df"], variance / (length * length)))
 
 
-def _mean_and_variance(values: torch.Tensor) -> tuple[float, float]:
-    """Return the mean and the unbiased sample variance (0 for one sample) of ``[N]`` values as floats (one fused reduction)."""
-    values = values.double()
-    if values.numel() <= 1:
-        return float(values.mean()), 0.0
-    variance, mean = torch.var_mean(values)  # unbiased
-    return float(mean), float(variance)
+def means_and_variances(vectors: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """Return the mean and the unbiased sample variance (0 for one sample) of each ``[N]`` vector.
+
+    The vectors are reduced together in float64: one stacked ``var_mean`` and one transfer to
+    Python floats, whatever their number (on a small model every tensor operation costs
+    microseconds).
+
+    Args:
+        vectors: ``k`` tensors of shape ``[N]`` (one N for all).
+
+    Returns:
+        ``k`` pairs ``(mean, variance)``.
+    """
+    rows = torch.stack(vectors).to(torch.float64)  # [k, N]
+    if rows.shape[1] <= 1:
+        return [(mean, 0.0) for mean in rows.sum(1).tolist()]
+    variances, means = torch.var_mean(rows, dim=1)  # unbiased
+    return list(zip(*torch.stack((means, variances)).tolist()))
 
 
 def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]) -> float:

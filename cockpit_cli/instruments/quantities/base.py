@@ -211,6 +211,20 @@ def norms(tensors: list[Tensor]) -> list[float]:
     return torch.stack(torch._foreach_norm(tensors)).tolist()
 
 
+def counts_as_lists(total: Tensor, per_param: list[Tensor | None]) -> tuple[list, list[list | None]]:
+    """Return histogram counts as nested lists: the total and each parameter's (``None`` where a
+    parameter has none), all in one transfer from the device.
+
+    Args:
+        total: Counts of all parameters, any shape (``[bins]``, ``[bins_x, bins_y]``).
+        per_param: Each parameter's counts, shaped like ``total``, or ``None``.
+    """
+    present = [counts for counts in per_param if counts is not None]
+    rows = torch.stack([total, *present]).tolist()
+    by_param = iter(rows[1:])
+    return rows[0], [None if counts is None else next(by_param) for counts in per_param]
+
+
 DIFFERENCE_BLOCK = 1 << 16  # elements of the largest temporary difference (256 KiB of float32)
 
 

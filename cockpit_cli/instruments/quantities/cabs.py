@@ -17,5 +17,5 @@ class CABS(Quantity):
         return {r.CENTERED_TOTAL}
 
     def compute(self, data: StepData) -> None:
-        centered = float(data.reductions.totals[r.CENTERED_TOTAL])
+        centered = data.reductions.scalar(r.CENTERED_TOTAL)
         data.emit(self.name, data.lr * centered / (data.batch_size * data.loss))

@@ -18,5 +18,5 @@ class EarlyStopping(Quantity):
         return {r.EB_SUM}
 
     def compute(self, data: StepData) -> None:
-        mean_ratio = float(data.reductions.totals[r.EB_SUM]) / data.reductions.coordinates
+        mean_ratio = data.reductions.scalar(r.EB_SUM) / data.reductions.coordinates
         data.emit(self.name, 1.0 - data.batch_size * mean_ratio)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, counts_as_lists, register
 
 
 @register
@@ -41,16 +41,9 @@ class GradHist1d(Quantity):
 
     def compute(self, data: StepData) -> None:
         totals = data.reductions.totals
-        per_param = data.reductions.per_param.get(r.HIST1D, [])
-        data.emit(
-            self.name,
-            {
-                "counts": totals[r.HIST1D].tolist(),
-                "range": [self.spec.low, self.spec.high],
-                "per_parameter": [None if c is None else c.tolist() for c in per_param],
-            },
-        )
+        counts, per_parameter = counts_as_lists(totals[r.HIST1D], data.reductions.per_param.get(r.HIST1D, []))
+        data.emit(self.name, {"counts": counts, "range": [self.spec.low, self.spec.high], "per_parameter": per_parameter})
         if self.options["adaptive"] and r.ABS_MAX in totals:
-            largest = float(totals[r.ABS_MAX])
+            largest = data.reductions.scalar(r.ABS_MAX)
             if largest > 0.0:
                 self.spec = r.HistogramSpec(self.spec.bins, -largest, largest)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, counts_as_lists, register
 
 
 @register
@@ -32,12 +32,12 @@ class GradHist2d(Quantity):
 
     def compute(self, data: StepData) -> None:
         grad_axis, param_axis = self.specs
-        per_param = data.reductions.per_param.get(r.HIST2D, [])
+        counts, per_parameter = counts_as_lists(data.reductions.totals[r.HIST2D], data.reductions.per_param.get(r.HIST2D, []))
         data.emit(
             self.name,
             {
-                "counts": data.reductions.totals[r.HIST2D].tolist(),
+                "counts": counts,
                 "range": [[grad_axis.low, grad_axis.high], [param_axis.low, param_axis.high]],
-                "per_parameter": [None if c is None else c.tolist() for c in per_param],
+                "per_parameter": per_parameter,
             },
         )

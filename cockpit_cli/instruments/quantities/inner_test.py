@@ -17,6 +17,6 @@ class InnerTest(Quantity):
     def compute(self, data: StepData) -> None:
         n = data.batch_size
         totals = data.reductions.totals
-        grad_sq = float(totals[r.GRAD_SQ_NORM])
+        grad_sq = data.reductions.scalar(r.GRAD_SQ_NORM)
         value = float((totals[r.SAMPLE_DOTS] - grad_sq).pow_(2).sum().div_(n * (n - 1) * (grad_sq * grad_sq)))
         data.emit(self.name, math.sqrt(max(value, 0.0)))

@@ -2,7 +2,12 @@
 
 import torch
 
+from cockpit_cli.instruments.activation_recorder import mean_and_std, wide_sums
 from cockpit_cli.instruments.quantities.base import INPUTS, Quantity, StepData, register
+
+# Below this ratio of variance to squared mean, the float64 sums' rounding (relative 1e-16 of
+# the squared mean) could show in the variance's eighth digit.
+CANCELLATION = 1e-8
 
 
 @register
@@ -14,7 +19,9 @@ class InputStats(Quantity):
 
     def compute(self, data: StepData) -> None:
         inputs = data.inputs.detach()
-        low, high = inputs.aminmax()  # exact in the inputs' dtype: no float64 pass needed
-        wide = inputs.double()
-        mean, std, low, high = torch.stack((wide.mean(), wide.std(unbiased=False), low.double(), high.double())).tolist()  # exact: float64 holds every value of the inputs' dtype
+        # One transfer; min and max are exact in the inputs' dtype, and float64 holds every value of it.
+        total, squares, low, high = torch.stack((*wide_sums(inputs), *inputs.aminmax())).tolist()
+        mean, std = mean_and_std(total, squares, inputs.numel())
+        if std * std < CANCELLATION * mean * mean:  # the sums lost the spread: take it in two passes
+            std = float(inputs.double().std(unbiased=False))
         data.emit(self.name, {"mean": mean, "std": std, "min": low, "max": high})

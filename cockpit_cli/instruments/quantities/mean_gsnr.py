@@ -13,4 +13,4 @@ class MeanGSNR(Quantity):
         return {r.GSNR_SUM}
 
     def compute(self, data: StepData) -> None:
-        data.emit(self.name, float(data.reductions.totals[r.GSNR_SUM]) / data.reductions.coordinates)
+        data.emit(self.name, data.reductions.scalar(r.GSNR_SUM) / data.reductions.coordinates)

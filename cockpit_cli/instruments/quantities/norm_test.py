@@ -16,6 +16,5 @@ class NormTest(Quantity):
 
     def compute(self, data: StepData) -> None:
         n = data.batch_size
-        totals = data.reductions.totals
-        value = float(totals[r.CENTERED_TOTAL]) / (n * (n - 1) * float(totals[r.GRAD_SQ_NORM]))
+        value = data.reductions.scalar(r.CENTERED_TOTAL) / (n * (n - 1) * data.reductions.scalar(r.GRAD_SQ_NORM))
         data.emit(self.name, math.sqrt(max(value, 0.0)))

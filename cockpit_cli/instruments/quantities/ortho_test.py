@@ -17,7 +17,7 @@ class OrthoTest(Quantity):
     def compute(self, data: StepData) -> None:
         n = data.batch_size
         totals = data.reductions.totals
-        grad_sq = float(totals[r.GRAD_SQ_NORM])
+        grad_sq = data.reductions.scalar(r.GRAD_SQ_NORM)
         # ||g_i - (g_i.g/||g||^2) g||^2 = ||g_i||^2 - (g_i.g)^2 / ||g||^2
         orthogonal = totals[r.SAMPLE_SQ_NORMS] - totals[r.SAMPLE_DOTS].pow(2).div_(grad_sq)
         value = float(orthogonal.sum().div_(n * (n - 1) * grad_sq))

@@ -18,4 +18,4 @@ class TICDiag(Quantity):
         return {r.TIC_DIAG_SUM, CURVATURE}
 
     def compute(self, data: StepData) -> None:
-        data.emit(self.name, float(data.reductions.totals[r.TIC_DIAG_SUM]))
+        data.emit(self.name, data.reductions.scalar(r.TIC_DIAG_SUM))

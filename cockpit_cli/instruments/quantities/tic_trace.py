@@ -14,5 +14,4 @@ class TICTrace(Quantity):
         return {r.SECOND_MOMENT_TOTAL, r.CURVATURE_TRACE, CURVATURE}
 
     def compute(self, data: StepData) -> None:
-        totals = data.reductions.totals
-        data.emit(self.name, float(totals[r.SECOND_MOMENT_TOTAL]) / (float(totals[r.CURVATURE_TRACE]) + r.TIC_EPSILON))
+        data.emit(self.name, data.reductions.scalar(r.SECOND_MOMENT_TOTAL) / (data.reductions.scalar(r.CURVATURE_TRACE) + r.TIC_EPSILON))
