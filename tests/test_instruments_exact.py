@@ -24,7 +24,7 @@ import reference as ref
 import reference_curvature as curv
 from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
-from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule
+from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule, factored_gradients
 from cockpit_cli.instruments.reductions import HistogramSpec
 from cockpit_cli.instruments.settings import build_quantities
 
@@ -348,6 +348,39 @@ def test_first_order_quantities_with_weight_decay(kind: str, loss: str, seed: in
     run = train(model, batches, quantities(FIRST_ORDER, **options), weight_decay=DECAY)
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY)
+
+
+class SGDAccumulating(torch.optim.SGD):
+    """SGD whose ``zero_grad`` leaves a constant in the gradients, as a loop that accumulates
+    gradients over several backward passes holds an earlier pass's gradients."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = torch.full_like(p, 0.5)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_the_mean_gradient_is_the_training_s_own_unless_gradients_accumulate(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the gradients start empty, a layer's mean gradient is the one the backward pass
+    forms anyway: the factors never form it a second time. Where they hold values already, the
+    backward pass adds to them, and the mean comes from the factors. Both match the references
+    (GradNorm and LayerStats report the accumulated gradients, which training steps with)."""
+    formed: list[str] = []
+    for source in (factored_gradients.FactoredLinear, factored_gradients.FactoredConv):
+        original = source.data_mean
+        monkeypatch.setattr(source, "data_mean", lambda self, _original=original: formed.append(type(self).__name__) or _original(self))
+    accumulating = [name for name in FIRST_ORDER if name not in ("CABS", "EarlyStopping", "GradNorm", "LayerStats")]  # CABS, EB: plain SGD only
+    for optimizer, names, forms in ((sgd, FIRST_ORDER, False), (lambda params: SGDAccumulating(params, lr=LR), accumulating, True)):
+        formed.clear()
+        model = BUILDERS[kind](0)
+        batches = make_batches(kind, "ce", 0, 2)
+        run = train(model, batches, quantities(names, **histogram_options(model, batches[0], weight_decay)), optimizer=optimizer, weight_decay=weight_decay)
+        assert run.instruments.unavailable == {}
+        assert bool(formed) == forms
+        for step in range(2):
+            check_first_order(run, step, weight_decay=weight_decay, names=names)
 
 
 def dead_unit_mlp(seed: int) -> nn.Sequential:

@@ -39,16 +39,34 @@ def dense(samples: Tensor | FactoredSamples) -> Tensor:
     return samples.reshape(samples.shape[0], -1)
 
 
+@pytest.mark.parametrize("at_gradients", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "linear3d", "conv1d", "conv2d"])
-def test_output_hooks_match_backpack(kind: str) -> None:
+def test_output_hooks_match_backpack(kind: str, at_gradients: bool) -> None:
+    """Each source comes once; waiting for the gradients, each also comes with the parameter's
+    accumulated gradient, which is the mean of its per-sample gradients."""
     model, inputs = build(kind)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     hooks = OutputGradientHooks({layer: [layer.weight, layer.bias] for layer in layers})
-    found: dict[nn.Module, list[Tensor]] = {}
-    hooks.callback = lambda module, sources: found.__setitem__(module, [dense(s).clone() for s in sources])
+    found: dict[nn.Module, list[Tensor]] = {layer: [None, None] for layer in layers}
+    means: dict[nn.Parameter, Tensor | None] = {}
+
+    def collect(module: nn.Module, param: nn.Parameter, samples: Tensor | FactoredSamples, mean: Tensor | None) -> None:
+        assert found[module][0 if param is module.weight else 1] is None
+        found[module][0 if param is module.weight else 1] = dense(samples).clone()
+        means[param] = mean
+
+    hooks.callback, hooks.at_gradients = collect, at_gradients
     hooks.attach()
     model(inputs).pow(2).mean().backward()
+    hooks.flush()
     hooks.detach()
+    for layer in layers:
+        for param, samples in zip((layer.weight, layer.bias), found[layer]):
+            if at_gradients:
+                assert means[param].data_ptr() == param.grad.data_ptr()  # the gradient itself, not a copy
+                assert torch.allclose(samples.sum(0), param.grad.reshape(-1), rtol=1e-5, atol=1e-7)  # g_i / N summed
+            else:
+                assert means[param] is None
 
     reference = extend(copy.deepcopy(model))
     for module in reference.modules():

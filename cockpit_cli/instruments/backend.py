@@ -77,10 +77,10 @@ class GradientCapture:
         self._curvature = curvature_extension(curvature) if support.curvature else None
         self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
-        index = {id(p): i for i, p in enumerate(params)}
+        self.param_index = {id(p): i for i, p in enumerate(params)}
         self.module_params: dict[nn.Module, list[tuple[int, nn.Parameter]]] = {}
         for module in model.modules():
-            own = [(index[id(p)], p) for p in module.parameters(recurse=False) if id(p) in index]
+            own = [(self.param_index[id(p)], p) for p in module.parameters(recurse=False) if id(p) in self.param_index]
             if own:
                 self.module_params[module] = own
         # BackPACK's hooks are installed only for the steps that use them (see attach): on the
@@ -191,11 +191,17 @@ class GradientCapture:
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph):
                     _backward(loss, retain_graph, create_graph)
         elif by_output_hooks:
-            self._output_hooks.callback = self._layer_hook(accumulator, requested, options, batch_size)
+            hooks = self._output_hooks
+            hooks.callback = self._parameter_hook(accumulator, requested, options, batch_size)
+            # The training's own gradients are the means of the per-sample ones where they start
+            # empty (not accumulated over several backward passes) and are this process's alone.
+            hooks.at_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)
             try:
                 _backward(loss, retain_graph, create_graph)
+                hooks.flush()
             finally:
-                self._output_hooks.callback = None
+                hooks.callback, hooks.at_gradients = None, False
+                hooks.flush()  # drops what a failed pass left
         else:
             _backward(loss, retain_graph, create_graph)
         if per_sample and self.support.per_sample == "functorch":
@@ -219,12 +225,12 @@ class GradientCapture:
 
         return reduce_module
 
-    def _layer_hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module, list], None]:
-        def reduce_sources(module: nn.Module, sources: list[Tensor | FactoredSamples]) -> None:
-            for (index, param), samples in zip(self.module_params[module], sources):
-                reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync)
+    def _parameter_hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]:
+        def reduce_source(module: nn.Module, param: nn.Parameter, samples: Tensor | FactoredSamples, mean: Tensor | None) -> None:
+            index = self.param_index[id(param)]
+            reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync, mean=mean)
 
-        return reduce_sources
+        return reduce_source
 
     def _source(self, index: int, samples: Tensor | FactoredSamples | None, batch_size: int) -> SampleSource | None:
         """Return the per-sample gradients of parameter ``index`` (with the regulariser) from BackPACK's ``grad_batch``."""

@@ -58,6 +58,7 @@ class FactoredSamples:
         self.theta: Tensor | None = None
         self.decay = 0.0
         self._data_mean: Tensor | None = None
+        self._mean: Tensor | None = None  # given by take_mean
 
     def regularized(self, theta: Tensor, decay: float) -> FactoredSamples:
         """Include the regulariser's gradient ``decay * theta`` in every ``G[i]`` (returns self)."""
@@ -183,8 +184,19 @@ class FactoredSamples:
             self._data_mean = self.data_mean()
         return self._data_mean
 
+    def take_mean(self, g: Tensor) -> None:
+        """Use ``g`` (``[D]``: the training's own gradient of the weight, which the backward pass
+        forms anyway) as the mean, so that it is not formed a second time from the factors (a
+        matrix product as large as the weight gradient's, and a temporary of the weight's size)."""
+        self._mean = g.reshape(-1)
+        decay_term = self._decay_term()
+        data_mean = self._mean.reshape(self.weight_shape[0], -1)
+        self._data_mean = data_mean if decay_term is None else data_mean - decay_term
+
     def mean(self) -> Tensor:
         """Return ``g = mean_i G[i]``, ``[D]``, without forming per-sample gradients."""
+        if self._mean is not None:
+            return self._mean
         mean = self._data_gradient().reshape(self.weight_shape[0], -1)
         decay_term = self._decay_term()
         return (mean if decay_term is None else mean + decay_term).reshape(-1)

@@ -12,6 +12,11 @@ A forward hook keeps each layer's input and hooks its output tensor; the tensor'
 hands the layer's sources to a callback while the backward pass runs. Where every tracked
 parameter sits in such a layer and no curvature is due, this replaces BackPACK's module backward
 hooks, which wrap each hooked layer's inputs and outputs in extra autograd nodes at every step.
+
+With :attr:`OutputGradientHooks.at_gradients` set, a parameter's source waits for the parameter's
+gradient instead (a hook that runs once autograd has accumulated it) and goes to the callback
+with that gradient: the mean of the per-sample gradients, which then need not be formed a second
+time from the factors.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from torch import Tensor, nn
 
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
 
-LayerSources = Callable[[nn.Module, list[Tensor | FactoredSamples]], None]
+# (layer, parameter, its per-sample gradients, their mean where known, else None)
+ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
 
 
 class OutputGradientHooks:
@@ -32,12 +38,14 @@ class OutputGradientHooks:
 
     Args:
         params: For each hooked layer (Linear, Conv1d or unfoldable Conv2d), its tracked
-            parameters (``weight`` and / or ``bias``), in the order the callback receives sources.
+            parameters (``weight`` and / or ``bias``).
     """
 
     def __init__(self, params: dict[nn.Module, list[nn.Parameter]]):
         self.params = params
-        self.callback: LayerSources | None = None  # set only while a tracked backward pass runs
+        self.callback: ParameterSource | None = None  # set only while a tracked backward pass runs
+        self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
+        self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -45,24 +53,49 @@ class OutputGradientHooks:
         return bool(self._handles)
 
     def attach(self) -> None:
-        """Install the forward hooks (before a tracked forward pass)."""
+        """Install the forward hooks and the gradient hooks (before a tracked forward pass)."""
         if not self._handles:
             self._handles = [module.register_forward_hook(self._forward) for module in self.params]
+            self._handles += [param.register_post_accumulate_grad_hook(self._accumulated) for params in self.params.values() for param in params]
 
     def detach(self) -> None:
-        """Remove the forward hooks (output hooks already set die with their graph)."""
+        """Remove the hooks (output hooks already set die with their graph)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._waiting = {}
+
+    def flush(self) -> None:
+        """Hand over the sources still waiting (a gradient that never came) with no mean, or drop
+        them where no callback is set (a backward pass that failed)."""
+        waiting, self._waiting = self._waiting, {}
+        for param, entries in waiting.items():
+            if self.callback is not None:
+                self._hand_over(param, entries, None)
 
     def _forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(partial(self._backward, module, inputs[0]))
 
     def _backward(self, module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
-        if self.callback is not None:
-            with torch.no_grad():  # the backward pass may be recording a graph of the gradients
-                self.callback(module, [layer_samples(module, param, inputs, grad_output) for param in self.params[module]])
+        if self.callback is None:
+            return
+        for param in self.params[module]:
+            if self.at_gradients:
+                self._waiting.setdefault(param, []).append((module, inputs, grad_output))
+            else:
+                self._hand_over(param, [(module, inputs, grad_output)], None)
+
+    def _accumulated(self, param: nn.Parameter) -> None:
+        entries = self._waiting.pop(param, None)
+        if entries is not None and self.callback is not None:
+            # A layer that ran more than once adds several sources into one gradient: none of them has it as its mean.
+            self._hand_over(param, entries, param.grad.detach() if len(entries) == 1 else None)
+
+    def _hand_over(self, param: nn.Parameter, entries: list[tuple[nn.Module, Tensor, Tensor]], mean: Tensor | None) -> None:
+        with torch.no_grad():  # the backward pass may be recording a graph of the gradients
+            for module, inputs, grad_output in entries:
+                self.callback(module, param, layer_samples(module, param, inputs, grad_output), mean)
 
 
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:

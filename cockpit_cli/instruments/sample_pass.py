@@ -26,6 +26,9 @@ class SampleSource(Protocol):
     def mean(self) -> Tensor:
         """Return the mean gradient ``g = mean_i G[i]``, shape ``[D_p]``."""
 
+    def take_mean(self, g: Tensor) -> None:
+        """Use ``g`` (``[D_p]``, known already: the training's own gradient) as the mean from now on."""
+
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order)."""
 
@@ -54,9 +57,13 @@ class DenseSamples:
     def __init__(self, samples: Tensor):
         self.samples = samples.reshape(samples.shape[0], -1)
         self.n = self.samples.shape[0]
+        self._mean: Tensor | None = None
 
     def mean(self) -> Tensor:
-        return self.samples.mean(0)
+        return self.samples.mean(0) if self._mean is None else self._mean
+
+    def take_mean(self, g: Tensor) -> None:
+        self._mean = g.reshape(-1)
 
     def blocks(self) -> Iterator[Tensor]:
         yield from r.row_chunks(self.samples)
@@ -247,6 +254,7 @@ def reduce_layer(
     acc: r.Accumulator,
     options: r.ReductionOptions,
     sync: Synchronizer | None = None,
+    mean: Tensor | None = None,
 ) -> None:
     """Run the three phases for one parameter and add its reductions to ``acc``.
 
@@ -263,6 +271,9 @@ def reduce_layer(
         acc: Where the sums go.
         options: Histogram ranges and projection direction.
         sync: Combines statistics across processes (default: one process).
+        mean: The mean gradient where it is known already (``p.shape``: the training's own
+            gradient of the parameter, one process only); phase 1 then takes it instead of
+            computing it from the per-sample gradients.
     """
     sync = sync or Synchronizer()
     theta = theta.detach().reshape(-1)
@@ -270,6 +281,8 @@ def reduce_layer(
     block = r.LayerBlock(index, 0, theta, h=h)
     requested = r.runnable(requested, source is not None, h is not None)
     if source is not None and requested & r.NEEDS_SAMPLES:
+        if mean is not None:
+            source.take_mean(mean.detach().reshape(-1))
         block.n = source.n * sync.world_size
         wanted = r.statistics_for(requested)
         stats, failure = r.SampleStatistics(), None
