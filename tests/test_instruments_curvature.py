@@ -189,6 +189,7 @@ def test_same_padding_gets_exact_curvature() -> None:
         assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")  # torch's note on this very padding
 def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
     run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
     assert set(run.instruments.unavailable) == set(DIAGONAL)
