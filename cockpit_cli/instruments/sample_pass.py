@@ -281,7 +281,7 @@ def reduce_layer(
     block = r.LayerBlock(index, 0, theta, h=h)
     requested = r.runnable(requested, source is not None, h is not None)
     if source is not None and requested & r.NEEDS_SAMPLES:
-        if mean is not None:
+        if mean is not None and requested & r.NEEDS_MEAN:
             source.take_mean(mean.detach().reshape(-1))
         block.n = source.n * sync.world_size
         wanted = r.statistics_for(requested)
