@@ -25,6 +25,7 @@ import reference_curvature as curv
 from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule, factored_gradients
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks
 from cockpit_cli.instruments.reductions import HistogramSpec
 from cockpit_cli.instruments.settings import build_quantities
 
@@ -381,6 +382,31 @@ def test_the_mean_gradient_is_the_training_s_own_unless_gradients_accumulate(kin
         assert bool(formed) == forms
         for step in range(2):
             check_first_order(run, step, weight_decay=weight_decay, names=names)
+
+
+def test_only_reductions_that_read_the_mean_wait_for_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose only per-sample values are Alpha's projections (the step after a tracked
+    one) reduces each layer at once: waiting would keep the layer's factors beside its gradient."""
+    waited: dict[int, set[bool]] = {}
+    original = OutputGradientHooks._hand_over
+
+    def hand_over(self: OutputGradientHooks, *args: Any) -> None:
+        waited.setdefault(step, set()).add(self.at_gradients)
+        original(self, *args)
+
+    monkeypatch.setattr(OutputGradientHooks, "_hand_over", hand_over)
+    model = BUILDERS["mlp"](0)
+    batches = make_batches("mlp", "ce", 0, 6)
+    optimizer = sgd(ref.trainable(model))
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, optimizer, quantities(PRESETS["economy"], Schedule(every=4)))
+    for step, (inputs, targets, *_) in enumerate(batches):
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        instruments.backward(step, batches[0].loss_fn(outputs, targets), inputs, outputs, targets)
+        optimizer.step()
+        instruments.after_update(step)
+    assert waited == {0: {True}, 1: {False}, 4: {True}, 5: {False}}
+    assert not instruments.unavailable
 
 
 def dead_unit_mlp(seed: int) -> nn.Sequential:

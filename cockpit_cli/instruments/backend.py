@@ -26,7 +26,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks
-from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
+from cockpit_cli.instruments.reductions import NEEDS_MEAN, Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
@@ -195,7 +195,9 @@ class GradientCapture:
             hooks.callback = self._parameter_hook(accumulator, requested, options, batch_size)
             # The training's own gradients are the means of the per-sample ones where they start
             # empty (not accumulated over several backward passes) and are this process's alone.
-            hooks.at_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)
+            # Only reductions that read the mean wait for them: the factors of a layer that waits
+            # stay in memory beside its gradient.
+            hooks.at_gradients = bool(requested & NEEDS_MEAN) and self.sync.world_size == 1 and all(p.grad is None for p in self.params)
             try:
                 _backward(loss, retain_graph, create_graph)
                 hooks.flush()

@@ -269,7 +269,7 @@ class FactoredLinear(FactoredSamples):
 
     def data_products(self, vector: Tensor) -> Tensor:
         outputs = self.x @ vector.T  # [N, L, out]: the layer's output with the vector as its weight
-        return (outputs * self.delta.transpose(1, 2)).sum((1, 2))
+        return outputs.mul_(self.delta.transpose(1, 2)).sum((1, 2))  # in place: one temporary of the output's size
 
 
 class FactoredConv(FactoredSamples):
@@ -302,7 +302,7 @@ class FactoredConv(FactoredSamples):
         m = self.module
         convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
         outputs = convolution(self.inputs, vector, None, m.stride, numeric_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
-        return (outputs * self.grad_outputs).sum(tuple(range(1, outputs.dim())))
+        return outputs.mul_(self.grad_outputs).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size
 
 
 def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
