@@ -12,6 +12,8 @@ of the model with ``theta_t`` loaded. Curvature quantities and Alpha are checked
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ import reference_curvature as curv
 from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule, factored_gradients
+from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks
 from cockpit_cli.instruments.reductions import HistogramSpec
 from cockpit_cli.instruments.settings import build_quantities
@@ -407,6 +410,47 @@ def test_only_reductions_that_read_the_mean_wait_for_the_gradients(monkeypatch: 
         instruments.after_update(step)
     assert waited == {0: {True}, 1: {False}, 4: {True}, 5: {False}}
     assert not instruments.unavailable
+
+
+def test_the_projection_direction_is_released_layer_by_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alpha's direction (the last update, as large as the parameters) is dropped parameter by
+    parameter as the backward pass takes its products, never kept whole beside the gradients."""
+    released: list[list[bool]] = []
+    original = GradientCapture.backward
+
+    def backward(self: GradientCapture, *args: Any, **kwargs: Any) -> Any:
+        options = kwargs["options"]
+        result = original(self, *args, **kwargs)
+        if options.direction is not None:
+            released.append([part is None for part in options.direction])
+        return result
+
+    monkeypatch.setattr(GradientCapture, "backward", backward)
+    model = BUILDERS["cnn"](0)
+    batches = make_batches("cnn", "ce", 0, 3)
+    run = train(model, batches, quantities(("Alpha",)))
+    assert released == [[True] * len(run.thetas[0])] * 2  # steps 1 and 2 end the Alpha of 0 and 1
+    assert set(run.records) == {0, 1} and all(isinstance(run.records[step]["Alpha"], float) for step in (0, 1))
+
+
+def test_output_hooks_hold_a_layer_s_input_only_until_they_run() -> None:
+    """After the backward pass the caller's outputs keep the graph, and with it the hooks on it:
+    they must not keep the layers' inputs (plain training frees them during the pass)."""
+    model = BUILDERS["mlp"](0)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = OutputGradientHooks({layer: [layer.weight] for layer in layers})
+    hooks.callback = lambda *args: None
+    hooks.attach()
+    inputs_seen: list[weakref.ref] = []
+    handles = [layer.register_forward_pre_hook(lambda module, args: inputs_seen.append(weakref.ref(args[0]))) for layer in layers[1:]]
+    inputs, targets, loss_fn, _ = make_batches("mlp", "ce", 0, 1)[0]
+    outputs = model(inputs)
+    loss_fn(outputs, targets).backward()
+    gc.collect()
+    assert inputs_seen and all(seen() is None for seen in inputs_seen)  # while outputs is still alive
+    for handle in handles:
+        handle.remove()
+    hooks.detach()
 
 
 def dead_unit_mlp(seed: int) -> nn.Sequential:

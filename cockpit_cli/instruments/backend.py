@@ -198,11 +198,12 @@ class GradientCapture:
             # Only reductions that read the mean wait for them: the factors of a layer that waits
             # stay in memory beside its gradient.
             hooks.at_gradients = bool(requested & NEEDS_MEAN) and self.sync.world_size == 1 and all(p.grad is None for p in self.params)
+            hooks.after_gradient = self._release_direction(options)
             try:
                 _backward(loss, retain_graph, create_graph)
                 hooks.flush()
             finally:
-                hooks.callback, hooks.at_gradients = None, False
+                hooks.callback, hooks.at_gradients, hooks.after_gradient = None, False, None
                 hooks.flush()  # drops what a failed pass left
         else:
             _backward(loss, retain_graph, create_graph)
@@ -233,6 +234,18 @@ class GradientCapture:
             reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync, mean=mean)
 
         return reduce_source
+
+    def _release_direction(self, options: ReductionOptions) -> Callable[[nn.Parameter], None] | None:
+        """Return what drops a parameter's part of the projection direction once its products are
+        taken (the direction is the last step's update, as large as the parameters: released layer
+        by layer, it is not whole in memory beside the gradients at the end of the pass)."""
+        if options.direction is None:
+            return None
+
+        def release(param: nn.Parameter) -> None:
+            options.direction[self.param_index[id(param)]] = None
+
+        return release
 
     def _source(self, index: int, samples: Tensor | FactoredSamples | None, batch_size: int) -> SampleSource | None:
         """Return the per-sample gradients of parameter ``index`` (with the regulariser) from BackPACK's ``grad_batch``."""

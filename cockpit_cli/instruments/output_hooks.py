@@ -45,6 +45,7 @@ class OutputGradientHooks:
         self.params = params
         self.callback: ParameterSource | None = None  # set only while a tracked backward pass runs
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
+        self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -75,10 +76,13 @@ class OutputGradientHooks:
 
     def _forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(partial(self._backward, module, inputs[0]))
+            # The hook lives as long as the graph, which the caller's outputs keep after the backward
+            # pass: it holds the layer's input only until it runs, as autograd does.
+            output.register_hook(partial(self._backward, module, [inputs[0]]))
 
-    def _backward(self, module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
-        if self.callback is None:
+    def _backward(self, module: nn.Module, held: list[Tensor], grad_output: Tensor) -> None:
+        inputs = held.pop() if held else None
+        if self.callback is None or inputs is None:
             return
         for param in self.params[module]:
             if self.at_gradients:
@@ -91,6 +95,8 @@ class OutputGradientHooks:
         if entries is not None and self.callback is not None:
             # A layer that ran more than once adds several sources into one gradient: none of them has it as its mean.
             self._hand_over(param, entries, param.grad.detach() if len(entries) == 1 else None)
+        if self.after_gradient is not None:  # every source of the parameter has been handed over
+            self.after_gradient(param)
 
     def _hand_over(self, param: nn.Parameter, entries: list[tuple[nn.Module, Tensor, Tensor]], mean: Tensor | None) -> None:
         with torch.no_grad():  # the backward pass may be recording a graph of the gradients

@@ -209,6 +209,8 @@ class ReductionOptions:
         hist1d: Bins and range of the 1-D histogram.
         hist2d: Bins and ranges of the 2-D histogram (gradient axis, parameter axis).
         direction: Per parameter, the direction ``u_p`` (shape of the parameter) for PROJECTIONS.
+            The list is consumed: a backward pass may set a parameter's entry to ``None`` once its
+            products are taken, so that a direction as large as the parameters is not kept whole.
     """
 
     hist1d: HistogramSpec = field(default_factory=lambda: HistogramSpec(100, -2.0, 2.0))
