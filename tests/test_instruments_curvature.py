@@ -18,7 +18,7 @@ import torch
 
 import reference as ref
 import reference_curvature as curv
-from test_instruments_exact import BUILDERS, CASES, DECAY, SEEDS, Run, assert_close, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
+from test_instruments_exact import BUILDERS, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -84,6 +84,22 @@ def dense_max_eigenvalue(run: Run, step: int, weight_decay: float) -> float:
     inputs, targets, loss_fn, _ = run.batches[step]
     decayed = ref.weights(model) if weight_decay else None
     return curv.max_abs_eigenvalue(curv.hessian(model, loss_fn, inputs, targets, decayed, weight_decay))
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_hess_max_ev_beside_per_sample_quantities(kind: str) -> None:
+    """Without a curvature diagonal, the per-sample values come from the output hooks in the same
+    backward pass that leaves the gradients differentiable for the Hessian-vector products; the
+    products' second pass through the graph passes the hooks again. Both sets of values match
+    their references."""
+    model = BUILDERS[kind](0)
+    batches = make_batches(kind, "ce", 0, 2)
+    tracked = quantities((*FIRST_ORDER, "HessMaxEV"), **histogram_options(model, batches[0], 0.0), HessMaxEV={"rtol": 1e-7, "atol": 0.0})
+    run = train(model, batches, tracked)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step)
+        assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-6)
 
 
 @pytest.mark.parametrize("rtol, tolerance", [(None, 3e-2), (1e-7, 1e-6)])
