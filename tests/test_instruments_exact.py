@@ -12,8 +12,6 @@ of the model with ``theta_t`` loaded. Curvature quantities and Alpha are checked
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -391,25 +389,22 @@ def test_only_reductions_that_read_the_mean_wait_for_the_gradients(monkeypatch: 
     """A step whose only per-sample values are Alpha's projections (the step after a tracked
     one) reduces each layer at once: waiting would keep the layer's factors beside its gradient."""
     waited: dict[int, set[bool]] = {}
-    original = OutputGradientHooks._hand_over
+    steps: list[int] = []
+    original_backward, original_hand_over = Instruments.backward, OutputGradientHooks._hand_over
+
+    def backward(self: Instruments, step: int, *args: Any) -> None:
+        steps.append(step)
+        original_backward(self, step, *args)
 
     def hand_over(self: OutputGradientHooks, *args: Any) -> None:
-        waited.setdefault(step, set()).add(self.at_gradients)
-        original(self, *args)
+        waited.setdefault(steps[-1], set()).add(self.at_gradients)
+        original_hand_over(self, *args)
 
+    monkeypatch.setattr(Instruments, "backward", backward)
     monkeypatch.setattr(OutputGradientHooks, "_hand_over", hand_over)
-    model = BUILDERS["mlp"](0)
-    batches = make_batches("mlp", "ce", 0, 6)
-    optimizer = sgd(ref.trainable(model))
-    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, optimizer, quantities(PRESETS["economy"], Schedule(every=4)))
-    for step, (inputs, targets, *_) in enumerate(batches):
-        optimizer.zero_grad()
-        outputs = model(inputs)
-        instruments.backward(step, batches[0].loss_fn(outputs, targets), inputs, outputs, targets)
-        optimizer.step()
-        instruments.after_update(step)
+    run = train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 6), quantities(PRESETS["economy"], Schedule(every=4)))
     assert waited == {0: {True}, 1: {False}, 4: {True}, 5: {False}}
-    assert not instruments.unavailable
+    assert not run.instruments.unavailable
 
 
 def test_the_projection_direction_is_released_layer_by_layer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,26 +426,6 @@ def test_the_projection_direction_is_released_layer_by_layer(monkeypatch: pytest
     run = train(model, batches, quantities(("Alpha",)))
     assert released == [[True] * len(run.thetas[0])] * 2  # steps 1 and 2 end the Alpha of 0 and 1
     assert set(run.records) == {0, 1} and all(isinstance(run.records[step]["Alpha"], float) for step in (0, 1))
-
-
-def test_output_hooks_hold_a_layer_s_input_only_until_they_run() -> None:
-    """After the backward pass the caller's outputs keep the graph, and with it the hooks on it:
-    they must not keep the layers' inputs (plain training frees them during the pass)."""
-    model = BUILDERS["mlp"](0)
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    hooks = OutputGradientHooks({layer: [layer.weight] for layer in layers})
-    hooks.callback = lambda *args: None
-    hooks.attach()
-    inputs_seen: list[weakref.ref] = []
-    handles = [layer.register_forward_pre_hook(lambda module, args: inputs_seen.append(weakref.ref(args[0]))) for layer in layers[1:]]
-    inputs, targets, loss_fn, _ = make_batches("mlp", "ce", 0, 1)[0]
-    outputs = model(inputs)
-    loss_fn(outputs, targets).backward()
-    gc.collect()
-    assert inputs_seen and all(seen() is None for seen in inputs_seen)  # while outputs is still alive
-    for handle in handles:
-        handle.remove()
-    hooks.detach()
 
 
 def dead_unit_mlp(seed: int) -> nn.Sequential:

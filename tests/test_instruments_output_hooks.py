@@ -8,6 +8,8 @@ reference, which BackPACK's module hooks compute, applies it out of place).
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -79,3 +81,21 @@ def test_output_hooks_match_backpack(kind: str, at_gradients: bool) -> None:
         expected = [twin.weight.grad_batch.reshape(N, -1), twin.bias.grad_batch.reshape(N, -1)]
         for actual, wanted in zip(found[layer], expected):
             assert torch.allclose(actual, wanted, rtol=1e-5, atol=1e-7)
+
+
+def test_output_hooks_hold_a_layer_s_input_only_until_they_run() -> None:
+    """After the backward pass the caller's outputs keep the graph, and with it the hooks on it:
+    they must not keep the layers' inputs (plain training frees them during the pass)."""
+    model, inputs = build("linear")
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = OutputGradientHooks({layer: [layer.weight] for layer in layers})
+    hooks.callback = lambda *args: None
+    hooks.attach()
+    seen: list[weakref.ref] = []
+    handle = layers[1].register_forward_pre_hook(lambda module, args: seen.append(weakref.ref(args[0])))
+    outputs = model(inputs)
+    outputs.pow(2).mean().backward()
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None  # while outputs is still alive
+    handle.remove()
+    hooks.detach()

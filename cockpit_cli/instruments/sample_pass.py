@@ -282,7 +282,7 @@ def reduce_layer(
     requested = r.runnable(requested, source is not None, h is not None)
     if source is not None and requested & r.NEEDS_SAMPLES:
         if mean is not None and requested & r.NEEDS_MEAN:
-            source.take_mean(mean.detach().reshape(-1))
+            source.take_mean(mean.detach())
         block.n = source.n * sync.world_size
         wanted = r.statistics_for(requested)
         stats, failure = r.SampleStatistics(), None
