@@ -24,6 +24,7 @@ import reference as ref
 from test_instruments_exact import make_batches, one_thread, quantities, train  # noqa: F401 (one_thread: fixture)
 from cockpit_cli.instruments import outer_histogram as oh
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.allocations import peak_cpu_bytes
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear
 from cockpit_cli.instruments.reductions import HistogramSpec
 from cockpit_cli.instruments.sample_pass import _joint_counts
@@ -100,9 +101,9 @@ def test_small_rows_are_counted_without_being_formed(monkeypatch: pytest.MonkeyP
     binned: list[int] = []
     bin_of = HistogramSpec.bin_of
 
-    def counting(self: HistogramSpec, values: Tensor) -> Tensor:
+    def counting(self: HistogramSpec, values: Tensor, consume: bool = False) -> Tensor:
         binned.append(values.numel())
-        return bin_of(self, values)
+        return bin_of(self, values, consume)
 
     monkeypatch.setattr(HistogramSpec, "bin_of", counting)
     counts = oh.outer_histogram(scaled, inputs, spec)
@@ -249,3 +250,26 @@ def test_engine_joint_histograms_from_factors_equal_numpy_counts(monkeypatch: py
         assert hist1d["counts"] == ref.grad_hist1d(grads, 10, (-100.0, 100.0)).tolist()
         assert hist2d["counts"] == ref.grad_hist2d(grads, theta, (20, 4), ((-100.0, 100.0), (-0.5, 0.5))).tolist()
         assert hist2d["per_parameter"] == [h.tolist() for h in ref.grad_hist2d_per_param(grads, theta, (20, 4), ((-100.0, 100.0), (-0.5, 0.5)))]
+
+
+@pytest.mark.parametrize("spec", [HistogramSpec(100, -2.0, 2.0), HistogramSpec(7, -0.3, 1.1)], ids=["zero edge", "no zero edge"])
+def test_consuming_bin_of_gives_the_same_bins(spec: HistogramSpec) -> None:
+    values = torch.cat([torch.randn(997) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.inf, -math.inf, math.nan])])
+    expected = spec.bin_of(values)
+    scratch = values.clone()
+    assert torch.equal(spec.bin_of(scratch, consume=True), expected)
+    assert torch.equal(spec.bin_of(values), expected)  # values left alone without consume
+
+
+def test_formed_rows_hold_one_block_of_products_and_its_bins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block of products is formed in its gathered inputs, binned in place, and released before
+    the next is formed: two blocks at once, besides temporaries of the factors' size (it held
+    three: the last block's products, the gathered inputs and their products)."""
+    monkeypatch.setattr(oh, "CHUNK_ELEMENTS", 1 << 16)
+    scaled, inputs = factors(3, torch.float32, n=8, outputs=256, width=1024)
+    scaled[:, ::2] = 1e3 * scaled[:, ::2].sign()  # 810 of the 2048 rows are formed, in 13 blocks of 64 rows
+    spec = HistogramSpec(100, -2.0, 2.0)
+    block_bytes = (1 << 16) * 4
+    assert oh.outer_histogram(scaled, inputs, spec).tolist() == formed_counts(scaled, inputs, spec).tolist()
+    peak = peak_cpu_bytes(lambda: oh.outer_histogram(scaled, inputs, spec))
+    assert peak < 2.5 * block_bytes, f"{peak / block_bytes:.2f} blocks"

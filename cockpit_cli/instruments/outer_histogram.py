@@ -155,14 +155,24 @@ def _smallest_nonzero(magnitudes: Tensor) -> Tensor:
     return magnitudes.masked_fill(~(magnitudes > 0), torch.inf).amin()
 
 
-def formed_rows(scaled: Tensor, inputs: Tensor, split: RowSplit) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield the remaining rows' products ``[m, K]`` (computed as the layer's blocks compute them),
-    about ``CHUNK_ELEMENTS`` at a time (a sample's rows may be split over several blocks), with
-    each row's output index ``a`` (``[m]``), in the order of ``split.remaining``'s true entries."""
+def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: HistogramSpec) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield the bins ``[m, K]`` (int32, as ``spec.bin_of`` bins them) of the remaining rows'
+    products (computed as the layer's blocks compute them), about ``CHUNK_ELEMENTS`` products at a
+    time (a sample's rows may be split over several blocks), with each row's output index ``a``
+    (``[m]``), in the order of ``split.remaining``'s true entries.
+
+    A block's products are formed in its gathered inputs and binned in place, so one block of
+    products and its bins are all that is held; callers release each block's bins before asking
+    for the next.
+    """
     most = max(1, CHUNK_ELEMENTS // max(inputs.shape[1], 1))
     for pairs in split.remaining.nonzero().split(most):  # [m, 2]: (sample i, output a)
         samples, outputs = pairs[:, 0], pairs[:, 1]
-        yield scaled[samples, outputs].unsqueeze(1) * inputs.index_select(0, samples), outputs
+        products = inputs.index_select(0, samples).mul_(scaled[samples, outputs].unsqueeze(1))  # x_ib * c_ia == c_ia * x_ib
+        bins = spec.bin_of(products, consume=True)
+        del products
+        yield bins, outputs
+        del bins  # before the next block is formed
 
 
 def _negative_rows(scaled: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,8 +203,9 @@ def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tens
         counts[rule.negative] += negatives
         in_rule = in_rule - negatives
     counts[rule.positive] += in_rule
-    for products, _ in formed_rows(scaled, inputs, split):
-        counts += torch.bincount(spec.bin_of(products).reshape(-1), minlength=spec.bins + 1)
+    for bins, _ in formed_row_bins(scaled, inputs, split, spec):
+        counts += torch.bincount(bins.reshape(-1), minlength=spec.bins + 1)
+        del bins
     return counts
 
 
@@ -230,7 +241,7 @@ def outer_joint_histogram(scaled: Tensor, inputs: Tensor, fine: HistogramSpec, c
     else:
         counts = torch.bincount((cells + rule.positive * stride).reshape(-1), weights=per_row.reshape(-1), minlength=size)
     counts = counts.round_().long()
-    for products, outputs in formed_rows(scaled, inputs, split):
-        flat = fine.bin_of(products).mul_(stride).add_(cells.index_select(0, outputs))  # [m, K]
-        counts += torch.bincount(flat.reshape(-1), minlength=size)
+    for bins, outputs in formed_row_bins(scaled, inputs, split, fine):
+        counts += torch.bincount(bins.mul_(stride).add_(cells.index_select(0, outputs)).reshape(-1), minlength=size)  # [m, K] cells
+        del bins
     return counts

@@ -89,8 +89,9 @@ class HistogramSpec:
         offset = -Fraction(self.low) * self.bins / (Fraction(self.high) - Fraction(self.low))
         return int(offset) if offset.denominator == 1 else None
 
-    def bin_of(self, values: Tensor) -> Tensor:
-        """Return the bin of each value (int32, same shape; never modifies ``values``).
+    def bin_of(self, values: Tensor, consume: bool = False) -> Tensor:
+        """Return the bin of each value (int32, same shape). ``values`` is left alone, or with
+        ``consume=True`` used as the scratch space (overwritten; the bins are the same).
 
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
         which callers drop, so a non-finite gradient never breaks a histogram. Where 0 is an
@@ -100,7 +101,10 @@ class HistogramSpec:
         """
         scale = self.bins / (self.high - self.low)
         zero = self.zero_offset
-        scaled = (values - self.low).mul_(scale) if zero is None else (values * scale).floor_().add_(zero)
+        if zero is None:
+            scaled = (values.sub_(self.low) if consume else values - self.low).mul_(scale)
+        else:
+            scaled = (values.mul_(scale) if consume else values * scale).floor_().add_(zero)
         return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
 
     def count(self, samples: Tensor) -> Tensor:
