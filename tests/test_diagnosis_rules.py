@@ -273,7 +273,7 @@ def test_text_report_of_a_healthy_run():
 def test_json_structure_is_versioned_and_strict_json():
     data = diagnosis_to_dict(diagnose(make_run(loss=lambda s: math.nan if s > 150 else 2.0)))
     text = json.dumps(data, allow_nan=False)
-    assert set(data) == {"schema_version", "run", "healthy", "worst", "findings", "checked", "not_checked"}
+    assert set(data) == {"schema_version", "run", "healthy", "worst", "findings", "checked", "not_checked", "notes"}
     assert data["schema_version"] == 1 and data["worst"] == "error" and not data["healthy"]
     finding = data["findings"][0]
     assert set(finding) == {"rule", "severity", "steps", "evidence", "meaning", "hint"}
@@ -300,6 +300,28 @@ def test_command_prints_json(tmp_path: Path):
     console = Console(file=io.StringIO(), width=40)
     assert run_diagnose(path, as_json=True, fail_on="warning", console=console) == 0
     assert json.loads(console.file.getvalue())["healthy"] is True
+
+
+def test_command_says_what_reading_the_run_worked_around(tmp_path: Path):
+    """A run that recorded 200 steps whose steps.jsonl lost all but 120 and ends mid-record: the
+    report uses what is left and says so, in text and JSON, before the findings."""
+    run = make_run()
+    run.manifest["steps_completed"] = 200
+    path = write_run_dir(tmp_path / "run", run)
+    lines = (path / "steps.jsonl").read_text().splitlines(keepends=True)
+    (path / "steps.jsonl").write_text("".join(lines[:120]) + lines[120][:15])
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    assert run_diagnose(path, as_json=False, fail_on=None, console=console) == 0
+    text = console.file.getvalue().splitlines()
+    assert text[0].startswith("diagnosis of run: mnist1d_mlp with SGD, completed, 120 steps")
+    assert text[1:3] == [
+        "note: steps.jsonl: the last line (line 121) is cut off and was ignored",
+        "note: steps.jsonl holds 120 of the 200 steps the run recorded: records were lost, and what follows uses those left",
+    ]
+    console = Console(file=io.StringIO(), width=200)
+    run_diagnose(path, as_json=True, fail_on=None, console=console)
+    assert json.loads(console.file.getvalue())["notes"] == [line.removeprefix("note: ") for line in text[1:3]]
+    assert diagnosis_to_dict(diagnose(make_run()))["notes"] == []
 
 
 def test_command_rejects_bad_input(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,13 @@ def test_cli_report(runs: dict[str, RunData], tmp_path: Path) -> None:
     assert result.exit_code == 0 and (tmp_path / "cockpit.png").exists()
     result = runner.invoke(app, ["report", str(runs["tracked"].path), "--step-range", "5:2"])
     assert result.exit_code == 2 and "must be smaller" in result.output
+
+
+def test_report_says_what_reading_the_run_worked_around(runs: dict[str, RunData], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["tracked"].path, run_dir)
+    with open(run_dir / "steps.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 99, "lo')
+    result = runner.invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "figures")], catch_exceptions=False)
+    assert result.exit_code == 0 and (tmp_path / "figures" / "cockpit.png").exists()
+    assert result.output.startswith("note: steps.jsonl: the last line")

@@ -85,6 +85,21 @@ def test_cut_off_last_line_is_ignored_with_a_note(tmp_path: Path) -> None:
     assert run.notes == ["steps.jsonl: the last line (line 6) is cut off and was ignored"]
 
 
+def test_lost_step_records_of_a_run_are_noted(tmp_path: Path) -> None:
+    """A file cut short after the run ended (the manifest counts 5 steps) reads with a note; a
+    running run's manifest lags its records and gives none."""
+    run_dir = write_run(tmp_path)
+    lines = (run_dir / schema.STEPS).read_text().splitlines()
+    (run_dir / schema.STEPS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    run = read_run(run_dir)
+    assert len(run.steps) == 2
+    assert run.notes == [
+        "steps.jsonl: the last line (line 3) is cut off and was ignored",
+        "steps.jsonl holds 2 of the 5 steps the run recorded: records were lost, and what follows uses those left",
+    ]
+    assert read_run(write_run(tmp_path / "running", end=False)).notes == []
+
+
 def test_corrupted_middle_line_is_an_error(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path)
     lines = (run_dir / schema.STEPS).read_text().splitlines()

@@ -111,9 +111,10 @@ def diagnose(run: Any, rules: Iterable[Rule] | None = None) -> Diagnosis:
     """Diagnose a run read by :func:`cockpit_cli.storage.reader.read_run` (a ``RunData``).
 
     Args:
-        run: Anything with ``manifest``, ``config``, ``steps``, ``evals`` and ``name``.
+        run: Anything with ``manifest``, ``config``, ``steps``, ``evals``, ``name`` and ``notes``.
         rules: The rules to run (default: every registered rule).
     """
     series = RunSeries(run.manifest, run.steps, run.evals, run.config)
     findings, checked, skipped = run_rules(series, rules)
-    return Diagnosis(run=run_facts(run.manifest, run.name, run.steps), findings=findings, checked=checked, not_checked=skipped)
+    facts = run_facts(run.manifest, run.name, run.steps)
+    return Diagnosis(run=facts, findings=findings, checked=checked, not_checked=skipped, notes=list(run.notes))

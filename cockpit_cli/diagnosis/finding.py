@@ -110,12 +110,14 @@ class Diagnosis:
         findings: Findings, most severe first.
         checked: Names of the rules that ran.
         not_checked: Rules skipped for lack of data.
+        notes: What the run directory's reader had to work around (a cut-off line, missing records).
     """
 
     run: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     not_checked: list[NotChecked] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def worst(self) -> str | None:
         """Return the highest severity among the findings, or ``None`` if there are none."""

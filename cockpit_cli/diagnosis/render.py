@@ -13,7 +13,8 @@ JSON structure (``schema_version`` 1)::
          "meaning", "hint"}
       ],
       "checked": ["divergence", ...],   # rules that ran
-      "not_checked": [{"rule", "reason", "enable"}]
+      "not_checked": [{"rule", "reason", "enable"}],
+      "notes": ["steps.jsonl: the last line ...", ...]   # what reading the run directory worked around
     }
 
 ``comparison`` is one of ``>``, ``>=``, ``<``, ``<=``, ``==``, ``outside`` (threshold is a
@@ -45,6 +46,7 @@ def diagnosis_to_dict(diagnosis: Diagnosis) -> dict[str, Any]:
         "findings": [finding.to_dict() for finding in diagnosis.findings],
         "checked": list(diagnosis.checked),
         "not_checked": [item.to_dict() for item in diagnosis.not_checked],
+        "notes": list(diagnosis.notes),
     }
 
 
@@ -84,7 +86,8 @@ def render_finding(finding: Finding) -> Text:
 
 
 def render_text(diagnosis: Diagnosis) -> Group:
-    """The whole report: the run, findings most severe first (or "healthy"), and skipped rules."""
+    """The whole report: the run, what reading it worked around, findings most severe first (or
+    "healthy"), and skipped rules."""
     run = diagnosis.run
     parts: list[Any] = [
         Text.assemble(
@@ -94,6 +97,7 @@ def render_text(diagnosis: Diagnosis) -> Group:
             f"{run.get('steps')} steps ({run.get('tracked_steps')} tracked)",
         )
     ]
+    parts += [Text.assemble(("note: ", "bold yellow"), note) for note in diagnosis.notes]
     for finding in diagnosis.findings:
         parts += [Text(""), render_finding(finding)]
     if diagnosis.healthy():

@@ -32,6 +32,8 @@ def run_report(run_dir: Path, out: Path | None, step_range: str | None, console:
     run = read_run(run_dir)
     paths = write_report(run, Path(out) if out is not None else Path(run_dir), steps)
     shown = f" (steps {steps[0]}:{steps[1]})" if steps else ""
+    for note in run.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"figures of {run.name}{shown}:", highlight=False)
     for path in paths:
         console.print(f"  {path}", highlight=False, soft_wrap=True)

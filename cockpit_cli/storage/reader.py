@@ -1,8 +1,9 @@
 """Reads a run directory into :class:`RunData` (plain Python; no torch).
 
 The reader is forgiving where a crash can leave marks (a cut-off last line of a JSON Lines
-file is skipped with a note; a missing summary is fine) and strict where the directory is not
-a run at all (no or corrupt manifest, a schema from a newer version).
+file is skipped with a note; a missing summary is fine), notes where records are missing (fewer
+step records than the manifest counts), and is strict where the directory is not a run at all
+(no or corrupt manifest, a schema from a newer version).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class RunData:
         steps: ``steps.jsonl``, one dict per step, in order.
         evals: ``evals.jsonl``, one dict per evaluation, in order.
         summary: ``summary.json``, or ``None`` while the run has not ended.
-        notes: Things the reader had to work around (e.g. a cut-off last line).
+        notes: Things the reader had to work around (a cut-off last line, missing records).
     """
 
     path: Path
@@ -150,4 +151,7 @@ def read_run(path: Path | str) -> RunData:
     summary = _read_json_file(summary_path, "summary") if summary_path.exists() else None
     steps = read_json_lines(path / schema.STEPS, notes)
     evals = read_json_lines(path / schema.EVALS, notes)
+    recorded = manifest.get("steps_completed")
+    if isinstance(recorded, int) and len(steps) < recorded:  # the manifest is written after the records: never fewer
+        notes.append(f"{schema.STEPS} holds {len(steps)} of the {recorded} steps the run recorded: records were lost, and what follows uses those left")
     return RunData(path=path, manifest=manifest, config=config, steps=steps, evals=evals, summary=summary, notes=notes)
