@@ -98,13 +98,14 @@ def test_input_stats_keep_the_spread_of_inputs_far_from_zero(offset: float) -> N
 
 def test_an_economy_step_converts_few_values(monkeypatch: pytest.MonkeyPatch) -> None:
     """A step of economy at which Alpha both ends and starts, on a two-layer MLP, converts at
-    most 20 tensors to Python numbers (32 when every quantity converted its own values).
+    most 19 tensors to Python numbers (32 when every quantity converted its own values).
 
     Those of the quantities: Alpha 1 (losses and slopes together), GradHist1d 1 (the counts of
     every parameter together), the scalar totals 1 (shared by NormTest, InnerTest, OrthoTest),
     InnerTest and OrthoTest 1 each, InputStats 1, LayerStats 1, the norms of gradients,
     parameters, updates and distances 4. Besides them: the loss 1, the activation statistics 1,
-    and the histogram's and centred sum's choices of how to go 7.
+    and the histogram's and centred sum's choices of how to go 6 (the histogram's one per layer:
+    how many rows it forms and whether a product could be subnormal, in one transfer).
     """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -124,5 +125,5 @@ def test_an_economy_step_converts_few_values(monkeypatch: pytest.MonkeyPatch) ->
     with counted_transfers(monkeypatch) as counts:
         step(1)
     assert not instruments.unavailable
-    assert sum(n for caller, n in counts.items() if caller.startswith("cockpit_cli/")) <= 20, counts
+    assert sum(n for caller, n in counts.items() if caller.startswith("cockpit_cli/")) <= 19, counts
     assert instruments.completed(1)[0]["Alpha"] is not None

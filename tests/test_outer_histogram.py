@@ -273,3 +273,25 @@ def test_formed_rows_hold_one_block_of_products_and_its_bins(monkeypatch: pytest
     assert oh.outer_histogram(scaled, inputs, spec).tolist() == formed_counts(scaled, inputs, spec).tolist()
     peak = peak_cpu_bytes(lambda: oh.outer_histogram(scaled, inputs, spec))
     assert peak < 2.5 * block_bytes, f"{peak / block_bytes:.2f} blocks"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_smallest_nonzero_magnitude_from_bit_patterns(dtype: torch.dtype) -> None:
+    """The smallest positive entry, NaN left out, inf where there is none: against filling the rest with inf."""
+    info = torch.finfo(dtype)
+    tiny_subnormal = torch.tensor(info.smallest_normal, dtype=dtype) / 4
+    cases = [
+        torch.tensor([0.0, 3.0, 0.5, math.nan, math.inf], dtype=dtype),
+        torch.tensor([[0.0, info.max], [math.inf, 7.0]], dtype=dtype),
+        torch.cat([torch.tensor([0.0, 1.0, math.nan], dtype=dtype), tiny_subnormal.reshape(1)]),
+        torch.tensor([0.0, 0.0], dtype=dtype),
+        torch.tensor([math.nan, 0.0], dtype=dtype),
+        torch.tensor([math.inf, 0.0], dtype=dtype),
+        torch.rand(37, 11, dtype=torch.float64).to(dtype).relu_(),
+        torch.rand(64, dtype=torch.float64).sub(0.5).to(dtype).relu_()[::3],  # strided, half of it 0
+    ]
+    for magnitudes in cases:
+        expected = magnitudes.masked_fill(~(magnitudes > 0), math.inf).amin()
+        found = oh._smallest_nonzero(magnitudes)
+        assert found.dtype == dtype and found.shape == ()
+        assert found.item() == expected.item(), (magnitudes, found, expected)
