@@ -295,3 +295,20 @@ def test_smallest_nonzero_magnitude_from_bit_patterns(dtype: torch.dtype) -> Non
         found = oh._smallest_nonzero(magnitudes)
         assert found.dtype == dtype and found.shape == ()
         assert found.item() == expected.item(), (magnitudes, found, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_counts_of_half_precision_factors_are_exact_beyond_their_integers(dtype: torch.dtype) -> None:
+    """bfloat16 holds the integers only to 256 and float16 to 2048: the rows' counts are kept
+    in float32, so 3001 counted rows per sample and 600 per output still count exactly."""
+    generator = torch.Generator().manual_seed(4)
+    signs = torch.randint(0, 2, (600, 3001), generator=generator) * 2 - 1
+    scaled = (signs * (0.005 + 0.005 * torch.rand(600, 3001, generator=generator))).to(dtype)  # no product below the smallest normal
+    inputs = ((torch.randint(0, 2, (600, 5), generator=generator) * 2 - 1) * (0.5 + 1.5 * torch.rand(600, 5, generator=generator))).to(dtype)
+    spec = HistogramSpec(100, -2.0, 2.0)
+    assert oh.split_rows(scaled, inputs, spec).formed == 0
+    assert oh.outer_histogram(scaled, inputs, spec).tolist() == formed_counts(scaled, inputs, spec).tolist()
+    width = 4
+    columns = torch.randint(0, width + 1, (3001 * 5,), generator=generator, dtype=torch.int32)
+    formed = (scaled.unsqueeze(2) * inputs.unsqueeze(1)).reshape(600, -1)
+    assert oh.outer_joint_histogram(scaled, inputs, spec, columns, width).tolist() == _joint_counts(spec, formed, columns, width).tolist()

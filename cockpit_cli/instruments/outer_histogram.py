@@ -115,8 +115,8 @@ class RowSplit:
 
     Attributes:
         rule: The rule.
-        counted: ``[N, C_out]`` in the factors' dtype: 1 where a row is counted from signs, 0
-            where it is formed.
+        counted: ``[N, C_out]`` float32 (float64 for float64 factors): 1 where a row is counted
+            from signs, 0 where it is formed (sums over up to 2^24 rows are exact).
         formed: How many rows are formed.
     """
 
@@ -152,6 +152,7 @@ def split_rows(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> RowSplit 
     # reach = |c| max|x| <= limit as 1 or 0: the sign of limit - reach is exact (0 only where they
     # are equal), and NaN (from a NaN or an infinity anywhere) is taken as above the limit.
     counted = reach.mul_(largest_input).neg_().add_(rule.limit).nan_to_num_(nan=-1.0).sign_().add_(1).clamp_max_(1)
+    counted = counted.to(torch.promote_types(counted.dtype, torch.float32))  # half precision counts exactly only to 2^8 or 2^11
     total, smallest = torch.stack([_exact_sum(counted), smallest.double()]).tolist()  # one transfer
     formed = counted.numel() - int(total)
     if formed > MAX_FORMED_SHARE * counted.numel() or smallest < rule.tiny:
@@ -201,9 +202,9 @@ def _negative_products_per_element(scaled: Tensor, inputs: Tensor, counted: Tens
 
 
 def _exact_sum(counted: Tensor) -> Tensor:
-    """Return the sum of a ``[N, C_out]`` 0/1 tensor as a float64 0-d tensor, exact: each row's
-    sum in the tensor's dtype (its rows are short enough), the rows' sums in float64 (a float64
-    sum of the whole tensor would first copy it to float64)."""
+    """Return the sum of a ``[N, C_out]`` 0/1 float32 or float64 tensor as a float64 0-d tensor,
+    exact: each row's sum in the tensor's dtype, the rows' sums in float64 (a float64 sum of the
+    whole tensor would first copy it to float64)."""
     return counted.sum(1).double().sum()
 
 
