@@ -164,6 +164,18 @@ def test_centered_sum_of_float32_factors_stays_accurate_when_gradients_nearly_ag
     assert float(abs(centered - expected) / expected) < 2e-6
 
 
+def test_centered_sum_about_its_own_mean_skips_a_product_and_about_another_takes_it() -> None:
+    """About the layer's own data gradient the crossed sum is -||g||^2, the value the product
+    would give to the bit; about another mean (as data-parallel processes combine it) it is not."""
+    source, _ = float32_source(1.0, 0.0)
+    own = source.mean()
+    assert torch.equal(source.centered_sum(own), source.centered_sum(own.clone()))
+    other = own * 1.1 + 1e-3
+    formed = torch.cat(list(source.blocks())).double()  # [N, D]
+    expected = ((formed - other.double()) ** 2).sum()
+    assert float(abs(source.centered_sum(other) - expected) / expected) < 2e-6
+
+
 def test_centered_sum_sums_over_samples_where_its_terms_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-sample gradients within 0.1% of each other: the terms cancel by a factor of about 4e5,
     where the float32 data gradient's rounding would show; summed over the samples, it does not."""

@@ -155,10 +155,16 @@ class FactoredSamples:
         data_gradient = self._data_gradient().reshape(self.weight_shape[0], -1)  # M, [C_out, K]
         squares = torch.dot(_square_norms64(delta), _square_norms64(inputs))  # sum_i ||delta_i||^2 ||x_i||^2
         constant_square = crossed = torch.zeros((), dtype=torch.float64, device=delta.device)
+        # g is M itself (its own data gradient, no regulariser, one process): C = -M, so the
+        # crossed sum <C, M> is -||C||^2, the very value the second product would give.
+        own_mean = not self.decay and g.data_ptr() == data_gradient.data_ptr() and g.numel() == data_gradient.numel()
         for rows, constant in self._constant_rows(g):  # float64 rows of C, never all of it at once
             flat = constant.reshape(-1)
             constant_square = constant_square + torch.dot(flat, flat)
-            crossed = crossed + torch.dot(flat, data_gradient[rows].reshape(-1).double())  # sum_i delta_i^T C x_i
+            if not own_mean:
+                crossed = crossed + torch.dot(flat, data_gradient[rows].reshape(-1).double())  # sum_i delta_i^T C x_i
+        if own_mean:
+            crossed = -constant_square
         positive = self.n**2 * squares + self.n * constant_square
         total = positive + 2 * self.n * crossed
         if data_gradient.dtype != torch.float64 and float(total) * CANCELLATION_LIMIT < float(positive):
