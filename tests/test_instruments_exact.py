@@ -889,3 +889,32 @@ def _collect(module: nn.Module, decay: float) -> list[tuple[Any, Tensor]]:
             dense = (samples * samples.shape[0] + decay * param.detach()).reshape(samples.shape[0], -1)
             found.append((dense, dense.mean(0)))
     return found
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+def test_products_with_the_mean_of_a_wide_layer_come_from_gram_matrices(weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear(40, 48) with 8 samples: the products with the layer's own mean gradient (InnerTest,
+    OrthoTest) are taken from the samples' [8, 8] Gram matrices, and match the references; with
+    weight decay the mean is not the data gradient, and the layer's matrix product is taken."""
+    gram_layers: list[tuple[int, int]] = []
+    original = factored_gradients.FactoredLinear._gram_pays
+
+    def spying(self: factored_gradients.FactoredLinear, vector: Tensor) -> bool:
+        pays = original(self, vector)
+        if pays:
+            gram_layers.append(tuple(self.weight_shape))
+        return pays
+
+    monkeypatch.setattr(factored_gradients.FactoredLinear, "_gram_pays", spying)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 3)).double()
+    batches = []
+    for step in range(2):
+        gen = torch.Generator().manual_seed(50 + step)
+        batches.append(ref.Batch(torch.randn(N, 40, generator=gen, dtype=torch.float64), torch.randint(0, 3, (N,), generator=gen), *ref.loss_functions("ce")))
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest")
+    run = train(model, batches, quantities(names), weight_decay=weight_decay)
+    assert run.instruments.unavailable == {}
+    assert set(gram_layers) == (set() if weight_decay else {(48, 40)})
+    for step in range(2):
+        check_first_order(run, step, weight_decay=weight_decay, names=names)
