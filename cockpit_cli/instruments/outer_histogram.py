@@ -186,19 +186,29 @@ def _negative_products(scaled: Tensor, inputs: Tensor, counted: Tensor) -> Tenso
     """Return how many products of the counted rows are negative (float64 0-d, exact).
 
     Per sample, the counted rows with ``c > 0`` times the inputs ``< 0`` plus those with ``c < 0``
-    times the inputs ``> 0`` is ``(|s| |t| - s t) / 2``, where ``s`` is the sum of the counted
-    rows' signs, ``|s|`` their number, and ``t`` and ``|t|`` the same of the inputs' signs.
+    times the inputs ``> 0`` is ``(a b - s t) / 2``: ``s`` is the sum of the counted rows' signs
+    and ``a`` the sum of their absolute values (the rows with ``c != 0``), ``t`` and ``b`` the
+    same of the inputs' signs.
     """
-    rows, signs = _signs(scaled).mul_(counted), _signs(inputs)  # [N, C_out], [N, K]
-    row_sum, input_sum = rows.sum(1).double(), signs.sum(1).double()  # [N]: sums of at most 2^24 -1/0/1 are exact
-    return rows.abs_().sum(1).double().mul_(signs.abs_().sum(1).double()).sub_(row_sum.mul_(input_sum)).sum() / 2
+    rows, signs = _counted_signs(scaled, inputs, counted)
+    s, t = rows.sum(1).double(), signs.sum(1).double()  # [N]: sums of at most 2^24 -1/0/1 are exact
+    a, b = rows.abs_().sum(1).double(), signs.abs_().sum(1).double()
+    return (a.mul_(b) - s.mul_(t)).sum() / 2
 
 
 def _negative_products_per_element(scaled: Tensor, inputs: Tensor, counted: Tensor) -> Tensor:
     """Return how many counted rows have a negative product at each element ``(a, b)``, ``[C_out, K]``
-    float64: ``(|S|^T |T| - S^T T) / 2`` for the counted rows' signs ``S`` and the inputs' signs ``T``."""
-    rows, signs = _signs(scaled).mul_(counted), _signs(inputs)  # [N, C_out], [N, K]
+    float64: ``(|S|^T |T| - S^T T) / 2`` for the counted rows' signs ``S`` and the inputs' signs
+    ``T`` (``|.|`` elementwise), by the same reasoning as :func:`_negative_products`."""
+    rows, signs = _counted_signs(scaled, inputs, counted)
     return (rows.abs().T @ signs.abs()).sub_(rows.T @ signs).double().div_(2)
+
+
+def _counted_signs(scaled: Tensor, inputs: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the signs of the counted rows' ``c`` (0 on formed rows), ``[N, C_out]``, and of the
+    inputs, ``[N, K]``: float32 -1, 0 or 1 (NaN and -0.0: 0), whose sums and matrix products are
+    exact up to 2^24 terms."""
+    return _signs(scaled).mul_(counted), _signs(inputs)
 
 
 def _exact_sum(counted: Tensor) -> Tensor:
@@ -209,8 +219,7 @@ def _exact_sum(counted: Tensor) -> Tensor:
 
 
 def _signs(values: Tensor) -> Tensor:
-    """Return the signs of ``values`` as float32 -1, 0 or 1 (NaN and -0.0: 0), same shape (sums
-    and matrix products of them are exact up to 2^24 terms)."""
+    """Return the signs of ``values`` as float32 -1, 0 or 1 (NaN and -0.0: 0), same shape."""
     return values.nan_to_num(nan=0.0).sign_().float()
 
 
