@@ -8,7 +8,8 @@ test can compare the two.
 Usage: ``distributed_worker.py OUT KIND OPTIMIZER [FAIL_AT]`` with KIND ``mlp`` / ``cnn``,
 OPTIMIZER ``sgd`` (plain SGD: every quantity) / ``adam`` (Alpha by forward mode), and FAIL_AT a
 step at which rank 1 raises (to test how the others end). With ``SHORT_OF_MEMORY_RANK=r`` in the
-environment, process r finds no memory for the curvature factor.
+environment, process r finds no memory for the curvature factor; with ``FAILING_REDUCTION_RANK=r``
+the per-sample statistics of process r's first parameter fail at step 1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import reference as ref
-from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule, curvature_memory
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule, curvature_memory, sample_pass
 from cockpit_cli.instruments.sync import GroupSynchronizer, Synchronizer
 
 warnings.filterwarnings("ignore")
@@ -49,6 +50,8 @@ def main(out: str, kind: str, optimizer_name: str, fail_at: int | None) -> None:
         sync = Synchronizer()
     if os.environ.get("SHORT_OF_MEMORY_RANK") == str(sync.rank):  # this process finds no memory for the curvature
         curvature_memory.available_bytes = lambda device: 0
+    if os.environ.get("FAILING_REDUCTION_RANK") == str(sync.rank):
+        fail_first_statistics_at(1)
     model = ref.mlp(0) if kind == "mlp" else ref.cnn(0)
     params = ref.trainable(model)
     decayed = ref.weights(model)
@@ -81,6 +84,19 @@ def main(out: str, kind: str, optimizer_name: str, fail_at: int | None) -> None:
         del trained, instruments  # the wrapper holds the process group: free it before the group goes
         gc.collect()
         dist.destroy_process_group()
+
+
+def fail_first_statistics_at(step: int) -> None:
+    """Make the per-sample statistics of the first parameter reduced at ``step`` raise."""
+    original, calls = sample_pass.sample_statistics, []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(None)
+        if len(calls) == 1 + step * len(ref.trainable(ref.mlp(0))):  # the tiny models' parameters are reduced every step
+            raise RuntimeError("statistics fail on purpose")
+        return original(*args, **kwargs)
+
+    sample_pass.sample_statistics = failing
 
 
 if __name__ == "__main__":

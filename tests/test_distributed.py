@@ -104,6 +104,20 @@ def test_a_process_short_of_memory_for_the_curvature_switches_it_off_in_every_pr
     assert all(not curvature & set(values) and "GradNorm" in values for values in output["records"].values())
 
 
+def test_a_reduction_failing_in_one_process_switches_its_readers_off_in_every_process(tmp_path: Path) -> None:
+    """Rank 1's per-sample statistics fail at step 1: rank 0 switches the quantities that read them
+    off too, from that step on (their sums would lack a part, and later collectives would not
+    match), says why, and both finish the run."""
+    result = run_worker(tmp_path / "out.json", "mlp", "sgd", 2, environment={"FAILING_REDUCTION_RANK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads((tmp_path / "out.json").read_text())
+    switched_off = {"Alpha", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "TICDiag", "TICTrace", "GradHist1d", "GradHist2d", "CABS", "EarlyStopping"}
+    assert switched_off <= set(output["unavailable"])
+    assert all(reason.startswith("failed at step 1 and was switched off: ") and reason.endswith("a reduction it reads failed in another process") for reason in output["unavailable"].values())
+    assert {"NormTest", "Loss", "HessTrace"} <= set(output["records"]["0"])
+    assert all(not set(output["unavailable"]) & set(output["records"][step]) and "Loss" in output["records"][step] for step in ("1", "2"))
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 

@@ -87,6 +87,32 @@ def test_alpha_on_a_schedule() -> None:
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_alpha_s_second_point_alone_takes_each_layer_s_products_in_one_pass(kind: str, weight_decay: float, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alpha every other step: at steps 1 and 3 its end products are all the step needs, and
+    each layer's come from one pass of the layer with the direction (``layer_products``, weight
+    and bias together, the regulariser's term added), exact against the reference."""
+    from cockpit_cli.instruments import backend
+
+    taken: list[int] = []
+    layer_products = backend.layer_products
+
+    def spied(module: nn.Module, *args: Tensor | None) -> Tensor:
+        taken.append(id(module))
+        return layer_products(module, *args)
+
+    monkeypatch.setattr(backend, "layer_products", spied)
+    tracked = [quantities(("Alpha",), Schedule(every=2))[0]]
+    run = train(BUILDERS[kind](0), make_batches(kind, "ce", 0, 4), tracked, OPTIMIZERS[optimizer], weight_decay)
+    assert run.instruments.unavailable == {}
+    layers = [m for m in run.instruments.capture.module_params]
+    assert len(taken) == 2 * len(layers) and set(taken) == {id(m) for m in layers}  # once per layer at steps 1 and 3
+    for step in (0, 2):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
+
+
 class MaskedDropoutMLP(nn.Module):
     """``dropout_mlp`` with its dropout mask read from the input columns after the features.
 

@@ -387,10 +387,14 @@ def test_the_mean_gradient_is_the_training_s_own_unless_gradients_accumulate(kin
 
 def test_only_reductions_that_read_the_mean_wait_for_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """A step whose only per-sample values are Alpha's projections (the step after a tracked
-    one) reduces each layer at once: waiting would keep the layer's factors beside its gradient."""
+    one) takes each layer's products at once (both parameters in one pass), handing over no
+    per-parameter source: waiting would keep the layer's factors beside its gradient."""
+    from cockpit_cli.instruments import backend
+
     waited: dict[int, set[bool]] = {}
     steps: list[int] = []
-    original_backward, original_hand_over = Instruments.backward, OutputGradientHooks._hand_over
+    projected: list[int] = []
+    original_backward, original_hand_over, layer_products = Instruments.backward, OutputGradientHooks._hand_over, backend.layer_products
 
     def backward(self: Instruments, step: int, *args: Any) -> None:
         steps.append(step)
@@ -400,10 +404,16 @@ def test_only_reductions_that_read_the_mean_wait_for_the_gradients(monkeypatch: 
         waited.setdefault(steps[-1], set()).add(self.at_gradients)
         original_hand_over(self, *args)
 
+    def products(*args: Any) -> Tensor:
+        projected.append(steps[-1])
+        return layer_products(*args)
+
     monkeypatch.setattr(Instruments, "backward", backward)
     monkeypatch.setattr(OutputGradientHooks, "_hand_over", hand_over)
+    monkeypatch.setattr(backend, "layer_products", products)
     run = train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 6), quantities(PRESETS["economy"], Schedule(every=4)))
-    assert waited == {0: {True}, 1: {False}, 4: {True}, 5: {False}}
+    assert waited == {0: {True}, 4: {True}}
+    assert projected == [1, 1, 1, 5, 5, 5]  # the mlp's three layers
     assert not run.instruments.unavailable
 
 
@@ -691,6 +701,41 @@ def test_a_failing_quantity_is_switched_off_and_training_goes_on() -> None:
     assert run.instruments.unavailable == {"Broken": "failed at step 1 and was switched off: RuntimeError: boom"}
     assert run.records[0]["Broken"] == 1.0
     assert [sorted(run.records[s]) for s in range(4)] == [["Broken", "GradNorm", "Loss"]] + [["GradNorm", "Loss"]] * 3
+    plain = train(ref.mlp(0), batches, None)
+    assert all(torch.equal(a, b) for a, b in zip(run.thetas[-1], plain.thetas[-1]))
+
+
+@pytest.mark.parametrize("through", ["sample_statistics", "layer_products"])
+def test_a_failing_reduction_switches_off_what_reads_it(through: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reduction that fails for one parameter leaves the others' parts, whose sum is not the
+    network's: the quantities that read it are switched off with the error (never given a partial
+    sum), the others go on, and training is unchanged. Through the per-parameter statistics (the
+    second parameter at step 1) and through a layer's products at Alpha's second point alone (step 3)."""
+    from cockpit_cli.instruments import backend, sample_pass
+
+    original = getattr(sample_pass if through == "sample_statistics" else backend, through)
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Tensor:
+        calls["n"] += 1
+        # step 1's second parameter; or step 3's second layer (after step 1's three)
+        if calls["n"] == (len(ref.trainable(ref.mlp(0))) + 2 if through == "sample_statistics" else 3 + 2):
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_pass if through == "sample_statistics" else backend, through, failing)
+    batches = make_batches("mlp", "ce", 0, 5)
+    names = ("NormTest", "GradHist1d", "GradNorm", "Loss") if through == "sample_statistics" else ()
+    tracked = quantities(names) + [quantities(("Alpha",), Schedule(every=2))[0]]
+    run = train(ref.mlp(0), batches, tracked)
+    failed_step = 1 if through == "sample_statistics" else 3
+    expected_off = {"NormTest", "GradHist1d", "Alpha"} if through == "sample_statistics" else {"Alpha"}
+    assert run.instruments.unavailable == {name: f"failed at step {failed_step} and was switched off: per-sample statistics: RuntimeError: boom" for name in expected_off}
+    for step in range(failed_step, 5):
+        assert not set(run.records.get(step, {})) & expected_off
+    assert [set(run.records.get(step, {})) >= {"GradNorm", "Loss"} for step in range(5)] == [bool(names)] * 5
+    if through == "layer_products":
+        assert sorted(run.records) == [0]  # step 2's Alpha would have ended at step 3
     plain = train(ref.mlp(0), batches, None)
     assert all(torch.equal(a, b) for a, b in zip(run.thetas[-1], plain.thetas[-1]))
 

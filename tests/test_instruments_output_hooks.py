@@ -2,7 +2,8 @@
 
 Linear layers on ``[N, in]`` and ``[N, L, in]`` inputs, Conv1d and Conv2d with bias, and a ReLU
 applied in place to a hooked output (the hook must see the gradient before that change; the
-reference, which BackPACK's module hooks compute, applies it out of place).
+reference, which BackPACK's module hooks compute, applies it out of place). A layer's products
+with a direction, taken from its factors in one pass, equal those of the same gradients.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from backpack import backpack, extend
 from backpack.extensions import BatchGrad
 from torch import Tensor, nn
 
-from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.output_hooks import OutputGradientHooks
+from cockpit_cli.instruments.factored_gradients import FactoredSamples, numeric_padding
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 
 N = 4
 
@@ -31,6 +32,8 @@ def build(kind: str) -> tuple[nn.Module, Tensor]:
         return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2), nn.Flatten()), torch.randn(N, 6, 3)
     if kind == "conv1d":
         return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten()), torch.randn(N, 2, 7)
+    if kind == "conv2d_same":
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.ReLU(), nn.Flatten()), torch.randn(N, 2, 7, 7)
     return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten()), torch.randn(N, 2, 7, 7)
 
 
@@ -99,3 +102,47 @@ def test_output_hooks_hold_a_layer_s_input_only_until_they_run() -> None:
     assert len(seen) == 1 and seen[0]() is None  # while outputs is still alive
     handle.remove()
     hooks.detach()
+
+
+@pytest.mark.parametrize("tracked", ["both", "weight", "bias"])
+@pytest.mark.parametrize("kind", ["linear", "linear3d", "conv1d", "conv2d", "conv2d_same"])
+def test_a_layer_s_products_with_a_direction_come_from_one_pass(kind: str, tracked: str) -> None:
+    """``layer_products`` of a layer's factors (the hooks' layer callback) equals the products of
+    its weight's and bias's per-sample gradients (BackPACK's) with the direction, summed; where
+    only one of them is tracked, that one's products alone."""
+    model, inputs = build(kind)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    generator = torch.Generator().manual_seed(1)
+    directions = {layer: [torch.randn(p.shape, generator=generator) for p in (layer.weight, layer.bias)] for layer in layers}
+    hooks = OutputGradientHooks({layer: [layer.weight, layer.bias] for layer in layers})
+    products: dict[nn.Module, Tensor] = {}
+
+    def project(module: nn.Module, layer_inputs: Tensor, grad_output: Tensor) -> None:
+        assert module not in products and not torch.is_grad_enabled()
+        weight, bias = directions[module]
+        products[module] = layer_products(module, layer_inputs, grad_output, None if tracked == "bias" else weight, None if tracked == "weight" else bias)
+
+    hooks.layer_callback = project
+    hooks.callback = lambda *args: pytest.fail("the per-parameter callback ran beside the layer callback")
+    hooks.attach()
+    model(inputs).pow(2).mean().backward()
+    hooks.detach()
+
+    reference = extend(copy.deepcopy(model))
+    for module in reference.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        if isinstance(module, nn.Conv2d) and module.padding == "same":  # BackPACK computes with numbers
+            module.padding = numeric_padding(module)
+    with backpack(BatchGrad()):
+        reference(inputs).pow(2).mean().backward()
+    references = [m for m in reference.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    for layer, twin in zip(layers, references):
+        weight, bias = directions[layer]
+        expected = torch.zeros(N)
+        if tracked != "bias":
+            expected += twin.weight.grad_batch.reshape(N, -1) @ weight.reshape(-1)
+        if tracked != "weight":
+            expected += twin.bias.grad_batch @ bias
+        assert products[layer].shape == (N,)
+        assert torch.allclose(products[layer], expected, rtol=1e-5, atol=1e-7)

@@ -25,8 +25,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
-from cockpit_cli.instruments.output_hooks import OutputGradientHooks
-from cockpit_cli.instruments.reductions import NEEDS_MEAN, Accumulator, ReductionOptions
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
+from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, Accumulator, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
@@ -192,7 +192,10 @@ class GradientCapture:
                     _backward(loss, retain_graph, create_graph)
         elif by_output_hooks:
             hooks = self._output_hooks
-            hooks.callback = self._parameter_hook(accumulator, requested, options, batch_size)
+            if requested == {PROJECTIONS}:  # Alpha's second point alone: a layer's products in one pass
+                hooks.layer_callback = self._layer_projections(accumulator, options)
+            else:
+                hooks.callback = self._parameter_hook(accumulator, requested, options, batch_size)
             # The training's own gradients are the means of the per-sample ones where they start
             # empty (not accumulated over several backward passes) and are this process's alone.
             # Only reductions that read the mean wait for them: the factors of a layer that waits
@@ -203,7 +206,7 @@ class GradientCapture:
                 _backward(loss, retain_graph, create_graph)
                 hooks.flush()
             finally:
-                hooks.callback, hooks.at_gradients, hooks.after_gradient = None, False, None
+                hooks.callback, hooks.layer_callback, hooks.at_gradients, hooks.after_gradient = None, None, False, None
                 hooks.flush()  # drops what a failed pass left
         else:
             _backward(loss, retain_graph, create_graph)
@@ -234,6 +237,26 @@ class GradientCapture:
             reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync, mean=mean)
 
         return reduce_source
+
+    def _layer_projections(self, accumulator: Accumulator, options: ReductionOptions) -> Callable[[nn.Module, Tensor, Tensor], None]:
+        """Return what adds a layer's products ``G[i] . u`` (weight and bias together, with the
+        regulariser's ``lambda theta . u``) to the PROJECTIONS of ``accumulator``; a failure is
+        recorded there (:meth:`Accumulator.fail`), as :func:`sample_pass.reduce_layer` records its own."""
+
+        def project(module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
+            own = self.module_params[module]
+            try:
+                directions = {id(param): options.direction[index].to(param.dtype) for index, param in own}
+                weight, bias = (directions.get(id(getattr(module, name))) for name in ("weight", "bias"))
+                products = layer_products(module, inputs, grad_output, weight, bias).mul_(inputs.shape[0])  # g_i / N -> g_i
+                for index, param in own:
+                    if self.weight_decay[index]:  # every G[i] holds lambda theta
+                        products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[id(param)].reshape(-1))
+                accumulator.add(PROJECTIONS, products)
+            except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+                accumulator.fail({PROJECTIONS}, f"per-sample statistics: {type(error).__name__}: {error}")
+
+        return project
 
     def _release_direction(self, options: ReductionOptions) -> Callable[[nn.Parameter], None] | None:
         """Return what drops a parameter's part of the projection direction once its products are

@@ -146,9 +146,21 @@ class Instruments:
         return active, needs
 
     def _needing(self, need: str) -> list[Quantity]:
-        """Return the quantities active at the planned step that need ``need``."""
+        """Return the quantities active at the planned step that need ``need`` (and are still on)."""
+        return self._needing_any({need})
+
+    def _needing_any(self, wanted: set[str] | frozenset[str]) -> list[Quantity]:
+        """Return the quantities active at the planned step that need any of ``wanted`` (and are still on)."""
         _, active, requirements, _ = self._planned
-        return [quantity for quantity, needs in zip(active, requirements) if need in needs]
+        return [quantity for quantity, needs in zip(active, requirements) if needs & wanted and quantity in self.quantities]
+
+    def _switch_off(self, step: int, failed: list[Quantity], error: str) -> list[Quantity]:
+        """Switch ``failed`` off with the reason ``error``; return the planned step's active quantities left."""
+        for quantity in failed:
+            self.quantities.remove(quantity)
+            self.unavailable[quantity.name] = f"failed at step {step} and was switched off: {error}"
+        self._idle_until = 0
+        return [quantity for quantity in self._planned[1] if quantity in self.quantities]
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
@@ -252,6 +264,8 @@ class Instruments:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
                 accumulator.add(r.PROJECTIONS, self.capture.start_slopes(inputs, targets, theta, self._rng_state)(options.direction))
+        if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
+            active = self._switch_off(step, self._needing_any(accumulator.failed), accumulator.errors[0])
         data = StepData(
             step=step,
             loss=self.sync.mean(float(loss.detach())),
@@ -338,9 +352,7 @@ class Instruments:
         try:
             method(data)
         except Exception as error:  # an instrument never stops training
-            self.quantities.remove(quantity)
-            self._idle_until = 0
-            self.unavailable[quantity.name] = f"failed at step {data.step} and was switched off: {type(error).__name__}: {error}"
+            self._switch_off(data.step, [quantity], f"{type(error).__name__}: {error}")
 
     def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
         for step, values in outputs.items():

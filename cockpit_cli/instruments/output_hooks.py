@@ -17,6 +17,11 @@ With :attr:`OutputGradientHooks.at_gradients` set, a parameter's source waits fo
 gradient instead (a hook that runs once autograd has accumulated it) and goes to the callback
 with that gradient: the mean of the per-sample gradients, which then need not be formed a second
 time from the factors.
+
+Where the products ``G[i] . u`` with a direction are all a step needs (Alpha's second point),
+:attr:`OutputGradientHooks.layer_callback` gets each layer's input and output gradient instead,
+and :func:`layer_products` takes the products of the weight and the bias together: one pass of
+the layer with ``u`` as its parameters.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, numeric_padding
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
+# (layer, its input, the gradient of the mean loss for its output)
+LayerFactors = Callable[[nn.Module, Tensor, Tensor], None]
 
 
 class OutputGradientHooks:
@@ -44,6 +52,7 @@ class OutputGradientHooks:
     def __init__(self, params: dict[nn.Module, list[nn.Parameter]]):
         self.params = params
         self.callback: ParameterSource | None = None  # set only while a tracked backward pass runs
+        self.layer_callback: LayerFactors | None = None  # in place of callback: a layer's factors, once per run of the layer
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
         self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
@@ -82,6 +91,10 @@ class OutputGradientHooks:
 
     def _backward(self, module: nn.Module, held: list[Tensor], grad_output: Tensor) -> None:
         inputs = held.pop() if held else None
+        if inputs is not None and self.layer_callback is not None:
+            with torch.no_grad():
+                self.layer_callback(module, inputs, grad_output)
+            return
         if self.callback is None or inputs is None:
             return
         for param in self.params[module]:
@@ -120,6 +133,37 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
         return FactoredConv(module, grad_output, inputs)
+    return _bias_samples(module, grad_output)
+
+
+def _bias_samples(module: nn.Module, grad_output: Tensor) -> Tensor:
+    """Return the bias's per-sample gradients of the mean loss, ``delta_i`` summed over the
+    output positions, ``[N, C_out]``."""
     if isinstance(module, nn.Linear):  # delta: [N, *, out]
         return grad_output if grad_output.dim() == 2 else grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).sum(1)
     return grad_output.flatten(2).sum(2)  # convolution, delta: [N, C_out, *spatial]
+
+
+def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Return the products of each sample's gradients of the layer's weight and bias (those of the
+    mean loss, ``g_i / N``) with a direction ``(U_w, U_b)``, summed over both, ``[N]``.
+
+    The weight's product is ``delta_i . (U_w applied to x_i)`` and the bias's ``delta_i . U_b``
+    at every output position, so together they are ``delta_i`` times the layer's output for the
+    input ``x_i`` with ``U_w`` and ``U_b`` as its parameters: one pass of the layer, one product.
+
+    Args:
+        module: A Linear layer or a convolution that :func:`factored_gradients.unfoldable` covers.
+        inputs: The layer's input ``[N, ...]``.
+        grad_output: ``delta``, the gradient of the mean loss for the layer's output ``[N, ...]``.
+        weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.
+        bias: ``U_b`` (``[C_out]``), or ``None`` where the layer has no tracked bias.
+    """
+    if weight is None:
+        return _bias_samples(module, grad_output) @ bias
+    if isinstance(module, nn.Linear):
+        outputs = F.linear(inputs, weight, bias)
+    else:
+        convolution = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+        outputs = convolution(inputs, weight, bias, module.stride, numeric_padding(module), module.dilation, module.groups)
+    return outputs.mul_(grad_output).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size

@@ -302,7 +302,8 @@ class Accumulator:
     """
 
     def __init__(self, num_params: int):
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # what failed, in order
+        self.failed: set[str] = set()  # reductions whose sums lack a parameter's part (see fail)
         self._totals: dict[str, Tensor] = {}
         self._parts: dict[str, list[Tensor]] = {}  # values added since the totals were last combined
         self.per_param: dict[str, list[Tensor | None]] = {}
@@ -334,6 +335,12 @@ class Accumulator:
             self._scalars = dict(zip(names, torch.stack([totals[key] for key in names]).tolist() if names else []))
         return self._scalars[name]
 
+    def fail(self, names: frozenset[str] | set[str], error: str) -> None:
+        """Record that the reductions ``names`` of a parameter failed with ``error``: their sums,
+        missing that parameter's part, must not be read as the whole network's."""
+        self.errors.append(error)
+        self.failed |= names
+
     def add(self, name: str, value: Tensor) -> None:
         """Add ``value`` (any shape, the same for every call with ``name``) to the sum ``name``."""
         self._parts.setdefault(name, []).append(_detached(value))
@@ -352,11 +359,19 @@ class Accumulator:
     def synchronize(self, sync: Synchronizer) -> None:
         """Combine the local values across processes (a no-op for one process).
 
-        Per-sample vectors are concatenated in rank order, counts summed, maxima maximised.
+        Per-sample vectors are concatenated in rank order, counts summed, maxima maximised. The
+        reductions that failed in any process are combined in none (a process may lack their
+        values, and what it has is not read).
         """
         if sync.world_size == 1:
             return
-        for name in sorted(self.totals):
+        # Where a process's reductions failed, every process switches the quantities that read them off.
+        names = sorted(KERNELS)
+        flags = sync.maximum(torch.tensor([float(name in self.failed) for name in names], dtype=torch.float64, device=sync.device))
+        elsewhere = {name for name, flag in zip(names, flags.tolist()) if flag > 0} - self.failed
+        if elsewhere:
+            self.fail(elsewhere, "a reduction it reads failed in another process")
+        for name in sorted(set(self.totals) - self.failed):
             if name in PER_SAMPLE:
                 self.totals[name] = sync.gather(self.totals[name])
             elif name in COUNTS:
@@ -364,7 +379,7 @@ class Accumulator:
             elif name == ABS_MAX:
                 self.totals[name] = sync.maximum(self.totals[name])
         self._scalars = None
-        for name in sorted(self.per_param):
+        for name in sorted(set(self.per_param) - self.failed):
             if name in COUNTS:
                 self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]
 
@@ -488,12 +503,12 @@ def statistics_for(requested: frozenset[str]) -> frozenset[str]:
 def reduce_block(block: LayerBlock, requested: frozenset[str], acc: Accumulator, options: ReductionOptions) -> None:
     """Phase 3: run every requested kernel that the block has the inputs for.
 
-    A failing kernel is recorded in ``acc.errors`` and never raised: this runs inside the
-    backward pass, which must complete for training to go on.
+    A failing kernel is recorded with :meth:`Accumulator.fail` and never raised: this runs inside
+    the backward pass, which must complete for training to go on.
     """
     for name in runnable(requested, block.stats is not None, block.h is not None):
         try:
             KERNELS[name](block, acc, options)
         except Exception as error:  # noqa: BLE001 - reported by the quantities that lack the value
-            acc.errors.append(f"{name}: {type(error).__name__}: {error}")
+            acc.fail({name}, f"{name}: {type(error).__name__}: {error}")
     acc.coordinates += block.theta.numel()

@@ -307,7 +307,7 @@ def reduce_layer(
         if failure is None:
             block.stats = stats
         else:
-            acc.errors.append(f"per-sample statistics: {type(failure).__name__}: {failure}")
+            acc.fail(requested & r.NEEDS_SAMPLES, f"per-sample statistics: {type(failure).__name__}: {failure}")
             requested -= r.NEEDS_SAMPLES
     r.reduce_block(block, requested, acc, options)  # phase 3
 
