@@ -515,6 +515,16 @@ def format_row(row: dict[str, Any], label: str | None = None) -> list[str]:
     return [label or row["label"], seconds_text(row["seconds"]), f"{row['ratio']:.2f}", memory, memory_ratio, str(row["steps_timed"]), note]
 
 
+def step_kinds(row: dict[str, Any], plain_s: float) -> list[str]:
+    """Return one text per kind of step of a configuration, the dearest first: a tracked step (all
+    of the preset due), a step that only ends Alpha, a step with nothing due."""
+    cells = []
+    for group, timing in sorted(row["groups"].items(), key=lambda item: -item[1]["median_s"]):
+        name = f"tracked ({group.count(',') + 1} quantities)" if "," in group else f"{group} only" if group != "nothing due" else group
+        cells.append(f"{name} {seconds_text(timing['median_s'])} ({timing['median_s'] / plain_s:.2f}, {timing['steps']})")
+    return cells
+
+
 def report(result: dict[str, Any]) -> str:
     """Return the text report of one problem."""
     header = ["configuration", "time/step", "x plain", "peak MiB", "x plain", "steps", "notes"]
@@ -543,6 +553,10 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"economy every 1: {seconds_text(floor['economy_s'])} = {floor['economy_to_floor']:.2f} x floor")
     if floor.get("cockpit_economy_to_floor") is not None:
         lines.append(f"economy (Cockpit's set, without {', '.join(DIAGNOSTICS)}) every 1: {seconds_text(floor['cockpit_economy_s'])} = {floor['cockpit_economy_to_floor']:.2f} x floor")
+    kinds = [row for row in result["presets"] if row["every"] > 1]
+    if kinds:
+        lines += ["", "kinds of step of the tracking intervals above 1 (median, x plain, steps):"]
+        lines += [f"  {row['label']}: " + "; ".join(step_kinds(row, floor["plain_s"])) for row in kinds]
     if result["quantities"]:
         lines += ["", "each quantity alone, every step:"]
         lines.append(table(header, [format_row(row) for row in result["quantities"]], right={1, 2, 3, 4, 5}))
