@@ -520,7 +520,12 @@ def step_kinds(row: dict[str, Any], plain_s: float) -> list[str]:
     of the preset due), a step that only ends Alpha, a step with nothing due."""
     cells = []
     for group, timing in sorted(row["groups"].items(), key=lambda item: -item[1]["median_s"]):
-        name = f"tracked ({group.count(',') + 1} quantities)" if "," in group else f"{group} only" if group != "nothing due" else group
+        if "," in group:
+            name = f"tracked ({group.count(',') + 1} quantities)"
+        elif group == "nothing due":
+            name = group
+        else:
+            name = f"{group} only"  # e.g. Alpha only: the step after a tracked one
         cells.append(f"{name} {seconds_text(timing['median_s'])} ({timing['median_s'] / plain_s:.2f}, {timing['steps']})")
     return cells
 
