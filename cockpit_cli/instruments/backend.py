@@ -246,12 +246,12 @@ class GradientCapture:
         def project(module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
             own = self.module_params[module]
             try:
-                directions = {id(param): options.direction[index].to(param.dtype) for index, param in own}
-                weight, bias = (directions.get(id(getattr(module, name))) for name in ("weight", "bias"))
-                products = layer_products(module, inputs, grad_output, weight, bias).mul_(inputs.shape[0])  # g_i / N -> g_i
+                directions = {param: options.direction[index].to(param.dtype) for index, param in own}  # tensors hash by identity
+                products = layer_products(module, inputs, grad_output, directions.get(module.weight), directions.get(module.bias))
+                products.mul_(inputs.shape[0])  # g_i / N -> g_i
                 for index, param in own:
                     if self.weight_decay[index]:  # every G[i] holds lambda theta
-                        products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[id(param)].reshape(-1))
+                        products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[param].reshape(-1))
                 accumulator.add(PROJECTIONS, products)
             except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
                 accumulator.fail({PROJECTIONS}, f"per-sample statistics: {type(error).__name__}: {error}")

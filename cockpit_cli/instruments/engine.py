@@ -154,13 +154,12 @@ class Instruments:
         _, active, requirements, _ = self._planned
         return [quantity for quantity, needs in zip(active, requirements) if needs & wanted and quantity in self.quantities]
 
-    def _switch_off(self, step: int, failed: list[Quantity], error: str) -> list[Quantity]:
-        """Switch ``failed`` off with the reason ``error``; return the planned step's active quantities left."""
-        for quantity in failed:
+    def _switch_off(self, quantities: list[Quantity], reason: str) -> None:
+        """Stop tracking ``quantities`` for the rest of the run, with ``reason`` in the manifest."""
+        for quantity in quantities:
             self.quantities.remove(quantity)
-            self.unavailable[quantity.name] = f"failed at step {step} and was switched off: {error}"
+            self.unavailable[quantity.name] = reason
         self._idle_until = 0
-        return [quantity for quantity in self._planned[1] if quantity in self.quantities]
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
@@ -265,7 +264,8 @@ class Instruments:
             with self._engine_pass():
                 accumulator.add(r.PROJECTIONS, self.capture.start_slopes(inputs, targets, theta, self._rng_state)(options.direction))
         if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
-            active = self._switch_off(step, self._needing_any(accumulator.failed), accumulator.errors[0])
+            self._switch_off(self._needing_any(accumulator.failed), failure_reason(step, accumulator.errors[0]))
+            active = [quantity for quantity in active if quantity in self.quantities]
         data = StepData(
             step=step,
             loss=self.sync.mean(float(loss.detach())),
@@ -323,10 +323,8 @@ class Instruments:
                 reason = "the curvature factor does not fit in the memory of another process (its run's warnings say by how much)"
         if reason is None:
             return self._plan(step)
-        for quantity in [quantity for quantity in self.quantities if quantity.needs_curvature]:
-            self.quantities.remove(quantity)
-            self.unavailable[quantity.name] = reason
-        self._planned, self._idle_until = None, 0
+        self._switch_off([quantity for quantity in self.quantities if quantity.needs_curvature], reason)
+        self._planned = None
         return self._plan(step)
 
     def skip(self, step: int) -> None:
@@ -352,7 +350,7 @@ class Instruments:
         try:
             method(data)
         except Exception as error:  # an instrument never stops training
-            self._switch_off(data.step, [quantity], f"{type(error).__name__}: {error}")
+            self._switch_off([quantity], failure_reason(data.step, f"{type(error).__name__}: {error}"))
 
     def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
         for step, values in outputs.items():
@@ -401,6 +399,11 @@ class Instruments:
             "unavailable": dict(self.unavailable),
             "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
         }
+
+
+def failure_reason(step: int, error: str) -> str:
+    """Return the manifest's reason for a quantity that failed at ``step`` with ``error``."""
+    return f"failed at step {step} and was switched off: {error}"
 
 
 def _projections_only(needs: set[str]) -> bool:
