@@ -27,7 +27,7 @@ from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.allocations import peak_cpu_bytes
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear
 from cockpit_cli.instruments.reductions import HistogramSpec
-from cockpit_cli.instruments.sample_pass import _joint_counts
+from cockpit_cli.instruments.sample_pass import DenseSamples, _joint_counts, sample_statistics
 
 SPECS = [
     HistogramSpec(100, -2.0, 2.0),  # the default: 0 is the edge between bins 49 and 50
@@ -101,9 +101,9 @@ def test_small_rows_are_counted_without_being_formed(monkeypatch: pytest.MonkeyP
     binned: list[int] = []
     bin_of = HistogramSpec.bin_of
 
-    def counting(self: HistogramSpec, values: Tensor, consume: bool = False) -> Tensor:
+    def counting(self: HistogramSpec, values: Tensor, consume: bool = False, dtype: torch.dtype = torch.int32) -> Tensor:
         binned.append(values.numel())
-        return bin_of(self, values, consume)
+        return bin_of(self, values, consume, dtype)
 
     monkeypatch.setattr(HistogramSpec, "bin_of", counting)
     counts = oh.outer_histogram(scaled, inputs, spec)
@@ -261,10 +261,27 @@ def test_consuming_bin_of_gives_the_same_bins(spec: HistogramSpec) -> None:
     assert torch.equal(spec.bin_of(values), expected)  # values left alone without consume
 
 
+@pytest.mark.parametrize(("bins", "dtype"), [(100, torch.int8), (127, torch.int8), (128, torch.int16), (32767, torch.int16), (32768, torch.int32)])
+def test_counts_take_the_narrowest_bin_index_that_holds_nan_s_slot(bins: int, dtype: torch.dtype) -> None:
+    """``counts_of`` bins into the narrowest integers that hold index ``bins`` (NaN's slot), with
+    the counts of int32 bins: clamped ends, both zeros, tiny values of either sign and NaN."""
+    spec = HistogramSpec(bins, -2.0, 2.0)
+    assert spec.narrow_index == dtype
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.inf, -math.inf, 5.0, -5.0, math.nan, math.nan])
+    values = torch.cat([torch.randn(3990) * 1.5, special]).reshape(40, 100).t()  # strided
+    expected = torch.bincount(spec.bin_of(values).reshape(-1), minlength=bins + 1)
+    assert int(expected[bins]) == 2 and int(expected[0]) > 0 and int(expected[bins - 1]) > 0
+    assert torch.equal(spec.counts_of(values), expected)
+    scratch = values.clone()
+    assert torch.equal(spec.counts_of(scratch, consume=True), expected)
+    assert torch.equal(spec.count(values), expected[:bins])
+
+
 def test_formed_rows_hold_one_block_of_products_and_its_bins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A block of products is formed in its gathered inputs, binned in place, and released before
-    the next is formed: two blocks at once, besides temporaries of the factors' size (it held
-    three: the last block's products, the gathered inputs and their products)."""
+    """A block of products is formed in its gathered inputs, binned in place into int8 bins (a
+    quarter of the block), and released before the next is formed, besides temporaries of the
+    factors' size: 1.33 blocks here (2.08 with int32 bins; three blocks while it held the last
+    block's products, the gathered inputs and their products)."""
     monkeypatch.setattr(oh, "CHUNK_ELEMENTS", 1 << 16)
     scaled, inputs = factors(3, torch.float32, n=8, outputs=256, width=1024)
     scaled[:, ::2] = 1e3 * scaled[:, ::2].sign()  # 810 of the 2048 rows are formed, in 13 blocks of 64 rows
@@ -272,7 +289,41 @@ def test_formed_rows_hold_one_block_of_products_and_its_bins(monkeypatch: pytest
     block_bytes = (1 << 16) * 4
     assert oh.outer_histogram(scaled, inputs, spec).tolist() == formed_counts(scaled, inputs, spec).tolist()
     peak = peak_cpu_bytes(lambda: oh.outer_histogram(scaled, inputs, spec))
-    assert peak < 2.5 * block_bytes, f"{peak / block_bytes:.2f} blocks"
+    assert peak < 1.5 * block_bytes, f"{peak / block_bytes:.2f} blocks"
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["1-D", "1-D and 2-D"])
+def test_blocks_formed_for_the_sample_pass_are_binned_in_place(joint: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the rows are too large to count from their signs, the sample pass forms blocks of
+    products from the factors. The histograms read a block last and bin it in place, and the
+    block is released before the next is formed, so one block and its bins are held (int8 bins
+    for the 1-D counts alone: 1.3 blocks, where it held 3.0; int32 for the joint ones, with
+    the joint counts of the block and of the blocks before it, two thirds of a block each, and
+    the parameter's columns: 3.5 blocks, where it held 4.5). The counts are those of the formed
+    gradients binned without touching them."""
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 1 << 16)
+    torch.manual_seed(0)
+    n, out_features, in_features = 12, 16, 1024  # four samples per block: 64 Ki products, 256 KiB
+    inputs, grad_outputs = torch.randn(n, in_features), torch.randn(n, out_features) * 10
+    theta = torch.randn(out_features * in_features)
+    wanted = frozenset({r.HIST1D_COUNTS, r.HIST2D_COUNTS} if joint else {r.HIST1D_COUNTS})
+    options = r.ReductionOptions()
+
+    def source() -> FactoredLinear:
+        return FactoredLinear(inputs, grad_outputs, torch.Size([out_features, in_features]))
+
+    assert oh.split_rows(grad_outputs * n, inputs, options.hist1d) is None  # too many large rows: blocks are formed
+    formed = (grad_outputs * n).unsqueeze(2) * inputs.unsqueeze(1)  # [N, out, in], as the blocks form them
+    expected = sample_statistics(DenseSamples(formed), None, wanted, theta, options)
+    found = sample_statistics(source(), None, wanted, theta, options)
+    assert found.hist1d_counts.tolist() == expected.hist1d_counts.tolist()
+    assert found.hist1d_counts.tolist() == options.hist1d.count(formed.reshape(n, -1)).tolist()
+    if joint:
+        assert found.hist2d_counts.tolist() == expected.hist2d_counts.tolist()
+    block_bytes = (1 << 16) * 4
+    peak = peak_cpu_bytes(lambda: sample_statistics(source(), None, wanted, theta, options))
+    most = 4.0 if joint else 1.5
+    assert peak < most * block_bytes, f"{peak / block_bytes:.2f} blocks"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

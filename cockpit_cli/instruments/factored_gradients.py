@@ -51,6 +51,8 @@ class FactoredSamples:
         weight_shape: The weight's shape (``[C_out, ...]``, ``D`` elements).
     """
 
+    scratch_blocks = True  # every block is formed anew from the factors
+
     def __init__(self, grad_outputs: Tensor, weight_shape: torch.Size):
         self.delta = grad_outputs
         self.n = grad_outputs.shape[0]
@@ -250,7 +252,9 @@ class FactoredSamples:
             block = _outer(delta * self.n, inputs) if scale_first else _outer(delta, inputs).mul_(self.n)
             if decay_term is not None:
                 block.add_(decay_term)
-            yield block.reshape(stop - start, size)
+            block = block.reshape(stop - start, size)
+            yield block
+            del block  # held no longer than the caller holds it, not while the next one is formed
 
 
 def _outer(delta: Tensor, inputs: Tensor) -> Tensor:

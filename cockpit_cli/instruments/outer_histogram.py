@@ -223,8 +223,8 @@ def _signs(values: Tensor) -> Tensor:
     return values.nan_to_num(nan=0.0).sign_().float()
 
 
-def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: HistogramSpec) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield the bins ``[m, K]`` (int32, as ``spec.bin_of`` bins them) of the remaining rows'
+def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: HistogramSpec, dtype: torch.dtype = torch.int32) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield the bins ``[m, K]`` (``dtype``, as ``spec.bin_of`` bins them) of the remaining rows'
     products (computed as the layer's blocks compute them), about ``CHUNK_ELEMENTS`` products at a
     time (a sample's rows may be split over several blocks), with each row's output index ``a``
     (``[m]``), in the order of ``split.remaining``'s true entries.
@@ -239,7 +239,7 @@ def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: Histo
     for pairs in split.remaining.nonzero().split(most):  # [m, 2]: (sample i, output a)
         samples, outputs = pairs[:, 0], pairs[:, 1]
         products = inputs.index_select(0, samples).mul_(scaled[samples, outputs].unsqueeze(1))  # x_ib * c_ia == c_ia * x_ib
-        bins = spec.bin_of(products, consume=True)
+        bins = spec.bin_of(products, consume=True, dtype=dtype)
         del products
         yield bins, outputs
         del bins  # before the next block is formed
@@ -266,7 +266,7 @@ def outer_histogram(scaled: Tensor, inputs: Tensor, spec: HistogramSpec) -> Tens
         counts[rule.negative] += negatives.long()
         in_rule = in_rule - negatives
     counts[rule.positive] += in_rule.long()
-    for bins, _ in formed_row_bins(scaled, inputs, split, spec):
+    for bins, _ in formed_row_bins(scaled, inputs, split, spec, spec.narrow_index):
         counts += torch.bincount(bins.reshape(-1), minlength=spec.bins + 1)
         del bins
     return counts

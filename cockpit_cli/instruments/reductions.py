@@ -89,8 +89,15 @@ class HistogramSpec:
         offset = -Fraction(self.low) * self.bins / (Fraction(self.high) - Fraction(self.low))
         return int(offset) if offset.denominator == 1 else None
 
-    def bin_of(self, values: Tensor, consume: bool = False) -> Tensor:
-        """Return the bin of each value (int32, same shape). ``values`` is left alone, or with
+    @cached_property
+    def narrow_index(self) -> torch.dtype:
+        """Return the narrowest signed integer dtype that holds every bin index, NaN's ``bins``
+        included: ``torch.bincount`` reads fewer bytes, and a block's indices take a quarter of
+        int32's memory for up to 127 bins."""
+        return next(dtype for dtype in (torch.int8, torch.int16, torch.int32) if self.bins <= torch.iinfo(dtype).max)
+
+    def bin_of(self, values: Tensor, consume: bool = False, dtype: torch.dtype = torch.int32) -> Tensor:
+        """Return the bin of each value (``dtype``, same shape). ``values`` is left alone, or with
         ``consume=True`` used as the scratch space (overwritten; the bins are the same).
 
         Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
@@ -98,6 +105,7 @@ class HistogramSpec:
         edge (:attr:`zero_offset`), the bin is ``z + floor(value * scale)``: exact in sign, so a
         negative value however small lies below the edge at 0 and a positive one above it
         (factored sources count whole rows of products by their signs and rely on this).
+        ``dtype`` must hold ``bins`` (:attr:`narrow_index` is the narrowest that does).
         """
         scale = self.bins / (self.high - self.low)
         zero = self.zero_offset
@@ -105,13 +113,18 @@ class HistogramSpec:
             scaled = (values.sub_(self.low) if consume else values - self.low).mul_(scale)
         else:
             scaled = (values.mul_(scale) if consume else values * scale).floor_().add_(zero)
-        return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(torch.int32)  # >= 0: truncation is floor
+        return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(dtype)  # >= 0: truncation is floor
+
+    def counts_of(self, values: Tensor, consume: bool = False) -> Tensor:
+        """Return the counts ``[bins + 1]`` (int64; the last slot: NaN) of the bins of all
+        elements of ``values`` (left alone, or with ``consume=True`` overwritten)."""
+        return torch.bincount(self.bin_of(values, consume, self.narrow_index).reshape(-1), minlength=self.bins + 1)
 
     def count(self, samples: Tensor) -> Tensor:
         """Return the counts ``[bins]`` (int64) of all elements of ``[N, D]``, block by block."""
         counts = torch.zeros(self.bins + 1, dtype=torch.int64, device=samples.device)
         for block in row_chunks(samples):
-            counts += torch.bincount(self.bin_of(block).reshape(-1), minlength=self.bins + 1)
+            counts += self.counts_of(block)
         return counts[: self.bins]
 
 

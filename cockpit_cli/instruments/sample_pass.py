@@ -19,9 +19,15 @@ from cockpit_cli.instruments.sync import Synchronizer
 
 
 class SampleSource(Protocol):
-    """One parameter's per-sample gradients ``G``, ``[N, D_p]``, handed out block by block."""
+    """One parameter's per-sample gradients ``G``, ``[N, D_p]``, handed out block by block.
+
+    Attributes:
+        n: Samples.
+        scratch_blocks: Whether each block is formed for the caller alone, who may overwrite it.
+    """
 
     n: int
+    scratch_blocks: bool
 
     def mean(self) -> Tensor:
         """Return the mean gradient ``g = mean_i G[i]``, shape ``[D_p]``."""
@@ -30,7 +36,8 @@ class SampleSource(Protocol):
         """Use ``g`` (``[D_p]``, known already: the training's own gradient) as the mean from now on."""
 
     def blocks(self) -> Iterator[Tensor]:
-        """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order)."""
+        """Yield ``G`` in consecutive blocks of samples ``[r, D_p]`` (rows in order); the caller
+        releases each block before asking for the next."""
 
     def products(self, vector: Tensor) -> Tensor:
         """Return ``G[i] . v`` for every sample, ``[N]`` (``vector``: ``[D_p]``)."""
@@ -53,6 +60,8 @@ class SampleSource(Protocol):
 
 class DenseSamples:
     """A source that holds the whole block ``G`` (``[N, *p.shape]``); blocks are views of it."""
+
+    scratch_blocks = False
 
     def __init__(self, samples: Tensor):
         self.samples = samples.reshape(samples.shape[0], -1)
@@ -85,11 +94,6 @@ class DenseSamples:
 
     def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> None:
         return None
-
-
-def _bin_counts(spec: r.HistogramSpec, bins: Tensor) -> Tensor:
-    """Return the counts ``[spec.bins + 1]`` of bin indices (the last slot holds NaN)."""
-    return torch.bincount(bins.reshape(-1), minlength=spec.bins + 1)
 
 
 def sample_statistics(
@@ -174,19 +178,24 @@ def sample_statistics(
             if r.CENTERED in wanted:
                 _accumulate(sums, r.CENTERED, deviations.square_().sum(0))
             del deviations
-        if refinement is not None and r.HIST2D_COUNTS in wanted:
-            counts = _joint_counts(refinement.fine, block, columns, param_axis.bins)
-            joint = counts if joint is None else joint.add_(counts)
-        else:
-            if r.HIST1D_COUNTS in wanted:
-                _accumulate(sums, r.HIST1D_COUNTS, _bin_counts(options.hist1d, options.hist1d.bin_of(block)))
-            if r.HIST2D_COUNTS in wanted:
-                flat = grad_axis.bin_of(block).mul_(param_axis.bins).add_(offsets)  # [b, D_p]; NaN anywhere -> >= cells
-                _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=2 * cells + param_axis.bins + 1))
         if r.LARGEST in wanted:
             low, high = block.aminmax()
             largest = torch.maximum(high, -low)
             sums[r.LARGEST] = largest if r.LARGEST not in sums else torch.maximum(sums[r.LARGEST], largest)
+        # The histograms read the block last: a block formed for this pass is their scratch space.
+        if refinement is not None and r.HIST2D_COUNTS in wanted:
+            counts = _joint_counts(refinement.fine, block, columns, param_axis.bins, consume=source.scratch_blocks)
+            joint = counts if joint is None else joint.add_(counts)
+            del counts  # before the next block's counts are made
+        else:
+            if r.HIST1D_COUNTS in wanted:
+                last_use = source.scratch_blocks and r.HIST2D_COUNTS not in wanted
+                _accumulate(sums, r.HIST1D_COUNTS, options.hist1d.counts_of(block, consume=last_use))
+            if r.HIST2D_COUNTS in wanted:
+                flat = grad_axis.bin_of(block, consume=source.scratch_blocks).mul_(param_axis.bins).add_(offsets)  # [b, D_p]; NaN anywhere -> >= cells
+                _accumulate(sums, r.HIST2D_COUNTS, torch.bincount(flat.reshape(-1), minlength=2 * cells + param_axis.bins + 1))
+                del flat
+        del block  # before the source forms the next
     stats = r.SampleStatistics(**sums, **without_blocks, **{name: _concatenated(parts) for name, parts in rows.items()})
     if stats.hist1d_counts is not None:
         stats.hist1d_counts = stats.hist1d_counts[: options.hist1d.bins]
@@ -199,7 +208,7 @@ def sample_statistics(
     return stats
 
 
-def _joint_counts(fine: r.HistogramSpec, block: Tensor, columns: Tensor, width: int) -> Tensor:
+def _joint_counts(fine: r.HistogramSpec, block: Tensor, columns: Tensor, width: int, consume: bool = False) -> Tensor:
     """Return the joint counts of (fine gradient bin, parameter column) over a block.
 
     The cell of an element is ``fine bin * (width + 1) + column``: a NaN parameter has column
@@ -211,12 +220,13 @@ def _joint_counts(fine: r.HistogramSpec, block: Tensor, columns: Tensor, width: 
         block: Per-sample gradients ``[b, D_p]``.
         columns: The parameter-axis bin of each element, ``[D_p]`` (int32; NaN -> ``width``).
         width: Parameter-axis bins.
+        consume: Use ``block`` as scratch space (overwritten).
 
     Returns:
         ``[(fine.bins + 1) * (width + 1)]`` int64: the first ``fine.bins * (width + 1)`` are the
         cells ``[fine.bins, width + 1]``, the rest the counts of NaN gradients.
     """
-    flat = fine.bin_of(block).mul_(width + 1).add_(columns)  # [b, D_p]
+    flat = fine.bin_of(block, consume).mul_(width + 1).add_(columns)  # [b, D_p]
     return torch.bincount(flat.reshape(-1), minlength=(fine.bins + 1) * (width + 1))
 
 
