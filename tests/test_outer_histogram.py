@@ -326,6 +326,31 @@ def test_blocks_formed_for_the_sample_pass_are_binned_in_place(joint: bool, monk
     assert peak < most * block_bytes, f"{peak / block_bytes:.2f} blocks"
 
 
+def test_binning_a_formed_block_in_place_leaves_the_other_statistics_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1-D and 2-D axes without a common refinement bin a block each on their own, the 2-D one
+    last and in place, and the largest magnitude is read before: a factored source gives the
+    statistics of the same gradients held whole, with NaN and infinities among the factors."""
+    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 1 << 11)
+    torch.manual_seed(1)
+    n, out_features, in_features = 6, 8, 64  # D = 512: blocks of 4 and 2 samples
+    inputs, grad_outputs = torch.randn(n, in_features), torch.randn(n, out_features)
+    inputs[1, 3], inputs[4, 0], grad_outputs[2, 5] = math.nan, math.inf, -math.inf
+    options = r.ReductionOptions(hist1d=HistogramSpec(7, -0.31, 1.1), hist2d=(HistogramSpec(9, -2.0, 2.5), HistogramSpec(5, -1.0, 1.0)))
+    assert r.common_refinement(options.hist1d, options.hist2d[0]) is None
+    theta = torch.randn(out_features * in_features)
+    theta[7] = math.nan
+    wanted = frozenset({r.HIST1D_COUNTS, r.HIST2D_COUNTS, r.LARGEST})
+    formed = (grad_outputs * n).unsqueeze(2) * inputs.unsqueeze(1)  # [N, out, in], as the blocks form them
+    expected = sample_statistics(DenseSamples(formed), None, wanted, theta, options)
+    found = sample_statistics(FactoredLinear(inputs, grad_outputs, torch.Size([out_features, in_features])), None, wanted, theta, options)
+    assert found.hist1d_counts.tolist() == expected.hist1d_counts.tolist() == options.hist1d.count(formed.reshape(n, -1)).tolist()
+    assert found.hist2d_counts.tolist() == expected.hist2d_counts.tolist()
+    assert math.isnan(found.largest.item()) and math.isnan(expected.largest.item())
+    inputs[1, 3] = 1.0  # without NaN the largest magnitude is the infinity, which bins would not hold
+    found = sample_statistics(FactoredLinear(inputs, grad_outputs, torch.Size([out_features, in_features])), None, wanted, theta, options)
+    assert found.largest.item() == math.inf
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_smallest_nonzero_magnitude_from_bit_patterns(dtype: torch.dtype) -> None:
     """The smallest positive entry, NaN left out, inf where there is none: against filling the rest with inf."""
