@@ -485,6 +485,35 @@ def profile_problem(name: str, preset: str, args: argparse.Namespace, top: int =
     return "\n".join(lines)
 
 
+def fresh_memory_rates(mib: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """Return the wall seconds per GiB to allocate and fill fresh CPU memory, and to fill it again
+    (medians over ``repeats`` blocks of ``mib`` MiB).
+
+    The first includes faulting the pages in, which every step pays for its large tensors
+    (BatchGrad's per-sample gradients, curvature factors). Where page faults are slow (a busy
+    host, memory being reclaimed) the configurations that allocate hundreds of MiB per step run
+    slower and more unevenly; this line tells such a machine from a slower change of the code.
+    """
+    elements = mib * 2**20 // 4
+    fresh, again = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        block = torch.empty(elements).fill_(1.0)
+        filled = time.perf_counter()
+        block.fill_(2.0)
+        fresh.append(filled - started)
+        again.append(time.perf_counter() - filled)
+        del block
+    per_gib = 1024 / mib
+    return statistics.median(fresh) * per_gib, statistics.median(again) * per_gib
+
+
+def memory_line(when: str) -> str:
+    """Return the report's line on how fast this machine gives fresh memory, measured now."""
+    fresh, again = fresh_memory_rates()
+    return f"CPU memory ({when}): {fresh:.2f} s per GiB allocated and filled fresh, {again:.2f} s filled again"
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -628,6 +657,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         args.data_dir = args.data_dir or Path(scratch)
         print(f"torch {torch.__version__}, device {args.device}, torch.set_num_threads({torch.get_num_threads()}), {os.cpu_count()} CPUs, {args.clock} clock", flush=True)
+        memory_lines = [memory_line("at the start")]
+        print(memory_lines[0], flush=True)
         if args.profile:
             for name in args.problems:
                 print(profile_problem(name, args.profile, args), flush=True)
@@ -650,11 +681,13 @@ def main(argv: list[str] | None = None) -> None:
                 ["--problems", *args.problems, "--presets", *args.presets, "--intervals", *map(str, args.intervals), "--nproc", "1", str(args.nproc), "--device", args.device, "--clock", args.clock]
             )
         total = time.perf_counter() - started
-        print(f"\ntotal {total:.0f} s wall; times ({args.clock} clock) are per-group medians weighted by the groups' shares of steps, {args.repeats} repeat(s)", flush=True)
+        memory_lines.append(memory_line("at the end"))
+        print("\n" + memory_lines[-1], flush=True)
+        print(f"total {total:.0f} s wall; times ({args.clock} clock) are per-group medians weighted by the groups' shares of steps, {args.repeats} repeat(s)", flush=True)
         if args.json:
             settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
             settings["threads"] = torch.get_num_threads()
-            args.json.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "seconds": total, "results": results}, indent=1))
+            args.json.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "seconds": total, "memory": memory_lines, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
