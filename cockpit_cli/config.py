@@ -180,7 +180,7 @@ def describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
-def check_value(value: Any, hint: Any, where: str, minimum: float | None = None) -> Any:
+def check_value(value: Any, hint: Any, where: str, minimum: float | None = None, maximum: float | None = None) -> Any:
     """Check ``value`` against type ``hint``; return it converted (ints to floats, lists to tuples).
 
     Args:
@@ -188,6 +188,7 @@ def check_value(value: Any, hint: Any, where: str, minimum: float | None = None)
         hint: A type hint: int, float, bool, str, Literal, list[X], tuple[X, ...], dict, X | None, Any.
         where: Prefix for the error message (``"<file>: <key.path>"``).
         minimum: Optional lower bound for numbers.
+        maximum: Optional upper bound for numbers.
 
     Raises:
         CockpitError: ``"<where>: expected <description>, got <value>"``.
@@ -198,6 +199,8 @@ def check_value(value: Any, hint: Any, where: str, minimum: float | None = None)
         raise CockpitError(f"{where}: expected {describe(hint)}, got {shown}")
     if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
         raise CockpitError(f"{where}: expected a value >= {minimum:g}, got {converted!r}")
+    if maximum is not None and isinstance(converted, (int, float)) and converted > maximum:
+        raise CockpitError(f"{where}: expected a value <= {maximum:g}, got {converted!r}")
     return converted
 
 

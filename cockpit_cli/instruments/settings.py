@@ -41,7 +41,8 @@ def _check_entry(config: RunConfig, name: str, entry: Any) -> dict[str, Any] | N
             if key == "spacing" and value not in ("linear", "log"):
                 raise config.fail(f"{path}.{key}", f"expected 'linear' or 'log', got {value!r}")
         elif key in defaults:
-            settings[key] = _like(defaults[key], value, where, QUANTITIES[name].options_minimums.get(key))
+            quantity = QUANTITIES[name]
+            settings[key] = _like(defaults[key], value, where, quantity.options_minimums.get(key), quantity.options_maximums.get(key))
             if key == "range":
                 _check_ranges(settings[key], where)
         else:
@@ -50,20 +51,21 @@ def _check_entry(config: RunConfig, name: str, entry: Any) -> dict[str, Any] | N
     return settings
 
 
-def _like(default: Any, value: Any, where: str, minimum: float | None = None) -> Any:
+def _like(default: Any, value: Any, where: str, minimum: float | None = None, maximum: float | None = None) -> Any:
     """Check ``value`` against the type of ``default`` (numbers, booleans, nested pairs) and, for
-    a number, against ``minimum`` (integers: at least 1 unless given)."""
+    a number (or each number of a pair), against ``minimum`` (integers: at least 1 unless given)
+    and ``maximum``."""
     if isinstance(default, bool):
         return check_value(value, bool, where)
     if isinstance(default, int):
-        return check_value(value, int, where, 1 if minimum is None else minimum)
+        return check_value(value, int, where, 1 if minimum is None else minimum, maximum)
     if isinstance(default, float):
-        return check_value(value, float, where, minimum)
+        return check_value(value, float, where, minimum, maximum)
     if isinstance(default, tuple):
         items = check_value(value, list[Any], where)
         if len(items) != len(default):
             raise CockpitError(f"{where}: expected {len(default)} values, got {len(items)}")
-        return tuple(_like(d, v, where) for d, v in zip(default, items))
+        return tuple(_like(d, v, where, minimum, maximum) for d, v in zip(default, items))
     return value
 
 

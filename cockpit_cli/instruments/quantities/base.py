@@ -148,6 +148,7 @@ class Quantity:
     plain_sgd_only: ClassVar[bool] = False
     options_defaults: ClassVar[dict[str, Any]] = {}
     options_minimums: ClassVar[dict[str, float]] = {}  # lower bounds of numeric options, checked with the config
+    options_maximums: ClassVar[dict[str, float]] = {}  # upper bounds, likewise (of each number of a pair)
 
     def __init__(self, schedule: Schedule, options: dict[str, Any] | None = None):
         self.schedule = schedule

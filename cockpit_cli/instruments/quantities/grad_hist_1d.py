@@ -18,6 +18,7 @@ class GradHist1d(Quantity):
     name = "GradHist1d"
     per_sample = True
     options_defaults: dict[str, Any] = {"bins": 100, "range": (-2.0, 2.0), "adaptive": False}
+    options_maximums = {"bins": 10_000}  # each tracked step writes the counts, for the network and each parameter
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

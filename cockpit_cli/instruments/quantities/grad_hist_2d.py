@@ -17,6 +17,7 @@ class GradHist2d(Quantity):
     name = "GradHist2d"
     per_sample = True
     options_defaults: dict[str, Any] = {"bins": (40, 50), "range": ((-1.0, 1.0), (-2.0, 2.0))}
+    options_maximums = {"bins": 1_000}  # per axis: up to a million cells per tracked step, for the network and each parameter
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
