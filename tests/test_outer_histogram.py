@@ -267,6 +267,7 @@ def test_counts_take_the_narrowest_bin_index_that_holds_nan_s_slot(bins: int, dt
     the counts of int32 bins: clamped ends, both zeros, tiny values of either sign and NaN."""
     spec = HistogramSpec(bins, -2.0, 2.0)
     assert spec.narrow_index == dtype
+    assert HistogramSpec(2**31, -2.0, 2.0).narrow_index == torch.int64  # the widest, for any number of bins
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.inf, -math.inf, 5.0, -5.0, math.nan, math.nan])
     values = torch.cat([torch.randn(3990) * 1.5, special]).reshape(40, 100).t()  # strided
     expected = torch.bincount(spec.bin_of(values).reshape(-1), minlength=bins + 1)

@@ -94,7 +94,7 @@ class HistogramSpec:
         """Return the narrowest signed integer dtype that holds every bin index, NaN's ``bins``
         included: ``torch.bincount`` reads fewer bytes, and a block's indices take a quarter of
         int32's memory for up to 127 bins."""
-        return next(dtype for dtype in (torch.int8, torch.int16, torch.int32) if self.bins <= torch.iinfo(dtype).max)
+        return next(dtype for dtype in (torch.int8, torch.int16, torch.int32, torch.int64) if self.bins <= torch.iinfo(dtype).max)
 
     def bin_of(self, values: Tensor, consume: bool = False, dtype: torch.dtype = torch.int32) -> Tensor:
         """Return the bin of each value (``dtype``, same shape). ``values`` is left alone, or with
