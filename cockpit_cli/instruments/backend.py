@@ -27,7 +27,7 @@ from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_ext
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, Accumulator, ReductionOptions
-from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer
+from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -254,7 +254,7 @@ class GradientCapture:
                         products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[param].reshape(-1))
                 accumulator.add(PROJECTIONS, products)
             except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
-                accumulator.fail({PROJECTIONS}, f"per-sample statistics: {type(error).__name__}: {error}")
+                accumulator.fail({PROJECTIONS}, sample_failure(error))
 
         return project
 

@@ -317,9 +317,14 @@ def reduce_layer(
         if failure is None:
             block.stats = stats
         else:
-            acc.fail(requested & r.NEEDS_SAMPLES, f"per-sample statistics: {type(failure).__name__}: {failure}")
+            acc.fail(requested & r.NEEDS_SAMPLES, sample_failure(failure))
             requested -= r.NEEDS_SAMPLES
     r.reduce_block(block, requested, acc, options)  # phase 3
+
+
+def sample_failure(error: Exception) -> str:
+    """Return how a failure of a parameter's per-sample statistics is recorded (:meth:`reductions.Accumulator.fail`)."""
+    return f"per-sample statistics: {type(error).__name__}: {error}"
 
 
 def _shared_mean(sync: Synchronizer, local_mean: Tensor, weight: int) -> Tensor:
