@@ -20,7 +20,7 @@ from torch import nn
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments.quantities.alpha import means_and_variances
 from cockpit_cli.instruments.quantities.base import StepData, counts_as_lists
-from cockpit_cli.instruments.reductions import Accumulator
+from cockpit_cli.instruments.accumulator import Accumulator
 
 
 @contextmanager

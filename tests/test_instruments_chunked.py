@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.factored_gradients import FactoredLinear, FactoredSamples
 from cockpit_cli.instruments import Schedule
 from cockpit_cli.instruments.backend import GradientCapture
@@ -51,7 +53,7 @@ def test_first_order_quantities_in_blocks_of_samples(
     kind: str, loss: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch, block_sizes: dict[str, set[int]]
 ) -> None:
     for chunk in CHUNKS[kind]:
-        monkeypatch.setattr(r, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", chunk)
         block_sizes.clear()
         model = BUILDERS[kind](1)
         batches = make_batches(kind, loss, 1, 2)
@@ -68,7 +70,7 @@ def test_first_order_quantities_in_blocks_of_samples(
 @pytest.mark.parametrize("weight_decay", [0.0, DECAY])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_curvature_quantities_in_blocks_of_samples(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", CHUNKS[kind][0])
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", CHUNKS[kind][0])
     run = train(BUILDERS[kind](0), make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("MeanGSNR",)), weight_decay=weight_decay)
     for step in range(2):
         expected = reference_values(run, step, "hessian", weight_decay)
@@ -80,7 +82,7 @@ def test_adaptive_range_and_projections_in_blocks(monkeypatch: pytest.MonkeyPatc
     """The largest magnitude (adaptive histogram) and the projections ``G[i] . u`` of a block-wise pass."""
     from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer
 
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 40)
     gen = torch.Generator().manual_seed(5)
     inputs, delta = torch.randn(N, 6, generator=gen, dtype=torch.float64), torch.randn(N, 5, generator=gen, dtype=torch.float64)
     theta, direction = torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen, dtype=torch.float64)
@@ -89,7 +91,7 @@ def test_adaptive_range_and_projections_in_blocks(monkeypatch: pytest.MonkeyPatc
     options = r.ReductionOptions(direction=[direction])
     results = []
     for source in (DenseSamples(dense.clone()), FactoredLinear(inputs, delta, theta.shape).regularized(theta, DECAY)):
-        acc = r.Accumulator(1)
+        acc = Accumulator(1)
         reduce_layer(0, source, theta, None, requested, acc, options)
         results.append(acc.totals)
     assert_close(float(results[1][r.ABS_MAX]), float(dense.abs().max()))
@@ -103,7 +105,7 @@ def test_adaptive_range_and_projections_in_blocks(monkeypatch: pytest.MonkeyPatc
 def test_alpha_completes_with_products_from_the_factors(kind: str, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tracked every other step: the steps in between need only the projections ``G[i] . d``,
     which come from the layers' factors in the backward pass, not from a forward-mode pass."""
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", CHUNKS[kind][0])
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", CHUNKS[kind][0])
     forward_mode = []
     slopes = GradientCapture.start_slopes
     monkeypatch.setattr(GradientCapture, "start_slopes", lambda self, *args: forward_mode.append(args) or slopes(self, *args))
@@ -123,7 +125,7 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
     from cockpit_cli.instruments.factored_gradients import factored_layer
 
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 100)
     torch.manual_seed(3)
     batches = make_batches("cnn", "ce", 3, 2)
     if conv == "grouped":

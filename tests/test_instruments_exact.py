@@ -27,7 +27,7 @@ from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule, factored_gradients
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks
-from cockpit_cli.instruments.reductions import HistogramSpec
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.settings import build_quantities
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -318,16 +318,16 @@ def test_histogram_ranges_exercise_clamping_and_several_bins() -> None:
 def test_histograms_on_commensurate_ranges_come_from_one_joint_count(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2-D gradient range made of the middle 1-D bins: both histograms from the joint counts
     of a common refinement (checked to be taken), still exact against the references."""
-    from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments import histograms
 
-    refinements: list[r.Refinement | None] = []
-    common_refinement = r.common_refinement
+    refinements: list[histograms.Refinement | None] = []
+    common_refinement = histograms.common_refinement
 
-    def spied(a: HistogramSpec, b: HistogramSpec, max_bins: int = r.MAX_FINE_BINS) -> r.Refinement | None:
+    def spied(a: HistogramSpec, b: HistogramSpec, max_bins: int = histograms.MAX_FINE_BINS) -> histograms.Refinement | None:
         refinements.append(common_refinement(a, b, max_bins))
         return refinements[-1]
 
-    monkeypatch.setattr(r, "common_refinement", spied)
+    monkeypatch.setattr(histograms, "common_refinement", spied)
     model = BUILDERS[kind](0)
     batches = make_batches(kind, "ce", 0, 2)
     options = histogram_options(model, batches[0], 0.0)
@@ -497,16 +497,18 @@ def test_2d_histogram_clamps_and_drops_nan_gradients_and_parameters() -> None:
 
 def test_reductions_split_into_row_blocks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
     from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments import row_blocks
+    from cockpit_cli.instruments.accumulator import Accumulator
     from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer
 
     samples = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     theta = torch.randn(5, dtype=torch.float64)
     requested = frozenset({r.SAMPLE_SQ_NORMS, r.CENTERED_TOTAL, r.EB_SUM, r.HIST1D, r.HIST2D})
-    whole = r.Accumulator(1)
+    whole = Accumulator(1)
     reduce_layer(0, DenseSamples(samples.clone()), theta, None, requested, whole, r.ReductionOptions())
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 10)  # blocks of 2 rows
-    assert len(r.row_chunks(samples)) == 4
-    blocked = r.Accumulator(1)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 10)  # blocks of 2 rows
+    assert len(row_blocks.row_chunks(samples)) == 4
+    blocked = Accumulator(1)
     reduce_layer(0, DenseSamples(samples.clone()), theta, None, requested, blocked, r.ReductionOptions())
     for name in requested:
         assert torch.allclose(whole.totals[name].double(), blocked.totals[name].double(), rtol=1e-12), name
@@ -881,10 +883,10 @@ def test_factored_weight_gradients_match_backpack(kind: str, chunk_elements: int
     from backpack.extensions import BatchGrad
     from torch import nn
 
-    from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments import row_blocks
     from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad
 
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", chunk_elements)  # 1: one sample per block
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", chunk_elements)  # 1: one sample per block
     torch.manual_seed(0)
     if kind == "conv2d":
         net = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3, dilation=2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))

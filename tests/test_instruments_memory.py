@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from cockpit_cli.instruments.allocations import peak_cpu_bytes as peak_bytes
-from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, outer_histogram, reductions
+from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, row_blocks
 from cockpit_cli.instruments.quantities.base import DIFFERENCE_BLOCK, UpdateData, difference_norms
 
 
@@ -86,8 +86,7 @@ def test_economy_keeps_two_copies_of_the_parameters_besides_training_s_own(monke
     theta_{t+1} is made only after the last step's d is released, and nothing else of the
     parameters' size stays (float64 sums and differences go a block at a time). Blocks of
     per-sample products are made small here, so that only copies of the parameters' size count."""
-    for module in (reductions, outer_histogram):
-        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 1 << 12)
     torch.manual_seed(0)
     template = nn.Sequential(nn.Linear(600, 1000), nn.ReLU(), nn.Linear(1000, 10))
     parameter_bytes = sum(p.numel() * p.element_size() for p in template.parameters())

@@ -1,7 +1,7 @@
 """Both gradient histograms from one bincount over a common refinement of their gradient axes.
 
 When the 1-D axis and the 2-D gradient axis share a grid of fine bins
-(:func:`reductions.common_refinement`), :func:`sample_pass.sample_statistics` bins each
+(:func:`histograms.common_refinement`), :func:`sample_pass.sample_statistics` bins each
 gradient element once and derives both histograms from the joint (fine bin, parameter bin)
 counts. These tests check the grid, that the joint path is taken, and that its counts equal the
 two-pass counts and a brute-force numpy count, including out-of-range values, infinities, NaN
@@ -19,7 +19,8 @@ from torch import Tensor
 import reference as ref
 from test_instruments_exact import one_thread  # noqa: F401 (fixture: one intra-op thread)
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.reductions import HistogramSpec, common_refinement
+from cockpit_cli.instruments import histograms, row_blocks
+from cockpit_cli.instruments.histograms import HistogramSpec, common_refinement
 from cockpit_cli.instruments.sample_pass import DenseSamples, sample_statistics
 
 BOTH = frozenset({r.HIST1D_COUNTS, r.HIST2D_COUNTS})
@@ -157,8 +158,8 @@ def test_joint_counts_equal_the_two_pass_and_brute_force_counts(name: str, dtype
 def test_joint_counts_add_up_over_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     samples, theta = samples_and_theta(1, 40, 300, torch.float32)
     whole = sample_statistics(DenseSamples(samples), None, BOTH, theta, DEFAULTS)
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 7 * 300)  # 6 blocks, the last one short
-    assert len(r.row_chunks(samples)) == 6
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 7 * 300)  # 6 blocks, the last one short
+    assert len(row_blocks.row_chunks(samples)) == 6
     blocks = sample_statistics(DenseSamples(samples), None, BOTH, theta, DEFAULTS)
     assert blocks.hist1d_counts.tolist() == whole.hist1d_counts.tolist()
     assert blocks.hist2d_counts.tolist() == whole.hist2d_counts.tolist()
@@ -194,7 +195,7 @@ def test_commensurate_axes_take_one_bincount_per_block(name: str, monkeypatch: p
     samples, theta = samples_and_theta(3, 16, 100, torch.float32)
     calls = bincount_calls(monkeypatch)
     sample_statistics(DenseSamples(samples), None, BOTH, theta, COMMENSURATE[name])
-    assert len(calls) == len(r.row_chunks(samples)) == 1
+    assert len(calls) == len(row_blocks.row_chunks(samples)) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -214,7 +215,7 @@ def test_the_fallback_gives_the_same_counts_on_commensurate_axes(monkeypatch: py
     """Forcing the two-pass code on commensurate axes changes nothing (fixed data, no value near an edge)."""
     samples, theta = samples_and_theta(5, 32, 400, torch.float32)
     joint = sample_statistics(DenseSamples(samples), None, BOTH, theta, DEFAULTS)
-    monkeypatch.setattr(r, "common_refinement", lambda a, b, max_bins=r.MAX_FINE_BINS: None)
+    monkeypatch.setattr(histograms, "common_refinement", lambda a, b, max_bins=histograms.MAX_FINE_BINS: None)
     separate = sample_statistics(DenseSamples(samples), None, BOTH, theta, DEFAULTS)
     assert joint.hist1d_counts.tolist() == separate.hist1d_counts.tolist()
     assert joint.hist2d_counts.tolist() == separate.hist2d_counts.tolist()

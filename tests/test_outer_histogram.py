@@ -23,10 +23,11 @@ from torch import Tensor, nn
 import reference as ref
 from test_instruments_exact import make_batches, one_thread, quantities, train  # noqa: F401 (one_thread: fixture)
 from cockpit_cli.instruments import outer_histogram as oh
+from cockpit_cli.instruments import histograms, row_blocks
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.allocations import peak_cpu_bytes
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear
-from cockpit_cli.instruments.reductions import HistogramSpec
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.sample_pass import DenseSamples, _joint_counts, sample_statistics
 
 SPECS = [
@@ -286,7 +287,7 @@ def test_formed_rows_hold_one_block_of_products_and_its_bins(monkeypatch: pytest
     quarter of the block), and released before the next is formed, besides temporaries of the
     factors' size: 1.33 blocks here (2.08 with int32 bins; three blocks while it held the last
     block's products, the gathered inputs and their products)."""
-    monkeypatch.setattr(oh, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 1 << 16)
     scaled, inputs = factors(3, torch.float32, n=8, outputs=256, width=1024)
     scaled[:, ::2] = 1e3 * scaled[:, ::2].sign()  # 810 of the 2048 rows are formed, in 13 blocks of 64 rows
     spec = HistogramSpec(100, -2.0, 2.0)
@@ -305,7 +306,7 @@ def test_blocks_formed_for_the_sample_pass_are_binned_in_place(joint: bool, monk
     the joint counts of the block and of the blocks before it, two thirds of a block each, and
     the parameter's columns: 3.5 blocks, where it held 4.5). The counts are those of the formed
     gradients binned without touching them."""
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 1 << 16)
     torch.manual_seed(0)
     n, out_features, in_features = 12, 16, 1024  # four samples per block: 64 Ki products, 256 KiB
     inputs, grad_outputs = torch.randn(n, in_features), torch.randn(n, out_features) * 10
@@ -334,13 +335,13 @@ def test_binning_a_formed_block_in_place_leaves_the_other_statistics_alone(monke
     """1-D and 2-D axes without a common refinement bin a block each on their own, the 2-D one
     last and in place, and the largest magnitude is read before: a factored source gives the
     statistics of the same gradients held whole, with NaN and infinities among the factors."""
-    monkeypatch.setattr(r, "CHUNK_ELEMENTS", 1 << 11)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 1 << 11)
     torch.manual_seed(1)
     n, out_features, in_features = 6, 8, 64  # D = 512: blocks of 4 and 2 samples
     inputs, grad_outputs = torch.randn(n, in_features), torch.randn(n, out_features)
     inputs[1, 3], inputs[4, 0], grad_outputs[2, 5] = math.nan, math.inf, -math.inf
     options = r.ReductionOptions(hist1d=HistogramSpec(7, -0.31, 1.1), hist2d=(HistogramSpec(9, -2.0, 2.5), HistogramSpec(5, -1.0, 1.0)))
-    assert r.common_refinement(options.hist1d, options.hist2d[0]) is None
+    assert histograms.common_refinement(options.hist1d, options.hist2d[0]) is None
     theta = torch.randn(out_features * in_features)
     theta[7] = math.nan
     wanted = frozenset({r.HIST1D_COUNTS, r.HIST2D_COUNTS, r.LARGEST})

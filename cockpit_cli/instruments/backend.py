@@ -26,7 +26,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
-from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, Accumulator, ReductionOptions
+from cockpit_cli.instruments.accumulator import Accumulator
+from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer

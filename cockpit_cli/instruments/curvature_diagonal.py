@@ -32,7 +32,7 @@ from backpack.extensions.secondorder.diag_hessian.convnd import DiagHConvND
 from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntropyLoss
 from torch import Tensor, nn
 
-from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments import row_blocks
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.factored_gradients import NumericPadding, unfold, unfoldable
 
@@ -56,7 +56,7 @@ def conv_weight_diagonal(module: nn.Conv1d | nn.Conv2d, factor: Tensor) -> Tenso
     factor = factor.reshape(columns, n, out_channels, -1)  # [V, N, C_out, L]
     patch_size = module.weight[0].numel()  # K = C_in * prod(kernel)
     diagonal = torch.zeros(out_channels, patch_size, dtype=factor.dtype, device=factor.device)
-    rows = max(1, r.CHUNK_ELEMENTS // (columns * out_channels * patch_size))
+    rows = max(1, row_blocks.CHUNK_ELEMENTS // (columns * out_channels * patch_size))
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         patches = unfold(module, module.input0[start:stop]).transpose(1, 2)  # [b, L, K]

@@ -32,7 +32,8 @@ from backpack.extensions import BatchGrad
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
 from torch import Tensor, nn
 
-from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.outer_histogram import outer_histogram, outer_joint_histogram
 
 
@@ -213,7 +214,7 @@ class FactoredSamples:
         decay_term = self._decay_term()
         return (mean if decay_term is None else mean + decay_term).reshape(-1)
 
-    def histogram(self, spec: r.HistogramSpec) -> Tensor | None:
+    def histogram(self, spec: HistogramSpec) -> Tensor | None:
         """Return the counts ``[spec.bins + 1]`` of all elements of ``G`` (the last slot: NaN),
         forming only the rows of products that may span several bins (:mod:`outer_histogram`);
         ``None`` where the factors do not allow it (several positions per sample, a regulariser's
@@ -225,7 +226,7 @@ class FactoredSamples:
         factors = self._rank_one_factors()
         return None if factors is None else outer_histogram(*factors, spec)
 
-    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
+    def joint_histogram(self, fine: HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
         """Return the joint counts of (fine gradient bin, parameter column) of all elements of ``G``
         in the layout of :func:`sample_pass._joint_counts`, forming only the rows that may span
         several bins (:func:`outer_histogram.outer_joint_histogram`); ``None`` where
@@ -242,7 +243,7 @@ class FactoredSamples:
     def blocks(self) -> Iterator[Tensor]:
         """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""
         size = self.weight_shape.numel()
-        rows = max(1, r.CHUNK_ELEMENTS // (size + self._input_elements()))
+        rows = max(1, row_blocks.CHUNK_ELEMENTS // (size + self._input_elements()))
         decay_term = self._decay_term()
         scale_first = self.delta.shape[2] * self.weight_shape[0] <= size  # delta's block is the smaller: scale it by N
         for start in range(0, self.n, rows):

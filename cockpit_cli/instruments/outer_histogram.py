@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from cockpit_cli.instruments.reductions import CHUNK_ELEMENTS, HistogramSpec
+from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.histograms import HistogramSpec
 
 # Form the remaining rows only while they are at most this share of all rows: forming a row
 # from gathered factors costs a little more than a row of the dense block.
@@ -225,7 +226,7 @@ def _signs(values: Tensor) -> Tensor:
 
 def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: HistogramSpec, dtype: torch.dtype = torch.int32) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield the bins ``[m, K]`` (``dtype``, as ``spec.bin_of`` bins them) of the remaining rows'
-    products (computed as the layer's blocks compute them), about ``CHUNK_ELEMENTS`` products at a
+    products (computed as the layer's blocks compute them), about :data:`row_blocks.CHUNK_ELEMENTS` products at a
     time (a sample's rows may be split over several blocks), with each row's output index ``a``
     (``[m]``), in the order of ``split.remaining``'s true entries.
 
@@ -235,7 +236,7 @@ def formed_row_bins(scaled: Tensor, inputs: Tensor, split: RowSplit, spec: Histo
     """
     if not split.formed:
         return
-    most = max(1, CHUNK_ELEMENTS // max(inputs.shape[1], 1))
+    most = max(1, row_blocks.CHUNK_ELEMENTS // max(inputs.shape[1], 1))
     for pairs in split.remaining.nonzero().split(most):  # [m, 2]: (sample i, output a)
         samples, outputs = pairs[:, 0], pairs[:, 1]
         products = inputs.index_select(0, samples).mul_(scaled[samples, outputs].unsqueeze(1))  # x_ib * c_ia == c_ia * x_ib

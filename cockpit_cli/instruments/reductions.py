@@ -14,7 +14,7 @@ With data-parallel processes (:mod:`sync`), a source holds the local shard's sam
 per-coordinate statistics ``g``, ``m2``, ``centered`` and ``h`` are combined across processes
 between the phases (:func:`sample_pass.reduce_layer`, the same collectives in the same order on
 every process), so every kernel that reads them computes the global batch's value; per-sample
-vectors and counts stay local until :meth:`Accumulator.synchronize` combines them after the
+vectors and counts stay local until :meth:`accumulator.Accumulator.synchronize` combines them after the
 backward pass.
 
 Notation: ``G[i]`` is the gradient of sample i's total loss (its data loss plus the regulariser,
@@ -24,16 +24,16 @@ curvature diagonal when one was computed in the same backward pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from fractions import Fraction
-from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
-from cockpit_cli.instruments.sync import Synchronizer
+from cockpit_cli.instruments.histograms import HistogramSpec
+
+if TYPE_CHECKING:
+    from cockpit_cli.instruments.accumulator import Accumulator
 
 # Names of the reductions quantities may request.
 GRAD_SQ_NORM = "grad_sq_norm"  # scalar: ||g||^2
@@ -59,163 +59,6 @@ COUNTS = frozenset({HIST1D, HIST2D})
 GSNR_EPSILON = 1e-5
 EB_EPSILON = 1e-5
 TIC_EPSILON = 1e-7
-
-
-# Row blocks of about this many elements bound the temporaries of the reductions.
-CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32: fewer, larger blocks run faster, and still fit in the caches
-
-
-def row_chunks(samples: Tensor) -> list[Tensor]:
-    """Split ``[N, D]`` into row blocks of about :data:`CHUNK_ELEMENTS` elements (views)."""
-    rows = max(1, CHUNK_ELEMENTS // max(samples.shape[1], 1))
-    return [samples[i : i + rows] for i in range(0, samples.shape[0], rows)]
-
-
-@dataclass
-class HistogramSpec:
-    """Bins and clamping range of a histogram axis (replace a spec rather than change its fields)."""
-
-    bins: int
-    low: float
-    high: float
-
-    @cached_property
-    def zero_offset(self) -> int | None:
-        """Return ``z`` where 0 is an edge of the grid of bins (bin ``z`` starts at 0, ``z`` may lie
-        outside ``0..bins``), else ``None``; exact in the floats' rational values, so every
-        symmetric range with an even number of bins has ``z = bins / 2``."""
-        if not (self.bins > 0 and math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
-            return None
-        offset = -Fraction(self.low) * self.bins / (Fraction(self.high) - Fraction(self.low))
-        return int(offset) if offset.denominator == 1 else None
-
-    @cached_property
-    def narrow_index(self) -> torch.dtype:
-        """Return the narrowest signed integer dtype that holds every bin index, NaN's ``bins``
-        included: ``torch.bincount`` reads fewer bytes, and a block's indices take a quarter of
-        int32's memory for up to 127 bins."""
-        return next(dtype for dtype in (torch.int8, torch.int16, torch.int32, torch.int64) if self.bins <= torch.iinfo(dtype).max)
-
-    def bin_of(self, values: Tensor, consume: bool = False, dtype: torch.dtype = torch.int32) -> Tensor:
-        """Return the bin of each value (``dtype``, same shape). ``values`` is left alone, or with
-        ``consume=True`` used as the scratch space (overwritten; the bins are the same).
-
-        Values outside the range go to the edge bins; NaN goes to the extra index ``bins``,
-        which callers drop, so a non-finite gradient never breaks a histogram. Where 0 is an
-        edge (:attr:`zero_offset`), the bin is ``z + floor(value * scale)``: exact in sign, so a
-        negative value however small lies below the edge at 0 and a positive one above it
-        (factored sources count whole rows of products by their signs and rely on this).
-        ``dtype`` must hold ``bins`` (:attr:`narrow_index` is the narrowest that does).
-        """
-        scale = self.bins / (self.high - self.low)
-        zero = self.zero_offset
-        if zero is None:
-            scaled = (values.sub_(self.low) if consume else values - self.low).mul_(scale)
-        else:
-            scaled = (values.mul_(scale) if consume else values * scale).floor_().add_(zero)
-        return scaled.clamp_(0, self.bins - 1).nan_to_num_(nan=self.bins).to(dtype)  # >= 0: truncation is floor
-
-    def counts_of(self, values: Tensor, consume: bool = False) -> Tensor:
-        """Return the counts ``[bins + 1]`` (int64; the last slot: NaN) of the bins of all
-        elements of ``values`` (left alone, or with ``consume=True`` overwritten)."""
-        return torch.bincount(self.bin_of(values, consume, self.narrow_index).reshape(-1), minlength=self.bins + 1)
-
-    def count(self, samples: Tensor) -> Tensor:
-        """Return the counts ``[bins]`` (int64) of all elements of ``[N, D]``, block by block."""
-        counts = torch.zeros(self.bins + 1, dtype=torch.int64, device=samples.device)
-        for block in row_chunks(samples):
-            counts += self.counts_of(block)
-        return counts[: self.bins]
-
-
-# A common refinement is used only up to this many fine bins (its joint counts stay small).
-MAX_FINE_BINS = 1024
-_GRID_TOLERANCE = 1e-9  # relative: how far a float ratio may be from an integer and still count as one
-
-
-@dataclass(frozen=True)
-class Refinement:
-    """Equal-width fine bins whose edges include every edge of two coarser axes.
-
-    Every coarse bin is a run of whole fine bins, so counts over the fine bins determine the
-    counts over either coarse axis (:meth:`coarsen`). Fine bins outside a coarse range lie
-    wholly below or above it and go to its edge bins, as values outside the range do.
-
-    Attributes:
-        fine: The fine axis, over the union of the coarse ranges.
-        coarse: The two coarse axes.
-        starts: Per coarse axis, the fine bin where its range begins.
-        factors: Per coarse axis, fine bins per coarse bin.
-    """
-
-    fine: HistogramSpec
-    coarse: tuple[HistogramSpec, HistogramSpec]
-    starts: tuple[int, int]
-    factors: tuple[int, int]
-
-    def coarsen(self, counts: Tensor, axis: int) -> Tensor:
-        """Return fine-bin counts grouped into the bins of ``self.coarse[axis]``.
-
-        Args:
-            counts: Counts ``[fine.bins, ...]`` over the fine bins (any trailing dimensions).
-            axis: Which coarse axis (0 or 1).
-
-        Returns:
-            Counts ``[coarse[axis].bins, ...]``: each coarse bin sums its run of fine bins, the
-            first and last also the fine bins below and above the coarse range.
-        """
-        spec, start, factor = self.coarse[axis], self.starts[axis], self.factors[axis]
-        stop = start + spec.bins * factor
-        grouped = counts[start:stop].reshape(spec.bins, factor, *counts.shape[1:]).sum(1)
-        grouped[0] += counts[:start].sum(0)
-        grouped[-1] += counts[stop:].sum(0)
-        return grouped
-
-
-def common_refinement(a: HistogramSpec, b: HistogramSpec, max_bins: int = MAX_FINE_BINS) -> Refinement | None:
-    """Return the coarsest common refinement of two axes with at most ``max_bins`` fine bins, or ``None``.
-
-    The bin widths must be integer multiples of one fine width and the lows must lie on its grid,
-    each up to a relative :data:`_GRID_TOLERANCE`: widths such as 4/100 and 2/40 are not exact in
-    binary floating point, and their ratio is 4/5 only up to a rounding error. The defaults (100 bins over ``(-2, 2)``, 40 over ``(-1, 1)``) give 400
-    bins of width 0.01 over ``(-2, 2)``.
-
-    The fine bin of a value is ``fine.bin_of(value)``, which rounds differently from
-    ``a.bin_of`` or ``b.bin_of`` where ``low`` or the scale differ: a value within a rounding
-    error of a bin edge may then land in the neighbouring coarse bin. Where the low is the same
-    and the scales differ by a power of two (the 1-D axis of the defaults), the bins agree exactly.
-
-    Args:
-        a: A coarse axis.
-        b: The other coarse axis.
-        max_bins: Most fine bins allowed.
-
-    Returns:
-        The refinement, or ``None`` (incommensurate widths, misaligned lows, too many fine bins,
-        or an empty or non-finite range).
-    """
-    widths = [(spec.high - spec.low) / spec.bins if spec.bins > 0 else float("nan") for spec in (a, b)]
-    if not all(math.isfinite(w) and w > 0 for w in widths):
-        return None
-    ratio = Fraction(widths[0] / widths[1]).limit_denominator(max_bins)  # fine bins per a-bin : per b-bin
-    if ratio == 0 or abs(widths[0] / widths[1] - float(ratio)) > _GRID_TOLERANCE * float(ratio):
-        return None
-    low, high = min(a.low, b.low), max(a.high, b.high)
-    for multiple in range(1, max_bins + 1):  # finer and finer grids with the same ratio
-        factors = (ratio.numerator * multiple, ratio.denominator * multiple)
-        width = widths[0] / factors[0]
-        bins, starts = (high - low) / width, [(spec.low - low) / width for spec in (a, b)]
-        if bins > max_bins + 0.5:
-            return None
-        if _is_integer(bins) and all(_is_integer(start) for start in starts):
-            fine_bins, first = round(bins), (round(starts[0]), round(starts[1]))
-            if all(start + spec.bins * factor <= fine_bins for start, spec, factor in zip(first, (a, b), factors)):
-                return Refinement(HistogramSpec(fine_bins, low, high), (a, b), first, factors)
-    return None
-
-
-def _is_integer(x: float) -> bool:
-    return abs(x - round(x)) <= _GRID_TOLERANCE * max(1.0, abs(x))
 
 
 @dataclass
@@ -304,105 +147,7 @@ class LayerBlock:
         return self.stats.centered
 
 
-class Accumulator:
-    """Sums of reductions over parameters (float64 scalars and vectors, counts as int64).
-
-    Values derived from the combined per-coordinate statistics are global already; per-sample
-    vectors, counts and maxima are the local shard's until :meth:`synchronize`. The values added
-    under a name are kept until :attr:`totals` is read, then summed in one stacked sum (a few
-    ops per name, not two per parameter). :meth:`scalar` hands out the scalar totals as Python
-    numbers, all of them in one transfer from the device.
-    """
-
-    def __init__(self, num_params: int):
-        self.errors: list[str] = []  # what failed, in order
-        self.failed: set[str] = set()  # reductions whose sums lack a parameter's part (see fail)
-        self._totals: dict[str, Tensor] = {}
-        self._parts: dict[str, list[Tensor]] = {}  # values added since the totals were last combined
-        self.per_param: dict[str, list[Tensor | None]] = {}
-        self.num_params = num_params
-        self.coordinates = 0
-        self._scalars: dict[str, float] | None = None  # the scalar totals as Python floats, once read
-
-    @property
-    def totals(self) -> dict[str, Tensor]:
-        """The sums by name: floating-point ones in float64, counts in int64."""
-        for name, parts in self._parts.items():
-            current = self._totals.get(name)
-            values = parts if current is None else [current, *parts]
-            total = values[0] if len(values) == 1 else torch.stack(values)  # promotes to the widest dtype
-            total = total.to(torch.float64) if total.is_floating_point() and total.dtype != torch.float64 else total
-            self._totals[name] = total if len(values) == 1 else total.sum(0)
-        self._parts = {}
-        return self._totals
-
-    def scalar(self, name: str) -> float:
-        """Return the scalar (0-d, floating-point) total ``name`` as a Python float.
-
-        The first call after a change converts every scalar total together: one stacked tensor and
-        one transfer (on a GPU each conversion waits for the device), not one per quantity.
-        """
-        if self._scalars is None:
-            totals = self.totals
-            names = [key for key, value in totals.items() if value.dim() == 0 and value.is_floating_point()]
-            self._scalars = dict(zip(names, torch.stack([totals[key] for key in names]).tolist() if names else []))
-        return self._scalars[name]
-
-    def fail(self, names: frozenset[str] | set[str], error: str) -> None:
-        """Record that the reductions ``names`` of a parameter failed with ``error``: their sums,
-        missing that parameter's part, must not be read as the whole network's."""
-        self.errors.append(error)
-        self.failed |= names
-
-    def add(self, name: str, value: Tensor) -> None:
-        """Add ``value`` (any shape, the same for every call with ``name``) to the sum ``name``."""
-        self._parts.setdefault(name, []).append(_detached(value))
-        self._scalars = None
-
-    def add_per_param(self, name: str, index: int, value: Tensor) -> None:
-        slots = self.per_param.setdefault(name, [None] * self.num_params)
-        slots[index] = _detached(value)
-
-    def maximum(self, name: str, value: Tensor) -> None:
-        current = self._totals.get(name)
-        value = _detached(value).to(torch.float64)
-        self._totals[name] = value if current is None else torch.maximum(current, value)
-        self._scalars = None
-
-    def synchronize(self, sync: Synchronizer) -> None:
-        """Combine the local values across processes (a no-op for one process).
-
-        Per-sample vectors are concatenated in rank order, counts summed, maxima maximised. The
-        reductions that failed in any process are combined in none (a process may lack their
-        values, and what it has is not read).
-        """
-        if sync.world_size == 1:
-            return
-        # Where a process's reductions failed, every process switches the quantities that read them off.
-        names = sorted(KERNELS)
-        flags = sync.maximum(torch.tensor([float(name in self.failed) for name in names], dtype=torch.float64, device=sync.device))
-        elsewhere = {name for name, flag in zip(names, flags.tolist()) if flag > 0} - self.failed
-        if elsewhere:
-            self.fail(elsewhere, "a reduction it reads failed in another process")
-        for name in sorted(set(self.totals) - self.failed):
-            if name in PER_SAMPLE:
-                self.totals[name] = sync.gather(self.totals[name])
-            elif name in COUNTS:
-                self.totals[name] = sync.sum(self.totals[name])
-            elif name == ABS_MAX:
-                self.totals[name] = sync.maximum(self.totals[name])
-        self._scalars = None
-        for name in sorted(set(self.per_param) - self.failed):
-            if name in COUNTS:
-                self.per_param[name] = [None if value is None else sync.sum(value) for value in self.per_param[name]]
-
-
-def _detached(value: Tensor) -> Tensor:
-    """Return ``value`` cut from the graph (itself where it is in none, as inside the backward pass)."""
-    return value.detach() if value.requires_grad else value
-
-
-Kernel = Callable[[LayerBlock, Accumulator, ReductionOptions], None]
+Kernel = Callable[[LayerBlock, "Accumulator", ReductionOptions], None]
 
 
 def _grad_sq_norm(block: LayerBlock, acc: Accumulator, options: ReductionOptions) -> None:

@@ -14,7 +14,10 @@ from typing import Iterator, Protocol
 import torch
 from torch import Tensor
 
+from cockpit_cli.instruments import histograms, row_blocks
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.accumulator import Accumulator
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.sync import Synchronizer
 
 
@@ -51,10 +54,10 @@ class SampleSource(Protocol):
     def centered_sum(self, g: Tensor) -> Tensor | None:
         """Return ``sum_i ||G[i] - g||^2`` (scalar) where that needs no blocks, else ``None``."""
 
-    def histogram(self, spec: r.HistogramSpec) -> Tensor | None:
+    def histogram(self, spec: HistogramSpec) -> Tensor | None:
         """Return the counts ``[spec.bins + 1]`` of all elements (last: NaN) where that needs no blocks, else ``None``."""
 
-    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
+    def joint_histogram(self, fine: HistogramSpec, columns: Tensor, width: int) -> Tensor | None:
         """Return the counts of :func:`_joint_counts` over all elements where that needs no blocks, else ``None``."""
 
 
@@ -75,7 +78,7 @@ class DenseSamples:
         self._mean = g.reshape(-1)
 
     def blocks(self) -> Iterator[Tensor]:
-        yield from r.row_chunks(self.samples)
+        yield from row_blocks.row_chunks(self.samples)
 
     def products(self, vector: Tensor) -> Tensor:
         return self.samples @ vector
@@ -89,10 +92,10 @@ class DenseSamples:
     def centered_sum(self, g: Tensor) -> None:
         return None
 
-    def histogram(self, spec: r.HistogramSpec) -> None:
+    def histogram(self, spec: HistogramSpec) -> None:
         return None
 
-    def joint_histogram(self, fine: r.HistogramSpec, columns: Tensor, width: int) -> None:
+    def joint_histogram(self, fine: HistogramSpec, columns: Tensor, width: int) -> None:
         return None
 
 
@@ -115,11 +118,11 @@ def sample_statistics(
     counts of both histograms come from :meth:`SampleSource.joint_histogram` where it has them.
 
     When both histograms are wanted and the 1-D axis and the 2-D gradient axis have a common
-    refinement (:func:`reductions.common_refinement`, as the default ranges do), each block gets
+    refinement (:func:`histograms.common_refinement`, as the default ranges do), each block gets
     one fine gradient bin per element and one bincount over (fine bin, parameter bin) cells, and
     both histograms are grouped from those joint counts at the end. A gradient within a rounding
     error of a bin edge may then fall in the neighbouring bin compared with
-    :meth:`reductions.HistogramSpec.bin_of` on the coarse axis; otherwise the counts are the same.
+    :meth:`histograms.HistogramSpec.bin_of` on the coarse axis; otherwise the counts are the same.
 
     Args:
         source: The per-sample gradients ``G``, ``[N, D_p]``.
@@ -156,7 +159,7 @@ def sample_statistics(
     cells = grad_axis.bins * param_axis.bins
     columns = param_axis.bin_of(theta) if r.HIST2D_COUNTS in wanted else None  # [D_p] int32, NaN -> param_axis.bins
     # Both histograms from one bin index and one bincount per block where the axes allow it.
-    refinement = r.common_refinement(options.hist1d, grad_axis) if r.HIST1D_COUNTS in wanted and r.HIST2D_COUNTS in wanted else None
+    refinement = histograms.common_refinement(options.hist1d, grad_axis) if r.HIST1D_COUNTS in wanted and r.HIST2D_COUNTS in wanted else None
     offsets = _cell_offsets(columns, cells, param_axis.bins) if columns is not None and refinement is None else None
     joint = source.joint_histogram(refinement.fine, columns, param_axis.bins) if refinement is not None else None
     if joint is not None:  # from the factors: the blocks need not bin
@@ -208,7 +211,7 @@ def sample_statistics(
     return stats
 
 
-def _joint_counts(fine: r.HistogramSpec, block: Tensor, columns: Tensor, width: int, consume: bool = False) -> Tensor:
+def _joint_counts(fine: HistogramSpec, block: Tensor, columns: Tensor, width: int, consume: bool = False) -> Tensor:
     """Return the joint counts of (fine gradient bin, parameter column) over a block.
 
     The cell of an element is ``fine bin * (width + 1) + column``: a NaN parameter has column
@@ -261,7 +264,7 @@ def reduce_layer(
     theta: Tensor,
     curvature: Tensor | None,
     requested: frozenset[str],
-    acc: r.Accumulator,
+    acc: Accumulator,
     options: r.ReductionOptions,
     sync: Synchronizer | None = None,
     mean: Tensor | None = None,
@@ -323,7 +326,7 @@ def reduce_layer(
 
 
 def sample_failure(error: Exception) -> str:
-    """Return how a failure of a parameter's per-sample statistics is recorded (:meth:`reductions.Accumulator.fail`)."""
+    """Return how a failure of a parameter's per-sample statistics is recorded (:meth:`accumulator.Accumulator.fail`)."""
     return f"per-sample statistics: {type(error).__name__}: {error}"
 
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from cockpit_cli.instruments.reductions import Accumulator, ReductionOptions
+from cockpit_cli.instruments.accumulator import Accumulator
+from cockpit_cli.instruments.reductions import ReductionOptions
 from cockpit_cli.instruments.schedules import Schedule
 
 # Requirements other than reduction names.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.quantities.base import Quantity, StepData, counts_as_lists, register
 
 
@@ -23,7 +24,7 @@ class GradHist1d(Quantity):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         low, high = self.options["range"]
-        self.spec = r.HistogramSpec(int(self.options["bins"]), float(low), float(high))
+        self.spec = HistogramSpec(int(self.options["bins"]), float(low), float(high))
 
     def state_dict(self) -> dict[str, Any]:
         """The current (possibly adapted) range, for checkpoints."""
@@ -32,7 +33,7 @@ class GradHist1d(Quantity):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "range" in state:
             low, high = state["range"]
-            self.spec = r.HistogramSpec(self.spec.bins, float(low), float(high))
+            self.spec = HistogramSpec(self.spec.bins, float(low), float(high))
 
     def requirements(self, step: int) -> set[str]:
         return {r.HIST1D, r.ABS_MAX} if self.options["adaptive"] else {r.HIST1D}
@@ -47,4 +48,4 @@ class GradHist1d(Quantity):
         if self.options["adaptive"] and r.ABS_MAX in totals:
             largest = data.reductions.scalar(r.ABS_MAX)
             if largest > 0.0:
-                self.spec = r.HistogramSpec(self.spec.bins, -largest, largest)
+                self.spec = HistogramSpec(self.spec.bins, -largest, largest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cockpit_cli.instruments import reductions as r
+from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.quantities.base import Quantity, StepData, counts_as_lists, register
 
 
@@ -23,7 +24,7 @@ class GradHist2d(Quantity):
         super().__init__(*args, **kwargs)
         (grad_low, grad_high), (param_low, param_high) = self.options["range"]
         grad_bins, param_bins = self.options["bins"]
-        self.specs = (r.HistogramSpec(int(grad_bins), float(grad_low), float(grad_high)), r.HistogramSpec(int(param_bins), float(param_low), float(param_high)))
+        self.specs = (HistogramSpec(int(grad_bins), float(grad_low), float(grad_high)), HistogramSpec(int(param_bins), float(param_low), float(param_high)))
 
     def requirements(self, step: int) -> set[str]:
         return {r.HIST2D}
