@@ -2,14 +2,13 @@
 
 This module checks structure and types only and never imports torch. Names that need the
 registries (problem options, optimizer arguments) are checked when the run is built
-(:mod:`cockpit_cli.training.build`), with the same :func:`check_value` and the same message shape:
+(:mod:`cockpit_cli.training.build`), with the same :func:`typed_values.check_value` and the same message shape:
 ``<file>: <key.path>: <what is wrong>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from cockpit_cli.errors import CockpitError, did_you_mean
+from cockpit_cli.overrides import apply_overrides, parse_override
+from cockpit_cli.typed_values import check_value
 
 Device = Literal["auto", "cpu", "cuda"]
 Preset = Literal["none", "economy", "business", "full"]
@@ -157,96 +158,6 @@ def _flatten(section: Any, open_field: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Value checking
-
-
-def describe(hint: Any) -> str:
-    """Return a short human description of a type hint ("an integer", "one of 'a', 'b'")."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return "any value"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        parts = [describe(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin in (list, tuple):
-        inner = typing.get_args(hint)
-        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-        return f"a list of {plural[inner[0]]}" if inner and inner[0] in plural else "a list"
-    if origin is dict or hint is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
-
-
-def check_value(value: Any, hint: Any, where: str, minimum: float | None = None, maximum: float | None = None) -> Any:
-    """Check ``value`` against type ``hint``; return it converted (ints to floats, lists to tuples).
-
-    Args:
-        value: The value from YAML.
-        hint: A type hint: int, float, bool, str, Literal, list[X], tuple[X, ...], dict, X | None, Any.
-        where: Prefix for the error message (``"<file>: <key.path>"``).
-        minimum: Optional lower bound for numbers.
-        maximum: Optional upper bound for numbers.
-
-    Raises:
-        CockpitError: ``"<where>: expected <description>, got <value>"``.
-    """
-    converted = _convert(value, hint)
-    if converted is _INVALID:
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        raise CockpitError(f"{where}: expected {describe(hint)}, got {shown}")
-    if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
-        raise CockpitError(f"{where}: expected a value >= {minimum:g}, got {converted!r}")
-    if maximum is not None and isinstance(converted, (int, float)) and converted > maximum:
-        raise CockpitError(f"{where}: expected a value <= {maximum:g}, got {converted!r}")
-    return converted
-
-
-_INVALID = object()
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            converted = _convert(value, option)
-            if converted is not _INVALID:
-                return converted
-        return _INVALID
-    if origin is Literal:
-        return value if value in typing.get_args(hint) and not isinstance(value, bool) else _INVALID
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return _INVALID
-        inner = typing.get_args(hint)[:1] or (Any,)
-        items = [_convert(item, inner[0]) for item in value]
-        if any(item is _INVALID for item in items):
-            return _INVALID
-        return tuple(items) if origin is tuple else items
-    if origin is dict or hint is dict:
-        return dict(value) if isinstance(value, dict) else _INVALID
-    if hint is bool:
-        return value if isinstance(value, bool) else _INVALID
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        return _INVALID
-    if hint is str:
-        return value if isinstance(value, str) else _INVALID
-    return value if isinstance(value, hint) else _INVALID
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing
 
 
@@ -330,46 +241,6 @@ def _check_consistency(config: RunConfig) -> None:
 def is_safe_name(name: str) -> bool:
     """Return whether ``name`` is one plain directory name that cannot escape its parent."""
     return bool(name) and name not in (".", "..") and not name.startswith(".") and all(c.isalnum() or c in "._-" for c in name)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"a.b=value"`` into ``(["a", "b"], parsed YAML scalar)``."""
-    if "=" not in text:
-        raise CockpitError(f"--set {text!r}: expected key.path=value", "for example --set optimizer.lr=0.01")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise CockpitError(f"--set {text!r}: {key!r} is not a key path", "for example --set training.epochs=5")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key.path=value`` override set (creating sections)."""
-    result = _deep_copy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = result
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise CockpitError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return result
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cockpit_cli.config import RunConfig, apply_overrides, load_config, parse_config, parse_override
+from cockpit_cli.config import RunConfig, load_config, parse_config
+from cockpit_cli.overrides import apply_overrides, parse_override
 from cockpit_cli.errors import CockpitError, ExitCode
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cockpit_cli.config import RunConfig, check_value
+from cockpit_cli.config import RunConfig
+from cockpit_cli.typed_values import check_value
 from cockpit_cli.errors import CockpitError, did_you_mean
 from cockpit_cli.instruments.presets import PRESETS
 from cockpit_cli.instruments.quantities import QUANTITIES, Quantity

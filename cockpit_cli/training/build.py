@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cockpit_cli.config import RunConfig, check_value
+from cockpit_cli.config import RunConfig
+from cockpit_cli.typed_values import check_value
 from cockpit_cli.errors import did_you_mean
 from cockpit_cli.instruments.quantities import Quantity
 from cockpit_cli.instruments.settings import build_quantities

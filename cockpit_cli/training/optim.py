@@ -13,8 +13,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from cockpit_cli.config import RunConfig, check_value
-from cockpit_cli.errors import CockpitError, did_you_mean
+from cockpit_cli.config import RunConfig
+from cockpit_cli.typed_values import check_value
+from cockpit_cli.errors import did_you_mean
 
 # Arguments that are structural, not hyperparameters: the user never sets them in YAML.
 _RESERVED_OPTIMIZER_ARGS = {"self", "params"}
