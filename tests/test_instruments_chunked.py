@@ -123,7 +123,7 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     (which BackPACK's rule gets wrong) is unfolded with its padding as numbers."""
     from torch import nn
 
-    from cockpit_cli.instruments.factored_gradients import factored_layer
+    from cockpit_cli.instruments.factored_batch_grad import factored_layer
 
     monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 100)
     torch.manual_seed(3)

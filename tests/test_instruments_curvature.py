@@ -163,7 +163,7 @@ def test_convolution_diagonals_a_sample_at_a_time_match_backpack(curvature: str)
     import copy
 
     from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
-    from cockpit_cli.instruments.factored_gradients import numeric_padding
+    from cockpit_cli.instruments.convolutions import numeric_padding
 
     nn = torch.nn
     torch.manual_seed(0)

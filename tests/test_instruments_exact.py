@@ -884,7 +884,8 @@ def test_factored_weight_gradients_match_backpack(kind: str, chunk_elements: int
     from torch import nn
 
     from cockpit_cli.instruments import row_blocks
-    from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad
+    from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
+    from cockpit_cli.instruments.factored_gradients import FactoredSamples
 
     monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", chunk_elements)  # 1: one sample per block
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ from backpack import backpack, extend
 from backpack.extensions import BatchGrad
 from torch import Tensor, nn
 
-from cockpit_cli.instruments.factored_gradients import FactoredSamples, numeric_padding
+from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 
 N = 4

@@ -24,7 +24,8 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
-from cockpit_cli.instruments.factored_gradients import FactoredSamples, factored_batch_grad, factored_layer
+from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
+from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, ReductionOptions

@@ -13,8 +13,8 @@ with ``S_vn`` as ``[C_out, L]``, ``x_n`` the unfolded input patches ``[L, K]`` o
 then squares and sums it; here the products of one sample (or a few small ones) are formed,
 squared and summed while they are in cache. The numbers are the same; the time of the layer's
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
-:func:`~factored_gradients.unfold` does not cover, and all other layers, keep BackPACK's rules.
-The convolution rules also accept ``padding="same"`` (see :class:`~factored_gradients.NumericPadding`),
+:func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules.
+The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 and cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`).
 """
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
-from cockpit_cli.instruments.factored_gradients import NumericPadding, unfold, unfoldable
+from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 
 CURVATURES = {
     "hessian": (DiagHessian, "diag_h"),

@@ -14,9 +14,8 @@ exists. The mean gradient and the products ``G[i] . v`` with a vector need no pe
 gradients at all: ``sum_i delta_i^T @ x_i``, and ``delta_i`` times the layer's output for the
 input ``x_i`` with ``v`` as its weight.
 
-:func:`factored_batch_grad` is BackPACK's ``BatchGrad`` with weight rules that return such a
-source (in ``grad_batch``) instead of the tensor; biases, other layers and convolutions that
-unfolding does not cover keep BackPACK's rules.
+:func:`factored_batch_grad.factored_batch_grad` is BackPACK's ``BatchGrad`` with weight rules that
+return such a source (in ``grad_batch``) instead of the tensor.
 """
 
 from __future__ import annotations
@@ -25,14 +24,10 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from backpack.core.derivatives.conv1d import Conv1DDerivatives
-from backpack.core.derivatives.conv2d import Conv2DDerivatives
-from backpack.core.derivatives.linear import LinearDerivatives
-from backpack.extensions import BatchGrad
-from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.convolutions import numeric_padding, unfold
 from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.outer_histogram import outer_histogram, outer_joint_histogram
 
@@ -335,92 +330,6 @@ class FactoredConv(FactoredSamples):
         convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
         outputs = convolution(self.inputs, vector, None, m.stride, numeric_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
         return outputs.mul_(self.grad_outputs).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size
-
-
-def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
-    """Return the input patches ``[N, C_in * prod(kernel), L]`` the convolution multiplies."""
-    if isinstance(module, nn.Conv1d):
-        inputs = inputs.unsqueeze(2)  # [N, C, 1, L]: a 1-D convolution is a 2-D one of height 1
-        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *numeric_padding(module)), (1, *module.stride)
-        return F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)
-    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=numeric_padding(module), stride=module.stride)
-
-
-def numeric_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
-    """Return the zero padding per side as numbers (``"same"`` and ``"valid"`` resolved), or
-    ``None`` for ``"same"`` padding that is not the same on both sides (an even kernel extent)."""
-    if not isinstance(module.padding, str):
-        return tuple(module.padding)
-    if module.padding == "valid":
-        return (0,) * len(module.kernel_size)
-    extents = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
-    return tuple(e // 2 for e in extents) if all(e % 2 == 0 for e in extents) else None
-
-
-def unfoldable(module: nn.Module) -> bool:
-    """Whether a convolution is one that :func:`unfold` covers (one group, zero padding the same on both sides)."""
-    return module.groups == 1 and module.padding_mode == "zeros" and numeric_padding(module) is not None
-
-
-def factored_layer(module: nn.Module) -> bool:
-    """Whether :func:`factored_batch_grad` keeps the layer's weight gradients factored."""
-    return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and unfoldable(module))
-
-
-class NumericPadding:
-    """Mixin for a BackPACK rule of a convolution: runs it with ``padding="same"`` or ``"valid"``
-    given as numbers, as BackPACK's convolution derivatives need (they compute with the padding).
-
-    Only for the rule's call; the layer computes the same either way. An even "same" extent has
-    no symmetric equivalent; the model check refuses such layers before (see ``support``).
-    """
-
-    def __call__(self, extension: object, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
-        padding = module.padding
-        if isinstance(padding, str) and numeric_padding(module) is not None:
-            module.padding = numeric_padding(module)
-        try:
-            super().__call__(extension, module, g_inp, g_out)
-        finally:
-            module.padding = padding
-
-
-class _FactoredWeight(BatchGradBase):
-    """BackPACK's BatchGrad rules of a layer, except that the weight's is a :class:`FactoredSamples`."""
-
-    def __init__(self, derivatives: object):
-        super().__init__(derivatives=derivatives, params=["bias", "weight"])
-        self._dense_weight = self._make_param_function("weight")
-
-    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
-        """Return the factored per-sample gradients, or ``None`` where BackPACK's rule applies."""
-        raise NotImplementedError
-
-    def weight(self, ext: BatchGrad, module: nn.Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], bp_quantities: None) -> Tensor | FactoredSamples:
-        source = self.factors(module, g_out[0]) if ext.get_subsampling() is None else None
-        return source if source is not None else self._dense_weight(ext, module, g_inp, g_out, bp_quantities)
-
-
-class _LinearWeight(_FactoredWeight):
-    def __init__(self):
-        super().__init__(LinearDerivatives())
-
-    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
-        return FactoredLinear(module.input0, grad_output, module.weight.shape)
-
-
-class _ConvWeight(NumericPadding, _FactoredWeight):
-    def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
-        return FactoredConv(module, grad_output) if unfoldable(module) else None
-
-
-def factored_batch_grad() -> BatchGrad:
-    """Return a BatchGrad extension whose Linear, Conv1d and Conv2d weights get :class:`FactoredSamples`."""
-    extension = BatchGrad()
-    rules = {nn.Linear: _LinearWeight(), nn.Conv1d: _ConvWeight(Conv1DDerivatives()), nn.Conv2d: _ConvWeight(Conv2DDerivatives())}
-    for module, rule in rules.items():
-        extension.set_module_extension(module, rule, overwrite=True)
-    return extension
 
 
 def _square_norms64(matrix: Tensor) -> Tensor:

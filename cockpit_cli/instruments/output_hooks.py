@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, numeric_padding
+from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
@@ -153,7 +154,7 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
     input ``x_i`` with ``U_w`` and ``U_b`` as its parameters: one pass of the layer, one product.
 
     Args:
-        module: A Linear layer or a convolution that :func:`factored_gradients.unfoldable` covers.
+        module: A Linear layer or a convolution that :func:`convolutions.unfoldable` covers.
         inputs: The layer's input ``[N, ...]``.
         grad_output: ``delta``, the gradient of the mean loss for the layer's output ``[N, ...]``.
         weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.

@@ -16,7 +16,7 @@ from backpack.extensions import BatchGrad, DiagHessian
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cockpit_cli.instruments.factored_gradients import numeric_padding
+from cockpit_cli.instruments.convolutions import numeric_padding
 
 PerSampleBackend = Literal["backpack", "functorch"]
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
