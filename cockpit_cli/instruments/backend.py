@@ -6,8 +6,9 @@ per-sample gradients inside BackPACK's extension hook. Those of Linear and convo
 stay factored and are formed a block of samples at a time (:mod:`factored_gradients`); other
 layers' ``[N, ...]`` blocks are alive one at a time. Where every tracked parameter sits in a
 Linear or convolution layer and no curvature is due, hooks on the layers' outputs hand over the
-same factors without BackPACK (:mod:`output_hooks`). Models BackPACK cannot extend get per-sample gradients from ``torch.func`` instead.
-It also builds Hessian-vector products and forward-mode per-sample slopes.
+same factors without BackPACK (:mod:`output_hooks`). Models BackPACK cannot extend get
+per-sample gradients from ``torch.func`` instead (:mod:`functional_passes`, which also gives the
+Hessian-vector products and forward-mode slopes that quantities borrow through this class).
 """
 
 from __future__ import annotations
@@ -19,21 +20,17 @@ import torch
 from backpack import backpack, hook_run_extensions, hook_store_io
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
-from torch.autograd import forward_ad
-from torch.func import functional_call, grad, jacrev, vmap
-from torch.nn.modules.dropout import _DropoutNd
 
+from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
+from cockpit_cli.instruments.functional_passes import PerSampleLoss, devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
-from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
-
-PerSampleLoss = Callable[[object, Tensor], Tensor]
 
 # BackPACK hooks the first layer too, whose input needs no gradient; torch warns about that.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
@@ -189,7 +186,7 @@ class GradientCapture:
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
-            with torch.random.fork_rng(devices=_devices(loss), enabled=fork):  # MC samples never touch training's RNG
+            with torch.random.fork_rng(devices=devices(loss), enabled=fork):  # MC samples never touch training's RNG
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph):
                     _backward(loss, retain_graph, create_graph)
         elif by_output_hooks:
@@ -286,49 +283,17 @@ class GradientCapture:
         return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
 
     def _functorch_per_sample(self, inputs: Tensor, targets: Tensor, rng_state: tuple | None) -> list[Tensor]:
-        """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter.
-
-        Without dropout: ``vmap(grad(...))`` over samples. With dropout in training mode, the
-        Jacobian of the per-sample losses of one forward pass on the whole batch that replays the
-        training forward's random state, so every sample sees the mask it was trained with (row i
-        is g_i, as samples do not interact). The training's random state is never advanced.
-        """
+        """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter
+        (:func:`functional_passes.functorch_per_sample`)."""
         params = {name: p.detach() for name, p in zip(self.names, self.params)}
-
-        def sample_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            outputs = functional_call(self.model, theta, (x.unsqueeze(0),))
-            return self.per_sample_loss_function(outputs, y.unsqueeze(0)).sum()
-
-        def batch_losses(theta: dict[str, Tensor]) -> Tensor:
-            return self.per_sample_loss_function(functional_call(self.model, theta, (inputs,)), targets)
-
-        with torch.random.fork_rng(devices=_devices(inputs)):
-            if _has_dropout(self.model):
-                if rng_state is not None:
-                    _set_rng_state(rng_state)
-                gradients = jacrev(batch_losses)(params)
-            else:
-                gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(params, inputs, targets)
+        gradients = functorch_per_sample(self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
         return [gradients[name] for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
-        """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
-
-        The products differentiate the gradients ``p.grad`` where :meth:`backward` left them
-        differentiable (``create_graph``), else gradients taken again with a graph.
-        With data-parallel processes, ``loss`` is the local shard's mean loss and the product is
-        the mean of the shards' products: the global batch's Hessian times ``v``.
-        """
-        gradients = [p.grad for p in self.params]
-        if not all(g is not None and g.grad_fn is not None for g in gradients):
-            gradients = torch.autograd.grad(loss, self.params, create_graph=True)
-        world = self.sync.world_size
-
-        def product(vector: list[Tensor]) -> list[Tensor]:
-            local = torch.autograd.grad(gradients, self.params, grad_outputs=vector, retain_graph=True)
-            return list(local) if world == 1 else [self.sync.sum(h) / world for h in local]
-
-        return product
+        """Return ``v -> H v`` for the Hessian of ``loss``, whose graph must still exist
+        (:func:`functional_passes.hessian_vector_product`; it differentiates the gradients
+        :meth:`backward` left differentiable with ``create_graph``)."""
+        return hessian_vector_product(loss, self.params, self.sync)
 
     def release_gradient_graph(self) -> None:
         """Detach the gradients ``p.grad`` from the graph that ``backward(create_graph=True)`` left
@@ -338,24 +303,10 @@ class GradientCapture:
                 p.grad = p.grad.detach()
 
     def start_slopes(self, inputs: Tensor, targets: Tensor, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
-        """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``.
-
-        One forward-mode pass on the same batch; the random state of the original forward pass is
-        restored first, so dropout draws the same masks. Data-parallel shards are gathered.
-        """
-
-        def slopes(direction: list[Tensor]) -> Tensor:
-            devices = _devices(inputs)
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), forward_ad.dual_level():
-                if rng_state is not None:
-                    _set_rng_state(rng_state)
-                duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for name, t, d in zip(self.names, theta, direction)}
-                losses = self.per_sample_loss_function(functional_call(self.model, duals, (inputs,)), targets)
-                tangent = forward_ad.unpack_dual(losses).tangent
-            regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, self.weight_decay) if wd)
-            return self.sync.gather(tangent.detach().double() + regularizer)
-
-        return slopes
+        """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``, by one
+        forward-mode pass on the same batch per call (:func:`functional_passes.per_sample_slopes`)."""
+        named_theta = dict(zip(self.names, theta))
+        return per_sample_slopes(self.model, named_theta, self.per_sample_loss_function, self.weight_decay, self.sync, inputs, targets, rng_state)
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -391,25 +342,3 @@ def store_inputs(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) 
         for i, tensor in enumerate(inputs):
             setattr(module, f"input{i}", tensor)
         module.output = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
-
-
-def capture_rng_state(device: torch.device) -> tuple:
-    """Return the CPU (and, on CUDA, the device's) random state."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, device
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, device = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    """Return whether a dropout layer of ``model`` draws masks (training mode, p > 0)."""
-    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
-
-
-def _devices(tensor: Tensor) -> list[int]:
-    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []

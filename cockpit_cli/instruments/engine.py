@@ -32,7 +32,8 @@ from torch.utils.hooks import RemovableHandle
 from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
-from cockpit_cli.instruments.backend import GradientCapture, capture_rng_state
+from cockpit_cli.instruments.backend import GradientCapture
+from cockpit_cli.instruments.functional_passes import capture_rng_state
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES

@@ -1,0 +1,142 @@
+"""Extra passes over a batch that quantities borrow: ``torch.func`` per-sample gradients for models
+BackPACK cannot extend, Hessian-vector products, and forward-mode per-sample slopes.
+
+Each pass that runs the model again replays the random state of the training's forward pass,
+so that dropout draws the same masks, and never advances the training's own random state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.nn.modules.dropout import _DropoutNd
+
+from cockpit_cli.instruments.sync import Synchronizer
+
+PerSampleLoss = Callable[[object, Tensor], Tensor]
+
+
+def functorch_per_sample(
+    model: nn.Module,
+    named_params: dict[str, Tensor],
+    per_sample_loss: PerSampleLoss,
+    inputs: Tensor,
+    targets: Tensor,
+    rng_state: tuple | None,
+) -> dict[str, Tensor]:
+    """Return per-sample data-loss gradients from ``torch.func``, ``[N, *p.shape]`` per parameter name.
+
+    Without dropout: ``vmap(grad(...))`` over samples. With dropout in training mode, the
+    Jacobian of the per-sample losses of one forward pass on the whole batch that replays the
+    training forward's random state, so every sample sees the mask it was trained with (row i
+    is g_i, as samples do not interact).
+
+    Args:
+        model: The network.
+        named_params: The tracked parameters by name (detached).
+        per_sample_loss: ``(outputs, targets) -> [N]`` data losses.
+        inputs: The batch ``[N, ...]``.
+        targets: Its targets ``[N, ...]``.
+        rng_state: The random state right before the training forward (:func:`capture_rng_state`).
+    """
+
+    def sample_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        outputs = functional_call(model, theta, (x.unsqueeze(0),))
+        return per_sample_loss(outputs, y.unsqueeze(0)).sum()
+
+    def batch_losses(theta: dict[str, Tensor]) -> Tensor:
+        return per_sample_loss(functional_call(model, theta, (inputs,)), targets)
+
+    with torch.random.fork_rng(devices=devices(inputs)):
+        if _has_dropout(model):
+            if rng_state is not None:
+                _set_rng_state(rng_state)
+            return jacrev(batch_losses)(named_params)
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(named_params, inputs, targets)
+
+
+def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer) -> Callable[[list[Tensor]], list[Tensor]]:
+    """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
+
+    The products differentiate the gradients ``p.grad`` where the backward pass left them
+    differentiable (``create_graph``), else gradients taken again with a graph. With
+    data-parallel processes, ``loss`` is the local shard's mean loss and the product is the mean
+    of the shards' products: the global batch's Hessian times ``v``.
+    """
+    gradients = [p.grad for p in params]
+    if not all(g is not None and g.grad_fn is not None for g in gradients):
+        gradients = torch.autograd.grad(loss, params, create_graph=True)
+    world = sync.world_size
+
+    def product(vector: list[Tensor]) -> list[Tensor]:
+        local = torch.autograd.grad(gradients, params, grad_outputs=vector, retain_graph=True)
+        return list(local) if world == 1 else [sync.sum(h) / world for h in local]
+
+    return product
+
+
+def per_sample_slopes(
+    model: nn.Module,
+    named_theta: dict[str, Tensor],
+    per_sample_loss: PerSampleLoss,
+    weight_decay: list[float],
+    sync: Synchronizer,
+    inputs: Tensor,
+    targets: Tensor,
+    rng_state: tuple | None,
+) -> Callable[[list[Tensor]], Tensor]:
+    """Return ``d -> [N]`` (float64), each sample's directional derivative ``g_i . d`` at ``theta``.
+
+    One forward-mode pass on the batch per call, the regulariser's ``sum_p lambda_p theta_p . d_p``
+    added to every sample; data-parallel shards are gathered.
+
+    Args:
+        model: The network.
+        named_theta: The point ``theta`` by parameter name, in the order of ``weight_decay``.
+        per_sample_loss: ``(outputs, targets) -> [N]`` data losses.
+        weight_decay: Per parameter, the L2 factor lambda of the regulariser.
+        sync: Combines the shards of data-parallel processes.
+        inputs: The batch ``[N, ...]``.
+        targets: Its targets ``[N, ...]``.
+        rng_state: The random state right before the training forward, restored for the pass.
+    """
+
+    def slopes(direction: list[Tensor]) -> Tensor:
+        with torch.random.fork_rng(devices=devices(inputs)), torch.no_grad(), forward_ad.dual_level():
+            if rng_state is not None:
+                _set_rng_state(rng_state)
+            duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
+            losses = per_sample_loss(functional_call(model, duals, (inputs,)), targets)
+            tangent = forward_ad.unpack_dual(losses).tangent
+        theta = named_theta.values()
+        regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, weight_decay) if wd)
+        return sync.gather(tangent.detach().double() + regularizer)
+
+    return slopes
+
+
+def capture_rng_state(device: torch.device) -> tuple:
+    """Return the CPU (and, on CUDA, the device's) random state."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, device
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, device = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Return whether a dropout layer of ``model`` draws masks (training mode, p > 0)."""
+    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+def devices(tensor: Tensor) -> list[int]:
+    """Return the CUDA devices whose random state a pass on ``tensor`` uses (``fork_rng``'s ``devices``)."""
+    return [tensor.device.index or 0] if tensor.device.type == "cuda" else []
