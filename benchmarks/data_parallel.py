@@ -42,7 +42,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16, help="timed steps per window (default: 16; at least one interval is used)")
     parser.add_argument("--repeats", type=int, default=2, help="timed windows per configuration (default: 2)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall-clock time, or the process's CPU time")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu", "user"), help="wall-clock time, the process's CPU time, or its CPU time in user mode")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # set for the launched processes
     return parser.parse_args(argv)
