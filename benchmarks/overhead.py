@@ -87,6 +87,9 @@ def user_time() -> float:
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time, "user": user_time}
+# A configuration whose timed steps spend at least this share of their CPU time in the kernel gets
+# a note: its page faults, whose cost varies with the machine (see --clock user), weigh on its time.
+KERNEL_NOTE_SHARE = 0.1
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "svhn": (3, 32, 32)}
 NUM_BATCHES = 4
 MIB = 2.0**20
@@ -219,6 +222,7 @@ class Run:
             extend(self.model)
         self.step = 0
         self.samples: dict[str, list[float]] = {}
+        self.cpu_seconds = [0.0, 0.0]  # CPU time of the timed steps: in user mode, in the kernel
         self.peak_bytes: float | None = None
         self.last_per_sample: list[Tensor] = []
 
@@ -266,7 +270,16 @@ class Run:
         """Time ``steps`` steps, filing each under the group of what was due at it."""
         for _ in range(steps):
             group = self.due()
+            before = resource.getrusage(resource.RUSAGE_SELF)
             self.samples.setdefault(group, []).append(self.train_step())
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            self.cpu_seconds[0] += after.ru_utime - before.ru_utime
+            self.cpu_seconds[1] += after.ru_stime - before.ru_stime
+
+    def kernel_share(self) -> float:
+        """Return the share of the timed steps' CPU time spent in the kernel (page faults, mostly)."""
+        total = sum(self.cpu_seconds)
+        return self.cpu_seconds[1] / total if total > 0 else 0.0
 
     def seconds_per_step(self) -> float:
         """Mean cost per step in a long run: each group's median, weighted by its share of steps."""
@@ -392,6 +405,7 @@ class Row:
     steps_timed: int
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     switched_off: dict[str, str] = field(default_factory=dict)
+    kernel_share: float = 0.0
 
 
 def row_of(run: Run, plain: Run, preset: str | None) -> Row:
@@ -400,7 +414,8 @@ def row_of(run: Run, plain: Run, preset: str | None) -> Row:
     peak = None if run.peak_bytes is None else run.peak_bytes / MIB
     memory_ratio = None if run.peak_bytes is None or not plain.peak_bytes else run.peak_bytes / plain.peak_bytes
     groups = {group: {"steps": len(times), "median_s": statistics.median(times)} for group, times in run.samples.items()}
-    return Row(run.label, preset, run.every, seconds, seconds / base, peak, memory_ratio, sum(len(t) for t in run.samples.values()), groups, run.switched_off())
+    steps = sum(len(t) for t in run.samples.values())
+    return Row(run.label, preset, run.every, seconds, seconds / base, peak, memory_ratio, steps, groups, run.switched_off(), run.kernel_share())
 
 
 def benchmark_problem(name: str, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -548,7 +563,10 @@ def format_row(row: dict[str, Any], label: str | None = None) -> list[str]:
     """Return the cells of a configuration line."""
     memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
     memory_ratio = "-" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}"
-    note = "; ".join(f"{name} off" for name in row["switched_off"])
+    notes = [f"{name} off" for name in row["switched_off"]]
+    if row["kernel_share"] >= KERNEL_NOTE_SHARE:
+        notes.append(f"kernel {row['kernel_share']:.0%} of CPU time")
+    note = "; ".join(notes)
     return [label or row["label"], seconds_text(row["seconds"]), f"{row['ratio']:.2f}", memory, memory_ratio, str(row["steps_timed"]), note]
 
 
