@@ -13,10 +13,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.moments import mean_and_std, output_moments
 from cockpit_cli.instruments.sync import Synchronizer
 
 ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU)
-MOMENT_BLOCK = 1 << 20  # elements per float64 block of output_moments
 
 
 class ActivationRecorder:
@@ -81,38 +81,6 @@ class ActivationRecorder:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-
-
-def output_moments(values: Tensor) -> Tensor:
-    """Return ``[sum, sum of squares, nonzeros]`` of all elements of ``values`` (float64, ``[3]``)."""
-    return torch.stack((*wide_sums(values), torch.count_nonzero(values)))  # the count is promoted to float64
-
-
-def wide_sums(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Return the sum and the sum of squares of all elements of ``values`` in float64 (0-d each).
-
-    The float64 sums run over blocks of :data:`MOMENT_BLOCK` elements, so no float64 copy of a
-    large tensor is ever made.
-    """
-    flat = values.reshape(-1)
-    if flat.numel() <= MOMENT_BLOCK:
-        wide = flat.double()
-        return wide.sum(), torch.dot(wide, wide)
-    total = squares = None
-    for block in flat.split(MOMENT_BLOCK):
-        block = block.double()
-        block_total, block_squares = block.sum(), torch.dot(block, block)
-        total = block_total if total is None else total + block_total
-        squares = block_squares if squares is None else squares + block_squares
-    return total, squares
-
-
-def mean_and_std(total: float, squares: float, count: float) -> tuple[float, float]:
-    """Return the mean and the population standard deviation of ``count`` values from their
-    float64 sum and sum of squares (0 and 0 for no values)."""
-    count = max(count, 1.0)
-    mean = total / count
-    return mean, max(squares / count - mean * mean, 0.0) ** 0.5
 
 
 def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -2,7 +2,7 @@
 
 import torch
 
-from cockpit_cli.instruments.activation_recorder import mean_and_std, wide_sums
+from cockpit_cli.instruments.moments import mean_and_std, wide_sums
 from cockpit_cli.instruments.quantities.base import INPUTS, Quantity, StepData, register
 
 # Below this ratio of variance to squared mean, the float64 sums' rounding (relative 1e-16 of

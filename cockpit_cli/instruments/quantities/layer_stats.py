@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from cockpit_cli.instruments.moments import zero_counts
 from cockpit_cli.instruments.quantities.base import PARAMS_BEFORE, Quantity, StepData, UpdateData, register
 
 
@@ -43,10 +42,3 @@ class LayerStats(Quantity):
         stats["update_ratio"] = ratios
         data.emit(self.name, stats)
 
-
-def zero_counts(tensors: list[torch.Tensor]) -> list[int]:
-    """Return the number of exactly-zero entries of each tensor (-0.0 counts as zero, NaN does not)."""
-    if len(tensors) <= 1:
-        return [t.numel() - int(torch.count_nonzero(t)) for t in tensors]
-    nonzeros = torch.stack([torch.count_nonzero(t) for t in tensors]).tolist()
-    return [t.numel() - count for t, count in zip(tensors, nonzeros)]
