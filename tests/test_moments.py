@@ -50,5 +50,7 @@ def test_output_moments_of_a_large_layer_output() -> None:
     assert nonzeros == int(torch.count_nonzero(output))
 
 
-def test_zero_counts_of_no_tensors() -> None:
+def test_zero_counts_of_no_tensors_and_of_integers() -> None:
     assert zero_counts([]) == []
+    integers = torch.arange(3 * COUNT_NONZERO_MOST) % 3  # a layer output need not be floating point
+    assert zero_counts([integers, integers > 0]) == [COUNT_NONZERO_MOST] * 2

@@ -47,13 +47,13 @@ def nonzero_count(values: Tensor) -> Tensor:
     """Return how many elements of ``values`` are not zero, as a float64 0-d tensor, exactly as
     ``torch.count_nonzero`` counts them (NaN and infinities count, -0.0 does not).
 
-    Small tensors use ``torch.count_nonzero``. Larger ones count a block at a time with
-    arithmetic, which runs several times faster than it on the CPU: ``|sign(x)|`` with NaN taken
-    as 1 is 1 for every nonzero element and 0 for every zero, and a block's sum of at most
-    :data:`MOMENT_BLOCK` (< 2^24) such numbers is exact in float32.
+    Small tensors (and integer or boolean ones) use ``torch.count_nonzero``. Larger floating-point
+    ones count a block at a time with arithmetic, which runs several times faster than it on the
+    CPU: ``|sign(x)|`` with NaN taken as 1 is 1 for every nonzero element and 0 for every zero,
+    and a block's sum of at most :data:`MOMENT_BLOCK` (< 2^24) such numbers is exact in float32.
     """
     flat = values.reshape(-1)
-    if flat.numel() <= COUNT_NONZERO_MOST:
+    if flat.numel() <= COUNT_NONZERO_MOST or not flat.is_floating_point():
         return torch.count_nonzero(flat).double()
     counts = []
     for block in flat.split(MOMENT_BLOCK):
