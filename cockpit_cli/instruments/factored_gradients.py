@@ -236,7 +236,7 @@ class FactoredSamples:
         return None if factors is None else outer_joint_histogram(*factors, fine, columns, width)
 
     def blocks(self) -> Iterator[Tensor]:
-        """Yield ``G`` in blocks of samples ``[b, D]``, each of about ``CHUNK_ELEMENTS`` elements."""
+        """Yield ``G`` in blocks of samples ``[b, D]``, each of about :data:`row_blocks.CHUNK_ELEMENTS` elements."""
         size = self.weight_shape.numel()
         rows = max(1, row_blocks.CHUNK_ELEMENTS // (size + self._input_elements()))
         decay_term = self._decay_term()
