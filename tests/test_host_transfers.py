@@ -81,16 +81,17 @@ def test_counts_of_every_parameter_in_one_transfer(monkeypatch: pytest.MonkeyPat
     assert counts_as_lists(torch.tensor([5]), [None]) == ([5], [None])
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e6])
-def test_input_stats_keep_the_spread_of_inputs_far_from_zero(offset: float) -> None:
-    """Mean and std come from float64 sums; where the mean dwarfs the spread (1e6 against 1e-3:
-    the sums' rounding would swamp the variance) the std is taken in two passes."""
+@pytest.mark.parametrize(("dtype", "offset", "spread"), [(torch.float32, 0.0, 1e-3), (torch.float32, 1e3, 1e-2), (torch.float64, 1e6, 1e-3)])
+def test_input_stats_keep_the_spread_of_inputs_far_from_zero(dtype: torch.dtype, offset: float, spread: float) -> None:
+    """Mean and std come from float64 sums; where the mean dwarfs the spread (a ratio of 1e-5 and
+    1e-9: the sums' rounding would swamp the variance) the std is taken in two passes."""
     generator = torch.Generator().manual_seed(0)
-    inputs = (offset + 1e-3 * torch.randn(64, 5, generator=generator, dtype=torch.float64)).float()
+    inputs = (offset + spread * torch.randn(64, 5, generator=generator, dtype=torch.float64)).to(dtype)
+    wide = inputs.double()
+    assert float(wide.std()) > spread / 2  # the inputs' dtype keeps the spread: the case is a real one
     data = StepData(step=0, loss=0.0, batch_size=64, params=[], names=[], grads=[], reductions=Accumulator(0), lr=0.1, plain_sgd=True, elapsed=0.0, inputs=inputs)
     QUANTITIES["InputStats"](Schedule()).compute(data)
     stats = data.outputs[0]["InputStats"]
-    wide = inputs.double()
     assert stats["mean"] == pytest.approx(float(wide.mean()), rel=1e-15)
     assert stats["std"] == pytest.approx(float(wide.std(unbiased=False)), rel=1e-8)
     assert (stats["min"], stats["max"]) == (float(inputs.min()), float(inputs.max()))
