@@ -12,6 +12,7 @@ of the model with ``theta_t`` loaded. Curvature quantities and Alpha are checked
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -454,6 +455,18 @@ def test_layer_stats_and_activations_see_dead_units() -> None:
         stats = run.records[step]["LayerStats"]
         assert stats["zero_grad_fraction"][0] == pytest.approx(2 / 5) and stats["zero_grad_fraction"][1] == pytest.approx(2 / 5)
         assert run.records[step]["Activations"]["1"]["zero_fraction"] >= 2 / 5
+
+
+def test_layer_stats_update_ratio_of_parameters_at_zero() -> None:
+    """||update|| / ||theta|| of a parameter at zero: infinite where it moves, 0 where it stays."""
+    model = ref.mlp(0)
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[4].weight.zero_()  # the hidden layers get no gradient: they stay, 0.bias at zero
+        model[4].bias.zero_()
+    run = train(model, make_batches("mlp", "ce", 0, 1), quantities(("LayerStats",)))
+    ratios = run.records[0]["LayerStats"]["update_ratio"]
+    assert ratios == [0.0, 0.0, 0.0, 0.0, math.inf, math.inf]  # 0.weight, 0.bias, 2.weight, 2.bias, 4.weight, 4.bias
 
 
 def test_adaptive_histogram_range_follows_the_largest_gradient() -> None:
