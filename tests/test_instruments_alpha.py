@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import reference as ref
 import reference_curvature as curv
 from cockpit_cli.instruments import Schedule
+from cockpit_cli.instruments.quantities.alpha import solve
 from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
     BUILDERS,
     CASES,
@@ -177,3 +178,22 @@ def test_alpha_with_dropout_uses_the_training_masks(builder: Callable[[int], nn.
         load(masked, run.thetas[step])
         grads = ref.per_sample_gradients(masked, per_sample, inputs, targets)
         assert run.records[step]["NormTest"] == pytest.approx(ref.norm_test(grads), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        [[0.0, 2.0, 1.0], [3.0, 1.0, 0.0], [1.0, 0.0, 4.0]],  # a zero first pivot: rows must be swapped
+        [[1e-18, 1.0, 2.0], [1.0, 1.0, 0.0], [2.0, 0.0, 1.0]],  # a tiny one: dividing by it loses everything
+        [[4.0, 1.0, 2.0], [1.0, 5.0, 3.0], [2.0, 3.0, 6.0]],  # symmetric positive definite, like the fit's
+    ],
+)
+def test_solve_pivots(matrix: list[list[float]]) -> None:
+    """The fit's 3 x 3 solve against LAPACK's, on systems that need partial pivoting."""
+    right = [1.0, -2.0, 0.5]
+    expected = torch.linalg.solve(torch.tensor(matrix, dtype=torch.float64), torch.tensor(right, dtype=torch.float64))
+    assert solve(matrix, right) == pytest.approx(expected.tolist(), rel=1e-12, abs=1e-12)
+
+
+def test_solve_says_when_the_system_is_singular() -> None:
+    assert solve([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 0.0, 1.0]], [1.0, 2.0, 3.0]) is None
