@@ -61,6 +61,7 @@ def make_run(
     loss: Callable[[int], float] | None = None,
     status: str = "completed",
     valid_loss: Callable[[int], float] | None = None,
+    train_eval_loss: Callable[[int], float] | None = None,
     drop: tuple[str, ...] = (),
     unavailable: dict[str, str] | None = None,
     lr: float = 0.1,
@@ -78,7 +79,7 @@ def make_run(
         records.append({"step": step, "epoch": step // 50, "loss": value, "lr": [lr], "time": 0.1 * step, "quantities": quantities})
     evals = []
     for step in range(0, steps + 1, 25):
-        train = train_loss(step, steps)
+        train = train_eval_loss(step) if train_eval_loss else train_loss(step, steps)
         valid = valid_loss(step) if valid_loss else train + 0.05
         splits = {"train_eval": {"loss": train, "accuracy": 1 - train / 2.3}, "valid": {"loss": valid, "accuracy": 1 - valid / 2.3}}
         evals.append({"step": step, "epoch": step // 50, "time": 0.1 * step, "splits": splits})
@@ -173,6 +174,9 @@ def test_rule_names_its_failure_first(case: str):
         {"change": _layer_scale(3e-3)},
         {"change": _set("InputStats", lambda s, rng: {"mean": 0.13, "std": 0.31, "min": 0.0, "max": 1.0})},  # MNIST in [0, 1]
         {"valid_loss": lambda s: train_loss(s) + 0.05 + max(0, s - 150) / 2000},  # a small rise is noise
+        # validation loss rising with the training loss: not overfitting
+        {"valid_loss": lambda s: 1.0 + abs(s - 50) / 100, "train_eval_loss": lambda s: 0.95 + abs(s - 50) / 100},
+        {"valid_loss": lambda s: train_loss(s) + 0.45 - s / 2000},  # an accuracy gap above 0.15 that shrinks
         {"loss": lambda s: 2.3 - s / 200},  # slow but steady progress is not a stall
     ],
 )
