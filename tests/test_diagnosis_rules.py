@@ -65,6 +65,7 @@ def make_run(
     drop: tuple[str, ...] = (),
     unavailable: dict[str, str] | None = None,
     lr: float = 0.1,
+    optimizer: str = "SGD",
 ) -> RunData:
     """A run of ``steps`` tracked steps, healthy unless ``change`` edits the quantities of a step."""
     rng = random.Random(0)
@@ -84,10 +85,10 @@ def make_run(
         splits = {"train_eval": {"loss": train, "accuracy": 1 - train / 2.3}, "valid": {"loss": valid, "accuracy": 1 - valid / 2.3}}
         evals.append({"step": step, "epoch": step // 50, "time": 0.1 * step, "splits": splits})
     manifest = {
-        "schema_version": 1, "status": status, "problem": "mnist1d_mlp", "optimizer": "SGD", "batch_size": 100,
+        "schema_version": 1, "status": status, "problem": "mnist1d_mlp", "optimizer": optimizer, "batch_size": 100,
         "instruments": {"parameters": PARAMS, "unavailable": unavailable or {}},
     }
-    config = {"optimizer": {"name": "SGD", "lr": lr, "momentum": 0.9}}
+    config = {"optimizer": {"name": optimizer, "lr": lr, "momentum": 0.9}}
     return RunData(path=Path("synthetic"), manifest=manifest, config=config, steps=records, evals=evals, summary=None)
 
 
@@ -125,13 +126,30 @@ def _frozen(step: int, q: dict[str, Any], rng: random.Random) -> None:
 
 def _collapsed(step: int, q: dict[str, Any], rng: random.Random) -> None:
     _layer_scale(5e-3)(step, q, rng)
+    _collapsed_histogram(step, q, rng)
+
+
+def _collapsed_histogram(step: int, q: dict[str, Any], rng: random.Random) -> None:
     q["GradHist1d"]["per_parameter"][0] = [0] * 50 + [10_000] + [0] * 49
+
+
+def _no_gradient(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    q["GradNorm"][0] = q["GradNorm"][1] = 0.0
+
+
+def _dead_outputs(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    q["Activations"]["3"]["zero_fraction"] = 0.99
+
+
+def _briefly(name: str, value: float, otherwise: float, share: float) -> Change:
+    return _set(name, lambda s, rng: value if rng.random() < share else otherwise)
 
 
 CASES: dict[str, dict[str, Any]] = {
     "divergence/nan loss": {"expect": "divergence", "loss": lambda s: math.nan if s >= 150 else 2.0},
     "divergence/status": {"expect": "divergence", "status": "diverged"},
     "divergence/loss growth": {"expect": "divergence", "loss": lambda s: 2.0 * math.exp(s / 40)},
+    "divergence/loss above 1e3": {"expect": "divergence", "loss": lambda s: 200.0 if s < 100 else 1500.0},  # 7.5x, not 10x
     "lr_too_large/alpha": {"expect": "lr_too_large", "change": _set("Alpha", lambda s, rng: rng.gauss(0.8, 0.15))},
     "lr_too_large/sharpness": {"expect": "lr_too_large", "change": _set("HessMaxEV", lambda s, rng: 50.0)},
     "lr_too_small": {"expect": "lr_too_small", "change": _set("Alpha", lambda s, rng: -0.99)},
@@ -140,6 +158,7 @@ CASES: dict[str, dict[str, Any]] = {
     "vanishing/layer ratio": {"expect": "vanishing_gradients", "change": _layer_scale(1e-5)},
     "vanishing/collapsed histogram": {"expect": "vanishing_gradients", "change": _collapsed},
     "dead_units": {"expect": "dead_units", "change": _dead},
+    "dead_units/activations": {"expect": "dead_units", "change": _dead_outputs},
     "misscaled_inputs": {"expect": "misscaled_inputs", "change": _set("InputStats", lambda s, rng: {"mean": 0.5, "std": 255.0, "min": -990.0, "max": 990.0})},
     "gradient_noise": {"expect": "gradient_noise", "change": _set("NormTest", lambda s, rng: 0.96 + 0.04 * rng.random()), "loss": lambda s: 2.3 - s / 1000},
     "stalled_training": {"expect": "stalled_training", "loss": lambda s: 2.3 + 0.01 * math.sin(s)},
@@ -178,6 +197,10 @@ def test_rule_names_its_failure_first(case: str):
         {"valid_loss": lambda s: 1.0 + abs(s - 50) / 100, "train_eval_loss": lambda s: 0.95 + abs(s - 50) / 100},
         {"valid_loss": lambda s: train_loss(s) + 0.45 - s / 2000},  # an accuracy gap above 0.15 that shrinks
         {"loss": lambda s: 2.3 - s / 200},  # slow but steady progress is not a stall
+        {"change": _collapsed_histogram},  # a collapsed histogram counts only in a layer with a small gradient
+        {"change": _set("GradNorm", lambda s, rng: [200.0 + rng.random()] * 6)},  # large but steady gradients
+        {"change": _set("HessMaxEV", lambda s, rng: 50.0), "optimizer": "Adam"},  # lr * lambda bounds SGD's steps only
+        {"change": _set("InputStats", lambda s, rng: {"mean": 0.0, "std": math.nan, "min": -1.0, "max": 1.0})},
     ],
 )
 def test_values_inside_thresholds_are_not_findings(options: dict[str, Any]):
@@ -355,3 +378,32 @@ def test_diagnosis_never_imports_torch(tmp_path: Path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_rules_leave_their_cases_to_other_rules() -> None:
+    """A zero learning rate is frozen parameters, not a learning rate too small or a stall; far too
+    short steps are a learning rate too small, not a stall; a layer without gradient is dead, not
+    vanishing; a loss rising over a few steps is not yet a divergence."""
+    flat = lambda s: 2.3 + 0.001 * math.sin(s)  # noqa: E731
+    frozen = _set("UpdateSize", lambda s, rng: [0.0] * 6)
+    found = rules_found(make_run(change=frozen, loss=flat, lr=0.0))
+    assert "frozen_parameters" in found and "stalled_training" not in found
+    found = rules_found(make_run(change=lambda s, q, rng: (frozen(s, q, rng), q.__setitem__("Alpha", -0.99)), loss=flat, lr=0.0))
+    assert "frozen_parameters" in found and "lr_too_small" not in found
+    found = rules_found(make_run(change=_set("Alpha", lambda s, rng: -0.99), loss=flat))
+    assert "lr_too_small" in found and "stalled_training" not in found
+    assert "vanishing_gradients" not in rules_found(make_run(change=_no_gradient))
+    assert "divergence" not in rules_found(make_run(steps=8, loss=lambda s: 2.0 * 10**s))
+
+
+def test_early_stopping_needs_the_criterion_met_at_most_recent_steps() -> None:
+    assert "early_stopping" not in rules_found(make_run(change=_briefly("EarlyStopping", 0.3, -0.5, 0.2)))
+    assert "early_stopping" in rules_found(make_run(change=_briefly("EarlyStopping", 0.3, -0.5, 0.8)))
+
+
+def test_frozen_parameters_name_the_frozen_ones_or_say_that_all_are() -> None:
+    frozen_rule = RULES["frozen_parameters"]
+    some = next(f for f in diagnose(make_run(change=_frozen)).findings if f.rule == "frozen_parameters")
+    assert len(some.evidence) == 1 and "2.weight" in some.evidence[0].metric and some.hint == frozen_rule.hint
+    every = next(f for f in diagnose(make_run(change=_set("UpdateSize", lambda s, rng: [0.0] * 6))).findings if f.rule == "frozen_parameters")
+    assert len(every.evidence) == 1 and "none of the 6 parameters" in every.evidence[0].metric and every.hint != frozen_rule.hint
