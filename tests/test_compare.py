@@ -12,10 +12,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
-from cockpit_cli.compare import compare_runs, config_differences, expand_paths
+from cockpit_cli.compare import compare_loaded, compare_runs, config_differences, expand_paths
 from cockpit_cli.compare_render import format_value, render_text, run_compare
 from cockpit_cli.errors import CockpitError
-from cockpit_cli.storage.reader import read_run
+from cockpit_cli.storage.reader import RunData, read_run
 
 runner = CliRunner()
 ECONOMY = {"preset": "economy", "every": 2}
@@ -146,3 +146,35 @@ def test_cli_compare(results: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.output)["schema_version"] == 1
     result = runner.invoke(app, ["compare", str(results / "a")])
     assert result.exit_code == 2 and "at least two runs" in result.output
+
+
+def synthetic_run(name: str, losses: list[float], accuracies: list[float] | None = None, status: str = "completed") -> RunData:
+    """A run directory's data with validation evaluations only (``accuracies``: none if ``None``)."""
+    evals = []
+    for index, loss in enumerate(losses):
+        valid = {"loss": loss} if accuracies is None else {"loss": loss, "accuracy": accuracies[index]}
+        evals.append({"step": 10 * index, "epoch": index, "time": float(index), "splits": {"valid": valid}})
+    manifest = {"schema_version": 1, "status": status, "problem": "mnist1d_mlp", "optimizer": "SGD"}
+    return RunData(path=Path(name), manifest=manifest, config={"optimizer": {"lr": 0.1}}, steps=[], evals=evals, summary=None)
+
+
+def test_ranking_takes_the_highest_accuracy_and_the_lowest_loss() -> None:
+    """Each run's best value over its evaluations: the largest accuracy, the smallest loss."""
+    runs = [
+        synthetic_run("early", [1.0, 0.4, 0.9], [0.5, 0.8, 0.6]),  # best loss 0.4, best accuracy 0.8
+        synthetic_run("late", [1.0, 0.7, 0.5], [0.5, 0.7, 0.75]),
+    ]
+    by_accuracy = compare_loaded(runs).ranking
+    assert (by_accuracy.metric, by_accuracy.values, by_accuracy.winner) == ("valid.accuracy", [0.8, 0.75], 0)
+    by_loss = compare_loaded(runs, ["valid.loss"]).ranking
+    assert (by_loss.metric, by_loss.values, by_loss.winner) == ("valid.loss", [0.4, 0.5], 0)
+    runs = [synthetic_run("late", [1.0, 0.7, 0.5]), synthetic_run("early", [1.0, 0.4, 0.9])]  # no accuracy: the loss
+    assert compare_loaded(runs).ranking.winner == 1
+
+
+def test_notes_name_ties_a_single_ranked_run_and_unfinished_runs() -> None:
+    notes = compare_loaded([synthetic_run("one", [1.0, 0.5], [0.5, 0.7]), synthetic_run("two", [1.0, 0.6], [0.6, 0.7])]).notes
+    assert notes == ["two tie with one on valid.accuracy"]
+    comparison = compare_loaded([synthetic_run("one", [1.0, 0.5]), synthetic_run("two", [], status="interrupted")])
+    assert comparison.ranking.winner is None
+    assert comparison.notes == ["only one run has valid.loss: no run can be called better on it", "two is interrupted: its numbers are those recorded so far"]
