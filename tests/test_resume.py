@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,18 @@ class Interrupt:
     def on_step(self, record) -> None:
         if record.step == self.at:
             raise KeyboardInterrupt
+
+
+class Pause(Interrupt):
+    """Observer that waits ``seconds`` once the run reaches a step."""
+
+    def __init__(self, at: int, seconds: float):
+        super().__init__(at)
+        self.seconds = seconds
+
+    def on_step(self, record) -> None:
+        if record.step == self.at:
+            time.sleep(self.seconds)
 
 
 def without_time(records: list[dict]) -> list[dict]:
@@ -77,6 +90,29 @@ def test_interrupted_and_resumed_run_equals_one_left_alone(data_dir: Path, tmp_p
         expected = [e["splits"]["valid"][key] for e in left_alone.evals]
         assert [e["splits"]["valid"][key] for e in resumed.evals] == pytest.approx(expected, rel=1e-6)
     assert resumed.summary["final"] == left_alone.summary["final"]
+
+
+def test_a_resumed_run_goes_on_counting_non_finite_steps_and_time(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of steps skipped for a non-finite loss (in the run's warnings) includes those
+    before the checkpoint, and the time since the start goes on from the checkpoint's."""
+    sections = {"training": {"steps": 20, "checkpoint_every": 5, "on_nonfinite": "skip"}, "optimizer": {"lr": 1e6}, "problem": {"input_scale": 1000.0}}
+    alone = write_config(tmp_path / "alone.yaml", tiny_config(data_dir, tmp_path / "a", **sections))
+    assert runner.invoke(app, ["run", str(alone), "--no-live"], catch_exceptions=False).exit_code == 0
+    import cockpit_cli.training.loop as loop
+
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda setup, observers, *args: original(setup, [*observers, Pause(5, 1.0), Interrupt(at=12)], *args))
+    broken = write_config(tmp_path / "broken.yaml", tiny_config(data_dir, tmp_path / "b", **sections))
+    assert runner.invoke(app, ["run", str(broken), "--no-live"], catch_exceptions=False).exit_code == 130
+    monkeypatch.setattr(loop, "train", original)
+    assert runner.invoke(app, ["run", "--resume", str(tmp_path / "b" / "run"), "--no-live"], catch_exceptions=False).exit_code == 0
+    left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(tmp_path / "b" / "run")
+    skipped = sum(not math.isfinite(record["loss"]) for record in left_alone.steps)
+    assert skipped > 10  # most of them before the checkpoint at step 10
+    assert resumed.manifest["warnings"] == left_alone.manifest["warnings"]
+    assert resumed.manifest["warnings"][0].startswith(f"{skipped} steps had a non-finite loss")
+    times = [record["time"] for record in resumed.steps]
+    assert times == sorted(times) and times[10] >= 1.0  # step 10, the first after the checkpoint, comes after the pause
 
 
 def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
