@@ -14,7 +14,9 @@ from cockpit_cli.display import panels
 from cockpit_cli.display.dashboard import LiveDashboard
 from cockpit_cli.display.layout import DashboardView
 from cockpit_cli.display.plain import PlainLog
-from cockpit_cli.display.sparkline import COARSE, Series, spark
+from cockpit_cli.display.panels.common import ACT, GOOD, WATCH
+from cockpit_cli.display.panels.layers import grad_style, ratio_style
+from cockpit_cli.display.sparkline import COARSE, Series, scale, spark
 from cockpit_cli.display.state import DashboardState, RunInfo
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 
@@ -109,6 +111,22 @@ def test_outlier_layer_is_highlighted_in_red() -> None:
     assert "1 flagged" in render(panels.layers(state), 100)
 
 
+def test_layer_colours_follow_the_gradient_norm_and_the_update_ratio() -> None:
+    """Gradient norm against the median layer's: fine within 10x, watch within 100x, act beyond.
+    Update / weight ratio: fine within [1e-5, 1e-1], watch within [1e-6, 1], act beyond."""
+    assert [grad_style(value, 1.0) for value in (1.0, 0.1, 10.0, 0.05, 20.0, 0.005, 200.0, math.nan)] == [GOOD, GOOD, GOOD, WATCH, WATCH, ACT, ACT, ACT]
+    assert [ratio_style(value) for value in (1e-3, 1e-5, 0.1, 5e-6, 0.5, 5e-7, 2.0)] == [GOOD, GOOD, GOOD, WATCH, WATCH, ACT, ACT]
+    assert (grad_style(None, 1.0), ratio_style(None)) == ("dim", "dim")
+
+
+def test_a_long_layer_table_keeps_the_flagged_rows_in_their_order() -> None:
+    state = make_state()
+    state.latest["LayerStats"]["update_ratio"] = [0.01, 2.0, 0.01, 5e-6, 0.01]  # 0.bias acts, 2.bias watches
+    text = render(panels.layers(state, limit=2), 100)
+    shown = [name for name in PARAMETERS if re.search(rf"^\W*{re.escape(name)} ", text, re.MULTILINE)]
+    assert shown == ["0.bias", "2.bias"] and "3 more, 2 flagged" in text
+
+
 def test_dead_activations_are_flagged() -> None:
     state = make_state()
     state.latest["Activations"] = {"0": {"zero_fraction": 0.0}, "1": {"zero_fraction": 0.95}}  # ReLU after layer 0
@@ -149,6 +167,19 @@ def test_alerts_from_elsewhere_are_shown_most_severe_first() -> None:
     assert [severity for severity, _ in state.alert_list()] == ["critical", "warning", "info"]
     with pytest.raises(ValueError):
         state.add_alert("panic", "no such severity")
+
+
+def test_alerts_beyond_the_limit_are_counted() -> None:
+    state = make_state(steps=5)
+    for index in range(7):
+        state.add_alert("warning", f"alert number {index}")
+    text = render(panels.alerts(state, limit=5), 100)
+    shown = [index for index in range(7) if f"alert number {index}" in text]
+    assert shown == [2, 3, 4, 5, 6] and "and 2 more" in text  # the newest first
+
+
+def test_log_scale_leaves_out_values_that_have_no_logarithm() -> None:
+    assert scale([1.0, 10.0, 100.0, 0.0, -5.0, math.inf], log=True) == [0.0, 0.5, 1.0, None, None, None]
 
 
 def test_curvature_panels_when_tracked() -> None:
