@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def test_layers_figure_has_a_row_per_layer(runs: dict[str, RunData]) -> None:
     assert "not tracked" not in texts(figure)
     for stats in view.layer_stats().values():
         assert all(len(series) for series in stats.values())
+
+
+@pytest.mark.parametrize("with_update_size", [True, False])
+def test_layer_update_ratio_of_a_layer_with_a_parameter_at_zero(with_update_size: bool) -> None:
+    """A bias at zero has an infinite ratio: the layer's update comes from UpdateSize, or is left out."""
+    steps = []
+    for step, (weights, ratios, sizes) in enumerate([([2.0, 0.0], [0.1, math.inf], [0.2, 0.3]), ([2.0, 0.3], [0.1, 1.0], [0.2, 0.3])]):
+        quantities = {"LayerStats": {"weight_norm": weights, "grad_norm": [1.0, 1.0], "update_ratio": ratios, "zero_grad_fraction": [0.0, 0.0]}}
+        if with_update_size:
+            quantities["UpdateSize"] = sizes
+        steps.append({"step": step, "epoch": 0, "loss": 1.0, "lr": [0.1], "time": float(step), "quantities": quantities})
+    manifest = {"schema_version": 1, "status": "completed", "problem": "toy", "optimizer": "SGD", "instruments": {"parameters": ["0.weight", "0.bias"]}}
+    ratio = RunView(RunData(path=Path("toy"), manifest=manifest, config={}, steps=steps, evals=[], summary=None)).layer_stats()["0"]["update_ratio"]
+    expected_steps = [0, 1] if with_update_size else [1]
+    assert list(ratio.steps) == expected_steps
+    assert list(ratio.values) == pytest.approx([math.sqrt(0.2**2 + 0.3**2) / math.sqrt(4.0 + w * w) for w in (0.0, 0.3)][-len(expected_steps):])
 
 
 def test_samples_figure_shows_the_tracked_samples(runs: dict[str, RunData]) -> None:

@@ -25,6 +25,20 @@ EVAL_METRICS = ("loss", "accuracy")
 LAST_SHARE = 0.1  # "the last 10%" of the tracked steps (Alpha's recent distribution)
 
 
+def _update_norms(sizes: list[float], ratios: list[float], weights: list[float]) -> list[float | None]:
+    """Each parameter's ``||theta_{t+1} - theta_t||``: UpdateSize's value (``sizes``) where there is
+    one, else ``ratio * ||theta_t||`` (0 for a ratio of 0); ``None`` where neither gives it."""
+    norms: list[float | None] = []
+    for index in range(max(len(sizes), min(len(ratios), len(weights)))):
+        if index < len(sizes) and math.isfinite(sizes[index]):
+            norms.append(sizes[index])
+        elif index < min(len(ratios), len(weights)) and (ratios[index] == 0 or (weights[index] > 0 and math.isfinite(ratios[index]))):
+            norms.append(ratios[index] * weights[index] if ratios[index] else 0.0)
+        else:
+            norms.append(None)
+    return norms
+
+
 def parse_step_range(text: str) -> tuple[int, int]:
     """Parse ``"A:B"`` (two step numbers, ``A < B``) into ``(A, B)``.
 
@@ -163,14 +177,20 @@ class RunView:
 
         A layer is a parameter-name prefix (``"3"`` for ``"3.weight"`` and ``"3.bias"``); its norms
         combine its parameters' norms, and its ratio is ``||update|| / ||weights||`` of the layer.
+        A parameter's update norm is UpdateSize's where the step has it, else its ratio times its
+        weight norm, which a parameter at zero (a bias initialised to 0: ratio infinite) lacks:
+        the layer then has no ratio at that step.
         """
         layers = self.series.layers()
         result: dict[str, dict[str, list[tuple[int, float]]]] = {name: {"grad_norm": [], "weight_norm": [], "update_ratio": []} for name in layers}
         stats = self.raw("LayerStats")
+        update_sizes = self.raw("UpdateSize")
+        sizes_at = {step: as_floats(value) or [] for step, value in zip(update_sizes.steps, update_sizes.values)}
         for step, value in zip(stats.steps, stats.values):
             if not isinstance(value, dict):
                 continue
             columns = {key: as_floats(value.get(key)) or [] for key in ("grad_norm", "weight_norm", "update_ratio")}
+            updates = _update_norms(sizes_at.get(step, []), columns["update_ratio"], columns["weight_norm"])
             for layer, indices in layers.items():
                 picked = {key: [values[i] for i in indices if i < len(values)] for key, values in columns.items()}
                 weights = math.sqrt(math.fsum(w * w for w in picked["weight_norm"]))
@@ -178,8 +198,9 @@ class RunView:
                     result[layer]["grad_norm"].append((step, math.sqrt(math.fsum(g * g for g in picked["grad_norm"]))))
                 if picked["weight_norm"]:
                     result[layer]["weight_norm"].append((step, weights))
-                if len(picked["update_ratio"]) == len(picked["weight_norm"]) and weights > 0:
-                    update = math.sqrt(math.fsum((r * w) ** 2 for r, w in zip(picked["update_ratio"], picked["weight_norm"])))
+                layer_updates = [updates[i] if i < len(updates) else None for i in indices]
+                if weights > 0 and None not in layer_updates:
+                    update = math.sqrt(math.fsum(u * u for u in layer_updates))
                     result[layer]["update_ratio"].append((step, update / weights))
         return {layer: {key: Series([s for s, _ in pairs], [v for _, v in pairs]) for key, pairs in kinds.items()} for layer, kinds in result.items()}
 
