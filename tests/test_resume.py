@@ -52,11 +52,18 @@ def without_time(records: list[dict]) -> list[dict]:
     return cleaned
 
 
-@pytest.mark.parametrize("optimizer", [{"name": "SGD", "lr": 0.1}, {"name": "Adam", "lr": 0.01}])
-def test_interrupted_and_resumed_run_equals_one_left_alone(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: dict) -> None:
+ECONOMY = {"preset": "economy", "every": 2}
+MONTE_CARLO = {"preset": "business", "every": 2, "curvature": "ggn_mc"}  # draws from the random state at every tracked step
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "instruments"),
+    [({"name": "SGD", "lr": 0.1}, ECONOMY), ({"name": "Adam", "lr": 0.01}, ECONOMY), ({"name": "SGD", "lr": 0.1}, MONTE_CARLO)],
+)
+def test_interrupted_and_resumed_run_equals_one_left_alone(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: dict, instruments: dict) -> None:
     sections = {
         "training": {"steps": 30, "eval_every_steps": 10, "checkpoint_every": 7},
-        "instruments": {"preset": "economy", "every": 2},
+        "instruments": instruments,
         "optimizer": optimizer,
         "schedule": {"name": "StepLR", "interval": "step", "step_size": 9, "gamma": 0.5},
     }
