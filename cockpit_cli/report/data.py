@@ -30,12 +30,15 @@ def _update_norms(sizes: list[float], ratios: list[float], weights: list[float])
     one, else ``ratio * ||theta_t||`` (0 for a ratio of 0); ``None`` where neither gives it."""
     norms: list[float | None] = []
     for index in range(max(len(sizes), min(len(ratios), len(weights)))):
+        ratio, weight = (ratios[index], weights[index]) if index < min(len(ratios), len(weights)) else (math.nan, math.nan)
         if index < len(sizes) and math.isfinite(sizes[index]):
             norms.append(sizes[index])
-        elif index < min(len(ratios), len(weights)) and (ratios[index] == 0 or (weights[index] > 0 and math.isfinite(ratios[index]))):
-            norms.append(ratios[index] * weights[index] if ratios[index] else 0.0)
+        elif ratio == 0:
+            norms.append(0.0)
+        elif weight > 0 and math.isfinite(ratio):
+            norms.append(ratio * weight)
         else:
-            norms.append(None)
+            norms.append(None)  # a parameter at zero that moved (ratio infinite), or nothing recorded
     return norms
 
 
