@@ -49,6 +49,7 @@ CONFIG_CASES = [
     config_case({"schedule": {"name": "StepLR"}}, "schedule.step_size: StepLR needs argument 'step_size'"),
     config_case({"schedule": {"name": "StepLR", "step_size": 2, "gama": 0.5}}, "schedule.gama: StepLR has no argument 'gama'; did you mean 'gamma'?"),
     config_case({"schedule": {"name": "StepLR", "step_size": 2, "interval": "batch"}}, "schedule.interval: expected one of 'step', 'epoch', got 'batch'"),
+    config_case({"schedule": {"name": "ReduceLROnPlateau"}}, "schedule.name: ReduceLROnPlateau needs Python objects or a metric and cannot be configured from YAML"),
     config_case({"instruments": {"quantities": {"NormTset": True}}}, "instruments.quantities.NormTset: quantity 'NormTset' is unknown; did you mean 'NormTest'?"),
     config_case({"instruments": {"quantities": {"GradHist1d": {"binz": 3}}}}, "instruments.quantities.GradHist1d.binz: GradHist1d has no setting 'binz'; did you mean 'bins'?"),
     config_case({"instruments": {"quantities": {"GradHist1d": {"bins": "many"}}}}, "instruments.quantities.GradHist1d.bins: expected an integer, got 'many'"),

@@ -11,6 +11,8 @@ import pytest
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage import schema
 from cockpit_cli.storage.reader import read_run
+from cockpit_cli.storage.summary import summarize
+from cockpit_cli.storage.totals import quantity_total
 from cockpit_cli.storage.writer import RunWriter, close_abandoned_run, prepare_run_directory
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 
@@ -217,3 +219,22 @@ def test_a_vanished_run_directory_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CockpitError, match="cannot write the run directory .*: No such file or directory"):
         writer.on_eval(EvalRecord(0, 0, 0.0, {"valid": SplitMetrics(1.0, 0.5, 10)}))
     writer.on_end(RunEnd(RunStatus.FAILED, 0, 0, "gone", 0.0))  # nothing more to write; no second error
+
+
+def test_summary_holds_each_split_s_best_values_and_the_mean_of_the_last_losses() -> None:
+    evals = [
+        {"step": 0, "splits": {"valid": {"loss": float("nan"), "accuracy": float("nan")}}},
+        {"step": 5, "splits": {"valid": {"loss": 0.5, "accuracy": 0.8}}},
+        {"step": 9, "splits": {"valid": {"loss": 0.9, "accuracy": 0.6}}},
+    ]
+    summary = summarize("completed", None, 10, 1, 1.0, [1.0, float("nan"), 3.0], evals)
+    assert summary["best"]["valid"] == {"loss": 0.5, "loss_step": 5, "accuracy": 0.8, "accuracy_step": 5}
+    assert summary["final"]["valid"]["loss"] == 0.9
+    assert summary["final_minibatch_loss"] == 2.0  # the finite ones' mean
+
+
+def test_quantity_totals() -> None:
+    assert quantity_total("GradNorm", [3.0, 4.0]) == 5.0 and quantity_total("HessTrace", [1.0, 2.5]) == 3.5
+    assert quantity_total("Alpha", 0.25) == 0.25
+    assert quantity_total("GradNorm", [3.0, None]) is None and quantity_total("GradNorm", []) is None
+    assert quantity_total("LayerStats", [1.0]) is None  # a list with no total
