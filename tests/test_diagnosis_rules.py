@@ -407,3 +407,16 @@ def test_frozen_parameters_name_the_frozen_ones_or_say_that_all_are() -> None:
     assert len(some.evidence) == 1 and "2.weight" in some.evidence[0].metric and some.hint == frozen_rule.hint
     every = next(f for f in diagnose(make_run(change=_set("UpdateSize", lambda s, rng: [0.0] * 6))).findings if f.rule == "frozen_parameters")
     assert len(every.evidence) == 1 and "none of the 6 parameters" in every.evidence[0].metric and every.hint != frozen_rule.hint
+
+
+def test_live_checks_every_25_steps_then_every_1_percent_of_the_steps_so_far() -> None:
+    live = LiveDiagnosis(check_every=25, rules=[])
+    checked: list[int] = []
+    original = live.check
+    live.check = lambda: (checked.append(len(live.series.steps)), original())[1]
+    for step in range(10_000):
+        live.on_step({"step": step, "loss": 1.0})
+    gaps = [b - a for a, b in zip([0, *checked], checked)]
+    assert checked[:3] == [25, 50, 75] and all(gap >= 25 for gap in gaps)
+    assert all(gap >= seen // 100 for gap, seen in zip(gaps, checked))  # 50 steps apart at 5,000 steps, 99 near 10,000
+    assert max(gaps) <= 100 and len(checked) < 250  # 400 checks at a fixed 25
