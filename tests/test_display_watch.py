@@ -78,6 +78,16 @@ def test_follower_waits_for_a_line_to_be_complete(tmp_path: Path) -> None:
     assert follower.read() == [{"step": 1}, {"step": 2}] and follower.read() == []
 
 
+def test_follower_starts_over_when_the_file_is_rewritten_shorter(tmp_path: Path) -> None:
+    """A resumed run cuts its records back to the checkpoint (an overwritten run starts afresh)."""
+    path = tmp_path / "steps.jsonl"
+    follower = JsonLinesFollower(path)
+    path.write_text("".join(f'{{"step": {step}}}\n' for step in range(5)))
+    assert len(follower.read()) == 5
+    path.write_text('{"step": 0}\n{"step": 1}\n')
+    assert follower.read() == [{"step": 0}, {"step": 1}]
+
+
 def write_manifest(run_dir: Path, status: str) -> None:
     manifest = {"schema_version": 1, "status": status, "problem": "toy", "optimizer": "SGD", "total_steps": 20, "steps_per_epoch": 10, "heartbeat_at": "2000-01-01T00:00:00+00:00"}
     (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
