@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -91,6 +92,36 @@ def test_follower_starts_over_when_the_file_is_rewritten_shorter(tmp_path: Path)
 def write_manifest(run_dir: Path, status: str) -> None:
     manifest = {"schema_version": 1, "status": status, "problem": "toy", "optimizer": "SGD", "total_steps": 20, "steps_per_epoch": 10, "heartbeat_at": "2000-01-01T00:00:00+00:00"}
     (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_watching_a_run_that_is_resumed_shows_each_step_once(tmp_path: Path) -> None:
+    """A resumed run cuts its records back to its checkpoint and writes them on from there."""
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    write_manifest(run_dir, "running")
+
+    def write_steps(steps: range) -> None:
+        lines = (json.dumps({"step": step, "epoch": 0, "loss": 1.0 / (step + 1), "lr": [0.1], "time": 0.01 * step, "quantities": {"Alpha": 0.5}}) for step in steps)
+        (run_dir / schema.STEPS).write_text("".join(line + "\n" for line in lines))
+
+    write_steps(range(12))
+    follower = RunFollower(run_dir)
+    follower.poll()
+    assert follower.state.step == 11 and len(follower.state.series["loss"].values) == 12
+    write_steps(range(8))  # cut back to the checkpoint after step 7 in place, then on to step 9
+    with (run_dir / schema.STEPS).open("a") as handle:
+        handle.write("".join(json.dumps({"step": step, "epoch": 0, "loss": 0.5, "lr": [0.1], "time": 1.0, "quantities": {"Alpha": 0.5}}) + "\n" for step in (8, 9)))
+    follower.poll()
+    assert follower.state.step == 9 and list(follower.state.series["loss"].steps) == list(range(10))
+    assert sum(follower.state.alpha_counts) == 10
+    write_steps(range(8))  # resumed again from step 8, as `cockpit run --resume` does it: a new file
+    with (run_dir / schema.STEPS).open("a") as handle:
+        handle.write("".join(json.dumps({"step": step, "epoch": 0, "loss": 0.25, "lr": [0.1], "time": 2.0, "quantities": {"Alpha": 0.5}}) + "\n" for step in range(8, 14)))
+    os.replace(run_dir / schema.STEPS, run_dir / "steps.new")
+    shutil.copy(run_dir / "steps.new", run_dir / schema.STEPS)  # another inode, longer than what was read
+    follower.poll()
+    loss = follower.state.series["loss"]
+    assert list(loss.steps) == list(range(14)) and loss.values[8] == 0.25 and sum(follower.state.alpha_counts) == 14
 
 
 def test_watch_follows_a_run_that_another_process_writes(tmp_path: Path) -> None:

@@ -39,13 +39,15 @@ class JsonLinesFollower:
 
     def __init__(self, path: Path):
         self.path, self.offset, self.partial, self.bad_lines = path, 0, b"", 0
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the file read so far
 
     def read(self) -> list[dict[str, Any]]:
         """Read up to ``CHUNK_BYTES`` of new data and return the complete records in it."""
         try:
             with self.path.open("rb") as handle:
-                if os.fstat(handle.fileno()).st_size < self.offset:  # rewritten: start over
-                    self.offset, self.partial = 0, b""
+                stat = os.fstat(handle.fileno())
+                if (stat.st_dev, stat.st_ino) != self.identity or stat.st_size < self.offset:  # another file: start over
+                    self.offset, self.partial, self.identity = 0, b"", (stat.st_dev, stat.st_ino)
                 handle.seek(self.offset)
                 data = handle.read(CHUNK_BYTES)
         except FileNotFoundError:
@@ -64,6 +66,17 @@ class JsonLinesFollower:
             if isinstance(record, dict):
                 records.append(record)
         return records
+
+    def rewritten(self) -> bool:
+        """Whether the file was written anew since it was read: replaced by another file (a resumed
+        run rewrites its records up to its checkpoint) or cut shorter."""
+        if not self.offset:
+            return False
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self.identity or stat.st_size < self.offset
 
     @property
     def caught_up(self) -> bool:
@@ -97,10 +110,14 @@ class RunFollower:
     def __init__(self, path: Path):
         self.path = path
         self.manifest = read_manifest(path)
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Show the run from its first record again, with nothing kept from what was shown."""
         self.state = DashboardState()
-        self.state.start(RunInfo.from_mapping(self.manifest, run_dir=str(path)))
-        self.steps = JsonLinesFollower(path / schema.STEPS)
-        self.evals = JsonLinesFollower(path / schema.EVALS)
+        self.state.start(RunInfo.from_mapping(self.manifest, run_dir=str(self.path)))
+        self.steps = JsonLinesFollower(self.path / schema.STEPS)
+        self.evals = JsonLinesFollower(self.path / schema.EVALS)
 
     @property
     def running(self) -> bool:
@@ -112,6 +129,8 @@ class RunFollower:
             self.manifest = read_manifest(self.path)
         except CockpitError:
             pass  # being rewritten: keep the last good one
+        if self.steps.rewritten() or self.evals.rewritten():  # resumed from a checkpoint: its records were cut back
+            self._start_over()
         for follower, feed in ((self.evals, self._feed_eval), (self.steps, self._feed_step)):
             while True:
                 for record in follower.read():
