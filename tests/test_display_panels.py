@@ -152,6 +152,44 @@ def test_a_loss_far_above_its_start_raises_an_alert() -> None:
     assert "rose far above" in render(panels.alerts(state), 160)
 
 
+def test_a_loss_ten_times_its_start_is_critical() -> None:
+    state = make_state(steps=60, losses=[1.0] * 20 + [1.0 + 2.0 * i for i in range(40)])
+    severities = {text.split(":")[0]: severity for severity, text in state.alert_list()}
+    assert severities["loss rose far above its start"] == "warning" and severities["loss exploding"] == "critical"
+
+
+def test_alerts_are_replaced_by_key_and_the_oldest_dropped_beyond_the_limit() -> None:
+    state = DashboardState()
+    state.add_alert("info", "first", key="k")
+    state.add_alert("info", "other", key="o")
+    state.add_alert("info", "second", key="k")  # replaces "first" and is now the newest
+    assert state.alert_list() == [("info", "second"), ("info", "other")]
+    for index in range(30):
+        state.add_alert("info", f"note {index}")
+    texts = [text for _, text in state.alert_list()]
+    assert len(texts) == 20 and "note 29" in texts and "note 9" not in texts and "note 10" in texts
+
+
+def test_evaluations_and_endings_raise_alerts() -> None:
+    state = make_state(steps=5)
+    state.add_eval(5, 0, 1.0, {"valid": {"loss": math.nan, "accuracy": 0.1}})
+    assert ("critical", "valid loss is nan at the evaluation after step 5") in state.alert_list()
+    state.finish("interrupted", None, seconds=100.0)
+    assert ("warning", "run interrupted") in state.alert_list() and state.elapsed == 100.0
+    state.finish("interrupted", None, seconds=1.0)
+    assert state.elapsed == 100.0  # never back
+
+
+def test_a_snapshot_keeps_its_values_and_a_finished_run_its_time() -> None:
+    state = make_state(steps=10)
+    snapshot = state.snapshot(clock=50.0)
+    counts = list(snapshot.alpha_counts)
+    state.add_step(10, 0, 1.0, [0.1], 0.5, {"Alpha": 0.5})
+    assert snapshot.alpha_counts == counts and snapshot.elapsed == 50.0  # a running run shows the clock
+    state.finish("completed", None, seconds=3.0)
+    assert state.snapshot(clock=50.0).elapsed == 3.0
+
+
 def test_long_texts_wrap_inside_their_panel_on_a_soft_wrapping_console() -> None:
     state = make_state(steps=5)
     state.add_alert("warning", "a long finding that cannot fit on one line of the alerts panel at a hundred columns, ending here")
