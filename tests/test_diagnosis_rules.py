@@ -21,7 +21,7 @@ from cockpit_cli.diagnosis.render import diagnosis_to_dict, render_text
 from cockpit_cli.diagnosis.rules import register
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
-from cockpit_cli.diagnosis.windows import Series
+from cockpit_cli.diagnosis.windows import Series, Table, finite_median
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import RunData
 
@@ -420,3 +420,13 @@ def test_live_checks_every_25_steps_then_every_1_percent_of_the_steps_so_far() -
     assert checked[:3] == [25, 50, 75] and all(gap >= 25 for gap in gaps)
     assert all(gap >= seen // 100 for gap, seen in zip(gaps, checked))  # 50 steps apart at 5,000 steps, 99 near 10,000
     assert max(gaps) <= 100 and len(checked) < 250  # 400 checks at a fixed 25
+
+
+def test_window_helpers_skip_non_finite_values_keep_a_point_and_ragged_rows() -> None:
+    assert finite_median([1.0, math.inf, 2.0, None, math.nan]) == 1.5
+    assert math.isnan(finite_median([math.nan, None]))
+    series = Series(list(range(10)), [float(step) for step in range(10)])
+    assert series.between(0.5, 0.5).values == [5.0] and series.between(0.2, 0.4).values == [2.0, 3.0]
+    table = Table([0, 1, 2], [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0, 7.0]])  # a parameter missing from one record
+    column = table.column(2)
+    assert (column.steps, column.values) == ([0, 2], [3.0, 7.0])
