@@ -46,7 +46,7 @@ class JsonLinesFollower:
         try:
             with self.path.open("rb") as handle:
                 stat = os.fstat(handle.fileno())
-                if (stat.st_dev, stat.st_ino) != self.identity or stat.st_size < self.offset:  # another file: start over
+                if self._replaced(stat):  # start over
                     self.offset, self.partial, self.identity = 0, b"", (stat.st_dev, stat.st_ino)
                 handle.seek(self.offset)
                 data = handle.read(CHUNK_BYTES)
@@ -73,9 +73,12 @@ class JsonLinesFollower:
         if not self.offset:
             return False
         try:
-            stat = self.path.stat()
+            return self._replaced(self.path.stat())
         except FileNotFoundError:
             return True
+
+    def _replaced(self, stat: os.stat_result) -> bool:
+        """Whether ``stat`` is another file's than the one read so far, or that of one cut shorter."""
         return (stat.st_dev, stat.st_ino) != self.identity or stat.st_size < self.offset
 
     @property
