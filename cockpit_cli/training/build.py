@@ -119,7 +119,8 @@ def build_run(config: RunConfig) -> RunSetup:
     problem.model.to(device)
     trainable = [p for p in problem.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable)
-    scheduler = build_scheduler(config, optimizer)
+    scheduler_steps = total_steps if config.schedule is not None and config.schedule.interval == "step" else total_steps // steps_per_epoch
+    scheduler = build_scheduler(config, optimizer, scheduler_steps)
     quantities = build_quantities(config, total_steps)
     return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps, quantities)
 
