@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,85 @@ def test_ctrl_c_while_training_asks_for_a_stop_between_steps_and_twice_stops_at_
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def trainer_for(data_dir: Path, tmp_path: Path, recorder: Recorder | None = None, **sections):
+    from cockpit_cli.training.loop import Trainer
+
+    setup = build_run(parse_config(tiny_config(data_dir, tmp_path, **sections)))
+    return Trainer(setup, [recorder or Recorder()])
+
+
+def test_a_diverged_run_records_its_steps_in_order_when_alpha_waits_for_the_next_step(data_dir: Path, tmp_path: Path) -> None:
+    """A step's record waits for the next step's Alpha; the diverged step's record comes after it."""
+    recorder = run(data_dir, tmp_path, optimizer={"lr": 1e6}, problem={"input_scale": 1000.0}, training={"steps": 40}, instruments={"preset": "economy"})
+    assert recorder.end is not None and recorder.end.status is RunStatus.DIVERGED
+    assert len(recorder.steps) >= 2 and [r.step for r in recorder.steps] == list(range(len(recorder.steps)))
+    assert "Alpha" in recorder.steps[0].quantities
+    assert not any("non-finite loss" in warning for warning in recorder.end.warnings)  # the message says it
+
+
+@pytest.mark.parametrize(("policy", "action"), [("skip", "skipped"), ("continue", "taken anyway")])
+def test_the_warning_says_what_became_of_non_finite_steps(data_dir: Path, tmp_path: Path, policy: str, action: str) -> None:
+    recorder = run(data_dir, tmp_path, optimizer={"lr": 1e6}, problem={"input_scale": 1000.0}, training={"steps": 20, "on_nonfinite": policy})
+    assert recorder.end is not None and recorder.end.warnings[0].endswith(f"and were {action} (training.on_nonfinite: {policy})")
+
+
+def test_a_skipped_step_still_steps_the_learning_rate_schedule(data_dir: Path, tmp_path: Path) -> None:
+    """The schedule follows the step count, so a run with skipped steps keeps the planned rates."""
+    trainer = trainer_for(data_dir, tmp_path, training={"on_nonfinite": "skip"}, schedule={"name": "StepLR", "interval": "step", "step_size": 1, "gamma": 0.5})
+    inputs, targets = next(iter(torch.utils.data.DataLoader(trainer.problem.splits.train, batch_size=32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning of a schedule stepped before its optimizer is not for the user
+        trainer.train_step(inputs * float("nan"), targets)
+    assert trainer.setup.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_evaluation_runs_the_model_in_eval_mode_and_training_in_train_mode(data_dir: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(data_dir, tmp_path)
+    modes: list[bool] = []
+    trainer.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer.model.train()
+    trainer.evaluate()
+    assert modes and not any(modes) and trainer.model.training
+    trainer.model.eval()
+    modes.clear()
+    inputs, targets = next(iter(torch.utils.data.DataLoader(trainer.problem.splits.train, batch_size=32)))
+    trainer.train_step(inputs, targets)
+    assert modes == [True]
+
+
+def test_evaluated_losses_include_weight_decay(data_dir: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(data_dir, tmp_path, training={"eval_max_batches": 1})
+    plain = trainer.evaluate()
+    trainer.problem.weight_decay = 0.5
+    trainer.problem.decayed_parameters = [p for p in trainer.model.parameters() if p.ndim > 1]
+    term = 0.25 * sum(float(p.detach().pow(2).sum()) for p in trainer.problem.decayed_parameters)
+    decayed = trainer.evaluate()
+    for split in ("train_eval", "valid", "test"):
+        assert decayed.splits[split].loss == pytest.approx(plain.splits[split].loss + term, rel=1e-6)
+        assert decayed.splits[split].accuracy == plain.splits[split].accuracy
+
+
+def test_a_problem_without_accuracy_evaluates_none(data_dir: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(data_dir, tmp_path, problem={"name": "quadratic_deep", "batch_size": 32})
+    record = trainer.evaluate()
+    assert all(metrics.accuracy is None and math.isfinite(metrics.loss) for metrics in record.splits.values())
+    assert record.samples is None and trainer.sample_indices == []
+
+
+def test_tracked_outcomes_are_the_validation_samples_predictions(data_dir: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(data_dir, tmp_path, training={"track_samples": 50, "eval_max_batches": None})
+    record = trainer.evaluate()
+    valid = trainer.problem.splits.valid
+    with torch.no_grad():
+        expected = "".join("1" if int(trainer.model(valid[i][0][None]).argmax()) == int(valid[i][1]) else "0" for i in trainer.sample_indices)
+    assert record.samples == expected and len(set(expected)) == 2  # some right, some wrong
+    other = trainer_for(data_dir, tmp_path, training={"track_samples": 50, "seed": 1})
+    assert other.sample_indices != trainer.sample_indices  # the choice follows the run's seed
+
+
+def test_tracked_samples_beyond_the_evaluated_ones_are_unknown(data_dir: Path, tmp_path: Path) -> None:
+    trainer = trainer_for(data_dir, tmp_path)
+    trainer.sample_indices = [0, 2, 3, 4]
+    assert trainer._tracked_outcomes(torch.tensor([True, False, False])) == "10??"  # 3 samples evaluated: positions 3 and 4 unknown

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -215,7 +216,9 @@ class Trainer:
                 )
             if self.training.on_nonfinite == "skip":
                 self.tracker.skip(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
-                self._step_schedule()
+                with warnings.catch_warnings():  # torch warns when the first steps are skipped: the schedule moves on without them, as meant
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+                    self._step_schedule()
                 self.step += 1
                 return None
         self.tracker.backward(self.step, loss, inputs, outputs, targets)
