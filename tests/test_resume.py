@@ -157,3 +157,27 @@ def test_adaptive_histogram_range_survives_a_checkpoint() -> None:
     fresh = GradHist1d(Schedule(), {"adaptive": True})
     fresh.load_state_dict(adapted.state_dict())
     assert (fresh.spec.low, fresh.spec.high, fresh.spec.bins) == (-0.25, 0.25, 100)
+
+
+def test_a_run_resumed_twice_in_one_epoch_equals_one_left_alone(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints come every ``checkpoint_every`` steps; one written after a resume counts the
+    batches the resume skipped, so that a second resume skips them all again."""
+    from cockpit_cli.training.checkpoint import load_checkpoint
+    import cockpit_cli.training.loop as loop
+
+    sections = {"training": {"steps": 24, "eval_every_steps": 12, "checkpoint_every": 7}}  # all in the first epoch (200 steps)
+    alone = write_config(tmp_path / "alone.yaml", tiny_config(data_dir, tmp_path / "a", **sections))
+    assert runner.invoke(app, ["run", str(alone), "--no-live"], catch_exceptions=False).exit_code == 0
+    original = loop.train
+    run_dir = tmp_path / "b" / "run"
+    for number, interrupt_at in enumerate((10, 17)):
+        monkeypatch.setattr(loop, "train", lambda setup, observers, *args, at=interrupt_at: original(setup, [*observers, Interrupt(at=at)], *args))
+        arguments = ["run", "--resume", str(run_dir)] if number else ["run", str(write_config(tmp_path / "b.yaml", tiny_config(data_dir, tmp_path / "b", **sections)))]
+        assert runner.invoke(app, [*arguments, "--no-live"], catch_exceptions=False).exit_code == 130
+        checkpoint = load_checkpoint(run_dir)
+        assert (checkpoint["step"], checkpoint["batches_in_epoch"]) == (7 * (number + 1),) * 2
+    monkeypatch.setattr(loop, "train", original)
+    assert runner.invoke(app, ["run", "--resume", str(run_dir), "--no-live"], catch_exceptions=False).exit_code == 0
+    left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(run_dir)
+    assert [r["step"] for r in resumed.steps] == list(range(24))
+    assert [r["loss"] for r in resumed.steps] == pytest.approx([r["loss"] for r in left_alone.steps], rel=1e-6)
