@@ -125,16 +125,32 @@ def test_corrupt_cache_is_regenerated(generated, monkeypatch, tmp_path, content)
     assert sorted(path.name for path in cache.parent.iterdir()) == [cache.name]
 
 
-def test_cache_with_wrong_shapes_is_regenerated(generated, monkeypatch, tmp_path):
+def _wrong_shape(arrays: dict) -> None:
+    arrays["x_train"] = np.zeros((3, 40), np.float32)
+
+
+def _label_out_of_range(arrays: dict) -> None:
+    arrays["y_test"][5] = 10
+
+
+def _not_finite(arrays: dict) -> None:
+    arrays["x_test"][7, 3] = np.nan
+
+
+@pytest.mark.parametrize("damage", [_wrong_shape, _label_out_of_range, _not_finite])
+def test_cache_with_wrong_contents_is_regenerated(generated, monkeypatch, tmp_path, damage):
     data_dir, _, _, _ = generated
+    good = dict(np.load(mnist1d_data.cache_path(data_dir)))
+    bad = {key: array.copy() for key, array in good.items()}
+    damage(bad)
     cache = mnist1d_data.cache_path(tmp_path)
     cache.parent.mkdir(parents=True)
-    np.savez(cache, x_train=np.zeros((3, 40), np.float32))
-    shutil.copy(mnist1d_data.cache_path(data_dir), tmp_path / "good.npz")
-    monkeypatch.setattr(mnist1d_data, "_generate", lambda: dict(np.load(tmp_path / "good.npz")))
+    np.savez(cache, **bad)
+    monkeypatch.setattr(mnist1d_data, "_generate", lambda: good)
     with pytest.warns(UserWarning, match="unexpected contents"):
         loaded = mnist1d_data.load_mnist1d(tmp_path)
-    assert loaded.x_train.shape == (8000, 40)
+    assert loaded.x_train.shape == (8000, 40) and torch.equal(loaded.y_test, torch.from_numpy(good["y_test"]))
+    assert torch.isfinite(loaded.x_test).all()
 
 
 # options ------------------------------------------------------------------------------------------
@@ -150,6 +166,8 @@ def test_input_scale_scales_inputs(data_dir):
 def test_train_subset_and_valid_size(data_dir):
     problem = build("mnist1d_cnn", data_dir, train_subset=500, valid_size=1000)
     assert (len(problem.splits.train), len(problem.splits.train_eval), len(problem.splits.valid)) == (500, 500, 1000)
+    everything = build("mnist1d_mlp", data_dir, train_subset=6400)  # all that the default valid_size of 1600 leaves
+    assert (len(everything.splits.train), len(everything.splits.valid)) == (6400, 1600)
 
 
 @pytest.mark.parametrize("activation, module", [("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh), ("leaky_relu", nn.LeakyReLU)])
@@ -191,10 +209,14 @@ def test_init_scale_scales_initial_weights(name, data_dir):
         ("init_scale", 0.0),
         ("init_scale", -1.0),
         ("init_scale", float("nan")),
+        ("init_scale", float("inf")),
         ("activation", "gelu"),
         ("input_scale", 0.0),
+        ("input_scale", float("inf")),
+        ("input_scale", float("nan")),
         ("train_subset", 100_000),
         ("valid_size", 0),
+        ("valid_size", 8000),  # all of the training set: nothing left to train on
     ],
 )
 def test_bad_options_are_rejected(data_dir, option, value):
