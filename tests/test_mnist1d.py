@@ -25,6 +25,8 @@ NAMES = ("mnist1d_mlp", "mnist1d_cnn")
 def generated(tmp_path_factory):
     """Generate the data set once; record the global generator states around the generation."""
     data_dir = tmp_path_factory.mktemp("data")
+    random.seed(7)  # not the generation's seed (42), which an earlier test may have left in place
+    np.random.seed(7)
     before = (random.getstate(), np.random.get_state()[1].copy())
     arrays = mnist1d_data.load_mnist1d(data_dir)
     after = (random.getstate(), np.random.get_state()[1].copy())
@@ -99,6 +101,7 @@ def test_second_build_reads_the_cache(generated, monkeypatch, tmp_path):
         assert torch.equal(getattr(again, key), getattr(arrays, key))
     files = sorted(path.name for path in (data_dir / "mnist1d").iterdir())
     assert files == [mnist1d_data.CACHE_NAME]
+    assert mnist1d_data.cache_path(data_dir).stat().st_mode & 0o777 == 0o644  # others may read the shared cache
     assert not list(data_dir.rglob("*.pkl")) and not list(tmp_path.rglob("*.pkl"))
 
 
