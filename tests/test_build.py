@@ -42,6 +42,29 @@ def test_same_seed_same_initial_weights(data_dir: Path, tmp_path: Path) -> None:
     assert not all(torch.equal(a, c) for a, c in zip(first.parameters(), other.parameters()))
 
 
+def test_batch_size_defaults_to_the_problem_default(data_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_dir, tmp_path)
+    del config["problem"]["batch_size"]
+    setup = build_run(parse_config(config))
+    assert setup.batch_size == 100 and setup.steps_per_epoch == 64  # mnist1d_mlp: batch 100, 6400 training examples
+
+
+def test_the_seed_seeds_numpy_too(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    draws = []
+    for seed in (3, 3, 4):
+        build(data_dir, tmp_path, training={"seed": seed})
+        draws.append(np.random.random())
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_the_optimizer_holds_the_trainable_parameters_only(data_dir: Path, tmp_path: Path) -> None:
+    setup = build(data_dir, tmp_path, problem={"name": "quadratic_deep", "batch_size": 32})  # frozen weights, trainable theta
+    (group,) = setup.optimizer.param_groups
+    assert len(group["params"]) == 1 and group["params"][0] is setup.problem.model.theta
+
+
 BAD_BUILDS = [
     ({"problem": {"name": "mnist1d_mpl"}}, "c.yaml: problem.name: problem 'mnist1d_mpl' is unknown; did you mean 'mnist1d_mlp'?"),
     ({"problem": {"widht": 3}}, "c.yaml: problem.widht: unknown key for problem 'mnist1d_mlp'; did you mean 'width'?"),

@@ -88,7 +88,8 @@ def test_quadratic_same_hessian_and_data_on_every_build(quadratic):
 def test_quadratic_parameters_and_start(quadratic):
     assert quadratic.num_parameters() == 100
     assert [name for name, p in quadratic.model.named_parameters() if p.requires_grad] == ["0.bias"]
-    assert torch.equal(quadratic.model.theta.detach(), torch.ones(100))
+    fresh = build_problem("quadratic_deep", Path("unused"), seed=5)  # the fixture's theta is set by other tests
+    assert torch.equal(fresh.model.theta.detach(), torch.ones(100))
     info = quadratic.info
     assert (info.batch_size, info.epochs, info.has_accuracy) == (128, 100, False)
 
