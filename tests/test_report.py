@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import matplotlib.colors
 import pytest
 from conftest import tiny_config, write_config
 from matplotlib.figure import Figure
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
 from cockpit_cli.errors import CockpitError
-from cockpit_cli.report import parse_step_range, write_report
+from cockpit_cli.report import gauges, parse_step_range, write_report
 from cockpit_cli.report.cockpit_figure import cockpit_figure
 from cockpit_cli.report.command import run_report
 from cockpit_cli.report.data import RunView, SampleOutcomes
@@ -178,3 +179,94 @@ def test_report_says_what_reading_the_run_worked_around(runs: dict[str, RunData]
     result = runner.invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "figures")], catch_exceptions=False)
     assert result.exit_code == 0 and (tmp_path / "figures" / "cockpit.png").exists()
     assert result.output.startswith("note: steps.jsonl: the last line")
+
+
+# what the gauges draw: the numbers of a synthetic run --------------------------------------------
+
+
+def synthetic_view(quantities_at: dict[int, dict]) -> RunView:
+    """A view of a run whose steps record ``quantities_at[step]``."""
+    steps = [{"step": step, "epoch": 0, "loss": 1.0, "lr": [0.1], "time": float(step), "quantities": quantities} for step, quantities in sorted(quantities_at.items())]
+    manifest = {"schema_version": 1, "status": "completed", "problem": "toy", "optimizer": "SGD", "instruments": {"parameters": ["0.weight"]}}
+    return RunView(RunData(path=Path("toy"), manifest=manifest, config={}, steps=steps, evals=[], summary=None))
+
+
+def gauge_axes(draw, view: RunView) -> list:
+    figure = Figure()
+    draw(figure, figure.add_gridspec(1, 1)[0], view)
+    return figure.axes
+
+
+def test_alpha_gauge_counts_the_values_beyond_its_edges_and_shows_the_last_tenth() -> None:
+    alphas = [0.0] * 15 + [2.0, -3.0, 5.0] + [1.0, 1.0]  # 20 steps: the last tenth is the last two
+    ax, twin = gauge_axes(gauges.alpha_gauge, synthetic_view({step: {"Alpha": value} for step, value in enumerate(alphas)}))
+    assert "(3 of 20 beyond ±1.5, in the edge bins)" in ax.get_title()
+    labels = [text.get_text() for text in twin.get_legend().get_texts()]
+    assert "all (median 0.00)" in labels and "last 10% (median 1.00)" in labels
+
+
+def test_gradient_tests_picture_has_the_latest_values() -> None:
+    view = synthetic_view({0: {"NormTest": 9.0, "InnerTest": 9.0, "OrthoTest": 9.0}, 1: {"NormTest": 0.5, "InnerTest": 0.25, "OrthoTest": 2.0}})
+    axes = gauge_axes(gauges.gradient_tests_gauge, view)
+    picture = next(ax for ax in axes if ax.get_title() == "Gradient tests (latest)")
+    (circle,) = [patch for patch in picture.patches if patch.get_label().startswith("norm r")]
+    assert circle.get_radius() == 0.5
+    inner = next(patch for patch in picture.patches if patch.get_label().startswith("inner"))
+    ortho = next(patch for patch in picture.patches if patch.get_label().startswith("ortho"))
+    assert inner.get_label() == "inner ±0.25" and ortho.get_label() == "ortho ±2"
+    assert (inner.get_y(), inner.get_height()) == (-0.25, 0.5)  # a band across, as wide as the inner-product test
+    assert (ortho.get_x(), ortho.get_width()) == (-2.0, 4.0)  # a band upwards, as wide as the orthogonality test
+    assert picture.get_xlim() == pytest.approx((-2.3, 2.3))  # 1.15 times the largest latest value
+
+
+def test_histogram_gauge_draws_the_latest_counts_over_their_own_range() -> None:
+    latest = [5, 0, 7, 1]
+    view = synthetic_view({0: {"GradHist1d": {"counts": [9, 9, 9, 9], "range": [-2.0, 2.0]}}, 3: {"GradHist1d": {"counts": latest, "range": [-0.5, 0.5]}}})
+    (ax,) = gauge_axes(gauges.histogram_1d_gauge, view)
+    assert "(step 3)" in ax.get_title() and ax.get_xlim() == (-0.5, 0.5)
+    bars = ax.patches
+    assert [bar.get_height() for bar in bars] == [5, 0.8, 7, 1]  # an empty bin drawn just above the log axis' floor
+    assert [bar.get_x() for bar in bars] == pytest.approx([-0.5, -0.25, 0.0, 0.25])
+    red = matplotlib.colors.to_rgba("#d62728")
+    assert [bar.get_facecolor() == red for bar in bars] == [True, False, False, True]  # the clamped edge bins
+
+
+def test_joint_histogram_gauge_puts_parameters_across_and_gradients_up() -> None:
+    counts = [[1, 2, 3], [4, 5, 6]]  # (gradient bins, parameter bins)
+    view = synthetic_view({2: {"GradHist2d": {"counts": counts, "range": [[-0.1, 0.1], [-3.0, 3.0]]}}})
+    axes = gauge_axes(gauges.histogram_2d_gauge, view)
+    main = next(ax for ax in axes if ax.images)
+    assert main.images[0].get_extent() == [-3.0, 3.0, -0.1, 0.1]
+    top = next(ax for ax in axes if "(step 2)" in ax.get_title())
+    assert [bar.get_height() for bar in top.patches] == [5, 7, 9]  # the parameter marginal
+    side = next(ax for ax in axes if ax is not main and ax is not top)
+    assert [bar.get_width() for bar in side.patches] == [6, 15]  # the gradient marginal
+
+
+def test_the_tic_panel_shows_tictrace_when_only_it_was_tracked() -> None:
+    only_trace = texts(cockpit_figure(synthetic_view({step: {"TICTrace": 1.0 + step} for step in range(3)})))
+    assert "Takeuchi information criterion (TICTrace)" in only_trace
+    both = texts(cockpit_figure(synthetic_view({step: {"TICTrace": 1.0, "TICDiag": 2.0} for step in range(3)})))
+    assert "Takeuchi information criterion (TICDiag)" in both
+
+
+def test_a_step_range_beyond_the_last_step_keeps_its_own_span() -> None:
+    view = synthetic_view({step: {"Alpha": 0.0} for step in range(6)})
+    assert RunView(view.run, (5, 8)).step_span() == (5, 8)  # not the empty 5-5
+    assert RunView(view.run, (2, 8)).step_span() == (2, 5)
+
+
+def test_sample_outcomes_of_shorter_evaluations_are_unknown() -> None:
+    run = synthetic_view({0: {}}).run
+    evals = [{"step": 0, "samples": "10"}, {"step": 5, "samples": "1101"}]
+    outcomes = RunView(dataclasses.replace(run, evals=evals)).samples()
+    assert outcomes.steps == [0, 5] and outcomes.rows == ["11", "01", "?0", "?1"]
+
+
+def test_layer_histograms_keep_the_recorded_range() -> None:
+    def histogram(low: float) -> dict:
+        return {"GradHist1d": {"counts": [1, 2], "range": [low, -low], "per_parameter": [[1, 2]]}}
+
+    steps, counts, value_range = synthetic_view({0: histogram(-0.5), 1: histogram(-0.5)}).layer_histograms()
+    assert steps == [0, 1] and counts == {"0": [[1, 2], [1, 2]]} and value_range == (-0.5, 0.5)
+    assert synthetic_view({0: histogram(-0.5), 1: histogram(-0.25)}).layer_histograms()[2] is None  # adaptive: the range moved
