@@ -71,7 +71,7 @@ def execute_run(
     """
     checkpoint = None
     if resume is not None:
-        if config_path is not None:
+        if config_path is not None or overrides or out or name or overwrite:
             raise CockpitError("--resume continues a run with its own config", "give only --resume RUN_DIR (with --live/--no-live if you like)")
         from cockpit_cli.storage.reader import read_run
         from cockpit_cli.training.checkpoint import load_checkpoint

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
+from cockpit_cli.config import parse_config
 from cockpit_cli.storage.reader import read_run
 
 runner = CliRunner()
@@ -85,6 +88,7 @@ def test_run_writes_a_complete_run_directory(make_config, tmp_path: Path) -> Non
     for figure in ("cockpit.png", "layers.png", "samples.png"):
         assert (run_dir / figure).stat().st_size > 10_000
     assert f"results in {run_dir}" in result.output.replace("\n", "")
+    assert re.search(r"^     valid: loss \d\.\d+, accuracy 0\.\d{3}$", result.output, re.MULTILINE)
     run = read_run(run_dir)
     assert run.status == "completed"
     assert len(run.steps) == 6
@@ -105,6 +109,65 @@ def test_out_option_sets_the_parent_directory(make_config, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "elsewhere").iterdir()
     assert run_dir.name == "run"
+    assert not list(run_dir.glob("*.png"))  # output.figures: false
+
+
+def test_a_run_without_a_name_records_the_name_it_was_given(make_config, tmp_path: Path) -> None:
+    result = invoke("run", str(make_config()), "--set", "output.name=null", "--set", "training.steps=2")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "results").iterdir()
+    assert run_dir.name.startswith("mnist1d_mlp_sgd_")
+    assert read_run(run_dir).config["output"]["name"] == run_dir.name  # `--resume` and the reports read it there
+
+
+def test_a_live_run_ends_with_its_summary_panel(make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cockpit_cli.runner as run_command
+
+    monkeypatch.setattr(run_command, "use_live_display", lambda requested, console, errors: True)
+    result = invoke("run", str(make_config()), "--live", "--set", "training.steps=3")
+    assert result.exit_code == 0, result.output
+    panel = result.output[result.output.rindex("Cockpit for SGD · mnist1d_mlp"):]
+    assert "completed after 3 of 3 steps" in panel and "cockpit diagnose" in panel and "final" in panel
+
+
+def test_figures_that_cannot_be_drawn_are_a_note_and_the_run_completes(make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cockpit_cli.report as report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    result = invoke("run", str(make_config()), "--set", "training.steps=2", "--set", "output.figures=true")
+    assert result.exit_code == 0, result.output
+    assert "note: the figures could not be written (RuntimeError: no fonts)" in result.output
+    assert read_run(tmp_path / "results" / "run").status == "completed"
+
+
+def test_the_live_view_needs_a_terminal_and_is_off_in_ci_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from cockpit_cli.runner import use_live_display
+
+    terminal, pipe, errors = Console(file=io.StringIO(), force_terminal=True), Console(file=io.StringIO()), Console(file=io.StringIO())
+    monkeypatch.delenv("CI", raising=False)
+    assert use_live_display(None, terminal, errors) and not use_live_display(False, terminal, errors)
+    monkeypatch.setenv("CI", "true")
+    assert not use_live_display(None, terminal, errors) and use_live_display(True, terminal, errors)
+    assert not use_live_display(None, pipe, errors) and errors.file.getvalue() == ""
+    assert not use_live_display(True, pipe, errors)
+    assert errors.file.getvalue().startswith("note: --live needs a terminal")
+
+
+def test_a_live_diagnosis_error_is_a_critical_alert() -> None:
+    from types import SimpleNamespace
+
+    from cockpit_cli.runner import live_diagnosis
+
+    alerts: list[tuple[str, str, str]] = []
+    observer = live_diagnosis(parse_config({}), lambda *alert: alerts.append(alert))
+    for severity in ("error", "warning"):
+        observer.on_alert(SimpleNamespace(severity=severity, rule="divergence", meaning="The loss grew.", hint="lower lr"))
+    assert alerts == [("critical", "divergence: The loss grew. Try: lower lr", "divergence"), ("warning", "divergence: The loss grew. Try: lower lr", "divergence")]
 
 
 @pytest.mark.parametrize(

@@ -131,8 +131,14 @@ def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "has no checkpoint to resume from" in result.output
     result = runner.invoke(app, ["run", str(config), "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
     assert result.exit_code == 2 and "--resume continues a run with its own config" in result.output
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run"), "--set", "training.steps=9"], catch_exceptions=False)
+    assert result.exit_code == 2 and "--resume continues a run with its own config" in result.output
     result = runner.invoke(app, ["run"], catch_exceptions=False)
     assert result.exit_code == 2 and "needs a CONFIG file" in result.output
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "not_a_run" / "checkpoint.pt").write_bytes((tmp_path / "c.yaml").read_bytes())
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "not_a_run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "is not a run directory" in result.output
     (tmp_path / "r" / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
     assert result.exit_code == 2 and "cannot be read" in result.output
