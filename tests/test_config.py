@@ -133,6 +133,30 @@ def test_missing_file_directory_and_malformed_yaml(tmp_path: Path) -> None:
         load_config(listing)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("optimizer:\n  name: SGD\n  lr: 0.1\n  lr: 0.2\n", "line 4: key 'lr' is given twice (first at line 3)"),
+        ("training:\n  steps: 5\noptimizer:\n  name: SGD\ntraining:\n  seed: 3\n", "line 5: key 'training' is given twice (first at line 1)"),
+        ("instruments:\n  quantities: {HessMaxEV: {every: 2, every: 4}}\n", "line 2: key 'every' is given twice (first at line 2)"),
+    ],
+)
+def test_a_key_given_twice_is_an_error(tmp_path: Path, text: str, message: str) -> None:
+    """YAML keeps the last of two equal keys without a word: a second section would drop the first."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(CockpitError) as caught:
+        load_config(path)
+    assert caught.value.message == f"{path}: {message}" and caught.value.hint.startswith("keep one of them")
+
+
+def test_a_merged_mapping_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer: &sgd {name: SGD, lr: 0.1, momentum: 0.9}\nschedule:\n  <<: {name: StepLR, step_size: 3}\n  step_size: 5\n")
+    config = load_config(path)
+    assert config.schedule.name == "StepLR" and config.schedule.arguments == {"step_size": 5}
+
+
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     evil = tmp_path / "evil.yaml"
     evil.write_text("problem: !!python/object/apply:os.system ['echo hacked']\n")
