@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from cockpit_cli.config import parse_config
+from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.tracker import Tracker
@@ -76,8 +77,12 @@ class TrackedRun:
     ):
         settings = {"preset": preset, "every": every, "curvature": curvature, "quantities": quantities or {}}
         config = parse_config({"instruments": settings, "optimizer": {"name": type(optimizer).__name__}, "problem": {"name": "custom"}}, source="TrackedRun")
+        due = build_quantities(config, total_steps or 0)
+        log_spaced = [quantity.name for quantity in due if quantity.schedule.spacing == "log"]
+        if log_spaced and not total_steps:
+            raise CockpitError(f"TrackedRun: {', '.join(log_spaced)} spread over the run in log spacing, whose length is not given", "pass total_steps=N, the number of steps your loop takes")
         instruments = Instruments(
-            model, loss_function, per_sample_loss_function, optimizer, build_quantities(config, total_steps or 0),
+            model, loss_function, per_sample_loss_function, optimizer, due,
             weight_decay=weight_decay, decayed_parameters=decayed_parameters, curvature=curvature,
         )
         run_dir = Path(run_dir)

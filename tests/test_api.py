@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from cockpit_cli.api import TrackedRun
+from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import read_run
+from cockpit_cli.training.events import RunStatus
 
 
 def loop(run: TrackedRun, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_fn: nn.Module | None = None) -> None:
@@ -86,3 +88,70 @@ def test_exception_in_the_loop_marks_the_run_failed(tmp_path: Path) -> None:
     data = read_run(tmp_path / "boom")
     assert data.status == "failed" and data.manifest["message"] == "RuntimeError: data loader broke"
     assert len(data.steps) == 2
+
+
+def test_epochs_evaluations_and_the_run_facts_are_recorded_as_given(tmp_path: Path) -> None:
+    model = make_model()
+    model[0].requires_grad_(False)  # a frozen first layer
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with TrackedRun(tmp_path / "facts", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="none", total_steps=40) as run:
+        loop(run, model, optimizer, 1)
+        run.step(1, torch.tensor(0.7), epoch=3)
+        run.evaluate(2, valid=(torch.tensor(0.5), torch.tensor(0.25)), test=(0.5, None))  # tensors, as a loop computes them
+        run.close(RunStatus.DIVERGED, "the loss became nan")  # the block's end closes nothing more
+    data = read_run(tmp_path / "facts")
+    assert [(s["step"], s["epoch"]) for s in data.steps] == [(0, 0), (1, 3)]
+    assert data.evals[0]["splits"] == {"valid": {"loss": 0.5, "accuracy": 0.25, "examples": 0}, "test": {"loss": 0.5, "accuracy": None, "examples": 0}}
+    assert (data.manifest["num_parameters"], data.manifest["total_steps"], data.status) == (8 * 3 + 3, 40, "diverged")
+    assert data.manifest["message"] == "the loss became nan"
+
+
+def test_ctrl_c_in_the_loop_marks_the_run_interrupted(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        with TrackedRun(tmp_path / "stopped", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="none") as run:
+            loop(run, model, optimizer, 2)
+            raise KeyboardInterrupt
+    data = read_run(tmp_path / "stopped")
+    assert data.status == "interrupted" and len(data.steps) == 2
+
+
+def test_a_warning_is_in_the_manifest_as_soon_as_it_arises(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrackedRun(tmp_path / "early", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="business") as run:
+        loop(run, model, optimizer, 2)  # a loss module the instruments never saw: they switch off
+        assert read_run(tmp_path / "early").manifest["warnings"][0].startswith("instruments switched off at step 0")
+
+
+def test_the_weight_decay_term_is_part_of_every_per_sample_gradient(tmp_path: Path) -> None:
+    """With ``weight_decay`` the instruments see the gradients of ``l_i + R``: the norm test's
+    mean gradient includes the term's."""
+    from reference import norm_test, per_sample_gradients, regularizer, weights
+
+    inputs, targets = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
+    model = make_model()
+    expected = norm_test(per_sample_gradients(model, nn.CrossEntropyLoss(reduction="none"), inputs, targets, weights(model), 0.5))
+    without = norm_test(per_sample_gradients(model, nn.CrossEntropyLoss(reduction="none"), inputs, targets))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    with TrackedRun(tmp_path / "decay", model, loss_fn, nn.CrossEntropyLoss(reduction="none"), optimizer, weight_decay=0.5, decayed_parameters=weights(model)) as run:
+        outputs = model(inputs)
+        loss = loss_fn(outputs, targets) + regularizer(weights(model), 0.5)
+        run.backward(0, loss, inputs, outputs, targets)
+        optimizer.step()
+        run.step(0, loss)
+    recorded = read_run(tmp_path / "decay").steps[0]["quantities"]["NormTest"]
+    assert recorded == pytest.approx(expected, rel=1e-4) and abs(expected - without) > 1e-2 * expected
+
+
+def test_log_spaced_tracking_needs_the_number_of_steps(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(CockpitError, match="GradNorm spread over the run in log spacing") as raised:
+        TrackedRun(tmp_path / "log", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="none", quantities={"GradNorm": {"spacing": "log", "points": 4}})
+    assert raised.value.hint == "pass total_steps=N, the number of steps your loop takes" and not (tmp_path / "log").exists()
+    with TrackedRun(tmp_path / "log", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="none", quantities={"GradNorm": {"spacing": "log", "points": 4}}, total_steps=100) as run:
+        loop(run, model, optimizer, 10)
+    assert [s["step"] for s in read_run(tmp_path / "log").steps if "GradNorm" in s["quantities"]] == [0, 4]  # of 0, 4, 21, 99
