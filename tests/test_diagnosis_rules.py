@@ -430,3 +430,28 @@ def test_window_helpers_skip_non_finite_values_keep_a_point_and_ragged_rows() ->
     table = Table([0, 1, 2], [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0, 7.0]])  # a parameter missing from one record
     column = table.column(2)
     assert (column.steps, column.values) == ([0, 2], [3.0, 7.0])
+
+
+def test_the_report_text_spells_out_every_kind_of_evidence() -> None:
+    from cockpit_cli.diagnosis.finding import Diagnosis, Evidence
+
+    evidence = (
+        Evidence("final loss", math.nan, "finite", "not"),
+        Evidence("median Alpha", 1.234567, [-0.123456, 0.5], "outside"),
+        Evidence("uses momentum", True, None, "context"),
+        Evidence("largest gradient norm", math.inf, 100.0, ">"),
+    )
+    finding = Finding("noisy_gradients", "info", (7, 7), evidence, "The batch is small.", "double the batch")
+    diagnosis = Diagnosis({"name": "r", "problem": "p", "optimizer": "SGD", "status": "completed", "steps": 9, "tracked_steps": 9}, [finding], ["noisy_gradients"])
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render_text(diagnosis))
+    lines = console.file.getvalue().splitlines()
+    assert "noisy_gradients  step 7" in lines[2]  # one step, not "steps 7-7"
+    assert lines[3:7] == [
+        "  - final loss: nan (expected finite)",
+        "  - median Alpha: 1.235, outside [-0.1235, 0.5]",
+        "  - uses momentum: true",
+        "  - largest gradient norm: inf > 100",
+    ]
+    assert "healthy: no warnings (1 rules checked)" in lines  # an info finding leaves the run healthy
+    assert diagnosis_to_dict(diagnosis)["healthy"] is True and diagnosis_to_dict(diagnosis)["worst"] == "info"
