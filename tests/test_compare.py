@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
 from cockpit_cli.compare import compare_loaded, compare_runs, config_differences, expand_paths
-from cockpit_cli.compare_render import format_value, render_text, run_compare
+from cockpit_cli.compare_render import comparison_to_dict, format_value, render_text, run_compare
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import RunData, read_run
 
@@ -178,3 +179,46 @@ def test_notes_name_ties_a_single_ranked_run_and_unfinished_runs() -> None:
     comparison = compare_loaded([synthetic_run("one", [1.0, 0.5]), synthetic_run("two", [], status="interrupted")])
     assert comparison.ranking.winner is None
     assert comparison.notes == ["only one run has valid.loss: no run can be called better on it", "two is interrupted: its numbers are those recorded so far"]
+
+
+def test_values_are_formatted_by_kind() -> None:
+    assert [format_value(0.8125, "percent"), format_value(12.34, "seconds"), format_value([2.0, 0.0004], "trend")] == ["81.25%", "12.3 s", "2 → 4.000e-04"]
+    assert [format_value(123456, "integer"), format_value(123456.0, "number"), format_value(0.0001234, "number"), format_value(0.5, "number")] == ["123456", "1.235e+05", "1.234e-04", "0.5"]
+    assert [format_value(None, "number"), format_value(math.nan, "percent"), format_value(0, "number")] == ["-", "-", "0"]
+
+
+def render(comparison) -> str:
+    console = Console(file=io.StringIO(), width=160)
+    console.print(render_text(comparison))
+    return console.file.getvalue()
+
+
+def cells(lines: list[str], label: str) -> list[str]:
+    """The cells of the table row that starts with ``label``, after the label."""
+    row = next(line for line in lines if line.startswith(label))
+    return [cell.strip() for cell in row[len(label):].split("│") if cell.strip()]
+
+
+def test_the_text_stars_each_rows_best_run_and_says_why_one_is_better() -> None:
+    runs = [synthetic_run("early", [1.0, 0.4, 0.9], [0.5, 0.8, 0.6]), synthetic_run("late", [1.0, 0.7, 0.5], [0.5, 0.7, 0.75]), synthetic_run("flat", [1.0, 0.45, 0.45], [0.5, 0.7, 0.7])]
+    lines = render(compare_loaded(runs)).splitlines()
+    assert cells(lines, "valid accuracy (best)") == ["80.00% *", "75.00%", "70.00%"]  # the highest accuracy
+    assert cells(lines, "valid loss (best)") == ["0.4 *", "0.5", "0.45"]  # the lowest loss
+    verdict = next(line for line in lines if line.startswith("Better:"))
+    assert verdict == "Better: early on valid accuracy, highest over the evaluations (early 80.00%, late 75.00%, flat 70.00%)"
+    lines = render(compare_loaded(runs, ["valid.loss"])).splitlines()
+    assert next(line for line in lines if line.startswith("Better:")).endswith("lowest over the evaluations (early 0.4, late 0.5, flat 0.45)")
+
+
+def test_a_row_where_every_run_is_equal_has_no_star_and_notes_are_listed() -> None:
+    text = render(compare_loaded([synthetic_run("one", [1.0, 0.5], [0.5, 0.7]), synthetic_run("two", [1.0, 0.6], [0.6, 0.7])]))
+    assert cells(text.splitlines(), "valid accuracy (best)") == ["70.00%", "70.00%"]
+    assert "Notes" in text and "  - two tie with one on valid.accuracy" in text
+
+
+def test_json_has_no_nan_and_marks_unset_config_keys_as_null() -> None:
+    runs = [synthetic_run("one", [1.0, math.nan]), synthetic_run("two", [1.0, 0.5])]
+    runs[1].config["optimizer"]["momentum"] = 0.9
+    data = comparison_to_dict(compare_loaded(runs, ["valid.loss"]))
+    assert {"key": "optimizer.momentum", "values": [None, 0.9]} in data["config_differences"]
+    json.dumps(data, allow_nan=False)  # no NaN in the document
