@@ -69,6 +69,20 @@ def test_problems_table_and_json() -> None:
     assert by_name["cifar10_3c3d"]["weight_decay"] == 0.002
     assert by_name["svhn_wrn164"]["batchnorm"] is True
     assert by_name["mnist_mlp"]["batch_size"] == 128 and by_name["mnist_mlp"]["epochs"] == 100
+    assert by_name["mnist1d_mlp"]["options"] == ["activation", "depth", "init_scale", "input_scale", "train_subset", "valid_size", "width"]
+    rows = {cells[0]: cells[1:] for cells in ([cell.strip() for cell in line.strip("│").split("│")] for line in result.output.splitlines() if line.startswith("│"))}
+    assert rows["svhn_wrn164 BN"][:5] == ["SVHN", "2,748,890", "128", "160", "0.0005"]
+    assert rows["mnist1d_mlp"][0] == "MNIST-1D*"  # generated locally
+    assert rows["two_d_beale"][:5] == ["2-D noise*", "2", "128", "10", "0"]
+    assert "available: svhn_wrn164" in result.output.replace("\n", " ")
+    from rich.console import Console
+
+    from cockpit_cli.problem_table import problem_rows, render_problem_table
+
+    for width, with_model in ((110, True), (109, False)):  # the model column needs 110 columns
+        console = Console(file=io.StringIO(), width=width)
+        console.print(render_problem_table(problem_rows(), width=width))
+        assert ("MLP 40-100-100-10" in console.file.getvalue()) is with_model
 
 
 def test_dry_run_validates_and_writes_nothing(make_config, tmp_path: Path) -> None:
