@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 
 def quantity_rows() -> list[dict[str, Any]]:
@@ -31,8 +33,17 @@ def quantity_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def render_quantity_table(rows: list[dict[str, Any]]) -> Table:
-    """Render the rows as a Rich table."""
+def presets_label(presets: list[str]) -> str:
+    """``economy+`` for a quantity in economy and every larger preset (they nest), else the names."""
+    nested = ["economy", "business", "full"]
+    for start, preset in enumerate(nested[:-1]):
+        if presets == nested[start:]:
+            return f"{preset}+"
+    return ", ".join(presets) or "-"
+
+
+def render_quantity_table(rows: list[dict[str, Any]]) -> Group:
+    """Render the rows as a Rich table, with a line that reads its presets column."""
     table = Table(title="quantities", title_justify="left", pad_edge=False)
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("needs", no_wrap=True)
@@ -40,6 +51,6 @@ def render_quantity_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("what it measures", overflow="fold", ratio=1)
     for row in rows:
         needs = ", ".join(n for n, on in (("per-sample", row["per_sample"]), ("curvature", row["curvature"]), ("plain SGD", row["plain_sgd_only"])) if on)
-        presets = ", ".join(row["presets"]) or "-"
-        table.add_row(row["name"], needs or "-", presets, row["summary"])
-    return table
+        table.add_row(row["name"], needs or "-", presets_label(row["presets"]), row["summary"])
+    footer = Text("economy+: economy, business and full; business+: business and full; -: add it under instruments.quantities", style="dim")
+    return Group(table, footer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def test_quantities_command_lists_every_quantity() -> None:
     assert result.exit_code == 0
     for name in ("Alpha", "HessMaxEV", "TICDiag", "GradHist2d", "LayerStats"):
         assert name in result.output
+    rows = {cells[0]: cells[1:3] for cells in ([cell.strip() for cell in line.strip("│").split("│")] for line in result.output.splitlines() if line.startswith("│")) if cells[0]}
+    assert rows["Alpha"] == ["per-sample", "economy+"] and rows["HessTrace"] == ["curvature", "business+"]
+    assert rows["HessMaxEV"][1] == "full" and rows["CABS"] == ["per-sample, plain SGD", "-"]
+    assert "economy+: economy, business and full" in result.output
+    listed = json.loads(runner.invoke(app, ["quantities", "--json"], catch_exceptions=False).output)["quantities"]
+    assert {row["name"]: row["presets"] for row in listed}["TICDiag"] == ["business", "full"]
 
 
 def test_curvature_too_large_for_the_memory_is_switched_off_and_said_when_it_happens(make_config, tmp_path: Path, monkeypatch) -> None:
