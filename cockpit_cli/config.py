@@ -261,10 +261,11 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class says what is wrong with such a key
+            if key in seen:
                 raise _RepeatedKey(key, seen[key], key_node.start_mark)
-            if isinstance(key, typing.Hashable):
-                seen[key] = key_node.start_mark
+            seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
 
 

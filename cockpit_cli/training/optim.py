@@ -22,6 +22,8 @@ from cockpit_cli.errors import did_you_mean
 # Arguments that are structural, not hyperparameters: the user never sets them in YAML.
 _RESERVED_OPTIMIZER_ARGS = {"self", "params"}
 _RESERVED_SCHEDULER_ARGS = {"self", "optimizer", "last_epoch", "verbose"}
+# What torch raises for arguments it cannot work with, at construction or at a scheduler's step.
+_TORCH_COMPLAINTS = (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError)
 
 
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
@@ -139,9 +141,6 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, run_ste
     if run_steps:
         _rehearse_schedule(config, make, run_steps)
     return make(optimizer)
-
-
-_TORCH_COMPLAINTS = (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError)
 
 
 def _rehearse_schedule(config: RunConfig, make: Callable[[torch.optim.Optimizer], Any], run_steps: int) -> None:
