@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from problems import build_problem, get_problem
+from problems.datasets.images import load_image_splits
 from problems.image_classification import PROBLEM_TABLE as CLASSIFICATION_TABLE
 from problems.image_classification import layer_weights
 from problems.nets.vae import VAE
@@ -134,6 +135,15 @@ def test_info_defaults_and_options(name):
     if name in AUGMENTED:
         expected["augment"] = True
     assert entry.option_defaults() == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_problem_reads_the_data_set_its_name_says(problems, data_dir, name):
+    dataset = name.split("_")[0]  # mnist, fmnist, cifar10, cifar100, svhn
+    expected = load_image_splits(dataset, data_dir, download=False, seed=0, valid_size=VALID).test[0][0]
+    assert torch.equal(problems[name].splits.test[0][0], expected)
+    titles = {"mnist": "MNIST", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
+    assert problems[name].info.dataset == titles[dataset]
 
 
 @pytest.mark.parametrize("name", NAMES)
