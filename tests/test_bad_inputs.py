@@ -50,6 +50,8 @@ CONFIG_CASES = [
     config_case({"schedule": {"name": "StepLR", "step_size": 2, "gama": 0.5}}, "schedule.gama: StepLR has no argument 'gama'; did you mean 'gamma'?"),
     config_case({"schedule": {"name": "StepLR", "step_size": 2, "interval": "batch"}}, "schedule.interval: expected one of 'step', 'epoch', got 'batch'"),
     config_case({"schedule": {"name": "ReduceLROnPlateau"}}, "schedule.name: ReduceLROnPlateau needs Python objects or a metric and cannot be configured from YAML"),
+    config_case({"schedule": {"name": "SequentialLR", "milestones": [3]}}, "schedule.name: SequentialLR needs Python objects or a metric and cannot be configured from YAML"),
+    config_case({"schedule": {"name": "StepLR", "step_size": 2, "last_epoch": 3}}, "schedule.last_epoch: StepLR has no argument 'last_epoch'"),
     config_case({"schedule": {"name": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 0}}, "schedule: torch.optim.lr_scheduler.CyclicLR rejected the arguments: float division by zero"),
     config_case({"schedule": {"name": "StepLR", "step_size": 0, "interval": "step"}}, "schedule: torch.optim.lr_scheduler.StepLR fails at its step 1: integer modulo by zero"),
     config_case({"schedule": {"name": "OneCycleLR", "max_lr": 0.5, "total_steps": 10, "interval": "step"}}, "schedule: torch.optim.lr_scheduler.OneCycleLR fails at its step 11: Tried to step 11 times"),

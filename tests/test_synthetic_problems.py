@@ -65,6 +65,17 @@ def test_quadratic_hessian_spectrum():
     assert large.min() > 30 and large.max() < 60
 
 
+def test_quadratic_spectrum_draws_follow_deepobs_order():
+    """DeepOBS draws the 90 small eigenvalues, then the 10 large ones, then the rotation, all
+    from one RandomState(42)."""
+    from problems.datasets.synthetic import deep_learning_spectrum
+
+    rng = np.random.RandomState(42)
+    small, large = rng.uniform(0.0, 1.0, 90), rng.uniform(30.0, 60.0, 10)
+    eigenvalues, _ = deep_learning_spectrum(100)
+    np.testing.assert_array_equal(eigenvalues, np.concatenate([small, large]))
+
+
 def test_quadratic_hessian_is_the_loss_curvature(quadratic):
     x, targets = batch(quadratic.splits.train, 32)
     shift, scale = quadratic.model
