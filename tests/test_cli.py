@@ -91,6 +91,9 @@ def test_dry_run_validates_and_writes_nothing(make_config, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "effective config" in result.output and "lr: 0.5" in result.output
     assert "total_steps" in result.output and "12" in result.output
+    assert "schedule:" not in result.output.split("dry run: config is valid")[1]  # no schedule, no plan
+    scheduled = invoke("run", str(config), "--dry-run", "--set", "schedule={name: StepLR, step_size: 4, gamma: 0.5, interval: step}")
+    assert "        schedule: StepLR once per step: lr 0.1 at the start, 0.025 at the end (lowest 0.025, highest 0.1)" in scheduled.output
     assert not (tmp_path / "results").exists()
 
 

@@ -282,3 +282,23 @@ def test_tracked_samples_beyond_the_evaluated_ones_are_unknown(data_dir: Path, t
     trainer = trainer_for(data_dir, tmp_path)
     trainer.sample_indices = [0, 2, 3, 4]
     assert trainer._tracked_outcomes(torch.tensor([True, False, False])) == "10??"  # 3 samples evaluated: positions 3 and 4 unknown
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"schedule": {"name": "OneCycleLR", "max_lr": 0.5, "total_steps": 12, "interval": "step"}}, None),
+        ({"schedule": {"name": "StepLR", "step_size": 1, "gamma": 0.5}, "problem": {"train_subset": 96}, "training": {"steps": 7}}, (0.1, 0.025, 0.025, 0.1)),  # 3 steps per epoch: 3 epochs begun
+        ({"schedule": {"name": "CosineAnnealingLR", "T_max": 2}, "problem": {"train_subset": 96}, "training": {"steps": 6}}, (0.1, 0.05, 0.05, 0.1)),  # 2 epochs
+    ],
+)
+def test_the_learning_rate_plan_of_the_dry_run_is_what_training_uses(data_dir: Path, tmp_path: Path, sections: dict, expected: tuple | None) -> None:
+    setup = build_run(parse_config(tiny_config(data_dir, tmp_path, **sections)))
+    plan = setup.learning_rates
+    recorder = Recorder()
+    train(setup, [recorder])
+    rates = [record.lr[0] for record in recorder.steps]
+    assert (plan.first, plan.last, plan.lowest, plan.highest) == pytest.approx((rates[0], rates[-1], min(rates), max(rates)))
+    if expected is not None:
+        assert (plan.first, plan.last, plan.lowest, plan.highest) == pytest.approx(expected)
+    assert plan.describe().startswith(f"{plan.first:.4g} at the start, {plan.last:.4g} at the end")

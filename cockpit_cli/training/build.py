@@ -20,7 +20,7 @@ from cockpit_cli.typed_values import check_value
 from cockpit_cli.errors import did_you_mean
 from cockpit_cli.instruments.quantities import Quantity
 from cockpit_cli.instruments.settings import build_quantities
-from cockpit_cli.training.optim import build_optimizer, build_scheduler
+from cockpit_cli.training.optim import LearningRatePlan, build_optimizer, build_scheduler, rehearse_schedule
 from problems import PROBLEMS, Problem
 
 
@@ -38,6 +38,8 @@ class RunSetup:
         steps_per_epoch: Full batches in one pass over the training split.
         total_steps: Steps the run takes unless stopped.
         quantities: The instruments' quantities with their schedules (empty for preset none).
+        learning_rates: The learning rates the schedule gives the run's steps (``None``
+            without a schedule).
     """
 
     config: RunConfig
@@ -49,6 +51,7 @@ class RunSetup:
     steps_per_epoch: int
     total_steps: int
     quantities: list[Quantity]
+    learning_rates: LearningRatePlan | None = None
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -119,10 +122,14 @@ def build_run(config: RunConfig) -> RunSetup:
     problem.model.to(device)
     trainable = [p for p in problem.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable)
-    scheduler_steps = total_steps if config.schedule is not None and config.schedule.interval == "step" else total_steps // steps_per_epoch
-    scheduler = build_scheduler(config, optimizer, scheduler_steps)
+    if config.schedule is not None and config.schedule.interval == "step":
+        stepped = used = total_steps
+    else:  # stepped at the end of every full epoch; a last, partial epoch uses one rate more
+        stepped, used = total_steps // steps_per_epoch, -(-total_steps // steps_per_epoch)
+    plan = rehearse_schedule(config, stepped, used)
+    scheduler = build_scheduler(config, optimizer)
     quantities = build_quantities(config, total_steps)
-    return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps, quantities)
+    return RunSetup(config, problem, optimizer, scheduler, device, batch_size, steps_per_epoch, total_steps, quantities, plan)
 
 
 def _total_steps(config: RunConfig, default_epochs: int | None, steps_per_epoch: int) -> int:
@@ -146,5 +153,6 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "total_steps": setup.total_steps,
         "optimizer": repr(setup.optimizer).replace("\n", " ").replace("    ", " "),
         "quantities": ", ".join(f"{q.name} ({q.schedule.describe()})" for q in setup.quantities) or "none",
+        **({"schedule": f"{setup.config.schedule.name} once per {setup.config.schedule.interval}: lr {setup.learning_rates.describe()}"} if setup.learning_rates else {}),
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }

@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -103,20 +104,8 @@ def build_optimizer(config: RunConfig, parameters: Iterable[nn.Parameter]) -> to
         raise config.fail("optimizer", f"torch.optim.{name} rejected the arguments: {error}") from None
 
 
-def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, run_steps: int = 0) -> Any | None:
-    """Build the configured learning-rate scheduler, or return ``None`` without a ``schedule``.
-
-    Args:
-        config: The run's config.
-        optimizer: The optimizer whose learning rates the scheduler sets.
-        run_steps: How often the run will step the scheduler (once per step or per epoch). A
-            copy of the schedule is stepped that often first, on a scratch optimizer, so that
-            arguments torch accepts but fails on later are found before training (0: no check).
-
-    Raises:
-        CockpitError: unknown or unconfigurable scheduler, bad arguments, or a schedule that
-            fails, or sets a negative or non-finite learning rate, within ``run_steps`` steps.
-    """
+def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> Any | None:
+    """Build the configured learning-rate scheduler, or return ``None`` without a ``schedule``."""
     schedule = config.schedule
     if schedule is None:
         return None
@@ -131,39 +120,66 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, run_ste
     if cls.__name__ in ("ReduceLROnPlateau", "SequentialLR", "ChainedScheduler", "LambdaLR", "MultiplicativeLR"):
         raise config.fail("schedule.name", f"{cls.__name__} needs Python objects or a metric and cannot be configured from YAML", "use StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR, OneCycleLR, ...")
     arguments = _check_arguments(config, "schedule", cls, schedule.arguments, _RESERVED_SCHEDULER_ARGS)
-
-    def make(target: torch.optim.Optimizer) -> Any:
-        try:
-            return cls(target, **arguments)
-        except _TORCH_COMPLAINTS as error:
-            raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} rejected the arguments: {error}") from None
-
-    if run_steps:
-        _rehearse_schedule(config, make, run_steps)
-    return make(optimizer)
+    try:
+        return cls(optimizer, **arguments)
+    except _TORCH_COMPLAINTS as error:
+        raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} rejected the arguments: {error}") from None
 
 
-def _rehearse_schedule(config: RunConfig, make: Callable[[torch.optim.Optimizer], Any], run_steps: int) -> None:
-    """Step a copy of the schedule ``run_steps`` times on a scratch optimizer (one parameter of one
-    number, the config's optimizer arguments) and fail on the first error or bad learning rate.
+@dataclass(frozen=True)
+class LearningRatePlan:
+    """The learning rates a schedule gives the run's steps (those of the first parameter group)."""
 
-    Torch checks some arguments only when the scheduler steps: StepLR's ``step_size: 0`` divides
-    by zero at its first step, and OneCycleLR refuses to step beyond its ``total_steps``.
+    first: float
+    last: float
+    lowest: float
+    highest: float
+
+    def describe(self) -> str:
+        return f"{self.first:.4g} at the start, {self.last:.4g} at the end (lowest {self.lowest:.4g}, highest {self.highest:.4g})"
+
+
+def rehearse_schedule(config: RunConfig, stepped: int, used: int) -> LearningRatePlan | None:
+    """Step a copy of the configured schedule as often as the run will, on a scratch optimizer
+    (one parameter of one number, the config's optimizer arguments), before training.
+
+    Torch checks some arguments only when a scheduler steps: StepLR's ``step_size: 0`` divides by
+    zero at its first step, and OneCycleLR refuses to step beyond its ``total_steps``.
+
+    Args:
+        config: The run's config.
+        stepped: How often the run steps the scheduler (after every step, or every finished epoch).
+        used: How many of the learning rates it sets are trained with: ``stepped`` for a
+            schedule stepped after every step, the epochs begun for one stepped per epoch.
+
+    Returns:
+        The learning rates the run's steps will use, or ``None`` without a schedule.
+
+    Raises:
+        CockpitError: the schedule cannot be built, fails within ``stepped`` steps, or sets a
+            negative or non-finite learning rate.
     """
     schedule = config.schedule
+    if schedule is None:
+        return None
     scratch = build_optimizer(config, [nn.Parameter(torch.zeros(1))])
-    scheduler = make(scratch)
-    hint = f"the run steps the schedule {run_steps} times (once per {schedule.interval}): choose arguments that allow that"
+    scheduler = build_scheduler(config, scratch)
+    rates = [learning_rates(scratch)[0]]
+    hint = f"the run steps the schedule {stepped} times (once per {schedule.interval}): choose arguments that allow that"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns of a scheduler stepped before its optimizer
-        for count in range(1, run_steps + 1):
+        for count in range(1, stepped + 1):
             try:
                 scheduler.step()
             except _TORCH_COMPLAINTS as error:
                 raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} fails at its step {count}: {error}", hint) from None
-            bad = [rate for rate in learning_rates(scratch) if not (math.isfinite(rate) and rate >= 0)]
+            now = learning_rates(scratch)
+            bad = [rate for rate in now if not (math.isfinite(rate) and rate >= 0)]
             if bad:
                 raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} sets the learning rate to {bad[0]} at its step {count}", hint)
+            rates.append(now[0])
+    trained = rates[: max(1, used)]
+    return LearningRatePlan(trained[0], trained[-1], min(trained), max(trained))
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
