@@ -300,3 +300,32 @@ def test_plain_log_prints_each_warning_once_when_it_arises_or_at_the_end() -> No
     log.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, train_seconds=0.3, warnings=["HessTrace switched off: too large", "2 steps had a non-finite loss"]))
     lines = stream.getvalue().splitlines()
     assert lines[1:] == ["warning: HessTrace switched off: too large", "warning: 2 steps had a non-finite loss", "run completed after 3 steps (0.3s)"]
+
+
+def test_plain_log_prints_every_nth_step_the_last_and_each_non_finite_one() -> None:
+    stream = io.StringIO()
+    log = PlainLog(every=5, console=Console(file=stream, width=200))
+    log.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 12, 12, 8, 99, processes={"world_size": 2, "backend": "gloo"}))
+    for step in range(12):
+        quantities = {"GradNorm": [3.0, 4.0], "Alpha": 0.25} if step == 10 else {}
+        log.on_step(StepRecord(step, 0, math.nan if step == 7 else 1.0, [0.1], float(step), quantities))
+    log.on_eval(EvalRecord(12, 1, 12.0, {"valid": SplitMetrics(0.5, 0.875, 8), "test": SplitMetrics(0.25, None, 8)}))
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "training toy_mlp (99 parameters) with SGD on cpu (2 processes, gloo): 12 steps, 12 per epoch, batch size 8"
+    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step")] == [0, 5, 7, 10, 11]
+    assert "loss nan" in next(line for line in lines if line.startswith("step      7/"))
+    assert "alpha 0.25  grad-norm 5  " in next(line for line in lines if line.startswith("step     10/"))  # the total norm over the parameters
+    assert lines[-1] == "eval after step 12 (epoch 1): valid loss 0.5 acc 0.875 | test loss 0.25"
+    every_step = PlainLog(every=0, console=Console(file=io.StringIO()))  # at least every step
+    every_step.on_step(StepRecord(3, 0, 1.0, [0.1], 1.0))
+    assert every_step.console.file.getvalue().startswith("step      3/0")
+
+
+def test_plain_log_colours_alerts_by_severity() -> None:
+    stream = io.StringIO()
+    log = PlainLog(console=Console(file=stream, force_terminal=True, color_system="standard", width=200, highlight=False))
+    log.add_alert("warning", "lr_too_large: ...")
+    log.add_alert("critical", "divergence: ...")
+    log.add_alert("info", "noisy_gradients: ...")
+    yellow, red, plain = stream.getvalue().splitlines()
+    assert "\x1b[33malert (warning)" in yellow and "\x1b[31malert (critical)" in red and plain == "alert (info) noisy_gradients: ..."
