@@ -329,3 +329,50 @@ def test_plain_log_colours_alerts_by_severity() -> None:
     log.add_alert("info", "noisy_gradients: ...")
     yellow, red, plain = stream.getvalue().splitlines()
     assert "\x1b[33malert (warning)" in yellow and "\x1b[31malert (critical)" in red and plain == "alert (info) noisy_gradients: ..."
+
+
+def test_the_header_measures_speed_over_the_recent_steps_and_counts_epochs_up() -> None:
+    from cockpit_cli.display.panels.header import ProgressLine, header, steps_per_second
+
+    state = DashboardState()
+    info = {"problem": "toy_mlp", "optimizer": "SGD", "device": "cpu", "total_steps": 100, "steps_per_epoch": 30, "batch_size": 32, "num_parameters": 1234}
+    state.start(RunInfo.from_mapping(info))
+    for step in range(60):
+        state.add_step(step, step // 30, 1.0, [0.1], float(step) if step < 10 else 9.0 + 0.1 * (step - 9), {})  # slow at first
+    assert steps_per_second(state) == pytest.approx(10.0)  # the last 50 steps, not the slow start
+    text = render(header(state.snapshot(clock=14.0)), 160)
+    assert "epoch 1/4" in text  # 100 steps of 30: a fourth, partial epoch
+    assert re.search(r"remaining 0:04\b", text)  # 40 steps at 10 per second
+    state.finish("completed", None, seconds=14.0)
+    assert "remaining -" in render(header(state.snapshot()), 160)
+    stalled = DashboardState()
+    stalled.start(RunInfo.from_mapping(info))
+    for step, time in ((0, 5.0), (1, 5.0)):
+        stalled.add_step(step, 0, 1.0, [0.1], time, {})
+    assert steps_per_second(stalled) is None
+    stalled.add_step(2, 0, 1.0, [0.1], 4.0, {})  # a clock that went back (a resumed run)
+    assert steps_per_second(stalled) is None
+    full, half = ProgressLine(1.0).line(10), ProgressLine(0.5).line(10)
+    assert full.spans[0].style == GOOD and half.spans[0].style == "cyan" and half.plain == "━" * 10
+
+
+def test_the_performance_panel_shows_the_recent_evaluations_and_the_best_one() -> None:
+    from cockpit_cli.display.panels.performance import best_valid, performance
+
+    state = make_state(steps=10)
+    for step, accuracy in ((20, 0.8), (30, 0.6), (40, 0.7)):
+        state.add_eval(step, 1, float(step), {"valid": {"loss": 1.0 - accuracy, "accuracy": accuracy}})
+    assert best_valid(state.evals)["step"] == 20  # the highest accuracy, not the last
+    text = render(performance(state.snapshot()), 120)
+    table_steps = [int(line.split()[1]) for line in text.splitlines() if re.match(r"│ +\d+ ", line)]
+    assert table_steps == [20, 30, 40]  # the last three evaluations, oldest first
+    assert "best valid 80.0% (loss 0.2) at step 20" in text
+    coloured = Console(file=io.StringIO(), width=120, color_system="standard", force_terminal=True)
+    coloured.print(performance(state.snapshot()))
+    assert "\x1b[1;32m  20\x1b[0m" in coloured.file.getvalue() and "\x1b[1;32m  30" not in coloured.file.getvalue()  # the best row in bold green
+    losses_only = [{"step": step, "splits": {"valid": {"loss": loss, "accuracy": None}}} for step, loss in ((0, 2.0), (5, 0.5), (9, 0.9))]
+    assert best_valid(losses_only)["step"] == 5  # without accuracy: the lowest loss
+    state = make_state(steps=10)
+    state.evals[:] = losses_only
+    text = render(performance(state.snapshot()), 120)
+    assert "valid loss" in text and "best valid (loss 0.5) at step 5" in text
