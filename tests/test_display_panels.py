@@ -376,3 +376,28 @@ def test_the_performance_panel_shows_the_recent_evaluations_and_the_best_one() -
     state.evals[:] = losses_only
     text = render(performance(state.snapshot()), 120)
     assert "valid loss" in text and "best valid (loss 0.5) at step 5" in text
+
+
+def test_the_summary_of_a_diverged_run_gives_its_message_best_result_and_other_alerts() -> None:
+    state = make_state()
+    state.add_eval(50, 2, 3.0, {"valid": {"loss": 0.5, "accuracy": 0.8}})
+    state.add_eval(60, 3, 4.0, {"valid": {"loss": 2.0, "accuracy": 0.3}})
+    for number in range(4):
+        state.add_alert("warning", f"rule_{number}: something", f"rule_{number}")
+    state.add_alert("critical", "the loss became nan at step 60", "nan")
+    state.finish("diverged", "the loss became nan at step 60", seconds=5.0)
+    lines = [line.strip("│ ") for line in render(panels.summary(state), 200).splitlines()]
+    assert "the loss became nan at step 60" in lines  # the message on a line of its own
+    assert any(line.startswith("best valid") and line.endswith("0.5 80.0% at step 50") for line in lines)
+    assert any(line.startswith("mini-batch loss") and line.endswith("(smoothed)") for line in lines)
+    alerts = next(line for line in lines if line.startswith("alerts"))
+    assert alerts.count("rule_") == 3 and "nan" not in alerts  # three at most, not the message again
+
+
+@pytest.mark.parametrize(("status", "colour"), [("completed", "\x1b[32m"), ("interrupted", "\x1b[33m"), ("diverged", "\x1b[31m")])
+def test_the_summary_border_shows_how_the_run_ended(status: str, colour: str) -> None:
+    state = make_state()
+    state.finish(status, None, seconds=5.0)
+    console = Console(file=io.StringIO(), width=100, color_system="standard", force_terminal=True)
+    console.print(panels.summary(state))
+    assert console.file.getvalue().startswith(f"{colour}╭")
