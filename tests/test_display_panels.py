@@ -401,3 +401,51 @@ def test_the_summary_border_shows_how_the_run_ended(status: str, colour: str) ->
     console = Console(file=io.StringIO(), width=100, color_system="standard", force_terminal=True)
     console.print(panels.summary(state))
     assert console.file.getvalue().startswith(f"{colour}╭")
+
+
+def coloured(renderable: RenderableType, width: int = 100) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system="standard", force_terminal=True)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_alpha_bins_clamp_to_the_edges_skip_non_finite_values_and_colour_by_distance_from_zero() -> None:
+    from cockpit_cli.display.panels.alpha import bin_counts, bin_style
+
+    counts = bin_counts([-9.0, -1.5, 0.0, 1.49, 1.5, 9.0, math.nan, math.inf])
+    assert (counts[0], counts[7], counts[14], sum(counts)) == (2, 1, 3, 6)
+    assert [bin_style(index) for index in (7, 5, 4, 2, 14)] == [f"bold underline {GOOD}", GOOD, WATCH, ACT, ACT]  # centres 0, -0.4, -0.6, -1, 1.4
+
+
+def test_alpha_means_are_coloured_and_a_long_run_shows_its_last_steps() -> None:
+    state = make_state(steps=20)
+    for step in range(20, 45_000):  # 45,000 values: a tenth is beyond the kept tail
+        state.add_step(step, 1, 1.0, [0.1], float(step), {"Alpha": 1.2 if step >= 45_000 - 4096 else 0.0})
+    text = coloured(panels.alpha(state.snapshot()), 60)
+    assert "mean (last 4096)" in text
+    line = next(line for line in text.splitlines() if "mean (last 4096)" in line)
+    assert re.search(r"\x1b\[31m *1\.2\x1b", line)  # all of the last 4096 overshoot: red
+
+
+@pytest.mark.parametrize(("lr", "colour"), [(0.01, "\x1b[32m"), (0.05, "\x1b[33m"), (0.1, "\x1b[1;31m")])
+def test_lr_times_the_top_eigenvalue_is_coloured_against_gd_stability(lr: float, colour: str) -> None:
+    state = make_state(steps=2, curvature=True, tracked=[*ECONOMY, "HessMaxEV"])
+    state.add_step(2, 0, 1.0, [lr], 1.0, {"HessMaxEV": 30.0})  # lr * 30: 0.3, 1.5, 3
+    line = next(line for line in coloured(panels.hess_max_ev(state.snapshot())).splitlines() if "lr·λmax" in line)
+    assert f"{colour}{lr * 30:g}" in line
+
+
+def test_a_curvature_history_with_negative_values_is_drawn_on_a_linear_scale() -> None:
+    state = make_state(steps=0, tracked=[*ECONOMY, "HessTrace"])
+    for step, trace in enumerate([-1.0, 2.0, 3.0, -4.0, 5.0]):
+        state.add_step(step, 0, 1.0, [0.1], float(step), {"HessTrace": [trace]})
+    line = next(line for line in render(panels.hess_trace(state.snapshot()), 60).splitlines() if "trace" in line and "5" in line)
+    assert len(re.findall(r"[▁▂▃▄▅▆▇█]", line)) == 5  # no gap where a logarithm is missing
+
+
+@pytest.mark.parametrize(("value", "colour"), [(0.5, "\x1b[32m"), (2.0, "\x1b[33m"), (4.0, "\x1b[31m")])
+def test_gradient_test_values_are_coloured_against_one(value: float, colour: str) -> None:
+    state = make_state(steps=0)
+    state.add_step(0, 0, 1.0, [0.1], 0.0, {"NormTest": value})
+    line = next(line for line in coloured(panels.grad_tests(state.snapshot())).splitlines() if "norm" in line)
+    assert f"{colour}{value:g}" in line
