@@ -449,3 +449,24 @@ def test_gradient_test_values_are_coloured_against_one(value: float, colour: str
     state.add_step(0, 0, 1.0, [0.1], 0.0, {"NormTest": value})
     line = next(line for line in coloured(panels.grad_tests(state.snapshot())).splitlines() if "norm" in line)
     assert f"{colour}{value:g}" in line
+
+
+def test_numbers_are_short_and_durations_read_as_clocks() -> None:
+    from cockpit_cli.display.panels.common import duration, num
+
+    assert [num(None), num(True), num("adam"), num(math.nan), num(-math.inf)] == ["-", "True", "adam", "nan", "-inf"]
+    assert [num(99_999), num(123_456), num(2_500_000), num(3 * 10**9), num(5 * 10**12)] == ["99999", "123k", "2.5M", "3G", "5T"]
+    assert [num(0.123456), num(12.3456), num(0.0), num(1.2e-5), num(0.00099), num(123456.0), num(-2.5e7)] == ["0.123", "12.3", "0", "1.2e-5", "9.9e-4", "1.2e+5", "-2.5e+7"]
+    assert num(0.123456, 2) == "0.12"
+    assert [duration(None), duration(-1.0), duration(math.nan), duration(59.9), duration(62.0), duration(3723.0)] == ["-", "-", "-", "0:59", "1:02", "1:02:03"]
+
+
+def test_gradient_histogram_panel_uses_the_recorded_range_and_shows_a_single_count() -> None:
+    counts = [0] * 20
+    counts[10], counts[3] = 10**12, 1
+    state = make_state(steps=0)
+    state.add_step(0, 0, 1.0, [0.1], 0.0, {"GradHist1d": {"counts": counts, "range": [-0.5, 0.5]}})
+    lines = render(panels.grad_hist(state.snapshot()), 40).splitlines()
+    assert "◂-0.5" in lines[-3] and "0.5▸" in lines[-3]
+    bottom = lines[-4][2:]  # after the frame and its padding
+    assert bottom[3] != " " and bottom[10] != " "  # a bin of one element is drawn beside one of 10^12
