@@ -470,3 +470,32 @@ def test_gradient_histogram_panel_uses_the_recorded_range_and_shows_a_single_cou
     assert "◂-0.5" in lines[-3] and "0.5▸" in lines[-3]
     bottom = lines[-4][2:]  # after the frame and its padding
     assert bottom[3] != " " and bottom[10] != " "  # a bin of one element is drawn beside one of 10^12
+
+
+def test_layer_table_helpers() -> None:
+    from cockpit_cli.display.panels.layers import activation_zero_fractions, fraction_style, order
+
+    activations = {"0": {"zero_fraction": 0.7}, "1": {"zero_fraction": 0.3}, "2": {"zero_fraction": 0.2}, "3": {"zero_fraction": 0.05}, "4": {"mean": 1.0}}
+    assert activation_zero_fractions(["0.weight", "0.bias", "2.weight"], activations) == {"0": 0.7, "2": 0.2}  # the most of a layer and what follows it
+    assert [fraction_style(value, 0.2, 0.5) for value in (None, 0.1, 0.3, 0.6)] == ["dim", GOOD, WATCH, ACT]
+    assert [order(None), order(math.nan), order(8e-3), order(2e5), order(0.5)] == ["-", "nan", "8e-3", "2e+5", "5e-1"]
+
+
+def test_a_layer_row_turns_yellow_when_most_of_its_units_output_zero() -> None:
+    state = DashboardState()
+    info = {"problem": "toy", "optimizer": "SGD", "device": "cpu", "total_steps": 10, "steps_per_epoch": 5, "batch_size": 8, "num_parameters": 10}
+    state.start(RunInfo.from_mapping({**info, "instruments": {"parameters": ["0.weight", "2.weight"], "quantities": ["LayerStats", "Activations"]}}))
+    stats = {"grad_norm": [1.0, 1.0], "weight_norm": [1.0, 1.0], "update_ratio": [1e-3, 1e-3], "zero_grad_fraction": [0.0, 0.0]}
+    state.add_step(0, 0, 1.0, [0.1], 0.0, {"LayerStats": stats, "Activations": {"0": {"zero_fraction": 0.6}, "2": {"zero_fraction": 0.0}}})
+    lines = coloured(panels.layers(state.snapshot())).splitlines()
+    assert "\x1b[33m0.weight" in next(line for line in lines if "0.weight" in line) and "\x1b[33m60%" in next(line for line in lines if "0.weight" in line)
+    assert "\x1b[33m2.weight" not in next(line for line in lines if "2.weight" in line)
+
+
+def test_the_alerts_border_takes_the_most_severe_colour_and_every_learning_rate_is_shown() -> None:
+    state = make_state(steps=2)
+    state.add_alert("warning", "lr_too_large: ...", "a")
+    state.add_alert("critical", "divergence: ...", "b")
+    assert coloured(panels.alerts(state.snapshot())).startswith("\x1b[1;31m╭")
+    state.add_step(2, 0, 1.0, [0.1, 0.01], 1.0, {})
+    assert "0.1, 0.01" in render(panels.hyperparameters(state.snapshot()), 80)
