@@ -499,3 +499,26 @@ def test_the_alerts_border_takes_the_most_severe_colour_and_every_learning_rate_
     assert coloured(panels.alerts(state.snapshot())).startswith("\x1b[1;31m╭")
     state.add_step(2, 0, 1.0, [0.1, 0.01], 1.0, {})
     assert "0.1, 0.01" in render(panels.hyperparameters(state.snapshot()), 80)
+
+
+def test_a_long_series_summarises_its_history_in_equal_buckets() -> None:
+    series = Series()
+    count = 4 * COARSE + 3  # buckets of 2 after the first fill, then 4 ... and a partial one at the end
+    for step in range(count):
+        series.append(step, float(step))
+    history = series.history()
+    assert len(history) <= 2 * COARSE + 1
+    steps = {round(b - a, 9) for a, b in zip(history[:-2], history[1:-1])}
+    assert len(steps) == 1  # every full bucket spans as many steps
+    assert history[-1] == pytest.approx(sum(range(count - count % series._bucket, count)) / (count % series._bucket))  # the partial bucket's mean
+    assert len(series.tail(0)) == 0 and list(series.tail(2)) == [count - 2.0, count - 1.0]
+
+
+def test_sparkline_pictures_average_fill_and_mark_their_values() -> None:
+    from cockpit_cli.display.sparkline import EIGHTHS, MISSING, downsample, gauge, hbar
+
+    assert downsample([0.0, 2.0, 4.0, 6.0], 2) == [1.0, 5.0]
+    assert hbar(math.nan, 5) == MISSING and hbar(0.55, 2) == "█" + EIGHTHS[1] and hbar(2.0, 3) == "███"
+    styles = {value: next(span.style for span in gauge(value, 13).spans if "●" in gauge(value, 13).plain[span.start:span.end]) for value in (0.5, 2.0, 5.0)}
+    assert styles == {0.5: "bold green", 2.0: "bold yellow", 5.0: "bold red"}
+    assert gauge(0.01, 13).plain[0] == "●" and gauge(100.0, 13).plain[-1] == "●"  # beyond the scale: at its ends
