@@ -522,3 +522,16 @@ def test_sparkline_pictures_average_fill_and_mark_their_values() -> None:
     styles = {value: next(span.style for span in gauge(value, 13).spans if "●" in gauge(value, 13).plain[span.start:span.end]) for value in (0.5, 2.0, 5.0)}
     assert styles == {0.5: "bold green", 2.0: "bold yellow", 5.0: "bold red"}
     assert gauge(0.01, 13).plain[0] == "●" and gauge(100.0, 13).plain[-1] == "●"  # beyond the scale: at its ends
+
+
+def test_the_live_dashboard_keeps_evaluations_and_end_warnings_and_reuses_its_frame_while_training() -> None:
+    dashboard = LiveDashboard(Console(file=io.StringIO(), width=120), run_dir="results/toy", refresh_per_second=0.1)
+    dashboard.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99))
+    dashboard.on_eval(EvalRecord(0, 0, 0.0, {"valid": SplitMetrics(2.0, 0.25, 10)}))
+    assert dashboard.state.evals[-1]["splits"]["valid"] == {"loss": 2.0, "accuracy": 0.25}
+    first = dashboard._renderable()
+    dashboard.on_step(StepRecord(0, 0, 1.0, [0.01], 0.1, {}))
+    assert dashboard._renderable() is first  # a new frame at most every REDRAW_SECONDS while training
+    dashboard.on_end(RunEnd(RunStatus.COMPLETED, 1, 0, train_seconds=0.3, warnings=["2 steps had a non-finite loss"]))
+    assert [text for _, text in dashboard.state.alerts.values()] == ["2 steps had a non-finite loss"]  # said only at the end
+    assert dashboard._renderable() is not first  # after the end: drawn again for every change
