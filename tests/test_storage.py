@@ -238,3 +238,50 @@ def test_quantity_totals() -> None:
     assert quantity_total("Alpha", 0.25) == 0.25
     assert quantity_total("GradNorm", [3.0, None]) is None and quantity_total("GradNorm", []) is None
     assert quantity_total("LayerStats", [1.0]) is None  # a list with no total
+
+
+def test_reopening_for_a_resume_keeps_steps_before_and_evaluations_through_the_checkpoint(tmp_path: Path) -> None:
+    from cockpit_cli.storage.writer import reopen_run_directory
+
+    run_dir = write_run(tmp_path, steps=8, end=False)  # locked by this very process: a resume in it may go on
+    with open(run_dir / schema.EVALS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": 4, "epoch": 0, "time": 0.5, "splits": {}}) + "\n")
+    kept = reopen_run_directory(run_dir, keep_steps_below=4, keep_evals_through=4)
+    assert [record["step"] for record in kept] == [0, 4]  # the evaluation at the checkpoint's step stays
+    run = read_run(run_dir)
+    assert [s["step"] for s in run.steps] == [0, 1, 2, 3] and [e["step"] for e in run.evals] == [0, 4]
+    (run_dir / schema.LOCK).write_text("1", encoding="utf-8")  # pid 1: another live process
+    with pytest.raises(CockpitError, match="is being written by process 1"):
+        reopen_run_directory(run_dir, 4, 4)
+
+
+def test_a_resumed_writer_keeps_the_runs_creation_and_counts_its_resumes(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, steps=3)
+    manifest = read_run(run_dir).manifest
+    manifest.update(created_at="2020-01-01T00:00:00+00:00", timings={"started": 1.0})
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    for number in (1, 2):
+        writer = RunWriter(run_dir, {"problem": {"name": "p"}}, "", resume_evals=[])
+        writer.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, None, 1.0))
+        manifest = read_run(run_dir).manifest
+        assert manifest["created_at"] == "2020-01-01T00:00:00+00:00" and manifest["timings"]["started"] == 1.0
+        assert len(manifest["resumed_at"]) == number
+
+
+def test_the_manifest_is_rewritten_while_steps_are_taken_and_counts_the_written_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = prepare_run_directory(tmp_path, "r")
+    writer = RunWriter(run_dir, {"problem": {"name": "p"}}, "")
+    monkeypatch.setattr(schema, "HEARTBEAT_SECONDS", -1.0)  # every step beats
+    writer.on_step(StepRecord(0, 0, 1.0, [0.1], 0.1))
+    writer.on_step(StepRecord(1, 0, 1.0, [0.1], 0.2))
+    assert read_run(run_dir).manifest["steps_completed"] == 2
+    writer.on_end(RunEnd(RunStatus.INTERRUPTED, 3, 0, "interrupted by the user", 1.0))  # the third step's update without its record
+    assert read_run(run_dir).manifest["steps_completed"] == 2 and read_run(run_dir).summary["steps"] == 2
+
+
+def test_an_output_directory_without_write_permission_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(CockpitError, match="is not writable"):
+        prepare_run_directory(tmp_path, "r")
