@@ -285,3 +285,41 @@ def test_an_output_directory_without_write_permission_is_refused(tmp_path: Path,
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(CockpitError, match="is not writable"):
         prepare_run_directory(tmp_path, "r")
+
+
+def test_a_heartbeat_is_stale_after_six_beats_and_an_unreadable_one_never() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cockpit_cli.storage.reader import STALE_HEARTBEAT_SECONDS, heartbeat_is_stale
+
+    beat = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    manifest = {"heartbeat_at": beat.isoformat()}
+    assert STALE_HEARTBEAT_SECONDS == 6 * schema.HEARTBEAT_SECONDS
+    assert not heartbeat_is_stale(manifest, beat + timedelta(seconds=2 * schema.HEARTBEAT_SECONDS))  # a slow step or two
+    assert heartbeat_is_stale(manifest, beat + timedelta(seconds=7 * schema.HEARTBEAT_SECONDS))
+    assert not heartbeat_is_stale({"heartbeat_at": "yesterday"}) and not heartbeat_is_stale({})
+
+
+def test_records_files_may_hold_blank_lines_but_only_objects(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path)
+    lines = (run_dir / schema.STEPS).read_text().splitlines()
+    (run_dir / schema.STEPS).write_text("\n".join([lines[0], "", "   ", *lines[1:]]) + "\n")
+    assert [s["step"] for s in read_run(run_dir).steps] == [0, 1, 2, 3, 4] and read_run(run_dir).notes == []
+    (run_dir / schema.STEPS).write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    with pytest.raises(CockpitError, match="steps.jsonl is corrupted at line 2: expected a JSON object"):
+        read_run(run_dir)
+
+
+def test_a_config_file_that_is_no_mapping_reads_as_empty_and_bad_yaml_as_a_note(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path)
+    (run_dir / schema.CONFIG).write_text("- a\n- b\n")
+    assert read_run(run_dir).config == {} and read_run(run_dir).notes == []
+    (run_dir / schema.CONFIG).write_text("problem: [unclosed\n")
+    assert read_run(run_dir).config == {} and read_run(run_dir).notes == ["config.yaml is not valid YAML and was ignored"]
+
+
+def test_a_single_lost_step_record_is_noted(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path)
+    lines = (run_dir / schema.STEPS).read_text().splitlines()
+    (run_dir / schema.STEPS).write_text("\n".join(lines[:4]) + "\n")
+    assert read_run(run_dir).notes == ["steps.jsonl holds 4 of the 5 steps the run recorded: records were lost, and what follows uses those left"]
