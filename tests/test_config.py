@@ -173,3 +173,14 @@ def test_overriding_steps_replaces_the_files_epochs(tmp_path: Path) -> None:
     assert load_config(path, ["training.epochs=5"]).training.epochs == 5
     with pytest.raises(CockpitError, match="give either epochs or steps"):
         load_config(path, ["training.steps=7", "training.epochs=3"])
+
+
+def test_error_texts() -> None:
+    from cockpit_cli.errors import PeerStopped, unknown_name_error
+
+    assert str(CockpitError("what is wrong", "how to fix it")) == "what is wrong (how to fix it)" and str(CockpitError("what")) == "what"
+    assert PeerStopped(1, 2, None).message.startswith("another process of this run stopped before training")
+    assert PeerStopped(1, 2, 7).message.startswith("another process of this run stopped at step 7")
+    error = unknown_name_error("data set", "x", [f"name{i:02d}" for i in range(13)])
+    assert error.hint == "known: " + ", ".join(f"name{i:02d}" for i in range(12)) + ", ..."
+    assert unknown_name_error("problem", "x", ["a"], "cockpit problems").hint == "`cockpit problems` lists all"

@@ -266,3 +266,22 @@ def test_cli_an_existing_run_directory_is_one_error_line(tmp_path: Path, paralle
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: run directory {tmp_path / 'taken'} already exists"]
     assert "Traceback" not in result.stderr
     assert (tmp_path / "taken" / "run.json").read_text() == '{"status": "completed"}'
+
+
+def test_the_launch_environment_and_the_shard_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.config import parse_config
+    from cockpit_cli.errors import CockpitError
+    from cockpit_cli.launch import check_shards, environment_world, process_label
+
+    monkeypatch.setenv("WORLD_SIZE", "")  # set but empty: one process
+    assert environment_world() is None and process_label() == ""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert environment_world() == (0, 4, 0) and process_label() == ""  # rank 0 speaks for the run
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert environment_world() == (2, 4, 1) and process_label() == "process 2 of 4: "
+    config = parse_config({"problem": {"name": "mnist1d_mlp"}})  # the problem's batch of 100
+    check_shards(config, None, 4)
+    with pytest.raises(CockpitError, match="a batch of 100 samples does not split into 3 equal shards"):
+        check_shards(config, None, 3)
