@@ -39,6 +39,7 @@ CONFIG_CASES = [
     config_case({"training": {"seed": True}}, "training.seed: expected an integer, got True"),
     config_case({"problem": {"name": "mnist_mpl"}}, "problem.name: problem 'mnist_mpl' is unknown; did you mean 'mnist_mlp'?"),
     config_case({"problem": {"colour": "red"}}, "problem.colour: unknown key for problem 'mnist1d_mlp'"),
+    config_case({"problem": {"options": {"depth": 3}}}, "problem.options: unknown key for problem 'mnist1d_mlp'"),  # options go straight under problem:
     config_case({"problem": {"depth": "deep"}}, "problem.depth: expected an integer, got 'deep'"),
     config_case({"problem": {"depth": 0}}, "option depth=0 is invalid"),
     config_case({"optimizer": {"name": "Adamm"}}, "optimizer.name: optimizer 'Adamm' is not in torch.optim; did you mean 'Adam'?"),

@@ -184,3 +184,22 @@ def test_error_texts() -> None:
     error = unknown_name_error("data set", "x", [f"name{i:02d}" for i in range(13)])
     assert error.hint == "known: " + ", ".join(f"name{i:02d}" for i in range(12)) + ", ..."
     assert unknown_name_error("problem", "x", ["a"], "cockpit problems").hint == "`cockpit problems` lists all"
+
+
+def test_typed_values_describe_and_convert() -> None:
+    from typing import Any, Literal
+
+    from cockpit_cli.typed_values import check_value, describe
+
+    assert [describe(list[int]), describe(tuple[float, ...]), describe(list[dict]), describe(dict[str, Any])] == ["a list of integers", "a list of numbers", "a list", "a mapping"]
+    assert [describe(int | None), describe(Literal["a", "b"])] == ["an integer or null", "one of 'a', 'b'"]
+    converted = check_value([1, 2.5], tuple[float, ...], "w")
+    assert converted == (1.0, 2.5) and isinstance(converted, tuple) and all(isinstance(item, float) for item in converted)
+    assert isinstance(check_value(3, float, "w"), float)
+    with pytest.raises(CockpitError, match=r"^w: expected a list of integers, got list$"):
+        check_value([1, "x"], list[int], "w")
+    with pytest.raises(CockpitError, match=r"^w: expected a mapping, got 'x'$"):
+        check_value("x", dict[str, Any], "w")
+    original = {"a": 1}
+    copied = check_value(original, dict[str, Any], "w")
+    assert copied == original and copied is not original  # the config never shares the caller's dict
