@@ -164,7 +164,7 @@ def rehearse_schedule(config: RunConfig, stepped: int, used: int) -> LearningRat
         return None
     scratch = build_optimizer(config, [nn.Parameter(torch.zeros(1))])
     scheduler = build_scheduler(config, scratch)
-    rates = [learning_rates(scratch)[0]]
+    first = last = lowest = highest = learning_rates(scratch)[0]  # over the rates trained with so far
     hint = f"the run steps the schedule {stepped} times (once per {schedule.interval}): choose arguments that allow that"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns of a scheduler stepped before its optimizer
@@ -177,9 +177,10 @@ def rehearse_schedule(config: RunConfig, stepped: int, used: int) -> LearningRat
             bad = [rate for rate in now if not (math.isfinite(rate) and rate >= 0)]
             if bad:
                 raise config.fail("schedule", f"torch.optim.lr_scheduler.{schedule.name} sets the learning rate to {bad[0]} at its step {count}", hint)
-            rates.append(now[0])
-    trained = rates[: max(1, used)]
-    return LearningRatePlan(trained[0], trained[-1], min(trained), max(trained))
+            if count < used:  # the rate of a step (or epoch) that trains
+                last = now[0]
+                lowest, highest = min(lowest, last), max(highest, last)
+    return LearningRatePlan(first, last, lowest, highest)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
