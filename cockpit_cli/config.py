@@ -19,6 +19,7 @@ import yaml
 from cockpit_cli.errors import CockpitError, did_you_mean
 from cockpit_cli.overrides import apply_overrides, parse_override
 from cockpit_cli.typed_values import check_value
+from cockpit_cli.yaml_text import RepeatedKey, load_yaml
 
 Device = Literal["auto", "cpu", "cuda"]
 Preset = Literal["none", "economy", "business", "full"]
@@ -243,32 +244,6 @@ def is_safe_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not name.startswith(".") and all(c.isalnum() or c in "._-" for c in name)
 
 
-class _RepeatedKey(yaml.constructor.ConstructorError):
-    """A key given twice in one mapping (YAML itself keeps the last one without a word)."""
-
-    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark):
-        super().__init__(problem=f"key '{key}' is given twice (first at line {first.line + 1})", problem_mark=again)
-        self.key = key
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key that a mapping repeats: a second ``training:`` section
-    would otherwise replace the first whole, and a second ``lr:`` its value, silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Mark] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                continue  # the base class says what is wrong with such a key
-            if key in seen:
-                raise _RepeatedKey(key, seen[key], key_node.start_mark)
-            seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; clear errors for missing or malformed files and
     for a key given twice in one section."""
@@ -277,8 +252,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise CockpitError(f"config {path} is a directory, not a YAML file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except _RepeatedKey as error:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except RepeatedKey as error:
         line = error.problem_mark.line + 1
         raise CockpitError(f"{path}: line {line}: {error.problem}", "keep one of them (YAML would use the last and drop the other)") from None
     except yaml.YAMLError as error:

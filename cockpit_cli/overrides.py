@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from cockpit_cli.errors import CockpitError
+from cockpit_cli.yaml_text import load_yaml
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -18,7 +19,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise CockpitError(f"--set {text!r}: {key!r} is not a key path", "for example --set training.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value

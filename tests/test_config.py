@@ -157,6 +157,17 @@ def test_a_merged_mapping_may_be_overridden(tmp_path: Path) -> None:
     assert config.schedule.name == "StepLR" and config.schedule.arguments == {"step_size": 5}
 
 
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-3`` and ``1.0e3`` as strings; configs read them as YAML 1.2 and Python do."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  name: Adam\n  lr: 1e-3\n  eps: 1E-8\n  weight_decay: 5.0e4\n  betas: [.9e0, 999e-3]\n")
+    config = load_config(path, ["training.steps=20", "optimizer.lr=2e-3"])
+    assert config.optimizer.arguments == {"lr": 2e-3, "eps": 1e-8, "weight_decay": 5e4, "betas": [0.9, 0.999]}
+    assert load_config(path).optimizer.arguments["lr"] == 1e-3
+    assert parse_override("optimizer.lr=-1e+2") == (["optimizer", "lr"], -100.0)
+    assert parse_override("output.name=e3")[1] == "e3" and parse_override("training.seed=10")[1] == 10
+
+
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     evil = tmp_path / "evil.yaml"
     evil.write_text("problem: !!python/object/apply:os.system ['echo hacked']\n")
