@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 
 from cockpit_cli.errors import CockpitError
 from fakedata import WRITERS, FakeImages, write_fake_cifar10, write_fake_cifar100, write_fake_mnist, write_fake_svhn
-from problems.datasets.images import IMAGE_DATASETS, deepobs_augmentation, load_image_splits
+from problems.datasets.image_files import SOURCES
+from problems.datasets.images import IMAGE_DATASETS, ImageTensorDataset, deepobs_augmentation, load_image_splits
 
 N_TRAIN, N_TEST, VALID = 40, 12, 8
 SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "svhn": (3, 32, 32)}
@@ -195,8 +196,9 @@ def test_cifar100_without_fine_labels_is_named(tmp_path):
     entry = pickle.loads(path.read_bytes())
     del entry["fine_labels"]
     path.write_bytes(pickle.dumps(entry))
-    with pytest.raises(CockpitError, match="file test in"):
+    with pytest.raises(CockpitError, match="file test in") as caught:
         load_image_splits("cifar100", tmp_path, download=False, seed=0)
+    assert caught.value.message.endswith(": ValueError: no 'fine_labels' entry")
 
 
 def test_truncated_idx_file_is_named(tmp_path):
@@ -234,3 +236,113 @@ def test_unknown_dataset_lists_known_ones(tmp_path):
     assert "cifar1O" in caught.value.message
     for name in IMAGE_DATASETS:
         assert name in caught.value.hint
+
+
+def test_missing_files_are_listed_once_each_with_the_folder_they_belong_in(tmp_path):
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("cifar10", tmp_path, download=False, seed=0)
+    batches = ", ".join([f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta", "test_batch"])
+    assert caught.value.message == f"CIFAR-10 not found in {tmp_path / 'cifar-10-batches-py'}: missing {batches}"
+    assert f"to a folder that has cifar-10-batches-py/ with {batches}" in caught.value.hint
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("mnist", tmp_path, download=False, seed=0)
+    names = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+    assert caught.value.message.endswith(f"missing {names}") and f"MNIST/raw/ with {names}" in caught.value.hint
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("svhn", tmp_path, download=False, seed=0)
+    assert caught.value.message.endswith("missing train_32x32.mat, test_32x32.mat")
+    assert caught.value.hint.endswith("to a folder that has train_32x32.mat, test_32x32.mat")
+
+
+def test_each_file_check_passes_intact_files(tmp_path):
+    for name, writer in WRITERS.items():
+        writer(tmp_path / name, 5, 3)
+        source = SOURCES[name]
+        for file in source.files():
+            source.check_file(source.folder(tmp_path / name) / file)
+
+
+def test_cifar_meta_without_its_names_is_named(tmp_path):
+    write_fake_cifar10(tmp_path, N_TRAIN, N_TEST)
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps({"num_vis": 3072}))
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("cifar10", tmp_path, download=False, seed=0)
+    assert caught.value.message.startswith("cannot read CIFAR-10 file batches.meta in ")
+    assert caught.value.message.endswith(": ValueError: no 'label_names' entry")
+
+
+def test_cifar_batch_of_the_wrong_width_is_named(tmp_path):
+    write_fake_cifar10(tmp_path, N_TRAIN, N_TEST)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.loads(path.read_bytes())
+    entry["data"] = entry["data"][:, :100]
+    path.write_bytes(pickle.dumps(entry))
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("cifar10", tmp_path, download=False, seed=0)
+    assert caught.value.message.startswith("cannot read CIFAR-10 file test_batch in ")
+    assert caught.value.message.endswith("expected 'data' of shape [N, 3072] and N labels, got (12, 100) and 12")
+
+
+def test_svhn_file_with_images_of_another_layout_is_named(tmp_path):
+    import scipy.io
+
+    write_fake_svhn(tmp_path, N_TRAIN, N_TEST)
+    path = tmp_path / "test_32x32.mat"
+    mat = scipy.io.loadmat(path)
+    scipy.io.savemat(path, {"X": mat["X"].reshape(32, 32, 3 * N_TEST), "y": mat["y"]})
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits("svhn", tmp_path, download=False, seed=0)
+    assert caught.value.message.startswith("cannot read SVHN file test_32x32.mat in ")
+    assert "expected X [32, 32, 3, N] and y [N, 1], got (32, 32, 36) and (12, 1)" in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["mnist", "svhn"])
+def test_images_of_another_size_are_an_error(tmp_path, name):
+    """An image size the problem's model does not take would otherwise fail at the first step."""
+    write_fake_mnist(tmp_path, N_TRAIN, N_TEST)
+    write_fake_svhn(tmp_path, N_TRAIN, N_TEST)
+    if name == "mnist":
+        from fakedata import write_idx
+
+        write_idx(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((N_TRAIN, 32, 32), dtype=np.uint8))
+        expected = "train-images-idx3-ubyte, train-labels-idx1-ubyte in {}: images of shape [1, 32, 32] where MNIST has [1, 28, 28]"
+        folder = tmp_path / "MNIST" / "raw"
+    else:
+        import scipy.io
+
+        mat = scipy.io.loadmat(tmp_path / "train_32x32.mat")
+        scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": mat["X"][:16, :16], "y": mat["y"]})
+        expected = "train_32x32.mat in {}: images of shape [3, 16, 16] where SVHN has [3, 32, 32]"
+        folder = tmp_path
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits(name, tmp_path, download=False, seed=0)
+    assert caught.value.message.endswith(expected.format(folder))
+
+
+@pytest.mark.parametrize("label", [-1, 10])
+def test_labels_below_zero_or_at_the_class_count_are_errors(tmp_path, label):
+    import scipy.io
+
+    write_fake_svhn(tmp_path, N_TRAIN, N_TEST)
+    mat = scipy.io.loadmat(tmp_path / "test_32x32.mat")
+    y = mat["y"].astype(np.int16)
+    y[3] = label if label < 0 else 11  # the file's 10 is the digit 0, so 11 becomes label 10
+    scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": mat["X"], "y": y})
+    with pytest.raises(CockpitError, match=r"test_32x32.mat in .*: labels outside 0..9"):
+        load_image_splits("svhn", tmp_path, download=False, seed=0)
+
+
+def test_images_must_be_uint8_and_as_many_as_labels():
+    labels = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        ImageTensorDataset(torch.zeros(2, 1, 4, 4), labels)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        ImageTensorDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels)
+
+
+def test_a_batch_fetched_at_once_is_augmented_like_single_items():
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.uint8).view(2, 3, 2, 2)
+    dataset = ImageTensorDataset(images, torch.tensor([0, 1]), augmentation=lambda image: 255 - image)
+    batch = dataset.__getitems__([1, 0])
+    assert torch.equal(batch[0][0], (255 - images[1]).float() / 255) and torch.equal(batch[1][0], (255 - images[0]).float() / 255)
+    assert [int(label) for _, label in batch] == [1, 0]

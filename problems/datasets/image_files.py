@@ -85,6 +85,7 @@ class ImageSource:
     Attributes:
         title: Human name, e.g. ``"CIFAR-10"``.
         num_classes: Labels lie in ``0 .. num_classes - 1``.
+        image_shape: ``[C, H, W]`` of every image.
         subfolder: The folder below ``data_dir`` that holds the files (``""`` for ``data_dir``).
         train_files: File names the training split reads.
         test_files: File names the test split reads.
@@ -94,6 +95,7 @@ class ImageSource:
 
     title: str
     num_classes: int
+    image_shape: tuple[int, int, int]
     subfolder: str
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
@@ -120,7 +122,7 @@ def _mnist_source(cls: type[datasets.MNIST], title: str) -> ImageSource:
     def check_file(path: Path) -> None:
         (read_label_file if "labels" in path.name else read_image_file)(str(path))
 
-    return ImageSource(title, 10, f"{cls.__name__}/raw", tuple(n for n in names if n.startswith("train")),
+    return ImageSource(title, 10, (1, 28, 28), f"{cls.__name__}/raw", tuple(n for n in names if n.startswith("train")),
                        tuple(n for n in names if n.startswith("t10k")), read, check_file)
 
 
@@ -135,15 +137,17 @@ def _cifar_source(cls: type[_CIFAR10], title: str, num_classes: int) -> ImageSou
     def check_file(path: Path) -> None:
         with open(path, "rb") as file:
             entry = pickle.load(file, encoding="latin1")
+        needed = (cls.meta["key"],) if path.name == meta else ("data", "labels" if "labels" in entry else "fine_labels")
+        absent = [key for key in needed if key not in entry]
+        if absent:
+            raise ValueError(f"no '{absent[0]}' entry")
         if path.name == meta:
-            if cls.meta["key"] not in entry:
-                raise KeyError(f"no '{cls.meta['key']}' entry")
             return
-        data, labels = np.asarray(entry["data"]), entry["labels" if "labels" in entry else "fine_labels"]
+        data, labels = np.asarray(entry["data"]), entry[needed[1]]
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise ValueError(f"expected 'data' of shape [N, 3072] and N labels, got {data.shape} and {len(labels)}")
 
-    return ImageSource(title, num_classes, cls.base_folder, tuple(n for n, _ in cls.train_list) + (meta,),
+    return ImageSource(title, num_classes, (3, 32, 32), cls.base_folder, tuple(n for n, _ in cls.train_list) + (meta,),
                        tuple(n for n, _ in cls.test_list) + (meta,), read, check_file)
 
 
@@ -160,7 +164,7 @@ def _svhn_source() -> ImageSource:
         if mat["X"].shape[:3] != (32, 32, 3) or mat["X"].shape[3] != mat["y"].size:
             raise ValueError(f"expected X [32, 32, 3, N] and y [N, 1], got {mat['X'].shape} and {mat['y'].shape}")
 
-    return ImageSource("SVHN", 10, "", (_SVHN.split_list["train"][1],), (_SVHN.split_list["test"][1],), read, check_file)
+    return ImageSource("SVHN", 10, (3, 32, 32), "", (_SVHN.split_list["train"][1],), (_SVHN.split_list["test"][1],), read, check_file)
 
 
 SOURCES: dict[str, ImageSource] = {
@@ -188,6 +192,9 @@ def read_split(source: ImageSource, data_dir: Path, train: bool, download: bool)
     files = ", ".join(source.files(train))
     if len(images) != len(labels):
         raise _unreadable(source, data_dir, files, f"{len(images)} images but {len(labels)} labels")
+    if tuple(images.shape[1:]) != source.image_shape:
+        shape, expected = list(images.shape[1:]), list(source.image_shape)
+        raise _unreadable(source, data_dir, files, f"images of shape {shape} where {source.title} has {expected}")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < source.num_classes:
         raise _unreadable(source, data_dir, files, f"labels outside 0..{source.num_classes - 1}")
     return images, labels
