@@ -455,3 +455,222 @@ def test_the_report_text_spells_out_every_kind_of_evidence() -> None:
     ]
     assert "healthy: no warnings (1 rules checked)" in lines  # an info finding leaves the run healthy
     assert diagnosis_to_dict(diagnosis)["healthy"] is True and diagnosis_to_dict(diagnosis)["worst"] == "info"
+
+
+def finding_of(run: RunData, rule: str) -> Finding | None:
+    """The finding of ``rule`` on ``run`` (``None`` when it found nothing)."""
+    return next((item for item in diagnose(run).findings if item.rule == rule), None)
+
+
+def evidence_of(found: Finding | None) -> list[tuple[str, Any, Any, str]]:
+    assert found is not None
+    return [(item.metric, item.value, item.threshold, item.comparison) for item in found.evidence]
+
+
+def _zero_gradients(share: float, indices: tuple[int, ...] = (2,)) -> Change:
+    def change(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        for index in indices:
+            q["LayerStats"]["zero_grad_fraction"][index] = share
+
+    return change
+
+
+def test_dead_units_threshold_window_and_cut_evidence() -> None:
+    found = finding_of(make_run(change=_zero_gradients(0.7)), "dead_units")  # the threshold itself counts
+    assert evidence_of(found) == [("median share of zero gradient entries of 2.weight, last 50%", 0.7, 0.7, ">=")]
+    assert found.steps == (100, 199)
+    # outputs dead only in the first half of the run have recovered
+    recovered = lambda s, q, rng: q["Activations"]["3"].__setitem__("zero_fraction", 0.99 if s < 100 else 0.5)  # noqa: E731
+    assert finding_of(make_run(change=recovered), "dead_units") is None
+    # six parameters past the threshold: four are listed, then how many more
+    every = finding_of(make_run(change=_zero_gradients(0.9, tuple(range(6)))), "dead_units")
+    assert [item.metric.split(" of ")[-1] for item in every.evidence[:4]] == [f"{name}, last 50%" for name in PARAMS[:4]]
+    assert evidence_of(every)[4] == ("further parameters or layers past the same threshold", 2, None, "context")
+    five = finding_of(make_run(change=_zero_gradients(0.9, tuple(range(5)))), "dead_units")
+    assert len(five.evidence) == 5 and all(item.comparison == ">=" for item in five.evidence)
+
+
+def test_divergence_in_the_gradient_norm_alone() -> None:
+    nan_gradient = lambda s, q, rng: q["GradNorm"].__setitem__(0, math.nan) if s == 150 else None  # noqa: E731
+    found = finding_of(make_run(change=nan_gradient), "divergence")
+    assert evidence_of(found)[0][0] == "first non-finite loss or gradient norm (step 150)" and found.steps == (150, 199)
+
+
+def test_early_stopping_at_exactly_half_of_the_recent_steps_and_not_at_zero() -> None:
+    assert finding_of(make_run(change=_set("EarlyStopping", lambda s, rng: 0.3 if s % 2 else -0.3)), "early_stopping") is not None
+    assert finding_of(make_run(change=_set("EarlyStopping", lambda s, rng: 0.0)), "early_stopping") is None
+
+
+def test_exploding_gradients_thresholds() -> None:
+    grown = _set("GradNorm", lambda s, rng: [0.5 if s < 20 else 150.0] * 6)  # 300x the early norm
+    assert evidence_of(finding_of(make_run(change=grown), "exploding_gradients")) == [
+        ("median gradient norm, last 50% / first 10% of tracked steps", pytest.approx(300.0), 100.0, ">")
+    ]
+    found = finding_of(make_run(change=_layer_scale(80.0)), "exploding_gradients")
+    assert evidence_of(found)[0][:2] == ("median gradient norm of layer 0 / last layer, last 50%", pytest.approx(80 * 0.6 / 0.6, rel=0.1))
+
+    def unknown_first_layer(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["GradNorm"][0] = q["GradNorm"][1] = math.nan  # its ratio is unknown, the next layer's is not
+        q["GradNorm"][2] *= 200
+        q["GradNorm"][3] *= 200
+
+    assert evidence_of(finding_of(make_run(change=unknown_first_layer), "exploding_gradients"))[0][0].startswith("median gradient norm of layer 2 ")
+
+
+def test_vanishing_gradients_below_a_thousandth() -> None:
+    found = finding_of(make_run(change=_layer_scale(5e-4)), "vanishing_gradients")
+    assert evidence_of(found)[0][0] == "median gradient norm of layer 0 / last layer, last 50%" and evidence_of(found)[0][2:] == (1e-3, "<")
+
+
+def test_all_frozen_reports_the_least_frozen_share() -> None:
+    def mostly(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["UpdateSize"] = [0.0] * 5 + [0.0 if step % 20 else 0.01]  # the last parameter moves at one step in 20
+
+    found = finding_of(make_run(change=mostly), "frozen_parameters")
+    assert evidence_of(found) == [("share of the last 50% of tracked steps where none of the 6 parameters changed", 0.95, 0.9, ">=")]
+
+
+def test_frozen_parameters_from_layer_stats_without_update_size() -> None:
+    frozen = lambda s, q, rng: q["LayerStats"]["update_ratio"].__setitem__(4, 0.0)  # noqa: E731
+    found = finding_of(make_run(change=frozen, drop=("UpdateSize",)), "frozen_parameters")
+    assert "4.weight did not change" in evidence_of(found)[0][0]
+
+
+def test_gradient_noise_window_and_a_norm_test_of_one() -> None:
+    stuck = lambda s: 2.3 - s / 1000  # noqa: E731
+    found = finding_of(make_run(change=_set("NormTest", lambda s, rng: 1.0), loss=stuck), "gradient_noise")
+    assert [item[0] for item in evidence_of(found)] == ["median NormTest, tracked steps after the first 10%", "relative loss decrease since the start"]
+    assert found.steps == (20, 199)
+    # noisy only in the first tenth: after it, half of the steps are quiet and the median is below the threshold
+    early = _set("NormTest", lambda s, rng: 0.99 if s < 20 or s % 2 else 0.9)
+    assert finding_of(make_run(change=early, loss=stuck), "gradient_noise") is None
+    noisy = finding_of(make_run(change=_set("NormTest", lambda s, rng: 0.98), loss=stuck), "gradient_noise")
+    assert evidence_of(noisy)[2] == ("noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size 100)", pytest.approx(100 * 0.98**2 / (1 - 0.98**2)), None, "context")
+
+
+def test_lr_too_large_by_negative_curvature_its_spans_and_too_few_alphas() -> None:
+    assert finding_of(make_run(change=_set("HessMaxEV", lambda s, rng: -50.0)), "lr_too_large") is not None
+
+    def both(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["Alpha"] = 0.9
+        if step < 150:
+            q["HessMaxEV"] = 50.0
+
+    assert finding_of(make_run(change=both), "lr_too_large").steps == (75, 199)
+
+    def few_alphas(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["HessMaxEV"] = 10.0
+        if step < 197:
+            del q["Alpha"]
+        else:
+            q["Alpha"] = 0.9
+
+    assert finding_of(make_run(change=few_alphas), "lr_too_large") is None
+
+
+def test_lr_too_small_with_one_group_at_zero_and_a_zero_loss() -> None:
+    run = make_run(change=_set("Alpha", lambda s, rng: -0.99))
+    for record in run.steps:
+        record["lr"] = [0.0, 0.1]  # the largest rate decides: one frozen group does not hide the others
+    assert finding_of(run, "lr_too_small") is not None
+    found = finding_of(make_run(change=_set("Alpha", lambda s, rng: -0.99), loss=lambda s: 0.0), "lr_too_small")
+    assert evidence_of(found) == [("median Alpha, last 50% of tracked steps", -0.99, -0.9, "<")]
+
+
+def test_misscaled_inputs_evidence() -> None:
+    negative = _set("InputStats", lambda s, rng: {"mean": -5.0, "std": 1.0, "min": -8.0, "max": -2.0})
+    assert evidence_of(finding_of(make_run(change=negative), "misscaled_inputs"))[0] == ("|median input mean|", 5.0, 1.0, ">")
+    low = _set("InputStats", lambda s, rng: {"mean": 0.0, "std": 1.0, "min": -500.0, "max": 2.0})
+    assert evidence_of(finding_of(make_run(change=low), "misscaled_inputs"))[0] == ("largest |input| (median over batches)", 500.0, 100.0, ">")
+
+    def scaled(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["InputStats"] = {"mean": 0.0, "std": 50.0, "min": -10.0, "max": 10.0}
+        if step >= 100:  # the edge bins fill up in the recent histograms only
+            q["GradHist1d"]["counts"] = [500] + [0] * 98 + [500]
+
+    assert evidence_of(finding_of(make_run(change=scaled), "misscaled_inputs"))[-1] == (
+        "share of per-sample gradient elements in GradHist1d's clamped edge bins", 1.0, None, "context"
+    )
+
+
+def _overfit(step: int) -> float:
+    return 1.0 + abs(step - 50) / 100
+
+
+def test_overfitting_spans_smoothing_and_gaps_in_the_evaluations() -> None:
+    both = finding_of(make_run(valid_loss=lambda s: _overfit(s) + s / 400), "overfitting")
+    assert [item[0] for item in evidence_of(both)][::2] == [
+        "smoothed validation loss rise since its minimum at step 50", "smoothed train_eval accuracy - valid accuracy at the end"
+    ]
+    assert both.steps == (50, 200)
+    spike = lambda s: train_loss(s) + 0.05 + (1.0 if s == 200 else 0.0)  # one noisy evaluation at the end  # noqa: E731
+    assert finding_of(make_run(valid_loss=spike), "overfitting") is None
+    unknown_start = finding_of(make_run(valid_loss=lambda s: math.nan if s == 0 else _overfit(s)), "overfitting")
+    assert evidence_of(unknown_start)[0][0] == "smoothed validation loss rise since its minimum at step 50"
+    run = make_run(valid_loss=_overfit)
+    del run.evals[0]["splits"]["train_eval"]  # an evaluation without the training split is left out, not misaligned
+    assert finding_of(run, "overfitting").steps == (50, 200)
+
+
+def test_a_converged_run_is_not_stalled() -> None:
+    assert finding_of(make_run(loss=lambda s: 2.0 * math.exp(-s / 10) + 0.3), "stalled_training") is None
+
+
+def test_series_helpers_largest_rate_settings_ratios_and_ragged_rows() -> None:
+    records: list[dict[str, Any]] = []
+    series = RunSeries({"instruments": {"parameters": PARAMS}}, records, [], {"optimizer": {"momentum": "high", "dampening": 0.5}})
+    assert series.optimizer_setting("momentum") == 0.0 and series.optimizer_setting("dampening") == 0.5
+    records += [{"step": i, "lr": [0.0, 0.2, 0.1], "quantities": {"GradNorm": [1.0] * 6}} for i in range(10)]
+    assert list(series.lr().values) == [0.2] * 10 and series.layer_ratios() == {"0": 1.0, "2": 1.0}
+    records += [{"step": i, "lr": [0.1], "quantities": {"GradNorm": [1e-5, 1e-5, 1.0, 1.0, 1.0, 1.0]}} for i in range(10, 40)]
+    assert series.layer_ratios()["0"] == pytest.approx(1e-5)  # recomputed as records arrive
+    records.append({"step": 40, "lr": [0.1], "quantities": {"GradNorm": [1.0, 1.0]}})  # a shorter row is left out
+    assert series.layer_ratios()["0"] == pytest.approx(1e-5)
+
+
+def test_window_lengths_at_their_edges() -> None:
+    series = Series(list(range(6)), [float(step) for step in range(6)])
+    assert series.last().steps == [1, 2, 3, 4, 5]  # half of six, but at least five points
+    assert series.between(1.0, 1.0).steps == [5]
+    assert Series([], []).fraction(lambda value: True) == 0.0
+
+
+def test_not_checked_for_lack_of_evaluations_says_how_many_there_are() -> None:
+    run = make_run()
+    run.evals.clear()
+    skipped = {item.rule: item for item in diagnose(run).not_checked}
+    assert skipped["overfitting"].reason == "only 0 evaluations with a valid split so far (needs 4)"
+    assert skipped["overfitting"].enable == "training.eval_every_epochs or training.eval_every_steps"
+
+
+def test_severity_orders_findings_before_priority() -> None:
+    from cockpit_cli.diagnosis.engine import sort_findings
+
+    def made(rule: str, severity: str, first: int) -> Finding:
+        return Finding(rule, severity, (first, first), (), "", "")  # type: ignore[arg-type]
+
+    found = sort_findings([made("misscaled_inputs", "warning", 0), made("early_stopping", "error", 5), made("dead_units", "warning", 0), made("dead_units", "warning", 3)])
+    assert [(item.rule, item.steps[0]) for item in found] == [("early_stopping", 5), ("misscaled_inputs", 0), ("dead_units", 0), ("dead_units", 3)]
+
+
+def test_run_facts_count_tracked_steps_and_show_a_silent_run_as_crashed() -> None:
+    run = make_run(status="running")
+    run.manifest["heartbeat_at"] = "2020-01-01T00:00:00+00:00"
+    for record in run.steps[::2]:
+        record["quantities"] = {}
+    facts = diagnose(run).run
+    assert facts["status"] == "crashed or still running" and (facts["steps"], facts["tracked_steps"]) == (200, 100)
+
+
+def test_parameter_layers_and_histogram_shares() -> None:
+    from cockpit_cli.diagnosis.values import layer_of, peak_shares, share_in_edges
+
+    assert [layer_of(name) for name in ("features.3.weight", "0.bias", "scale")] == ["features.3", "0", "scale"]
+    assert share_in_edges({"counts": [3, 1, 0, 4]}) == 7 / 8 and math.isnan(share_in_edges({"counts": [0, 0]}))
+    shares = peak_shares({"per_parameter": [[1, 4, 4, 1], [0, 0, 6, 2], [5], [0, 0]]})
+    assert shares[:3] == [0.8, 1.0, 1.0] and math.isnan(shares[3])
+
+
+def test_unknown_entries_of_a_per_parameter_list_are_not_zeros() -> None:
+    unknown = _set("UpdateSize", lambda s, rng: [None, "?", 0.1, 0.1, 0.1, 0.1])
+    assert finding_of(make_run(change=unknown), "frozen_parameters") is None

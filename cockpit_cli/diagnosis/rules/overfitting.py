@@ -47,8 +47,8 @@ class Overfitting(Rule):
                 evidence.append(context("smoothed train_eval loss then -> now", f"{train[best]:.4g} -> {train[-1]:.4g}"))
                 span = (steps[best], steps[-1])
         steps, train, valid = paired(run, "accuracy")
-        gaps = [t - v for t, v in zip(train, valid)]
+        gaps = smooth([t - v for t, v in zip(train, valid)])
         if len(gaps) >= 2 and gaps[-1] > GAP and gaps[-1] > gaps[0]:
-            evidence.append(Evidence("train_eval accuracy - valid accuracy at the end", gaps[-1], GAP, ">"))
+            evidence.append(Evidence("smoothed train_eval accuracy - valid accuracy at the end", gaps[-1], GAP, ">"))
             span = span or (steps[0], steps[-1])
         return self.report(span, evidence) if span else None
