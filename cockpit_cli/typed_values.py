@@ -35,7 +35,8 @@ def describe(hint: Any) -> str:
 
 
 def check_value(value: Any, hint: Any, where: str, minimum: float | None = None, maximum: float | None = None) -> Any:
-    """Check ``value`` against type ``hint``; return it converted (ints to floats, lists to tuples).
+    """Check ``value`` against type ``hint``; return it converted (ints to floats, whole floats such
+    as ``1e4`` to ints, lists to tuples).
 
     Args:
         value: The value from YAML.
@@ -90,6 +91,8 @@ def _convert(value: Any, hint: Any) -> Any:
     if hint is bool:
         return value if isinstance(value, bool) else _INVALID
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # `steps: 1e4`
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -165,6 +165,8 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
     assert config.optimizer.arguments == {"lr": 2e-3, "eps": 1e-8, "weight_decay": 5e4, "betas": [0.9, 0.999]}
     assert load_config(path).optimizer.arguments["lr"] == 1e-3
     assert parse_override("optimizer.lr=-1e+2") == (["optimizer", "lr"], -100.0)
+    whole = load_config(path, ["training.steps=1e4", "problem.batch_size=128.0"])
+    assert (whole.training.steps, whole.problem.batch_size) == (10_000, 128) and type(whole.training.steps) is int
     assert parse_override("output.name=e3")[1] == "e3" and parse_override("training.seed=10")[1] == 10
 
 
@@ -207,6 +209,10 @@ def test_typed_values_describe_and_convert() -> None:
     converted = check_value([1, 2.5], tuple[float, ...], "w")
     assert converted == (1.0, 2.5) and isinstance(converted, tuple) and all(isinstance(item, float) for item in converted)
     assert isinstance(check_value(3, float, "w"), float)
+    assert type(check_value(1e4, int, "w")) is int and check_value(1e4, int | None, "w") == 10_000
+    for fraction in (2.5, float("inf"), float("nan")):
+        with pytest.raises(CockpitError, match=r"^w: expected an integer, got"):
+            check_value(fraction, int, "w")
     with pytest.raises(CockpitError, match=r"^w: expected a list of integers, got list$"):
         check_value([1, "x"], list[int], "w")
     with pytest.raises(CockpitError, match=r"^w: expected a mapping, got 'x'$"):
