@@ -479,8 +479,8 @@ def test_dead_units_threshold_window_and_cut_evidence() -> None:
     found = finding_of(make_run(change=_zero_gradients(0.7)), "dead_units")  # the threshold itself counts
     assert evidence_of(found) == [("median share of zero gradient entries of 2.weight, last 50%", 0.7, 0.7, ">=")]
     assert found.steps == (100, 199)
-    # outputs dead only in the first half of the run have recovered
-    recovered = lambda s, q, rng: q["Activations"]["3"].__setitem__("zero_fraction", 0.99 if s < 100 else 0.5)  # noqa: E731
+    # outputs dead over most of the run, but no longer in most of its second half, have recovered
+    recovered = lambda s, q, rng: q["Activations"]["3"].__setitem__("zero_fraction", 0.99 if s < 140 else 0.5)  # noqa: E731
     assert finding_of(make_run(change=recovered), "dead_units") is None
     # six parameters past the threshold: four are listed, then how many more
     every = finding_of(make_run(change=_zero_gradients(0.9, tuple(range(6)))), "dead_units")

@@ -151,3 +151,89 @@ def test_watch_follows_a_run_that_another_process_writes(tmp_path: Path) -> None
     write_manifest(run_dir, "running")
     follower.poll()
     assert any("no heartbeat" in text for _, text in follower.state.alert_list())
+
+
+def test_follower_skips_blank_lines_and_counts_unreadable_ones(tmp_path: Path) -> None:
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"step": 0}\n\n   \n{"step": 1, \n[1, 2]\n{"step": 2}\n')
+    follower = JsonLinesFollower(path)
+    assert follower.read() == [{"step": 0}, {"step": 2}] and follower.bad_lines == 2
+
+
+def step_line(number: int, **fields: object) -> str:
+    """Step ``number``'s record as a line; ``fields`` replace its entries."""
+    record = {"step": number, "epoch": number // 10, "loss": 1.0, "lr": [0.1, 0.01], "time": 0.5 * number, "quantities": {}}
+    return json.dumps({**record, **fields}) + "\n"
+
+
+def test_run_follower_reads_every_field_and_the_end_of_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cockpit_cli.display.watch as watch
+
+    monkeypatch.setattr(watch, "CHUNK_BYTES", 64)  # several chunks in one poll
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, "running")
+    (run_dir / schema.STEPS).write_text("".join(step_line(step) for step in range(15)) + step_line(15, step="abc"))
+    evaluation = {"step": 10, "epoch": 1, "time": 5.5, "splits": {"valid": {"loss": 0.5, "accuracy": 0.9}}}
+    (run_dir / schema.EVALS).write_text(json.dumps(evaluation) + "\n")
+    follower = RunFollower(run_dir)
+    follower.poll()
+    state = follower.state
+    assert state.step == 14 and state.epoch == 1 and state.lr == [0.1, 0.01] and state.time == 7.0
+    assert state.evals == [evaluation] and state.status == "running"
+    manifest = json.loads((run_dir / schema.MANIFEST).read_text())
+    manifest.update(status="interrupted", message="stopped by Ctrl-C", timings={"train_seconds": 9.25})
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+    follower.poll()
+    assert (state.status, state.message, state.time) == ("interrupted", "stopped by Ctrl-C", 9.25)
+    assert ("info", "steps.jsonl: a cut-off or unreadable line was ignored") in state.alert_list()
+    assert not any("evals.jsonl" in text for _, text in state.alert_list())
+
+
+def test_run_follower_keeps_its_manifest_while_it_is_rewritten_and_starts_over_when_evals_are(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, "running")
+    (run_dir / schema.STEPS).write_text("".join(step_line(step) for step in range(3)))
+    evals = [{"step": step, "epoch": 0, "time": 0.0, "splits": {"valid": {"loss": 1.0, "accuracy": 0.5}}} for step in (0, 2)]
+    (run_dir / schema.EVALS).write_text("".join(json.dumps(item) + "\n" for item in evals))
+    follower = RunFollower(run_dir)
+    follower.poll()
+    assert len(follower.state.evals) == 2
+    (run_dir / schema.MANIFEST).write_text('{"schema_version": 1, "sta')  # caught in the middle of a rewrite
+    (run_dir / schema.EVALS).write_text(json.dumps(evals[0]) + "\n")  # a resumed run cut its evaluations back
+    follower.poll()
+    assert follower.running and [item["step"] for item in follower.state.evals] == [0]
+    assert list(follower.state.get("loss").steps) == [0, 1, 2]
+
+
+def test_a_run_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / schema.MANIFEST).write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION + 1, "status": "completed"}))
+    result = runner.invoke(app, ["watch", str(run_dir)])
+    assert result.exit_code == 2 and "schema" in result.output and "Traceback" not in result.output
+
+
+def test_follow_and_no_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--follow keeps watching a finished run (until Ctrl-C); --no-follow draws a running one once."""
+    import cockpit_cli.display.watch as watch
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, "completed")
+    (run_dir / schema.STEPS).write_text(step_line(0))
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(watch.time, "sleep", sleep)
+    console = Console(file=io.StringIO(), width=120)
+    assert watch.watch_run(run_dir, console, follow=True, interval=0.25) == 0
+    assert sleeps == [0.25] * 3 and "step 1/20" in console.file.getvalue()
+    write_manifest(run_dir, "running")
+    sleeps.clear()
+    assert watch.watch_run(run_dir, Console(file=io.StringIO(), width=120), follow=False) == 0 and sleeps == []

@@ -65,6 +65,8 @@ class JsonLinesFollower:
                 continue
             if isinstance(record, dict):
                 records.append(record)
+            else:
+                self.bad_lines += 1  # JSON, but not a record
         return records
 
     def rewritten(self) -> bool:
