@@ -173,19 +173,19 @@ def test_run_follower_reads_every_field_and_the_end_of_the_run(tmp_path: Path, m
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     write_manifest(run_dir, "running")
-    (run_dir / schema.STEPS).write_text("".join(step_line(step) for step in range(15)) + step_line(15, step="abc"))
+    (run_dir / schema.STEPS).write_text("".join(step_line(step) for step in range(25)) + step_line(25, step="abc"))
     evaluation = {"step": 10, "epoch": 1, "time": 5.5, "splits": {"valid": {"loss": 0.5, "accuracy": 0.9}}}
     (run_dir / schema.EVALS).write_text(json.dumps(evaluation) + "\n")
     follower = RunFollower(run_dir)
     follower.poll()
     state = follower.state
-    assert state.step == 14 and state.epoch == 1 and state.lr == [0.1, 0.01] and state.time == 7.0
+    assert state.step == 24 and state.epoch == 2 and state.lr == [0.1, 0.01] and state.time == 12.0
     assert state.evals == [evaluation] and state.status == "running"
     manifest = json.loads((run_dir / schema.MANIFEST).read_text())
-    manifest.update(status="interrupted", message="stopped by Ctrl-C", timings={"train_seconds": 9.25})
+    manifest.update(status="interrupted", message="stopped by Ctrl-C", timings={"train_seconds": 12.25})
     (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
     follower.poll()
-    assert (state.status, state.message, state.time) == ("interrupted", "stopped by Ctrl-C", 9.25)
+    assert (state.status, state.message, state.time) == ("interrupted", "stopped by Ctrl-C", 12.25)
     assert ("info", "steps.jsonl: a cut-off or unreadable line was ignored") in state.alert_list()
     assert not any("evals.jsonl" in text for _, text in state.alert_list())
 
