@@ -232,7 +232,11 @@ def test_missing_data_is_listed_with_what_enables_it():
 def test_too_few_tracked_steps_are_not_judged():
     diagnosis = diagnose(make_run(steps=3, change=_set("Alpha", lambda s, rng: 0.9)))
     assert "lr_too_large" in {item.rule for item in diagnosis.not_checked}
-    assert "only 3 tracked steps of Alpha so far (needs 5)" in next(item.reason for item in diagnosis.not_checked if item.rule == "lr_too_large")
+    skipped = next(item for item in diagnosis.not_checked if item.rule == "lr_too_large")
+    assert skipped.reason == "only 3 tracked steps of Alpha so far (needs 5)"
+    assert skipped.enable == "train longer, or track Alpha more often (instruments.every)"
+    one = next(item for item in diagnose(make_run(steps=1)).not_checked if item.rule == "stalled_training")
+    assert (one.reason, one.enable) == ("only 1 step loss so far (needs 20)", "more training steps")
 
 
 class _LossAbove(Rule):
@@ -292,9 +296,10 @@ def test_text_report_shows_evidence_against_thresholds():
 
 
 def test_text_report_of_a_healthy_run():
-    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(render_text(diagnose(make_run())))
     assert "healthy: no warnings" in console.file.getvalue()
+    assert "  early_stopping: needs EarlyStopping; to check it: instruments.quantities.EarlyStopping: true" in console.file.getvalue().splitlines()
 
 
 def test_json_structure_is_versioned_and_strict_json():
@@ -639,8 +644,13 @@ def test_not_checked_for_lack_of_evaluations_says_how_many_there_are() -> None:
     run = make_run()
     run.evals.clear()
     skipped = {item.rule: item for item in diagnose(run).not_checked}
-    assert skipped["overfitting"].reason == "only 0 evaluations with a valid split so far (needs 4)"
+    assert skipped["overfitting"].reason == "no evaluations with a valid split so far (needs 4)"
     assert skipped["overfitting"].enable == "training.eval_every_epochs or training.eval_every_steps"
+    del run.evals[:]
+    run.evals.append({"step": 0, "splits": {"valid": {"loss": 1.0}}})
+    skipped = {item.rule: item for item in diagnose(run).not_checked}
+    assert skipped["overfitting"].reason == "only 1 evaluation with a valid split so far (needs 4)"
+    assert skipped["overfitting"].enable == "more evaluations: training.eval_every_epochs or training.eval_every_steps"
 
 
 def test_severity_orders_findings_before_priority() -> None:

@@ -24,23 +24,39 @@ ENABLED_BY_PRESET: dict[str, str] = {
     **dict.fromkeys(("TICDiag", "HessTrace"), "business"),
     **dict.fromkeys(("HessMaxEV", "GradHist2d"), "full"),
 }
-RECORD_FIELDS = {"loss": "step losses", "lr": "learning rates", "evals": "evaluations with a valid split"}
+# How records of each kind are counted: one, several.
+RECORD_FIELDS = {
+    "loss": ("step loss", "step losses"),
+    "lr": ("learning rate", "learning rates"),
+    "evals": ("evaluation with a valid split", "evaluations with a valid split"),
+}
+EVALUATIONS = "training.eval_every_epochs or training.eval_every_steps"
 
 
-def _what(name: str) -> str:
-    """How records of ``name`` are counted in messages: ``"evaluations ..."``, ``"tracked steps of Alpha"``."""
-    return RECORD_FIELDS.get(name, f"tracked steps of {name}")
+def _count(number: int, name: str) -> str:
+    """``number`` records of ``name`` in words: ``"only 1 tracked step of Alpha"``, ``"no step losses"``."""
+    one, several = RECORD_FIELDS.get(name, (f"tracked step of {name}", f"tracked steps of {name}"))
+    return f"no {several}" if number == 0 else f"only {number} {one if number == 1 else several}"
 
 
 def how_to_enable(name: str) -> str:
-    """Say how to record ``name`` (a quantity or a record field)."""
+    """Say how to record ``name`` (a quantity or a record field) in a run that does not."""
     if name == "evals":
-        return "training.eval_every_epochs or training.eval_every_steps"
+        return EVALUATIONS
     if name in RECORD_FIELDS:
         return "more training steps"
     preset = ENABLED_BY_PRESET.get(name)
     by_name = f"instruments.quantities.{name}: true"
     return f"preset {preset} or higher, or {by_name}" if preset else by_name
+
+
+def how_to_get_more(name: str) -> str:
+    """Say how to get more records of ``name``, which a run records too few of."""
+    if name == "evals":
+        return f"more evaluations: {EVALUATIONS}"
+    if name in RECORD_FIELDS:
+        return "more training steps"
+    return f"train longer, or track {name} more often (instruments.every)"
 
 
 def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
@@ -51,17 +67,15 @@ def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
         counts = {name: run.count(name) for name in options}
         if max(counts.values()) >= rule.min_points:
             continue
-        shown = " or ".join(options)
+        cheapest = min(options, key=lambda name: PRESET_ORDER.index(ENABLED_BY_PRESET.get(name, "full")))
         why = "; ".join(f"{name} unavailable: {unavailable[name]}" for name in options if name in unavailable)
         if why:
-            reason = why
-        elif any(counts.values()) or all(name in RECORD_FIELDS for name in options):
+            return NotChecked(rule.name, why, how_to_enable(cheapest))
+        if any(counts.values()) or all(name in RECORD_FIELDS for name in options):
             best = max(options, key=lambda name: counts[name])
-            reason = f"only {counts[best]} {_what(best)} so far (needs {rule.min_points})"
-        else:
-            reason = f"needs {shown}"
-        cheapest = min(options, key=lambda name: PRESET_ORDER.index(ENABLED_BY_PRESET.get(name, "full")))
-        return NotChecked(rule.name, reason, how_to_enable(cheapest))
+            enable = how_to_get_more(best) if counts[best] else how_to_enable(best)
+            return NotChecked(rule.name, f"{_count(counts[best], best)} so far (needs {rule.min_points})", enable)
+        return NotChecked(rule.name, f"needs {' or '.join(options)}", how_to_enable(cheapest))
     return None
 
 

@@ -90,7 +90,8 @@ class NotChecked:
     Attributes:
         rule: Name of the rule.
         reason: What is missing, e.g. ``"needs HessMaxEV"``.
-        enable: How to record it, e.g. ``"preset full, or instruments.quantities.HessMaxEV: true"``.
+        enable: How to record it, e.g. ``"preset full, or instruments.quantities.HessMaxEV: true"``,
+            or how to record more of it when the run has too few records.
     """
 
     rule: str

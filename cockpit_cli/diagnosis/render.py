@@ -105,5 +105,5 @@ def render_text(diagnosis: Diagnosis) -> Group:
     if diagnosis.not_checked:
         parts += [Text(""), Text("not checked:", style="dim")]
         for item in diagnosis.not_checked:
-            parts.append(Text(f"  {item.rule}: {item.reason} (enable: {item.enable})", style="dim"))
+            parts.append(Text(f"  {item.rule}: {item.reason}; to check it: {item.enable}", style="dim"))
     return Group(*parts)
