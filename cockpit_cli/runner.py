@@ -205,7 +205,10 @@ def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None]) ->
         severity = "critical" if finding.severity == "error" else finding.severity
         alert(severity, f"{finding.rule}: {finding.meaning} Try: {finding.hint}", finding.rule)
 
-    return LiveDiagnosis(on_alert=on_alert, config=config.to_dict())
+    def on_clear(rule: str, opened: int, step: int) -> None:
+        alert("info", f"{rule}: no longer found at step {step} (raised at step {opened})", rule)
+
+    return LiveDiagnosis(on_alert=on_alert, on_clear=on_clear, config=config.to_dict())
 
 
 def report_end(end: RunEnd, run_dir: Path, console: Console, errors: Console, quiet: bool = False) -> ExitCode:

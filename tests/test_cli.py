@@ -185,6 +185,8 @@ def test_a_live_diagnosis_error_is_a_critical_alert() -> None:
     for severity in ("error", "warning"):
         observer.on_alert(SimpleNamespace(severity=severity, rule="divergence", meaning="The loss grew.", hint="lower lr"))
     assert alerts == [("critical", "divergence: The loss grew. Try: lower lr", "divergence"), ("warning", "divergence: The loss grew. Try: lower lr", "divergence")]
+    observer.on_clear("divergence", 40, 75)
+    assert alerts[-1] == ("info", "divergence: no longer found at step 75 (raised at step 40)", "divergence")  # replaces the alert
 
 
 @pytest.mark.parametrize(

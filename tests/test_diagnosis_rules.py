@@ -252,11 +252,28 @@ class _LossAbove(Rule):
 
 def test_live_alert_is_raised_once_per_episode():
     alerts: list[Finding] = []
-    live = LiveDiagnosis(on_alert=alerts.append, check_every=1, quiet_checks=3, rules=[_LossAbove()], manifest={"instruments": {"parameters": PARAMS}})
+    cleared: list[tuple[str, int, int]] = []
+    live = LiveDiagnosis(
+        on_alert=alerts.append, check_every=1, quiet_checks=3, rules=[_LossAbove()], manifest={"instruments": {"parameters": PARAMS}},
+        on_clear=lambda *args: cleared.append(args),
+    )
     losses = [1.0] * 5 + [9.0] * 10 + [1.0] * 2 + [9.0] * 3 + [1.0] * 5 + [9.0] * 2
     for step, loss in enumerate(losses):
         live.on_step({"step": step, "loss": loss, "lr": [0.1], "quantities": {}})
     assert [alert.steps[1] for alert in alerts] == [5, 25]  # the short dip at 15-16 does not end the episode
+    assert cleared == [("loss_above_five", 5, 22)]  # quiet at steps 20, 21 and 22
+    live.on_end(None)
+    assert cleared == [("loss_above_five", 5, 22)] and list(live.active) == ["loss_above_five"]  # still firing at the end
+
+
+def test_live_episodes_not_firing_at_the_end_are_closed_there():
+    cleared: list[tuple[str, int, int]] = []
+    live = LiveDiagnosis(check_every=1, quiet_checks=3, rules=[_LossAbove()], on_clear=lambda *args: cleared.append(args))
+    for step, loss in enumerate([9.0] * 4 + [1.0]):
+        live.on_step({"step": step, "loss": loss, "lr": [0.1], "quantities": {}})
+    assert cleared == [] and list(live.active) == ["loss_above_five"]  # one quiet check of three
+    live.on_end(None)
+    assert cleared == [("loss_above_five", 0, 4)] and live.active == {}
 
 
 def test_live_diagnosis_uses_the_registered_rules_on_records_so_far():

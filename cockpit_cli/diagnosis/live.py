@@ -4,7 +4,9 @@
 on a non-finite loss) it runs the rules over everything recorded so far. A rule that starts firing opens an *episode* and
 raises one alert; further checks that still find it stay silent. The episode closes after the
 rule has been quiet for ``quiet_checks`` consecutive checks, so a problem that comes back later
-is announced again, while one that flickers around its threshold is announced once.
+is announced again, while one that flickers around its threshold is announced once. A closed
+episode is announced too, and at the end of the run every episode whose rule no longer finds
+its problem is closed, so the open ones are exactly what ``cockpit diagnose`` reports.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class LiveDiagnosis:
 
     Args:
         on_alert: Called with each new finding (the start of an episode).
+        on_clear: Called when an episode closes, with the rule's name, the last step seen when the
+            episode opened and the last step seen now.
         check_every: Run the rules every this many steps (every 1% of the steps seen so far once
             that is more, which bounds the cost on long runs), and at the end.
         quiet_checks: Consecutive checks without a finding that close its episode.
@@ -50,13 +54,16 @@ class LiveDiagnosis:
         rules: Iterable[Rule] | None = None,
         manifest: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        on_clear: Callable[[str, int, int], None] | None = None,
     ):
-        self.on_alert = on_alert
+        self.on_alert, self.on_clear = on_alert, on_clear
         self.check_every = max(1, check_every)
         self.quiet_checks = max(1, quiet_checks)
         self.rules = None if rules is None else list(rules)
         self.series = RunSeries(dict(manifest or {}), [], [], config)
         self.active: dict[str, int] = {}  # rule -> consecutive quiet checks in its open episode
+        self.opened_at: dict[str, int] = {}  # rule -> last step seen when its episode opened
+        self.firing: set[str] = set()  # rules that found their problem at the last check
         self.alerts: list[Finding] = []
         self.checked_at = 0  # steps seen at the last check
 
@@ -78,25 +85,39 @@ class LiveDiagnosis:
         self.series.evals.append(_as_dict(record))
 
     def on_end(self, end: Any) -> None:
-        """Run a last check with the final status."""
+        """Run a last check with the final status; close the episodes whose rule it no longer fires."""
         status = getattr(end, "status", None)
         if status is not None:
             self.series.manifest["status"] = getattr(status, "value", status)
         self.check()
+        for rule in [rule for rule in self.active if rule not in self.firing]:
+            self._close(rule)
 
     def check(self) -> list[Finding]:
         """Run the rules now; return (and announce) the findings that open a new episode."""
         self.checked_at = len(self.series.steps)
         findings, _, _ = run_rules(self.series, self.rules)
         firing = {finding.rule: finding for finding in findings}
+        self.firing = set(firing)
         new = [finding for rule, finding in firing.items() if rule not in self.active]
         for rule in list(self.active):
             self.active[rule] = 0 if rule in firing else self.active[rule] + 1
             if self.active[rule] >= self.quiet_checks:
-                del self.active[rule]
+                self._close(rule)
         for finding in new:
-            self.active[finding.rule] = 0
+            self.active[finding.rule], self.opened_at[finding.rule] = 0, self._last_step()
             self.alerts.append(finding)
             if self.on_alert is not None:
                 self.on_alert(finding)
         return new
+
+    def _last_step(self) -> int:
+        """The step of the latest record (0 before any)."""
+        return int(self.series.steps[-1].get("step", len(self.series.steps) - 1)) if self.series.steps else 0
+
+    def _close(self, rule: str) -> None:
+        """End ``rule``'s episode and announce it."""
+        del self.active[rule]
+        opened = self.opened_at.pop(rule)
+        if self.on_clear is not None:
+            self.on_clear(rule, opened, self._last_step())
