@@ -126,6 +126,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: str = field(default="<config>", compare=False)
+    overrides: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config in its YAML shape (the free-form keys folded back in)."""
@@ -143,9 +144,24 @@ class RunConfig:
         """Return the effective config as YAML text."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
+    def where(self, path: str) -> str:
+        """Where key ``path`` is set: ``"<file>: <path>"``, naming the ``--set`` overrides that touch it."""
+        return located(self.source, self.overrides, path)
+
     def fail(self, path: str, problem: str, hint: str | None = None) -> CockpitError:
         """Build the error for key ``path`` of this config (``<file>: <path>: <problem>``)."""
-        return CockpitError(f"{self.source}: {path}: {problem}", hint)
+        return CockpitError(f"{self.where(path)}: {problem}", hint)
+
+
+def located(source: str, overrides: typing.Sequence[str], path: str) -> str:
+    """``"<source>: <path>"``; ``"<source> with --set <override>: <path>"`` when an override sets
+    ``path``, a key inside it, or the section it is in, so that the error points at the command line."""
+    touching = []
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+            touching.append(f"--set {text}")
+    return f"{source} with {' '.join(touching)}: {path}" if touching else f"{source}: {path}"
 
 
 # Sections whose unknown keys are collected into a free-form dict instead of being rejected.
@@ -162,40 +178,43 @@ def _flatten(section: Any, open_field: str) -> dict[str, Any]:
 # Parsing
 
 
-def _parse_section(cls: type, data: Any, path: str, source: str) -> Any:
-    """Build dataclass ``cls`` from mapping ``data``, rejecting unknown keys and wrong types."""
+def _parse_section(cls: type, data: Any, path: str, where: typing.Callable[[str], str]) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``, rejecting unknown keys and wrong types.
+
+    ``where(key_path)`` gives the start of an error message about that key.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise CockpitError(f"{source}: {path}: expected a mapping of keys, got {data!r}")
+        raise CockpitError(f"{where(path)}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "overrides")}
     open_field = _OPEN_SECTIONS.get(cls)
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str):
-            raise CockpitError(f"{source}: {key_path}: keys must be strings")
+            raise CockpitError(f"{where(key_path)}: keys must be strings")
         if key not in fields or key == open_field:
             if open_field is not None:
                 extra[key] = value
                 continue
             known = sorted(fields)
             raise CockpitError(
-                f"{source}: {key_path}: unknown key{did_you_mean(key, known)}",
+                f"{where(key_path)}: unknown key{did_you_mean(key, known)}",
                 f"keys allowed under {path or 'the top level'}: {', '.join(known)}",
             )
         hint = hints[key]
         section_type = _section_type(hint)
         if section_type is not None:
-            values[key] = None if value is None and _optional(hint) else _parse_section(section_type, value, key_path, source)
+            values[key] = None if value is None and _optional(hint) else _parse_section(section_type, value, key_path, where)
         else:
             minimum = fields[key].metadata.get("min")
-            values[key] = check_value(value, hint, f"{source}: {key_path}", minimum)
+            values[key] = check_value(value, hint, where(key_path), minimum)
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in values]
     if missing:
-        raise CockpitError(f"{source}: {path}.{missing[0]}: required key is missing")
+        raise CockpitError(f"{where(f'{path}.{missing[0]}')}: required key is missing")
     if open_field is not None:
         values[open_field] = extra
     return cls(**values)
@@ -214,10 +233,18 @@ def _optional(hint: Any) -> bool:
     return type(None) in typing.get_args(hint)
 
 
-def parse_config(data: Any, source: str = "<config>") -> RunConfig:
-    """Validate a plain mapping (as loaded from YAML) into a :class:`RunConfig`."""
-    config = _parse_section(RunConfig, data, "", source)
-    config = dataclasses.replace(config, source=source)
+def parse_config(data: Any, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Validate a plain mapping (as loaded from YAML) into a :class:`RunConfig`.
+
+    Args:
+        data: The mapping.
+        source: Where it came from, for error messages (the file's path).
+        overrides: The ``--set`` overrides already applied to it, named in error messages about
+            the keys they set.
+    """
+    overrides = tuple(overrides)
+    config = _parse_section(RunConfig, data, "", lambda path: located(source, overrides, path))
+    config = dataclasses.replace(config, source=source, overrides=overrides)
     training_keys = (data or {}).get("training") or {}
     if "eval_every_steps" in training_keys and "eval_every_epochs" not in training_keys:
         # Evaluating by steps replaces the default of evaluating every epoch.
@@ -290,4 +317,4 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
             if chosen in overridden and other not in overridden and isinstance(section, dict):
                 section.pop(other[1], None)
     data = apply_overrides(data, overrides)
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), overrides=overrides)

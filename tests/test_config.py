@@ -109,12 +109,25 @@ def test_override_into_a_scalar_is_rejected() -> None:
         apply_overrides({"optimizer": {"lr": 1}}, ["optimizer.lr.x=2"])
 
 
-def test_override_values_are_validated_like_the_file(tmp_path: Path) -> None:
+def test_override_values_are_validated_like_the_file_and_named_in_the_error(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  epochs: 2\n")
     with pytest.raises(CockpitError) as caught:
-        load_config(path, ["training.epochs=-4"])
-    assert caught.value.message == f"{path}: training.epochs: expected a value >= 1, got -4"
+        load_config(path, ["training.epochs=-4", "optimizer.lr=0.5"])
+    assert caught.value.message == f"{path} with --set training.epochs=-4: training.epochs: expected a value >= 1, got -4"
+    path.write_text("training:\n  epochs: 2\n")
+    with pytest.raises(CockpitError) as caught:  # a section overridden whole, a key inside an overridden one
+        load_config(path, ["optimizer=3"])
+    assert caught.value.message == f"{path} with --set optimizer=3: optimizer: expected a mapping of keys, got 3"
+    with pytest.raises(CockpitError) as caught:
+        load_config(path, ["training.steps=5", "training.epochs=3", "output.name=x"])
+    assert caught.value.message == f"{path} with --set training.steps=5 --set training.epochs=3: training: give either epochs or steps, not both"
+    config = load_config(path, ["optimizer.lr=2", "output.name=a"])
+    assert config.where("optimizer") == f"{path} with --set optimizer.lr=2: optimizer" and config.where("output.names") == f"{path}: output.names"
+    path.write_text("training:\n  epochs: -1\n")
+    with pytest.raises(CockpitError) as caught:  # a wrong value in the file is the file's, whatever else is set
+        load_config(path, ["optimizer.lr=2"])
+    assert caught.value.message == f"{path}: training.epochs: expected a value >= 1, got -1"
 
 
 def test_missing_file_directory_and_malformed_yaml(tmp_path: Path) -> None:

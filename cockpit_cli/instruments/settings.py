@@ -35,7 +35,7 @@ def _check_entry(config: RunConfig, name: str, entry: Any) -> dict[str, Any] | N
     defaults = QUANTITIES[name].options_defaults
     settings: dict[str, Any] = {}
     for key, value in entry.items():
-        where = f"{config.source}: {path}.{key}"
+        where = config.where(f"{path}.{key}")
         if key in SCHEDULE_KEYS:
             kind, minimum = _SCHEDULE_TYPES[key]
             settings[key] = check_value(value, kind, where, minimum)

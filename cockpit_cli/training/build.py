@@ -87,7 +87,7 @@ def check_problem_options(config: RunConfig) -> dict[str, Any]:
                 f"unknown key for problem '{name}'{did_you_mean(key, known)}",
                 f"keys allowed: {', '.join(known)}",
             )
-        checked[key] = check_value(value, types[key], f"{config.source}: problem.{key}")
+        checked[key] = check_value(value, types[key], config.where(f"problem.{key}"))
     return checked
 
 

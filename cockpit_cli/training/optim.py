@@ -72,7 +72,7 @@ def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict
 
 def _check_like_default(config: RunConfig, path: str, value: Any, default: Any) -> Any:
     """Check ``value`` has the type the signature's default suggests (numbers, bools, tuples)."""
-    where = f"{config.source}: {path}"
+    where = config.where(path)
     if isinstance(default, bool):
         return check_value(value, bool, where)
     if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
