@@ -72,7 +72,13 @@ class Comparison:
 
 def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
     """Run directories named by ``paths``: run directories, parents of runs, or glob patterns."""
-    found: list[Path] = []
+    return list(dict.fromkeys(path for path, _ in _expand(paths)))
+
+
+def _expand(paths: Sequence[Path | str]) -> list[tuple[Path, bool]]:
+    """Each run directory named by ``paths`` and whether it was named itself (not found in a
+    parent or by a pattern)."""
+    found: list[tuple[Path, bool]] = []
     for item in paths:
         path = Path(item)
         if any(char in str(item) for char in "*?[") and not path.exists():
@@ -80,24 +86,39 @@ def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
             runs = [match for match in matches if (match / schema.MANIFEST).exists()]
             if not runs:
                 raise CockpitError(f"the pattern '{item}' matches no run directory", "check the pattern, or pass the run directories")
-            found.extend(runs)
+            found.extend((run, False) for run in runs)
         elif path.is_dir() and not (path / schema.MANIFEST).exists():
             runs = sorted(child for child in path.iterdir() if (child / schema.MANIFEST).exists())
             if not runs:
                 raise CockpitError(f"{path} is not a run directory and holds none", "pass run directories written by `cockpit run`, or their parent")
-            found.extend(runs)
+            found.extend((run, False) for run in runs)
         else:
-            found.append(path)
-    return list(dict.fromkeys(found))
+            found.append((path, True))
+    return found
 
 
-def load_runs(paths: Sequence[Path | str]) -> list[RunData]:
-    """Read every run named by ``paths`` (see :func:`expand_paths`); at least two are needed."""
-    runs = [read_run(path) for path in expand_paths(paths)]
+def load_runs(paths: Sequence[Path | str]) -> tuple[list[RunData], list[str]]:
+    """Read every run named by ``paths`` (see :func:`expand_paths`); at least two are needed.
+
+    A run found in a parent directory or by a pattern that cannot be read is left out, with a
+    note saying why; one named itself is an error.
+
+    Returns:
+        The runs and the notes on the runs left out.
+    """
+    runs, skipped, named = [], [], {path for path, itself in _expand(paths) if itself}
+    for path in expand_paths(paths):
+        try:
+            runs.append(read_run(path))
+        except CockpitError as error:
+            if path in named:
+                raise
+            skipped.append(f"left out a run that cannot be read: {error.message}")
     if len(runs) < 2:
-        named = f": only {runs[0].path}" if runs else ""
-        raise CockpitError(f"compare needs at least two runs{named}", "pass two or more run directories, or a directory holding several runs")
-    return runs
+        only = f": only {runs[0].path}" if runs else ""
+        left_out = f" ({len(skipped)} more cannot be read: {'; '.join(skipped)})" if skipped else ""
+        raise CockpitError(f"compare needs at least two runs{only}{left_out}", "pass two or more run directories, or a directory holding several runs")
+    return runs, skipped
 
 
 def check_metrics(metrics: Sequence[str], views: Sequence[RunView]) -> None:
@@ -240,8 +261,9 @@ def _notes(views: Sequence[RunView], ranking: Ranking | None) -> list[str]:
     return notes
 
 
-def compare_loaded(runs: Sequence[RunData], metrics: Sequence[str] = (), findings: Findings | None = None) -> Comparison:
-    """Compare runs already read from their directories (see :func:`compare_runs`)."""
+def compare_loaded(runs: Sequence[RunData], metrics: Sequence[str] = (), findings: Findings | None = None, skipped: Sequence[str] = ()) -> Comparison:
+    """Compare runs already read from their directories (see :func:`compare_runs`); ``skipped``
+    are notes on runs that could not be read."""
     views = [RunView(run) for run in runs]
     check_metrics(metrics, views)
     names = [run.name for run in runs]
@@ -257,7 +279,7 @@ def compare_loaded(runs: Sequence[RunData], metrics: Sequence[str] = (), finding
         instruments=instrument_rows(views, metrics),
         ranking=ranking,
         findings=[findings(run)[:FINDINGS_SHOWN] for run in runs] if findings is not None else None,
-        notes=_notes(views, ranking),
+        notes=[*skipped, *_notes(views, ranking)],
     )
 
 
@@ -274,4 +296,5 @@ def compare_runs(paths: list[Path], metrics: list[str], findings: Findings | Non
     Raises:
         CockpitError: A path is not a run directory, fewer than two runs, or an unknown metric.
     """
-    return compare_loaded(load_runs(paths), metrics, findings)
+    runs, skipped = load_runs(paths)
+    return compare_loaded(runs, metrics, findings, skipped)

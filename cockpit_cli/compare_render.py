@@ -142,8 +142,8 @@ def run_compare(paths: Sequence[Path], metrics: Sequence[str], as_json: bool, pl
     Raises:
         CockpitError: Bad paths, fewer than two runs, or an unknown metric.
     """
-    runs = load_runs(paths)
-    comparison = compare_loaded(runs, metrics, findings)
+    runs, skipped = load_runs(paths)
+    comparison = compare_loaded(runs, metrics, findings, skipped)
     if plot is not None:
         from cockpit_cli.report.compare_figure import write_compare_figure
 

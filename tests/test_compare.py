@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -222,3 +223,18 @@ def test_json_has_no_nan_and_marks_unset_config_keys_as_null() -> None:
     data = comparison_to_dict(compare_loaded(runs, ["valid.loss"]))
     assert {"key": "optimizer.momentum", "values": [None, 0.9]} in data["config_differences"]
     json.dumps(data, allow_nan=False)  # no NaN in the document
+
+
+def test_an_unreadable_run_found_in_a_directory_is_left_out_with_a_note(results: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    shutil.copytree(results, folder)
+    (folder / "b" / "run.json").write_text("{")
+    comparison = compare_runs([folder], [])
+    assert [run["name"] for run in comparison.runs] == ["a", "c"]
+    assert comparison.notes[0] == f"left out a run that cannot be read: {folder / 'b' / 'run.json'} is corrupted: its manifest is not valid JSON"
+    assert "left out a run that cannot be read" in text_of([str(folder / "[ab]"), folder / "c"])
+    with pytest.raises(CockpitError, match="is corrupted"):  # named itself, it is an error
+        compare_runs([folder / "a", folder / "b"], [])
+    with pytest.raises(CockpitError) as error:
+        compare_runs([str(folder / "[ab]")], [])
+    assert error.value.message.startswith(f"compare needs at least two runs: only {folder / 'a'} (1 more cannot be read: left out a run")
