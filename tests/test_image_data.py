@@ -238,20 +238,24 @@ def test_unknown_dataset_lists_known_ones(tmp_path):
         assert name in caught.value.hint
 
 
+def error_of(name: str, data_dir: Path) -> CockpitError:
+    """The error that reading data set ``name`` from ``data_dir`` raises."""
+    with pytest.raises(CockpitError) as caught:
+        load_image_splits(name, data_dir, download=False, seed=0)
+    return caught.value
+
+
 def test_missing_files_are_listed_once_each_with_the_folder_they_belong_in(tmp_path):
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("cifar10", tmp_path, download=False, seed=0)
+    error = error_of("cifar10", tmp_path)
     batches = ", ".join([f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta", "test_batch"])
-    assert caught.value.message == f"CIFAR-10 not found in {tmp_path / 'cifar-10-batches-py'}: missing {batches}"
-    assert f"to a folder that has cifar-10-batches-py/ with {batches}" in caught.value.hint
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("mnist", tmp_path, download=False, seed=0)
+    assert error.message == f"CIFAR-10 not found in {tmp_path / 'cifar-10-batches-py'}: missing {batches}"
+    assert f"to a folder that has cifar-10-batches-py/ with {batches}" in error.hint
+    error = error_of("mnist", tmp_path)
     names = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
-    assert caught.value.message.endswith(f"missing {names}") and f"MNIST/raw/ with {names}" in caught.value.hint
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("svhn", tmp_path, download=False, seed=0)
-    assert caught.value.message.endswith("missing train_32x32.mat, test_32x32.mat")
-    assert caught.value.hint.endswith("to a folder that has train_32x32.mat, test_32x32.mat")
+    assert error.message.endswith(f"missing {names}") and f"MNIST/raw/ with {names}" in error.hint
+    error = error_of("svhn", tmp_path)
+    assert error.message.endswith("missing train_32x32.mat, test_32x32.mat")
+    assert error.hint.endswith("to a folder that has train_32x32.mat, test_32x32.mat")
 
 
 def test_each_file_check_passes_intact_files(tmp_path):
@@ -265,10 +269,9 @@ def test_each_file_check_passes_intact_files(tmp_path):
 def test_cifar_meta_without_its_names_is_named(tmp_path):
     write_fake_cifar10(tmp_path, N_TRAIN, N_TEST)
     (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps({"num_vis": 3072}))
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("cifar10", tmp_path, download=False, seed=0)
-    assert caught.value.message.startswith("cannot read CIFAR-10 file batches.meta in ")
-    assert caught.value.message.endswith(": ValueError: no 'label_names' entry")
+    error = error_of("cifar10", tmp_path)
+    assert error.message.startswith("cannot read CIFAR-10 file batches.meta in ")
+    assert error.message.endswith(": ValueError: no 'label_names' entry")
 
 
 def test_cifar_batch_of_the_wrong_width_is_named(tmp_path):
@@ -277,10 +280,9 @@ def test_cifar_batch_of_the_wrong_width_is_named(tmp_path):
     entry = pickle.loads(path.read_bytes())
     entry["data"] = entry["data"][:, :100]
     path.write_bytes(pickle.dumps(entry))
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("cifar10", tmp_path, download=False, seed=0)
-    assert caught.value.message.startswith("cannot read CIFAR-10 file test_batch in ")
-    assert caught.value.message.endswith("expected 'data' of shape [N, 3072] and N labels, got (12, 100) and 12")
+    error = error_of("cifar10", tmp_path)
+    assert error.message.startswith("cannot read CIFAR-10 file test_batch in ")
+    assert error.message.endswith("expected 'data' of shape [N, 3072] and N labels, got (12, 100) and 12")
 
 
 def test_svhn_file_with_images_of_another_layout_is_named(tmp_path):
@@ -290,10 +292,9 @@ def test_svhn_file_with_images_of_another_layout_is_named(tmp_path):
     path = tmp_path / "test_32x32.mat"
     mat = scipy.io.loadmat(path)
     scipy.io.savemat(path, {"X": mat["X"].reshape(32, 32, 3 * N_TEST), "y": mat["y"]})
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits("svhn", tmp_path, download=False, seed=0)
-    assert caught.value.message.startswith("cannot read SVHN file test_32x32.mat in ")
-    assert "expected X [32, 32, 3, N] and y [N, 1], got (32, 32, 36) and (12, 1)" in caught.value.message
+    error = error_of("svhn", tmp_path)
+    assert error.message.startswith("cannot read SVHN file test_32x32.mat in ")
+    assert "expected X [32, 32, 3, N] and y [N, 1], got (32, 32, 36) and (12, 1)" in error.message
 
 
 @pytest.mark.parametrize("name", ["mnist", "svhn"])
@@ -314,9 +315,8 @@ def test_images_of_another_size_are_an_error(tmp_path, name):
         scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": mat["X"][:16, :16], "y": mat["y"]})
         expected = "train_32x32.mat in {}: images of shape [3, 16, 16] where SVHN has [3, 32, 32]"
         folder = tmp_path
-    with pytest.raises(CockpitError) as caught:
-        load_image_splits(name, tmp_path, download=False, seed=0)
-    assert caught.value.message.endswith(expected.format(folder))
+    error = error_of(name, tmp_path)
+    assert error.message.endswith(expected.format(folder))
 
 
 def test_labels_below_zero_or_at_the_class_count_are_errors(tmp_path):
