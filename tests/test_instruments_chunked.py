@@ -146,6 +146,34 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
         check_first_order(run, step, weight_decay=DECAY, names=names)
 
 
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_convolutions_padding_with_their_own_values_use_torch_func_and_have_no_curvature(mode: str) -> None:
+    """BackPACK's convolution rules compute as if the layer padded with zeros: one that pads with
+    its own values gets exact per-sample gradients from torch.func, and no curvature diagonal.
+    Without padding the mode changes nothing, and BackPACK's rules stay."""
+    from torch import nn
+
+    from cockpit_cli.instruments.factored_batch_grad import factored_layer
+    from cockpit_cli.instruments.support import check_support
+
+    torch.manual_seed(3)
+    batches = make_batches("cnn", "ce", 3, 2)
+    layer = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)).double()
+    assert not factored_layer(layer)
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d")
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY)
+    support = run.instruments.support
+    assert (support.per_sample, support.per_sample_reason) == (
+        "functorch", f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's rules compute as zero padding; per-sample gradients use torch.func (exact, slower)"
+    )
+    assert run.instruments.unavailable == {"HessTrace": f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's curvature rules compute as zero padding"}
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY, names=names)
+    unpadded = check_support(nn.Sequential(nn.Conv2d(2, 3, 3, padding_mode=mode), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)), nn.CrossEntropyLoss())
+    assert (unpadded.per_sample, unpadded.curvature) == ("backpack", True)
+
+
 def float32_source(spread: float, weight_decay: float) -> tuple[FactoredLinear, Tensor]:
     """A float32 Linear source whose per-sample gradients deviate from a common one by about
     ``spread`` (relative), and the float64 sum ``sum_i ||G[i] - g||^2`` of its exact products."""
