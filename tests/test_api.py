@@ -78,6 +78,52 @@ def test_api_does_not_change_training(tmp_path: Path) -> None:
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_quantities_unavailable_from_the_start_are_no_warnings(tmp_path: Path) -> None:
+    """CABS asked for with momentum is unavailable from the start: the manifest says so among
+    what is tracked, not as something that went wrong during the run."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with TrackedRun(tmp_path / "momentum", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, quantities={"CABS": True}) as run:
+        loop(run, model, optimizer, 2)
+    data = read_run(tmp_path / "momentum")
+    assert set(data.manifest["instruments"]["unavailable"]) == {"CABS"}
+    assert data.manifest["warnings"] == []
+
+
+def test_after_the_instruments_fail_the_step_is_plain_training_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instruments fail after the backward pass has filled the gradients: they are switched
+    off, the gradients are formed anew (with the weight decay term), and every step, that one
+    included, updates the parameters exactly as plain training does."""
+    from reference import regularizer, weights
+
+    from cockpit_cli.instruments.backend import GradientCapture
+
+    def failing(self: GradientCapture, loss: torch.Tensor, *args: object, **kwargs: object) -> None:
+        loss.backward()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(GradientCapture, "backward", failing)
+    trained = []
+    for preset in ("none", "economy"):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.CrossEntropyLoss()
+        generator = torch.Generator().manual_seed(0)
+        with TrackedRun(tmp_path / preset, model, loss_fn, nn.CrossEntropyLoss(reduction="none"), optimizer, preset=preset, weight_decay=0.5, decayed_parameters=weights(model)) as run:
+            for step in range(2):
+                inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+                optimizer.zero_grad()
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets) + regularizer(weights(model), 0.5)
+                run.backward(step, loss, inputs, outputs, targets)
+                optimizer.step()
+                run.step(step, loss)
+            assert run.tracker.failure == (None if preset == "none" else "instruments switched off at step 0: RuntimeError: boom")
+        trained.append(list(model.parameters()))
+    for plain, tracked in zip(*trained):
+        torch.testing.assert_close(tracked, plain, rtol=1e-6, atol=1e-7)
+
+
 def test_exception_in_the_loop_marks_the_run_failed(tmp_path: Path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

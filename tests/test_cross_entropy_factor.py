@@ -28,6 +28,16 @@ def test_factor_squares_to_the_loss_hessian(classes: int, sharpness: float) -> N
     torch.testing.assert_close(squared, loss_hessians(probs), rtol=0, atol=1e-14)
 
 
+def test_factor_of_saturated_probabilities_is_finite() -> None:
+    """A saturated float32 softmax is exactly one-hot (its Hessian is zero): the reflection takes
+    the unit vector of the smallest probability, never tau itself, and the factor stays finite."""
+    probs = torch.softmax(torch.tensor([[150.0, 0.0, 2.0], [0.0, 1.0, 200.0]]), dim=1)
+    assert probs.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    factor = reduced_sqrt_hessian(probs)
+    assert torch.isfinite(factor).all()
+    torch.testing.assert_close(torch.einsum("vnc,vnd->ncd", factor, factor), loss_hessians(probs), rtol=0, atol=0)
+
+
 def test_derivatives_give_the_mean_loss_factor_and_keep_backpack_for_extra_axes() -> None:
     torch.manual_seed(0)
     loss = torch.nn.CrossEntropyLoss()

@@ -105,6 +105,8 @@ def test_the_estimate_bounds_the_memory_the_curvature_takes() -> None:
 def test_sizes_below_a_gib_are_given_in_mib() -> None:
     reason = curvature_memory.shortfall(9, 100, 640, 4, 1 << 20, "hessian")
     assert reason is not None and "about 7 MiB" in reason and "only 1 MiB are available" in reason
+    reason = curvature_memory.shortfall(1, 1, curvature_memory.GIB // 2, 1, curvature_memory.GIB, "hessian")  # 1.5 GiB needed
+    assert reason is not None and "about 1.5 GiB" in reason and "only 1.0 GiB are available" in reason
 
 
 def test_finish_removes_the_size_hooks_of_a_step_that_was_skipped() -> None:

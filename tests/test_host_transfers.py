@@ -53,11 +53,22 @@ def test_scalar_totals_reach_python_in_one_transfer(monkeypatch: pytest.MonkeyPa
         values = [acc.scalar("a"), acc.scalar("b"), acc.scalar("largest"), acc.scalar("a")]
     assert values == [3.5, -3.25, 7.0, 3.5]
     assert sum(counts.values()) == 1
-    acc.add("b", torch.tensor(1.0))  # a change is seen
+    acc.add("b", torch.tensor(1.0))  # each change is seen
+    assert acc.scalar("b") == -2.25
     acc.maximum("largest", torch.tensor(9.0))
-    assert (acc.scalar("b"), acc.scalar("largest")) == (-2.25, 9.0)
+    assert acc.scalar("largest") == 9.0
     with pytest.raises(KeyError):
         acc.scalar("vector")
+
+
+def test_totals_of_float32_values_are_float64_sums() -> None:
+    """Two parts of 1e-8 added to 1 in float32 vanish; the totals are summed in float64."""
+    acc = Accumulator(num_params=3)
+    for value in (1.0, 1e-8, 1e-8):
+        acc.add("a", torch.tensor(value))
+    acc.add("vector", torch.tensor([1.0, 2.0]))  # a single part is converted too
+    assert acc.totals["a"].dtype == acc.totals["vector"].dtype == torch.float64
+    assert acc.scalar("a") == pytest.approx(1 + 2 * float(torch.tensor(1e-8)), rel=1e-15)
 
 
 def test_means_and_variances_of_several_vectors_at_once() -> None:

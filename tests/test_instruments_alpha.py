@@ -39,6 +39,7 @@ from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
     one_thread,
     quantities,
     scaled_dropout_mlp,
+    scaled_mlp,
     sgd,
     train,
 )
@@ -78,10 +79,14 @@ def test_alpha_matches_reference(kind: str, loss: str, seed: int, weight_decay: 
     assert set(run.records[2]) == {"Loss"}  # step 2's Alpha needs step 3
 
 
-def test_alpha_on_a_schedule() -> None:
-    """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1."""
+@pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp], ids=["backpack", "functorch"])
+def test_alpha_on_a_schedule(builder: Callable[[int], nn.Sequential]) -> None:
+    """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1.
+    Steps 1 and 3 need only the slopes at the end points (one forward-mode pass where the
+    per-sample gradients come from torch.func)."""
     tracked = [quantities(("Alpha",), Schedule(every=2))[0]]
-    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 4), tracked, OPTIMIZERS["momentum"])
+    run = train(builder(0), make_batches("mlp", "ce", 0, 4), tracked, OPTIMIZERS["momentum"])
+    assert run.instruments.support.per_sample == ("backpack" if builder is ref.mlp else "functorch")
     assert sorted(run.records) == [0, 2]
     assert run.completed_keys == [[], [0], [], [2]]
     for step in (0, 2):

@@ -116,11 +116,11 @@ def test_alpha_completes_with_products_from_the_factors(kind: str, weight_decay:
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
 
 
-@pytest.mark.parametrize("conv", ["grouped", "same_padding", "same_padding_1d"])
+@pytest.mark.parametrize("conv", ["grouped", "same_padding", "same_padding_1d", "valid_padding"])
 def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A grouped convolution forms dense blocks by BackPACK's rule, which reads only the shape of
     the layer output that the engine keeps in place of the output itself; ``padding="same"``
-    (which BackPACK's rule gets wrong) is unfolded with its padding as numbers."""
+    (which BackPACK's rule gets wrong) and ``padding="valid"`` are unfolded with their padding as numbers."""
     from torch import nn
 
     from cockpit_cli.instruments.factored_batch_grad import factored_layer
@@ -132,6 +132,8 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
         layer, outputs = nn.Conv2d(2, 4, 3, groups=2), 4 * 4 * 4
     elif conv == "same_padding":
         layer, outputs = nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(2, 1)), 3 * 6 * 6
+    elif conv == "valid_padding":
+        layer, outputs = nn.Conv2d(2, 3, 3, padding="valid"), 3 * 4 * 4
     else:
         layer, outputs = nn.Conv1d(2, 3, 3, padding="same"), 3 * 6 * 6
         batches = [batch._replace(inputs=batch.inputs.reshape(len(batch.inputs), 2, -1)) for batch in batches]
@@ -142,6 +144,34 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run.instruments.unavailable == {}
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY, names=names)
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_convolutions_padding_with_their_own_values_use_torch_func_and_have_no_curvature(mode: str) -> None:
+    """BackPACK's convolution rules compute as if the layer padded with zeros: one that pads with
+    its own values gets exact per-sample gradients from torch.func, and no curvature diagonal.
+    Without padding the mode changes nothing, and BackPACK's rules stay."""
+    from torch import nn
+
+    from cockpit_cli.instruments.factored_batch_grad import factored_layer
+    from cockpit_cli.instruments.support import check_support
+
+    torch.manual_seed(3)
+    batches = make_batches("cnn", "ce", 3, 2)
+    layer = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)).double()
+    assert not factored_layer(layer)
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d")
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY)
+    support = run.instruments.support
+    assert (support.per_sample, support.per_sample_reason) == (
+        "functorch", f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's rules compute as zero padding; per-sample gradients use torch.func (exact, slower)"
+    )
+    assert run.instruments.unavailable == {"HessTrace": f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's curvature rules compute as zero padding"}
+    for step in range(2):
+        check_first_order(run, step, weight_decay=DECAY, names=names)
+    unpadded = check_support(nn.Sequential(nn.Conv2d(2, 3, 3, padding_mode=mode), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)), nn.CrossEntropyLoss())
+    assert (unpadded.per_sample, unpadded.curvature) == ("backpack", True)
 
 
 def float32_source(spread: float, weight_decay: float) -> tuple[FactoredLinear, Tensor]:
@@ -164,6 +194,24 @@ def test_centered_sum_of_float32_factors_stays_accurate_when_gradients_nearly_ag
     source, expected = float32_source(spread, weight_decay)
     centered = source.centered_sum(source.mean())
     assert float(abs(centered - expected) / expected) < 2e-6
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("spread", [1.0, 0.001])
+def test_centered_sum_with_its_float64_numbers_in_blocks_of_rows(spread: float, weight_decay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 rows of ``C = lambda theta - g`` (30 of them) taken 4 at a time, and the
+    squared norms of the factors 4 or 5 samples at a time: blocks that do not divide the rows
+    give the same sums, about the layer's own mean and about another."""
+    from cockpit_cli.instruments import factored_gradients
+
+    monkeypatch.setattr(factored_gradients, "WIDE_BLOCK_ELEMENTS", 160)  # 4 rows of 40 inputs, 5 of 30 outputs
+    source, expected = float32_source(spread, weight_decay)
+    own = source.mean()
+    assert float(abs(source.centered_sum(own) - expected) / expected) < 2e-6
+    other = own * 1.1 + 1e-3
+    formed = torch.cat(list(source.blocks())).double()  # [N, D]
+    expected = ((formed - other.double()) ** 2).sum()
+    assert float(abs(source.centered_sum(other) - expected) / expected) < 2e-6
 
 
 def test_centered_sum_about_its_own_mean_skips_a_product_and_about_another_takes_it() -> None:

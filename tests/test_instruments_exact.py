@@ -527,6 +527,36 @@ def test_reductions_split_into_row_blocks_give_the_same_sums(monkeypatch: pytest
         assert torch.allclose(whole.totals[name].double(), blocked.totals[name].double(), rtol=1e-12), name
 
 
+def test_reductions_run_only_where_their_inputs_exist() -> None:
+    """A parameter with per-sample gradients but no curvature diagonal gets the reductions of the
+    first, and the curvature ones are left out without a failure (and the other way round)."""
+    from cockpit_cli.instruments import reductions as r
+    from cockpit_cli.instruments.accumulator import Accumulator
+    from cockpit_cli.instruments.sample_pass import DenseSamples, reduce_layer
+
+    requested = frozenset({r.GRAD_SQ_NORM, r.TIC_DIAG_SUM, r.CURVATURE_TRACE})
+    assert r.runnable(requested, samples=True, curvature=False) == {r.GRAD_SQ_NORM}
+    assert r.runnable(requested, samples=False, curvature=True) == {r.CURVATURE_TRACE}
+    assert r.runnable(requested, samples=True, curvature=True) == requested
+    samples = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    acc = Accumulator(1)
+    reduce_layer(0, DenseSamples(samples), torch.zeros(3, dtype=torch.float64), None, requested, acc, r.ReductionOptions())
+    assert not acc.failed and set(acc.totals) == {r.GRAD_SQ_NORM}
+    assert acc.scalar(r.GRAD_SQ_NORM) == pytest.approx(float(samples.mean(0).square().sum()), rel=1e-14)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize("name", ["NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "CABS", "EarlyStopping", "GradHist1d", "GradHist2d"])
+def test_a_quantity_tracked_alone_gets_every_value_it_reads(name: str, kind: str) -> None:
+    """Alone, a quantity's reductions are the only ones requested (no other quantity's asks for
+    the mean gradient or a statistic it shares): it still gets all it reads, and matches the references."""
+    model = BUILDERS[kind](0)
+    batches = make_batches(kind, "ce", 0, 1)
+    run = train(model, batches, quantities((name,), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.unavailable == {}
+    check_first_order(run, 0, names=(name,))
+
+
 # --- schedules and lag ---------------------------------------------------------------------------
 
 
@@ -553,6 +583,46 @@ def test_next_step_is_the_first_tracked_step_from_there(schedule: Schedule) -> N
     for step in range(70):
         expected = next((s for s in range(step, 200) if schedule(s)), None)
         assert schedule.next_step(step) == expected
+
+
+def test_log_spacing_with_one_point_or_no_later_step_tracks_step_0() -> None:
+    assert [s for s in range(60) if Schedule(spacing="log", points=1, last_step=50)(s)] == [0]
+    assert [s for s in range(60) if Schedule(spacing="log", points=5, last_step=0)(s)] == [0]
+
+
+def test_schedules_describe_their_steps() -> None:
+    """The manifest's description of each quantity's schedule, offset included."""
+    assert Schedule().describe() == "every step from 0"
+    assert Schedule(offset=3).describe() == "every step from 3"
+    assert Schedule(every=5, offset=7).describe() == "every 5 steps from 7"
+    assert Schedule(spacing="log", points=9, last_step=60).describe() == "9 log-spaced steps up to 60"
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 1), [QUANTITIES["GradNorm"](Schedule(every=4, offset=2))])
+    assert run.instruments.describe()["quantities"] == {"GradNorm": "every 4 steps from 2"}
+
+
+def test_loading_an_earlier_state_tracks_the_steps_due_from_there_again() -> None:
+    """An engine idle until its next due step (3), given the state it had before step 0, tracks
+    step 0 again: what it knew about the coming steps is not kept."""
+    model = ref.mlp(0)
+    batches = make_batches("mlp", "ce", 0, 2)
+    optimizer = sgd(ref.trainable(model))
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, optimizer, quantities(("GradNorm",), Schedule(every=3)))
+
+    def step(index: int) -> None:
+        inputs, targets, loss_fn, _ = batches[index]
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        instruments.backward(index, loss_fn(outputs, targets), inputs, outputs, targets)
+        optimizer.step()
+        instruments.after_update(index)
+
+    start = copy.deepcopy(instruments.state_dict())
+    for index in range(2):  # step 1 is idle: nothing is due before step 3
+        step(index)
+    assert sorted(instruments.completed(1)) == [0]
+    instruments.load_state_dict(start)
+    step(0)
+    assert sorted(instruments.completed(0)) == [0]
 
 
 def test_idle_steps_ask_no_quantity_and_tracked_steps_stay_on_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -697,6 +767,50 @@ def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
     assert instruments.unavailable == {"HessTrace": "layer '1' (Scale) has no BackPACK curvature rule"}
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY)
+
+
+class Shifted(nn.Module):
+    """The reference mlp plus a learned shift of its outputs: a parameter of the container
+    itself (which BackPACK's layer rules never see), in a model that is no nn.Sequential."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.layers = ref.mlp(seed)
+        self.shift = nn.Parameter(torch.linspace(-0.5, 0.5, ref.NUM_OUTPUTS, dtype=torch.float64))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layers(inputs) + self.shift
+
+
+def test_a_parameter_of_a_container_falls_back_to_torch_func() -> None:
+    model = Shifted(0)
+    batches = make_batches("mlp", "ce", 0, 2)
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d")
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)))
+    support = run.instruments.support
+    assert support.per_sample == "functorch"
+    assert support.per_sample_reason == "layer 'Shifted' (Shifted) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
+    assert run.instruments.unavailable == {"HessTrace": "the model Shifted is not an nn.Sequential, which BackPACK's curvature rules need"}
+    for step in range(2):
+        check_first_order(run, step, names=names)
+
+
+class Standardize(nn.Module):
+    """Fixed input scaling without parameters, a layer BackPACK has no rule for."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return (inputs - 0.25) * 2.0
+
+
+def test_layers_before_the_first_parameter_need_no_curvature_rule() -> None:
+    """Nothing is backpropagated through a layer before the first parameter: a layer there that
+    BackPACK has no curvature rule for leaves the curvature diagonal possible, and exact."""
+    model = nn.Sequential(Standardize(), *ref.mlp(0))
+    run = train(model, make_batches("mlp", "ce", 0, 1), quantities(("HessTrace",)))
+    assert run.instruments.unavailable == {}
+    inputs, targets, loss_fn, _ = run.batches[0]
+    diagonal = curv.hessian_diagonal(run.reference_model(0), loss_fn, inputs, targets, None, 0.0)
+    assert_close(run.records[0]["HessTrace"], curv.hess_trace(diagonal))
 
 
 class Broken(Quantity):
@@ -854,6 +968,8 @@ def test_log_spacing_settings() -> None:
     assert [s for s in range(21) if built["HessMaxEV"].schedule(s)] == [0, 5, 10, 15, 20]  # every: linear spacing
     built = {q.name: q for q in build({"preset": "economy", "every": 2, "quantities": {"Loss": {"points": 3}}}, total_steps=21)}
     assert [s for s in range(21) if built["Loss"].schedule(s)] == [0, 4, 20]  # points: log spacing
+    built = {q.name: q for q in build({"preset": "economy", "spacing": "log", "points": 5, "quantities": {"Loss": {"offset": 3}}}, total_steps=21)}
+    assert [s for s in range(21) if built["Loss"].schedule(s)] == list(range(3, 21))  # offset: linear spacing
 
 
 KNOWN = "known: " + ", ".join(sorted(QUANTITIES))
@@ -979,3 +1095,16 @@ def test_products_with_the_mean_of_a_wide_layer_come_from_gram_matrices(weight_d
     assert set(gram_layers) == (set() if weight_decay else {(48, 40)})
     for step in range(2):
         check_first_order(run, step, weight_decay=weight_decay, names=names)
+
+
+def test_products_with_the_own_mean_of_a_layer_at_several_positions_equal_those_of_formed_gradients() -> None:
+    """Linear(40, 48) applied at 3 positions of each of 8 samples: the Gram matrices of the
+    samples' factors hold for one position only, and the products with the layer's own mean
+    gradient equal those of the formed per-sample gradients."""
+    gen = torch.Generator().manual_seed(4)
+    inputs, delta = torch.randn(N, 3, 40, generator=gen, dtype=torch.float64), torch.randn(N, 3, 48, generator=gen, dtype=torch.float64)
+    source = factored_gradients.FactoredLinear(inputs, delta, torch.Size([48, 40]))
+    formed = torch.cat(list(source.blocks()))
+    mean = source.mean()
+    torch.testing.assert_close(mean, formed.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(source.products(mean), formed @ mean, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cockpit_cli.instruments.moments import COUNT_NONZERO_MOST, MOMENT_BLOCK, nonzero_count, output_moments, zero_counts
+from cockpit_cli.instruments.moments import COUNT_NONZERO_MOST, MOMENT_BLOCK, mean_and_std, nonzero_count, output_moments, wide_sums, zero_counts
 
 
 def awkward(size: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -54,3 +54,13 @@ def test_zero_counts_of_no_tensors_and_of_integers() -> None:
     assert zero_counts([]) == []
     integers = torch.arange(3 * COUNT_NONZERO_MOST) % 3  # a layer output need not be floating point
     assert zero_counts([integers, integers > 0]) == [COUNT_NONZERO_MOST] * 2
+
+
+def test_mean_and_std_of_no_values_and_of_equal_values() -> None:
+    """No values: 0 and 0. Three equal values, whose float64 sums leave a variance a rounding
+    error below zero: a spread of exactly 0."""
+    assert mean_and_std(0.0, 0.0, 0) == (0.0, 0.0)
+    total, squares = wide_sums(torch.full((3,), 0.1, dtype=torch.float64))
+    assert float(squares) / 3 - (float(total) / 3) ** 2 < 0
+    mean, std = mean_and_std(float(total), float(squares), 3)
+    assert mean == pytest.approx(0.1, rel=1e-15) and std == 0.0

@@ -2,9 +2,11 @@
 
 Per-sample gradients exist only when samples do not interact: a BatchNorm layer in training
 mode mixes the samples of a batch, so per-sample quantities are unavailable there. Layers
-BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower); the curvature
-diagonal needs BackPACK's second-order rules for every layer of a sequential model and a
-cross-entropy or mean-squared-error loss.
+BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower), as do
+convolutions that pad with their own values (circular, reflect, replicate), which BackPACK's
+rules compute as if they padded with zeros; the curvature diagonal needs BackPACK's
+second-order rules for every layer of a sequential model (convolutions padding with zeros) and
+a cross-entropy or mean-squared-error loss.
 """
 
 from __future__ import annotations
@@ -57,17 +59,37 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
                 "gradients do not exist; per-sample quantities are skipped"
             )
             return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
-    unsupported = [(n, m) for n, m in leaves if _has_trainable(m) and type(m) not in _extension_modules(BatchGrad())]
+    known = _extension_modules(BatchGrad())
+    unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
+    unsupported = [entry for entry in unsupported if entry[2] is not None]
     if any(_has_trainable(m) for m in model.modules() if list(m.children())):
-        unsupported.append((type(model).__name__, model))
+        unsupported.append((type(model).__name__, model, "has no BackPACK rule"))
     per_sample: PerSampleBackend = "backpack"
     per_sample_reason = None
     if unsupported:
-        name, module = unsupported[0]
+        name, module, obstacle = unsupported[0]
         per_sample = "functorch"
-        per_sample_reason = f"layer '{name}' ({type(module).__name__}) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
+        per_sample_reason = f"layer '{name}' ({type(module).__name__}) {obstacle}; per-sample gradients use torch.func (exact, slower)"
     curvature, curvature_reason = _check_curvature(model, loss_function, leaves)
     return Support(per_sample, per_sample_reason, curvature, curvature_reason)
+
+
+def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:
+    """Why BackPACK's first-order rules cannot give the layer's per-sample gradients, or ``None``."""
+    if type(module) not in known:
+        return "has no BackPACK rule"
+    if _pads_with_copies(module):
+        return f"pads in '{module.padding_mode}' mode, which BackPACK's rules compute as zero padding"
+    return None
+
+
+def _pads_with_copies(module: nn.Module) -> bool:
+    """Whether a convolution pads with its own values (``padding_mode`` circular, reflect or
+    replicate): BackPACK's convolution rules ignore the mode and compute with zero padding."""
+    if getattr(module, "padding_mode", "zeros") == "zeros":
+        return False
+    padding = numeric_padding(module)
+    return padding is None or any(padding)
 
 
 def _extension_modules(extension: object) -> set[type]:
@@ -87,4 +109,6 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
             return False, f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
         if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
             return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
+        if _pads_with_copies(module):
+            return False, f"layer '{name}' ({type(module).__name__}) pads in '{module.padding_mode}' mode, which BackPACK's curvature rules compute as zero padding"
     return True, None
