@@ -34,7 +34,7 @@ N = 8
 STEPS = 3
 DECAY = 0.3
 EVERYTHING = {
-    "GradHist1d": {"bins": 11, "range": (-0.5, 0.5)},
+    "GradHist1d": {"bins": 11, "range": (-0.5, 0.5), "adaptive": True},  # from step 1 on: the largest |g_id| of all processes
     "GradHist2d": {"bins": (7, 5), "range": ((-0.5, 0.5), (-1.0, 1.0))},
 }
 PLAIN_SGD_ONLY = ("CABS", "EarlyStopping")

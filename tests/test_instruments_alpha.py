@@ -15,6 +15,7 @@ per-sample loops of ``reference`` apply it sample by sample.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 
 import reference as ref
 import reference_curvature as curv
-from cockpit_cli.instruments import Schedule
-from cockpit_cli.instruments.quantities.alpha import solve
+from cockpit_cli.instruments import QUANTITIES, Schedule
+from cockpit_cli.instruments.quantities.alpha import fit_alpha, solve
 from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
     BUILDERS,
     CASES,
@@ -91,6 +92,53 @@ def test_alpha_on_a_schedule(builder: Callable[[int], nn.Sequential]) -> None:
     assert run.completed_keys == [[], [0], [], [2]]
     for step in (0, 2):
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+    assert tracked[0].state_dict() == {"start": None, "pending": None}  # no copy of the last update is kept once its value is out
+
+
+def test_alpha_of_a_step_that_does_not_move_is_minus_one() -> None:
+    """With a learning rate of 0 the update is zero: no progress, -1 (as the reference says)."""
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(("Alpha",)), lambda params: torch.optim.SGD(params, lr=0.0))
+    assert run.instruments.plain_sgd
+    assert [run.records[step]["Alpha"] for step in (0, 1)] == [-1.0, -1.0]
+    assert reference_alpha(run, 0) == -1.0
+
+
+def test_alpha_is_next_active_exactly_where_it_is_active() -> None:
+    """``next_active`` agrees with ``is_active``: scheduled steps and, with a pending value, the
+    step that completes it."""
+    alpha = QUANTITIES["Alpha"](Schedule(every=4, offset=1))
+    for pending in (None, {"step": 5}, {"step": 3}):
+        alpha.load_state_dict({"start": None, "pending": pending})
+        for step in range(16):
+            expected = next(s for s in range(step, 40) if alpha.is_active(s))
+            assert alpha.next_active(step) == expected, (pending, step)
+    assert [s for s in range(8) if alpha.is_active(s)] == [1, 4, 5]  # 4 completes the value pending from 3
+
+
+@pytest.mark.parametrize(
+    "t, fs, dfs, var_fs, var_dfs",
+    [
+        (0.5, (1.0, 0.8), (-0.9, 0.1), (0.3, 0.2), (0.05, 0.07)),  # convex, landed just past the minimum
+        (0.1, (2.0, 1.99), (-0.2, -0.15), (1e-3, 4.0), (2.0, 1e-4)),  # weights of very different sizes
+        (1.0, (1.0, 0.5), (-1.0, 0.2), (0.0, 0.1), (0.3, 0.0)),  # zero variances among others: taken as 1e-10
+        (0.4, (1.0, 0.7), (-1.2, 0.3), (0.2, 0.0), (0.5, 0.1)),
+        (0.2, (1.0, 0.9), (-0.6, -0.4), (0.0, 0.0), (0.0, 0.0)),  # all zero: equal weights
+        (0.3, (1.0, 1.2), (0.5, -0.5), (0.1, 0.1), (0.1, 0.1)),  # concave: -1
+    ],
+)
+def test_fit_alpha_matches_the_weighted_least_squares_reference(
+    t: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]
+) -> None:
+    """The fit's normal equations against a least-squares solve weighted by the inverse variances."""
+    assert fit_alpha(t, fs, dfs, var_fs, var_dfs) == pytest.approx(curv.alpha_from_observations(t, fs, dfs, var_fs, var_dfs), rel=1e-6)
+
+
+def test_fit_alpha_of_a_line_and_of_a_step_from_the_minimum() -> None:
+    """A fit that is flat along d (``mu2 = 0``: still going downhill) gives -1; one whose minimum
+    is the start (``mu1 = 0``) is infinitely far past it."""
+    assert fit_alpha(1.0, (1.0, 0.0), (-1.0, -1.0), (1.0, 1.0), (1.0, 1.0)) == -1.0  # f = 1 - x, exactly
+    assert fit_alpha(1.0, (0.0, 0.0), (0.0, 0.0), (1.0, 1.0), (1.0, 1.0)) == -1.0  # constant
+    assert fit_alpha(1.0, (0.0, 1.0), (0.0, 2.0), (1.0, 1.0), (1.0, 1.0)) == math.inf  # f = x^2
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -191,6 +239,7 @@ def test_alpha_with_dropout_uses_the_training_masks(builder: Callable[[int], nn.
         [[0.0, 2.0, 1.0], [3.0, 1.0, 0.0], [1.0, 0.0, 4.0]],  # a zero first pivot: rows must be swapped
         [[1e-18, 1.0, 2.0], [1.0, 1.0, 0.0], [2.0, 0.0, 1.0]],  # a tiny one: dividing by it loses everything
         [[4.0, 1.0, 2.0], [1.0, 5.0, 3.0], [2.0, 3.0, 6.0]],  # symmetric positive definite, like the fit's
+        [[1e-18, 1.0, 2.0], [-1.0, 1.0, 0.0], [2e-18, 0.0, 1.0]],  # the largest pivot is negative: by magnitude, not by value
     ],
 )
 def test_solve_pivots(matrix: list[list[float]]) -> None:

@@ -12,6 +12,7 @@ largest-magnitude eigenvalue to 1e-2.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -138,6 +139,38 @@ def test_hess_max_ev_leaves_the_random_state_alone() -> None:
     before = torch.get_rng_state()
     train(model, make_batches("cnn", "ce", 0, 2), quantities(("HessMaxEV",), HessMaxEV={"warm_start": False}))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_hess_max_ev_starts_from_the_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``gradient_start`` the mini-batch gradient is the first start vector: a budget of one
+    product gives its Rayleigh quotient ``g.Hg / g.g``. Without it the only start is the random
+    vector (the previous eigenvector from the second step on)."""
+    from cockpit_cli.instruments.quantities import hess_max_ev
+
+    seen: list[list[torch.Tensor]] = []
+    original = hess_max_ev.largest_eigenpair
+
+    def spied(product: Any, starts: list[torch.Tensor], *args: Any) -> Any:
+        seen.append([start.clone() for start in starts])
+        return original(product, starts, *args)
+
+    monkeypatch.setattr(hess_max_ev, "largest_eigenpair", spied)
+    batches = make_batches("mlp", "ce", 0, 2)
+    tracked = quantities(("HessMaxEV",), HessMaxEV={"max_iterations": 1})
+    run = train(BUILDERS["mlp"](0), batches, tracked)
+    assert tracked[0].iterations == [1, 1]
+    for step in range(2):
+        model = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        gradient = torch.cat([g.reshape(-1) for g in ref.batch_gradient(model, loss_fn, inputs, targets)])
+        hessian = curv.hessian(model, loss_fn, inputs, targets)
+        assert run.records[step]["HessMaxEV"] == pytest.approx(float(gradient @ hessian @ gradient / (gradient @ gradient)), rel=1e-9)
+        assert len(seen[step]) == 2
+        torch.testing.assert_close(seen[step][0], gradient, rtol=1e-12, atol=1e-14)
+    seen.clear()
+    tracked = quantities(("HessMaxEV",), HessMaxEV={"gradient_start": False})
+    train(BUILDERS["mlp"](0), batches, tracked)
+    assert [len(starts) for starts in seen] == [1, 1]
 
 
 def _diagonals(model: torch.nn.Module, extension: object, attribute: str, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:

@@ -455,6 +455,19 @@ def test_layer_stats_and_activations_see_dead_units() -> None:
         stats = run.records[step]["LayerStats"]
         assert stats["zero_grad_fraction"][0] == pytest.approx(2 / 5) and stats["zero_grad_fraction"][1] == pytest.approx(2 / 5)
         assert run.records[step]["Activations"]["1"]["zero_fraction"] >= 2 / 5
+    assert tracked[0].state_dict() == {"partial": {}}  # nothing kept of steps whose values are out
+
+
+def test_activations_watch_every_activation_and_every_layer_with_parameters() -> None:
+    """The watched layers: activation modules of every common kind and leaf layers with trainable
+    parameters; neither containers, parameterless layers such as Dropout or Flatten, nor frozen layers."""
+    from cockpit_cli.instruments.activation_recorder import watched_layers
+
+    activations = [nn.ReLU(), nn.LeakyReLU(), nn.ELU(), nn.SELU(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(), nn.GELU(), nn.SiLU()]
+    frozen = nn.Linear(4, 4).requires_grad_(False)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(*activations), nn.Dropout(0.1), frozen, nn.Flatten(), nn.Linear(4, 2))
+    names = [name for name, _ in watched_layers(model)]
+    assert names == ["0", *(f"1.{k}" for k in range(len(activations))), "5"]
 
 
 def test_layer_stats_update_ratio_of_parameters_at_zero() -> None:
@@ -479,6 +492,21 @@ def test_adaptive_histogram_range_follows_the_largest_gradient() -> None:
     assert run.records[1]["GradHist1d"]["range"] == pytest.approx([-largest, largest], rel=1e-12)
     for step in range(2):
         check_first_order(run, step, names=("GradHist1d",))
+
+
+def test_adaptive_histogram_range_stays_where_every_gradient_is_zero() -> None:
+    """A step whose per-sample gradients are all zero (a zero last layer, targets 0) has no
+    largest gradient to follow: the range stays, and every element is counted in the bin of 0."""
+    model = ref.mlp(0)
+    with torch.no_grad():
+        model[4].weight.zero_()
+        model[4].bias.zero_()
+    batches = [batch._replace(targets=torch.zeros_like(batch.targets)) for batch in make_batches("mlp", "mse", 0, 3)]
+    run = train(model, batches, quantities(("GradHist1d",), GradHist1d={"bins": HIST_BINS, "adaptive": True}))
+    elements = N * sum(theta.numel() for theta in run.thetas[0])
+    for step in range(3):
+        assert run.records[step]["GradHist1d"]["range"] == [-2.0, 2.0]
+        assert run.records[step]["GradHist1d"]["counts"] == [0] * (HIST_BINS // 2) + [elements] + [0] * (HIST_BINS // 2)
 
 
 def test_histogram_spec_clamps_and_drops_nan() -> None:
@@ -760,11 +788,11 @@ def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
     model = scaled_mlp(0)
     batches = make_batches("mlp", loss, 0, 2)
     options = histogram_options(model, batches[0], DECAY)
-    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace",), **options), weight_decay=DECAY)
+    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace", "TICDiag", "TICTrace"), **options), weight_decay=DECAY)
     instruments = run.instruments
     assert instruments.support.per_sample == "functorch"
     assert instruments.support.per_sample_reason == "layer '1' (Scale) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
-    assert instruments.unavailable == {"HessTrace": "layer '1' (Scale) has no BackPACK curvature rule"}
+    assert instruments.unavailable == {name: "layer '1' (Scale) has no BackPACK curvature rule" for name in ("HessTrace", "TICDiag", "TICTrace")}
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY)
 
@@ -947,6 +975,17 @@ def test_presets(preset: str) -> None:
     assert all([s for s in range(8) if q.schedule(s)] == [1, 3, 5, 7] for q in built)
 
 
+def test_presets_are_the_published_sets_with_the_diagnostics() -> None:
+    economy = ("Alpha", "Distance", "GradHist1d", "GradNorm", "InnerTest", "Loss", "NormTest", "OrthoTest", "UpdateSize")
+    diagnostics = ("LayerStats", "Activations", "InputStats")
+    assert PRESETS == {
+        "none": (),
+        "economy": economy + diagnostics,
+        "business": economy + ("TICDiag", "HessTrace") + diagnostics,
+        "full": economy + ("TICDiag", "HessTrace", "HessMaxEV", "GradHist2d") + diagnostics,
+    }
+
+
 def test_overrides() -> None:
     overrides = {"HessMaxEV": {"every": 5}, "TICDiag": False, "GradHist1d": {"bins": 10, "range": [-1, 1]}, "MeanGSNR": True}
     built = {q.name: q for q in build({"preset": "business", "every": 2, "quantities": overrides})}
@@ -995,6 +1034,25 @@ KNOWN = "known: " + ", ".join(sorted(QUANTITIES))
         ({"HessMaxEV": {"rtol": "small"}}, "c.yaml: instruments.quantities.HessMaxEV.rtol: expected a number, got 'small'", None),
         ({"HessMaxEV": {"spacing": "cubic"}}, "c.yaml: instruments.quantities.HessMaxEV.spacing: expected 'linear' or 'log', got 'cubic'", None),
         ({"GradNorm": 3}, "c.yaml: instruments.quantities.GradNorm: expected true, false or a mapping of settings, got 3", None),
+        ({"GradHist1d": {"bins": 10_001}}, "c.yaml: instruments.quantities.GradHist1d.bins: expected a value <= 10000, got 10001", None),
+        ({"GradHist2d": {"bins": [40, 1001]}}, "c.yaml: instruments.quantities.GradHist2d.bins: expected a value <= 1000, got 1001", None),
+        ({"HessMaxEV": {"rtol": -0.1}}, "c.yaml: instruments.quantities.HessMaxEV.rtol: expected a value >= 0, got -0.1", None),
+        ({"HessMaxEV": {"atol": -1e-6}}, "c.yaml: instruments.quantities.HessMaxEV.atol: expected a value >= 0, got -1e-06", None),
+        (
+            {"GradHist1d": {"range": [1, 1]}},
+            "c.yaml: instruments.quantities.GradHist1d.range: expected a range [low, high] of finite numbers with low < high, got [1, 1]",
+            None,
+        ),
+        (
+            {"GradHist1d": {"range": [float("-inf"), 1]}},
+            "c.yaml: instruments.quantities.GradHist1d.range: expected a range [low, high] of finite numbers with low < high, got [-inf, 1]",
+            None,
+        ),
+        (
+            {"GradHist2d": {"range": [[-1, 1], [0.5, -0.5]]}},
+            "c.yaml: instruments.quantities.GradHist2d.range: expected a range [low, high] of finite numbers with low < high, got [0.5, -0.5]",
+            None,
+        ),
     ],
 )
 def test_bad_entries(entries: dict[str, Any], message: str, hint: str | None) -> None:

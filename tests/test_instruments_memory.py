@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.allocations import cpu_allocations, peak_of
 from cockpit_cli.instruments.allocations import peak_cpu_bytes as peak_bytes
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule, row_blocks
 from cockpit_cli.instruments.quantities.base import DIFFERENCE_BLOCK, UpdateData, difference_norms
@@ -24,6 +26,30 @@ def test_difference_norms_equal_the_norms_of_the_differences() -> None:
     values = difference_norms(tensors, others)
     assert values[1] == 0.0
     assert values == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_peak_counts_only_blocks_allocated_in_the_window() -> None:
+    """Releases of blocks allocated before the window are left out (they would lower the peak),
+    and an address reused after its release counts again."""
+    events = [(0, 9, -1000), (1, 1, 100), (2, 2, 50), (3, 1, -100), (4, 8, -500), (5, 1, 70), (6, 3, 40), (7, 2, -50)]
+    assert peak_of(events) == 160
+    assert peak_of([(0, 9, -1000)]) == 0
+
+
+def test_cpu_allocations_come_from_the_whole_event_tree_in_time_order() -> None:
+    """Allocations and releases at any depth of the profiler's event tree, CPU ones only."""
+    from torch._C._profiler import _EventType
+
+    def allocation(time: int, address: int, size: int, device: str = "cpu") -> SimpleNamespace:
+        fields = SimpleNamespace(device=torch.device(device), ptr=address, alloc_size=size)
+        return SimpleNamespace(tag=_EventType.Allocation, start_time_ns=time, extra_fields=fields, children=[])
+
+    def operation(time: int, *children: SimpleNamespace) -> SimpleNamespace:
+        return SimpleNamespace(tag=_EventType.TorchOp, start_time_ns=time, extra_fields=None, children=list(children))
+
+    tree = [operation(0, allocation(5, 1, 100), operation(6, allocation(7, 2, 64, "cuda"), allocation(3, 2, 64))), allocation(9, 1, -100)]
+    profiler = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(experimental_event_tree=lambda: tree)))
+    assert cpu_allocations(profiler) == [(3, 2, 64), (5, 1, 100), (9, 1, -100)]
 
 
 def updates_data(start_slopes: bool) -> tuple[UpdateData, list[Tensor], list[Tensor]]:

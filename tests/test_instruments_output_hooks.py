@@ -3,7 +3,9 @@
 Linear layers on ``[N, in]`` and ``[N, L, in]`` inputs, Conv1d and Conv2d with bias, and a ReLU
 applied in place to a hooked output (the hook must see the gradient before that change; the
 reference, which BackPACK's module hooks compute, applies it out of place). A layer's products
-with a direction, taken from its factors in one pass, equal those of the same gradients.
+with a direction, taken from its factors in one pass, equal those of the same gradients. A layer
+run twice hands over one source per run, and sources whose gradient never comes are handed over
+at the flush, both without a mean.
 """
 
 from __future__ import annotations
@@ -147,3 +149,54 @@ def test_a_layer_s_products_with_a_direction_come_from_one_pass(kind: str, track
             expected += twin.bias.grad_batch @ bias
         assert products[layer].shape == (N,)
         assert torch.allclose(products[layer], expected, rtol=1e-5, atol=1e-7)
+
+
+class Twice(nn.Module):
+    """One Linear layer applied twice: its parameters' gradients add two sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.shared(torch.tanh(self.shared(inputs)))
+
+
+def test_a_layer_run_twice_hands_over_both_sources_without_a_mean() -> None:
+    """Waiting for the gradients, a layer that ran twice hands over one source per run, neither
+    with the accumulated gradient (the sum of both), which is no source's mean."""
+    torch.manual_seed(0)
+    model, inputs = Twice(), torch.randn(N, 3)
+    layer = model.shared
+    hooks = OutputGradientHooks({layer: [layer.weight, layer.bias]})
+    found: dict[nn.Parameter, list[tuple[Tensor, Tensor | None]]] = {layer.weight: [], layer.bias: []}
+    hooks.callback = lambda module, param, samples, mean: found[param].append((dense(samples).clone(), mean))
+    hooks.at_gradients = True
+    hooks.attach()
+    model(inputs).pow(2).mean().backward()
+    hooks.flush()
+    hooks.detach()
+    for param in (layer.weight, layer.bias):
+        assert len(found[param]) == 2
+        assert [mean for _, mean in found[param]] == [None, None]
+        total = sum(samples.sum(0) for samples, _ in found[param])
+        assert torch.allclose(total, param.grad.reshape(-1), rtol=1e-5, atol=1e-7)
+
+
+def test_sources_whose_gradient_never_comes_are_handed_over_at_the_flush() -> None:
+    """A backward pass that accumulates only the first layer's weight: the second layer's sources
+    and the first layer's bias wait in vain, and the flush hands them over without a mean."""
+    model, inputs = build("linear")
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = OutputGradientHooks({layer: [layer.weight, layer.bias] for layer in layers})
+    means: dict[nn.Parameter, list[Tensor | None]] = {}
+    hooks.callback = lambda module, param, samples, mean: means.setdefault(param, []).append(mean)
+    hooks.at_gradients = True
+    hooks.attach()
+    model(inputs).pow(2).mean().backward(inputs=[layers[0].weight])
+    assert set(means) == {layers[0].weight}
+    hooks.flush()
+    hooks.detach()
+    assert set(means) == {layers[0].weight, layers[0].bias, layers[1].weight, layers[1].bias}
+    assert means[layers[0].weight][0].data_ptr() == layers[0].weight.grad.data_ptr()  # the one gradient that came
+    assert [means[p] for p in (layers[0].bias, layers[1].weight, layers[1].bias)] == [[None]] * 3

@@ -150,6 +150,17 @@ def test_sign_rule_limit_is_the_last_reach_that_keeps_its_bins(dtype: torch.dtyp
         assert rule.negative == rule.positive
 
 
+def test_no_sign_rule_where_zero_and_the_smallest_normal_number_part() -> None:
+    """In a range of width near the smallest normal number, 0 and the smallest positive normal
+    number fall into different bins: the rule's positive bin cannot hold the exact zeros, and
+    there is no rule."""
+    spec = HistogramSpec(3, -1e-38, 2e-38)
+    tiny = torch.finfo(torch.float32).tiny
+    zero_bin, tiny_bin = spec.bin_of(torch.tensor([0.0, tiny], dtype=torch.float32)).tolist()
+    assert zero_bin != tiny_bin
+    assert oh.sign_rule(spec.bins, spec.low, spec.high, torch.float32) is None
+
+
 def test_bins_are_exact_in_sign_at_a_zero_edge() -> None:
     """Where 0 is an edge, a negative value however small is below it (the rule's premise)."""
     assert HistogramSpec(100, -2.0, 2.0).zero_offset == 50

@@ -47,6 +47,35 @@ def test_the_residual_tolerance_bounds_the_distance_to_an_eigenvalue() -> None:
         assert np.min(np.abs(eigenvalues - pair.value)) <= pair.error
 
 
+def test_a_negative_top_eigenvalue_stops_as_its_negation_does() -> None:
+    """The tolerance is relative to the value's magnitude: ``-H`` takes the same products as ``H``."""
+    matrix, _ = symmetric(spectrum(1.05), 2)
+    for rtol in (1e-1, 1e-3):
+        positive = largest_eigenpair(lambda v: matrix @ v, [random_start(80, 3)], rtol=rtol, atol=0.0, max_products=200)
+        negative = largest_eigenpair(lambda v: -(matrix @ v), [random_start(80, 3)], rtol=rtol, atol=0.0, max_products=200)
+        assert negative.products == positive.products < 40
+        assert negative.value == pytest.approx(-positive.value, rel=1e-12)
+
+
+def test_start_vectors_beyond_the_budget_are_not_taken() -> None:
+    matrix, _ = symmetric(spectrum(1.01), 9)
+    starts = [random_start(80, seed) for seed in (1, 2, 3)]
+    pair = largest_eigenpair(lambda v: matrix @ v, starts, rtol=0.0, atol=0.0, max_products=2)
+    assert pair.products == 2
+
+
+def test_a_start_close_to_another_still_adds_its_direction() -> None:
+    """Two starts 1e-3 apart in angle span a plane: the value is the Rayleigh-Ritz value of that
+    plane (only a vector within round-off of the basis is dropped)."""
+    matrix, _ = symmetric(spectrum(1.3), 10)
+    first, other = random_start(80, 11), random_start(80, 12)
+    pair = largest_eigenpair(lambda v: matrix @ v, [first, first + 1e-3 * first.norm() / other.norm() * other], rtol=0.0, atol=0.0, max_products=2)
+    assert pair.products == 2
+    basis, _ = torch.linalg.qr(torch.stack([first, other], 1))
+    ritz = np.linalg.eigvalsh((basis.T @ matrix @ basis).numpy())
+    assert pair.value == pytest.approx(ritz[np.argmax(np.abs(ritz))], rel=1e-8)
+
+
 def test_one_start_spans_the_krylov_space_of_lanczos() -> None:
     """After k products from one start vector the Ritz value is that of the k-dimensional Krylov
     space (Lanczos iteration), computed here by Rayleigh-Ritz on an explicit Krylov basis."""
