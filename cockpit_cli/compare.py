@@ -106,8 +106,9 @@ def load_runs(paths: Sequence[Path | str]) -> tuple[list[RunData], list[str]]:
     Returns:
         The runs and the notes on the runs left out.
     """
-    runs, skipped, named = [], [], {path for path, itself in _expand(paths) if itself}
-    for path in expand_paths(paths):
+    found = _expand(paths)
+    runs, skipped, named = [], [], {path for path, itself in found if itself}
+    for path in dict.fromkeys(path for path, _ in found):
         try:
             runs.append(read_run(path))
         except CockpitError as error:
