@@ -12,7 +12,7 @@ its problem is closed, so the open ones are exactly what ``cockpit diagnose`` re
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Iterable
 
 from cockpit_cli.diagnosis.engine import run_rules
@@ -28,6 +28,19 @@ def _as_dict(record: Any) -> dict[str, Any]:
     if hasattr(record, "to_dict"):
         return record.to_dict()
     return asdict(record) if is_dataclass(record) else dict(record)
+
+
+@dataclass
+class Episode:
+    """A rule's open episode.
+
+    Attributes:
+        opened_at: The last step seen when it opened.
+        quiet: Consecutive checks since without the rule's finding.
+    """
+
+    opened_at: int
+    quiet: int = 0
 
 
 class LiveDiagnosis:
@@ -61,8 +74,7 @@ class LiveDiagnosis:
         self.quiet_checks = max(1, quiet_checks)
         self.rules = None if rules is None else list(rules)
         self.series = RunSeries(dict(manifest or {}), [], [], config)
-        self.active: dict[str, int] = {}  # rule -> consecutive quiet checks in its open episode
-        self.opened_at: dict[str, int] = {}  # rule -> last step seen when its episode opened
+        self.active: dict[str, Episode] = {}  # by rule
         self.firing: set[str] = set()  # rules that found their problem at the last check
         self.alerts: list[Finding] = []
         self.checked_at = 0  # steps seen at the last check
@@ -100,12 +112,12 @@ class LiveDiagnosis:
         firing = {finding.rule: finding for finding in findings}
         self.firing = set(firing)
         new = [finding for rule, finding in firing.items() if rule not in self.active]
-        for rule in list(self.active):
-            self.active[rule] = 0 if rule in firing else self.active[rule] + 1
-            if self.active[rule] >= self.quiet_checks:
+        for rule, episode in list(self.active.items()):
+            episode.quiet = 0 if rule in firing else episode.quiet + 1
+            if episode.quiet >= self.quiet_checks:
                 self._close(rule)
         for finding in new:
-            self.active[finding.rule], self.opened_at[finding.rule] = 0, self._last_step()
+            self.active[finding.rule] = Episode(self._last_step())
             self.alerts.append(finding)
             if self.on_alert is not None:
                 self.on_alert(finding)
@@ -117,7 +129,6 @@ class LiveDiagnosis:
 
     def _close(self, rule: str) -> None:
         """End ``rule``'s episode and announce it."""
-        del self.active[rule]
-        opened = self.opened_at.pop(rule)
+        episode = self.active.pop(rule)
         if self.on_clear is not None:
-            self.on_clear(rule, opened, self._last_step())
+            self.on_clear(rule, episode.opened_at, self._last_step())
