@@ -18,6 +18,7 @@ from cockpit_cli.launch import check_shards, ending_with_peers, environment_worl
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 if TYPE_CHECKING:  # torch is imported only when a run is built
+    from cockpit_cli.storage.reader import RunData
     from cockpit_cli.training.build import RunSetup
     from cockpit_cli.training.distributed import Processes
 
@@ -76,7 +77,7 @@ def execute_run(
         from cockpit_cli.storage.reader import read_run
         from cockpit_cli.training.checkpoint import load_checkpoint
 
-        read_run(resume)  # a clear error for anything that is not a run directory
+        _check_resumable(read_run(resume), resume)  # a clear error for anything that is not a run directory
         checkpoint = load_checkpoint(resume)
         config = load_config(resume / "config.yaml")
     elif config_path is None:
@@ -119,7 +120,8 @@ def execute_run(
     if checkpoint is not None:
         run_dir = resume
         pending = checkpoint["tracker"]["pending"]
-        kept = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["step"])
+        # an evaluation after the checkpoint's last one (the end of its epoch's) is done again
+        kept = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["last_eval_step"])
         writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), resume_evals=kept)
         console.rule(f"resuming {run_dir} at step {checkpoint['step']}", style="dim")
     else:
@@ -145,6 +147,16 @@ def execute_run(
         console.print(display.final_summary())
     write_figures(config, run_dir, errors)
     return report_end(end, run_dir, console, errors, quiet=live_view)
+
+
+def _check_resumable(run: RunData, run_dir: Path) -> None:
+    """Refuse to resume a run that ended on its own: it would only repeat its last steps."""
+    steps = run.summary.get("steps", len(run.steps))
+    again = f"start a new run from its config: cockpit run {run_dir / 'config.yaml'} --name NEW_NAME"
+    if run.status == "completed":
+        raise CockpitError(f"{run_dir} completed its {steps} steps; there is nothing to resume", f"to train longer, {again} --set training.steps=N")
+    if run.status == "diverged":
+        raise CockpitError(f"{run_dir} diverged; resuming it would repeat the same steps", f"change what made it diverge (a lower optimizer.lr, say) and {again} --set optimizer.lr=LR")
 
 
 def _launch(

@@ -124,9 +124,16 @@ RUN_CASES = [
     (["diagnose"], lambda d: (d / "summary.json").write_text("{"), "is corrupted: its summary is not valid JSON"),
     (["report"], lambda d: (d / "run.json").unlink(), "is not a run directory: it has no run.json"),
     (["watch", "--no-follow"], lambda d: (d / "run.json").write_text("{broken"), "is corrupted: its manifest is not valid JSON"),
-    (["run", "--resume"], lambda d: None, "has no checkpoint to resume from"),
-    (["run", "--resume"], lambda d: (d / "checkpoint.pt").write_bytes(b"junk"), "cannot be read"),
+    (["run", "--resume"], lambda d: None, "completed its 4 steps; there is nothing to resume"),
+    (["run", "--resume"], lambda d: interrupted(d), "has no checkpoint to resume from"),
+    (["run", "--resume"], lambda d: (interrupted(d), (d / "checkpoint.pt").write_bytes(b"junk")), "cannot be read"),
 ]
+
+
+def interrupted(run_dir: Path) -> None:
+    """Mark the run as interrupted, as Ctrl-C leaves it."""
+    manifest = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
 
 
 @pytest.mark.parametrize(("command", "damage", "message"), RUN_CASES, ids=[f"run{i}" for i in range(len(RUN_CASES))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -125,8 +126,18 @@ def test_a_resumed_run_goes_on_counting_non_finite_steps_and_time(data_dir: Path
 
 
 def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "r", training={"steps": 3}))
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "r", training={"steps": 3, "checkpoint_every": 1}))
     assert runner.invoke(app, ["run", str(config), "--no-live"], catch_exceptions=False).exit_code == 0
+    manifest_path = tmp_path / "r" / "run" / "run.json"
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "completed its 3 steps; there is nothing to resume" in result.output
+    assert "--set training.steps=N" in result.output
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "status": "diverged"}))
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "diverged; resuming it would repeat the same steps" in result.output
+    manifest_path.write_text(json.dumps({**manifest, "status": "interrupted"}))
+    (tmp_path / "r" / "run" / "checkpoint.pt").unlink()
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
     assert result.exit_code == 2 and "has no checkpoint to resume from" in result.output
     result = runner.invoke(app, ["run", str(config), "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
@@ -187,3 +198,26 @@ def test_a_run_resumed_twice_in_one_epoch_equals_one_left_alone(data_dir: Path, 
     left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(run_dir)
     assert [r["step"] for r in resumed.steps] == list(range(24))
     assert [r["loss"] for r in resumed.steps] == pytest.approx([r["loss"] for r in left_alone.steps], rel=1e-6)
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_is_resumed_without_repeating_its_evaluation(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint after an epoch's last step comes before that epoch's evaluation; the
+    resumed run evaluates again, so the evaluation written after the checkpoint is dropped."""
+    import cockpit_cli.training.loop as loop
+
+    sections = {"problem": {"train_subset": 128}, "training": {"steps": 12, "eval_every_steps": None, "eval_every_epochs": 1, "checkpoint_every": 4}}  # 4 steps per epoch
+    alone = write_config(tmp_path / "alone.yaml", tiny_config(data_dir, tmp_path / "a", **sections))
+    assert runner.invoke(app, ["run", str(alone), "--no-live"], catch_exceptions=False).exit_code == 0
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda setup, observers, *args: original(setup, [*observers, Interrupt(at=9)], *args))
+    broken = write_config(tmp_path / "b.yaml", tiny_config(data_dir, tmp_path / "b", **sections))
+    assert runner.invoke(app, ["run", str(broken), "--no-live"], catch_exceptions=False).exit_code == 130
+    monkeypatch.setattr(loop, "train", original)
+    run_dir = tmp_path / "b" / "run"
+    assert [e["step"] for e in read_run(run_dir).evals] == [0, 4, 8]  # the one at step 8 came after the checkpoint
+    assert runner.invoke(app, ["run", "--resume", str(run_dir), "--no-live"], catch_exceptions=False).exit_code == 0
+    left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(run_dir)
+    assert [e["step"] for e in left_alone.evals] == [e["step"] for e in resumed.evals] == [0, 4, 8, 12]
+    assert [e["epoch"] for e in resumed.evals] == [0, 1, 2, 3]
+    assert [e["splits"]["valid"]["loss"] for e in resumed.evals] == pytest.approx([e["splits"]["valid"]["loss"] for e in left_alone.evals], rel=1e-6)
+    assert resumed.summary["final"] == left_alone.summary["final"]
