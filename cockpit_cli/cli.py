@@ -98,7 +98,9 @@ def run(
     with reporting_errors(traceback):
         from cockpit_cli.runner import execute_run
 
-        overrides = list(set_) + ([f"distributed.nproc={nproc}"] if nproc is not None else [])
+        from cockpit_cli.config import OptionOverride
+
+        overrides = list(set_) + ([OptionOverride(f"distributed.nproc={nproc}", f"--nproc {nproc}")] if nproc is not None else [])
         code = execute_run(
             config, overrides=overrides, out=out, name=name, dry_run=dry_run, overwrite=overwrite, console=stdout, errors=stderr, live=live, resume=resume, traceback=traceback
         )

@@ -148,20 +148,43 @@ class RunConfig:
         """Where key ``path`` is set: ``"<file>: <path>"``, naming the ``--set`` overrides that touch it."""
         return located(self.source, self.overrides, path)
 
+    def overridden(self, path: str) -> bool:
+        """Whether an override sets key ``path``, a key inside it, or the section it is in."""
+        return bool(_touching(self.overrides, path))
+
     def fail(self, path: str, problem: str, hint: str | None = None) -> CockpitError:
         """Build the error for key ``path`` of this config (``<file>: <path>: <problem>``)."""
         return CockpitError(f"{self.where(path)}: {problem}", hint)
 
 
+class OptionOverride(str):
+    """An override that a command-line option of its own sets (``--nproc 2`` sets
+    ``distributed.nproc=2``): errors name the option as it was typed."""
+
+    shown_as: str
+
+    def __new__(cls, text: str, shown_as: str) -> OptionOverride:
+        override = super().__new__(cls, text)
+        override.shown_as = shown_as
+        return override
+
+
 def located(source: str, overrides: typing.Sequence[str], path: str) -> str:
-    """``"<source>: <path>"``; ``"<source> with --set <override>: <path>"`` when an override sets
+    """``"<source>: <path>"``; ``"<source> with --set <override>: <path>"`` (or the option that
+    set it, such as ``--nproc 2``) when an override sets
     ``path``, a key inside it, or the section it is in, so that the error points at the command line."""
+    touching = [text.shown_as if isinstance(text, OptionOverride) else f"--set {text}" for text in _touching(overrides, path)]
+    return f"{source} with {' '.join(touching)}: {path}" if touching else f"{source}: {path}"
+
+
+def _touching(overrides: typing.Sequence[str], path: str) -> list[str]:
+    """Return the overrides that set ``path``, a key inside it, or the section it is in."""
     touching = []
     for text in overrides:
         key = ".".join(parse_override(text)[0])
         if key == path or key.startswith(path + ".") or path.startswith(key + "."):
-            touching.append(f"--set {text}")
-    return f"{source} with {' '.join(touching)}: {path}" if touching else f"{source}: {path}"
+            touching.append(text)
+    return touching
 
 
 # Sections whose unknown keys are collected into a free-form dict instead of being rejected.

@@ -108,3 +108,28 @@ def test_problem_without_default_epochs_needs_them(data_dir: Path, tmp_path: Pat
     del config["training"]["steps"]
     with pytest.raises(CockpitError, match="training.epochs: problem 'mnist1d_mlp' has no default number of epochs"):
         build_run(parse_config(config, source="c.yaml"))
+
+
+def test_an_argument_of_the_files_optimizer_left_over_by_a_changed_name_says_to_set_the_whole_section(data_dir: Path, tmp_path: Path) -> None:
+    from cockpit_cli.overrides import apply_overrides
+
+    data = tiny_config(data_dir, tmp_path, optimizer={"name": "SGD", "lr": 0.1, "momentum": 0.9})
+    for overrides, whole_section in ((["optimizer.name=Adam"], True), (["optimizer.name=Adam", "optimizer.momentum=0.5"], False)):
+        config = parse_config(apply_overrides(data, overrides), source="c.yaml", overrides=overrides)
+        with pytest.raises(CockpitError) as caught:
+            build_run(config)
+        assert "Adam has no argument 'momentum'" in caught.value.message
+        assert ("--set 'optimizer={name: Adam, ...}'" in caught.value.hint) == whole_section
+        assert caught.value.hint.endswith("its arguments: amsgrad, betas, capturable, decoupled_weight_decay, differentiable, eps, foreach, fused, lr, maximize, weight_decay")
+
+
+def test_the_dry_run_describes_the_optimizer_by_its_hyperparameters_and_the_quantities_by_schedule(data_dir: Path, tmp_path: Path) -> None:
+    from cockpit_cli.training.build import describe_setup
+
+    instruments = {"preset": "economy", "every": 4, "quantities": {"HessMaxEV": {"every": 8}, "Loss": {"every": 1}}}
+    facts = describe_setup(build(data_dir, tmp_path, optimizer={"name": "SGD", "lr": 0.05, "momentum": 0.9}, instruments=instruments, schedule={"name": "StepLR", "step_size": 4}))
+    assert facts["optimizer"] == "SGD(lr=0.05, momentum=0.9, dampening=0, weight_decay=0, nesterov=False, maximize=False)"
+    schedules = dict(part.split(": ") for part in facts["quantities"].split("; "))
+    assert schedules["every step from 0"] == "Loss" and schedules["every 8 steps from 0"] == "HessMaxEV"
+    assert schedules["every 4 steps from 0"].startswith("Alpha, Distance, GradHist1d, GradNorm")
+    assert describe_setup(build(data_dir, tmp_path))["quantities"] == "none"

@@ -90,7 +90,8 @@ def test_dry_run_validates_and_writes_nothing(make_config, tmp_path: Path) -> No
     result = invoke("run", str(config), "--dry-run", "--set", "optimizer.lr=0.5")
     assert result.exit_code == 0, result.output
     assert "effective config" in result.output and "lr: 0.5" in result.output
-    assert "total_steps" in result.output and "12" in result.output
+    assert "total_steps: 12\n" in result.output and "optimizer: SGD(lr=0.5, momentum=0, " in result.output
+    assert "parameters: 15,210\n" in result.output and "splits: train 6,400, train_eval " in result.output
     assert "schedule:" not in result.output.split("dry run: config is valid")[1]  # no schedule, no plan
     scheduled = invoke("run", str(config), "--dry-run", "--set", "schedule={name: StepLR, step_size: 4, gamma: 0.5, interval: step}")
     assert "        schedule: StepLR once per step: lr 0.1 at the start, 0.025 at the end (lowest 0.025, highest 0.1)" in scheduled.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cockpit_cli.config import RunConfig, load_config, parse_config
+from cockpit_cli.config import OptionOverride, RunConfig, load_config, parse_config
 from cockpit_cli.overrides import apply_overrides, parse_override
 from cockpit_cli.errors import CockpitError, ExitCode
 
@@ -124,6 +124,9 @@ def test_override_values_are_validated_like_the_file_and_named_in_the_error(tmp_
     assert caught.value.message == f"{path} with --set training.steps=5 --set training.epochs=3: training: give either epochs or steps, not both"
     config = load_config(path, ["optimizer.lr=2", "output.name=a"])
     assert config.where("optimizer") == f"{path} with --set optimizer.lr=2: optimizer" and config.where("output.names") == f"{path}: output.names"
+    assert config.overridden("optimizer.lr") and config.overridden("optimizer") and not config.overridden("optimizer.momentum")
+    config = load_config(path, [OptionOverride("output.name=a", "--name a"), "output.name=b"])
+    assert config.where("output.name") == f"{path} with --name a --set output.name=b: output.name"  # an option's override as the option
     path.write_text("training:\n  epochs: -1\n")
     with pytest.raises(CockpitError) as caught:  # a wrong value in the file is the file's, whatever else is set
         load_config(path, ["optimizer.lr=2"])

@@ -171,7 +171,7 @@ def test_cli_rejects_a_batch_that_does_not_split(tmp_path: Path, parallel_config
     result = cockpit("run", str(parallel_config), "--nproc", "3", "--out", str(tmp_path), "--name", "bad", "--no-live")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {parallel_config} with --set distributed.nproc=3: distributed.nproc: a batch of 16 samples does not split into 3 equal shards"], result.stderr
+    assert errors == [f"error: {parallel_config} with --nproc 3: distributed.nproc: a batch of 16 samples does not split into 3 equal shards"], result.stderr
     assert "Traceback" not in result.stderr
 
 

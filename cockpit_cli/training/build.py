@@ -151,8 +151,29 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "batch_size": setup.batch_size,
         "steps_per_epoch": setup.steps_per_epoch,
         "total_steps": setup.total_steps,
-        "optimizer": repr(setup.optimizer).replace("\n", " ").replace("    ", " "),
-        "quantities": ", ".join(f"{q.name} ({q.schedule.describe()})" for q in setup.quantities) or "none",
+        "optimizer": describe_optimizer(setup.optimizer),
+        "quantities": describe_quantities(setup.quantities),
         **({"schedule": f"{setup.config.schedule.name} once per {setup.config.schedule.interval}: lr {setup.learning_rates.describe()}"} if setup.learning_rates else {}),
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }
+
+
+# Entries of a parameter group that are no hyperparameters (how the update is computed, and a
+# scheduler's record of the first learning rate): left out of the optimizer's description.
+_NOT_HYPERPARAMETERS = {"params", "foreach", "fused", "differentiable", "capturable", "initial_lr"}
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """Return ``"SGD(lr=0.1, momentum=0.9, ...)"``: the class and the hyperparameters it uses
+    (its first parameter group's; switches such as ``foreach`` left out)."""
+    group = optimizer.param_groups[0]
+    arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in group.items() if key not in _NOT_HYPERPARAMETERS and value is not None]
+    return f"{type(optimizer).__name__}({', '.join(arguments)})"
+
+
+def describe_quantities(quantities: list[Quantity]) -> str:
+    """Return the quantities grouped by schedule: ``"every 4 steps from 0: Alpha, Loss; every step from 0: Time"``."""
+    by_schedule: dict[str, list[str]] = {}
+    for quantity in quantities:
+        by_schedule.setdefault(quantity.schedule.describe(), []).append(quantity.name)
+    return "; ".join(f"{schedule}: {', '.join(names)}" for schedule, names in by_schedule.items()) or "none"

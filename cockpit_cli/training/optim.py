@@ -57,11 +57,10 @@ def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict
     for key, value in arguments.items():
         if key not in parameters:
             known = sorted(parameters)
-            raise config.fail(
-                f"{section}.{key}",
-                f"{cls.__name__} has no argument '{key}'{did_you_mean(key, known)}",
-                f"its arguments: {', '.join(known)}",
-            )
+            hint = f"its arguments: {', '.join(known)}"
+            if config.overridden(f"{section}.name") and not config.overridden(f"{section}.{key}"):  # the file's arguments, meant for its own class
+                hint = f"'{key}' comes from the file, written for another class; set the whole section instead, as in --set '{section}={{name: {cls.__name__}, ...}}'; {hint}"
+            raise config.fail(f"{section}.{key}", f"{cls.__name__} has no argument '{key}'{did_you_mean(key, known)}", hint)
         default = parameters[key].default
         checked[key] = _check_like_default(config, f"{section}.{key}", value, default)
     missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in checked]
