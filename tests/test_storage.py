@@ -258,13 +258,14 @@ def test_reopening_for_a_resume_keeps_steps_before_and_evaluations_through_the_c
 def test_a_resumed_writer_keeps_the_runs_creation_and_counts_its_resumes(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path, steps=3)
     manifest = read_run(run_dir).manifest
-    manifest.update(created_at="2020-01-01T00:00:00+00:00", timings={"started": 1.0})
+    manifest.update(created_at="2020-01-01T00:00:00+00:00", timings={"started": 1.0}, command=["cockpit", "run", "c.yaml"])
     (run_dir / schema.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     for number in (1, 2):
-        writer = RunWriter(run_dir, {"problem": {"name": "p"}}, "", resume_evals=[])
+        writer = RunWriter(run_dir, {"problem": {"name": "p"}}, "", command=["cockpit", "run", "--resume", str(run_dir)], resume_evals=[])
         writer.on_end(RunEnd(RunStatus.COMPLETED, 3, 1, None, 1.0))
         manifest = read_run(run_dir).manifest
         assert manifest["created_at"] == "2020-01-01T00:00:00+00:00" and manifest["timings"]["started"] == 1.0
+        assert manifest["command"] == ["cockpit", "run", "c.yaml"]
         assert len(manifest["resumed_at"]) == number
 
 

@@ -168,7 +168,7 @@ class RunWriter:
         }
         if resume:
             previous = json.loads((run_dir / schema.MANIFEST).read_text(encoding="utf-8"))
-            self.manifest.update({key: previous[key] for key in ("created_at", "timings") if key in previous})
+            self.manifest.update({key: previous[key] for key in ("created_at", "timings", "command") if key in previous})  # the run's start
             self.manifest["resumed_at"] = [*previous.get("resumed_at", []), now_iso()]
         self._steps = JsonLinesAppender(run_dir / schema.STEPS)
         self._evals = JsonLinesAppender(run_dir / schema.EVALS)
