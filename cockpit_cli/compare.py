@@ -166,11 +166,14 @@ def _best(series: Series, better: str) -> float | None:
 
 
 def outcome_rows(views: Sequence[RunView]) -> list[Row]:
-    """Status, steps, wall time, and the final and best loss and accuracy of every split."""
+    """Status, steps, wall time (also per step), and the final and best loss and accuracy of every split."""
+    steps = [view.run.manifest.get("steps_completed", len(view.run.steps)) for view in views]
+    seconds = [(view.run.summary or {}).get("wall_seconds", (view.run.manifest.get("timings") or {}).get("train_seconds")) for view in views]
     rows = [
         Row("status", "status", [view.run.status for view in views], "text"),
-        Row("steps", "steps", [view.run.manifest.get("steps_completed", len(view.run.steps)) for view in views], "integer"),
-        Row("wall_seconds", "wall time", [(view.run.summary or {}).get("wall_seconds", (view.run.manifest.get("timings") or {}).get("train_seconds")) for view in views], "seconds", "lower"),
+        Row("steps", "steps", steps, "integer"),
+        Row("wall_seconds", "wall time", seconds, "seconds"),  # no best: runs of other lengths
+        Row("seconds_per_step", "time per step", [_per_step(total, count) for total, count in zip(seconds, steps)], "seconds", "lower"),
     ]
     for split in SPLITS:
         for metric, better, kind in (("loss", "lower", "number"), ("accuracy", "higher", "percent")):
@@ -180,6 +183,13 @@ def outcome_rows(views: Sequence[RunView]) -> list[Row]:
                 if any(value is not None for value in values):
                     rows.append(Row(f"{split}.{metric}.{which}", f"{split} {metric} ({which})", values, kind, better))
     return rows
+
+
+def _per_step(seconds: Any, steps: Any) -> float | None:
+    """Wall time per step (evaluations included), or ``None`` without both numbers."""
+    if isinstance(seconds, (int, float)) and isinstance(steps, int) and steps > 0:
+        return float(seconds) / steps
+    return None
 
 
 def _trend(series: Series) -> list[float] | None:

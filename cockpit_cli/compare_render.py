@@ -31,7 +31,7 @@ def format_value(value: Any, kind: str) -> str:
     if kind == "percent":
         return f"{100 * value:.2f}%"
     if kind == "seconds":
-        return f"{value:.1f} s"
+        return f"{1000 * value:.3g} ms" if abs(value) < 1 else f"{value:.1f} s"
     if kind == "trend":
         return f"{_number(value[0])} → {_number(value[1])}"
     if kind == "text" or not isinstance(value, (int, float)) or isinstance(value, bool):

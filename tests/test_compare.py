@@ -184,6 +184,7 @@ def test_notes_name_ties_a_single_ranked_run_and_unfinished_runs() -> None:
 
 def test_values_are_formatted_by_kind() -> None:
     assert [format_value(0.8125, "percent"), format_value(12.34, "seconds"), format_value([2.0, 0.0004], "trend")] == ["81.25%", "12.3 s", "2 → 4.000e-04"]
+    assert [format_value(0.0073219, "seconds"), format_value(0.962, "seconds"), format_value(1.0, "seconds")] == ["7.32 ms", "962 ms", "1.0 s"]
     assert [format_value(123456, "integer"), format_value(123456.0, "number"), format_value(0.0001234, "number"), format_value(0.5, "number")] == ["123456", "1.235e+05", "1.234e-04", "0.5"]
     assert [format_value(None, "number"), format_value(math.nan, "percent"), format_value(0, "number")] == ["-", "-", "0"]
 
@@ -209,6 +210,15 @@ def test_the_text_stars_each_rows_best_run_and_says_why_one_is_better() -> None:
     assert verdict == "Better: early on valid accuracy, highest over the evaluations (early 80.00%, late 75.00%, flat 70.00%)"
     lines = render(compare_loaded(runs, ["valid.loss"])).splitlines()
     assert next(line for line in lines if line.startswith("Better:")).endswith("lowest over the evaluations (early 0.4, late 0.5, flat 0.45)")
+
+
+def test_the_fastest_run_is_the_one_with_the_shortest_steps_not_the_shortest_run() -> None:
+    runs = [synthetic_run("long", [1.0, 0.5]), synthetic_run("short", [1.0], status="diverged"), synthetic_run("none", [1.0])]
+    for run, (seconds, steps) in zip(runs, ((60.0, 600), (3.0, 3), (None, 5))):
+        run.manifest.update(steps_completed=steps, timings={"train_seconds": seconds})
+    lines = render(compare_loaded(runs)).splitlines()
+    assert cells(lines, "wall time") == ["60.0 s", "3.0 s", "-"]  # no star: the runs took different numbers of steps
+    assert cells(lines, "time per step") == ["100 ms *", "1.0 s", "-"]
 
 
 def test_a_row_where_every_run_is_equal_has_no_star_and_notes_are_listed() -> None:
