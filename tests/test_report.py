@@ -270,3 +270,37 @@ def test_layer_histograms_keep_the_recorded_range() -> None:
     steps, counts, value_range = synthetic_view({0: histogram(-0.5), 1: histogram(-0.5)}).layer_histograms()
     assert steps == [0, 1] and counts == {"0": [[1, 2], [1, 2]]} and value_range == (-0.5, 0.5)
     assert synthetic_view({0: histogram(-0.5), 1: histogram(-0.25)}).layer_histograms()[2] is None  # adaptive: the range moved
+
+
+def performance_axes(figure: Figure):
+    return next(ax for ax in figure.axes if ax.get_title() == "Performance")
+
+
+def test_the_performance_panel_marks_non_finite_losses_and_the_title_says_how_the_run_ended() -> None:
+    def view_of(losses: list[float], status: str = "completed", message: str | None = None) -> RunView:
+        run = synthetic_view({step: {} for step in range(len(losses))}).run
+        for record, loss in zip(run.steps, losses):
+            record["loss"] = loss
+        run.manifest.update(status=status, message=message)
+        return RunView(run)
+
+    figure = cockpit_figure(view_of([2.0, 5.0, math.nan, 3e6, math.inf, 1.0], "diverged", "the loss became nan at step 2 (epoch 0); the learning rate is probably too large"))
+    ax = performance_axes(figure)
+    markers = [collection for collection in ax.collections if collection.get_label().startswith("non-finite loss")]
+    assert [marker.get_label() for marker in markers] == ["non-finite loss (2 steps)"]
+    assert sorted(markers[0].get_offsets()[:, 0]) == [2.0, 4.0]
+    assert ax.get_yscale() == "log"  # 1 to 3e6: a linear axis would flatten every loss but one
+    assert "diverged: the loss became nan at step 2 (epoch 0)" in texts(figure) and "too large" not in texts(figure)
+    figure = cockpit_figure(view_of([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    assert performance_axes(figure).get_yscale() == "linear" and not any(c.get_label().startswith("non-finite") for c in performance_axes(figure).collections)
+    assert "diverged" not in texts(figure) and "completed" not in texts(figure)
+    assert "the loss of every step is non-finite (6 steps)" in texts(cockpit_figure(view_of([math.nan] * 6)))
+
+
+def test_how_a_run_ended_reads_from_its_status_and_message() -> None:
+    from cockpit_cli.report.plotting import ending
+
+    assert ending({"status": "completed", "message": None}) is None
+    assert ending({"status": "interrupted", "message": "interrupted by the user after 17 steps"}) == "interrupted by the user after 17 steps"
+    assert ending({"status": "failed", "message": "OSError: disk full"}) == "failed: OSError: disk full"
+    assert ending({"status": "running"}) == "running"

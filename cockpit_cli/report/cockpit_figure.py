@@ -20,15 +20,18 @@ from cockpit_cli.report.data import RunView
 from cockpit_cli.report.gauges import alpha_gauge, gradient_tests_gauge, histogram_1d_gauge, histogram_2d_gauge
 from cockpit_cli.report.plotting import (
     BASE_FONT_SIZE,
+    EMA_COLOR,
     NEUTRAL,
     PRIMARY,
     SECONDARY,
     TERTIARY,
     column_background,
     empty_panel,
+    ending,
     finite,
     log_y,
     new_figure,
+    nonfinite_steps,
     save,
     scatter_ema,
     step_limits,
@@ -82,10 +85,17 @@ def lr_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
 def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     """The mini-batch loss by iteration, with train_eval and valid accuracy on a twin axis."""
     ax = figure.add_subplot(spec)
+    nonfinite = nonfinite_steps(view.loss())
     if not scatter_ema(ax, view.loss(), view.step_span(), size=6):
-        empty_panel(ax, "Performance", "no step losses recorded")
+        empty_panel(ax, "Performance", f"the loss of every step is non-finite ({len(nonfinite)} steps)" if len(nonfinite) else "no step losses recorded")
         return
     style(ax, "Performance", ylabel="mini-batch loss")
+    _, losses = finite(view.loss(), positive=True)
+    if len(losses) and losses.max() > 1000 * losses.min():  # a loss that blew up would flatten the rest
+        log_y(ax)
+    if len(nonfinite):  # marked along the top: they have no height to plot at
+        label = f"non-finite loss ({len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''})"
+        ax.scatter(nonfinite, np.full(len(nonfinite), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=36, color=EMA_COLOR, zorder=5, label=label)
     twin = ax.twinx()
     for split, color in (("train_eval", SECONDARY), ("valid", TERTIARY)):
         steps, accuracy = finite(view.evaluation(split, "accuracy"))
@@ -137,6 +147,8 @@ def cockpit_figure(view: RunView) -> Figure:
     span = view.step_span()
     figure.suptitle(f"Cockpit for {view.optimizer}", fontsize=BASE_FONT_SIZE + 11, fontweight="bold", y=0.99)
     facts = f"{view.run.manifest.get('problem', '?')}  ·  run {view.run.name}  ·  steps {span[0]}-{span[1]}  ·  points coloured by iteration (dark: early, yellow: late), red line: moving average"
+    ended = ending(view.run.manifest)
+    facts += f"  ·  {ended}" if ended else ""
     figure.text(0.5, 0.955, facts, ha="center", fontsize=BASE_FONT_SIZE + 1, color="#444444")
     return figure
 

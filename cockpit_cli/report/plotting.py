@@ -65,6 +65,20 @@ def finite(series: Series, positive: bool = False) -> tuple[np.ndarray, np.ndarr
     return steps[keep], values[keep]
 
 
+def nonfinite_steps(series: Series) -> np.ndarray:
+    """Steps of ``series`` whose value is NaN or infinite (a missing value is none of them)."""
+    return np.asarray([step for step, value in zip(series.steps, series.values) if value is not None and not math.isfinite(value)], dtype=float)
+
+
+def ending(manifest: dict) -> str | None:
+    """How a run that did not complete ended, for a figure's title line (``None`` if it completed)."""
+    status, message = str(manifest.get("status", "unknown")), manifest.get("message")
+    if status == "completed":
+        return None
+    reason = str(message).split(";")[0] if message else ""
+    return reason if reason.startswith(status) else f"{status}: {reason}" if reason else status
+
+
 def style(ax: Axes, title: str, xlabel: str | None = STEP_LABEL, ylabel: str | None = None) -> None:
     """Give ``ax`` a bold title, axis labels and a light grid."""
     ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold")
@@ -116,6 +130,7 @@ def step_limits(ax: Axes, span: tuple[int, int]) -> None:
     """Show steps ``span[0]`` to ``span[1]`` on the x axis, with a small margin for the markers."""
     margin = 0.015 * max(span[1] - span[0], 1)
     ax.set_xlim(span[0] - margin, span[1] + margin)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # no ticks between steps in short runs
 
 
 class ReadableLogLocator(ticker.Locator):
