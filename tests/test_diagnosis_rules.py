@@ -236,7 +236,23 @@ def test_too_few_tracked_steps_are_not_judged():
     assert skipped.reason == "only 3 tracked steps of Alpha so far (needs 5)"
     assert skipped.enable == "train longer, or track Alpha more often (instruments.every)"
     one = next(item for item in diagnose(make_run(steps=1)).not_checked if item.rule == "stalled_training")
-    assert (one.reason, one.enable) == ("only 1 step loss so far (needs 20)", "more training steps")
+    assert (one.reason, one.enable, one.too_few) == ("only 1 step loss so far (needs 20)", "more training steps", True)
+    assert not next(item for item in diagnose(make_run(drop=("Alpha",))).not_checked if item.rule == "lr_too_small").too_few  # none at all
+
+
+def test_a_diverged_run_lists_the_rules_it_stopped_too_early_for_on_one_line() -> None:
+    def report(status: str) -> str:
+        console = Console(file=io.StringIO(), width=400)
+        console.print(render_text(diagnose(make_run(steps=3, status=status, drop=("HessMaxEV",)))))
+        return console.file.getvalue()
+
+    diverged = report("diverged")
+    line = next(line for line in diverged.splitlines() if "too few records before the run diverged" in line)
+    assert "lr_too_large" in line and "stalled_training" in line
+    assert "train longer" not in diverged and "more training steps" not in diverged
+    assert "  early_stopping: needs EarlyStopping; to check it: " in diverged  # not recorded at all: listed as ever
+    completed = report("completed")
+    assert "before the run diverged" not in completed and "lr_too_large: only 3 tracked steps of Alpha so far" in completed
 
 
 class _LossAbove(Rule):

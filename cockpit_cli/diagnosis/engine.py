@@ -74,7 +74,7 @@ def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
         if any(counts.values()) or all(name in RECORD_FIELDS for name in options):
             best = max(options, key=lambda name: counts[name])
             enable = how_to_get_more(best) if counts[best] else how_to_enable(best)
-            return NotChecked(rule.name, f"{_count(counts[best], best)} so far (needs {rule.min_points})", enable)
+            return NotChecked(rule.name, f"{_count(counts[best], best)} so far (needs {rule.min_points})", enable, too_few=True)
         return NotChecked(rule.name, f"needs {' or '.join(options)}", how_to_enable(cheapest))
     return None
 

@@ -92,14 +92,17 @@ class NotChecked:
         reason: What is missing, e.g. ``"needs HessMaxEV"``.
         enable: How to record it, e.g. ``"preset full, or instruments.quantities.HessMaxEV: true"``,
             or how to record more of it when the run has too few records.
+        too_few: Whether the run records what the rule needs, only too few of it (a longer run
+            would do), rather than not at all.
     """
 
     rule: str
     reason: str
     enable: str
+    too_few: bool = False
 
-    def to_dict(self) -> dict[str, str]:
-        return {"rule": self.rule, "reason": self.reason, "enable": self.enable}
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "reason": self.reason, "enable": self.enable, "too_few": self.too_few}
 
 
 @dataclass

@@ -13,7 +13,7 @@ JSON structure (``schema_version`` 1)::
          "meaning", "hint"}
       ],
       "checked": ["divergence", ...],   # rules that ran
-      "not_checked": [{"rule", "reason", "enable"}],
+      "not_checked": [{"rule", "reason", "enable", "too_few"}],
       "notes": ["steps.jsonl: the last line ...", ...]   # what reading the run directory worked around
     }
 
@@ -104,6 +104,12 @@ def render_text(diagnosis: Diagnosis) -> Group:
         parts += [Text(""), Text.assemble(("healthy: no warnings", "bold green"), f" ({len(diagnosis.checked)} rules checked)")]
     if diagnosis.not_checked:
         parts += [Text(""), Text("not checked:", style="dim")]
-        for item in diagnosis.not_checked:
+        listed = diagnosis.not_checked
+        if run.get("status") == "diverged":  # no longer run would check these: the divergence comes first
+            cut_short = [item.rule for item in listed if item.too_few]
+            listed = [item for item in listed if not item.too_few]
+            if cut_short:
+                parts.append(Text(f"  {', '.join(cut_short)}: too few records before the run diverged; a run that does not diverge checks them", style="dim"))
+        for item in listed:
             parts.append(Text(f"  {item.rule}: {item.reason}; to check it: {item.enable}", style="dim"))
     return Group(*parts)
