@@ -141,8 +141,14 @@ def test_nan_loss_and_non_finite_quantities_raise_alerts() -> None:
     assert "loss is nan at step 10" in text and "diverged" in text
     assert "GradNorm is inf" in text and "Alpha is nan" in text
     state.finish("diverged", "the loss became nan at step 10")
-    assert "run diverged" in render(panels.alerts(state), 100)
+    text = render(panels.alerts(state), 100)
+    assert "run diverged: the loss became nan at step 10" in text
+    assert "loss is nan at step 10" not in text and "GradNorm is inf" in text  # the end says it, with more
     assert "✖" in render(DashboardView(state), 160)
+    state = make_state(steps=10)
+    state.add_step(10, 0, math.nan, [0.1], 1.0, {})
+    state.finish("diverged")  # no message: the step's alert stays
+    assert "loss is nan at step 10" in render(panels.alerts(state), 100)
 
 
 def test_a_loss_far_above_its_start_raises_an_alert() -> None:

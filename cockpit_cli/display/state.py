@@ -160,6 +160,8 @@ class DashboardState:
         if seconds is not None:
             self.time = max(self.time, seconds)
         if status in ("diverged", "failed"):
+            if message:  # says where the loss became non-finite, and more
+                self.alerts.pop("loss:nonfinite", None)
             self.add_alert("critical", f"run {status}: {message}" if message else f"run {status}", key="run:end")
         elif status == "interrupted":
             self.add_alert("warning", message or "run interrupted", key="run:end")
