@@ -55,6 +55,10 @@ def test_optimizer_specific_quantities_are_skipped_with_a_reason(make_config, tm
     unavailable = run.manifest["instruments"]["unavailable"]
     assert set(unavailable) == {"CABS", "EarlyStopping"} and "plain SGD only" in unavailable["CABS"]
     assert "Alpha" in run.steps[0]["quantities"] and "CABS" not in run.steps[0]["quantities"]
+    notice = "CABS, EarlyStopping not tracked: defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses Adam"
+    assert f"note: {notice}" in result.output.replace("\n", " ")  # said at the start, not only in the manifest
+    dry = runner.invoke(app, ["run", str(config), "--dry-run"], catch_exceptions=False)
+    assert "not tracked: CABS, EarlyStopping: defined for plain SGD only" in dry.output.replace("\n", " ")
 
 
 def test_unknown_quantity_is_a_clear_error(make_config) -> None:

@@ -298,6 +298,23 @@ def test_a_quantity_switched_off_during_the_run_says_so_in_its_panel_and_the_ale
     assert alerts.count(f"TICDiag, HessTrace switched off: {reason}") == 1
 
 
+def test_quantities_the_run_cannot_track_are_said_at_the_start_one_line_per_reason() -> None:
+    unavailable = {"CABS": "plain SGD only", "EarlyStopping": "plain SGD only", "HessTrace": "no curvature rule"}
+    state = DashboardState()
+    state.start(RunInfo.from_mapping({"problem": "toy", "instruments": {"quantities": ECONOMY, "unavailable": unavailable}}))
+    assert [(severity, text) for severity, text in state.alerts.values()] == [
+        ("warning", "CABS, EarlyStopping not tracked: plain SGD only"),
+        ("warning", "HessTrace not tracked: no curvature rule"),
+    ]
+    stream = io.StringIO()
+    log = PlainLog(console=Console(file=stream, width=200))
+    log.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 3, 3, 8, 99, instruments={"unavailable": unavailable}))
+    assert stream.getvalue().splitlines()[1:] == ["note: CABS, EarlyStopping not tracked: plain SGD only", "note: HessTrace not tracked: no curvature rule"]
+    state = DashboardState()
+    state.start(RunInfo.from_mapping({"problem": "toy", "instruments": {"quantities": ECONOMY}}))
+    assert not state.alerts
+
+
 def test_plain_log_prints_each_warning_once_when_it_arises_or_at_the_end() -> None:
     stream = io.StringIO()
     log = PlainLog(console=Console(file=stream, width=200))

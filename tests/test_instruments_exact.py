@@ -702,12 +702,24 @@ def test_completed_without_lag_returns_each_step_at_once() -> None:
 # --- availability ----------------------------------------------------------------------------------
 
 
+def test_the_reason_for_leaving_out_plain_sgd_quantities_names_what_is_not_plain() -> None:
+    from cockpit_cli.instruments.engine import _unlike_plain_sgd
+
+    parameters = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.9)) == "SGD with momentum 0.9"
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.5, nesterov=True, weight_decay=1e-4)) == "SGD with momentum 0.5, weight_decay 0.0001, nesterov"
+    two_rates = torch.optim.SGD([{"params": parameters[:1]}, {"params": parameters[1:], "lr": 0.01}], lr=0.1)
+    assert _unlike_plain_sgd(two_rates) == "SGD with several learning rates"
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, maximize=True)) == "SGD with maximize"
+    assert _unlike_plain_sgd(torch.optim.AdamW(parameters)) == "AdamW"
+
+
 def test_adam_leaves_out_plain_sgd_quantities() -> None:
     run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(FIRST_ORDER), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     unavailable = run.instruments.unavailable
     assert set(unavailable) == {"CABS", "EarlyStopping"}
     for name in ("CABS", "EarlyStopping"):
-        assert unavailable[name] == f"{name} is defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses Adam"
+        assert unavailable[name] == "defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses Adam"
     others = [name for name in FIRST_ORDER if name not in unavailable]
     for step in range(3):
         assert set(run.records[step]) == set(others)

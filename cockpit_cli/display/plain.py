@@ -9,7 +9,7 @@ from rich.console import Console
 
 from cockpit_cli.display.panels.common import num
 from cockpit_cli.storage.totals import quantity_total
-from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, StepRecord
+from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, StepRecord, not_tracked_lines
 
 
 # Instruments shown on a step line when the step tracked them: (quantity, label).
@@ -49,6 +49,8 @@ class PlainLog:
             f"training {meta.problem} ({meta.num_parameters:,} parameters) with {meta.optimizer} on {meta.device}{_processes(meta)}: "
             f"{meta.total_steps} steps, {meta.steps_per_epoch} per epoch, batch size {meta.batch_size}"
         )
+        for line in not_tracked_lines((meta.instruments or {}).get("unavailable") or {}):
+            self.console.print(f"note: {line}")
 
     def on_step(self, record: StepRecord) -> None:
         last = record.step + 1 == self.total_steps

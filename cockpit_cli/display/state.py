@@ -15,6 +15,7 @@ from typing import Any
 
 from cockpit_cli.display.sparkline import Series
 from cockpit_cli.storage.totals import quantity_total
+from cockpit_cli.training.events import not_tracked_lines
 
 ALPHA_RANGE = (-1.5, 1.5)
 ALPHA_BINS = 15  # odd, so that one bin is centred on the ideal 0
@@ -114,6 +115,8 @@ class DashboardState:
     def start(self, info: RunInfo) -> None:
         """Begin a run described by ``info``."""
         self.info, self.status = info, "running"
+        for line in not_tracked_lines(info.unavailable):
+            self.add_alert("warning", line)
         self.version += 1
 
     def add_step(self, step: int, epoch: int, loss: float, lr: list[float], time: float, quantities: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from cockpit_cli.instruments.functional_passes import capture_rng_state
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
-from cockpit_cli.instruments.support import check_support
+from cockpit_cli.instruments.support import Support, check_support
 from cockpit_cli.instruments.sync import Synchronizer
 
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -47,6 +47,30 @@ def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     groups = optimizer.param_groups
     plain = all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("nesterov") and not g.get("maximize") for g in groups)
     return plain and len({g["lr"] for g in groups}) == 1
+
+
+def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``quantity`` cannot be tracked with this model, loss (``support``) and optimizer, or ``None``."""
+    if quantity.per_sample and support.per_sample is None:
+        return support.per_sample_reason
+    if quantity.needs_curvature and not support.curvature:
+        return support.curvature_reason
+    if quantity.plain_sgd_only and not is_plain_sgd(optimizer):
+        return f"defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses {_unlike_plain_sgd(optimizer)}"
+    return None
+
+
+def _unlike_plain_sgd(optimizer: torch.optim.Optimizer) -> str:
+    """Say what makes ``optimizer`` other than plain SGD: ``"Adam"``, ``"SGD with momentum 0.9"``."""
+    name = type(optimizer).__name__
+    if type(optimizer) is not torch.optim.SGD:
+        return name
+    group = optimizer.param_groups[0]
+    settings = [f"{key} {group[key]:g}" for key in ("momentum", "weight_decay") if group.get(key, 0) != 0]
+    settings += [key for key in ("nesterov", "maximize") if group.get(key)]
+    if len({g["lr"] for g in optimizer.param_groups}) > 1:
+        settings.append("several learning rates")
+    return f"{name} with {', '.join(settings)}" if settings else name
 
 
 class Instruments:
@@ -118,13 +142,7 @@ class Instruments:
     # -- what is due -----------------------------------------------------------------------
 
     def _available(self, quantity: Quantity) -> bool:
-        reason = None
-        if quantity.per_sample and self.support.per_sample is None:
-            reason = self.support.per_sample_reason
-        elif quantity.needs_curvature and not self.support.curvature:
-            reason = self.support.curvature_reason
-        elif quantity.plain_sgd_only and not self.plain_sgd:
-            reason = f"{quantity.name} is defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses {type(self.optimizer).__name__}"
+        reason = unavailable_reason(quantity, self.support, self.optimizer)
         if reason:
             self.unavailable[quantity.name] = reason
         return reason is None

@@ -18,7 +18,7 @@ from torch.nn import Module
 
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
-from cockpit_cli.training.events import StepRecord
+from cockpit_cli.training.events import StepRecord, names_by_reason
 
 
 class Tracker:
@@ -110,11 +110,8 @@ class Tracker:
         switched off during the run (a failing quantity, a curvature factor too large for the
         memory) with the reason, and the instruments' failure."""
         switched = {} if self._attached is None else self._attached.unavailable
-        names_by_reason: dict[str, list[str]] = {}  # quantities switched off together share one line
-        for name, reason in switched.items():
-            if name not in self._unavailable_at_start:
-                names_by_reason.setdefault(reason, []).append(name)
-        found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason.items()]
+        during_run = {name: reason for name, reason in switched.items() if name not in self._unavailable_at_start}
+        found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason(during_run).items()]
         return found + ([self.failure] if self.failure else [])  # in the order they happened: nothing follows a failure
 
     def new_warnings(self) -> list[str]:

@@ -20,6 +20,7 @@ from cockpit_cli.typed_values import check_value
 from cockpit_cli.errors import did_you_mean
 from cockpit_cli.instruments.quantities import Quantity
 from cockpit_cli.instruments.settings import build_quantities
+from cockpit_cli.training.events import names_by_reason
 from cockpit_cli.training.optim import LearningRatePlan, build_optimizer, build_scheduler, rehearse_schedule
 from problems import PROBLEMS, Problem
 
@@ -153,6 +154,7 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "total_steps": setup.total_steps,
         "optimizer": describe_optimizer(setup.optimizer),
         "quantities": describe_quantities(setup.quantities),
+        **_not_tracked(setup),
         **({"schedule": f"{setup.config.schedule.name} once per {setup.config.schedule.interval}: lr {setup.learning_rates.describe()}"} if setup.learning_rates else {}),
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }
@@ -169,6 +171,25 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     group = optimizer.param_groups[0]
     arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in group.items() if key not in _NOT_HYPERPARAMETERS and value is not None]
     return f"{type(optimizer).__name__}({', '.join(arguments)})"
+
+
+def unavailable_quantities(setup: RunSetup) -> dict[str, str]:
+    """The run's quantities that its model, loss or optimizer rule out, with the reasons (what
+    the instruments will find when attached)."""
+    if not setup.quantities:
+        return {}
+    from cockpit_cli.instruments.engine import unavailable_reason
+    from cockpit_cli.instruments.support import check_support
+
+    support = check_support(setup.problem.model, setup.problem.loss_function)
+    reasons = {quantity.name: unavailable_reason(quantity, support, setup.optimizer) for quantity in setup.quantities}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
+def _not_tracked(setup: RunSetup) -> dict[str, str]:
+    """``{"not tracked": "CABS, EarlyStopping: <reason>; ..."}``, or nothing when every quantity can be."""
+    grouped = names_by_reason(unavailable_quantities(setup))
+    return {"not tracked": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in grouped.items())} if grouped else {}
 
 
 def describe_quantities(quantities: list[Quantity]) -> str:

@@ -117,6 +117,20 @@ class RunMeta:
     processes: dict[str, Any] = field(default_factory=lambda: dict(SINGLE_PROCESS))
 
 
+def names_by_reason(reasons: dict[str, str]) -> dict[str, list[str]]:
+    """Group ``{quantity: reason}`` by reason: ``{reason: [quantity, ...]}``, in first-seen order
+    (quantities that one obstacle stops share one line for the user)."""
+    grouped: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        grouped.setdefault(reason, []).append(name)
+    return grouped
+
+
+def not_tracked_lines(unavailable: dict[str, str]) -> list[str]:
+    """One line per reason a run cannot track some of its quantities: ``"CABS not tracked: <reason>"``."""
+    return [f"{', '.join(names)} not tracked: {reason}" for reason, names in names_by_reason(unavailable).items()]
+
+
 @dataclass
 class RunEnd:
     """How a run ended.
