@@ -54,9 +54,10 @@ class PeerStopped(CockpitError):
         )
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """Return ``"; did you mean 'x'?"`` for the closest known name, or ``""`` if none is close."""
-    matches = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+def did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest known name, or ``""`` if none is close
+    (similarity at least ``cutoff``, in ``difflib``'s ratio)."""
+    matches = difflib.get_close_matches(str(name), list(known), n=1, cutoff=cutoff)
     return f"; did you mean '{matches[0]}'?" if matches else ""
 
 

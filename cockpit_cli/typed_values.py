@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from cockpit_cli.errors import CockpitError
+from cockpit_cli.errors import CockpitError, did_you_mean
 
 
 def describe(hint: Any) -> str:
@@ -51,7 +51,7 @@ def check_value(value: Any, hint: Any, where: str, minimum: float | None = None,
     converted = _convert(value, hint)
     if converted is _INVALID:
         shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        raise CockpitError(f"{where}: expected {describe(hint)}, got {shown}")
+        raise CockpitError(f"{where}: expected {describe(hint)}, got {shown}{_closest_choice(value, hint)}")
     if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
         raise CockpitError(f"{where}: expected a value >= {minimum:g}, got {converted!r}")
     if maximum is not None and isinstance(converted, (int, float)) and converted > maximum:
@@ -60,6 +60,16 @@ def check_value(value: Any, hint: Any, where: str, minimum: float | None = None,
 
 
 _INVALID = object()
+
+
+def _closest_choice(value: Any, hint: Any) -> str:
+    """``"; did you mean 'economy'?"`` for a string that is a choice of a ``Literal`` hint in
+    another case, or nearly the same (a similarity of 0.8: 'busines', not 'gpu' for 'cpu')."""
+    choices = [choice for choice in typing.get_args(hint) if isinstance(choice, str)] if typing.get_origin(hint) is Literal else []
+    if not choices or not isinstance(value, str):
+        return ""
+    same_but_case = [choice for choice in choices if choice.lower() == value.lower()]
+    return f"; did you mean '{same_but_case[0]}'?" if same_but_case else did_you_mean(value, choices, cutoff=0.8)
 
 
 def _convert(value: Any, hint: Any) -> Any:

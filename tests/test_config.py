@@ -55,7 +55,7 @@ BAD_CONFIGS = [
     ({"training": 3}, "x.yaml: training: expected a mapping of keys, got 3"),
     ({"schedule": {"interval": "step"}}, "x.yaml: schedule.name: required key is missing"),
     ({"schedule": {"name": "StepLR", "interval": "batch"}}, "x.yaml: schedule.interval: expected one of 'step', 'epoch', got 'batch'"),
-    ({"instruments": {"preset": "ecnomy"}}, "x.yaml: instruments.preset: expected one of 'none', 'economy', 'business', 'full', got 'ecnomy'"),
+    ({"instruments": {"preset": "ecnomy"}}, "x.yaml: instruments.preset: expected one of 'none', 'economy', 'business', 'full', got 'ecnomy'; did you mean 'economy'?"),
     ({"instruments": {"every": -2}}, "x.yaml: instruments.every: expected a value >= 1, got -2"),
     ({"output": {"name": "../escape"}}, "x.yaml: output.name: '../escape' is not a safe directory name"),
     ({"output": {"directory": ["a"]}}, "x.yaml: output.directory: expected a string, got list"),
@@ -236,3 +236,17 @@ def test_typed_values_describe_and_convert() -> None:
     original = {"a": 1}
     copied = check_value(original, dict[str, Any], "w")
     assert copied == original and copied is not original  # the config never shares the caller's dict
+
+
+@pytest.mark.parametrize(
+    ("value", "suggestion"),
+    [("Economy", "; did you mean 'economy'?"), ("FULL", "; did you mean 'full'?"), ("busines", "; did you mean 'business'?"), ("cheap", ""), ("gpu", "")],
+)
+def test_a_choice_in_another_case_or_nearly_right_is_suggested(value: str, suggestion: str) -> None:
+    from typing import Literal
+
+    from cockpit_cli.typed_values import check_value
+
+    with pytest.raises(CockpitError) as caught:
+        check_value(value, Literal["none", "economy", "business", "full", "cpu"], "w")
+    assert caught.value.message == f"w: expected one of 'none', 'economy', 'business', 'full', 'cpu', got {value!r}{suggestion}"
