@@ -69,7 +69,7 @@ BAD_BUILDS = [
     ({"problem": {"name": "mnist1d_mpl"}}, "c.yaml: problem.name: problem 'mnist1d_mpl' is unknown; did you mean 'mnist1d_mlp'?"),
     ({"problem": {"widht": 3}}, "c.yaml: problem.widht: unknown key for problem 'mnist1d_mlp'; did you mean 'width'?"),
     ({"problem": {"width": "wide"}}, "c.yaml: problem.width: expected an integer, got 'wide'"),
-    ({"problem": {"activation": "relux"}}, "c.yaml: problem.activation: expected one of 'relu', 'sigmoid', 'tanh', 'leaky_relu', got 'relux'"),
+    ({"problem": {"activation": "relux"}}, "c.yaml: problem.activation: expected one of 'relu', 'sigmoid', 'tanh', 'leaky_relu', got 'relux'; did you mean 'relu'?"),
     ({"problem": {"batch_size": 100000}}, "c.yaml: problem.batch_size: batch size 100000 is larger than the 6400 training examples"),
     ({"optimizer": {"name": "Adamm"}}, "c.yaml: optimizer.name: optimizer 'Adamm' is not in torch.optim; did you mean 'Adam'?"),
     ({"optimizer": {"name": "SGD", "lr": 0.1, "momentun": 0.9}}, "c.yaml: optimizer.momentun: SGD has no argument 'momentun'; did you mean 'momentum'?"),
