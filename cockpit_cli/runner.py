@@ -251,7 +251,10 @@ def report_end(end: RunEnd, run_dir: Path, console: Console, errors: Console, qu
         console.print(f"diagnose it with: [bold]cockpit diagnose {run_dir}[/]")
     if end.status is RunStatus.COMPLETED:
         return ExitCode.OK
+    from cockpit_cli.training.checkpoint import CHECKPOINT
+
+    resume = f"; continue it from its last checkpoint with: cockpit run --resume {run_dir}" if (run_dir / CHECKPOINT).exists() and end.status is not RunStatus.DIVERGED else ""
     if end.status is RunStatus.INTERRUPTED:
-        errors.print(f"interrupted: the run stopped after {end.steps} steps; everything up to then is in {run_dir}")
+        errors.print(f"interrupted: the run stopped after {end.steps} steps; everything up to then is in {run_dir}{resume}")
         return ExitCode.INTERRUPTED
-    raise CockpitError(f"run {end.status.value}: {end.message}", f"records up to step {end.steps} are in {run_dir}", ExitCode.FAILURE)
+    raise CockpitError(f"run {end.status.value}: {end.message}", f"records up to step {end.steps} are in {run_dir}{resume}", ExitCode.FAILURE)

@@ -78,6 +78,7 @@ def test_interrupted_and_resumed_run_equals_one_left_alone(data_dir: Path, tmp_p
     broken = write_config(tmp_path / "broken.yaml", tiny_config(data_dir, tmp_path / "b", **sections))
     result = runner.invoke(app, ["run", str(broken), "--no-live"], catch_exceptions=False)
     assert result.exit_code == 130
+    assert f"continue it from its last checkpoint with: cockpit run --resume {tmp_path / 'b' / 'run'}" in result.output.replace("\n", "")
     monkeypatch.setattr(loop, "train", original)
     assert read_run(tmp_path / "b" / "run").status == "interrupted"
 
