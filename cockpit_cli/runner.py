@@ -123,8 +123,12 @@ def execute_run(
         # an evaluation after the checkpoint's last one (the end of its epoch's) is done again
         kept = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["last_eval_step"])
         writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), resume_evals=kept)
+        from cockpit_cli.storage.reader import read_run
+
+        history = (read_run(run_dir).steps, kept)  # the live view and diagnosis see the whole run
         console.rule(f"resuming {run_dir} at step {checkpoint['step']}", style="dim")
     else:
+        history = None
         run_name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
         run_dir = prepare_run_directory(Path(config.output.directory).expanduser(), run_name, overwrite=overwrite)
         config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
@@ -134,11 +138,11 @@ def execute_run(
     if live_view:
         from cockpit_cli.display.dashboard import LiveDashboard
 
-        display = LiveDashboard(console, run_dir=str(run_dir))
+        display = LiveDashboard(console, run_dir=str(run_dir), history=history)
     else:
         display = PlainLog(every=config.training.log_every, console=console)
     try:
-        end = train(setup, [writer, display, live_diagnosis(config, display.add_alert)], run_dir, checkpoint, processes)
+        end = train(setup, [writer, display, live_diagnosis(config, display.add_alert, history)], run_dir, checkpoint, processes)
     finally:
         display.close()
         if processes is not None:
@@ -213,12 +217,13 @@ def write_figures(config: RunConfig, run_dir: Path, errors: Console) -> None:
         errors.print(f"note: the figures could not be written ({type(error).__name__}: {error}); `cockpit report {run_dir}` retries")
 
 
-def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None]) -> object:
+def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None], history: tuple[list, list] | None = None) -> object:
     """Return an observer that runs the diagnosis rules during training and raises alerts.
 
     Args:
         config: The run's config (the rules read the optimizer's settings).
         alert: ``(severity, text, key)``; severity ``info``, ``warning`` or ``critical``.
+        history: A resumed run's step and evaluation records from before its checkpoint.
     """
     from cockpit_cli.diagnosis import LiveDiagnosis
 
@@ -229,7 +234,7 @@ def live_diagnosis(config: RunConfig, alert: Callable[[str, str, str], None]) ->
     def on_clear(rule: str, opened: int, step: int) -> None:
         alert("info", f"{rule}: no longer found at step {step} (raised at step {opened})", rule)
 
-    return LiveDiagnosis(on_alert=on_alert, on_clear=on_clear, config=config.to_dict())
+    return LiveDiagnosis(on_alert=on_alert, on_clear=on_clear, config=config.to_dict(), history=history)
 
 
 def report_end(end: RunEnd, run_dir: Path, console: Console, errors: Console, quiet: bool = False) -> ExitCode:

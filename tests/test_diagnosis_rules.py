@@ -301,6 +301,22 @@ def test_live_diagnosis_uses_the_registered_rules_on_records_so_far():
     assert live.alerts[0].steps == (120, 120)  # raised at the first non-finite loss, not at the next check
 
 
+def test_a_resumed_runs_live_diagnosis_sees_the_records_from_before_its_checkpoint():
+    """Alpha at 0.8 over the first 150 steps: lr_too_large, which the 30 healthy steps after the
+    resume do not hide from ``diagnose``; so the live diagnosis must see those steps too."""
+    run = make_run(change=_set("Alpha", lambda s, rng: 0.8 if s < 150 else 0.0), steps=180)
+    assert "lr_too_large" in [finding.rule for finding in diagnose(run).findings]
+    before = [record for record in run.steps if record["step"] < 150]
+    evals = [record for record in run.evals if record["step"] <= 150]
+    for history, expected in ((None, False), ((before, evals), True)):
+        live = LiveDiagnosis(check_every=10, manifest=run.manifest, config=run.config, history=history)
+        for record in run.steps[150:]:
+            live.on_step(record)
+        live.on_end(None)
+        assert ("lr_too_large" in live.active) is expected
+    assert len(before) == 150 and len(live.series.steps) == 180  # the history's lists are not extended in place
+
+
 def test_series_are_extended_as_records_arrive():
     records: list[dict[str, Any]] = []
     series = RunSeries({"instruments": {"parameters": PARAMS}}, records, [])

@@ -284,6 +284,19 @@ def test_live_dashboard_observer_without_a_terminal_prints_the_final_frame() -> 
     assert "cockpit diagnose results/toy" in render(dashboard.final_summary(), 100)
 
 
+def test_a_resumed_runs_dashboard_shows_the_records_from_before_its_checkpoint() -> None:
+    kept_steps = [{"step": step, "epoch": 0, "loss": 2.0 - 0.1 * step, "lr": [0.01], "time": 0.1 * step, "quantities": {"GradNorm": [0.5]}} for step in range(5)]
+    kept_evals = [{"step": 0, "epoch": 0, "time": 0.0, "splits": {"valid": {"loss": 2.0, "accuracy": 0.1}}}]
+    dashboard = LiveDashboard(Console(file=io.StringIO(), width=120), run_dir="results/toy", history=(kept_steps, kept_evals))
+    dashboard.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 8, 8, 8, 99, instruments={"parameters": ["w"], "quantities": {"GradNorm": "every step"}}))
+    assert "running" in render(dashboard._renderable(), 120) and "waiting" not in render(dashboard._renderable(), 120)  # not the frame built before the start
+    dashboard.on_step(StepRecord(5, 0, 1.4, [0.01], 0.5, {"GradNorm": [0.25]}))
+    dashboard.close()
+    assert list(dashboard.state.get("loss").steps) == [0, 1, 2, 3, 4, 5]
+    assert list(dashboard.state.get("GradNorm").values) == [0.5] * 5 + [0.25]
+    assert [record["step"] for record in dashboard.state.evals] == [0]
+
+
 def test_a_quantity_switched_off_during_the_run_says_so_in_its_panel_and_the_alerts() -> None:
     stream = io.StringIO()
     dashboard = LiveDashboard(Console(file=stream, width=160), run_dir="results/toy")

@@ -216,7 +216,14 @@ def test_a_checkpoint_at_the_end_of_an_epoch_is_resumed_without_repeating_its_ev
     monkeypatch.setattr(loop, "train", original)
     run_dir = tmp_path / "b" / "run"
     assert [e["step"] for e in read_run(run_dir).evals] == [0, 4, 8]  # the one at step 8 came after the checkpoint
+    import cockpit_cli.runner as runner_module
+
+    seen = []
+    original_diagnosis = runner_module.live_diagnosis
+    monkeypatch.setattr(runner_module, "live_diagnosis", lambda config, alert, history=None: seen.append(history) or original_diagnosis(config, alert, history))
     assert runner.invoke(app, ["run", "--resume", str(run_dir), "--no-live"], catch_exceptions=False).exit_code == 0
+    (history,) = seen  # the live diagnosis starts from the records kept before the checkpoint
+    assert [r["step"] for r in history[0]] == list(range(8)) and [e["step"] for e in history[1]] == [0, 4]
     left_alone, resumed = read_run(tmp_path / "a" / "run"), read_run(run_dir)
     assert [e["step"] for e in left_alone.evals] == [e["step"] for e in resumed.evals] == [0, 4, 8, 12]
     assert [e["epoch"] for e in resumed.evals] == [0, 1, 2, 3]

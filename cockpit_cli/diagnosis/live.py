@@ -57,6 +57,8 @@ class LiveDiagnosis:
         manifest: The run's manifest so far (``instruments.parameters`` in particular); also
             filled by :meth:`on_start`.
         config: The effective config as a mapping.
+        history: The step and evaluation records a resumed run kept from before its checkpoint
+            (as in the run directory): the rules see the whole run, as ``cockpit diagnose`` does.
     """
 
     def __init__(
@@ -68,16 +70,18 @@ class LiveDiagnosis:
         manifest: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
         on_clear: Callable[[str, int, int], None] | None = None,
+        history: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
     ):
         self.on_alert, self.on_clear = on_alert, on_clear
         self.check_every = max(1, check_every)
         self.quiet_checks = max(1, quiet_checks)
         self.rules = None if rules is None else list(rules)
-        self.series = RunSeries(dict(manifest or {}), [], [], config)
+        steps, evals = history or ([], [])
+        self.series = RunSeries(dict(manifest or {}), list(steps), list(evals), config)
         self.active: dict[str, Episode] = {}  # by rule
         self.firing: set[str] = set()  # rules that found their problem at the last check
         self.alerts: list[Finding] = []
-        self.checked_at = 0  # steps seen at the last check
+        self.checked_at = 0  # steps seen at the last check (the history's are checked with the first new ones)
 
     def on_start(self, meta: Any) -> None:
         """Take the parameter names and optimizer from the run's start facts (a ``RunMeta``)."""

@@ -34,11 +34,20 @@ class LiveDashboard:
         console: The terminal to draw on.
         run_dir: The run directory (shown in the header and in the final summary).
         refresh_per_second: Redraws per second at most.
+        history: The step and evaluation records a resumed run kept from before its checkpoint
+            (as in the run directory), shown from the start.
     """
 
-    def __init__(self, console: Console, run_dir: str | None = None, refresh_per_second: float = REFRESH_PER_SECOND):
+    def __init__(
+        self,
+        console: Console,
+        run_dir: str | None = None,
+        refresh_per_second: float = REFRESH_PER_SECOND,
+        history: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+    ):
         self.console = console
         self.run_dir = run_dir
+        self.history = history
         self.state = DashboardState()
         self.lock = threading.Lock()
         self.started = time.monotonic()
@@ -62,7 +71,13 @@ class LiveDashboard:
         fields = asdict(meta) if is_dataclass(meta) else dict(vars(meta))
         with self.lock:
             self.state.start(RunInfo.from_mapping(fields, run_dir=self.run_dir))
+            steps, evals = self.history or ([], [])
+            for record in evals:
+                self.state.add_eval_record(record)
+            for record in steps:
+                self.state.add_step_record(record)
             self.started = time.monotonic()
+            self._view = None  # the frame built before the start (``Live`` builds one) is stale now
         self.live.start()
 
     def on_step(self, record: StepRecord) -> None:

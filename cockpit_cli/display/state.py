@@ -146,6 +146,17 @@ class DashboardState:
                 self.add_alert("critical", f"{name} is {total} at step {step}", key=f"nonfinite:{name}")
         self.version += 1
 
+    def add_step_record(self, record: dict[str, Any]) -> None:
+        """Record a step given as in the run directory (a line of ``steps.jsonl``)."""
+        step, epoch, time = int(record["step"]), int(record.get("epoch", 0)), float(record.get("time", 0.0))
+        loss, lr = float(record.get("loss", math.nan)), [float(rate) for rate in record.get("lr") or []]
+        self.add_step(step, epoch, loss, lr, time, dict(record.get("quantities") or {}))
+
+    def add_eval_record(self, record: dict[str, Any]) -> None:
+        """Record an evaluation given as in the run directory (a line of ``evals.jsonl``)."""
+        splits = {name: dict(metrics) for name, metrics in (record.get("splits") or {}).items()}
+        self.add_eval(int(record["step"]), int(record.get("epoch", 0)), float(record.get("time", 0.0)), splits)
+
     def add_eval(self, step: int, epoch: int, time: float, splits: dict[str, dict[str, Any]]) -> None:
         """Record an evaluation: ``splits`` maps a split name to ``{loss, accuracy}``."""
         kept = {name: {"loss": m.get("loss"), "accuracy": m.get("accuracy")} for name, m in splits.items()}

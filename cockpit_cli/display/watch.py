@@ -8,7 +8,6 @@ waited for (or, in a finished run, ignored with a note).
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -136,7 +135,7 @@ class RunFollower:
             pass  # being rewritten: keep the last good one
         if self.steps.rewritten() or self.evals.rewritten():  # resumed from a checkpoint: its records were cut back
             self._start_over()
-        for follower, feed in ((self.evals, self._feed_eval), (self.steps, self._feed_step)):
+        for follower, feed in ((self.evals, self.state.add_eval_record), (self.steps, self.state.add_step_record)):
             while True:
                 for record in follower.read():
                     try:
@@ -149,15 +148,6 @@ class RunFollower:
             self._finish()
         elif self.running:
             self._check_heartbeat()
-
-    def _feed_step(self, record: dict[str, Any]) -> None:
-        step, epoch, time_ = int(record["step"]), int(record.get("epoch", 0)), float(record.get("time", 0.0))
-        loss, lr = float(record.get("loss", math.nan)), [float(rate) for rate in record.get("lr") or []]
-        self.state.add_step(step, epoch, loss, lr, time_, dict(record.get("quantities") or {}))
-
-    def _feed_eval(self, record: dict[str, Any]) -> None:
-        splits = {name: dict(metrics) for name, metrics in (record.get("splits") or {}).items()}
-        self.state.add_eval(int(record["step"]), int(record.get("epoch", 0)), float(record.get("time", 0.0)), splits)
 
     def _finish(self) -> None:
         seconds = (self.manifest.get("timings") or {}).get("train_seconds")
