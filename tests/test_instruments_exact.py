@@ -809,6 +809,38 @@ def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
         check_first_order(run, step, weight_decay=DECAY)
 
 
+class Attending(nn.Module):
+    """Self-attention over a short sequence, then a linear head (float32: CPU attention then runs a
+    kernel that ``vmap`` has no batching rule for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.attention(inputs, inputs, inputs, need_weights=False)[0].mean(1))
+
+
+def test_per_sample_gradients_through_attention_from_torch_func_are_exact_and_quiet() -> None:
+    import warnings
+
+    from cockpit_cli.instruments.functional_passes import functorch_per_sample
+
+    model, loss = Attending(), nn.CrossEntropyLoss(reduction="none")
+    inputs, targets = torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_sample = functorch_per_sample(model, params, loss, inputs, targets, None)
+    assert not [w for w in caught if "performance drop" in str(w.message)]  # torch's note on vmap's speed is not the user's business
+    for i in range(len(inputs)):
+        expected = torch.autograd.grad(loss(model(inputs[i : i + 1]), targets[i : i + 1]).sum(), list(model.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected):
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class Shifted(nn.Module):
     """The reference mlp plus a learned shift of its outputs: a parameter of the container
     itself (which BackPACK's layer rules never see), in a model that is no nn.Sequential."""

@@ -7,6 +7,7 @@ so that dropout draws the same masks, and never advances the training's own rand
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -51,7 +52,10 @@ def functorch_per_sample(
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
         return per_sample_loss(functional_call(model, theta, (inputs,)), targets)
 
-    with torch.random.fork_rng(devices=devices(inputs)):
+    with torch.random.fork_rng(devices=devices(inputs)), warnings.catch_warnings():
+        # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
+        # cost of this pass that the user cannot act on, said at every tracked step
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
         if _has_dropout(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
