@@ -841,6 +841,16 @@ def test_per_sample_gradients_through_attention_from_torch_func_are_exact_and_qu
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_model_without_second_derivatives_switches_hessmaxev_off_saying_why() -> None:
+    """CPU attention in float32 runs a kernel whose backward torch cannot differentiate again."""
+    batches = [ref.Batch(torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2]), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
+    run = train(Attending(), batches, quantities(("GradNorm", "HessMaxEV")))
+    reason = run.instruments.unavailable["HessMaxEV"]
+    assert reason.startswith("failed at step 0 and was switched off: RuntimeError: derivative for ")
+    assert reason.endswith("(Hessian-vector products need the second derivative of every operation of the model; this one has none)")
+    assert all("GradNorm" in run.records[step] for step in range(2))  # the other quantities go on
+
+
 class Shifted(nn.Module):
     """The reference mlp plus a learned shift of its outputs: a parameter of the container
     itself (which BackPACK's layer rules never see), in a model that is no nn.Sequential."""

@@ -422,7 +422,10 @@ class Instruments:
 
 def failure_reason(step: int, error: str) -> str:
     """Return the manifest's reason for a quantity that failed at ``step`` with ``error``."""
-    return f"failed at step {step} and was switched off: {error}"
+    reason = f"failed at step {step} and was switched off: {error}"
+    if "derivative for" in error and "is not implemented" in error:  # torch's words for a missing double backward
+        reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
+    return reason
 
 
 def _projections_only(needs: set[str]) -> bool:
