@@ -295,6 +295,8 @@ def test_the_performance_panel_marks_non_finite_losses_and_the_title_says_how_th
     assert performance_axes(figure).get_yscale() == "linear" and not any(c.get_label().startswith("non-finite") for c in performance_axes(figure).collections)
     assert "diverged" not in texts(figure) and "completed" not in texts(figure)
     assert "the loss of every step is non-finite (6 steps)" in texts(cockpit_figure(view_of([math.nan] * 6)))
+    ticks = performance_axes(cockpit_figure(view_of([2.0, 1.0, 0.5]))).get_xticks()
+    assert len(ticks) and all(float(tick).is_integer() for tick in ticks)  # steps, not fractions of one
 
 
 def test_how_a_run_ended_reads_from_its_status_and_message() -> None:

@@ -130,7 +130,7 @@ def step_limits(ax: Axes, span: tuple[int, int]) -> None:
     """Show steps ``span[0]`` to ``span[1]`` on the x axis, with a small margin for the markers."""
     margin = 0.015 * max(span[1] - span[0], 1)
     ax.set_xlim(span[0] - margin, span[1] + margin)
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # no ticks between steps in short runs
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins="auto", integer=True))  # no ticks between steps in short runs
 
 
 class ReadableLogLocator(ticker.Locator):
