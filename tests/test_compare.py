@@ -213,12 +213,12 @@ def test_the_text_stars_each_rows_best_run_and_says_why_one_is_better() -> None:
 
 
 def test_the_fastest_run_is_the_one_with_the_shortest_steps_not_the_shortest_run() -> None:
-    runs = [synthetic_run("long", [1.0, 0.5]), synthetic_run("short", [1.0], status="diverged"), synthetic_run("none", [1.0])]
-    for run, (seconds, steps) in zip(runs, ((60.0, 600), (3.0, 3), (None, 5))):
+    runs = [synthetic_run("long", [1.0, 0.5]), synthetic_run("short", [1.0], status="diverged"), synthetic_run("none", [1.0]), synthetic_run("zero", [1.0], status="interrupted")]
+    for run, (seconds, steps) in zip(runs, ((60.0, 600), (3.0, 3), (None, 5), (2.0, 0))):
         run.manifest.update(steps_completed=steps, timings={"train_seconds": seconds})
     lines = render(compare_loaded(runs)).splitlines()
-    assert cells(lines, "wall time") == ["60.0 s", "3.0 s", "-"]  # no star: the runs took different numbers of steps
-    assert cells(lines, "time per step") == ["100 ms *", "1.0 s", "-"]
+    assert cells(lines, "wall time") == ["60.0 s", "3.0 s", "-", "2.0 s"]  # no star: the runs took different numbers of steps
+    assert cells(lines, "time per step") == ["100 ms *", "1.0 s", "-", "-"]  # none for a run stopped before its first step
 
 
 def test_a_row_where_every_run_is_equal_has_no_star_and_notes_are_listed() -> None:

@@ -156,6 +156,14 @@ def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot be read" in result.output
 
 
+def test_a_diverged_run_with_a_checkpoint_is_not_offered_a_resume(data_dir: Path, tmp_path: Path) -> None:
+    sections = {"training": {"steps": 20, "checkpoint_every": 1}, "optimizer": {"lr": 1e6}, "problem": {"input_scale": 1000.0}}
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "r", **sections))
+    result = runner.invoke(app, ["run", str(config), "--no-live"], catch_exceptions=False)
+    assert result.exit_code == 1 and "run diverged" in result.output
+    assert (tmp_path / "r" / "run" / "checkpoint.pt").exists() and "--resume" not in result.output  # it would diverge again
+
+
 def test_same_config_and_seed_write_identical_records(data_dir: Path, tmp_path: Path) -> None:
     sections = {"training": {"steps": 12, "eval_every_steps": 6}, "instruments": {"preset": "full", "every": 3}}
     for name in ("one", "two"):

@@ -169,7 +169,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """Return ``"SGD(lr=0.1, momentum=0.9, ...)"``: the class and the hyperparameters it uses
     (its first parameter group's; switches such as ``foreach`` left out)."""
     group = optimizer.param_groups[0]
-    arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in group.items() if key not in _NOT_HYPERPARAMETERS and value is not None]
+    arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in group.items() if key not in _NOT_HYPERPARAMETERS]
     return f"{type(optimizer).__name__}({', '.join(arguments)})"
 
 
