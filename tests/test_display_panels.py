@@ -57,7 +57,7 @@ def make_state(steps: int = 40, tracked: list[str] | None = None, grad_scale: fl
     state.start(RunInfo.from_mapping({**info, "instruments": {"parameters": PARAMETERS, "quantities": tracked or ECONOMY}}, run_dir="results/toy"))
     state.add_eval(0, 0, 0.0, {"train_eval": {"loss": 2.3, "accuracy": 0.1}, "valid": {"loss": 2.31, "accuracy": 0.09}, "test": {"loss": 2.3, "accuracy": 0.11}})
     for step in range(steps):
-        alpha = 0.5 if step < steps - steps // 10 else 0.0  # mean of all 0.45, of the last 10% 0.00
+        alpha = 0.5 if step < steps - steps // 10 else 0.0  # median of all 0.5, of the last 10% 0
         loss = losses[step] if losses else 2.3 * 0.97**step
         state.add_step(step, step // 20, loss, [0.1], 0.05 * step, quantities(step, alpha, grad_scale, curvature))
     state.add_eval(steps, steps // 20, 2.0, {"train_eval": {"loss": 0.9, "accuracy": 0.7}, "valid": {"loss": 1.0, "accuracy": 0.66}, "test": {"loss": 1.1, "accuracy": 0.65}})
@@ -75,7 +75,7 @@ def test_wide_dashboard_has_the_three_columns_and_the_bottom_row(width: int) -> 
     text = render(DashboardView(make_state()), width)
     for title in ("Cockpit for SGD", "STEP SIZE", "GRADIENTS", "CURVATURE", "Alpha", "Gradient tests", "Gradient elements", "Layers", "Hyperparameters", "Performance", "Alerts"):
         assert title in text, title
-    assert re.search(r"mean \(all\) +0\.45 ", text) and re.search(r"mean \(last 10%\) +0 ", text)  # Alpha's means
+    assert re.search(r"median \(all\) +0\.5 ", text) and re.search(r"median \(last 10%\) +0 ", text)  # Alpha's medians
     assert "tracked with preset business" in text and "tracked with preset full" in text
     assert "step 40/100" in text and "epoch 2/5" in text
     assert "best valid" in text and "66.0%" in text
@@ -453,14 +453,29 @@ def test_alpha_bins_clamp_to_the_edges_skip_non_finite_values_and_colour_by_dist
     assert [bin_style(index) for index in (7, 5, 4, 2, 14)] == [f"bold underline {GOOD}", GOOD, WATCH, ACT, ACT]  # centres 0, -0.4, -0.6, -1, 1.4
 
 
-def test_alpha_means_are_coloured_and_a_long_run_shows_its_last_steps() -> None:
+def test_alpha_medians_are_coloured_and_a_long_run_shows_its_last_steps() -> None:
     state = make_state(steps=20)
     for step in range(20, 45_000):  # 45,000 values: a tenth is beyond the kept tail
         state.add_step(step, 1, 1.0, [0.1], float(step), {"Alpha": 1.2 if step >= 45_000 - 4096 else 0.0})
     text = coloured(panels.alpha(state.snapshot()), 60)
-    assert "mean (last 4096)" in text
-    line = next(line for line in text.splitlines() if "mean (last 4096)" in line)
+    assert "median (last 4096)" in text
+    line = next(line for line in text.splitlines() if "median (last 4096)" in line)
     assert re.search(r"\x1b\[31m *1\.2\x1b", line)  # all of the last 4096 overshoot: red
+    line = next(line for line in text.splitlines() if "median (all)" in line)
+    assert re.search(r"\x1b\[32m *0\x1b", line)  # most steps were ideal: green
+
+
+def test_the_alpha_medians_are_not_moved_by_one_wild_step() -> None:
+    state = DashboardState()
+    state.start(RunInfo.from_mapping({"problem": "toy", "instruments": {"quantities": ["Alpha"]}}))
+    for step, value in enumerate([0.1, -0.2, 0.3, 500.0, math.nan, 0.2]):
+        state.add_step(step, 0, 1.0, [0.1], float(step), {"Alpha": value})
+        if step == 0:
+            snapshot = state.snapshot()
+    assert snapshot.alpha_median == 0.1  # a snapshot keeps its own number
+    assert state.alpha_median == 0.2  # of 0.1, -0.2, 0.3, 500, 0.2 (NaN left out); the mean would be 100
+    text = render(panels.alpha(state.snapshot()), 60)
+    assert re.search(r"median \(all\) +0\.2", text) and re.search(r"median \(last 10%\) +0\.2", text)
 
 
 @pytest.mark.parametrize(("lr", "colour"), [(0.01, "\x1b[32m"), (0.05, "\x1b[33m"), (0.1, "\x1b[1;31m")])

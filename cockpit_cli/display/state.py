@@ -8,6 +8,7 @@ steps seen so far, so an observer can call it from the training loop.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from dataclasses import dataclass, field
@@ -69,6 +70,14 @@ class RunInfo:
         )
 
 
+def sorted_median(values: list[float]) -> float | None:
+    """The median of ``values``, which are sorted (``None`` for none)."""
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
+
+
 @dataclass
 class DashboardState:
     """Everything the panels show. Panels read it; only the update methods below write it.
@@ -85,6 +94,7 @@ class DashboardState:
         series: Scalar histories by name: ``loss``, ``loss_ema``, ``lr``, ``time`` and the
             instrument quantities (per-parameter norms reduced to the total norm).
         alpha_counts: Running histogram of every Alpha value over :data:`ALPHA_RANGE`.
+        alpha_median: Median of every finite Alpha value so far (``None`` before the first).
         latest: The latest value of each bulky quantity (histograms, per-layer statistics).
         latest_step: The step each entry of ``latest`` comes from.
         evals: One ``{step, epoch, time, splits: {name: {loss, accuracy}}}`` per evaluation.
@@ -102,6 +112,7 @@ class DashboardState:
     lr: list[float] = field(default_factory=list)
     series: dict[str, Series] = field(default_factory=dict)
     alpha_counts: list[int] = field(default_factory=lambda: [0] * ALPHA_BINS)
+    alpha_median: float | None = None
     latest: dict[str, Any] = field(default_factory=dict)
     latest_step: dict[str, int] = field(default_factory=dict)
     evals: list[dict[str, Any]] = field(default_factory=list)
@@ -109,6 +120,7 @@ class DashboardState:
     loss_start: float | None = None
     version: int = 0
     _ema: float = field(default=0.0, repr=False)
+    _alpha_sorted: list[float] = field(default_factory=list, repr=False)  # for the median; snapshots take the number only
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -142,6 +154,8 @@ class DashboardState:
                 low, high = ALPHA_RANGE
                 index = int((total - low) / (high - low) * ALPHA_BINS)
                 self.alpha_counts[min(max(index, 0), ALPHA_BINS - 1)] += 1
+                bisect.insort(self._alpha_sorted, total)
+                self.alpha_median = sorted_median(self._alpha_sorted)
             elif not math.isfinite(total) and f"nonfinite:{name}" not in self.alerts:
                 self.add_alert("critical", f"{name} is {total} at step {step}", key=f"nonfinite:{name}")
         self.version += 1
@@ -196,7 +210,7 @@ class DashboardState:
         copied = copy.copy(self)
         copied.info = copy.copy(self.info)
         copied.series = {name: series.copy() for name, series in self.series.items()}
-        copied.alpha_counts = list(self.alpha_counts)
+        copied.alpha_counts, copied._alpha_sorted = list(self.alpha_counts), []
         copied.latest, copied.latest_step = dict(self.latest), dict(self.latest_step)
         copied.evals, copied.alerts = list(self.evals), dict(self.alerts)
         if clock is not None and self.status == "running":

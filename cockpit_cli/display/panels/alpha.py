@@ -11,9 +11,10 @@ from rich.text import Text
 from cockpit_cli.display.panels.common import ACT, GOOD, WATCH, empty, frame, num, ok_or
 from cockpit_cli.display.panels.rows import Rows
 from cockpit_cli.display.sparkline import LEVELS, TAIL, Sparkline
-from cockpit_cli.display.state import ALPHA_BINS, ALPHA_RANGE, DashboardState
+from cockpit_cli.display.state import ALPHA_BINS, ALPHA_RANGE, DashboardState, sorted_median
 
-# Colours of a mean Alpha: green within the first range, yellow within the second, else red.
+# Colours of a median Alpha: green within the first range, yellow within the second, else red
+# (a median, as in the figure and the diagnosis: one wild step would move a mean far).
 ALPHA_OK = ((-0.5, 0.5), (-0.85, 0.85))
 
 
@@ -64,7 +65,7 @@ class AlphaHistograms:
 
 
 def alpha(state: DashboardState) -> RenderableType:
-    """Alpha's distribution (all and last 10%) over [-1.5, 1.5], means, and its history."""
+    """Alpha's distribution (all and last 10%) over [-1.5, 1.5], medians, and its history."""
     series = state.get("Alpha")
     if not len(series):
         body: RenderableType = empty(state.info.tracked, state.info.unavailable, "Alpha")
@@ -72,15 +73,14 @@ def alpha(state: DashboardState) -> RenderableType:
     window = max(len(series) // 10, 1)
     label = "last 10%" if window <= TAIL else f"last {TAIL}"
     recent = [v for v in series.tail(min(window, TAIL)) if math.isfinite(v)]
-    mean = series.mean()
-    recent_mean = sum(recent) / len(recent) if recent else None
+    median, recent_median = state.alpha_median, sorted_median(sorted(recent))
     histograms = AlphaHistograms([("all", state.alpha_counts), (label, bin_counts(recent))])
-    means = Rows(
+    medians = Rows(
         [
-            [Text("mean (all)", style="dim"), Text(num(mean, 2), style=ok_or(mean, *ALPHA_OK))],
-            [Text(f"mean ({label})", style="dim"), Text(num(recent_mean, 2), style=ok_or(recent_mean, *ALPHA_OK))],
+            [Text("median (all)", style="dim"), Text(num(median, 2), style=ok_or(median, *ALPHA_OK))],
+            [Text(f"median ({label})", style="dim"), Text(num(recent_median, 2), style=ok_or(recent_median, *ALPHA_OK))],
         ],
         ["left", "right"],
     )
-    body = Group(histograms, means, Sparkline(series.history(), style="blue", clip=ALPHA_RANGE))
+    body = Group(histograms, medians, Sparkline(series.history(), style="blue", clip=ALPHA_RANGE))
     return frame(body, "Alpha", "step size", subtitle=f"[dim]ideal 0 · n={len(series)}[/]")
