@@ -248,3 +248,20 @@ def test_an_unreadable_run_found_in_a_directory_is_left_out_with_a_note(results:
     with pytest.raises(CockpitError) as error:
         compare_runs([str(folder / "[ab]")], [])
     assert error.value.message.startswith(f"compare needs at least two runs: only {folder / 'a'} (1 more cannot be read: left out a run")
+
+
+def test_the_alpha_panel_of_the_plot_follows_a_moving_median_that_wild_values_do_not_carry() -> None:
+    from cockpit_cli.report.compare_figure import compare_figure
+    from cockpit_cli.report.plotting import moving_median
+
+    assert list(moving_median([1.0, 9.0, 2.0, 3.0, 100.0, 4.0], 3)) == [1.0, 5.0, 2.0, 3.0, 3.0, 4.0]
+    alphas = [0.1 * (step % 5) for step in range(60)]
+    alphas[30] = 1e6  # one wild step
+    runs = [synthetic_run("steady", [1.0, 0.5]), synthetic_run("short", [1.0])]
+    runs[0].steps.extend({"step": step, "loss": 1.0, "quantities": {"Alpha": value}} for step, value in enumerate(alphas))
+    runs[1].steps.append({"step": 0, "loss": 1.0, "quantities": {"Alpha": 1e11}})  # a diverged run's only value
+    ax = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Alpha")
+    line = next(line for line in ax.get_lines() if line.get_label() == "steady")
+    assert max(line.get_ydata()) <= 0.4  # the wild step moves no median of nine
+    low, high = ax.get_ylim()
+    assert -0.2 < low < 0 and 0.4 < high < 1.0  # the steady run fills the panel; the wild values fall outside

@@ -19,10 +19,11 @@ from matplotlib.lines import Line2D
 
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.report.data import RunView, eval_metric
-from cockpit_cli.report.plotting import BASE_FONT_SIZE, ema, empty_panel, finite, log_y, new_figure, run_color, save, style
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, ema, empty_panel, finite, log_y, moving_median, new_figure, run_color, save, style
 from cockpit_cli.storage.reader import RunData
 
 LOSS_SMOOTHING = 0.05  # moving-average weight for the per-step mini-batch loss
+ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,14 @@ class Panel:
     title: str
     ylabel: str
     get: Callable[[RunView], Series]
-    how: str  # "smooth", "scalar", "log" (scatter + moving average) or "evaluation" (lines)
+    how: str  # "smooth", "scalar", "log" (scatter + moving average), "median" (scatter + moving median) or "evaluation" (lines)
     quantity: str | None = None
 
 
 BASE_PANELS = (
     Panel("Mini-batch loss (smoothed)", "mini-batch loss (moving average)", RunView.loss, "smooth"),
     Panel("Valid accuracy", "valid accuracy (%)", lambda view: view.evaluation("valid", "accuracy"), "evaluation"),
-    Panel("Alpha", "local step length α (moving average)", lambda view: view.quantity("Alpha"), "scalar", "Alpha"),
+    Panel("Alpha", "local step length α (moving median)", lambda view: view.quantity("Alpha"), "median", "Alpha"),
     Panel("Gradient norm", "‖g‖ (L2, mini-batch)", RunView.grad_norm, "log", "GradNorm"),
 )
 
@@ -56,7 +57,7 @@ def metric_panel(name: str) -> Panel:
 def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
     """Overlay every run's series of ``panel`` on ``ax``; ``False`` when no run has data."""
     how = panel.how
-    drawn, shown = False, []
+    drawn, shown, lines = False, [], []
     for index, view in enumerate(views):
         steps, values = finite(panel.get(view), positive=how == "log")
         if not len(values):
@@ -68,11 +69,18 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
             ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, label=label)
         else:
             ax.scatter(steps, values, s=5, color=color, alpha=0.25, edgecolors="none")
-            ax.plot(steps, ema(list(values), LOSS_SMOOTHING if how == "smooth" else 0.2), color=color, lw=1.8, label=label)
+            smoothed = moving_median(values, ALPHA_WINDOW) if how == "median" else ema(list(values), LOSS_SMOOTHING if how == "smooth" else 0.2)
+            ax.plot(steps, smoothed, color=color, lw=1.8, label=label)
+            lines.append(smoothed)
         drawn = True
     if drawn:
         if how == "log":
             log_y(ax)
+        elif how == "median":  # the middle 80% of the points and nearly all of the medians: a few wild values fall outside
+            values, smoothed = np.concatenate(shown), np.concatenate(lines)
+            low, high = min(np.percentile(values, 10), np.percentile(smoothed, 2)), max(np.percentile(values, 90), np.percentile(smoothed, 98))
+            pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
         elif how != "evaluation":
             low, high = np.percentile(np.concatenate(shown), [2, 98])
             pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0

@@ -65,6 +65,13 @@ def finite(series: Series, positive: bool = False) -> tuple[np.ndarray, np.ndarr
     return steps[keep], values[keep]
 
 
+def moving_median(values: Sequence[float], window: int) -> np.ndarray:
+    """The median of each value and the ``window - 1`` before it (fewer at the start): a moving
+    average that one wild value does not carry (Alpha has them)."""
+    array = np.asarray(values, dtype=float)
+    return np.asarray([np.median(array[max(0, index - window + 1) : index + 1]) for index in range(len(array))])
+
+
 def nonfinite_steps(series: Series) -> np.ndarray:
     """Steps of ``series`` whose value is NaN or infinite (a missing value is none of them)."""
     return np.asarray([step for step, value in zip(series.steps, series.values) if value is not None and not math.isfinite(value)], dtype=float)
