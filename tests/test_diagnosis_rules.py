@@ -225,8 +225,18 @@ def test_missing_data_is_listed_with_what_enables_it():
     assert skipped["lr_too_large"].reason == "needs Alpha or HessMaxEV"
     assert skipped["lr_too_large"].enable == "preset economy or higher, or instruments.quantities.Alpha: true"
     assert "per-sample gradients" in skipped["gradient_noise"].reason
-    assert "EarlyStopping: true" in skipped["early_stopping"].enable
+    assert skipped["gradient_noise"].enable == "a run without that obstacle"  # tracking it more would not help
+    assert (skipped["early_stopping"].reason, skipped["early_stopping"].enable) == (
+        "needs EarlyStopping, defined for plain SGD only; this run uses SGD with momentum 0.9",
+        "a run with plain SGD (no momentum, weight decay or Nesterov)",
+    )
     assert "lr_too_small" not in diagnosis.checked
+    plain = make_run()
+    plain.config["optimizer"]["momentum"] = 0.0
+    skipped = {item.rule: item for item in diagnose(plain).not_checked}
+    assert (skipped["early_stopping"].reason, skipped["early_stopping"].enable) == ("needs EarlyStopping", "instruments.quantities.EarlyStopping: true")
+    adam = {item.rule: item for item in diagnose(make_run(optimizer="Adam")).not_checked}
+    assert adam["early_stopping"].reason == "needs EarlyStopping, defined for plain SGD only; this run uses Adam"
 
 
 def test_too_few_tracked_steps_are_not_judged():
@@ -250,7 +260,7 @@ def test_a_diverged_run_lists_the_rules_it_stopped_too_early_for_on_one_line() -
     line = next(line for line in diverged.splitlines() if "too few records before the run diverged" in line)
     assert "lr_too_large" in line and "stalled_training" in line
     assert "train longer" not in diverged and "more training steps" not in diverged
-    assert "  early_stopping: needs EarlyStopping; to check it: " in diverged  # not recorded at all: listed as ever
+    assert "  early_stopping: needs EarlyStopping, defined for plain SGD only; " in diverged  # not recorded at all: listed as ever
     completed = report("completed")
     assert "before the run diverged" not in completed and "lr_too_large: only 3 tracked steps of Alpha so far" in completed
 
@@ -348,7 +358,7 @@ def test_text_report_of_a_healthy_run():
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(render_text(diagnose(make_run())))
     assert "healthy: no warnings" in console.file.getvalue()
-    assert "  early_stopping: needs EarlyStopping; to check it: instruments.quantities.EarlyStopping: true" in console.file.getvalue().splitlines()
+    assert "  early_stopping: needs EarlyStopping, defined for plain SGD only; this run uses SGD with momentum 0.9; to check it: a run with plain SGD (no momentum, weight decay or Nesterov)" in console.file.getvalue().splitlines()
 
 
 def test_json_structure_is_versioned_and_strict_json():

@@ -13,6 +13,7 @@ from cockpit_cli.diagnosis.finding import Diagnosis, Finding, NotChecked, severi
 from cockpit_cli.diagnosis.rules import RULES
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
+from cockpit_cli.plain_sgd import unlike_plain_sgd
 
 # The smallest instruments preset that tracks each quantity; others are enabled by name.
 PRESET_ORDER = ("economy", "business", "full")
@@ -24,6 +25,9 @@ ENABLED_BY_PRESET: dict[str, str] = {
     **dict.fromkeys(("TICDiag", "HessTrace"), "business"),
     **dict.fromkeys(("HessMaxEV", "GradHist2d"), "full"),
 }
+# Quantities defined for plain SGD only (the instruments' ``plain_sgd_only``).
+PLAIN_SGD_ONLY = ("CABS", "EarlyStopping")
+WITH_PLAIN_SGD = "a run with plain SGD (no momentum, weight decay or Nesterov)"
 # How records of each kind are counted: one, several.
 RECORD_FIELDS = {
     "loss": ("step loss", "step losses"),
@@ -62,15 +66,19 @@ def how_to_get_more(name: str) -> str:
 def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
     """Why ``rule`` cannot run on ``run`` (``None`` when it can)."""
     unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
+    optimizer = run.config.get("optimizer") or {}
+    not_plain = unlike_plain_sgd(run.optimizer(), optimizer)
     for requirement in rule.requires:
         options = (requirement,) if isinstance(requirement, str) else requirement
         counts = {name: run.count(name) for name in options}
         if max(counts.values()) >= rule.min_points:
             continue
         cheapest = min(options, key=lambda name: PRESET_ORDER.index(ENABLED_BY_PRESET.get(name, "full")))
+        if not_plain and all(name in PLAIN_SGD_ONLY for name in options):  # tracking it would not help
+            return NotChecked(rule.name, f"needs {' or '.join(options)}, defined for plain SGD only; this run uses {not_plain}", WITH_PLAIN_SGD)
         why = "; ".join(f"{name} unavailable: {unavailable[name]}" for name in options if name in unavailable)
         if why:
-            return NotChecked(rule.name, why, how_to_enable(cheapest))
+            return NotChecked(rule.name, why, "a run without that obstacle")
         if any(counts.values()) or all(name in RECORD_FIELDS for name in options):
             best = max(options, key=lambda name: counts[name])
             enable = how_to_get_more(best) if counts[best] else how_to_enable(best)

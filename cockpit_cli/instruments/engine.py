@@ -39,14 +39,13 @@ from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
 from cockpit_cli.instruments.support import Support, check_support
 from cockpit_cli.instruments.sync import Synchronizer
+from cockpit_cli.plain_sgd import PLAIN_SGD, unlike_plain_sgd
 
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """Return whether ``optimizer`` steps ``d = -lr * g`` (SGD, no momentum / decay / Nesterov, one lr)."""
-    if type(optimizer) is not torch.optim.SGD:
-        return False
     groups = optimizer.param_groups
-    plain = all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("nesterov") and not g.get("maximize") for g in groups)
-    return plain and len({g["lr"] for g in groups}) == 1
+    plain = all(unlike_plain_sgd("SGD", group) is None for group in groups)
+    return type(optimizer) is torch.optim.SGD and plain and len({g["lr"] for g in groups}) == 1
 
 
 def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.optim.Optimizer) -> str | None:
@@ -56,21 +55,15 @@ def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.op
     if quantity.needs_curvature and not support.curvature:
         return support.curvature_reason
     if quantity.plain_sgd_only and not is_plain_sgd(optimizer):
-        return f"defined for plain SGD only (no momentum, weight decay or Nesterov); this run uses {_unlike_plain_sgd(optimizer)}"
+        return f"defined for {PLAIN_SGD}; this run uses {_unlike_plain_sgd(optimizer)}"
     return None
 
 
 def _unlike_plain_sgd(optimizer: torch.optim.Optimizer) -> str:
     """Say what makes ``optimizer`` other than plain SGD: ``"Adam"``, ``"SGD with momentum 0.9"``."""
-    name = type(optimizer).__name__
-    if type(optimizer) is not torch.optim.SGD:
-        return name
-    group = optimizer.param_groups[0]
-    settings = [f"{key} {group[key]:g}" for key in ("momentum", "weight_decay") if group.get(key, 0) != 0]
-    settings += [key for key in ("nesterov", "maximize") if group.get(key)]
-    if len({g["lr"] for g in optimizer.param_groups}) > 1:
-        settings.append("several learning rates")
-    return f"{name} with {', '.join(settings)}" if settings else name
+    name = "SGD" if type(optimizer) is torch.optim.SGD else type(optimizer).__name__
+    groups = optimizer.param_groups
+    return unlike_plain_sgd(name, groups[0], len({g["lr"] for g in groups})) or name
 
 
 class Instruments:
