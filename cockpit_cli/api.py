@@ -34,7 +34,7 @@ from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
-from cockpit_cli.training.optim import learning_rates
+from cockpit_cli.training.optim import hyperparameters, learning_rates
 from cockpit_cli.versions import package_versions
 
 
@@ -76,7 +76,8 @@ class TrackedRun:
         overwrite: bool = False,
     ):
         settings = {"preset": preset, "every": every, "curvature": curvature, "quantities": quantities or {}}
-        config = parse_config({"instruments": settings, "optimizer": {"name": type(optimizer).__name__}, "problem": {"name": "custom"}}, source="TrackedRun")
+        optimizer_section = {"name": type(optimizer).__name__, **hyperparameters(optimizer)}  # what compare and diagnose read
+        config = parse_config({"instruments": settings, "optimizer": optimizer_section, "problem": {"name": "custom"}}, source="TrackedRun")
         due = build_quantities(config, total_steps or 0)
         log_spaced = [quantity.name for quantity in due if quantity.schedule.spacing == "log"]
         if log_spaced and not total_steps:

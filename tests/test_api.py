@@ -201,3 +201,23 @@ def test_log_spaced_tracking_needs_the_number_of_steps(tmp_path: Path) -> None:
     with TrackedRun(tmp_path / "log", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="none", quantities={"GradNorm": {"spacing": "log", "points": 4}}, total_steps=100) as run:
         loop(run, model, optimizer, 10)
     assert [s["step"] for s in read_run(tmp_path / "log").steps if "GradNorm" in s["quantities"]] == [0, 4]  # of 0, 4, 21, 99
+
+
+def test_the_run_directory_records_the_optimizers_hyperparameters_for_compare_and_diagnose(tmp_path: Path) -> None:
+    from cockpit_cli.diagnosis import diagnose
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.03), momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+    with TrackedRun(tmp_path / "sgd", model, loss_fn, nn.CrossEntropyLoss(reduction="none"), optimizer, total_steps=2) as run:
+        loop(run, model, optimizer, 2, loss_fn)
+    data = read_run(tmp_path / "sgd")
+    section = data.config["optimizer"]
+    assert section["name"] == "SGD" and section["lr"] == pytest.approx(0.03) and section["momentum"] == 0.9 and section["nesterov"] is True
+    assert "foreach" not in section and "params" not in section
+    skipped = {item.rule: item for item in diagnose(data).not_checked}
+    assert skipped["early_stopping"].reason == "needs EarlyStopping, defined for plain SGD only; this run uses SGD with momentum 0.9, nesterov"
+    adam = torch.optim.Adam(make_model().parameters(), lr=0.003, betas=(0.8, 0.99))
+    with TrackedRun(tmp_path / "adam", make_model(), loss_fn, nn.CrossEntropyLoss(reduction="none"), adam, total_steps=1):
+        pass
+    assert {key: read_run(tmp_path / "adam").config["optimizer"][key] for key in ("name", "lr", "betas")} == {"name": "Adam", "lr": 0.003, "betas": [0.8, 0.99]}

@@ -21,7 +21,7 @@ from cockpit_cli.errors import did_you_mean
 from cockpit_cli.instruments.quantities import Quantity
 from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.training.events import names_by_reason
-from cockpit_cli.training.optim import LearningRatePlan, build_optimizer, build_scheduler, rehearse_schedule
+from cockpit_cli.training.optim import LearningRatePlan, build_optimizer, build_scheduler, hyperparameters, rehearse_schedule
 from problems import PROBLEMS, Problem
 
 
@@ -160,16 +160,10 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
     }
 
 
-# Entries of a parameter group that are no hyperparameters (how the update is computed, and a
-# scheduler's record of the first learning rate): left out of the optimizer's description.
-_NOT_HYPERPARAMETERS = {"params", "foreach", "fused", "differentiable", "capturable", "initial_lr"}
-
-
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """Return ``"SGD(lr=0.1, momentum=0.9, ...)"``: the class and the hyperparameters it uses
     (its first parameter group's; switches such as ``foreach`` left out)."""
-    group = optimizer.param_groups[0]
-    arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in group.items() if key not in _NOT_HYPERPARAMETERS]
+    arguments = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in hyperparameters(optimizer).items()]
     return f"{type(optimizer).__name__}({', '.join(arguments)})"
 
 

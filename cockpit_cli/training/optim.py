@@ -85,6 +85,24 @@ def _check_like_default(config: RunConfig, path: str, value: Any, default: Any) 
     return value
 
 
+# Entries of a parameter group that are no hyperparameters (how the update is computed, and a
+# scheduler's record of the first learning rate).
+NOT_HYPERPARAMETERS = {"params", "foreach", "fused", "differentiable", "capturable", "initial_lr"}
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Return the hyperparameters of ``optimizer``'s first parameter group (``lr``, ``momentum``,
+    ...) as plain values, as a config's optimizer section holds them (tuples as lists, a
+    one-element tensor as its number; switches such as ``foreach`` left out)."""
+    found: dict[str, Any] = {}
+    for key, value in optimizer.param_groups[0].items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if key not in NOT_HYPERPARAMETERS and isinstance(value, (bool, int, float, str, tuple, list, type(None))):
+            found[key] = list(value) if isinstance(value, tuple) else value
+    return found
+
+
 def build_optimizer(config: RunConfig, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Build the configured optimizer over ``parameters``.
 
