@@ -137,6 +137,10 @@ def test_resume_errors(data_dir: Path, tmp_path: Path) -> None:
     manifest_path.write_text(json.dumps({**manifest, "status": "diverged"}))
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
     assert result.exit_code == 2 and "diverged; resuming it would repeat the same steps" in result.output
+    manifest_path.write_text(json.dumps({**manifest, "status": "completed"}))
+    (tmp_path / "r" / "run" / "summary.json").unlink()  # as a run killed at its very end leaves it
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
+    assert result.exit_code == 2 and "completed its 3 steps; there is nothing to resume" in result.output
     manifest_path.write_text(json.dumps({**manifest, "status": "interrupted"}))
     (tmp_path / "r" / "run" / "checkpoint.pt").unlink()
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "r" / "run")], catch_exceptions=False)
