@@ -165,9 +165,9 @@ def _fact_text(value: Any) -> str:
 def _check_resumable(run: RunData, run_dir: Path) -> None:
     """Refuse to resume a run that ended on its own: it would only repeat its last steps."""
     steps = (run.summary or {}).get("steps", len(run.steps))  # a crashed run has no summary
-    again = f"start a new run from its config: cockpit run {run_dir / 'config.yaml'} --name NEW_NAME"
+    again = f"start a new run from its config (it trains from the start): cockpit run {run_dir / 'config.yaml'} --name NEW_NAME"
     if run.status == "completed":
-        raise CockpitError(f"{run_dir} completed its {steps} steps; there is nothing to resume", f"to train longer, {again} --set training.steps=N")
+        raise CockpitError(f"{run_dir} completed its {steps} steps; there is nothing to resume", f"for more steps, {again} --set training.steps=N")
     if run.status == "diverged":
         raise CockpitError(f"{run_dir} diverged; resuming it would repeat the same steps", f"change what made it diverge (a lower optimizer.lr, say) and {again} --set optimizer.lr=LR")
 
