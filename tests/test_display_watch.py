@@ -59,13 +59,42 @@ def test_live_display_only_on_a_terminal_outside_ci(monkeypatch: pytest.MonkeyPa
     assert not use_live_display(None, terminal, errors) and use_live_display(True, terminal, errors)
 
 
-def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
-    missing = runner.invoke(app, ["watch", str(tmp_path / "nope")])
+def test_bad_paths_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cockpit_cli.display.watch as watch
+
+    started = time.monotonic()
+    missing = runner.invoke(app, ["watch", str(tmp_path / "nope"), "--no-follow"])
     assert missing.exit_code == 2 and "error: run directory" in missing.output and "does not exist" in missing.output
+    assert "waiting for" not in missing.output and time.monotonic() - started < 5
+    monkeypatch.setattr(watch, "APPEAR_SECONDS", 0.3)
+    missing = runner.invoke(app, ["watch", str(tmp_path / "nope"), "--interval", "0.05"])  # waited for, then the same error
+    assert missing.exit_code == 2 and f"waiting for {tmp_path / 'nope'} to appear" in missing.output and "does not exist" in missing.output
+    monkeypatch.setattr(watch, "APPEAR_SECONDS", 60.0)
     (tmp_path / "file.txt").write_text("x")
     assert "is a file, not a run directory" in runner.invoke(app, ["watch", str(tmp_path / "file.txt")]).output
-    empty = runner.invoke(app, ["watch", str(tmp_path)])
+    started = time.monotonic()
+    empty = runner.invoke(app, ["watch", str(tmp_path)])  # a directory with other contents is no run being created
     assert empty.exit_code == 2 and "has no run.json" in empty.output and "Traceback" not in empty.output
+    assert "waiting for" not in empty.output and time.monotonic() - started < 5
+
+
+def test_a_watch_started_before_its_run_waits_for_the_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "soon"
+
+    def start() -> None:
+        time.sleep(0.3)
+        run_dir.mkdir()  # created empty first, as a run does, then its manifest
+        time.sleep(0.2)
+        with (run_dir / schema.STEPS).open("w") as handle:
+            handle.write(json.dumps({"step": 0, "epoch": 0, "loss": 1.0, "lr": [0.1], "time": 0.0, "quantities": {}}) + "\n")
+        write_manifest(run_dir, "completed")
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    result = runner.invoke(app, ["watch", str(run_dir), "--interval", "0.05"], env={"COLUMNS": "120"}, catch_exceptions=False)
+    starter.join()
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"waiting for {run_dir} to appear") and "completed" in result.output
 
 
 def test_follower_waits_for_a_line_to_be_complete(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from cockpit_cli.storage.reader import read_run
 
 CHUNK_BYTES = 4 << 20
 STALE_SECONDS = 6 * schema.HEARTBEAT_SECONDS
+APPEAR_SECONDS = 120.0  # how long a watch started with its run waits for the run directory
 
 
 class JsonLinesFollower:
@@ -166,12 +167,38 @@ class RunFollower:
             self.state.add_alert("warning", f"no heartbeat for {silent:.0f}s: the training process may have stopped", key="stale")
 
 
+def _being_created(path: Path) -> bool:
+    """Whether ``path`` may still become a run directory: absent, or empty and without a manifest yet."""
+    if not path.exists():
+        return True
+    return path.is_dir() and not (path / schema.MANIFEST).exists() and not any(path.iterdir())
+
+
+def wait_for_run(path: Path, console: Console, interval: float) -> bool:
+    """Wait up to :data:`APPEAR_SECONDS` for a run being started to create ``path`` (a watch
+    started together with its run would otherwise find nothing yet). Returns ``False`` on
+    Ctrl-C; after the wait, whatever is there is read (and a missing run is the usual error)."""
+    if not _being_created(path):
+        return True
+    console.print(f"waiting for {path} to appear (a run being started creates it; Ctrl-C to stop)", style="dim")
+    deadline = time.monotonic() + APPEAR_SECONDS
+    try:
+        while _being_created(path) and time.monotonic() < deadline:
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return False
+    return True
+
+
 def watch_run(path: Path, console: Console, follow: bool | None = None, interval: float = 1.0) -> ExitCode:
     """Show the dashboard of the run in ``path``; follow it while it runs (or with ``follow``).
 
     Without ``follow`` a finished run is drawn once. On a terminal the dashboard is live while
-    following; otherwise it is printed once, when following ends. Ctrl-C ends following.
+    following; otherwise it is printed once, when following ends. Ctrl-C ends following. Unless
+    ``follow`` is ``False``, a run directory that does not exist yet is waited for.
     """
+    if follow is not False and not wait_for_run(path, console, interval):
+        return ExitCode.INTERRUPTED
     follower = RunFollower(path)
     follower.poll()
     lock = threading.Lock()
