@@ -266,3 +266,16 @@ def test_follow_and_no_follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     write_manifest(run_dir, "running")
     sleeps.clear()
     assert watch.watch_run(run_dir, Console(file=io.StringIO(), width=120), follow=False) == 0 and sleeps == []
+
+
+def test_ctrl_c_while_waiting_for_the_run_directory_ends_the_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cockpit_cli.display.watch as watch
+    from cockpit_cli.errors import ExitCode
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(watch.time, "sleep", interrupted)
+    console = Console(file=io.StringIO(), width=120)
+    assert watch.watch_run(tmp_path / "never", console, interval=0.05) == ExitCode.INTERRUPTED
+    assert "waiting for" in console.file.getvalue()
