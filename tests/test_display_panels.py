@@ -465,6 +465,12 @@ def test_alpha_medians_are_coloured_and_a_long_run_shows_its_last_steps() -> Non
     assert re.search(r"\x1b\[32m *0\x1b", line)  # most steps were ideal: green
 
 
+def test_the_median_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
+    from cockpit_cli.display.state import sorted_median
+
+    assert (sorted_median([]), sorted_median([3.0]), sorted_median([1.0, 2.0, 4.0, 9.0])) == (None, 3.0, 3.0)
+
+
 def test_the_alpha_medians_are_not_moved_by_one_wild_step() -> None:
     state = DashboardState()
     state.start(RunInfo.from_mapping({"problem": "toy", "instruments": {"quantities": ["Alpha"]}}))

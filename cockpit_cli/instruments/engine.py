@@ -61,8 +61,7 @@ def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.op
 
 def _unlike_plain_sgd(optimizer: torch.optim.Optimizer) -> str:
     """Say what makes ``optimizer`` other than plain SGD: ``"Adam"``, ``"SGD with momentum 0.9"``."""
-    name = "SGD" if type(optimizer) is torch.optim.SGD else type(optimizer).__name__
-    groups = optimizer.param_groups
+    name, groups = type(optimizer).__name__, optimizer.param_groups
     return unlike_plain_sgd(name, groups[0], len({g["lr"] for g in groups})) or name
 
 

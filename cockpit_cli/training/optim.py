@@ -92,14 +92,14 @@ NOT_HYPERPARAMETERS = {"params", "foreach", "fused", "differentiable", "capturab
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Return the hyperparameters of ``optimizer``'s first parameter group (``lr``, ``momentum``,
-    ...) as plain values, as a config's optimizer section holds them (tuples as lists, a
-    one-element tensor as its number; switches such as ``foreach`` left out)."""
+    ...) as plain values, as a config's optimizer section holds them (a one-element tensor as its
+    number; switches such as ``foreach`` left out)."""
     found: dict[str, Any] = {}
     for key, value in optimizer.param_groups[0].items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if key not in NOT_HYPERPARAMETERS and isinstance(value, (bool, int, float, str, tuple, list, type(None))):
-            found[key] = list(value) if isinstance(value, tuple) else value
+            found[key] = value
     return found
 
 
