@@ -338,17 +338,18 @@ def test_plain_log_prints_each_warning_once_when_it_arises_or_at_the_end() -> No
     assert lines[1:] == ["warning: HessTrace switched off: too large", "warning: 2 steps had a non-finite loss", "run completed after 3 steps (0.3s)"]
 
 
-def test_plain_log_prints_every_nth_step_the_last_and_each_non_finite_one() -> None:
+def test_plain_log_prints_every_nth_step_the_last_and_the_first_of_each_stretch_of_non_finite_ones() -> None:
     stream = io.StringIO()
     log = PlainLog(every=5, console=Console(file=stream, width=200))
-    log.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 12, 12, 8, 99, processes={"world_size": 2, "backend": "gloo"}))
-    for step in range(12):
+    log.on_start(RunMeta("toy_mlp", "SGD", 0, "cpu", 24, 24, 8, 99, processes={"world_size": 2, "backend": "gloo"}))
+    non_finite = {7, 12, 13, 14, 16, 17, 18, 19, 21, 22}  # under training.on_nonfinite: skip, whole stretches are
+    for step in range(24):
         quantities = {"GradNorm": [3.0, 4.0], "Alpha": 0.25} if step == 10 else {}
-        log.on_step(StepRecord(step, 0, math.nan if step == 7 else 1.0, [0.1], float(step), quantities))
+        log.on_step(StepRecord(step, 0, math.nan if step in non_finite else 1.0, [0.1], float(step), quantities))
     log.on_eval(EvalRecord(12, 1, 12.0, {"valid": SplitMetrics(0.5, 0.875, 8), "test": SplitMetrics(0.25, None, 8)}))
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "training toy_mlp (99 parameters) with SGD on cpu (2 processes, gloo): 12 steps, 12 per epoch, batch size 8"
-    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step")] == [0, 5, 7, 10, 11]
+    assert lines[0] == "training toy_mlp (99 parameters) with SGD on cpu (2 processes, gloo): 24 steps, 24 per epoch, batch size 8"
+    assert [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step")] == [0, 5, 7, 10, 12, 15, 16, 20, 21, 23]
     assert "loss nan" in next(line for line in lines if line.startswith("step      7/"))
     assert "alpha 0.25  grad-norm 5  " in next(line for line in lines if line.startswith("step     10/"))  # the total norm over the parameters
     assert lines[-1] == "eval after step 12 (epoch 1): valid loss 0.5 acc 0.875 | test loss 0.25"

@@ -33,7 +33,8 @@ class PlainLog:
     """Observer printing progress lines to ``stream`` (or a Rich console).
 
     Args:
-        every: Print a step line every ``every`` steps (and the first and last step).
+        every: Print a step line every ``every`` steps (and the first and last step, and the
+            first step of every stretch of non-finite losses).
         console: Where to print; defaults to standard output without colour markup.
     """
 
@@ -42,6 +43,7 @@ class PlainLog:
         self.console = console or Console(file=stream, highlight=False, soft_wrap=True)
         self.total_steps = 0
         self.warned: set[str] = set()  # warnings printed when they arose
+        self.finite_before = True  # whether the last step's loss was finite
 
     def on_start(self, meta: RunMeta) -> None:
         self.total_steps = meta.total_steps
@@ -54,7 +56,9 @@ class PlainLog:
 
     def on_step(self, record: StepRecord) -> None:
         last = record.step + 1 == self.total_steps
-        if record.step % self.every == 0 or last or not math.isfinite(record.loss):
+        finite, finite_before = math.isfinite(record.loss), self.finite_before
+        self.finite_before = finite
+        if record.step % self.every == 0 or last or (finite_before and not finite):  # the first of a run of non-finite losses
             rates = ", ".join(num(rate, 3) for rate in record.lr)
             instruments = instrument_summary(record.quantities)
             self.console.print(
