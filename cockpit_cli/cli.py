@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cockpit_cli import __version__
-from cockpit_cli.errors import CockpitError, ExitCode, PeerStopped
+from cockpit_cli.errors import CockpitError, ExitCode, OutputClosed, PeerStopped
 from cockpit_cli.launch import environment_world, process_label, use_huge_pages, worker_signals
 
 app = typer.Typer(
@@ -31,7 +31,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-stdout = Console(highlight=False, soft_wrap=True)
+class _Output(Console):
+    """Standard output, which ends the command with :class:`OutputClosed` when its reader goes away."""
+
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()  # quiet from now on, the descriptor pointed at /dev/null
+        except SystemExit:
+            raise OutputClosed(int(ExitCode.FAILURE)) from None
+
+
+stdout = _Output(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TracebackOption = Annotated[bool, typer.Option("--traceback", help="Show the full Python traceback on errors.")]

@@ -20,6 +20,13 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # Ctrl-C
 
 
+class OutputClosed(SystemExit):
+    """Standard output went away: its reader ended (``cockpit run ... | head``). The command ends
+    quietly with exit code 1, as Rich's consoles do, and a run records this as why it stopped."""
+
+    message = "its standard output was closed (the program reading it ended)"
+
+
 class CockpitError(Exception):
     """An error the user can fix: what is wrong, and how to fix it.
 

@@ -13,12 +13,13 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from cockpit_cli.config import OptionOverride, RunConfig, load_config
-from cockpit_cli.errors import CockpitError, ExitCode
+from cockpit_cli.errors import CockpitError, ExitCode, OutputClosed
 from cockpit_cli.launch import check_shards, ending_with_peers, environment_world
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 if TYPE_CHECKING:  # torch is imported only when a run is built
     from cockpit_cli.storage.reader import RunData
+    from cockpit_cli.storage.writer import RunWriter
     from cockpit_cli.training.build import RunSetup
     from cockpit_cli.training.distributed import Processes
 
@@ -126,31 +127,50 @@ def execute_run(
         from cockpit_cli.storage.reader import read_run
 
         history = (read_run(run_dir).steps, kept)  # the live view and diagnosis see the whole run
-        console.rule(f"resuming {run_dir} at step {checkpoint['step']}", style="dim")
+        heading = f"resuming {run_dir} at step {checkpoint['step']}"
     else:
         history = None
         run_name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
         run_dir = prepare_run_directory(Path(config.output.directory).expanduser(), run_name, overwrite=overwrite)
         config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
         writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
-        console.rule(f"run directory: {run_dir}", style="dim")
-    live_view = use_live_display(live, console, errors)
-    if live_view:
-        from cockpit_cli.display.dashboard import LiveDashboard
-
-        display = LiveDashboard(console, run_dir=str(run_dir), history=history)
-    else:
-        display = PlainLog(every=config.training.log_every, console=console)
+        heading = f"run directory: {run_dir}"
+    display = None
     try:
+        console.rule(heading, style="dim")
+        live_view = use_live_display(live, console, errors)
+        if live_view:
+            from cockpit_cli.display.dashboard import LiveDashboard
+
+            display = LiveDashboard(console, run_dir=str(run_dir), history=history)
+        else:
+            display = PlainLog(every=config.training.log_every, console=console)
         end = train(setup, [writer, display, live_diagnosis(config, display.add_alert, history)], run_dir, checkpoint, processes)
+    except BaseException as error:
+        _close_if_not_started(writer, error, len(history[0]) if history else 0, checkpoint["epoch"] if checkpoint else 0)
+        raise
     finally:
-        display.close()
+        if display is not None:
+            display.close()
         if processes is not None:
             processes.close()
     if live_view:
         console.print(display.final_summary())
     write_figures(config, run_dir, errors)
     return report_end(end, run_dir, console, errors, quiet=live_view)
+
+
+def _close_if_not_started(writer: RunWriter, error: BaseException, steps: int, epochs: int) -> None:
+    """Close a run directory that ``error`` left before training could say how it ended (Ctrl-C,
+    a closed standard output, a failure between creating the directory and the first step), so
+    that it does not read as still running."""
+    if writer.manifest.get("status") != RunStatus.RUNNING.value:
+        return  # the training loop closed it, with its own reason
+    if isinstance(error, KeyboardInterrupt):
+        status, message = RunStatus.INTERRUPTED, "interrupted by the user before training started"
+    else:
+        status, message = RunStatus.FAILED, error.message if isinstance(error, (CockpitError, OutputClosed)) else f"{type(error).__name__}: {error}"
+    writer.on_end(RunEnd(status, steps, epochs, message))
 
 
 def _fact_text(value: Any) -> str:

@@ -296,3 +296,33 @@ def test_the_last_step_is_logged_before_the_final_evaluation(make_config, traini
     last_step = max(i for i, line in enumerate(lines) if line.startswith("step "))
     final_eval = max(i for i, line in enumerate(lines) if line.startswith("eval after step"))
     assert last_step < final_eval
+
+
+@pytest.mark.parametrize("lines", [3, 60], ids=["while-starting", "while-training"])
+def test_a_run_whose_output_is_closed_stops_saying_so(tmp_path: Path, data_dir: Path, lines: int) -> None:
+    """``cockpit run ... | head``: the run ends quietly with exit code 1, its directory says why."""
+    from conftest import tiny_config, write_config
+
+    config = tiny_config(data_dir, tmp_path / "results", training={"steps": 5000, "eval_every_steps": 5000, "log_every": 1})
+    path = write_config(tmp_path / "long.yaml", config)
+    command = f"{sys.executable} -m cockpit_cli run {path} --no-live | head -{lines}; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    run = read_run(tmp_path / "results" / "run")
+    assert (run.status, run.manifest["message"]) == ("failed", "its standard output was closed (the program reading it ended)")
+    assert (len(run.steps) > 0) == (lines == 60) and run.summary is not None
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [(KeyboardInterrupt(), "interrupted", 130), (RuntimeError("no display"), "failed", 1)])
+def test_a_run_stopped_before_its_first_step_does_not_read_as_running(make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, status: str, code: int) -> None:
+    import cockpit_cli.runner as runner_module
+
+    def fail(*args: object, **kwargs: object) -> bool:
+        raise error
+
+    monkeypatch.setattr(runner_module, "use_live_display", fail)  # between creating the directory and training
+    result = invoke("run", str(make_config()), "--no-live")
+    assert result.exit_code == code
+    run = read_run(tmp_path / "results" / "run")
+    expected = "interrupted by the user before training started" if status == "interrupted" else "RuntimeError: no display"
+    assert (run.status, run.manifest["message"], run.steps) == (status, expected, []) and run.summary is not None

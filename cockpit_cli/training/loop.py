@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cockpit_cli.errors import CockpitError, PeerStopped
+from cockpit_cli.errors import CockpitError, OutputClosed, PeerStopped
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.instruments.tracker import Tracker
@@ -110,7 +110,7 @@ class Trainer:
                 if self.processes.signals.interrupted:
                     return self._end(RunStatus.INTERRUPTED, f"interrupted by the user after {self.step} steps")
                 error = PeerStopped(self.processes.rank, self.processes.world_size, self.step)
-            self._end(RunStatus.FAILED, error.message if isinstance(error, CockpitError) else f"{type(error).__name__}: {error}")
+            self._end(RunStatus.FAILED, error.message if isinstance(error, (CockpitError, OutputClosed)) else f"{type(error).__name__}: {error}")
             if isinstance(error, PeerStopped):
                 raise error from None
             raise
