@@ -133,3 +133,5 @@ def test_the_dry_run_describes_the_optimizer_by_its_hyperparameters_and_the_quan
     assert schedules["every step from 0"] == "Loss" and schedules["every 8 steps from 0"] == "HessMaxEV"
     assert schedules["every 4 steps from 0"].startswith("Alpha, Distance, GradHist1d, GradNorm")
     assert describe_setup(build(data_dir, tmp_path))["quantities"] == "none"
+    cycling = {"name": "OneCycleLR", "max_lr": 0.5, "total_steps": 12, "interval": "step"}  # adds max_lr, base_momentum, ... to the group
+    assert describe_setup(build(data_dir, tmp_path, optimizer={"name": "SGD", "lr": 0.05, "momentum": 0.9}, schedule=cycling))["optimizer"] == "SGD(lr=0.02, momentum=0.95, dampening=0, weight_decay=0, nesterov=False, maximize=False)"

@@ -85,20 +85,21 @@ def _check_like_default(config: RunConfig, path: str, value: Any, default: Any) 
     return value
 
 
-# Entries of a parameter group that are no hyperparameters (how the update is computed, and a
-# scheduler's record of the first learning rate).
-NOT_HYPERPARAMETERS = {"params", "foreach", "fused", "differentiable", "capturable", "initial_lr"}
+# Arguments of an optimizer that choose how its update is computed, not what it is.
+IMPLEMENTATION_SWITCHES = {"foreach", "fused", "differentiable", "capturable"}
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Return the hyperparameters of ``optimizer``'s first parameter group (``lr``, ``momentum``,
-    ...) as plain values, as a config's optimizer section holds them (a one-element tensor as its
-    number; switches such as ``foreach`` left out)."""
-    found: dict[str, Any] = {}
-    for key, value in optimizer.param_groups[0].items():
+    """Return the hyperparameters of ``optimizer`` (``lr``, ``momentum``, ...: its constructor's
+    arguments) with their values in its first parameter group, as plain values, as a config's
+    optimizer section holds them. A one-element tensor becomes its number; switches such as
+    ``foreach`` and what schedulers add to a group (``initial_lr``, ``max_lr``) are left out."""
+    group, found = optimizer.param_groups[0], {}
+    for key in optimizer.defaults:
+        value = group.get(key)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if key not in NOT_HYPERPARAMETERS and isinstance(value, (bool, int, float, str, tuple, list, type(None))):
+        if key not in IMPLEMENTATION_SWITCHES and isinstance(value, (bool, int, float, str, tuple, list, type(None))):
             found[key] = value
     return found
 
