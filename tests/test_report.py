@@ -306,3 +306,17 @@ def test_how_a_run_ended_reads_from_its_status_and_message() -> None:
     assert ending({"status": "interrupted", "message": "interrupted by the user after 17 steps"}) == "interrupted by the user after 17 steps"
     assert ending({"status": "failed", "message": "OSError: disk full"}) == "failed: OSError: disk full"
     assert ending({"status": "running"}) == "running"
+
+
+def test_log_scaled_panels_say_so_and_average_the_logarithms() -> None:
+    def panel(name: str, values: list[float]):
+        view = synthetic_view({step: {name: [value] if name == "GradNorm" else value} for step, value in enumerate(values)})  # GradNorm per parameter
+        title = {"HessMaxEV": "Largest Hessian eigenvalue", "GradNorm": "Gradient norm"}[name]
+        return next(ax for ax in cockpit_figure(view).axes if ax.get_title() == title)
+
+    norms = panel("GradNorm", [350.0] + [2.0] * 12)
+    average = next(line for line in norms.get_lines() if line.get_label() == "moving average").get_ydata()
+    assert norms.get_yscale() == "log" and norms.get_ylabel().endswith(", log scale")
+    assert average[-1] < 4  # the geometric average; the plain one would still be 26, above every later point
+    curvature = panel("HessMaxEV", [-380.0, 970.0, 800.0])  # the largest eigenvalue in magnitude can be negative
+    assert curvature.get_yscale() == "linear" and curvature.get_ylabel() == "λ_max"

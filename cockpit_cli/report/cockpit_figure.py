@@ -49,8 +49,9 @@ def scalar_panel(figure: Figure, spec: SubplotSpec, view: RunView, name: str, ti
     if not len(values):
         empty_panel(ax, title, view.why_empty(name))
         return ax
-    scatter_ema(ax, data, view.step_span(), log=name in ("HessMaxEV", "GradNorm") and bool(np.all(values > 0)))
-    style(ax, title, ylabel=ylabel)
+    log = name in ("HessMaxEV", "GradNorm") and bool(np.all(values > 0))
+    scatter_ema(ax, data, view.step_span(), log=log)
+    style(ax, title, ylabel=f"{ylabel}, log scale" if log else ylabel)
     return ax
 
 
@@ -135,7 +136,7 @@ def cockpit_figure(view: RunView) -> Figure:
     histogram_2d_gauge(figure, gradients[3, 1], view)
 
     curvature = _column(figure, outer[0, 2], "CURVATURE", TERTIARY)
-    scalar_panel(figure, curvature[1, 1], view, "HessMaxEV", "Largest Hessian eigenvalue", "λ_max (log scale)")
+    scalar_panel(figure, curvature[1, 1], view, "HessMaxEV", "Largest Hessian eigenvalue", "λ_max")
     scalar_panel(figure, curvature[2, 1], view, "HessTrace", "Hessian trace", "tr(H) (sum over parameters)")
     tic = "TICDiag" if len(view.quantity("TICDiag")) or not len(view.quantity("TICTrace")) else "TICTrace"
     scalar_panel(figure, curvature[3, 1], view, tic, f"Takeuchi information criterion ({tic})", "TIC")

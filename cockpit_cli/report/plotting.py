@@ -115,7 +115,8 @@ def scatter_ema(ax: Axes, series: Series, span: tuple[int, int], log: bool = Fal
         ax: Where to draw.
         series: Values over steps.
         span: First and last step of the figure (the colour scale, same in every panel).
-        log: Use a log y axis (non-positive values are then left out).
+        log: Use a log y axis (non-positive values are then left out), and average the
+            logarithms, as the axis shows them.
         size: Marker size.
 
     Returns:
@@ -126,7 +127,8 @@ def scatter_ema(ax: Axes, series: Series, span: tuple[int, int], log: bool = Fal
         return False
     norm = Normalize(vmin=span[0], vmax=max(span[1], span[0] + 1))
     ax.scatter(steps, values, c=steps, cmap=ITERATION_CMAP, norm=norm, s=size, edgecolors="none", zorder=2)
-    ax.plot(steps, ema(list(values)), color=EMA_COLOR, lw=1.4, zorder=3, label="moving average")
+    average = np.exp(ema(list(np.log(values)))) if log else ema(list(values))  # on a log axis, one large value would hold a plain average far above the rest
+    ax.plot(steps, average, color=EMA_COLOR, lw=1.4, zorder=3, label="moving average")
     if log:
         log_y(ax)
     step_limits(ax, span)
