@@ -9,10 +9,11 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from cockpit_cli.cli import app
 from cockpit_cli.display.watch import JsonLinesFollower, RunFollower
@@ -59,6 +60,16 @@ def test_live_display_only_on_a_terminal_outside_ci(monkeypatch: pytest.MonkeyPa
     assert not use_live_display(None, terminal, errors) and use_live_display(True, terminal, errors)
 
 
+def watch_while(write: Callable[[], None], run_dir: Path) -> Result:
+    """Run ``cockpit watch run_dir`` while ``write`` writes the run in another thread; it must succeed."""
+    writer = threading.Thread(target=write)
+    writer.start()
+    result = runner.invoke(app, ["watch", str(run_dir), "--interval", "0.05"], env={"COLUMNS": "120"}, catch_exceptions=False)
+    writer.join()
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def test_bad_paths_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cockpit_cli.display.watch as watch
 
@@ -89,11 +100,7 @@ def test_a_watch_started_before_its_run_waits_for_the_run_directory(tmp_path: Pa
             handle.write(json.dumps({"step": 0, "epoch": 0, "loss": 1.0, "lr": [0.1], "time": 0.0, "quantities": {}}) + "\n")
         write_manifest(run_dir, "completed")
 
-    starter = threading.Thread(target=start)
-    starter.start()
-    result = runner.invoke(app, ["watch", str(run_dir), "--interval", "0.05"], env={"COLUMNS": "120"}, catch_exceptions=False)
-    starter.join()
-    assert result.exit_code == 0, result.output
+    result = watch_while(start, run_dir)
     assert result.output.startswith(f"waiting for {run_dir} to appear") and "completed" in result.output
 
 
@@ -169,11 +176,7 @@ def test_watch_follows_a_run_that_another_process_writes(tmp_path: Path) -> None
                 handle.flush()
         write_manifest(run_dir, "completed")
 
-    writer = threading.Thread(target=train)
-    writer.start()
-    result = runner.invoke(app, ["watch", str(run_dir), "--interval", "0.05"], env={"COLUMNS": "120"}, catch_exceptions=False)
-    writer.join()
-    assert result.exit_code == 0, result.output
+    result = watch_while(train, run_dir)
     assert "step 20/20" in result.output and "completed" in result.output
 
     follower = RunFollower(run_dir)  # a stale running run gets an alert
