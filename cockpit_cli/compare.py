@@ -70,14 +70,9 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
 
 
-def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
-    """Run directories named by ``paths``: run directories, parents of runs, or glob patterns."""
-    return list(dict.fromkeys(path for path, _ in _expand(paths)))
-
-
 def _expand(paths: Sequence[Path | str]) -> list[tuple[Path, bool]]:
-    """Each run directory named by ``paths`` and whether it was named itself (not found in a
-    parent or by a pattern)."""
+    """Each run directory named by ``paths`` (run directories, parents of runs, or glob
+    patterns) and whether it was named itself (not found in a parent or by a pattern)."""
     found: list[tuple[Path, bool]] = []
     for item in paths:
         path = Path(item)
@@ -98,7 +93,8 @@ def _expand(paths: Sequence[Path | str]) -> list[tuple[Path, bool]]:
 
 
 def load_runs(paths: Sequence[Path | str]) -> tuple[list[RunData], list[str]]:
-    """Read every run named by ``paths`` (see :func:`expand_paths`); at least two are needed.
+    """Read every run named by ``paths`` (run directories, parents of runs, or glob patterns,
+    each run once); at least two are needed.
 
     A run found in a parent directory or by a pattern that cannot be read is left out, with a
     note saying why; one named itself is an error.

@@ -90,7 +90,7 @@ def execute_run(
         check_shards(config, config.problem.batch_size, config.distributed.nproc)
         return _launch(config, config_path, overrides, resume, overwrite, live, traceback, errors)
 
-    from cockpit_cli.training.build import build_run, describe_setup  # torch is imported here
+    from cockpit_cli.training.build import build_run, describe_setup, not_tracked  # torch is imported here
     from cockpit_cli.training.distributed import start_processes
 
     processes = start_processes(config)  # joins the run's process group when it is one of several
@@ -108,7 +108,7 @@ def execute_run(
         facts["processes"] = f"{config.distributed.nproc} ({choose_backend(config)}), {setup.batch_size // config.distributed.nproc} samples of every batch each"
     if dry_run:
         console.rule("dry run: config is valid", style="dim")
-        for key, value in facts.items():
+        for key, value in {**facts, **not_tracked(setup)}.items():
             console.print(f"{key:>16}: {_fact_text(value)}", highlight=False)
         return ExitCode.OK
 
@@ -122,11 +122,8 @@ def execute_run(
         run_dir = resume
         pending = checkpoint["tracker"]["pending"]
         # an evaluation after the checkpoint's last one (the end of its epoch's) is done again
-        kept = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["last_eval_step"])
-        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), resume_evals=kept)
-        from cockpit_cli.storage.reader import read_run
-
-        history = (read_run(run_dir).steps, kept)  # the live view and diagnosis see the whole run
+        history = reopen_run_directory(run_dir, pending[0]["step"] if pending else checkpoint["step"], checkpoint["last_eval_step"])
+        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), resume_evals=history[1])  # the live view and diagnosis see the whole run
         heading = f"resuming {run_dir} at step {checkpoint['step']}"
     else:
         history = None

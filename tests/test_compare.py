@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cockpit_cli.cli import app
-from cockpit_cli.compare import compare_loaded, compare_runs, config_differences, expand_paths
+from cockpit_cli.compare import compare_loaded, compare_runs, config_differences, load_runs
 from cockpit_cli.compare_render import comparison_to_dict, format_value, render_text, run_compare
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import RunData, read_run
@@ -85,8 +85,8 @@ def test_different_problems_and_nothing_in_common_are_noted(results: Path) -> No
 
 
 def test_parent_directory_and_glob_expand_to_all_runs(results: Path) -> None:
-    assert [path.name for path in expand_paths([results])] == ["a", "b", "c"]
-    assert [path.name for path in expand_paths([str(results / "[ab]")])] == ["a", "b"]
+    assert [run.name for run in load_runs([results])[0]] == ["a", "b", "c"]
+    assert [run.name for run in load_runs([str(results / "[ab]"), results / "a"])[0]] == ["a", "b"]  # each run once
     comparison = compare_runs([results], [])
     assert [run["name"] for run in comparison.runs] == ["a", "b", "c"]
     assert "Comparing 3 runs" in text_of([results])

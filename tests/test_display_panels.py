@@ -263,9 +263,9 @@ def test_series_keeps_a_bounded_summary_of_any_length() -> None:
     for step in range(100_000):
         series.append(step, float(step))
     assert len(series) == 100_000 and len(series.history()) <= 2 * COARSE + 1
-    assert series.mean() == pytest.approx(49_999.5) and series.last() == 99_999.0
+    assert series.last() == 99_999.0
     copy = series.copy()
-    assert len(copy.values) == 4096 and copy.mean() == series.mean() and copy.history() == series.history()
+    assert len(copy.values) == 4096 and len(copy) == len(series) and copy.history() == series.history()
     assert spark([1.0, 1.0 + 1e-15, 1.0], 3) == "▅▅▅"  # flat up to rounding
     assert spark([0.0, math.nan, 1.0], 3) == "▁×█"
     assert spark([0.0, 100.0, 1.0], 3, clip=(0.0, 1.0)) == "▁██"

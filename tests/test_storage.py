@@ -246,8 +246,9 @@ def test_reopening_for_a_resume_keeps_steps_before_and_evaluations_through_the_c
     run_dir = write_run(tmp_path, steps=8, end=False)  # locked by this very process: a resume in it may go on
     with open(run_dir / schema.EVALS, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": 4, "epoch": 0, "time": 0.5, "splits": {}}) + "\n")
-    kept = reopen_run_directory(run_dir, keep_steps_below=4, keep_evals_through=4)
-    assert [record["step"] for record in kept] == [0, 4]  # the evaluation at the checkpoint's step stays
+    steps, evals = reopen_run_directory(run_dir, keep_steps_below=4, keep_evals_through=4)
+    assert [record["step"] for record in steps] == [0, 1, 2, 3]
+    assert [record["step"] for record in evals] == [0, 4]  # the evaluation at the checkpoint's step stays
     run = read_run(run_dir)
     assert [s["step"] for s in run.steps] == [0, 1, 2, 3] and [e["step"] for e in run.evals] == [0, 4]
     (run_dir / schema.LOCK).write_text("1", encoding="utf-8")  # pid 1: another live process

@@ -25,25 +25,22 @@ class Series:
     """A scalar history: every step and value in compact arrays, plus an O(1) summary.
 
     The summary is a coarse history of at most ``2 * COARSE`` bucket means (buckets double in
-    size when it fills up), a running mean of the finite values, and the count. A copy made by
+    size when it fills up) and the count. A copy made by
     :meth:`copy` keeps the summary and only the last ``TAIL`` raw values, so snapshots stay
     small however long the run is.
     """
 
-    __slots__ = ("steps", "values", "count", "_finite", "_total", "_coarse", "_bucket", "_acc", "_acc_n")
+    __slots__ = ("steps", "values", "count", "_coarse", "_bucket", "_acc", "_acc_n")
 
     def __init__(self) -> None:
         self.steps, self.values = array("l"), array("d")
-        self.count, self._finite, self._total = 0, 0, 0.0
+        self.count = 0
         self._coarse, self._bucket, self._acc, self._acc_n = array("d"), 1, 0.0, 0
 
     def append(self, step: int, value: float) -> None:
         self.steps.append(step)
         self.values.append(value)
         self.count += 1
-        if math.isfinite(value):
-            self._finite += 1
-            self._total += value
         self._acc += value
         self._acc_n += 1
         if self._acc_n == self._bucket:
@@ -56,10 +53,6 @@ class Series:
 
     def last(self) -> float | None:
         return self.values[-1] if self.values else None
-
-    def mean(self) -> float | None:
-        """Mean of every finite value so far."""
-        return self._total / self._finite if self._finite else None
 
     def history(self) -> list[float]:
         """The whole history as at most ``2 * COARSE + 1`` bucket means (for sparklines)."""
@@ -77,7 +70,7 @@ class Series:
         keep = TAIL if keep is None else keep
         other = Series()
         other.steps, other.values = self.steps[-keep:], self.values[-keep:]
-        other.count, other._finite, other._total = self.count, self._finite, self._total
+        other.count = self.count
         other._coarse, other._bucket, other._acc, other._acc_n = array("d", self._coarse), self._bucket, self._acc, self._acc_n
         return other
 

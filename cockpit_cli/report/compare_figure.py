@@ -76,13 +76,12 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
     if drawn:
         if how == "log":
             log_y(ax)
-        elif how == "median":  # the middle 80% of the points and nearly all of the medians: a few wild values fall outside
-            values, smoothed = np.concatenate(shown), np.concatenate(lines)
-            low, high = min(np.percentile(values, 10), np.percentile(smoothed, 2)), max(np.percentile(values, 90), np.percentile(smoothed, 98))
-            pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
-            ax.set_ylim(low - pad, high + pad)
         elif how != "evaluation":
-            low, high = np.percentile(np.concatenate(shown), [2, 98])
+            values = np.concatenate(shown)
+            low, high = np.percentile(values, [2, 98])
+            if how == "median":  # the middle 80% of the points and nearly all of the medians: a few wild values fall outside
+                smoothed = np.concatenate(lines)
+                low, high = min(np.percentile(values, 10), np.percentile(smoothed, 2)), max(np.percentile(values, 90), np.percentile(smoothed, 98))
             pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
             ax.set_ylim(low - pad, high + pad)
         style(ax, panel.title, ylabel=panel.ylabel)

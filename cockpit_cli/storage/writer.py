@@ -50,7 +50,7 @@ def lock_holder(run_dir: Path) -> int | None:
     return pid
 
 
-def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_through: int) -> list[dict[str, Any]]:
+def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_through: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Prepare a run directory for resuming: cut records written after the checkpoint.
 
     Args:
@@ -59,7 +59,7 @@ def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_throug
         keep_evals_through: Evaluations after this step are dropped.
 
     Returns:
-        The evaluation records kept (for the summary).
+        The step and evaluation records kept (for the live view and the summary).
 
     Raises:
         CockpitError: another live process writes the directory.
@@ -74,7 +74,7 @@ def reopen_run_directory(run_dir: Path, keep_steps_below: int, keep_evals_throug
     evals = [r for r in read_json_lines(run_dir / schema.EVALS, notes) if r.get("step", 0) <= keep_evals_through]
     for name, records in ((schema.STEPS, steps), (schema.EVALS, evals)):
         write_text_atomic(run_dir / name, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-    return evals
+    return steps, evals
 
 
 def close_abandoned_run(run_dir: Path, status: RunStatus, message: str) -> bool:

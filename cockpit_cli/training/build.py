@@ -154,7 +154,6 @@ def describe_setup(setup: RunSetup) -> dict[str, Any]:
         "total_steps": setup.total_steps,
         "optimizer": describe_optimizer(setup.optimizer),
         "quantities": describe_quantities(setup.quantities),
-        **_not_tracked(setup),
         **({"schedule": f"{setup.config.schedule.name} once per {setup.config.schedule.interval}: lr {setup.learning_rates.describe()}"} if setup.learning_rates else {}),
         "splits": {split: len(setup.problem.splits.get(split)) for split in ("train", "train_eval", "valid", "test")},
     }
@@ -180,8 +179,9 @@ def unavailable_quantities(setup: RunSetup) -> dict[str, str]:
     return {name: reason for name, reason in reasons.items() if reason}
 
 
-def _not_tracked(setup: RunSetup) -> dict[str, str]:
-    """``{"not tracked": "CABS, EarlyStopping: <reason>; ..."}``, or nothing when every quantity can be."""
+def not_tracked(setup: RunSetup) -> dict[str, str]:
+    """``{"not tracked": "CABS, EarlyStopping: <reason>; ..."}`` for the dry run, or nothing when
+    every quantity can be tracked (a run learns it from its instruments, which find it again)."""
     grouped = names_by_reason(unavailable_quantities(setup))
     return {"not tracked": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in grouped.items())} if grouped else {}
 
