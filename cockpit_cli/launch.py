@@ -13,9 +13,11 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ R = TypeVar("R")
 
 # How long a process whose peer vanished waits for the launcher's signal that says why.
 SETTLE_SECONDS = 0.5
+# The environment variable through which the launcher tells its processes the user's command line.
+COMMAND_VARIABLE = "COCKPIT_LAUNCH_COMMAND"
 
 
 def use_huge_pages() -> None:
@@ -79,6 +83,12 @@ def process_label() -> str:
     """``"process r of W: "`` in a process other than rank 0, else ``""`` (prefixes its errors)."""
     world = environment_world()
     return "" if world is None or world[0] == 0 else f"process {world[0]} of {world[1]}: "
+
+
+def user_command() -> list[str]:
+    """The command line the user typed: the launcher's own for a process it started, else this one's."""
+    launched = os.environ.get(COMMAND_VARIABLE)
+    return json.loads(launched) if launched else list(sys.argv)
 
 
 def check_shards(config: RunConfig, batch_size: int | None, world_size: int) -> None:
@@ -193,6 +203,7 @@ def launch_processes(worker_arguments: list[str], nproc: int, run_dir: Path, err
     # SIGTERM to the command means what Ctrl-C means (as for one process): the launcher passes
     # SIGINT on to the processes. Its own SIGTERM tells them that another process failed.
     signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    os.environ[COMMAND_VARIABLE] = json.dumps(user_command())  # the run records what the user typed, not its own
     arguments = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "--module", "cockpit_cli", *worker_arguments]
     )

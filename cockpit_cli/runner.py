@@ -14,7 +14,7 @@ from rich.syntax import Syntax
 
 from cockpit_cli.config import OptionOverride, RunConfig, load_config
 from cockpit_cli.errors import CockpitError, ExitCode, OutputClosed
-from cockpit_cli.launch import check_shards, ending_with_peers, environment_world
+from cockpit_cli.launch import check_shards, ending_with_peers, environment_world, user_command
 from cockpit_cli.training.events import RunEnd, RunStatus
 
 if TYPE_CHECKING:  # torch is imported only when a run is built
@@ -130,7 +130,7 @@ def execute_run(
         run_name = config.output.name or default_run_name(config.problem.name, config.optimizer.name)
         run_dir = prepare_run_directory(Path(config.output.directory).expanduser(), run_name, overwrite=overwrite)
         config = dataclasses.replace(config, output=dataclasses.replace(config.output, name=run_name))
-        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml())
+        writer = RunWriter(run_dir, config.to_dict(), config.to_yaml(), command=user_command())
         heading = f"run directory: {run_dir}"
     display = None
     try:

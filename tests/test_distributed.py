@@ -150,6 +150,8 @@ def test_cli_run_on_two_processes_matches_one_process(tmp_path: Path, parallel_c
     assert "(2 processes, gloo)" in parallel.stdout
     manifest = json.loads((tmp_path / "two" / "run.json").read_text())
     assert manifest["status"] == "completed"
+    # the command the user typed, not the one the launcher gave its processes
+    assert manifest["command"][1:] == ["run", str(parallel_config), "--nproc", "2", "--out", str(tmp_path), "--name", "two", "--no-live"]
     assert manifest["processes"] == {"world_size": 2, "backend": "gloo"}
     assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == {"world_size": 1, "backend": None}
     one, two = read_lines(tmp_path / "one" / "steps.jsonl"), read_lines(tmp_path / "two" / "steps.jsonl")
