@@ -287,3 +287,22 @@ def test_the_launch_environment_and_the_shard_check(monkeypatch: pytest.MonkeyPa
     check_shards(config, None, 4)
     with pytest.raises(CockpitError, match="a batch of 100 samples does not split into 3 equal shards"):
         check_shards(config, None, 3)
+
+
+def test_a_process_asked_for_cuda_without_a_gpu_says_so_of_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend NCCL follows from training.device: cuda; the error names the device the user set."""
+    import torch
+
+    from cockpit_cli.config import parse_config
+    from cockpit_cli.errors import CockpitError
+    from cockpit_cli.training.distributed import start_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    config = parse_config({"problem": {"name": "mnist1d_mlp"}, "training": {"device": "cuda"}})
+    with pytest.raises(CockpitError, match="training.device: cuda was asked for but no CUDA GPU is available"):
+        start_processes(config)
+    config = parse_config({"problem": {"name": "mnist1d_mlp"}, "distributed": {"backend": "nccl"}})
+    with pytest.raises(CockpitError, match="distributed.backend: nccl needs CUDA GPUs and none is available"):
+        start_processes(config)

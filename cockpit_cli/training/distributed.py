@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from cockpit_cli.config import RunConfig
 from cockpit_cli.instruments.sync import GroupSynchronizer
 from cockpit_cli.launch import StopSignals, environment_world, worker_signals
+from cockpit_cli.training.build import resolve_device
 
 # Long enough for rank 0's evaluations, during which the other processes wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -110,6 +111,7 @@ def start_processes(config: RunConfig) -> Processes | None:
     if world is None:
         return None
     rank, world_size, local_rank = world
+    resolve_device(config)  # training.device: cuda without a GPU is said as such, not as the backend's need
     backend = choose_backend(config)
     if backend == "nccl":
         if not torch.cuda.is_available():
