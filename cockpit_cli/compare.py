@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.errors import CockpitError, did_you_mean
-from cockpit_cli.report.data import LAST_SHARE, SPLITS, RunView, eval_metric, eval_metric_names
+from cockpit_cli.recent import RECENT_MIN, RECENT_SHARE
+from cockpit_cli.report.data import SPLITS, RunView, eval_metric, eval_metric_names
 from cockpit_cli.storage import schema
 from cockpit_cli.storage.reader import RunData, read_run
 
@@ -197,11 +198,11 @@ def _median(series: Series) -> float | None:
 
 
 def _recent_median(series: Series) -> float | None:
-    return _median(series.last(LAST_SHARE, 1))
+    return _median(series.last(RECENT_SHARE, RECENT_MIN))
 
 
 INSTRUMENT_ROWS: tuple[tuple[str, str, str, Callable[[Series], Any], str], ...] = (
-    ("Alpha.median_last_10pct", "Alpha median (last 10%)", "Alpha", _recent_median, "number"),
+    ("Alpha.median_last_10pct", "Alpha median (last 10%, at least 5)", "Alpha", _recent_median, "number"),
     ("grad_norm.final", "gradient norm (final)", "GradNorm", _last, "number"),
     ("NormTest.median", "NormTest median", "NormTest", _median, "number"),
     ("InnerTest.median", "InnerTest median", "InnerTest", _median, "number"),

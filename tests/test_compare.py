@@ -51,7 +51,7 @@ def test_text_shows_differences_outcome_instruments_and_the_better_run(results: 
     assert "Comparing 2 runs" in text
     assert "optimizer.lr" in text and "0.5" in text
     assert text.count("output.name") == 1  # only in the heading that says it is ignored
-    for label in ("valid accuracy (best)", "test loss (final)", "wall time", "status", "Alpha median (last 10%)", "gradient norm (final)", "NormTest median"):
+    for label in ("valid accuracy (best)", "test loss (final)", "wall time", "status", "Alpha median (last 10%, at least 5)", "gradient norm (final)", "NormTest median"):
         assert label in text
     assert "HessMaxEV" not in text  # not tracked by either run: no row
     assert "[warning] demo_rule: seen in b" in text
@@ -82,6 +82,15 @@ def test_different_problems_and_nothing_in_common_are_noted(results: Path) -> No
     alpha = next(row for row in comparison.instruments if row.key == "Alpha.median_last_10pct")
     assert alpha.values[0] is not None and alpha.values[1] is None
     assert format_value(alpha.values[1], alpha.kind) == "-"
+
+
+def test_the_recent_alpha_median_takes_at_least_five_values() -> None:
+    from cockpit_cli.compare import INSTRUMENT_ROWS
+    from cockpit_cli.diagnosis.windows import Series
+
+    recent_median = next(row[3] for row in INSTRUMENT_ROWS if row[0] == "Alpha.median_last_10pct")
+    assert recent_median(Series(list(range(20)), [1.0] * 18 + [-19.0, 1.0])) == 1.0  # the last two's median is -9
+    assert recent_median(Series(list(range(100)), [0.0] * 90 + [1.0] * 10)) == 1.0  # the last tenth
 
 
 def test_parent_directory_and_glob_expand_to_all_runs(results: Path) -> None:

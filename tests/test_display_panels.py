@@ -57,7 +57,7 @@ def make_state(steps: int = 40, tracked: list[str] | None = None, grad_scale: fl
     state.start(RunInfo.from_mapping({**info, "instruments": {"parameters": PARAMETERS, "quantities": tracked or ECONOMY}}, run_dir="results/toy"))
     state.add_eval(0, 0, 0.0, {"train_eval": {"loss": 2.3, "accuracy": 0.1}, "valid": {"loss": 2.31, "accuracy": 0.09}, "test": {"loss": 2.3, "accuracy": 0.11}})
     for step in range(steps):
-        alpha = 0.5 if step < steps - steps // 10 else 0.0  # median of all 0.5, of the last 10% 0
+        alpha = 0.5 if step < steps - steps // 10 else 0.0  # median of all 0.5, of the last 5 (4 of 0) 0
         loss = losses[step] if losses else 2.3 * 0.97**step
         state.add_step(step, step // 20, loss, [0.1], 0.05 * step, quantities(step, alpha, grad_scale, curvature))
     state.add_eval(steps, steps // 20, 2.0, {"train_eval": {"loss": 0.9, "accuracy": 0.7}, "valid": {"loss": 1.0, "accuracy": 0.66}, "test": {"loss": 1.1, "accuracy": 0.65}})
@@ -75,7 +75,7 @@ def test_wide_dashboard_has_the_three_columns_and_the_bottom_row(width: int) -> 
     text = render(DashboardView(make_state()), width)
     for title in ("Cockpit for SGD", "STEP SIZE", "GRADIENTS", "CURVATURE", "Alpha", "Gradient tests", "Gradient elements", "Layers", "Hyperparameters", "Performance", "Alerts"):
         assert title in text, title
-    assert re.search(r"median \(all\) +0\.5 ", text) and re.search(r"median \(last 10%\) +0 ", text)  # Alpha's medians
+    assert re.search(r"median \(all\) +0\.5 ", text) and re.search(r"median \(last 5\) +0 ", text)  # Alpha's medians
     assert "tracked with preset business" in text and "tracked with preset full" in text
     assert "step 40/100" in text and "epoch 2/5" in text
     assert "best valid" in text and "66.0%" in text
@@ -482,7 +482,22 @@ def test_the_alpha_medians_are_not_moved_by_one_wild_step() -> None:
     assert snapshot.alpha_median == 0.1  # a snapshot keeps its own number
     assert state.alpha_median == 0.2  # of 0.1, -0.2, 0.3, 500, 0.2 (NaN left out); the mean would be 100
     text = render(panels.alpha(state.snapshot()), 60)
-    assert re.search(r"median \(all\) +0\.2", text) and re.search(r"median \(last 10%\) +0\.2", text)
+    assert re.search(r"median \(all\) +0\.2 ", text) and re.search(r"median \(last 5\) +0\.25 ", text)  # -0.2, 0.3, 500, 0.2
+
+
+@pytest.mark.parametrize(("count", "window", "label"), [(3, 3, "last 3"), (20, 5, "last 5"), (50, 5, "last 10%"), (51, 6, "last 10%"), (400, 40, "last 10%")])
+def test_the_recent_alpha_window_is_a_tenth_but_never_fewer_than_five(count: int, window: int, label: str) -> None:
+    """A tenth of the quick-start's 20 tracked steps is two, whose median is their mean: an Alpha
+    of -19 from one nearly flat fit moved it to -8.9 while the other 19 were near 1."""
+    from cockpit_cli.recent import recent_count, recent_label
+
+    assert (recent_count(count), recent_label(count)) == (window, label)
+    state = DashboardState()
+    state.start(RunInfo.from_mapping({"problem": "toy", "instruments": {"quantities": ["Alpha"]}}))
+    for step in range(count):
+        state.add_step(step, 0, 1.0, [0.1], float(step), {"Alpha": -19.0 if step == count - 2 else 1.0})
+    text = render(panels.alpha(state.snapshot()), 60)
+    assert re.search(rf"median \({label}\) +1 ", text), text
 
 
 @pytest.mark.parametrize(("lr", "colour"), [(0.01, "\x1b[32m"), (0.05, "\x1b[33m"), (0.1, "\x1b[1;31m")])

@@ -197,12 +197,12 @@ def gauge_axes(draw, view: RunView) -> list:
     return figure.axes
 
 
-def test_alpha_gauge_counts_the_values_beyond_its_edges_and_shows_the_last_tenth() -> None:
-    alphas = [0.0] * 15 + [2.0, -3.0, 5.0] + [1.0, 1.0]  # 20 steps: the last tenth is the last two
+def test_alpha_gauge_counts_the_values_beyond_its_edges_and_shows_the_recent_ones() -> None:
+    alphas = [0.0] * 15 + [1.0, 1.0, 5.0] + [-19.0, 1.0]  # 20 steps: a tenth is two, the recent window five
     ax, twin = gauge_axes(gauges.alpha_gauge, synthetic_view({step: {"Alpha": value} for step, value in enumerate(alphas)}))
-    assert "(3 of 20 beyond ±1.5, in the edge bins)" in ax.get_title()
+    assert "(2 of 20 beyond ±1.5, in the edge bins)" in ax.get_title()
     labels = [text.get_text() for text in twin.get_legend().get_texts()]
-    assert "all (median 0.00)" in labels and "last 10% (median 1.00)" in labels
+    assert "all (median 0.00)" in labels and "last 5 (median 1.00)" in labels  # the last two's would be -9
 
 
 def test_gradient_tests_picture_has_the_latest_values() -> None:

@@ -22,7 +22,6 @@ from cockpit_cli.storage.totals import quantity_total
 # Per-parameter quantities whose total over the parameters is a sum (the rest: a Euclidean norm).
 SPLITS = ("train_eval", "valid", "test")
 EVAL_METRICS = ("loss", "accuracy")
-LAST_SHARE = 0.1  # "the last 10%" of the tracked steps (Alpha's recent distribution)
 
 
 def _update_norms(sizes: list[float], ratios: list[float], weights: list[float]) -> list[float | None]:

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import SubplotSpec
 from matplotlib.patches import Circle
 
-from cockpit_cli.report.data import LAST_SHARE, RunView
+from cockpit_cli.recent import RECENT_MIN, RECENT_SHARE, recent_label
+from cockpit_cli.report.data import RunView
 from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, STEP_LABEL, TERTIARY, empty_panel, finite, log_y, step_limits, style
 
 ALPHA_LIMIT = 1.5  # the Alpha panel shows [-1.5, 1.5]; values beyond are drawn in the edge bins
@@ -28,7 +29,7 @@ def _gaussian(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def alpha_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
-    """Alpha over the unit parabola: the distribution of all tracked values and of the last 10%."""
+    """Alpha over the unit parabola: the distribution of all tracked values and of the recent ones."""
     ax = figure.add_subplot(spec)
     title = "Alpha distribution"
     alpha = view.quantity("Alpha")
@@ -47,9 +48,9 @@ def alpha_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
         title += f" ({outside} of {len(values)} beyond ±{ALPHA_LIMIT}, in the edge bins)"
     style(ax, title, "local step length α  (−1: too short, 0: to the minimum, 1: overshoot)", "standardised loss")
     twin = ax.twinx()
-    _, last = finite(alpha.last(LAST_SHARE, 1))
+    _, last = finite(alpha.last(RECENT_SHARE, RECENT_MIN))
     bins = np.linspace(-ALPHA_LIMIT, ALPHA_LIMIT, 31)
-    for subset, label, color, opacity in ((values, "all", "grey", 0.45), (last, "last 10%", PRIMARY, 0.75)):
+    for subset, label, color, opacity in ((values, "all", "grey", 0.45), (last, recent_label(len(alpha)), PRIMARY, 0.75)):
         clipped = np.clip(subset, -ALPHA_LIMIT, ALPHA_LIMIT)
         twin.hist(clipped, bins, density=True, color=color, alpha=opacity, label=f"{label} (median {np.median(subset):.2f})")
         if len(subset) > 1:

@@ -11,6 +11,7 @@ from rich.text import Text
 from cockpit_cli.display.panels.common import ACT, GOOD, WATCH, empty, frame, num, ok_or
 from cockpit_cli.display.panels.rows import Rows
 from cockpit_cli.display.sparkline import LEVELS, TAIL, Sparkline
+from cockpit_cli.recent import recent_count, recent_label
 from cockpit_cli.display.state import ALPHA_BINS, ALPHA_RANGE, DashboardState, sorted_median
 
 # Colours of a median Alpha: green within the first range, yellow within the second, else red
@@ -65,13 +66,13 @@ class AlphaHistograms:
 
 
 def alpha(state: DashboardState) -> RenderableType:
-    """Alpha's distribution (all and last 10%) over [-1.5, 1.5], medians, and its history."""
+    """Alpha's distribution (all and the recent values) over [-1.5, 1.5], medians, and its history."""
     series = state.get("Alpha")
     if not len(series):
         body: RenderableType = empty(state.info.tracked, state.info.unavailable, "Alpha")
         return frame(body, "Alpha", "step size")
-    window = max(len(series) // 10, 1)
-    label = "last 10%" if window <= TAIL else f"last {TAIL}"
+    window = recent_count(len(series))
+    label = recent_label(len(series)) if window <= TAIL else f"last {TAIL}"
     recent = [v for v in series.tail(min(window, TAIL)) if math.isfinite(v)]
     median, recent_median = state.alpha_median, sorted_median(sorted(recent))
     histograms = AlphaHistograms([("all", state.alpha_counts), (label, bin_counts(recent))])
