@@ -320,3 +320,45 @@ def test_log_scaled_panels_say_so_and_average_the_logarithms() -> None:
     assert average[-1] < 4  # the geometric average; the plain one would still be 26, above every later point
     curvature = panel("HessMaxEV", [-380.0, 970.0, 800.0])  # the largest eigenvalue in magnitude can be negative
     assert curvature.get_yscale() == "linear" and curvature.get_ylabel() == "λ_max"
+
+
+@pytest.mark.parametrize("value", [0.2155567856502195, 2.0])
+def test_a_log_panel_of_one_finite_value_has_a_height(value: float) -> None:
+    """A run that diverged after its first step has one finite gradient norm: its log axis spans a
+    factor of 3 each side (it had zero height, and matplotlib divided by it while drawing)."""
+    import warnings
+
+    from cockpit_cli.report.cockpit_figure import scalar_panel
+
+    view = synthetic_view({0: {"HessMaxEV": value}, 1: {"HessMaxEV": math.nan}, 2: {"HessMaxEV": math.nan}})
+    figure = Figure()
+    ax = scalar_panel(figure, figure.add_gridspec(1, 1)[0], view, "HessMaxEV", "Largest Hessian eigenvalue", "λ_max")
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert value / 4 < low < value / 2.9 and value * 2.9 < high < value * 4  # and the margins
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure.savefig(io.BytesIO(), format="png")
+
+
+def test_the_performance_legend_sits_above_the_plot_right_of_its_title() -> None:
+    """Inside the plot the legend covered the latest losses and accuracies."""
+    from cockpit_cli.report.cockpit_figure import performance_panel
+
+    run = synthetic_view({step: {} for step in range(50)}).run
+    steps = [{**record, "loss": math.nan if record["step"] > 40 else 1.0} for record in run.steps]
+    splits = {split: {"loss": 1.0, "accuracy": 0.5} for split in ("train_eval", "valid")}
+    evals = [{"step": step, "epoch": 0, "time": 0.0, "splits": splits} for step in (0, 49)]
+    view = RunView(dataclasses.replace(run, steps=steps, evals=evals))
+    figure = Figure(figsize=(13, 3))  # the panel's size in the cockpit figure
+    performance_panel(figure, figure.add_gridspec(1, 1)[0], view)
+    ax = figure.axes[0]
+    figure.canvas.draw()
+    from matplotlib.text import Text
+
+    title = next(child for child in ax.get_children() if isinstance(child, Text) and child.get_text() == "Performance").get_window_extent()
+    legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y0 >= plot.y1 - 1 and legend.x1 <= plot.x1 + 1
+    assert title.x1 < legend.x0  # the title on the left, the legend beside it
+    labels = ["moving average", "non-finite loss (9 steps)", "train_eval accuracy (right)", "valid accuracy (right)"]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == labels

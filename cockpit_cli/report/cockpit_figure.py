@@ -90,7 +90,7 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     if not scatter_ema(ax, view.loss(), view.step_span(), size=6):
         empty_panel(ax, "Performance", f"the loss of every step is non-finite ({len(nonfinite)} steps)" if len(nonfinite) else "no step losses recorded")
         return
-    style(ax, "Performance", ylabel="mini-batch loss")
+    style(ax, "Performance", ylabel="mini-batch loss", title_side="left")  # the legend goes on its right
     _, losses = finite(view.loss(), positive=True)
     if len(losses) and losses.max() > 1000 * losses.min():  # a loss that blew up would flatten the rest
         log_y(ax)
@@ -111,7 +111,8 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     else:
         twin.set_yticks([])
         ax.text(0.99, 0.97, "no accuracies evaluated", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1)
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=BASE_FONT_SIZE - 1.5, loc="center right")
+    # above the plot, right of the title: inside, it covers the latest losses or accuracies
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=BASE_FONT_SIZE - 1.5, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles), frameon=False, borderaxespad=0.2)
 
 
 def _column(figure: Figure, spec: SubplotSpec, title: str, color: tuple[float, float, float]) -> SubplotSpec:

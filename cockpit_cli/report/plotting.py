@@ -86,9 +86,9 @@ def ending(manifest: dict) -> str | None:
     return reason if reason.startswith(status) else f"{status}: {reason}" if reason else status
 
 
-def style(ax: Axes, title: str, xlabel: str | None = STEP_LABEL, ylabel: str | None = None) -> None:
-    """Give ``ax`` a bold title, axis labels and a light grid."""
-    ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold")
+def style(ax: Axes, title: str, xlabel: str | None = STEP_LABEL, ylabel: str | None = None, title_side: str = "center") -> None:
+    """Give ``ax`` a bold title (centred, or on the ``left`` to leave room), axis labels and a light grid."""
+    ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold", loc=title_side)
     if xlabel:
         ax.set_xlabel(xlabel, fontsize=BASE_FONT_SIZE)
     if ylabel:
@@ -158,6 +158,14 @@ class ReadableLogLocator(ticker.Locator):
         exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
         return [sub * 10.0**exponent for exponent in exponents if exponent % stride == 0 for sub in subs]
 
+    def nonsingular(self, vmin: float, vmax: float) -> tuple[float, float]:
+        """Widen a range of one value (or of a value and its rounding) to a factor of 3 each side:
+        an axis of zero height cannot be drawn (matplotlib divides by it)."""
+        low, high = min(vmin, vmax), max(vmin, vmax)
+        if low > 0 and high <= low * (1 + 1e-9):
+            return low / 3, high * 3
+        return super().nonsingular(vmin, vmax)
+
 
 def log_y(ax: Axes) -> None:
     """A log y axis labelled with plain numbers (see :class:`ReadableLogLocator`)."""
@@ -165,6 +173,7 @@ def log_y(ax: Axes) -> None:
     ax.yaxis.set_major_locator(ReadableLogLocator())
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.autoscale_view(scalex=False)  # again, with the locator's widening of a one-value range
 
 
 def run_color(index: int) -> str:
