@@ -273,7 +273,7 @@ def test_layer_histograms_keep_the_recorded_range() -> None:
 
 
 def performance_axes(figure: Figure):
-    return next(ax for ax in figure.axes if ax.get_title() == "Performance")
+    return next(ax for ax in figure.axes if ax.get_title(loc="left") == "Performance")
 
 
 def test_the_performance_panel_marks_non_finite_losses_and_the_title_says_how_the_run_ended() -> None:
