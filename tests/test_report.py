@@ -362,3 +362,24 @@ def test_the_performance_legend_sits_above_the_plot_right_of_its_title() -> None
     assert title.x1 < legend.x0  # the title on the left, the legend beside it
     labels = ["moving average", "non-finite loss (9 steps)", "train_eval accuracy (right)", "valid accuracy (right)"]
     assert [text.get_text() for text in ax.get_legend().get_texts()] == labels
+
+
+def test_the_layers_figure_of_a_run_that_went_non_finite() -> None:
+    """One finite value per layer draws a visible marker (a line of one point draws nothing), the
+    non-finite steps are counted, the figure says how the run ended, and each heat-map column is
+    centred on its step."""
+    layer_stats = [{"weight_norm": [2.0], "grad_norm": [0.5], "update_ratio": [0.1], "zero_grad_fraction": [0.0]}]
+    layer_stats += [{"weight_norm": [math.nan], "grad_norm": [math.nan], "update_ratio": [math.nan], "zero_grad_fraction": [0.0]}] * 3
+    histogram = [{"counts": [4, 6], "range": [-2.0, 2.0], "per_parameter": [[4, 6]]}] + [{"counts": [0, 0], "range": [-2.0, 2.0], "per_parameter": [[0, 0]]}] * 3
+    view = synthetic_view({step * 10: {"LayerStats": stats, "GradHist1d": counts} for step, (stats, counts) in enumerate(zip(layer_stats, histogram))})
+    view.run.manifest.update(status="diverged", message="the loss became nan at step 11 (epoch 0); the learning rate is probably too large")
+    figure = layers_figure(view)
+    text = texts(figure)
+    assert "diverged: the loss became nan at step 11 (epoch 0)" in text and "too large" not in text
+    assert "diverged: the loss became nan at step 11 (epoch 0)" in texts(samples_figure(view))
+    assert text.count("non-finite at 3 of 4 tracked steps") == 2  # gradient and weight norms (the ratio needs two finite norms)
+    for ax in figure.axes[:3]:
+        (line,) = ax.lines
+        assert line.get_marker() == "o" and list(line.get_xdata()) == [0]
+    heatmap = next(ax for ax in figure.axes if ax.images)
+    assert heatmap.images[0].get_extent() == [-5.0, 35.0, -2.0, 2.0]  # four columns of 10 steps around 0, 10, 20, 30

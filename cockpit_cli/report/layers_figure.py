@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.report.data import RunView
-from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, STEP_LABEL, TERTIARY, empty_panel, finite, log_y, new_figure, save, step_limits, style
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, STEP_LABEL, TERTIARY, empty_panel, figure_title, finite, log_y, new_figure, save, step_limits, style
 
 MAX_LAYERS = 24  # more layers are thinned to this many, evenly spread, first and last kept
 COLUMNS = (
@@ -25,6 +25,7 @@ COLUMNS = (
     ("update_ratio", "Update / weight ratio", "‖Δθ‖ / ‖θ‖ per step", SECONDARY),
 )
 HEATMAP_TITLE = "Gradient histogram over time"
+MARKED = 30  # a line of fewer tracked values marks each (one finite value draws no line)
 EMPTY = Series([], [])
 
 
@@ -47,7 +48,8 @@ def _heatmap(ax: Axes, steps: list[int], counts: list[list[int]], value_range: t
         return None
     matrix = np.asarray(rows, dtype=float).T  # (bins, steps)
     shares = matrix / np.maximum(matrix.sum(axis=0, keepdims=True), 1)
-    first, last = steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1
+    half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5  # each column centred on its step
+    first, last = steps[0] - half, steps[-1] + half
     image = ax.imshow(
         np.where(shares > 0, shares, np.nan),
         origin="lower",
@@ -67,8 +69,9 @@ def layers_figure(view: RunView) -> Figure:
     names = shown_layers(list(stats)) or ["(no layers recorded)"]
     histograms = view.layer_histograms()
     span = view.step_span()
-    figure = new_figure(18, 1.9 * len(names) + 1.8)
-    grid = figure.add_gridspec(len(names), 4, width_ratios=[1, 1, 1, 1.25], hspace=0.35, wspace=0.32, left=0.08, right=0.93, top=1 - 1.15 / (1.9 * len(names) + 1.8), bottom=0.75 / (1.9 * len(names) + 1.8))
+    height = 1.9 * len(names) + 1.8
+    figure = new_figure(18, height)
+    grid = figure.add_gridspec(len(names), 4, width_ratios=[1, 1, 1, 1.25], hspace=0.35, wspace=0.32, left=0.08, right=0.93, top=1 - 1.15 / height, bottom=0.75 / height)
     axes = [[figure.add_subplot(grid[row, column]) for column in range(4)] for row in range(len(names))]
     image = None
     for row, layer in enumerate(names):
@@ -78,12 +81,14 @@ def layers_figure(view: RunView) -> Figure:
             series = stats.get(layer, {}).get(kind, EMPTY)
             steps, values = finite(series, positive=True)
             zeros = sum(1 for value in series.values if value == 0)
+            nonfinite = sum(1 for value in series.values if not np.isfinite(value))
             if not len(values) and not zeros:
                 empty_panel(ax, title if row == 0 else "", view.why_empty("LayerStats"))
                 continue
-            ax.plot(steps, values, color=color, lw=1.5)
-            if zeros:
-                ax.text(0.98, 0.06, f"exactly 0 at {zeros} of {len(series)} tracked steps", transform=ax.transAxes, ha="right", fontsize=BASE_FONT_SIZE - 1, color="#d62728")
+            ax.plot(steps, values, color=color, lw=1.5, marker="o" if len(values) < MARKED else None, ms=3)
+            notes = [f"{what} at {count} of {len(series)} tracked steps" for what, count in (("exactly 0", zeros), ("non-finite", nonfinite)) if count]
+            if notes:
+                ax.text(0.98, 0.06, "; ".join(notes), transform=ax.transAxes, ha="right", fontsize=BASE_FONT_SIZE - 1, color="#d62728")
             log_y(ax)
             step_limits(ax, span)
             style(ax, title if row == 0 else "", STEP_LABEL if last_row else None, ylabel if column else f"layer {layer}\n{ylabel}")
@@ -103,7 +108,7 @@ def layers_figure(view: RunView) -> Figure:
         bar.ax.tick_params(labelsize=BASE_FONT_SIZE - 1)
     total = len(view.layer_stats())
     shown = f" (showing {len(names)} of {total} layers)" if total > len(names) else ""
-    figure.suptitle(f"Layers of {view.run.name}: {view.run.manifest.get('problem', '?')} with {view.optimizer}{shown}", fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
+    figure_title(figure, f"Layers of {view.run.name}: {view.run.manifest.get('problem', '?')} with {view.optimizer}{shown}", view.run.manifest)
     return figure
 
 

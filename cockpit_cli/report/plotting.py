@@ -86,6 +86,14 @@ def ending(manifest: dict) -> str | None:
     return reason if reason.startswith(status) else f"{status}: {reason}" if reason else status
 
 
+def figure_title(figure: Figure, title: str, manifest: dict) -> None:
+    """Give ``figure`` its bold title and, below it, how the run ended when it did not complete."""
+    figure.suptitle(title, fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
+    ended = ending(manifest)
+    if ended:
+        figure.text(0.5, 1 - 0.62 / figure.get_figheight(), ended, ha="center", fontsize=BASE_FONT_SIZE + 1, color="#444444")
+
+
 def style(ax: Axes, title: str, xlabel: str | None = STEP_LABEL, ylabel: str | None = None, title_side: str = "center") -> None:
     """Give ``ax`` a bold title (centred, or on the ``left`` to leave room), axis labels and a light grid."""
     ax.set_title(title, fontsize=BASE_FONT_SIZE + 1, fontweight="bold", loc=title_side)

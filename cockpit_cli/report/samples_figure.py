@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from cockpit_cli.report.data import RunView, SampleOutcomes
-from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, TERTIARY, empty_panel, new_figure, save, style
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, TERTIARY, empty_panel, figure_title, new_figure, save, style
 
 OUTCOME_COLORS = ListedColormap(["#e57373", "#43a047", "#dddddd"])  # wrong, correct, not evaluated
 CODES = {"0": 0, "1": 1}
@@ -86,7 +86,7 @@ def samples_figure(view: RunView) -> Figure:
     """Build the per-sample figure of ``view``."""
     figure = new_figure(16, 9)
     title = f"Tracked validation samples of {view.run.name}: {view.run.manifest.get('problem', '?')} with {view.optimizer}"
-    figure.suptitle(title, fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
+    figure_title(figure, title, view.run.manifest)
     outcomes = view.samples()
     if not outcomes.rows:
         empty_panel(figure.add_subplot(1, 1, 1), "Per-sample outcomes", NO_SAMPLES)
