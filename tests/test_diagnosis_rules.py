@@ -207,6 +207,26 @@ def test_values_inside_thresholds_are_not_findings(options: dict[str, Any]):
     assert [rule for rule in rules_found(make_run(**options)) if RULES[rule].severity != "info"] == []
 
 
+@pytest.mark.parametrize(("alpha", "quantity", "rule"), [(41.3, "Alpha", "lr_too_large"), (-0.99, "Alpha", "lr_too_small"), (0.9, "EarlyStopping", "early_stopping")])
+def test_after_a_divergence_the_rules_read_the_finite_values_before_it(alpha: float, quantity: str, rule: str):
+    """A run that went NaN at step 3 (kept going with on_nonfinite: continue) has two finite values:
+    too few for a median (lr_too_large said 'median Alpha 41.3' of one value). With enough finite
+    values before the divergence, the rule reads those."""
+    def diverging(after: int) -> Change:
+        def change(step: int, q: dict[str, Any], rng: random.Random) -> None:
+            q[quantity] = alpha if step < after else math.nan
+            q["GradNorm"] = q["GradNorm"] if step < after else [math.nan] * 6
+        return change
+
+    options = {"loss": lambda s: 2.0 if s < 3 else math.nan, "optimizer": "SGD"}
+    found = rules_found(make_run(steps=40, change=diverging(3), **options))
+    assert found[0] == "divergence" and rule not in found
+    found = rules_found(make_run(steps=40, change=diverging(20), loss=lambda s: 2.0 if s < 20 else math.nan))
+    assert found[0] == "divergence" and rule in found
+    finding = next(finding for finding in diagnose(make_run(steps=40, change=diverging(20), loss=lambda s: 2.0 if s < 20 else math.nan)).findings if finding.rule == rule)
+    assert finding.steps[1] < 20  # the finite stretch
+
+
 def test_findings_are_ordered_by_severity_then_root_cause():
     def everything(step: int, q: dict[str, Any], rng: random.Random) -> None:
         _dead(step, q, rng)

@@ -103,6 +103,16 @@ def test_alpha_of_a_step_that_does_not_move_is_minus_one() -> None:
     assert reference_alpha(run, 0) == -1.0
 
 
+def test_alpha_of_a_step_into_non_finite_losses_is_nan() -> None:
+    """A step that made the parameters NaN has no fit: NaN, where it gave -1 (which reads as 'the
+    learning rate is too small' and raised that diagnosis on a diverged run)."""
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(("Alpha",)), lambda params: torch.optim.SGD(params, lr=math.nan))
+    assert [math.isnan(run.records[step]["Alpha"]) for step in (0, 1)] == [True, True]
+    for observations in [(math.nan, (1.0, 0.8)), (0.5, (1.0, math.nan)), (0.5, (1.0, math.inf))]:
+        assert math.isnan(fit_alpha(observations[0], observations[1], (-0.9, 0.1), (0.3, 0.2), (0.05, 0.07)))
+    assert math.isnan(fit_alpha(0.5, (1.0, 0.8), (-0.9, 0.1), (0.3, math.nan), (0.05, 0.07)))
+
+
 def test_alpha_is_next_active_exactly_where_it_is_active() -> None:
     """``next_active`` agrees with ``is_active``: scheduled steps and, with a pending value, the
     step that completes it."""

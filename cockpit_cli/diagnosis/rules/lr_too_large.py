@@ -29,14 +29,14 @@ class LrTooLarge(Rule):
 
     def check(self, run: RunSeries) -> Finding | None:
         evidence, spans = [], []
-        alpha = run.scalar("Alpha").last()
+        alpha = run.scalar("Alpha").finite().last()  # after a divergence: the finite steps before it
         if len(alpha) >= self.min_points and alpha.median() > ALPHA:
             evidence.append(Evidence("median Alpha, last 50% of tracked steps", alpha.median(), ALPHA, ">"))
             evidence.append(context("share of those steps with Alpha > 0", alpha.fraction(lambda a: a > 0)))
             spans.append(alpha.span())
         if run.optimizer() == "SGD":
             limit = STABILITY * (1.0 + run.optimizer_setting("momentum"))
-            product = sharpness(run).last()
+            product = sharpness(run).finite().last()
             if len(product) >= self.min_points and product.median() > limit:
                 evidence.append(Evidence("median lr * HessMaxEV, last 50% of tracked steps", product.median(), limit, ">"))
                 spans.append(product.span())

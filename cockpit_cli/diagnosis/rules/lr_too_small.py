@@ -18,8 +18,8 @@ class LrTooSmall(Rule):
     hint = "raise the learning rate (try 3-10x larger) or use a warm-up that ends at a larger rate"
 
     def check(self, run: RunSeries) -> Finding | None:
-        alpha = run.scalar("Alpha").last()
-        if alpha.median() >= ALPHA or not run.lr().last().median() > 0:
+        alpha = run.scalar("Alpha").finite().last()  # after a divergence: the finite steps before it
+        if len(alpha) < self.min_points or alpha.median() >= ALPHA or not run.lr().last().median() > 0:
             return None  # a zero learning rate is reported as frozen parameters
         loss = run.loss()
         start, end = loss.first().median(), loss.last(0.1).median()

@@ -6,7 +6,7 @@ two mini-batch losses and the two slopes g.d/||d||, by least squares weighted wi
 variances. ``alpha = 2 ||d|| / x_bar - 1`` with ``x_bar = -mu1/mu2`` the point where the fit
 returns to its starting height: -1 means the step made no progress, 0 that it landed at the
 minimum of the fit, +1 that it overshot to the same height on the other side. A concave fit
-gives -1. The value belongs to step t but is known one step later (``lag = 1``).
+gives -1; a non-finite loss, slope or step gives NaN (there is nothing to fit). The value belongs to step t but is known one step later (``lag = 1``).
 
 The per-sample slopes at the start are exact for every optimizer: for plain SGD they follow
 from the per-sample dot products with the gradient (d = -lr g); otherwise the engine computes
@@ -108,6 +108,8 @@ class Alpha(Quantity):
         """Return alpha from the start's observations and the end's; ``projections_end`` holds
         the mean and variance of the end's products g_i . d (``None`` when ``d = 0``)."""
         length = start["length"]
+        if not math.isfinite(length):
+            return math.nan
         if length == 0.0 or projections_end is None:
             return -1.0
         mean, variance = projections_end
@@ -148,8 +150,11 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
         var_dfs: The slopes' sample variances (zeros replaced by 1e-10).
 
     Returns:
-        ``2 t / (-mu1 / mu2) - 1``, or -1 for a concave (or degenerate) fit.
+        ``2 t / (-mu1 / mu2) - 1``, -1 for a concave (or degenerate) fit, NaN when an
+        observation is not finite (a diverged step: no fit, rather than a made-up -1).
     """
+    if not all(math.isfinite(value) for value in (length, *fs, *dfs, *var_fs, *var_dfs)):
+        return math.nan
     t = length
     w0, w1, w2, w3 = (1.0 / (v if v != 0.0 else VARIANCE_FLOOR) for v in (*var_fs, *var_dfs))
     (f0, f1), (d0, d1) = fs, dfs
