@@ -224,7 +224,6 @@ def instrument_rows(views: Sequence[RunView], metrics: Sequence[str] = ()) -> li
     for key, label, quantity, summarise, kind in specs:
         series = [view.grad_norm() if quantity == "GradNorm" else view.quantity(quantity) for view in views]
         values = [summarise(item) for item in series]
-        values = [None if isinstance(value, float) and math.isnan(value) else value for value in values]
         if any(value is not None for value in values):
             rows.append(Row(key, label, values, kind))
     return rows

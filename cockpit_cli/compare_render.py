@@ -25,9 +25,12 @@ def _number(value: float) -> str:
 
 
 def format_value(value: Any, kind: str) -> str:
-    """Format one compared value; ``-`` for a missing one."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """Format one compared value; ``-`` for a missing one, ``nan`` or ``inf`` for a non-finite one
+    (a diverged run's final loss: it was evaluated)."""
+    if value is None:
         return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if kind == "percent":
         return f"{100 * value:.2f}%"
     if kind == "seconds":

@@ -195,7 +195,8 @@ def test_values_are_formatted_by_kind() -> None:
     assert [format_value(0.8125, "percent"), format_value(12.34, "seconds"), format_value([2.0, 0.0004], "trend")] == ["81.25%", "12.3 s", "2 → 4.000e-04"]
     assert [format_value(0.0073219, "seconds"), format_value(0.962, "seconds"), format_value(1.0, "seconds")] == ["7.32 ms", "962 ms", "1.0 s"]
     assert [format_value(123456, "integer"), format_value(123456.0, "number"), format_value(0.0001234, "number"), format_value(0.5, "number")] == ["123456", "1.235e+05", "1.234e-04", "0.5"]
-    assert [format_value(None, "number"), format_value(math.nan, "percent"), format_value(0, "number")] == ["-", "-", "0"]
+    assert [format_value(None, "number"), format_value(math.nan, "percent"), format_value(0, "number")] == ["-", "nan", "0"]
+    assert [format_value(math.inf, "number"), format_value(-math.inf, "seconds")] == ["inf", "-inf"]
 
 
 def render(comparison) -> str:
@@ -274,3 +275,25 @@ def test_the_alpha_panel_of_the_plot_follows_a_moving_median_that_wild_values_do
     assert max(line.get_ydata()) <= 0.4  # the wild step moves no median of nine
     low, high = ax.get_ylim()
     assert -0.2 < low < 0 and 0.4 < high < 1.0  # the steady run fills the panel; the wild values fall outside
+
+
+def test_the_plot_legend_says_how_a_run_that_did_not_complete_ended() -> None:
+    """A run that diverged after a few steps lies off every panel's scale; the legend says why."""
+    from cockpit_cli.report.compare_figure import compare_figure
+
+    runs = [synthetic_run("steady", [1.0, 0.5]), synthetic_run("blown", [1.0], status="diverged")]
+    runs[1].manifest["steps_completed"] = 4
+    labels = [text.get_text() for text in compare_figure(runs).legends[0].get_texts()]
+    assert labels == ["steady", "blown (diverged after 4 steps)"]
+
+
+def test_a_tracked_value_that_ended_non_finite_reads_nan_not_missing() -> None:
+    """`-` says a run did not track a value; a diverged run's last gradient norm was tracked and is NaN."""
+    runs = [synthetic_run("steady", [1.0, 0.5]), synthetic_run("blown", [1.0, math.nan])]
+    for run, last in zip(runs, (0.5, math.nan)):
+        run.steps.extend({"step": step, "loss": 1.0, "quantities": {"GradNorm": [value], "Alpha": 0.1}} for step, value in enumerate([1.0, last]))
+    comparison = compare_loaded(runs, [])
+    rows = {row.key: row for row in comparison.outcomes + comparison.instruments}
+    assert [format_value(value, row.kind) for row in (rows["grad_norm.final"], rows["valid.loss.final"]) for value in row.values] == ["0.5", "nan", "0.5", "nan"]
+    exported = {row["key"]: row["values"] for row in comparison_to_dict(comparison)["instruments"]}
+    assert exported["grad_norm.final"] == [0.5, None]  # JSON has no NaN

@@ -88,6 +88,15 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
     return drawn
 
 
+def _legend_label(view: RunView) -> str:
+    """The run's name, with how it ended when it did not complete (a run that diverged early can
+    be off every panel's scale)."""
+    status = view.run.manifest.get("status", "unknown")
+    if status == "completed":
+        return view.run.name
+    return f"{view.run.name} ({status} after {view.run.manifest.get('steps_completed', len(view.run.steps))} steps)"
+
+
 def compare_figure(runs: Sequence[RunData], metrics: Sequence[str] = ()) -> Figure:
     """Build the overlay figure of ``runs`` with the base panels and one per metric."""
     views = [RunView(run) for run in runs]
@@ -101,7 +110,7 @@ def compare_figure(runs: Sequence[RunData], metrics: Sequence[str] = ()) -> Figu
         if not _draw(ax, views, panel):
             why = f": {views[0].why_empty(panel.quantity)}" if panel.quantity else ""
             empty_panel(ax, panel.title, f"no run has {panel.title.lower()}{why}")
-    handles = [Line2D([], [], color=run_color(index), lw=2, label=view.run.name) for index, view in enumerate(views)]
+    handles = [Line2D([], [], color=run_color(index), lw=2, label=_legend_label(view)) for index, view in enumerate(views)]
     figure.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 0.995), ncol=min(len(views), 6), fontsize=BASE_FONT_SIZE + 1, frameon=False)
     names = ", ".join(view.run.name for view in views)
     figure.suptitle(f"Comparison of {names}", x=0.07, ha="left", fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
