@@ -297,3 +297,22 @@ def test_a_tracked_value_that_ended_non_finite_reads_nan_not_missing() -> None:
     assert [format_value(value, row.kind) for row in (rows["grad_norm.final"], rows["valid.loss.final"]) for value in row.values] == ["0.5", "nan", "0.5", "nan"]
     exported = {row["key"]: row["values"] for row in comparison_to_dict(comparison)["instruments"]}
     assert exported["grad_norm.final"] == [0.5, None]  # JSON has no NaN
+
+
+def test_runs_that_diverged_at_once_do_not_set_the_alpha_panel_range() -> None:
+    """Two runs with one Alpha each (41: they blew up after their first step) beside one of 20
+    tracked steps: the range is the long run's, where their two values made it 0 to 45."""
+    from cockpit_cli.report.compare_figure import compare_figure
+
+    runs = [synthetic_run("steady", [1.0, 0.5]), synthetic_run("blown", [1.0]), synthetic_run("blown too", [1.0])]
+    runs[0].steps.extend({"step": 64 * step, "loss": 1.0, "quantities": {"Alpha": 0.1 * (step % 5)}} for step in range(20))
+    for run in runs[1:]:
+        run.steps.append({"step": 0, "loss": 1.0, "quantities": {"Alpha": 41.3}})
+    ax = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Alpha")
+    low, high = ax.get_ylim()
+    assert -0.2 < low < 0 and 0.4 < high < 1.0
+    runs = [synthetic_run("blown", [1.0]), synthetic_run("blown too", [1.0])]  # only such runs: they set it
+    for run, value in zip(runs, (41.3, 20.0)):
+        run.steps.append({"step": 0, "loss": 1.0, "quantities": {"Alpha": value}})
+    low, high = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Alpha").get_ylim()
+    assert low < 20.0 and 41.3 < high
