@@ -197,6 +197,22 @@ def gauge_axes(draw, view: RunView) -> list:
     return figure.axes
 
 
+def test_alpha_gauge_of_a_run_that_went_non_finite() -> None:
+    """Two finite values then NaN: the recent window has none, which the legend says (numpy warned
+    'Mean of empty slice' into the user's terminal), and the title counts the non-finite steps."""
+    import warnings
+
+    alphas = [0.1, 2.0] + [math.nan] * 22
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax, twin = gauge_axes(gauges.alpha_gauge, synthetic_view({8 * step: {"Alpha": value} for step, value in enumerate(alphas)}))
+    assert ax.get_title() == "Alpha distribution (22 of 24 non-finite; 1 of 2 beyond ±1.5, in the edge bins)"
+    labels = [text.get_text() for text in twin.get_legend().get_texts()]
+    assert "all (median 1.05)" in labels and "last 5: none finite" in labels
+    (ax,) = gauge_axes(gauges.alpha_gauge, synthetic_view({step: {"Alpha": value} for step, value in enumerate([0.1] + [math.nan] * 9)}))
+    assert "Alpha: 1 finite value of 10 tracked steps for a distribution" in " ".join(text.get_text() for text in ax.texts).replace("\n", " ")
+
+
 def test_alpha_gauge_counts_the_values_beyond_its_edges_and_shows_the_recent_ones() -> None:
     alphas = [0.0] * 15 + [1.0, 1.0, 5.0] + [-19.0, 1.0]  # 20 steps: a tenth is two, the recent window five
     ax, twin = gauge_axes(gauges.alpha_gauge, synthetic_view({step: {"Alpha": value} for step, value in enumerate(alphas)}))

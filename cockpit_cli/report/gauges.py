@@ -34,8 +34,10 @@ def alpha_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     title = "Alpha distribution"
     alpha = view.quantity("Alpha")
     _, values = finite(alpha)
+    nonfinite = len(alpha) - len(values)  # steps after a divergence
     if len(values) < 2:
-        empty_panel(ax, title, view.why_empty("Alpha") if not len(values) else "Alpha: too few tracked steps for a distribution")
+        few = f"{len(values)} finite value of {len(alpha)} tracked steps" if nonfinite else "too few tracked steps"
+        empty_panel(ax, title, view.why_empty("Alpha") if not len(alpha) else f"Alpha: {few} for a distribution")
         return
     grid = np.linspace(-ALPHA_LIMIT, ALPHA_LIMIT, 200)
     ax.plot(grid, grid**2, color=SECONDARY, lw=2, label="unit parabola (loss along the step)")
@@ -44,13 +46,18 @@ def alpha_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     ax.set_xlim(-ALPHA_LIMIT, ALPHA_LIMIT)
     ax.set_ylim(0, 1.75)
     outside = int(np.sum(np.abs(values) > ALPHA_LIMIT))
-    if outside:
-        title += f" ({outside} of {len(values)} beyond ±{ALPHA_LIMIT}, in the edge bins)"
+    notes = [f"{nonfinite} of {len(alpha)} non-finite"] if nonfinite else []
+    notes += [f"{outside} of {len(values)} beyond ±{ALPHA_LIMIT}, in the edge bins"] if outside else []
+    if notes:
+        title += f" ({'; '.join(notes)})"
     style(ax, title, "local step length α  (−1: too short, 0: to the minimum, 1: overshoot)", "standardised loss")
     twin = ax.twinx()
     _, last = finite(alpha.last(RECENT_SHARE, RECENT_MIN))
     bins = np.linspace(-ALPHA_LIMIT, ALPHA_LIMIT, 31)
     for subset, label, color, opacity in ((values, "all", "grey", 0.45), (last, recent_label(len(alpha)), PRIMARY, 0.75)):
+        if not len(subset):  # a run that went non-finite: its recent values are NaN
+            twin.plot([], [], color=color, lw=6, alpha=opacity, label=f"{label}: none finite")
+            continue
         clipped = np.clip(subset, -ALPHA_LIMIT, ALPHA_LIMIT)
         twin.hist(clipped, bins, density=True, color=color, alpha=opacity, label=f"{label} (median {np.median(subset):.2f})")
         if len(subset) > 1:
