@@ -458,6 +458,14 @@ def test_layer_stats_and_activations_see_dead_units() -> None:
     assert tracked[0].state_dict() == {"partial": {}}  # nothing kept of steps whose values are out
 
 
+def test_layer_stats_after_a_divergence_are_nan() -> None:
+    """Once the parameters are NaN, the update/weight ratio is NaN (it read inf: the ratio of a
+    parameter at exactly zero that moves)."""
+    run = train(ref.mlp(0), make_batches("mlp", "ce", 0, 3), quantities(("LayerStats",)), lambda params: torch.optim.SGD(params, lr=math.nan))
+    stats = run.records[1]["LayerStats"]
+    assert all(math.isnan(value) for key in ("weight_norm", "update_ratio") for value in stats[key])
+
+
 def test_activations_watch_every_activation_and_every_layer_with_parameters() -> None:
     """The watched layers: activation modules of every common kind and leaf layers with trainable
     parameters; neither containers, parameterless layers such as Dropout or Flatten, nor frozen layers."""

@@ -7,6 +7,7 @@ frozen layers): ``update_ratio`` is ``||theta_{t+1} - theta_t|| / ||theta_t||`` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cockpit_cli.instruments.moments import zero_counts
@@ -38,7 +39,12 @@ class LayerStats(Quantity):
             return
         ratios = []
         for change, weight in zip(data.update_norms, stats["weight_norm"]):
-            ratios.append(change / weight if weight > 0 else (0.0 if change == 0 else float("inf")))
+            if math.isnan(weight) or math.isnan(change):
+                ratios.append(math.nan)  # after a divergence (a zero weight's inf would misname it)
+            elif weight > 0:
+                ratios.append(change / weight)
+            else:
+                ratios.append(0.0 if change == 0 else math.inf)
         stats["update_ratio"] = ratios
         data.emit(self.name, stats)
 
