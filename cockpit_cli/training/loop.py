@@ -41,6 +41,15 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, dro
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, num_workers=0)
 
 
+def gradients_are_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient ``optimizer`` would apply is finite (one pass over them, one sync).
+
+    The data-parallel processes hold the same averaged gradients, so they agree.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
+
+
 class Trainer:
     """Trains ``setup`` and reports to ``observers``.
 
@@ -222,7 +231,10 @@ class Trainer:
                 self.step += 1
                 return None
         self.tracker.backward(self.step, loss, inputs, outputs, targets)
-        optimizer.step()
+        if self.training.on_nonfinite == "skip" and not gradients_are_finite(optimizer):
+            self.nonfinite_steps += 1  # a finite loss whose gradient overflowed: its update would make the parameters NaN
+        else:
+            optimizer.step()
         self.tracker.after_update(self.step, StepRecord(self.step, self.epoch, loss_value, rates, self._elapsed()))
         self._report_warnings()
         self._step_schedule()
@@ -339,7 +351,8 @@ class Trainer:
         warnings = self.tracker.warnings()
         if self.nonfinite_steps and self.training.on_nonfinite != "stop":
             action = "skipped" if self.training.on_nonfinite == "skip" else "taken anyway"
-            warnings.append(f"{self.nonfinite_steps} steps had a non-finite loss and were {action} (training.on_nonfinite: {self.training.on_nonfinite})")
+            what = "loss or gradient" if self.training.on_nonfinite == "skip" else "loss"
+            warnings.append(f"{self.nonfinite_steps} steps had a non-finite {what} and were {action} (training.on_nonfinite: {self.training.on_nonfinite})")
         end = RunEnd(status, self.step, self.epoch, message, self._elapsed(), warnings, self.tracker.describe())
         self._notify("on_end", end)
         return end
