@@ -139,16 +139,34 @@ def test_nan_loss_and_non_finite_quantities_raise_alerts() -> None:
     state.add_step(10, 0, math.nan, [0.1], 1.0, {"GradNorm": [math.inf, 1.0], "Alpha": math.nan})
     text = render(panels.alerts(state), 100)
     assert "loss is nan at step 10" in text and "diverged" in text
-    assert "GradNorm is inf" in text and "Alpha is nan" in text
+    assert "non-finite since step 10: GradNorm inf, Alpha nan" in text
     state.finish("diverged", "the loss became nan at step 10")
     text = render(panels.alerts(state), 100)
     assert "run diverged: the loss became nan at step 10" in text
-    assert "loss is nan at step 10" not in text and "GradNorm is inf" in text  # the end says it, with more
+    assert "loss is nan at step 10" not in text and "GradNorm inf" in text  # the end says it, with more
     assert "✖" in render(DashboardView(state), 160)
     state = make_state(steps=10)
     state.add_step(10, 0, math.nan, [0.1], 1.0, {})
     state.finish("diverged")  # no message: the step's alert stays
     assert "loss is nan at step 10" in render(panels.alerts(state), 100)
+
+
+def test_a_run_gone_non_finite_keeps_the_loss_alert_in_view() -> None:
+    """After a divergence under on_nonfinite: continue every quantity and every evaluation is NaN;
+    an alert for each pushed 'loss is nan: the run diverged' out of the panel's five."""
+    state = make_state(steps=10)
+    state.add_step(10, 0, math.nan, [0.1], 1.0, {})
+    names = ["Alpha", "UpdateSize", "OrthoTest", "NormTest", "InnerTest", "GradNorm", "Distance"]
+    for step in range(11, 20):
+        state.add_step(step, 0, math.nan, [0.1], 1.0, {name: math.nan for name in names[: step - 10]})
+        state.add_eval(step, 0, 1.0, {split: {"loss": math.nan, "accuracy": 0.1} for split in ("train_eval", "valid", "test")})
+    assert [text for _, text in state.alert_list()] == [
+        "train_eval loss nan, valid loss nan, test loss nan at the evaluation after step 11",
+        "non-finite since step 11: Alpha nan, UpdateSize nan, OrthoTest nan, NormTest nan and 3 more",
+        "loss is nan at step 10: the run diverged",
+    ]
+    assert "loss is nan at step 10" in render(panels.alerts(state), 100)
+    assert state.snapshot().nonfinite == state.nonfinite and state.snapshot().nonfinite is not state.nonfinite
 
 
 def test_a_loss_far_above_its_start_raises_an_alert() -> None:
@@ -179,7 +197,7 @@ def test_alerts_are_replaced_by_key_and_the_oldest_dropped_beyond_the_limit() ->
 def test_evaluations_and_endings_raise_alerts() -> None:
     state = make_state(steps=5)
     state.add_eval(5, 0, 1.0, {"valid": {"loss": math.nan, "accuracy": 0.1}})
-    assert ("critical", "valid loss is nan at the evaluation after step 5") in state.alert_list()
+    assert ("critical", "valid loss nan at the evaluation after step 5") in state.alert_list()
     state.finish("interrupted", None, seconds=100.0)
     assert ("warning", "run interrupted") in state.alert_list() and state.elapsed == 100.0
     state.finish("interrupted", None, seconds=1.0)

@@ -23,6 +23,7 @@ ALPHA_BINS = 15  # odd, so that one bin is centred on the ideal 0
 LATEST = ("GradHist1d", "GradHist2d", "LayerStats", "Activations", "InputStats")
 EMA_BETA = 0.95
 ALERT_LIMIT = 20
+NAMED = 4  # non-finite quantities named in their alert (the rest counted)
 SEVERITIES = ("info", "warning", "critical")  # green: fine, yellow: watch, red: act
 Alert = tuple[str, str]
 
@@ -99,6 +100,10 @@ class DashboardState:
         latest_step: The step each entry of ``latest`` comes from.
         evals: One ``{step, epoch, time, splits: {name: {loss, accuracy}}}`` per evaluation.
         alerts: Current alerts by key, each ``(severity, text)``; a diagnosis engine may add more.
+        nonfinite: Each quantity that has been non-finite, with its first such value (one alert
+            names them all: after a divergence every quantity is, and an alert each pushed the
+            loss's own out of view).
+        nonfinite_since: The step of the first of them.
         version: Incremented on every change, so a renderer can tell when to redraw.
     """
 
@@ -118,6 +123,8 @@ class DashboardState:
     evals: list[dict[str, Any]] = field(default_factory=list)
     alerts: dict[str, Alert] = field(default_factory=dict)
     loss_start: float | None = None
+    nonfinite: dict[str, float] = field(default_factory=dict)  # quantity -> its first non-finite value
+    nonfinite_since: int = -1
     version: int = 0
     _ema: float = field(default=0.0, repr=False)
     _alpha_sorted: list[float] = field(default_factory=list, repr=False)  # for the median; snapshots take the number only
@@ -156,9 +163,22 @@ class DashboardState:
                 self.alpha_counts[min(max(index, 0), ALPHA_BINS - 1)] += 1
                 bisect.insort(self._alpha_sorted, total)
                 self.alpha_median = sorted_median(self._alpha_sorted)
-            elif not math.isfinite(total) and f"nonfinite:{name}" not in self.alerts:
-                self.add_alert("critical", f"{name} is {total} at step {step}", key=f"nonfinite:{name}")
+            elif not math.isfinite(total) and name not in self.nonfinite:
+                self._note_nonfinite(step, name, total)
         self.version += 1
+
+    def _note_nonfinite(self, step: int, name: str, value: float) -> None:
+        """Name ``name`` in the one alert of non-finite quantities (which keeps its place)."""
+        if not self.nonfinite:
+            self.nonfinite_since = step
+        self.nonfinite[name] = value
+        named = [f"{quantity} {first}" for quantity, first in self.nonfinite.items()]
+        shown = ", ".join(named[:NAMED]) + (f" and {len(named) - NAMED} more" if len(named) > NAMED else "")
+        text = f"non-finite since step {self.nonfinite_since}: {shown}"
+        if "nonfinite:quantities" in self.alerts:
+            self.alerts["nonfinite:quantities"] = ("critical", text)
+        else:
+            self.add_alert("critical", text, key="nonfinite:quantities")
 
     def add_step_record(self, record: dict[str, Any]) -> None:
         """Record a step given as in the run directory (a line of ``steps.jsonl``)."""
@@ -176,10 +196,9 @@ class DashboardState:
         kept = {name: {"loss": m.get("loss"), "accuracy": m.get("accuracy")} for name, m in splits.items()}
         self.evals.append({"step": step, "epoch": epoch, "time": time, "splits": kept})
         self.epoch = max(self.epoch, epoch)
-        for name, metrics in kept.items():
-            loss = metrics["loss"]
-            if isinstance(loss, float) and not math.isfinite(loss):
-                self.add_alert("critical", f"{name} loss is {loss} at the evaluation after step {step}", key=f"eval:{name}")
+        losses = [f"{name} loss {metrics['loss']}" for name, metrics in kept.items() if isinstance(metrics["loss"], float) and not math.isfinite(metrics["loss"])]
+        if losses and "eval:nonfinite" not in self.alerts:  # the first such evaluation; later ones say the same
+            self.add_alert("critical", f"{', '.join(losses)} at the evaluation after step {step}", key="eval:nonfinite")
         self.version += 1
 
     def finish(self, status: str, message: str | None = None, seconds: float | None = None) -> None:
@@ -212,7 +231,7 @@ class DashboardState:
         copied.series = {name: series.copy() for name, series in self.series.items()}
         copied.alpha_counts, copied._alpha_sorted = list(self.alpha_counts), []
         copied.latest, copied.latest_step = dict(self.latest), dict(self.latest_step)
-        copied.evals, copied.alerts = list(self.evals), dict(self.alerts)
+        copied.evals, copied.alerts, copied.nonfinite = list(self.evals), dict(self.alerts), dict(self.nonfinite)
         if clock is not None and self.status == "running":
             copied.clock = clock
         return copied
