@@ -269,11 +269,13 @@ def test_gradient_tests_show_values_against_one() -> None:
 
 def test_summary_names_the_run_directory_and_the_next_command() -> None:
     state = make_state()
-    state.finish("completed", seconds=12.0)
+    state.finish("completed", seconds=12.34)
     text = render(panels.summary(state), 100)
-    assert "completed after 40 of 100 steps" in text
+    assert "completed after 40 of 100 steps in 12.3 s" in text  # 0:12 said less of a quick run
     assert "results/toy" in text and "cockpit diagnose results/toy" in text
     assert "valid 1 66.0%" in text
+    state.finish("completed", seconds=3723.0)
+    assert "steps in 1:02:03" in render(panels.summary(state), 100)
 
 
 def test_series_keeps_a_bounded_summary_of_any_length() -> None:

@@ -50,6 +50,13 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def total_time(seconds: float | None) -> str:
+    """A finished run's time: ``4.2 s`` under a minute (a quick run's ``0:00`` says nothing), else as :func:`duration`."""
+    if seconds is not None and 0 <= seconds < 60:
+        return f"{seconds:.1f} s"
+    return duration(seconds)
+
+
 def frame(body: RenderableType, title: str, column: str, subtitle: str | None = None) -> Panel:
     """Wrap ``body`` in the panel frame of its dashboard column."""
     return Panel(

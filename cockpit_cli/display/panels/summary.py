@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from cockpit_cli.display.panels.common import ACT, GOOD, WATCH, duration, num
+from cockpit_cli.display.panels.common import ACT, GOOD, WATCH, num, total_time
 from cockpit_cli.display.panels.performance import SPLITS, best_valid, metric
 from cockpit_cli.display.state import DashboardState
 
@@ -20,7 +20,7 @@ def summary(state: DashboardState, run_dir: str | None = None) -> RenderableType
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column()
-    status = f"{state.status} after {state.step + 1} of {state.info.total_steps} steps in {duration(state.time)}"
+    status = f"{state.status} after {state.step + 1} of {state.info.total_steps} steps in {total_time(state.time)}"
     grid.add_row("run", Text(status, style=BORDER.get(state.status, ACT)))
     if state.message:
         grid.add_row("", Text(state.message))
