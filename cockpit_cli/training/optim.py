@@ -47,7 +47,11 @@ def scheduler_classes() -> dict[str, type]:
 
 
 def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
-    """Check ``arguments`` against ``cls.__init__``; return them converted by the defaults' types."""
+    """Check ``arguments`` against ``cls.__init__``; return them converted by the defaults' types.
+
+    A null argument the class does not take is left out (``--set optimizer.momentum=null`` after
+    ``--set optimizer.name=Adam`` drops the file's SGD momentum).
+    """
     parameters = {
         name: p
         for name, p in inspect.signature(cls.__init__).parameters.items()
@@ -55,11 +59,16 @@ def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict
     }
     checked: dict[str, Any] = {}
     for key, value in arguments.items():
+        if key not in parameters and value is None:
+            continue
         if key not in parameters:
             known = sorted(parameters)
             hint = f"its arguments: {', '.join(known)}"
             if config.overridden(f"{section}.name") and not config.overridden(f"{section}.{key}"):  # the file's arguments, meant for its own class
-                hint = f"'{key}' comes from the file, written for another class; set the whole section instead, as in --set '{section}={{name: {cls.__name__}, ...}}'; {hint}"
+                hint = (
+                    f"'{key}' comes from the file, written for another class; leave it out with --set {section}.{key}=null, "
+                    f"or set the whole section instead, as in --set '{section}={{name: {cls.__name__}, ...}}'; {hint}"
+                )
             raise config.fail(f"{section}.{key}", f"{cls.__name__} has no argument '{key}'{did_you_mean(key, known)}", hint)
         default = parameters[key].default
         checked[key] = _check_like_default(config, f"{section}.{key}", value, default)
