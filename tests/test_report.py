@@ -399,3 +399,20 @@ def test_the_layers_figure_of_a_run_that_went_non_finite() -> None:
         assert line.get_marker() == "o" and list(line.get_xdata()) == [0]
     heatmap = next(ax for ax in figure.axes if ax.images)
     assert heatmap.images[0].get_extent() == [-5.0, 35.0, -2.0, 2.0]  # four columns of 10 steps around 0, 10, 20, 30
+
+
+def test_the_moving_average_is_centred_and_follows_a_trend_to_the_ends() -> None:
+    """A trailing average of 20 tracked steps lagged hundreds of steps behind a rise; this one
+    reproduces a straight line exactly (unevenly spaced, ends included) and a step at once."""
+    from cockpit_cli.report.plotting import moving_average, trend_window
+
+    assert [trend_window(count) for count in (1, 20, 200, 1280, 100_000)] == [3, 3, 9, 51, 51]
+    steps = [0, 1, 3, 8, 20, 21, 40, 64, 65, 100]
+    line = [2.0 - 0.5 * step for step in steps]
+    assert moving_average(steps, line, 5) == pytest.approx(line)
+    assert list(moving_average([0, 1], [3.0, 7.0], 5)) == [3.0, 7.0]
+    rise = [0.0] + [45.0] * 19  # a top eigenvalue from its first tracked step to the second
+    smoothed = moving_average([64 * index for index in range(20)], rise, 3)
+    assert list(smoothed[2:]) == pytest.approx([45.0] * 18) and smoothed[1] == pytest.approx(30.0)
+    noise = [(-1.0) ** index for index in range(400)]
+    assert max(abs(value) for value in moving_average(list(range(400)), noise, 15)[10:-10]) < 0.1

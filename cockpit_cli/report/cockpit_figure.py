@@ -20,7 +20,7 @@ from cockpit_cli.report.data import RunView
 from cockpit_cli.report.gauges import alpha_gauge, gradient_tests_gauge, histogram_1d_gauge, histogram_2d_gauge
 from cockpit_cli.report.plotting import (
     BASE_FONT_SIZE,
-    EMA_COLOR,
+    AVERAGE_COLOR,
     NEUTRAL,
     PRIMARY,
     SECONDARY,
@@ -33,7 +33,7 @@ from cockpit_cli.report.plotting import (
     new_figure,
     nonfinite_steps,
     save,
-    scatter_ema,
+    scatter_average,
     step_limits,
     style,
 )
@@ -50,7 +50,7 @@ def scalar_panel(figure: Figure, spec: SubplotSpec, view: RunView, name: str, ti
         empty_panel(ax, title, view.why_empty(name))
         return ax
     log = name in ("HessMaxEV", "GradNorm") and bool(np.all(values > 0))
-    scatter_ema(ax, data, view.step_span(), log=log)
+    scatter_average(ax, data, view.step_span(), log=log)
     style(ax, title, ylabel=f"{ylabel}, log scale" if log else ylabel)
     return ax
 
@@ -87,7 +87,7 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     """The mini-batch loss by iteration, with train_eval and valid accuracy on a twin axis."""
     ax = figure.add_subplot(spec)
     nonfinite = nonfinite_steps(view.loss())
-    if not scatter_ema(ax, view.loss(), view.step_span(), size=6):
+    if not scatter_average(ax, view.loss(), view.step_span(), size=6):
         empty_panel(ax, "Performance", f"the loss of every step is non-finite ({len(nonfinite)} steps)" if len(nonfinite) else "no step losses recorded")
         return
     style(ax, "Performance", ylabel="mini-batch loss", title_side="left")  # the legend goes on its right
@@ -96,7 +96,7 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
         log_y(ax)
     if len(nonfinite):  # marked along the top: they have no height to plot at
         label = f"non-finite loss ({len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''})"
-        ax.scatter(nonfinite, np.full(len(nonfinite), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=36, color=EMA_COLOR, zorder=5, label=label)
+        ax.scatter(nonfinite, np.full(len(nonfinite), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=36, color=AVERAGE_COLOR, zorder=5, label=label)
     twin = ax.twinx()
     for split, color in (("train_eval", SECONDARY), ("valid", TERTIARY)):
         steps, accuracy = finite(view.evaluation(split, "accuracy"))

@@ -19,10 +19,9 @@ from matplotlib.lines import Line2D
 
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.report.data import RunView, eval_metric
-from cockpit_cli.report.plotting import BASE_FONT_SIZE, ema, empty_panel, finite, log_y, moving_median, new_figure, run_color, save, style
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log_y, moving_average, moving_median, new_figure, run_color, save, style, trend_window
 from cockpit_cli.storage.reader import RunData
 
-LOSS_SMOOTHING = 0.05  # moving-average weight for the per-step mini-batch loss
 ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
 
 
@@ -72,7 +71,7 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
             ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, label=label)
         else:
             ax.scatter(steps, values, s=5, color=color, alpha=0.25, edgecolors="none")
-            smoothed = moving_median(values, ALPHA_WINDOW) if how == "median" else ema(list(values), LOSS_SMOOTHING if how == "smooth" else 0.2)
+            smoothed = moving_median(values, ALPHA_WINDOW) if how == "median" else moving_average(steps, values, trend_window(len(values)))
             ax.plot(steps, smoothed, color=color, lw=1.8, label=label)
             lines.append(smoothed)
         drawn = True
