@@ -316,3 +316,30 @@ def test_runs_that_diverged_at_once_do_not_set_the_alpha_panel_range() -> None:
         run.steps.append({"step": 0, "loss": 1.0, "quantities": {"Alpha": value}})
     low, high = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Alpha").get_ylim()
     assert low < 20.0 and 41.3 < high
+
+
+def test_the_plot_names_many_long_runs_in_legend_rows_of_their_own() -> None:
+    """Nine runs with long names: the title counts them, the legend wraps into rows below it,
+    and neither reaches into the panels (the names ran into the title and off the figure)."""
+    from cockpit_cli.report.compare_figure import compare_figure
+
+    runs = [synthetic_run(f"a_run_with_a_rather_long_name_{index}", [1.0, 0.5]) for index in range(9)]
+    figure = compare_figure(runs)
+    figure.canvas.draw()
+    assert figure.get_suptitle() == "Comparison of 9 runs"
+    legend = figure.legends[0].get_window_extent()
+    assert legend.x1 <= figure.bbox.width
+    panel_tops = [ax.get_window_extent().y1 + 20 for ax in figure.axes]  # the panels' titles sit above them
+    assert legend.y0 > max(panel_tops)
+    assert compare_figure(runs[:2]).get_suptitle() == f"Comparison of {runs[0].name}, {runs[1].name}"
+
+
+def test_the_gradient_norm_panel_averages_the_logarithms() -> None:
+    """On the log axis a line fitted to the values could end below zero (it plunged off the panel)."""
+    from cockpit_cli.report.compare_figure import compare_figure
+
+    runs = [synthetic_run("falling", [1.0, 0.5]), synthetic_run("other", [1.0, 0.5])]
+    for run in runs:
+        run.steps.extend({"step": step, "loss": 1.0, "quantities": {"GradNorm": [value]}} for step, value in enumerate([1.0] * 8 + [0.01, 0.01]))
+    ax = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Gradient norm")
+    assert all(value > 0 for value in ax.get_lines()[0].get_ydata())

@@ -23,6 +23,8 @@ from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log
 from cockpit_cli.storage.reader import RunData
 
 ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
+LEGEND_ENTRY_INCHES, LEGEND_CHAR_INCHES, LEGEND_ROW_INCHES = 0.75, 0.085, 0.3  # the run legend's layout
+TITLE_CHARACTERS = 90  # longer lists of run names are left to the legend
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,12 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
             ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, label=label)
         else:
             ax.scatter(steps, values, s=5, color=color, alpha=0.25, edgecolors="none")
-            smoothed = moving_median(values, ALPHA_WINDOW) if how == "median" else moving_average(steps, values, trend_window(len(values)))
+            if how == "median":
+                smoothed = moving_median(values, ALPHA_WINDOW)
+            elif how == "log":  # of the logarithms, as the axis shows them (a line fitted to the values can end below zero)
+                smoothed = np.exp(moving_average(steps, np.log(values), trend_window(len(values))))
+            else:
+                smoothed = moving_average(steps, values, trend_window(len(values)))
             ax.plot(steps, smoothed, color=color, lw=1.8, label=label)
             lines.append(smoothed)
         drawn = True
@@ -106,17 +113,24 @@ def compare_figure(runs: Sequence[RunData], metrics: Sequence[str] = ()) -> Figu
     panels = list(BASE_PANELS) + [metric_panel(name) for name in metrics]
     columns = 2 if len(panels) <= 4 else 3
     rows = math.ceil(len(panels) / columns)
-    figure = new_figure(6.5 * columns, 4.2 * rows + 1.0)
-    grid = figure.add_gridspec(rows, columns, hspace=0.45, wspace=0.25, left=0.07, right=0.98, top=1 - 1.2 / (4.2 * rows + 1.0), bottom=0.5 / (4.2 * rows + 1.0) + 0.04)
+    labels = [_legend_label(view) for view in views]
+    entry_inches = LEGEND_ENTRY_INCHES + LEGEND_CHAR_INCHES * max(len(label) for label in labels)
+    legend_columns = max(1, min(len(labels), int(0.9 * 6.5 * columns / entry_inches)))  # as many names per row as fit
+    top_inches = 1.2 + LEGEND_ROW_INCHES * math.ceil(len(labels) / legend_columns)
+    height = 4.2 * rows + 0.75 + top_inches
+    figure = new_figure(6.5 * columns, height)
+    grid = figure.add_gridspec(rows, columns, hspace=0.45, wspace=0.25, left=0.07, right=0.98, top=1 - top_inches / height, bottom=0.5 / height + 0.04)
     for number, panel in enumerate(panels):
         ax = figure.add_subplot(grid[number // columns, number % columns])
         if not _draw(ax, views, panel):
             why = f": {views[0].why_empty(panel.quantity)}" if panel.quantity else ""
             empty_panel(ax, panel.title, f"no run has {panel.title.lower()}{why}")
-    handles = [Line2D([], [], color=run_color(index), lw=2, label=_legend_label(view)) for index, view in enumerate(views)]
-    figure.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 0.995), ncol=min(len(views), 6), fontsize=BASE_FONT_SIZE + 1, frameon=False)
+    handles = [Line2D([], [], color=run_color(index), lw=2, label=label) for index, label in enumerate(labels)]
+    below_title = 1 - 0.58 / height  # rows of their own: long run names ran into the title
+    figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.065, below_title), ncol=legend_columns, fontsize=BASE_FONT_SIZE + 1, frameon=False)
     names = ", ".join(view.run.name for view in views)
-    figure.suptitle(f"Comparison of {names}", x=0.07, ha="left", fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
+    title = f"Comparison of {names}" if len(names) <= TITLE_CHARACTERS else f"Comparison of {len(views)} runs"
+    figure.suptitle(title, x=0.07, ha="left", fontsize=BASE_FONT_SIZE + 6, fontweight="bold")
     return figure
 
 
