@@ -246,6 +246,26 @@ def test_overshooting_only_late_in_a_constant_rate_asks_for_a_decaying_schedule(
         assert finding.hint == RULES["lr_too_large"].hint
 
 
+def test_too_small_steps_near_the_stability_limit_say_how_far_the_rate_may_rise():
+    """Rosenbrock at 0.001: Alpha near -1, but lr x HessMaxEV near 1 (968 at most); 2x did best, 3x
+    worse and 5x diverged, where the general hint said '3-10x larger'."""
+    def short(curvature: float) -> Change:
+        def change(step: int, q: dict[str, Any], rng: random.Random) -> None:
+            q["Alpha"], q["HessMaxEV"] = -0.99, curvature if step == 60 else curvature / 4
+        return change
+
+    def hint(curvature: float, optimizer: str = "SGD") -> str:
+        (finding,) = [f for f in diagnose(make_run(change=short(curvature), lr=0.001, optimizer=optimizer)).findings if f.rule == "lr_too_small"]
+        return finding.hint
+
+    # momentum 0.9: the limit is 2 (1 + 0.9) / 900 = 0.0042
+    assert hint(900.0).startswith("raise the learning rate, but to less than 0.0042 (4.2x), where lr x HessMaxEV reaches 3.8 at the largest eigenvalue seen (900, step 60)")
+    general = RULES["lr_too_small"].hint
+    assert hint(100.0) == general  # room for 38x: the general advice stands
+    assert hint(9000.0) == general  # past the limit already: the curvature says nothing about how far to go
+    assert hint(900.0, optimizer="Adam") == general
+
+
 def test_findings_are_ordered_by_severity_then_root_cause():
     def everything(step: int, q: dict[str, Any], rng: random.Random) -> None:
         _dead(step, q, rng)

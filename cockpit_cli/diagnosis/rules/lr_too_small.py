@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from cockpit_cli.diagnosis.finding import Evidence, Finding, context
 from cockpit_cli.diagnosis.rules.base import Rule
+from cockpit_cli.diagnosis.rules.lr_too_large import STABILITY
 from cockpit_cli.diagnosis.series import RunSeries
 
 ALPHA = -0.9  # median Alpha over the recent steps below this: steps far too short
+ROOM = 10  # with less room than this factor below the stability limit, the hint names the limit
 
 
 class LrTooSmall(Rule):
@@ -26,4 +28,23 @@ class LrTooSmall(Rule):
         evidence = [Evidence("median Alpha, last 50% of tracked steps", alpha.median(), ALPHA, "<")]
         if start > 0:
             evidence.append(context("loss decrease since the start (relative)", (start - end) / start))
-        return self.report(alpha.span(), evidence)
+        return self.report(alpha.span(), evidence, hint=self._bounded_hint(run))
+
+    @staticmethod
+    def _bounded_hint(run: RunSeries) -> str | None:
+        """For SGD with HessMaxEV tracked: how far the rate may rise before gradient descent turns
+        unstable at the largest eigenvalue seen (``None``: the general hint; Rosenbrock at 0.001
+        did best at 2x and diverged at 5x, where '3-10x larger' was the advice)."""
+        curvature = run.scalar("HessMaxEV").finite()
+        rate = run.lr().last().median()
+        if run.optimizer() != "SGD" or not len(curvature) or not rate > 0:
+            return None
+        step, largest = max(zip(curvature.steps, curvature.values), key=lambda pair: abs(pair[1]))
+        bound = STABILITY * (1.0 + run.optimizer_setting("momentum"))
+        limit = bound / abs(largest)
+        if not rate < limit < ROOM * rate:  # far from the limit, or (noisy curvature) past it already
+            return None
+        return (
+            f"raise the learning rate, but to less than {limit:.2g} ({limit / rate:.2g}x), where lr x HessMaxEV reaches {bound:g} "
+            f"at the largest eigenvalue seen ({abs(largest):.3g}, step {step}) and gradient descent turns unstable"
+        )
