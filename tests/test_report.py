@@ -414,5 +414,8 @@ def test_the_moving_average_is_centred_and_follows_a_trend_to_the_ends() -> None
     rise = [0.0] + [45.0] * 19  # a top eigenvalue from its first tracked step to the second
     smoothed = moving_average([64 * index for index in range(20)], rise, 3)
     assert list(smoothed[2:]) == pytest.approx([45.0] * 18) and smoothed[1] == pytest.approx(30.0)
+    drop = [357.0, 166.0, 130.0, 110.0] + [100.0] * 40  # a loss's first steps
+    smoothed = moving_average(list(range(44)), drop, 29)
+    assert smoothed[0] == 357.0 and smoothed[1] == pytest.approx(653 / 3) and smoothed[-1] == 100.0  # centred: no line cut across the drop
     noise = [(-1.0) ** index for index in range(400)]
     assert max(abs(value) for value in moving_average(list(range(400)), noise, 15)[10:-10]) < 0.1
