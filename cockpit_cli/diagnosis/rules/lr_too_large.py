@@ -10,8 +10,8 @@ from cockpit_cli.diagnosis.windows import Series
 ALPHA = 0.5  # median Alpha over the recent steps above this: consistent overshooting
 DECAYED = 0.5  # a learning rate that ended below this share of its start already decays
 LATE_HINT = (
-    "add a decaying schedule (cosine, or step decay by 10x): the steps were in proportion during the first half "
-    "(median Alpha {early:.2g}) and overshoot only later, where the gradient noise dominates; a smaller constant rate would slow the start"
+    "add a decaying schedule (cosine, or step decay by 10x): the steps fit in the first half (median Alpha {early:.2g}) "
+    "and overshoot only later, as the gradient noise takes over; a smaller constant rate would slow the start"
 )
 STABILITY = 2.0  # gradient descent on a quadratic diverges when lr * lambda_max > 2 (1 + momentum)
 
