@@ -310,9 +310,9 @@ def test_too_few_tracked_steps_are_not_judged():
 
 
 def test_a_diverged_run_lists_the_rules_it_stopped_too_early_for_on_one_line() -> None:
-    def report(status: str) -> str:
+    def report(status: str, loss: Callable[[int], float] | None = None) -> str:
         console = Console(file=io.StringIO(), width=400)
-        console.print(render_text(diagnose(make_run(steps=3, status=status, drop=("HessMaxEV",)))))
+        console.print(render_text(diagnose(make_run(steps=3, status=status, drop=("HessMaxEV",), loss=loss))))
         return console.file.getvalue()
 
     diverged = report("diverged")
@@ -322,6 +322,10 @@ def test_a_diverged_run_lists_the_rules_it_stopped_too_early_for_on_one_line() -
     assert "  early_stopping: needs EarlyStopping, defined for plain SGD only; " in diverged  # not recorded at all: listed as ever
     completed = report("completed")
     assert "before the run diverged" not in completed and "lr_too_large: only 3 tracked steps of Alpha so far" in completed
+    # on_nonfinite: skip completes a run that went NaN and tracks none of its skipped steps: no longer run would check more
+    skipped = report("completed", loss=lambda step: 2.0 if step < 1 else math.nan)
+    assert "divergence" in skipped and "train longer" not in skipped
+    assert "lr_too_large" in next(line for line in skipped.splitlines() if "too few records before the run diverged" in line)
 
 
 class _LossAbove(Rule):

@@ -105,7 +105,8 @@ def render_text(diagnosis: Diagnosis) -> Group:
     if diagnosis.not_checked:
         parts += [Text(""), Text("not checked:", style="dim")]
         listed = diagnosis.not_checked
-        if run.get("status") == "diverged":  # no longer run would check these: the divergence comes first
+        diverged = run.get("status") == "diverged" or any(finding.rule == "divergence" for finding in diagnosis.findings)
+        if diverged:  # no longer run would check these: the divergence comes first (on_nonfinite: skip tracks no more steps)
             cut_short = [item.rule for item in listed if item.too_few]
             listed = [item for item in listed if not item.too_few]
             if cut_short:
