@@ -419,3 +419,20 @@ def test_the_moving_average_is_centred_and_follows_a_trend_to_the_ends() -> None
     assert smoothed[0] == 357.0 and smoothed[1] == pytest.approx(653 / 3) and smoothed[-1] == 100.0  # centred: no line cut across the drop
     noise = [(-1.0) ** index for index in range(400)]
     assert max(abs(value) for value in moving_average(list(range(400)), noise, 15)[10:-10]) < 0.1
+
+
+def test_a_narrow_log_axis_has_ticks_told_apart() -> None:
+    """Two gradient norms of 0.2155 and 0.2075 left a log axis without a single tick label."""
+    from cockpit_cli.report.plotting import ReadableLogLocator, ReadableNumberFormatter
+
+    ticks = [tick for tick in ReadableLogLocator().tick_values(0.2070, 0.2160) if 0.2070 <= tick <= 0.2160]
+    assert len(ticks) >= 2
+    assert ReadableNumberFormatter().format_ticks([0.2075, 0.21, 0.2125, 0.215]) == ["0.2075", "0.21", "0.2125", "0.215"]
+    assert ReadableNumberFormatter().format_ticks([0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 1e3]) == ["0.1", "0.2", "0.5", "1", "2", "5", "1e+03"]
+    assert [tick for tick in ReadableLogLocator().tick_values(0.05, 3.0) if 0.05 <= tick <= 3.0] == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+    view = synthetic_view({0: {"GradNorm": [0.2155]}, 1: {"GradNorm": [0.2075]}})
+    ax = next(ax for ax in cockpit_figure(view).axes if ax.get_title() == "Gradient norm")
+    ax.figure.canvas.draw()
+    low, high = ax.get_ylim()
+    labels = [label.get_text() for label, tick in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= tick <= high]
+    assert len(labels) >= 2 and len(set(labels)) == len(labels)

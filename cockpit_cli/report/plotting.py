@@ -185,7 +185,9 @@ def step_limits(ax: Axes, span: tuple[int, int]) -> None:
 
 class ReadableLogLocator(ticker.Locator):
     """Log-axis ticks at 1, 2 and 5 times the powers of ten over short ranges, at powers of ten
-    (every second, third, ... one over very long ranges) otherwise: never crowded, never empty."""
+    (every second, third, ... one over very long ranges) otherwise, and evenly spaced ones over a
+    range too narrow to hold two of those (two gradient norms of 0.2155 and 0.2165 had no tick):
+    never crowded, never empty."""
 
     def __call__(self) -> list[float]:
         low, high = self.axis.get_view_interval()
@@ -197,7 +199,10 @@ class ReadableLogLocator(ticker.Locator):
         subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
         stride = max(1, math.ceil(decades / 6))
         exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-        return [sub * 10.0**exponent for exponent in exponents if exponent % stride == 0 for sub in subs]
+        ticks = [sub * 10.0**exponent for exponent in exponents if exponent % stride == 0 for sub in subs]
+        if sum(1 for tick in ticks if low <= tick <= high) < 2:
+            return [tick for tick in ticker.MaxNLocator(nbins=4).tick_values(low, high) if tick > 0]
+        return ticks
 
     def nonsingular(self, vmin: float, vmax: float) -> tuple[float, float]:
         """Widen a range of one value (or of a value and its rounding) to a factor of 3 each side:
@@ -208,11 +213,25 @@ class ReadableLogLocator(ticker.Locator):
         return super().nonsingular(vmin, vmax)
 
 
+class ReadableNumberFormatter(ticker.Formatter):
+    """Tick labels as plain numbers with as many digits as tell the ticks apart (3 at least)."""
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        return f"{value:.3g}"
+
+    def format_ticks(self, values: Sequence[float]) -> list[str]:
+        # each pair of neighbours told apart down to the decimal place below their gap's first digit
+        # (steps of 0.0025 need 0.2105); powers of ten need no more than the 3 digits
+        needed = [math.floor(math.log10(max(abs(a), abs(b)))) - math.floor(math.log10(abs(b - a))) + 2 for a, b in zip(values, values[1:]) if a != b]
+        digits = max([3, *needed])
+        return [f"{value:.{digits}g}" for value in values]
+
+
 def log_y(ax: Axes) -> None:
     """A log y axis labelled with plain numbers (see :class:`ReadableLogLocator`)."""
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(ReadableLogLocator())
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
+    ax.yaxis.set_major_formatter(ReadableNumberFormatter())
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.autoscale_view(scalex=False)  # again, with the locator's widening of a one-value range
 
