@@ -343,3 +343,15 @@ def test_the_gradient_norm_panel_averages_the_logarithms() -> None:
         run.steps.extend({"step": step, "loss": 1.0, "quantities": {"GradNorm": [value]}} for step, value in enumerate([1.0] * 8 + [0.01, 0.01]))
     ax = next(ax for ax in compare_figure(runs).axes if ax.get_title() == "Gradient norm")
     assert all(value > 0 for value in ax.get_lines()[0].get_ydata())
+
+
+def test_runs_past_the_tenth_colour_get_another_line_style() -> None:
+    from cockpit_cli.report.compare_figure import compare_figure
+
+    runs = [synthetic_run(f"r{index}", [1.0, 0.5], [0.5, 0.6]) for index in range(12)]
+    figure = compare_figure(runs)
+    lines = {line.get_label(): line for line in figure.legends[0].get_lines()}
+    assert lines["r0"].get_color() == lines["r10"].get_color() and lines["r0"].get_linestyle() != lines["r10"].get_linestyle()
+    accuracy = next(ax for ax in figure.axes if ax.get_title() == "Valid accuracy")
+    styles = {line.get_label(): line.get_linestyle() for line in accuracy.get_lines()}
+    assert styles["r9"] == "-" and styles["r11"] == "--"

@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.report.data import RunView, eval_metric
-from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log_y, moving_average, moving_median, new_figure, run_color, save, style, trend_window
+from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log_y, moving_average, moving_median, new_figure, run_color, run_line_style, save, style, trend_window
 from cockpit_cli.storage.reader import RunData
 
 ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
@@ -67,10 +67,10 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
         if not len(values):
             continue
         shown.append(values)
-        color, label = run_color(index), view.run.name
+        color, label, dashes = run_color(index), view.run.name, run_line_style(index)
         if how == "evaluation":
             scale = 100 if panel.title.endswith("accuracy") else 1
-            ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, label=label)
+            ax.plot(steps, scale * values, marker="o", ms=4, lw=1.6, color=color, ls=dashes, label=label)
         else:
             ax.scatter(steps, values, s=5, color=color, alpha=0.25, edgecolors="none")
             if how == "median":
@@ -79,7 +79,7 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
                 smoothed = np.exp(moving_average(steps, np.log(values), trend_window(len(values))))
             else:
                 smoothed = moving_average(steps, values, trend_window(len(values)))
-            ax.plot(steps, smoothed, color=color, lw=1.8, label=label)
+            ax.plot(steps, smoothed, color=color, lw=1.8, ls=dashes, label=label)
             lines.append(smoothed)
         drawn = True
     if drawn:
@@ -125,7 +125,7 @@ def compare_figure(runs: Sequence[RunData], metrics: Sequence[str] = ()) -> Figu
         if not _draw(ax, views, panel):
             why = f": {views[0].why_empty(panel.quantity)}" if panel.quantity else ""
             empty_panel(ax, panel.title, f"no run has {panel.title.lower()}{why}")
-    handles = [Line2D([], [], color=run_color(index), lw=2, label=label) for index, label in enumerate(labels)]
+    handles = [Line2D([], [], color=run_color(index), ls=run_line_style(index), lw=2, label=label) for index, label in enumerate(labels)]
     below_title = 1 - 0.58 / height  # rows of their own: long run names ran into the title
     figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.065, below_title), ncol=legend_columns, fontsize=BASE_FONT_SIZE + 1, frameon=False)
     names = ", ".join(view.run.name for view in views)

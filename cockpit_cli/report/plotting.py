@@ -27,6 +27,7 @@ NEUTRAL = (0.55, 0.55, 0.60)  # grey: hyperparameters and performance
 ITERATION_CMAP = "viridis"
 AVERAGE_COLOR = "#d62728"
 TREND_SHARE = 25  # the moving average spans a 25th of a series' points (at least 3, at most 51)
+RUN_LINE_STYLES = ("-", "--", ":", "-.")
 RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 STEP_LABEL = "iteration (training step)"
 BASE_FONT_SIZE = 9.0
@@ -239,6 +240,12 @@ def log_y(ax: Axes) -> None:
 def run_color(index: int) -> str:
     """The colour of the ``index``-th run in overlays."""
     return RUN_COLORS[index % len(RUN_COLORS)]
+
+
+def run_line_style(index: int) -> str:
+    """The line style of the ``index``-th run: solid for the first ten colours, then dashed,
+    dotted and dash-dotted, so that runs past the tenth do not share a line with an earlier one."""
+    return RUN_LINE_STYLES[index // len(RUN_COLORS) % len(RUN_LINE_STYLES)]
 
 
 def column_background(figure: Figure, spec: object, title: str, color: tuple[float, float, float]) -> Axes:
