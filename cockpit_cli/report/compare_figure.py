@@ -23,7 +23,7 @@ from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log
 from cockpit_cli.storage.reader import RunData
 
 ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
-LEGEND_ENTRY_INCHES, LEGEND_CHAR_INCHES, LEGEND_ROW_INCHES = 0.75, 0.085, 0.3  # the run legend's layout
+LEGEND_ENTRY_INCHES, LEGEND_CHAR_INCHES, LEGEND_ROW_INCHES = 0.75, 0.085, 0.22  # the run legend's layout
 TITLE_CHARACTERS = 90  # longer lists of run names are left to the legend
 
 
