@@ -197,6 +197,14 @@ def gauge_axes(draw, view: RunView) -> list:
     return figure.axes
 
 
+def test_the_gradient_histogram_says_what_share_its_edge_bins_hold() -> None:
+    """Rosenbrock's 256 gradient elements lay mostly beyond the default range: the figure showed a
+    red edge bin without saying it held most of them (the live view says the share)."""
+    histogram = {"counts": [150, 10, 20, 6, 70], "range": [-2.0, 2.0]}
+    (ax,) = gauge_axes(gauges.histogram_1d_gauge, synthetic_view({0: {"GradHist1d": histogram}}))
+    assert "red: edge bins (clamped values): 85.9% of 256" in [text.get_text() for text in ax.texts]
+
+
 def test_alpha_gauge_of_a_run_that_went_non_finite() -> None:
     """Two finite values then NaN: the recent window has none, which the legend says (numpy warned
     'Mean of empty slice' into the user's terminal), and the title counts the non-finite steps."""

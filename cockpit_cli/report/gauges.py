@@ -137,7 +137,9 @@ def histogram_1d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None
     ax.set_ylim(bottom=0.8)
     ax.set_xlim(low, high)
     style(ax, f"Gradient element histogram (step {step})", "per-sample gradient element value", "count (log scale)")
-    ax.text(0.99, 0.97, "red: edge bins (clamped values)", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1.5, color="#d62728")
+    total = counts.sum()
+    share = f": {100 * (counts[0] + counts[-1]) / total:.3g}% of {total:,.0f}" if total > 0 else ""
+    ax.text(0.99, 0.97, f"red: edge bins (clamped values){share}", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1.5, color="#d62728")
 
 
 def histogram_2d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
