@@ -122,9 +122,14 @@ def test_an_argument_of_the_files_optimizer_left_over_by_a_changed_name_says_to_
         assert ("--set 'optimizer={name: Adam, ...}'" in caught.value.hint) == whole_section
         assert caught.value.hint.endswith("its arguments: amsgrad, betas, capturable, decoupled_weight_decay, differentiable, eps, foreach, fused, lr, maximize, weight_decay")
         assert ("leave it out with --set optimizer.momentum=null" in caught.value.hint) == whole_section
-    overrides = ["optimizer.name=Adam", "optimizer.momentum=null"]  # a null argument the class does not take is left out
+    overrides = ["optimizer.name=Adam", "optimizer.momentum=null"]  # a null argument is left out
     setup = build_run(parse_config(apply_overrides(data, overrides), source="c.yaml", overrides=overrides))
     assert type(setup.optimizer).__name__ == "Adam" and "momentum" not in setup.optimizer.defaults
+    overrides = ["optimizer.momentum=null"]  # one the class takes: its default
+    assert build_run(parse_config(apply_overrides(data, overrides), source="c.yaml", overrides=overrides)).optimizer.defaults["momentum"] == 0
+    overrides = ["schedule={name: StepLR, step_size: null}"]  # a required one: said as missing
+    with pytest.raises(CockpitError, match="StepLR needs argument 'step_size'"):
+        build_run(parse_config(apply_overrides(data, overrides), source="c.yaml", overrides=overrides))
 
 
 def test_the_dry_run_describes_the_optimizer_by_its_hyperparameters_and_the_quantities_by_schedule(data_dir: Path, tmp_path: Path) -> None:

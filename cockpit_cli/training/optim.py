@@ -49,8 +49,9 @@ def scheduler_classes() -> dict[str, type]:
 def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
     """Check ``arguments`` against ``cls.__init__``; return them converted by the defaults' types.
 
-    A null argument the class does not take is left out (``--set optimizer.momentum=null`` after
-    ``--set optimizer.name=Adam`` drops the file's SGD momentum).
+    A null argument is left out, so the class's default applies (``--set optimizer.momentum=null``
+    gives SGD its default momentum, and after ``--set optimizer.name=Adam`` drops the file's SGD
+    momentum, which Adam does not take).
     """
     parameters = {
         name: p
@@ -59,7 +60,7 @@ def _check_arguments(config: RunConfig, section: str, cls: type, arguments: dict
     }
     checked: dict[str, Any] = {}
     for key, value in arguments.items():
-        if key not in parameters and value is None:
+        if value is None:
             continue
         if key not in parameters:
             known = sorted(parameters)
