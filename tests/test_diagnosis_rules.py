@@ -266,6 +266,21 @@ def test_too_small_steps_near_the_stability_limit_say_how_far_the_rate_may_rise(
     assert hint(900.0, optimizer="Adam") == general
 
 
+def test_histograms_that_counted_nothing_after_a_divergence_are_left_out():
+    """After a divergence every gradient element is NaN and the histograms count none: the share in
+    the edge bins read nan; it is taken from the histograms before."""
+    from cockpit_cli.diagnosis.values import share_in_edges
+
+    def scaled_then_blown(step: int, q: dict[str, Any], rng: random.Random) -> None:
+        q["InputStats"] = {"mean": 0.5, "std": 255.0, "min": 0.0, "max": 255.0}
+        if step >= 100:
+            q["GradHist1d"] = {"counts": [0] * 100, "range": [-2.0, 2.0], "per_parameter": [[0] * 100 for _ in PARAMS]}
+
+    (finding,) = [f for f in diagnose(make_run(change=scaled_then_blown)).findings if f.rule == "misscaled_inputs"]
+    (share,) = [e.value for e in finding.evidence if "clamped edge bins" in e.metric]
+    assert share == pytest.approx(share_in_edges({"counts": _histogram()}))
+
+
 def test_findings_are_ordered_by_severity_then_root_cause():
     def everything(step: int, q: dict[str, Any], rng: random.Random) -> None:
         _dead(step, q, rng)

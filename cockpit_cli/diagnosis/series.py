@@ -154,5 +154,8 @@ class RunSeries:
 
 
 def recent_histograms(run: RunSeries, quantity: str = "GradHist1d", count: int = 20) -> Series:
-    """At most ``count`` of the recent tracked histograms, spread evenly (histograms are costly to scan)."""
-    return run.raw(quantity).last().sample(count)
+    """At most ``count`` of the recent tracked histograms that counted anything, spread evenly
+    (histograms are costly to scan; after a divergence they count no element, all being NaN)."""
+    raw = run.raw(quantity)
+    kept = [(step, value) for step, value in zip(raw.steps, raw.values) if isinstance(value, dict) and any(value.get("counts") or ())]
+    return Series([step for step, _ in kept], [value for _, value in kept]).last().sample(count)

@@ -45,5 +45,6 @@ class MisscaledInputs(Rule):
         histograms = recent_histograms(run)
         if len(histograms):
             share = finite_median([share_in_edges(histogram) for histogram in histograms.values])
-            evidence.append(context("share of per-sample gradient elements in GradHist1d's clamped edge bins", share))
+            if math.isfinite(share):
+                evidence.append(context("share of per-sample gradient elements in GradHist1d's clamped edge bins", share))
         return self.report(stats["std"].span(), evidence)
