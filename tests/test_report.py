@@ -444,3 +444,27 @@ def test_a_narrow_log_axis_has_ticks_told_apart() -> None:
     low, high = ax.get_ylim()
     labels = [label.get_text() for label, tick in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= tick <= high]
     assert len(labels) >= 2 and len(set(labels)) == len(labels)
+
+
+def test_the_figure_of_a_run_that_blew_up_without_evaluations() -> None:
+    """A loop of the Python API that blew up: the loss's average on its log axis is of the
+    logarithms (the plain one ran above every point), the accuracy axis is bare (it showed 0-1),
+    its note clears the non-finite markers, and the histogram shown is the last that counted
+    anything, its title saying the later ones counted nothing."""
+    from matplotlib.text import Text
+
+    losses = [10.0**power for power in range(0, 36, 5)] + [math.nan] * 4
+    empty = {"counts": [0, 0, 0], "range": [-2.0, 2.0]}
+    quantities = {step: {"GradHist1d": {"counts": [1, 5, 2], "range": [-2.0, 2.0]} if step < 6 else empty} for step in range(len(losses))}
+    run = synthetic_view(quantities).run
+    view = RunView(dataclasses.replace(run, steps=[{**record, "loss": loss} for record, loss in zip(run.steps, losses)]))
+    figure = cockpit_figure(view)
+    ax = performance_axes(figure)
+    average = next(line for line in ax.get_lines() if line.get_label() == "moving average").get_ydata()
+    assert ax.get_yscale() == "log" and all(value <= 1.01 * loss for value, loss in zip(average[1:-1], losses[1:7]))  # geometric: between the points
+    twin = next(other for other in figure.axes if other is not ax and other.bbox.bounds == ax.bbox.bounds)
+    assert not len(twin.get_yticks()) and twin.get_ylabel() == ""
+    note = next(text for text in ax.texts if text.get_text() == "no accuracies evaluated")
+    assert note.get_position()[1] < 0.9
+    titles = [child.get_text() for axes in figure.axes for child in axes.get_children() if isinstance(child, Text)]
+    assert "Gradient element histogram (step 5; the 6 tracked later counted nothing: non-finite)" in titles

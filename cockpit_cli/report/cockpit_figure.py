@@ -87,13 +87,12 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
     """The mini-batch loss by iteration, with train_eval and valid accuracy on a twin axis."""
     ax = figure.add_subplot(spec)
     nonfinite = nonfinite_steps(view.loss())
-    if not scatter_average(ax, view.loss(), view.step_span(), size=6):
+    _, losses = finite(view.loss(), positive=True)
+    log = bool(len(losses)) and losses.max() > 1000 * losses.min()  # a loss that blew up would flatten the rest on a linear axis
+    if not scatter_average(ax, view.loss(), view.step_span(), log=log, size=6):
         empty_panel(ax, "Performance", f"the loss of every step is non-finite ({len(nonfinite)} steps)" if len(nonfinite) else "no step losses recorded")
         return
     style(ax, "Performance", ylabel="mini-batch loss", title_side="left")  # the legend goes on its right
-    _, losses = finite(view.loss(), positive=True)
-    if len(losses) and losses.max() > 1000 * losses.min():  # a loss that blew up would flatten the rest
-        log_y(ax)
     if len(nonfinite):  # marked along the top: they have no height to plot at
         label = f"non-finite loss ({len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''})"
         ax.scatter(nonfinite, np.full(len(nonfinite), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=36, color=AVERAGE_COLOR, zorder=5, label=label)
@@ -105,12 +104,13 @@ def performance_panel(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
         if len(accuracy):
             twin.plot(steps, 100 * accuracy, marker="o", ms=4, lw=1.6, color=color, label=f"{split} accuracy (right)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    if len(handles) > 1:
+    if twin.get_lines():
         twin.set_ylabel("accuracy (%)", fontsize=BASE_FONT_SIZE)
         twin.tick_params(labelsize=BASE_FONT_SIZE - 1)
     else:
         twin.set_yticks([])
-        ax.text(0.99, 0.97, "no accuracies evaluated", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1)
+        top = 0.88 if len(nonfinite) else 0.97  # below the non-finite markers
+        ax.text(0.99, top, "no accuracies evaluated", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1)
     # above the plot, right of the title: inside, it covers the latest losses or accuracies
     ax.legend(handles, [h.get_label() for h in handles], fontsize=BASE_FONT_SIZE - 1.5, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles), frameon=False, borderaxespad=0.2)
 

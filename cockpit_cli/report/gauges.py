@@ -110,13 +110,19 @@ def gradient_tests_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> No
     legend.legend(*picture.get_legend_handles_labels(), fontsize=BASE_FONT_SIZE - 1.5, loc="lower center", ncol=2, frameon=False)
 
 
-def _latest_histogram(view: RunView, name: str) -> tuple[int, dict] | None:
-    """The step and value of the last recorded histogram ``name`` in the view."""
+def _latest_histogram(view: RunView, name: str) -> tuple[int, dict, int] | None:
+    """The step and value of the last recorded histogram ``name`` in the view that counted
+    anything, and how many later ones counted nothing (after a divergence every element is NaN)."""
     raw = view.raw(name)
-    for step, value in zip(reversed(raw.steps), reversed(raw.values)):
-        if isinstance(value, dict) and value.get("counts"):
-            return int(step), value
+    for later, (step, value) in enumerate(zip(reversed(raw.steps), reversed(raw.values))):
+        if isinstance(value, dict) and any(value.get("counts") or ()):
+            return int(step), value, later
     return None
+
+
+def _histogram_title(title: str, step: int, empty_after: int) -> str:
+    """``title (step s)``, saying when later tracked steps counted no element."""
+    return f"{title} (step {step}; the {empty_after} tracked later counted nothing: non-finite)" if empty_after else f"{title} (step {step})"
 
 
 def histogram_1d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None:
@@ -126,7 +132,7 @@ def histogram_1d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None
     if found is None:
         empty_panel(ax, "Gradient element histogram", view.why_empty("GradHist1d"))
         return
-    step, value = found
+    step, value, empty_after = found
     counts = np.asarray(value["counts"], dtype=float)
     low, high = value.get("range") or (-2.0, 2.0)
     edges = np.linspace(low, high, len(counts) + 1)
@@ -136,7 +142,7 @@ def histogram_1d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.8)
     ax.set_xlim(low, high)
-    style(ax, f"Gradient element histogram (step {step})", "per-sample gradient element value", "count (log scale)")
+    style(ax, _histogram_title("Gradient element histogram", step, empty_after), "per-sample gradient element value", "count (log scale)")
     total = counts.sum()
     share = f": {100 * (counts[0] + counts[-1]) / total:.3g}% of {total:,.0f}" if total > 0 else ""
     ax.text(0.99, 0.97, f"red: edge bins (clamped values){share}", transform=ax.transAxes, ha="right", va="top", fontsize=BASE_FONT_SIZE - 1.5, color="#d62728")
@@ -148,7 +154,7 @@ def histogram_2d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None
     if found is None:
         empty_panel(figure.add_subplot(spec), "Gradient / parameter histogram", view.why_empty("GradHist2d"))
         return
-    step, value = found
+    step, value, empty_after = found
     counts = np.asarray(value["counts"], dtype=float)  # (gradient bins, parameter bins)
     (g_low, g_high), (p_low, p_high) = value.get("range") or ((-1.0, 1.0), (-2.0, 2.0))
     grid = spec.subgridspec(2, 2, width_ratios=[4, 1], height_ratios=[1, 3], hspace=0.05, wspace=0.05)
@@ -165,7 +171,7 @@ def histogram_2d_gauge(figure: Figure, spec: SubplotSpec, view: RunView) -> None
     side.barh(g_edges[:-1], np.maximum(counts.sum(axis=1), 0.8), height=np.diff(g_edges), align="edge", color=SECONDARY)
     top.set_yscale("log")
     side.set_xscale("log")
-    style(top, f"Gradient / parameter histogram (step {step})", None, "count\n(log)")
+    style(top, _histogram_title("Gradient / parameter histogram", step, empty_after), None, "count\n(log)")
     style(side, "", "count (log)", None)
     top.tick_params(labelbottom=False, labelleft=False)
     side.tick_params(labelleft=False, labelbottom=False)
