@@ -11,8 +11,8 @@ from rich.text import Text
 from cockpit_cli.display.panels.common import ACT, GOOD, WATCH, empty, frame, num, ok_or
 from cockpit_cli.display.panels.rows import Rows
 from cockpit_cli.display.sparkline import LEVELS, TAIL, Sparkline
-from cockpit_cli.recent import recent_count, recent_label
 from cockpit_cli.display.state import ALPHA_BINS, ALPHA_RANGE, DashboardState, sorted_median
+from cockpit_cli.recent import recent_count, recent_label
 
 # Colours of a median Alpha: green within the first range, yellow within the second, else red
 # (a median, as in the figure and the diagnosis: one wild step would move a mean far).
