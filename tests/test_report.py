@@ -136,7 +136,7 @@ def test_step_range_zooms_every_figure(runs: dict[str, RunData], tmp_path: Path)
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("5:2", "must be smaller"), ("3:3", "must be smaller"), ("x:3", "'x' is not a step number"), ("3", "not of the form A:B"), ("1:2:3", "not of the form"), ("-1:4", "not a step number"), (":4", "not a step number")],
+    [("5:2", "must be smaller"), ("3:3", "must be smaller"), ("x:3", "'x' is not a step number"), ("3", "not of the form A:B"), ("1:2:3", "not of the form"), ("1-2-3", "not of the form"), ("-1:4", "not a step number"), (":4", "not a step number")],
 )
 def test_bad_step_ranges(text: str, message: str) -> None:
     with pytest.raises(CockpitError, match=message):
@@ -145,6 +145,9 @@ def test_bad_step_ranges(text: str, message: str) -> None:
 
 def test_step_range_parses() -> None:
     assert parse_step_range("0:10") == (0, 10) and parse_step_range(" 100:500 ") == (100, 500)
+    assert parse_step_range("640-1216") == (640, 1216)  # as `cockpit diagnose` writes a finding's steps
+    with pytest.raises(CockpitError, match="not of the form A:B"):
+        parse_step_range("-1-4")
 
 
 def test_sample_histories_are_sorted_by_when_learned() -> None:

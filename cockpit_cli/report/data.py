@@ -42,14 +42,15 @@ def _update_norms(sizes: list[float], ratios: list[float], weights: list[float])
 
 
 def parse_step_range(text: str) -> tuple[int, int]:
-    """Parse ``"A:B"`` (two step numbers, ``A < B``) into ``(A, B)``.
+    """Parse ``"A:B"`` or ``"A-B"`` (two step numbers, ``A < B``; ``cockpit diagnose`` writes
+    ``steps 640-1216``) into ``(A, B)``.
 
     Raises:
-        CockpitError: ``text`` is not two non-negative integers separated by a colon, or
-            ``A >= B``.
+        CockpitError: ``text`` is not two non-negative integers separated by a colon or a
+            hyphen, or ``A >= B``.
     """
     hint = "give the first and last step as A:B, e.g. --step-range 100:500"
-    parts = text.strip().split(":")
+    parts = text.strip().split(":") if ":" in text else text.strip().split("-")
     if len(parts) != 2:
         raise CockpitError(f"step range '{text}' is not of the form A:B", hint)
     bounds = []
