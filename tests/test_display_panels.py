@@ -169,6 +169,18 @@ def test_a_run_gone_non_finite_keeps_the_loss_alert_in_view() -> None:
     assert state.snapshot().nonfinite == state.nonfinite and state.snapshot().nonfinite is not state.nonfinite
 
 
+def test_the_summary_of_a_run_whose_loss_ended_non_finite_says_so() -> None:
+    """Under on_nonfinite: continue the smoothed loss keeps the last finite average: the summary
+    gave 'mini-batch loss 1.7e+20 (smoothed)' for a run whose last 177 losses were NaN."""
+    state = make_state(steps=10)
+    for step in range(10, 13):
+        state.add_step(step, 0, math.nan, [0.1], 1.0, {})
+    state.finish("completed", seconds=3.0)
+    text = render(panels.summary(state), 120)
+    assert "mini-batch loss  nan at the last step; " in text and "smoothed up to step 9" in text and "(smoothed)" not in text
+    assert "(smoothed)" in render(panels.summary(make_state(steps=10)), 120)
+
+
 def test_a_loss_far_above_its_start_raises_an_alert() -> None:
     state = make_state(steps=60, losses=[1.0] * 20 + [1.0 + 0.2 * i for i in range(40)])
     alerts = state.alert_list()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -31,9 +33,13 @@ def summary(state: DashboardState, run_dir: str | None = None) -> RenderableType
         best = best_valid(state.evals)
         if best is not None:
             grid.add_row("best valid", Text.assemble(metric(best["splits"]["valid"]), (f" at step {best['step']}", "dim")))
-    loss = state.get("loss_ema").last()
-    if loss is not None:
-        grid.add_row("mini-batch loss", f"{num(loss)} (smoothed)")
+    loss, ema = state.get("loss"), state.get("loss_ema")
+    last = loss.last()
+    if last is not None and not math.isfinite(last):  # the average of the finite ones is from before
+        when = f"; {num(ema.last())} smoothed up to step {ema.steps[-1]}" if len(ema) else ""
+        grid.add_row("mini-batch loss", Text(f"{num(last)} at the last step{when}", style=ACT))
+    elif ema.last() is not None:
+        grid.add_row("mini-batch loss", f"{num(ema.last())} (smoothed)")
     if run_dir:
         grid.add_row("results", Text(str(run_dir), style="bold"))
         grid.add_row("next", Text(f"cockpit diagnose {run_dir}", style="bold cyan"))
