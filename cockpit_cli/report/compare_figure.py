@@ -23,6 +23,7 @@ from cockpit_cli.report.plotting import BASE_FONT_SIZE, empty_panel, finite, log
 from cockpit_cli.storage.reader import RunData
 
 ALPHA_WINDOW = 9  # tracked steps in Alpha's moving median
+CURVE = 3  # the fewest values whose moving median the Alpha panel's range keeps in view
 LEGEND_ENTRY_INCHES, LEGEND_CHAR_INCHES, LEGEND_ROW_INCHES = 0.75, 0.085, 0.22  # the run legend's layout
 TITLE_CHARACTERS = 90  # longer lists of run names are left to the legend
 
@@ -44,9 +45,6 @@ BASE_PANELS = (
     Panel("Alpha", "local step length α (moving median)", lambda view: view.quantity("Alpha"), "median", "Alpha"),
     Panel("Gradient norm", "‖g‖ (L2, mini-batch)", RunView.grad_norm, "log", "GradNorm"),
 )
-
-
-CURVE = 3  # the fewest values whose moving median the Alpha panel's range keeps in view
 
 
 def metric_panel(name: str) -> Panel:

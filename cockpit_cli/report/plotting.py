@@ -187,7 +187,7 @@ def step_limits(ax: Axes, span: tuple[int, int]) -> None:
 class ReadableLogLocator(ticker.Locator):
     """Log-axis ticks at 1, 2 and 5 times the powers of ten over short ranges, at powers of ten
     (every second, third, ... one over very long ranges) otherwise, and evenly spaced ones over a
-    range too narrow to hold two of those (two gradient norms of 0.2155 and 0.2165 had no tick):
+    range too narrow to hold two of those (two gradient norms of 0.2155 and 0.2075 had no tick):
     never crowded, never empty."""
 
     def __call__(self) -> list[float]:
