@@ -281,6 +281,33 @@ def test_histograms_that_counted_nothing_after_a_divergence_are_left_out():
     assert share == pytest.approx(share_in_edges({"counts": _histogram()}))
 
 
+def test_a_running_run_is_judged_stalled_only_after_30_percent_of_its_steps():
+    """Live, the quick-start at lr 0.03 was told 'the model is not learning' at step 24 of 1280
+    (its first steps sit on a plateau); a run still training is judged after 30% of its plan."""
+    flat = lambda step: 2.3  # noqa: E731
+    running = make_run(steps=100, loss=flat, status="running")
+    running.manifest["total_steps"] = 1000
+    diagnosis = diagnose(running)
+    assert "stalled_training" not in rules_found(running)
+    skipped = next(item for item in diagnosis.not_checked if item.rule == "stalled_training")
+    assert (skipped.reason, skipped.too_few) == ("only 100 of 1000 planned steps so far (judged after 30% of them)", True)
+    running.manifest["total_steps"] = 300
+    assert "stalled_training" in rules_found(running)
+    finished = make_run(steps=100, loss=flat, status="interrupted")
+    finished.manifest["total_steps"] = 1000
+    assert "stalled_training" in rules_found(finished)  # a run that ended is judged on what it did
+
+    events = []
+    live = LiveDiagnosis(on_alert=lambda finding: events.append(finding.rule), check_every=10, rules=[RULES["stalled_training"]], config={})
+    live.on_start({"total_steps": 1000, "problem": "toy"})
+    for step in range(100):
+        live.on_step({"step": step, "epoch": 0, "loss": 2.3, "lr": [0.1], "time": 0.0, "quantities": {}})
+    assert events == []
+    for step in range(100, 300):
+        live.on_step({"step": step, "epoch": 0, "loss": 2.3, "lr": [0.1], "time": 0.0, "quantities": {}})
+    assert events == ["stalled_training"]
+
+
 def test_findings_are_ordered_by_severity_then_root_cause():
     def everything(step: int, q: dict[str, Any], rng: random.Random) -> None:
         _dead(step, q, rng)

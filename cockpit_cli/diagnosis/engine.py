@@ -13,6 +13,7 @@ from cockpit_cli.diagnosis.finding import Diagnosis, Finding, NotChecked, severi
 from cockpit_cli.diagnosis.rules import RULES
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
+from cockpit_cli.diagnosis.values import is_number
 from cockpit_cli.plain_sgd import unlike_plain_sgd
 
 # The smallest instruments preset that tracks each quantity; others are enabled by name.
@@ -65,6 +66,9 @@ def how_to_get_more(name: str) -> str:
 
 def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
     """Why ``rule`` cannot run on ``run`` (``None`` when it can)."""
+    planned, seen = run.manifest.get("total_steps"), run.count("loss")
+    if rule.min_share and run.manifest.get("status", "running") == "running" and is_number(planned) and seen < rule.min_share * planned:
+        return NotChecked(rule.name, f"only {seen} of {planned} planned steps so far (judged after {rule.min_share:.0%} of them)", "let the run go on", too_few=True)
     unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
     optimizer = run.config.get("optimizer") or {}
     not_plain = unlike_plain_sgd(run.optimizer(), optimizer)

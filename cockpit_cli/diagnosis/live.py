@@ -86,7 +86,7 @@ class LiveDiagnosis:
     def on_start(self, meta: Any) -> None:
         """Take the parameter names and optimizer from the run's start facts (a ``RunMeta``)."""
         facts = _as_dict(meta)
-        self.series.manifest.update({key: facts[key] for key in ("problem", "optimizer", "batch_size", "instruments") if key in facts})
+        self.series.manifest.update({key: facts[key] for key in ("problem", "optimizer", "batch_size", "total_steps", "instruments") if key in facts})
 
     def on_step(self, record: Any) -> None:
         """Add a step record; check every ``check_every`` steps (1% of the steps so far in long runs), and on a non-finite loss."""

@@ -23,6 +23,8 @@ class Rule:
         requires: Record fields or quantities the rule reads. A tuple inside means "any of these".
             The engine skips the rule (and says why) when one is missing.
         min_points: Fewest tracked records each required series must hold.
+        min_share: Share of its planned steps a run still training must have taken before the
+            rule judges it (AUTOTRAINER starts its loss checks after 30% of training).
         source: The published work its thresholds come from.
         meaning: What the finding means for training.
         hint: What to try.
@@ -33,6 +35,7 @@ class Rule:
     priority: ClassVar[int] = 50
     requires: ClassVar[tuple[Requirement, ...]] = ()
     min_points: ClassVar[int] = 5
+    min_share: ClassVar[float] = 0.0
     source: ClassVar[str] = ""
     meaning: ClassVar[str] = ""
     hint: ClassVar[str] = ""

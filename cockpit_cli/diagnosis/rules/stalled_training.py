@@ -18,6 +18,7 @@ class StalledTraining(Rule):
     priority = 60
     requires = ("loss", "lr")
     min_points = 20
+    min_share = 0.3  # a network's first steps can sit on a plateau: live, the rule said 'not learning' at step 24 of 1280
     source = "TheDeepChecker (loss decreasing < 5% per window); DeepDiagnosis (loss not decreasing)"
     meaning = "The loss has stayed close to where it started: the model is not learning, although the learning rate is not tiny."
     hint = "check that labels match inputs, try another learning rate (larger and smaller), and check the initialisation"
