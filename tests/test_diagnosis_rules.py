@@ -397,6 +397,28 @@ def test_live_alert_is_raised_once_per_episode():
     assert cleared == [("loss_above_five", 5, 22)] and list(live.active) == ["loss_above_five"]  # still firing at the end
 
 
+def test_a_live_episode_closes_after_quiet_checks_with_new_tracked_values():
+    """The quick-start tracks every 64th step and checks every 25th: three quiet checks saw one
+    new Alpha, and its lr_too_large episode closed at step 1149 to reopen at 1174. Quiet checks
+    count once new quantities arrived (every check, in a run that tracks none)."""
+    class _AlphaAbove(Rule):
+        name, requires, min_points, meaning, hint = "alpha_above", ("Alpha",), 1, "overshoot", "decay"
+
+        def check(self, run: RunSeries) -> Finding | None:
+            alpha = run.scalar("Alpha")
+            return self.report(alpha.span(), []) if alpha.values[-1] > 0.5 else None
+
+    cleared: list[tuple[str, int, int]] = []
+    live = LiveDiagnosis(check_every=1, quiet_checks=3, rules=[_AlphaAbove()], on_clear=lambda *args: cleared.append(args))
+    for step in range(40):  # tracked every 8th step: Alpha 0.9, then 0.1 at step 16 only, then 0.9
+        quantities = {"Alpha": 0.1 if step == 16 else 0.9} if step % 8 == 0 else {}
+        live.on_step({"step": step, "loss": 1.0, "lr": [0.1], "quantities": quantities})
+    assert cleared == [] and list(live.active) == ["alpha_above"]  # one quiet value, eight quiet checks
+    for step in range(40, 72):  # quiet from here on: closed at the third tracked step
+        live.on_step({"step": step, "loss": 1.0, "lr": [0.1], "quantities": {"Alpha": 0.1} if step % 8 == 0 else {}})
+    assert cleared == [("alpha_above", 0, 56)]
+
+
 def test_live_episodes_not_firing_at_the_end_are_closed_there():
     cleared: list[tuple[str, int, int]] = []
     live = LiveDiagnosis(check_every=1, quiet_checks=3, rules=[_LossAbove()], on_clear=lambda *args: cleared.append(args))

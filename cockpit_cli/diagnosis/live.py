@@ -3,7 +3,9 @@
 :class:`LiveDiagnosis` is an observer of the training loop. Every ``check_every`` steps (and at once
 on a non-finite loss) it runs the rules over everything recorded so far. A rule that starts firing opens an *episode* and
 raises one alert; further checks that still find it stay silent. The episode closes after the
-rule has been quiet for ``quiet_checks`` consecutive checks, so a problem that comes back later
+rule has been quiet for ``quiet_checks`` consecutive checks (counting those that saw new
+quantities, where the run tracks any: checks between two tracked steps judge the same values),
+so a problem that comes back later
 is announced again, while one that flickers around its threshold is announced once. A closed
 episode is announced too, and at the end of the run every episode whose rule no longer finds
 its problem is closed, so the open ones are exactly what ``cockpit diagnose`` reports.
@@ -82,6 +84,8 @@ class LiveDiagnosis:
         self.firing: set[str] = set()  # rules that found their problem at the last check
         self.alerts: list[Finding] = []
         self.checked_at = 0  # steps seen at the last check (the history's are checked with the first new ones)
+        self.tracked = sum(1 for record in steps if record.get("quantities"))  # step records that carry quantities
+        self.tracked_at_check = self.tracked
 
     def on_start(self, meta: Any) -> None:
         """Take the parameter names and optimizer from the run's start facts (a ``RunMeta``)."""
@@ -92,6 +96,7 @@ class LiveDiagnosis:
         """Add a step record; check every ``check_every`` steps (1% of the steps so far in long runs), and on a non-finite loss."""
         record = _as_dict(record)
         self.series.steps.append(record)
+        self.tracked += bool(record.get("quantities"))
         loss, seen = record.get("loss"), len(self.series.steps)
         if seen - self.checked_at >= max(self.check_every, seen // 100) or (isinstance(loss, float) and not math.isfinite(loss)):
             self.check()
@@ -112,12 +117,16 @@ class LiveDiagnosis:
     def check(self) -> list[Finding]:
         """Run the rules now; return (and announce) the findings that open a new episode."""
         self.checked_at = len(self.series.steps)
+        # a quiet check counts once new quantities arrived (or where none are tracked): checks
+        # between two tracked steps see the same Alpha, and closed an episode on one value
+        fresh = self.tracked > self.tracked_at_check or not self.tracked
+        self.tracked_at_check = self.tracked
         findings, _, _ = run_rules(self.series, self.rules)
         firing = {finding.rule: finding for finding in findings}
         self.firing = set(firing)
         new = [finding for rule, finding in firing.items() if rule not in self.active]
         for rule, episode in list(self.active.items()):
-            episode.quiet = 0 if rule in firing else episode.quiet + 1
+            episode.quiet = 0 if rule in firing else episode.quiet + fresh
             if episode.quiet >= self.quiet_checks:
                 self._close(rule)
         for finding in new:
