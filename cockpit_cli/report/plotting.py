@@ -99,10 +99,13 @@ def finite(series: Series, positive: bool = False) -> tuple[np.ndarray, np.ndarr
 
 
 def moving_median(values: Sequence[float], window: int) -> np.ndarray:
-    """The median of each value and the ``window - 1`` before it (fewer at the start): a moving
-    average that one wild value does not carry (Alpha has them)."""
+    """The median of the ``window`` values centred on each (narrower towards the ends, as in
+    :func:`moving_average`): a moving average that one wild value does not carry (Alpha has them)
+    and that does not trail the series (a trailing one lagged four tracked steps behind)."""
     array = np.asarray(values, dtype=float)
-    return np.asarray([np.median(array[max(0, index - window + 1) : index + 1]) for index in range(len(array))])
+    count = len(array)
+    halves = [min(window // 2, index, count - 1 - index) for index in range(count)]
+    return np.asarray([np.median(array[index - half : index + half + 1]) for index, half in enumerate(halves)])
 
 
 def nonfinite_steps(series: Series) -> np.ndarray:
