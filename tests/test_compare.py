@@ -264,7 +264,8 @@ def test_the_alpha_panel_of_the_plot_follows_a_moving_median_that_wild_values_do
     from cockpit_cli.report.compare_figure import compare_figure
     from cockpit_cli.report.plotting import moving_median
 
-    assert list(moving_median([1.0, 9.0, 2.0, 3.0, 100.0, 4.0], 3)) == [1.0, 2.0, 3.0, 3.0, 4.0, 4.0]  # centred
+    assert list(moving_median([1.0, 9.0, 2.0, 3.0, 100.0, 4.0], 3)) == [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]  # centred; three at the ends too
+    assert moving_median([0.1] * 19 + [-1.0], 9)[-1] == pytest.approx(0.1)  # a wild last value is not the last median
     assert list(moving_median([0.0] * 5 + [1.0] * 5, 5)) == [0.0] * 5 + [1.0] * 5  # a step change is not trailed
     alphas = [0.1 * (step % 5) for step in range(60)]
     alphas[30] = 1e6  # one wild step

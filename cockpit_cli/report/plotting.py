@@ -99,13 +99,19 @@ def finite(series: Series, positive: bool = False) -> tuple[np.ndarray, np.ndarr
 
 
 def moving_median(values: Sequence[float], window: int) -> np.ndarray:
-    """The median of the ``window`` values centred on each (narrower towards the ends, as in
-    :func:`moving_average`): a moving average that one wild value does not carry (Alpha has them)
-    and that does not trail the series (a trailing one lagged four tracked steps behind)."""
+    """The median of the ``window`` values centred on each, narrower towards the ends but never
+    below half the window (shifted inward there): a moving average that one wild value does not
+    carry (Alpha has them; narrowed to one value, the last value was the last median) and that does
+    not trail the series (a trailing one lagged four tracked steps behind)."""
     array = np.asarray(values, dtype=float)
     count = len(array)
-    halves = [min(window // 2, index, count - 1 - index) for index in range(count)]
-    return np.asarray([np.median(array[index - half : index + half + 1]) for index, half in enumerate(halves)])
+    least = min(count, max(3, window // 2 + 1) | 1)  # odd: the median of an even count is a mean
+    medians = []
+    for index in range(count):
+        size = max(2 * min(window // 2, index, count - 1 - index) + 1, least)
+        start = min(max(index - size // 2, 0), count - size)
+        medians.append(np.median(array[start : start + size]))
+    return np.asarray(medians)
 
 
 def nonfinite_steps(series: Series) -> np.ndarray:
