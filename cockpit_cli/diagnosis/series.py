@@ -102,6 +102,16 @@ class RunSeries:
         """A scalar quantity (``Alpha``), or one ``field`` of a dict-valued one (``InputStats``, ``mean``)."""
         return self._extend(("scalar", quantity, field), self.raw(quantity), lambda value: as_float(field_of(value, field)))
 
+    def finite_scalar(self, quantity: str) -> Series:
+        """The finite values of a scalar quantity (after a divergence: those before it); kept up
+        to date as records arrive, as :meth:`scalar` is (a live check reads it every 25 steps)."""
+
+        def finite(value: Any) -> float | None:
+            number = as_float(value)
+            return number if number is not None and math.isfinite(number) else None
+
+        return self._extend(("finite", quantity), self.raw(quantity), finite)
+
     def source(self, kind: str) -> tuple[str, str | None] | None:
         """The first tracked source of a per-parameter ``kind`` (see :data:`PER_PARAMETER_SOURCES`)."""
         return next((item for item in PER_PARAMETER_SOURCES[kind] if self.count(item[0])), None)
@@ -156,6 +166,10 @@ class RunSeries:
 def recent_histograms(run: RunSeries, quantity: str = "GradHist1d", count: int = 20) -> Series:
     """At most ``count`` of the recent tracked histograms that counted anything, spread evenly
     (histograms are costly to scan; after a divergence they count no element, all being NaN)."""
+    def counted(series: Series) -> Series:
+        kept = [(step, value) for step, value in zip(series.steps, series.values) if isinstance(value, dict) and any(value.get("counts") or ())]
+        return Series([step for step, _ in kept], [value for _, value in kept])
+
     raw = run.raw(quantity)
-    kept = [(step, value) for step, value in zip(raw.steps, raw.values) if isinstance(value, dict) and any(value.get("counts") or ())]
-    return Series([step for step, _ in kept], [value for _, value in kept]).last().sample(count)
+    recent = counted(raw.last())
+    return (recent if len(recent) else counted(raw).last()).sample(count)  # after a divergence: the last before it

@@ -70,11 +70,6 @@ class Series:
         """A new series with ``function`` applied to every value."""
         return Series(self.steps, [function(value) for value in self.values])
 
-    def finite(self) -> Series:
-        """The points whose value is a finite number (a diverged step's NaN left out)."""
-        kept = [(step, value) for step, value in zip(self.steps, self.values) if isinstance(value, (int, float)) and math.isfinite(value)]
-        return Series([step for step, _ in kept], [value for _, value in kept])
-
     def median(self) -> float:
         """Median of the finite values (``nan`` when there are none)."""
         return finite_median(self.values)

@@ -19,7 +19,7 @@ class EarlyStopping(Rule):
     hint = "stop training (or keep the best validation checkpoint); a larger batch or a smaller learning rate could still reduce the loss"
 
     def check(self, run: RunSeries) -> Finding | None:
-        recent = run.scalar("EarlyStopping").finite().last()
+        recent = run.finite_scalar("EarlyStopping").last()
         if len(recent) < self.min_points:
             return None
         share = recent.fraction(lambda value: value > 0)

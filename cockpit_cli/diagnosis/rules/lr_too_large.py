@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from cockpit_cli.diagnosis.finding import Evidence, Finding, context
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
@@ -17,10 +19,10 @@ STABILITY = 2.0  # gradient descent on a quadratic diverges when lr * lambda_max
 
 
 def sharpness(run: RunSeries) -> Series:
-    """``lr * HessMaxEV`` at every step that tracked HessMaxEV."""
+    """``lr * HessMaxEV`` at every step that tracked a finite HessMaxEV."""
     rates = dict(zip(run.lr().steps, run.lr().values))
     curvature = run.scalar("HessMaxEV")
-    pairs = [(step, rates[step] * abs(value)) for step, value in zip(curvature.steps, curvature.values) if step in rates]
+    pairs = [(step, rates[step] * abs(value)) for step, value in zip(curvature.steps, curvature.values) if step in rates and math.isfinite(value)]
     return Series([step for step, _ in pairs], [value for _, value in pairs])
 
 
@@ -34,7 +36,7 @@ class LrTooLarge(Rule):
 
     def check(self, run: RunSeries) -> Finding | None:
         evidence, spans, hint = [], [], None
-        tracked = run.scalar("Alpha").finite()  # after a divergence: the finite steps before it
+        tracked = run.finite_scalar("Alpha")  # after a divergence: the steps before it
         alpha = tracked.last()
         if len(alpha) >= self.min_points and alpha.median() > ALPHA:
             evidence.append(Evidence("median Alpha, last 50% of tracked steps", alpha.median(), ALPHA, ">"))
@@ -45,7 +47,7 @@ class LrTooLarge(Rule):
                 hint = LATE_HINT.format(early=early.median())
         if run.optimizer() == "SGD":
             limit = STABILITY * (1.0 + run.optimizer_setting("momentum"))
-            product = sharpness(run).finite().last()
+            product = sharpness(run).last()
             if len(product) >= self.min_points and product.median() > limit:
                 evidence.append(Evidence("median lr * HessMaxEV, last 50% of tracked steps", product.median(), limit, ">"))
                 spans.append(product.span())

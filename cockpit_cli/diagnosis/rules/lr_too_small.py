@@ -20,7 +20,7 @@ class LrTooSmall(Rule):
     hint = "raise the learning rate (try 3-10x larger) or use a warm-up that ends at a larger rate"
 
     def check(self, run: RunSeries) -> Finding | None:
-        alpha = run.scalar("Alpha").finite().last()  # after a divergence: the finite steps before it
+        alpha = run.finite_scalar("Alpha").last()  # after a divergence: the steps before it
         if len(alpha) < self.min_points or alpha.median() >= ALPHA or not run.lr().last().median() > 0:
             return None  # a zero learning rate is reported as frozen parameters
         loss = run.loss()
@@ -35,7 +35,7 @@ class LrTooSmall(Rule):
         """For SGD with HessMaxEV tracked: how far the rate may rise before gradient descent turns
         unstable at the largest eigenvalue seen (``None``: the general hint; Rosenbrock at 0.001
         did best at 2x and diverged at 5x, where '3-10x larger' was the advice)."""
-        curvature = run.scalar("HessMaxEV").finite()
+        curvature = run.finite_scalar("HessMaxEV")
         rate = run.lr().last().median()
         if run.optimizer() != "SGD" or not len(curvature) or not rate > 0:
             return None
