@@ -66,8 +66,9 @@ def how_to_get_more(name: str) -> str:
 
 def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
     """Why ``rule`` cannot run on ``run`` (``None`` when it can)."""
-    planned, seen = run.manifest.get("total_steps"), run.count("loss")
-    if rule.min_share and run.manifest.get("status", "running") == "running" and is_number(planned) and seen < rule.min_share * planned:
+    planned = run.manifest.get("total_steps")
+    if rule.min_share and run.manifest.get("status", "running") == "running" and is_number(planned) and run.count("loss") < rule.min_share * planned:
+        seen = run.count("loss")
         return NotChecked(rule.name, f"only {seen} of {planned} planned steps so far (judged after {rule.min_share:.0%} of them)", "let the run go on", too_few=True)
     unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
     optimizer = run.config.get("optimizer") or {}

@@ -174,11 +174,7 @@ class DashboardState:
         self.nonfinite[name] = value
         named = [f"{quantity} {first}" for quantity, first in self.nonfinite.items()]
         shown = ", ".join(named[:NAMED]) + (f" and {len(named) - NAMED} more" if len(named) > NAMED else "")
-        text = f"non-finite since step {self.nonfinite_since}: {shown}"
-        if "nonfinite:quantities" in self.alerts:
-            self.alerts["nonfinite:quantities"] = ("critical", text)
-        else:
-            self.add_alert("critical", text, key="nonfinite:quantities")
+        self.add_alert("critical", f"non-finite since step {self.nonfinite_since}: {shown}", key="nonfinite:quantities", keep_place=True)
 
     def add_step_record(self, record: dict[str, Any]) -> None:
         """Record a step given as in the run directory (a line of ``steps.jsonl``)."""
@@ -214,11 +210,14 @@ class DashboardState:
             self.add_alert("warning", message or "run interrupted", key="run:end")
         self.version += 1
 
-    def add_alert(self, severity: str, text: str, key: str | None = None) -> None:
-        """Add or replace an alert; ``severity`` is one of :data:`SEVERITIES`."""
+    def add_alert(self, severity: str, text: str, key: str | None = None, keep_place: bool = False) -> None:
+        """Add or replace an alert; ``severity`` is one of :data:`SEVERITIES`. A replaced alert
+        becomes the newest, unless ``keep_place`` (an alert that grows, such as the list of
+        quantities gone non-finite, is still as old as its first line)."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, not {severity!r}")
-        self.alerts.pop(key or text, None)
+        if not keep_place:
+            self.alerts.pop(key or text, None)
         self.alerts[key or text] = (severity, text)
         while len(self.alerts) > ALERT_LIMIT:
             self.alerts.pop(next(iter(self.alerts)))
