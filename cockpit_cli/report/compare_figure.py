@@ -84,12 +84,12 @@ def _draw(ax: Axes, views: Sequence[RunView], panel: Panel) -> bool:
         if how == "log":
             log_y(ax)
         elif how != "evaluation":
-            values = np.concatenate(shown)
-            low, high = np.percentile(values, [2, 98])
             if how == "median":  # the middle 80% of the points and nearly all of the medians: a few wild values fall outside
                 curves = [index for index, points in enumerate(shown) if len(points) >= CURVE] or range(len(shown))  # not a run diverged at once
                 values, smoothed = np.concatenate([shown[index] for index in curves]), np.concatenate([lines[index] for index in curves])
                 low, high = min(np.percentile(values, 10), np.percentile(smoothed, 2)), max(np.percentile(values, 90), np.percentile(smoothed, 98))
+            else:
+                low, high = np.percentile(np.concatenate(shown), [2, 98])
             pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
             ax.set_ylim(low - pad, high + pad)
         style(ax, panel.title, ylabel=panel.ylabel)
