@@ -262,8 +262,9 @@ def _stats(x: Tensor) -> dict[str, float]:
     return {"mean": x.mean().item(), "std": x.std(unbiased=False).item()}
 
 
-def activation_stats(model: nn.Module, module: nn.Module, inputs: Tensor) -> dict[str, float]:
-    """Mean, population std (``unbiased=False``) and fraction of exact zeros of ``module``'s output."""
+def activation_stats(model: nn.Module, module: nn.Module, inputs: Tensor) -> dict[str, float] | None:
+    """Mean, population std (``unbiased=False``) and fraction of exact zeros of ``module``'s
+    outputs (all of them, where it runs more than once in a forward pass; ``None`` where it does not run)."""
     seen: list[Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     try:
@@ -271,7 +272,9 @@ def activation_stats(model: nn.Module, module: nn.Module, inputs: Tensor) -> dic
             model(inputs)
     finally:
         handle.remove()
-    out = seen[0]
+    if not seen:
+        return None
+    out = torch.cat([output.flatten() for output in seen])
     return {**_stats(out), "zero_fraction": (out == 0).double().mean().item()}
 
 

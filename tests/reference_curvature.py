@@ -53,7 +53,7 @@ def _flat_gradient_with_graph(
     """Trainable parameters and the flat gradient ``[D]`` of ``L``, with its graph kept."""
     params = trainable(model)
     loss = loss_fn(model(inputs), targets) + regularizer(regularized, weight_decay)
-    return params, _cat(torch.autograd.grad(loss, params, create_graph=True))
+    return params, _grad_or_zeros(loss, params, create_graph=True)
 
 
 def hessian_vector_product(

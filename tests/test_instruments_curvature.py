@@ -19,6 +19,7 @@ import torch
 
 import reference as ref
 import reference_curvature as curv
+from cockpit_cli.instruments.backend import GradientCapture
 from test_instruments_exact import BUILDERS, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -300,3 +301,13 @@ def test_hess_max_ev_differentiates_the_gradients_of_the_one_backward_pass(other
             assert run.records[step][name] is not None
     assert taken_again == []
     assert seen_by_update and all(all(flags) for flags in seen_by_update)
+
+
+def test_hessian_vector_products_that_cannot_be_taken_switch_off_hess_max_ev_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: GradientCapture, loss: torch.Tensor) -> None:
+        raise RuntimeError("no second derivative")
+
+    monkeypatch.setattr(GradientCapture, "hessian_vector_product", broken)
+    run = train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 2), quantities(("HessMaxEV", "NormTest", "GradNorm")))
+    assert run.instruments.unavailable == {"HessMaxEV": "failed at step 0 and was switched off: RuntimeError: no second derivative"}
+    assert all({"NormTest", "GradNorm"} <= set(run.records[step]) for step in (0, 1))

@@ -162,25 +162,29 @@ class Twice(nn.Module):
         return self.shared(torch.tanh(self.shared(inputs)))
 
 
-def test_a_layer_run_twice_hands_over_both_sources_without_a_mean() -> None:
-    """Waiting for the gradients, a layer that ran twice hands over one source per run, neither
-    with the accumulated gradient (the sum of both), which is no source's mean."""
+@pytest.mark.parametrize("at_gradients", [False, True])
+def test_a_layer_run_twice_hands_over_one_source_that_adds_up_both_runs(at_gradients: bool) -> None:
+    """Every run adds its part to each sample's gradient, so a layer that ran twice hands over one
+    source per parameter (norms and histograms of the parts would be no sample's), once the
+    gradient is there; waiting for the gradients, with it as the source's mean."""
     torch.manual_seed(0)
     model, inputs = Twice(), torch.randn(N, 3)
     layer = model.shared
     hooks = OutputGradientHooks({layer: [layer.weight, layer.bias]})
     found: dict[nn.Parameter, list[tuple[Tensor, Tensor | None]]] = {layer.weight: [], layer.bias: []}
     hooks.callback = lambda module, param, samples, mean: found[param].append((dense(samples).clone(), mean))
-    hooks.at_gradients = True
+    hooks.at_gradients = at_gradients
     hooks.attach()
     model(inputs).pow(2).mean().backward()
     hooks.flush()
     hooks.detach()
     for param in (layer.weight, layer.bias):
-        assert len(found[param]) == 2
-        assert [mean for _, mean in found[param]] == [None, None]
-        total = sum(samples.sum(0) for samples, _ in found[param])
-        assert torch.allclose(total, param.grad.reshape(-1), rtol=1e-5, atol=1e-7)
+        expected = torch.stack(
+            [torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(inputs[i : i + 1]).pow(2).mean() / N, [param])]) for i in range(N)]
+        )  # g_i / N by a loop over the samples
+        [(samples, mean)] = found[param]
+        assert torch.allclose(samples, expected, rtol=1e-5, atol=1e-7)
+        assert torch.equal(mean, param.grad) if at_gradients else mean is None
 
 
 def test_sources_whose_gradient_never_comes_are_handed_over_at_the_flush() -> None:

@@ -27,6 +27,7 @@ class Accumulator:
         self.per_param: dict[str, list[Tensor | None]] = {}
         self.num_params = num_params
         self.coordinates = 0
+        self.sourced: set[int] = set()  # the parameters whose per-sample gradients were reduced
         self._scalars: dict[str, float] | None = None  # the scalar totals as Python floats, once read
 
     @property

@@ -52,7 +52,11 @@ class ActivationRecorder:
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             if self.moments is None or self.ignore() or not isinstance(output, Tensor):
                 return
-            self.moments[name] = (output_moments(output.detach()), output.numel())
+            moments, count = output_moments(output.detach()), output.numel()
+            if name in self.moments:  # a layer that runs more than once: all its outputs of the pass
+                earlier, earlier_count = self.moments[name]
+                moments, count = earlier + moments, earlier_count + count
+            self.moments[name] = (moments, count)
 
         return record
 

@@ -14,6 +14,7 @@ Hessian-vector products and forward-mode slopes that quantities borrow through t
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -26,9 +27,10 @@ from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_ext
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import PerSampleLoss, devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
+from cockpit_cli.instruments.layer_runs import LayerRuns
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
-from cockpit_cli.instruments.reductions import NEEDS_MEAN, PROJECTIONS, ReductionOptions
-from cockpit_cli.instruments.sample_pass import DenseSamples, SampleSource, reduce_layer, sample_failure
+from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, PROJECTIONS, ReductionOptions
+from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -95,6 +97,15 @@ class GradientCapture:
         self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
         # Then, on steps without curvature, hooks on the layers' outputs give the same sources at less cost.
         self._output_hooks = OutputGradientHooks({m: [p for _, p in own] for m, own in self.module_params.items()}) if self.factored else None
+        self.runs = LayerRuns(model, self.module_params, names)
+        self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
+
+    def may_use_torch_func(self, curvature: bool) -> bool:
+        """Whether a coming tracked step's per-sample gradients may come from torch.func (which
+        then replays the step's random state): always with that backend, and where :meth:`backward`
+        may find that the layers' hooks cannot follow the model (the first tracked step, and
+        passes of BackPACK: with curvature or through layers other than Linear and convolution)."""
+        return self.support.per_sample == "functorch" or not self._uses_checked or curvature or not self.factored
 
     def attach(self, curvature: bool) -> None:
         """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
@@ -108,6 +119,8 @@ class GradientCapture:
             if self._handles:
                 self.detach()
             self._output_hooks.attach()
+            if not self._uses_checked:
+                self.runs.watch()
             return
         if self._output_hooks is not None:
             self._output_hooks.detach()
@@ -119,6 +132,7 @@ class GradientCapture:
             for module in modules:
                 store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
                 self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(run_extensions)]
+        self.runs.watch()  # BackPACK keeps one input per layer: a layer that runs twice defeats it
 
     def detach(self) -> None:
         """Remove BackPACK's hooks again, after the tracked step's backward pass.
@@ -129,6 +143,7 @@ class GradientCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.runs.stop()
 
     def release(self) -> None:
         """Remove every hook (for steps without per-sample gradients or curvature, and at the end)."""
@@ -179,10 +194,25 @@ class GradientCapture:
         batch_size = inputs.shape[0]
         extensions = []
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
+        by_functorch = per_sample and self.support.per_sample == "functorch"
         if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self._curvature)
+        outside = None
+        if per_sample and not by_functorch and not self._uses_checked:  # once, at the first tracked step
+            self._uses_checked = True
+            outside = self.runs.used_outside(loss, [i for i, decay in enumerate(self.weight_decay) if decay])
+        run_twice = self.runs.run_twice() if extensions else None
+        if outside is not None:  # the layers' hooks miss a part: torch.func forms the per-sample gradients
+            self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
+        elif run_twice is not None:  # BackPACK cannot follow it (the output hooks can, on later steps)
+            self._learn(run_twice, per_sample=self._batch_grad in extensions and not self.factored, curvature=self._curvature in extensions)
+        if outside is not None or run_twice is not None:
+            by_functorch = per_sample
+            if self._curvature in extensions:
+                accumulator.fail(requested & NEEDS_CURVATURE, f"{outside or run_twice}; BackPACK's curvature rules need every layer once")
+            extensions, by_output_hooks = [], False
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
@@ -200,7 +230,7 @@ class GradientCapture:
             # Only reductions that read the mean wait for them: the factors of a layer that waits
             # stay in memory beside its gradient.
             hooks.at_gradients = bool(requested & NEEDS_MEAN) and self.sync.world_size == 1 and all(p.grad is None for p in self.params)
-            hooks.after_gradient = self._release_direction(options)
+            hooks.after_gradient = self._release_direction(options, accumulator)
             try:
                 _backward(loss, retain_graph, create_graph)
                 hooks.flush()
@@ -209,12 +239,35 @@ class GradientCapture:
                 hooks.flush()  # drops what a failed pass left
         else:
             _backward(loss, retain_graph, create_graph)
-        if per_sample and self.support.per_sample == "functorch":
+        if per_sample and not by_functorch:
+            self._reduce_unused(accumulator, requested, options, batch_size)
+        if by_functorch:
+            self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
             for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
                 source = DenseSamples(self._with_regularizer(index, samples))
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
         return accumulator
+
+    def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> None:
+        """Reduce the parameters no layer handed per-sample gradients for: those the loss did not
+        use at this step (a layer the forward pass skipped), whose gradient is the same for every
+        sample, the regulariser's (zero without one), as torch.func and autograd give it."""
+        for index, param in enumerate(self.params):
+            if index not in accumulator.sourced:
+                shared = self._with_regularizer(index, torch.zeros_like(param.detach()))
+                reduce_layer(index, ConstantSamples(shared, batch_size), param, None, requested, accumulator, options, self.sync)
+
+    def _learn(self, reason: str, per_sample: bool, curvature: bool) -> None:
+        """Take per-sample gradients from torch.func (``per_sample``) and give up the curvature
+        diagonal (``curvature``) from now on, because of ``reason`` (:mod:`layer_runs`)."""
+        support = self.support
+        if per_sample:
+            support = replace(support, per_sample="functorch", per_sample_reason=f"{reason}, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)")
+            self.factored = False
+        if curvature:
+            support = replace(support, curvature=False, curvature_reason=f"{reason}; BackPACK's curvature rules need every layer once")
+        self.support = support
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
         def reduce_module(module: nn.Module) -> None:
@@ -249,23 +302,27 @@ class GradientCapture:
                 products = layer_products(module, inputs, grad_output, directions.get(module.weight), directions.get(module.bias))
                 products.mul_(inputs.shape[0])  # g_i / N -> g_i
                 for index, param in own:
-                    if self.weight_decay[index]:  # every G[i] holds lambda theta
+                    if self.weight_decay[index] and index not in accumulator.sourced:  # every G[i] holds lambda theta, once however often the layer runs
                         products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[param].reshape(-1))
+                accumulator.sourced.update(index for index, _ in own)
                 accumulator.add(PROJECTIONS, products)
             except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
                 accumulator.fail({PROJECTIONS}, sample_failure(error))
 
         return project
 
-    def _release_direction(self, options: ReductionOptions) -> Callable[[nn.Parameter], None] | None:
+    def _release_direction(self, options: ReductionOptions, accumulator: Accumulator) -> Callable[[nn.Parameter], None] | None:
         """Return what drops a parameter's part of the projection direction once its products are
         taken (the direction is the last step's update, as large as the parameters: released layer
-        by layer, it is not whole in memory beside the gradients at the end of the pass)."""
+        by layer, it is not whole in memory beside the gradients at the end of the pass). A
+        parameter no layer run took (:meth:`_reduce_unused`) keeps it."""
         if options.direction is None:
             return None
 
         def release(param: nn.Parameter) -> None:
-            options.direction[self.param_index[id(param)]] = None
+            index = self.param_index[id(param)]
+            if index in accumulator.sourced:
+                options.direction[index] = None
 
         return release
 

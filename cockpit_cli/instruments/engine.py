@@ -103,12 +103,13 @@ class Instruments:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         decayed = {id(p) for p in decayed_parameters}
-        self.support = check_support(model, loss_function)
         self.plain_sgd = is_plain_sgd(optimizer)
-        self.unavailable: dict[str, str] = {}
-        self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
-        self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, self.support, curvature, decay, self.sync)
+        support = check_support(model, loss_function)
+        self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
+        self.unavailable: dict[str, str] = {}
+        self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
+        self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         self.curvature, self.loss_function = curvature, loss_function
         self._output_sizes: curvature_memory.OutputSizes | None = None  # measures the first curvature step's layer outputs
         self._curvature_checked = False
@@ -130,6 +131,11 @@ class Instruments:
         self._activations: ActivationRecorder | None = None
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
             self._activations = ActivationRecorder(model, self.sync, ignore=lambda: self._own_pass)
+
+    @property
+    def support(self) -> Support:
+        """What the model supports (the capture may learn more at a tracked step: a layer that runs twice)."""
+        return self.capture.support
 
     # -- what is due -----------------------------------------------------------------------
 
@@ -186,7 +192,8 @@ class Instruments:
             self._activations.remove()
         if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
             self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass)
-        replay = START_SLOPES in needs or self._by_forward_mode(needs) or (self.support.per_sample == "functorch" and bool(needs & r.NEEDS_SAMPLES))
+        per_sample_by_functorch = bool(needs & r.NEEDS_SAMPLES) and self.capture.may_use_torch_func(curvature=q.CURVATURE in needs)
+        replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
@@ -256,6 +263,7 @@ class Instruments:
                     individual = individual + self.capture.regularization()
                 individual = self.sync.gather(individual)
         hvp = q.HVP in needs
+        support = self.support
         with self._engine_pass():
             accumulator = self.capture.backward(
                 loss,
@@ -270,6 +278,8 @@ class Instruments:
                 create_graph=hvp and self.sync.world_size == 1,  # data-parallel gradients are taken again locally
             )
         self.capture.detach()
+        if self.support.per_sample != support.per_sample:
+            self.changes.append(f"from step {step}: {self.support.per_sample_reason}")
         if by_forward_mode:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
@@ -277,6 +287,13 @@ class Instruments:
         if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
             self._switch_off(self._needing_any(accumulator.failed), failure_reason(step, accumulator.errors[0]))
             active = [quantity for quantity in active if quantity in self.quantities]
+        products = None
+        if hvp:
+            try:
+                products = self.capture.hessian_vector_product(loss)
+            except Exception as error:  # noqa: BLE001 - an instrument never stops training
+                self._switch_off(self._needing(q.HVP), failure_reason(step, f"{type(error).__name__}: {error}"))
+                active = [quantity for quantity in active if quantity in self.quantities]
         data = StepData(
             step=step,
             loss=self.sync.mean(float(loss.detach())),
@@ -289,7 +306,7 @@ class Instruments:
             plain_sgd=self.plain_sgd,
             elapsed=time.perf_counter() - self.started,
             individual_losses=individual,
-            hvp=self.capture.hessian_vector_product(loss) if hvp else None,
+            hvp=products,
             inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
             activations=self._activations.statistics() if self._activations is not None else None,
         )

@@ -332,6 +332,35 @@ class FactoredConv(FactoredSamples):
         return outputs.mul_(self.grad_outputs).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size
 
 
+class StackedPositions(FactoredSamples):
+    """Per-sample weight gradients of a weight that several layer runs share: a layer applied more
+    than once in a forward pass, or layers that share the weight.
+
+    Each run adds its positions' products to every sample's gradient, so ``G[i]`` is one product
+    of factors with all the runs' positions side by side:
+    ``G[i] = N * sum_r delta_i^(r)T @ x_i^(r) = N * [delta_i^(1) ... delta_i^(R)]^T @ [x_i^(1); ...; x_i^(R)]``.
+
+    Args:
+        runs: The sources of the single runs (of the same weight, regulariser not included).
+    """
+
+    def __init__(self, runs: list[FactoredSamples]):
+        super().__init__(torch.cat([run.delta for run in runs], dim=2), runs[0].weight_shape)  # [N, C_out, sum L]
+        self.runs = runs
+
+    def _inputs(self, start: int, stop: int) -> Tensor:
+        return torch.cat([run._inputs(start, stop) for run in self.runs], dim=1)  # [b, sum L, K]
+
+    def _input_elements(self) -> int:
+        return self.weight_shape[1:].numel() * self.delta.shape[2]  # every block's inputs are stacked anew
+
+    def data_mean(self) -> Tensor:
+        return sum(run.data_mean() for run in self.runs)
+
+    def data_products(self, vector: Tensor) -> Tensor:
+        return sum(run.data_products(vector) for run in self.runs)
+
+
 def _square_norms64(matrix: Tensor) -> Tensor:
     """Return the squared norm of each row of ``[N, C]``, ``[N]``, squared and summed in float64
     a block of rows at a time (at most about ``WIDE_BLOCK_ELEMENTS`` float64 numbers at once)."""

@@ -73,12 +73,23 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     """
     gradients = [p.grad for p in params]
     if not all(g is not None and g.grad_fn is not None for g in gradients):
-        gradients = torch.autograd.grad(loss, params, create_graph=True)
+        # allow_unused: a parameter the loss does not use (a layer the forward pass skips) has a
+        # zero gradient and zero rows and columns in the Hessian
+        gradients = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # Only gradients that depend on the parameters have a Hessian part: a gradient that is
+    # None or constant (a layer that is skipped, or whose output enters the loss linearly
+    # without any parameter after it) has none.
+    curved = [i for i, g in enumerate(gradients) if g is not None and g.grad_fn is not None]
     world = sync.world_size
 
     def product(vector: list[Tensor]) -> list[Tensor]:
-        local = torch.autograd.grad(gradients, params, grad_outputs=vector, retain_graph=True)
-        return list(local) if world == 1 else [sync.sum(h) / world for h in local]
+        parts = [None] * len(params)
+        if curved:
+            parts = torch.autograd.grad(
+                [gradients[i] for i in curved], params, grad_outputs=[vector[i] for i in curved], retain_graph=True, allow_unused=True
+            )
+        local = [torch.zeros_like(p) if h is None else h for p, h in zip(params, parts)]
+        return local if world == 1 else [sync.sum(h) / world for h in local]
 
     return product
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cockpit_cli.instruments.convolutions import numeric_padding
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
@@ -57,6 +57,7 @@ class OutputGradientHooks:
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
         self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
+        self._runs_ahead: dict[nn.Parameter, int] = {}  # runs of a parameter's layers whose backward is still to come
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -74,12 +75,12 @@ class OutputGradientHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._waiting = {}
+        self._waiting, self._runs_ahead = {}, {}
 
     def flush(self) -> None:
         """Hand over the sources still waiting (a gradient that never came) with no mean, or drop
         them where no callback is set (a backward pass that failed)."""
-        waiting, self._waiting = self._waiting, {}
+        waiting, self._waiting, self._runs_ahead = self._waiting, {}, {}
         for param, entries in waiting.items():
             if self.callback is not None:
                 self._hand_over(param, entries, None)
@@ -89,6 +90,8 @@ class OutputGradientHooks:
             # The hook lives as long as the graph, which the caller's outputs keep after the backward
             # pass: it holds the layer's input only until it runs, as autograd does.
             output.register_hook(partial(self._backward, module, [inputs[0]]))
+            for param in self.params[module]:
+                self._runs_ahead[param] = self._runs_ahead.get(param, 0) + 1
 
     def _backward(self, module: nn.Module, held: list[Tensor], grad_output: Tensor) -> None:
         inputs = held.pop() if held else None
@@ -99,7 +102,11 @@ class OutputGradientHooks:
         if self.callback is None or inputs is None:
             return
         for param in self.params[module]:
-            if self.at_gradients:
+            ahead = self._runs_ahead.get(param, 1) - 1
+            self._runs_ahead[param] = ahead
+            # A layer that runs more than once (or layers that share the parameter) adds every run's
+            # part to each sample's gradient: the parts wait for each other, until the gradient.
+            if self.at_gradients or ahead > 0 or param in self._waiting:
                 self._waiting.setdefault(param, []).append((module, inputs, grad_output))
             else:
                 self._hand_over(param, [(module, inputs, grad_output)], None)
@@ -107,15 +114,22 @@ class OutputGradientHooks:
     def _accumulated(self, param: nn.Parameter) -> None:
         entries = self._waiting.pop(param, None)
         if entries is not None and self.callback is not None:
-            # A layer that ran more than once adds several sources into one gradient: none of them has it as its mean.
-            self._hand_over(param, entries, param.grad.detach() if len(entries) == 1 else None)
+            # The accumulated gradient is the mean of the per-sample gradients where it started empty.
+            self._hand_over(param, entries, param.grad.detach() if self.at_gradients else None)
+        self._runs_ahead.pop(param, None)
         if self.after_gradient is not None:  # every source of the parameter has been handed over
             self.after_gradient(param)
 
     def _hand_over(self, param: nn.Parameter, entries: list[tuple[nn.Module, Tensor, Tensor]], mean: Tensor | None) -> None:
         with torch.no_grad():  # the backward pass may be recording a graph of the gradients
-            for module, inputs, grad_output in entries:
-                self.callback(module, param, layer_samples(module, param, inputs, grad_output), mean)
+            runs = [layer_samples(module, param, inputs, grad_output) for module, inputs, grad_output in entries]
+            self.callback(entries[0][0], param, runs[0] if len(runs) == 1 else combined_runs(runs), mean)
+
+
+def combined_runs(runs: list[Tensor | FactoredSamples]) -> Tensor | FactoredSamples:
+    """Return the per-sample gradients of a parameter that several layer runs share: the sum of
+    the runs' (a weight's factors side by side, :class:`StackedPositions`; a bias's blocks added)."""
+    return StackedPositions(runs) if isinstance(runs[0], FactoredSamples) else sum(runs)
 
 
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:

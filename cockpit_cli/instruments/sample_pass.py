@@ -99,6 +99,21 @@ class DenseSamples:
         return None
 
 
+class ConstantSamples(DenseSamples):
+    """A source whose samples all share one gradient ``c`` (``[*p.shape]``): a parameter the
+    loss does not use at this step (a layer the forward pass skipped) has the regulariser's
+    gradient alone, zero without one. Its blocks are views of ``c``, never copies."""
+
+    def __init__(self, value: Tensor, n: int):
+        super().__init__(value.reshape(1, -1).expand(n, -1))
+
+    def mean(self) -> Tensor:
+        return self.samples[0].clone() if self._mean is None else self._mean
+
+    def products(self, vector: Tensor) -> Tensor:
+        return (self.samples[0] @ vector).repeat(self.n)
+
+
 def sample_statistics(
     source: SampleSource,
     g: Tensor | None,
@@ -293,6 +308,8 @@ def reduce_layer(
     h = None if curvature is None else _shared_mean(sync, curvature.reshape(-1), 1)
     block = r.LayerBlock(index, 0, theta, h=h)
     requested = r.runnable(requested, source is not None, h is not None)
+    if source is not None:
+        acc.sourced.add(index)
     if source is not None and requested & r.NEEDS_SAMPLES:
         if mean is not None and requested & r.NEEDS_MEAN:
             source.take_mean(mean.detach())

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.factored_batch_grad import factored_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
@@ -71,7 +72,33 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
         per_sample = "functorch"
         per_sample_reason = f"layer '{name}' ({type(module).__name__}) {obstacle}; per-sample gradients use torch.func (exact, slower)"
     curvature, curvature_reason = _check_curvature(model, loss_function, leaves)
+    sharing = shared_parameters(model)
+    if sharing is not None:
+        # Hooks on the layers' outputs add up the runs of a Linear or convolution layer; BackPACK
+        # keeps one input per layer and one per-sample gradient per layer and parameter.
+        curvature, curvature_reason = False, f"{sharing}; BackPACK's curvature rules need every layer once, with parameters of its own"
+        if per_sample == "backpack" and not all(factored_layer(m) for _, m in leaves if _has_trainable(m)):
+            per_sample, per_sample_reason = "functorch", f"{sharing}, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
     return Support(per_sample, per_sample_reason, curvature, curvature_reason)
+
+
+def shared_parameters(model: nn.Module) -> str | None:
+    """Say where a trainable parameter serves more than one place in ``model`` (a layer registered
+    twice, or layers that share a weight), or return ``None``."""
+    places: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.requires_grad:
+            places.setdefault(id(param), []).append(name)
+    for names in places.values():
+        if len(names) > 1:
+            owners = [name.rpartition(".")[0] or type(model).__name__ for name in names]
+            leaf = names[0].rpartition(".")[2]
+            if all(name.rpartition(".")[2] == leaf for name in names):
+                owner = dict(model.named_modules(remove_duplicate=False))
+                if all(owner.get(o) is owner.get(owners[0]) for o in owners):
+                    return f"layer '{owners[0]}' appears {len(names)} times in the model (also as {', '.join(repr(o) for o in owners[1:])})"
+            return f"parameter '{names[0]}' is also {', '.join(repr(n) for n in names[1:])}"
+    return None
 
 
 def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:

@@ -39,7 +39,7 @@ class Tracker:
         self.failure: str | None = None
         self._unavailable_at_start = set(instruments.unavailable) if instruments is not None else set()
         self._attached = instruments  # kept after a failure: the quantities it switched off
-        self._handed_out = 0  # warnings returned by new_warnings so far
+        self._handed_out: set[str] = set()  # warnings returned by new_warnings so far
 
     def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
@@ -108,16 +108,18 @@ class Tracker:
     def warnings(self) -> list[str]:
         """What went wrong without ending the run, in order (the list only grows): each quantity
         switched off during the run (a failing quantity, a curvature factor too large for the
-        memory) with the reason, and the instruments' failure."""
+        memory) with the reason, a change of the way per-sample gradients are formed, and the
+        instruments' failure."""
         switched = {} if self._attached is None else self._attached.unavailable
         during_run = {name: reason for name, reason in switched.items() if name not in self._unavailable_at_start}
         found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason(during_run).items()]
-        return found + ([self.failure] if self.failure else [])  # in the order they happened: nothing follows a failure
+        changes = [] if self._attached is None else self._attached.changes  # the ways the instruments changed
+        return changes + found + ([self.failure] if self.failure else [])  # nothing follows a failure
 
     def new_warnings(self) -> list[str]:
         """Return the warnings that arose since the last call (to say them when they happen)."""
-        warnings = self.warnings()
-        fresh, self._handed_out = warnings[self._handed_out :], len(warnings)
+        fresh = [warning for warning in self.warnings() if warning not in self._handed_out]
+        self._handed_out.update(fresh)
         return fresh
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""How often each layer ran in a tracked forward pass, and parameters used outside their layers.
+
+Per-sample gradients taken from a layer's inputs and output gradients (BackPACK's rules, the
+hooks of :mod:`output_hooks`) see a parameter only where its layer runs. BackPACK keeps one
+input per layer, so a layer that runs twice defeats it; the output hooks add up a layer's runs.
+Neither sees a parameter that the forward pass uses directly (``x @ self.embed.weight.T``, a
+weight tied that way): its part of every sample's gradient would be missing.
+
+:class:`LayerRuns` counts the runs of the layers with tracked parameters while it watches, and
+compares them with the uses of each parameter in the loss's autograd graph: every run of a
+Linear, convolution or Embedding layer adds one edge into its parameters' gradient accumulators
+(the regulariser one more), so more edges than runs mean a use outside the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import Tensor, nn
+
+# Layers whose every run adds exactly one edge into each parameter's gradient accumulator.
+ONE_EDGE_PER_RUN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+class LayerRuns:
+    """Counts the runs of the layers that hold tracked parameters.
+
+    Args:
+        model: The network (for layer names).
+        module_params: For each layer, its tracked parameters with their positions.
+        names: The tracked parameters' names, by position.
+    """
+
+    def __init__(self, model: nn.Module, module_params: dict[nn.Module, list[tuple[int, nn.Parameter]]], names: list[str]):
+        self.model = model
+        self.module_params = module_params
+        self.names = names
+        self.runs: dict[nn.Module, int] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def watch(self) -> None:
+        """Count the runs of the coming forward passes (until :meth:`stop`)."""
+        if not self._handles:
+            self._handles = [module.register_forward_hook(self._count) for module in self.module_params]
+
+    def stop(self) -> None:
+        """Stop counting and forget the counts."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.runs = [], {}
+
+    def _count(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if torch.is_grad_enabled():
+            self.runs[module] = self.runs.get(module, 0) + 1
+
+    def run_twice(self) -> str | None:
+        """Say which layer ran more than once since :meth:`watch`, or return ``None``."""
+        for module, runs in self.runs.items():
+            if runs > 1:
+                return f"layer '{self._name(module)}' ({type(module).__name__}) runs {runs} times in a forward pass"
+        return None
+
+    def used_outside(self, loss: Tensor, decayed: Collection[int]) -> str | None:
+        """Say which parameter of a Linear, convolution or Embedding layer ``loss`` uses more often
+        than its layers ran (the regulariser of the positions ``decayed`` once more), or return
+        ``None``. Parameters of other layers, whose runs may add several edges, are not judged."""
+        edges = accumulation_edges(loss)
+        owners: dict[int, tuple[nn.Parameter, list[nn.Module]]] = {}
+        for module, own in self.module_params.items():
+            for index, param in own:
+                owners.setdefault(index, (param, []))[1].append(module)
+        for index, (param, modules) in owners.items():
+            if not all(isinstance(module, ONE_EDGE_PER_RUN) for module in modules):
+                continue
+            runs = sum(self.runs.get(module, 0) for module in modules) + (index in decayed)
+            if edges.get(id(param), 0) > runs:
+                layers = " or ".join(f"'{self._name(module)}'" for module in modules)
+                return f"parameter '{self.names[index]}' is used outside its layer {layers}"
+        return None
+
+    def _name(self, module: nn.Module) -> str:
+        name = next((n for n, m in self.model.named_modules() if m is module), None)
+        return name or type(module).__name__
+
+
+def accumulation_edges(loss: Tensor) -> dict[int, int]:
+    """Return, by ``id``, for each leaf tensor that ``loss`` depends on, the edges into its
+    gradient accumulator in the autograd graph (one per operation that takes it, or a view of it)."""
+    edges: dict[int, int] = {}
+    seen: set[object] = set()
+    pending = [loss.grad_fn] if loss.grad_fn is not None else []
+    while pending:
+        node = pending.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                edges[id(leaf)] = edges.get(id(leaf), 0) + 1
+            elif child not in seen:
+                seen.add(child)
+                pending.append(child)
+    return edges

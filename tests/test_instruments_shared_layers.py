@@ -1,0 +1,210 @@
+"""Models whose parameters serve more than one place, or none, against the brute-force references.
+
+A layer that runs twice in a forward pass (a block applied again, a recurrence written as a
+loop), layers that share a weight (tied embeddings) and a layer the forward pass skips are where
+per-sample gradients are easy to get wrong: every run adds its part to each sample's gradient,
+and a parameter the loss does not use has the regulariser's gradient alone (zero without one),
+as autograd and torch.func give it. The references loop over the samples with autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cockpit_cli.instruments.support import check_support, shared_parameters
+from test_instruments_alpha import reference_alpha
+from test_instruments_curvature import dense_max_eigenvalue
+from test_instruments_exact import DECAY, FIRST_ORDER, SGDAccumulating, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+class LinearTwice(nn.Module):
+    """Linear(6, 6) applied twice, then Linear(6, 3): [N, 6] -> [N, 3]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.block(torch.tanh(self.block(x)))))
+
+
+class ConvTwice(nn.Module):
+    """Conv2d(2, 2, 3, padding=1) applied twice, then Linear(8, 3): [N, 2, 6, 6] -> [N, 3]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.pool, self.out = nn.Conv2d(2, 2, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.pool(torch.tanh(self.block(torch.tanh(self.block(x))))).flatten(1))
+
+
+class TiedLinears(nn.Module):
+    """Linear(6, 4) and Linear(4, 6) whose weights are one matrix (transposed), then Linear(6, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.decode, self.out = nn.Linear(6, 4), nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+        self.decode.weight = self.encode.weight  # decode uses it as x @ W: see forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.tanh(self.encode(x))
+        return self.out(torch.tanh(nn.functional.linear(hidden, self.decode.weight.T)))
+
+
+class SharedLinears(nn.Module):
+    """Two Linear(6, 6) layers with one weight and bias, then Linear(6, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.second.weight, self.second.bias = self.first.weight, self.first.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class EmbeddingTwice(nn.Module):
+    """Embedding(12, 4) of two tokens per sample, then Linear(8, 3): BackPACK's rules, not hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(12, 4), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = (x[:, :2].abs() * 4).long().clamp(max=11)
+        return self.out(torch.tanh(torch.cat([self.embed(tokens[:, 0]), self.embed(tokens[:, 1])], dim=1)))
+
+
+class SkippedLayer(nn.Module):
+    """Linear(6, 5)-Tanh-Linear(5, 3), a Linear(3, 3) the forward pass skips, and a frozen weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.out, self.skipped = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(3, 3)
+        self.first.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.first(x)))
+
+
+def sequential_twice() -> nn.Sequential:
+    """A Sequential that holds one Linear(6, 6) twice: Linear-Tanh-(the same Linear)-Tanh-Linear(6, 3)."""
+    block = nn.Linear(6, 6)
+    return nn.Sequential(block, nn.Tanh(), block, nn.Tanh(), nn.Linear(6, 3))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "linear_twice": (LinearTwice, "mlp"),
+    "conv_twice": (ConvTwice, "cnn"),
+    "tied_linears": (TiedLinears, "mlp"),
+    "shared_linears": (SharedLinears, "mlp"),
+    "embedding_twice": (EmbeddingTwice, "mlp"),
+    "skipped_layer": (SkippedLayer, "mlp"),
+    "sequential_twice": (sequential_twice, "mlp"),
+}
+NAMES = tuple(name for name in FIRST_ORDER if name != "Time")  # every first-order value with a reference
+
+
+def build(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name][0]().double()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_sample_quantities_add_up_every_run_of_a_parameter(name: str, loss: str, weight_decay: float) -> None:
+    seed = 0 if weight_decay else 1
+    batches = make_batches(MODELS[name][1], loss, seed, 3)
+    model = build(name, seed)
+    run = train(model, batches, quantities(NAMES, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay)
+    assert not {"NormTest", "GradHist1d", "GradHist2d"} & set(run.instruments.unavailable)
+    for step in (0, 1):
+        check_first_order(run, step, weight_decay, names=NAMES)
+
+
+@pytest.mark.parametrize("names", [("GradHist1d",), ("GradHist2d", "NormTest", "OrthoTest")])
+@pytest.mark.parametrize("name", ["linear_twice", "conv_twice", "shared_linears"])
+def test_runs_add_up_where_the_gradients_are_not_waited_for(name: str, names: tuple[str, ...]) -> None:
+    """A histogram alone reads no mean, and accumulated gradients are no batch's mean: the runs'
+    parts are then handed over as they come, and must still be added up first."""
+    model = build(name, 0)
+    batches = make_batches(MODELS[name][1], "ce", 0, 2)
+    accumulating = (lambda params: SGDAccumulating(params, lr=0.1)) if len(names) > 1 else (lambda params: torch.optim.SGD(params, lr=0.1))
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], 0.0)), optimizer=accumulating)
+    for step in (0, 1):
+        check_first_order(run, step, names=names)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["linear_twice", "conv_twice", "tied_linears", "embedding_twice", "skipped_layer"])
+def test_alpha_of_shared_and_skipped_parameters(name: str, optimizer: str) -> None:
+    make = (lambda params: torch.optim.SGD(params, lr=0.1)) if optimizer == "sgd" else (lambda params: torch.optim.Adam(params, lr=0.05))
+    run = train(build(name, 0), make_batches(MODELS[name][1], "ce", 0, 3), quantities(("Alpha", "Loss")), make, DECAY)
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, DECAY), rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", ["linear_twice", "tied_linears", "skipped_layer"])
+def test_hess_max_ev_of_shared_and_skipped_parameters(name: str) -> None:
+    """A skipped layer's parameters have no gradient at all: the Hessian-vector products must
+    still take them (as zero rows), not fail and switch every instrument off."""
+    run = train(build(name, 0), make_batches("mlp", "ce", 0, 2), quantities(("HessMaxEV", "GradNorm"), HessMaxEV={"rtol": 1e-7, "atol": 0.0}))
+    assert run.instruments.unavailable == {}
+    for step in (0, 1):
+        assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-6)
+
+
+def test_shared_parameters_are_named() -> None:
+    assert shared_parameters(sequential_twice()) == "layer '0' appears 2 times in the model (also as '2')"
+    assert shared_parameters(SharedLinears()) == "parameter 'first.weight' is also 'second.weight'"
+    assert shared_parameters(TiedLinears()) == "parameter 'encode.weight' is also 'decode.weight'"
+    assert shared_parameters(LinearTwice()) is None  # runs twice, but that only the forward pass shows
+
+
+def test_a_layer_held_twice_gets_no_curvature_but_exact_per_sample_values() -> None:
+    model = sequential_twice().double()
+    support = check_support(model, nn.CrossEntropyLoss())
+    assert support.per_sample == "backpack"  # the output hooks add up the runs
+    assert not support.curvature and "BackPACK's curvature rules need every layer once" in support.curvature_reason
+    batches = make_batches("mlp", "ce", 0, 2)
+    run = train(model, batches, quantities(("HessTrace", "NormTest", "GradHist1d")))
+    assert set(run.instruments.unavailable) == {"HessTrace"}
+    check_first_order(run, 0, names=("NormTest", "GradHist1d"))
+
+
+def test_shared_weights_outside_linear_and_convolution_layers_use_torch_func() -> None:
+    class TiedEmbedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.out = nn.Embedding(12, 6), nn.Linear(6, 12, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.embed((x[:, 0].abs() * 4).long().clamp(max=11)))
+
+    support = check_support(TiedEmbedding(), nn.CrossEntropyLoss())
+    assert support.per_sample == "functorch"
+    assert support.per_sample_reason.startswith("parameter 'embed.weight' is also 'out.weight', which BackPACK's rules cannot follow")
+
+
+def test_a_layer_found_running_twice_moves_per_sample_gradients_to_torch_func() -> None:
+    """Only the forward pass shows that an Embedding runs twice; BackPACK's rule would fail on it
+    (it keeps one input per layer). The step's values come from torch.func, and so do the later
+    steps', with the change in the run's warnings."""
+    model = build("embedding_twice", 0)
+    assert check_support(model, nn.CrossEntropyLoss()).per_sample == "backpack"
+    run = train(model, make_batches("mlp", "ce", 0, 3), quantities(("NormTest", "GradHist1d")))
+    assert run.instruments.support.per_sample == "functorch"
+    assert run.instruments.changes == [
+        "from step 0: layer 'embed' (Embedding) runs 2 times in a forward pass, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+    ]
+    for step in (0, 1, 2):
+        check_first_order(run, step, names=("NormTest", "GradHist1d"))
