@@ -100,7 +100,7 @@ class TrackedRun:
         meta = RunMeta("custom", type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
         self.writer.on_start(meta)
 
-    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any) -> None:
         """Use instead of ``loss.backward()``: gradients plus every quantity due at ``step``."""
         self.tracker.backward(step, loss, inputs, outputs, targets)
 

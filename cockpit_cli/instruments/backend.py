@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from backpack import backpack, hook_run_extensions, hook_store_io
@@ -23,6 +23,7 @@ from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
 from cockpit_cli.instruments.accumulator import Accumulator
+from cockpit_cli.instruments.batch_inputs import Inputs, model_args
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
@@ -163,8 +164,8 @@ class GradientCapture:
     def backward(
         self,
         loss: Tensor,
-        inputs: Tensor,
-        targets: Tensor,
+        inputs: Inputs,
+        targets: Any,
         requested: frozenset[str],
         per_sample: bool,
         curvature: bool,
@@ -178,7 +179,7 @@ class GradientCapture:
 
         Args:
             loss: The mini-batch loss (scalar, with the regulariser).
-            inputs: The batch ``[N, ...]`` (for the torch.func fallback).
+            inputs: The batch ``[N, ...]``, or the tuple of the model's inputs (for the torch.func fallback).
             targets: Its targets ``[N, ...]``.
             requested: Reduction names (see :mod:`reductions`).
             per_sample: Whether per-sample gradients are needed.
@@ -191,7 +192,7 @@ class GradientCapture:
                 :meth:`release_gradient_graph` when done. (The extensions' work is not recorded.)
         """
         accumulator = Accumulator(len(self.params))
-        batch_size = inputs.shape[0]
+        batch_size = model_args(inputs)[0].shape[0]
         extensions = []
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
         by_functorch = per_sample and self.support.per_sample == "functorch"
@@ -339,7 +340,7 @@ class GradientCapture:
         decay = self.weight_decay[index]
         return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
 
-    def _functorch_per_sample(self, inputs: Tensor, targets: Tensor, rng_state: tuple | None) -> list[Tensor]:
+    def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None) -> list[Tensor]:
         """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter
         (:func:`functional_passes.functorch_per_sample`)."""
         params = {name: p.detach() for name, p in zip(self.names, self.params)}
@@ -359,7 +360,7 @@ class GradientCapture:
             if p.grad is not None and p.grad.grad_fn is not None:
                 p.grad = p.grad.detach()
 
-    def start_slopes(self, inputs: Tensor, targets: Tensor, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
+    def start_slopes(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
         """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``, by one
         forward-mode pass on the same batch per call (:func:`functional_passes.per_sample_slopes`)."""
         named_theta = dict(zip(self.names, theta))

@@ -33,6 +33,7 @@ from cockpit_cli.instruments import curvature_memory
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture
+from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
 from cockpit_cli.instruments.functional_passes import capture_rng_state
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
@@ -237,8 +238,11 @@ class Instruments:
 
     # -- one step --------------------------------------------------------------------------
 
-    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
-        """Run the backward pass of ``step`` with whatever the due quantities need, and compute them."""
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
+        """Run the backward pass of ``step`` with whatever the due quantities need, and compute them.
+
+        ``inputs`` is the model's input batch, or the tuple of its positional inputs
+        (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs."""
         self.next_step = step + 1
         active, needs = self._plan(step)
         if q.CURVATURE in needs and not self._curvature_checked:
@@ -297,7 +301,7 @@ class Instruments:
         data = StepData(
             step=step,
             loss=self.sync.mean(float(loss.detach())),
-            batch_size=inputs.shape[0] * self.sync.world_size,
+            batch_size=batch_size(inputs) * self.sync.world_size,
             params=self.params,
             names=self.names,
             grads=[p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
@@ -307,7 +311,7 @@ class Instruments:
             elapsed=time.perf_counter() - self.started,
             individual_losses=individual,
             hvp=products,
-            inputs=self.sync.gather(inputs) if q.INPUTS in needs else None,
+            inputs=self._gathered_inputs(inputs) if q.INPUTS in needs else None,
             activations=self._activations.statistics() if self._activations is not None else None,
         )
         try:
@@ -326,7 +330,12 @@ class Instruments:
                 self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
         self._stop_recording()
 
-    def _check_curvature_memory(self, step: int, inputs: Tensor, outputs: Any) -> tuple[list[Quantity], set[str]]:
+    def _gathered_inputs(self, inputs: Inputs) -> Tensor | None:
+        """Return the floating-point inputs of the global batch, ``[N, M]``, or ``None`` where there are none."""
+        columns = floating_columns(inputs)
+        return None if columns is None else self.sync.gather(columns)
+
+    def _check_curvature_memory(self, step: int, inputs: Inputs, outputs: Any) -> tuple[list[Quantity], set[str]]:
         """At the first step with curvature due: switch the curvature quantities off, with the
         reason, where the factor BackPACK would backpropagate exceeds the memory available
         (:mod:`curvature_memory`; in every process if in any); return the step's plan (changed
@@ -339,14 +348,14 @@ class Instruments:
             if isinstance(outputs, Tensor) and sizes.largest > 0:
                 reason = curvature_memory.shortfall(
                     curvature_memory.factor_columns(self.curvature, self.loss_function, outputs),
-                    inputs.shape[0],
+                    batch_size(inputs),
                     sizes.largest,
                     outputs.element_size(),
                     curvature_memory.available_bytes(outputs.device),
                     self.curvature,
                 )
         if self.sync.world_size > 1:  # the processes must reduce the same statistics
-            short = torch.tensor([float(reason is not None)], dtype=torch.float64, device=inputs.device)
+            short = torch.tensor([float(reason is not None)], dtype=torch.float64, device=batch_device(inputs))
             if float(self.sync.maximum(short)) > 0 and reason is None:
                 reason = "the curvature factor does not fit in the memory of another process (its run's warnings say by how much)"
         if reason is None:

@@ -8,14 +8,16 @@ so that dropout draws the same masks, and never advances the training's own rand
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils._pytree import tree_map
 
+from cockpit_cli.instruments.batch_inputs import Inputs, model_args
 from cockpit_cli.instruments.sync import Synchronizer
 
 PerSampleLoss = Callable[[object, Tensor], Tensor]
@@ -25,8 +27,8 @@ def functorch_per_sample(
     model: nn.Module,
     named_params: dict[str, Tensor],
     per_sample_loss: PerSampleLoss,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Inputs,
+    targets: Any,
     rng_state: tuple | None,
 ) -> dict[str, Tensor]:
     """Return per-sample data-loss gradients from ``torch.func``, ``[N, *p.shape]`` per parameter name.
@@ -40,19 +42,19 @@ def functorch_per_sample(
         model: The network.
         named_params: The tracked parameters by name (detached).
         per_sample_loss: ``(outputs, targets) -> [N]`` data losses.
-        inputs: The batch ``[N, ...]``.
-        targets: Its targets ``[N, ...]``.
+        inputs: The batch ``[N, ...]``, or a tuple of the model's inputs (:mod:`batch_inputs`).
+        targets: Its targets ``[N, ...]`` (or a tuple of such tensors).
         rng_state: The random state right before the training forward (:func:`capture_rng_state`).
     """
 
-    def sample_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        outputs = functional_call(model, theta, (x.unsqueeze(0),))
-        return per_sample_loss(outputs, y.unsqueeze(0)).sum()
+    def sample_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Any) -> Tensor:
+        outputs = functional_call(model, theta, tree_map(_as_batch_of_one, x))
+        return per_sample_loss(outputs, tree_map(_as_batch_of_one, y)).sum()
 
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
-        return per_sample_loss(functional_call(model, theta, (inputs,)), targets)
+        return per_sample_loss(functional_call(model, theta, model_args(inputs)), targets)
 
-    with torch.random.fork_rng(devices=devices(inputs)), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=devices(model_args(inputs)[0])), warnings.catch_warnings():
         # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
         # cost of this pass that the user cannot act on, said at every tracked step
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
@@ -60,7 +62,7 @@ def functorch_per_sample(
             if rng_state is not None:
                 _set_rng_state(rng_state)
             return jacrev(batch_losses)(named_params)
-        return vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(named_params, inputs, targets)
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(named_params, model_args(inputs), targets)
 
 
 def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -100,8 +102,8 @@ def per_sample_slopes(
     per_sample_loss: PerSampleLoss,
     weight_decay: list[float],
     sync: Synchronizer,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Inputs,
+    targets: Any,
     rng_state: tuple | None,
 ) -> Callable[[list[Tensor]], Tensor]:
     """Return ``d -> [N]`` (float64), each sample's directional derivative ``g_i . d`` at ``theta``.
@@ -115,17 +117,17 @@ def per_sample_slopes(
         per_sample_loss: ``(outputs, targets) -> [N]`` data losses.
         weight_decay: Per parameter, the L2 factor lambda of the regulariser.
         sync: Combines the shards of data-parallel processes.
-        inputs: The batch ``[N, ...]``.
-        targets: Its targets ``[N, ...]``.
+        inputs: The batch ``[N, ...]``, or a tuple of the model's inputs (:mod:`batch_inputs`).
+        targets: Its targets ``[N, ...]`` (or a tuple of such tensors).
         rng_state: The random state right before the training forward, restored for the pass.
     """
 
     def slopes(direction: list[Tensor]) -> Tensor:
-        with torch.random.fork_rng(devices=devices(inputs)), torch.no_grad(), forward_ad.dual_level():
+        with torch.random.fork_rng(devices=devices(model_args(inputs)[0])), torch.no_grad(), forward_ad.dual_level():
             if rng_state is not None:
                 _set_rng_state(rng_state)
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
-            losses = per_sample_loss(functional_call(model, duals, (inputs,)), targets)
+            losses = per_sample_loss(functional_call(model, duals, model_args(inputs)), targets)
             tangent = forward_ad.unpack_dual(losses).tangent
         theta = named_theta.values()
         regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, weight_decay) if wd)
@@ -150,6 +152,11 @@ def _set_rng_state(state: tuple) -> None:
 def _has_dropout(model: nn.Module) -> bool:
     """Return whether a dropout layer of ``model`` draws masks (training mode, p > 0)."""
     return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+def _as_batch_of_one(value: Any) -> Any:
+    """Give one sample's tensor (inside ``vmap``) its batch dimension back; other values stay."""
+    return value.unsqueeze(0) if isinstance(value, Tensor) else value
 
 
 def devices(tensor: Tensor) -> list[int]:

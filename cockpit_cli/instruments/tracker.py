@@ -16,6 +16,7 @@ from typing import Any, Callable
 from torch import Tensor
 from torch.nn import Module
 
+from cockpit_cli.instruments.batch_inputs import Inputs, model_args
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord, names_by_reason
@@ -41,7 +42,7 @@ class Tracker:
         self._attached = instruments  # kept after a failure: the quantities it switched off
         self._handed_out: set[str] = set()  # warnings returned by new_warnings so far
 
-    def backward(self, step: int, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
         if self.instruments is None:
             loss.backward()
@@ -58,7 +59,8 @@ class Tracker:
             instruments.finish()
             for param in instruments.params:
                 param.grad = None
-            retry = instruments.capture.loss_function((self.model or instruments.model)(inputs), targets) + instruments.capture.regularization_tensor()
+            outputs = (self.model or instruments.model)(*model_args(inputs))
+            retry = instruments.capture.loss_function(outputs, targets) + instruments.capture.regularization_tensor()
             retry.backward()
 
     def after_update(self, step: int, record: StepRecord) -> None:

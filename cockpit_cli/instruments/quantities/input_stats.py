@@ -1,4 +1,5 @@
-"""InputStats: mean, standard deviation, minimum and maximum of the input batch."""
+"""InputStats: mean, standard deviation, minimum and maximum of the input batch (its
+floating-point inputs: token ids and masks are left out)."""
 
 import torch
 
@@ -18,6 +19,8 @@ class InputStats(Quantity):
         return {INPUTS}
 
     def compute(self, data: StepData) -> None:
+        if data.inputs is None:  # no floating-point input (token ids, say): nothing measured to describe
+            return
         inputs = data.inputs.detach()
         # One transfer; min and max are exact in the inputs' dtype, and float64 holds every value of it.
         total, squares, low, high = torch.stack((*wide_sums(inputs), *inputs.aminmax())).tolist()

@@ -1,0 +1,138 @@
+"""Models with several positional inputs (``model(x, z)``): the engine takes the tuple of inputs.
+
+The same network is trained twice, once on the tuple and once wrapped to take the inputs joined
+into one tensor (a path the brute-force references check); every value must agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
+from cockpit_cli.instruments.tracker import Tracker
+from test_instruments_exact import one_thread  # noqa: F401 (fixture)
+
+N, WIDTHS = 8, (4, 3)
+NAMES = ("Alpha", "GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d", "GradHist2d", "LayerStats", "Activations", "InputStats", "HessMaxEV")
+
+
+class TwoInputs(nn.Module):
+    """``out(act(a(x) + b(z)))`` with an optional LayerNorm (which BackPACK has no rule for)."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(WIDTHS[0], 6), nn.Linear(WIDTHS[1], 6), nn.Linear(6, 3)
+        self.norm = nn.LayerNorm(6) if norm else nn.Identity()
+        self.act = nn.Tanh()
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.out(self.act(self.norm(self.a(x) + self.b(z))))
+
+
+class Joined(nn.Module):
+    """The same network, taking ``x`` and ``z`` side by side in one tensor."""
+
+    def __init__(self, inner: TwoInputs) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, joined: Tensor) -> Tensor:
+        return self.inner(*joined.split(WIDTHS, dim=1))
+
+
+def records(model: nn.Module, as_tuple: bool, optimizer: Callable[[Any], torch.optim.Optimizer]) -> dict[int, dict[str, Any]]:
+    """Train ``model`` for three steps with the engine; return its values by step."""
+    generator = torch.Generator().manual_seed(0)
+    opt = optimizer(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[name](Schedule(), None) for name in NAMES])
+    found: dict[int, dict[str, Any]] = {}
+    for step in range(3):
+        joined = torch.randn(N, sum(WIDTHS), generator=generator, dtype=torch.float64)
+        targets = torch.randint(0, 3, (N,), generator=generator)
+        inputs = tuple(joined.split(WIDTHS, dim=1)) if as_tuple else joined
+        opt.zero_grad()
+        outputs = model(*inputs) if as_tuple else model(inputs)
+        loss = loss_fn(outputs, targets)
+        instruments.backward(step, loss, inputs, outputs, targets)
+        opt.step()
+        instruments.after_update(step)
+        found.update(instruments.completed(step))
+    found.update(instruments.finish())
+    assert instruments.unavailable == {}
+    return found
+
+
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop the wrapper's ``inner.`` from layer names."""
+    activations = {name.removeprefix("inner."): stats for name, stats in values.get("Activations", {}).items()}
+    return {**values, "Activations": activations} if activations else values
+
+
+def assert_same(actual: Any, expected: Any, where: str = "") -> None:
+    """Numbers to 1e-9 relative, through nested dicts and lists."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}[{i}]")
+    else:
+        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_a_tuple_of_inputs_gives_the_values_of_the_inputs_joined(norm: bool, optimizer: str) -> None:
+    make = (lambda params: torch.optim.SGD(params, lr=0.1)) if optimizer == "sgd" else (lambda params: torch.optim.Adam(params, lr=0.05))
+    torch.manual_seed(0)
+    network = TwoInputs(norm).double()
+    separate = records(network, True, make)
+    torch.manual_seed(0)
+    joined = records(Joined(TwoInputs(norm).double()), False, make)
+    assert set(separate) == set(joined) == {0, 1, 2}
+    for step in separate:
+        assert_same(separate[step], renamed(joined[step]), f"step {step}")
+
+
+def test_token_ids_are_no_input_statistics_and_a_failure_retries_with_the_tuple() -> None:
+    """InputStats describes floating-point inputs only; after the instruments fail, the step's
+    gradients are taken again by running the model on the tuple."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.out = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+        def forward(self, tokens: Tensor, scale: Tensor) -> Tensor:
+            return self.out(self.embed(tokens) * scale)
+
+    torch.manual_seed(0)
+    model = Tokens()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[name](Schedule(), None) for name in ("InputStats", "NormTest")])
+    emitted = []
+    tracker = Tracker(instruments, emitted.append)
+    from cockpit_cli.training.events import StepRecord
+
+    for step, (tokens, scale) in enumerate([(torch.randint(0, 10, (N,)), torch.ones(N, 1)), (torch.randint(0, 10, (N,)), torch.rand(N, 1))]):
+        opt.zero_grad()
+        outputs = model(tokens, scale)
+        loss = loss_fn(outputs, torch.zeros(N, dtype=torch.long))
+        if step == 1:
+            instruments.capture.backward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+        tracker.backward(step, loss, (tokens, scale), outputs, torch.zeros(N, dtype=torch.long))
+        assert all(p.grad is not None for p in model.parameters())
+        opt.step()
+        tracker.after_update(step, StepRecord(step=step, epoch=0, loss=float(loss.detach()), lr=[0.1], time=0.0))
+    tracker.flush()
+    assert emitted[0].quantities["InputStats"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}  # the scale only
+    assert tracker.failure == "instruments switched off at step 1: RuntimeError: boom"
