@@ -1,7 +1,9 @@
-"""Models with several positional inputs (``model(x, z)``): the engine takes the tuple of inputs.
+"""Models with several positional inputs (``model(x, z)``), whose engine takes the tuple of inputs,
+and models whose outputs are no single tensor (a dict of logits).
 
-The same network is trained twice, once on the tuple and once wrapped to take the inputs joined
-into one tensor (a path the brute-force references check); every value must agree.
+The same network is trained twice, once on the tuple (the dict) and once wrapped to take the
+inputs joined into one tensor (to return the tensor): a path the brute-force references check.
+Every value must agree.
 """
 
 from __future__ import annotations
@@ -136,3 +138,42 @@ def test_token_ids_are_no_input_statistics_and_a_failure_retries_with_the_tuple(
     tracker.flush()
     assert emitted[0].quantities["InputStats"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}  # the scale only
     assert tracker.failure == "instruments switched off at step 1: RuntimeError: boom"
+
+
+def test_outputs_in_a_dict_give_the_values_of_the_tensor() -> None:
+    """A model may return a dict (or tuple) that its loss functions read: the per-sample losses
+    (CABS, Alpha, EarlyStopping) come from it as from the tensor."""
+
+    class Logits(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> dict[str, Any]:
+            return {"logits": self.inner(x), "note": "not a tensor"}
+
+    names = ("CABS", "EarlyStopping", "Alpha", "NormTest")
+    found = []
+    for wrapped in (False, True):
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        model = Logits(inner) if wrapped else inner
+        logits = (lambda out: out["logits"]) if wrapped else (lambda out: out)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = lambda out, y: nn.functional.cross_entropy(logits(out), y)  # noqa: E731
+        per_sample = lambda out, y: nn.functional.cross_entropy(logits(out), y, reduction="none")  # noqa: E731
+        instruments = Instruments(model, loss_fn, per_sample, opt, [QUANTITIES[name](Schedule(), None) for name in names])
+        generator = torch.Generator().manual_seed(0)
+        values: dict[int, dict[str, Any]] = {}
+        for step in range(3):
+            inputs, targets = torch.randn(N, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator)
+            opt.zero_grad()
+            outputs = model(inputs)
+            instruments.backward(step, loss_fn(outputs, targets), inputs, outputs, targets)
+            opt.step()
+            instruments.after_update(step)
+            values.update(instruments.completed(step))
+        assert instruments.unavailable == {}
+        found.append(values)
+    assert set(found[1][0]) == set(names)
+    assert_same(found[1], found[0])

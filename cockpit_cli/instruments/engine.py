@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 from cockpit_cli.instruments import curvature_memory
@@ -452,4 +453,5 @@ def _projections_only(needs: set[str]) -> bool:
 
 
 def _detach(outputs: Any) -> Any:
-    return tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
+    """Detach the tensors of the model's outputs: a tensor, or tuples, lists and dicts of them."""
+    return tree_map(lambda value: value.detach() if isinstance(value, Tensor) else value, outputs)
