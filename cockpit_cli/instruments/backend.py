@@ -333,7 +333,8 @@ class GradientCapture:
             return None
         if isinstance(samples, FactoredSamples):
             return samples.regularized(self.params[index], self.weight_decay[index])
-        return DenseSamples(self._with_regularizer(index, samples * batch_size))  # BackPACK gives g_i / N; a copy, as it may alias the layer's output gradient
+        samples = samples.to(self.params[index].dtype) * batch_size  # BackPACK gives g_i / N (in half precision under autocast)
+        return DenseSamples(self._with_regularizer(index, samples))  # a copy, as it may alias the layer's output gradient
 
     def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:
         """Add the regulariser's gradient lambda * p (the same for every sample) in place."""

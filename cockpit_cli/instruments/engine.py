@@ -188,6 +188,10 @@ class Instruments:
         if not needs and self._quiet:  # an idle step after an idle step: everything is off already
             return
         self._quiet = not needs
+        if q.CURVATURE in needs and self.support.curvature and _autocast_enabled():
+            self._switch_off(self._needing(q.CURVATURE), AUTOCAST_REASON)
+            self._planned = None
+            _, needs = self._plan(self.next_step)
         if self._activations is not None and q.ACTIVATIONS in needs:
             self._activations.start()
         elif self._activations is not None:
@@ -445,6 +449,17 @@ def failure_reason(step: int, error: str) -> str:
     if "derivative for" in error and "is not implemented" in error:  # torch's words for a missing double backward
         reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
     return reason
+
+
+AUTOCAST_REASON = "the forward pass runs under autocast (mixed precision), which BackPACK's curvature rules cannot backpropagate"
+
+
+def _autocast_enabled() -> bool:
+    """Whether the current forward pass runs under ``torch.autocast`` (on the CPU or a GPU)."""
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch before 2.4 takes no device type
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _projections_only(needs: set[str]) -> bool:

@@ -44,12 +44,14 @@ class _LinearWeight(_FactoredWeight):
         super().__init__(LinearDerivatives())
 
     def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
-        return FactoredLinear(module.input0, grad_output, module.weight.shape)
+        dtype = module.weight.dtype  # under autocast the layer ran in half precision
+        return FactoredLinear(module.input0.to(dtype), grad_output.to(dtype), module.weight.shape)
 
 
 class _ConvWeight(NumericPadding, _FactoredWeight):
     def factors(self, module: nn.Module, grad_output: Tensor) -> FactoredSamples | None:
-        return FactoredConv(module, grad_output) if unfoldable(module) else None
+        dtype = module.weight.dtype  # under autocast the layer ran in half precision
+        return FactoredConv(module, grad_output.to(dtype), module.input0.to(dtype)) if unfoldable(module) else None
 
 
 def factored_batch_grad() -> BatchGrad:

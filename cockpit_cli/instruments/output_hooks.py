@@ -144,6 +144,8 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
     Returns:
         The weight's factored source, or the bias's ``[N, C_out]`` block.
     """
+    # Under autocast the layer ran in half precision: its factors are taken in the parameter's.
+    inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
     if param is module.weight:
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
@@ -174,6 +176,8 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
         weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.
         bias: ``U_b`` (``[C_out]``), or ``None`` where the layer has no tracked bias.
     """
+    direction = weight if weight is not None else bias
+    inputs, grad_output = inputs.to(direction.dtype), grad_output.to(direction.dtype)  # autocast's half precision
     if weight is None:
         return _bias_samples(module, grad_output) @ bias
     if isinstance(module, nn.Linear):
