@@ -240,6 +240,14 @@ def test_same_padding_gets_exact_curvature() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")  # torch's note on this very padding
+def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
+    from cockpit_cli.instruments.support import check_support
+
+    support = check_support(torch.compile(BUILDERS["mlp"](0)), torch.nn.CrossEntropyLoss())  # compiles at its first call only
+    assert not support.curvature
+    assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
+
+
 def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
     run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
     assert set(run.instruments.unavailable) == set(DIAGONAL)

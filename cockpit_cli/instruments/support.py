@@ -127,6 +127,8 @@ def _extension_modules(extension: object) -> set[type]:
 def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]]) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
         return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss or MSELoss)"
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
+        return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
     if not isinstance(model, nn.Sequential):
         return False, f"the model {type(model).__name__} is not an nn.Sequential, which BackPACK's curvature rules need"
     known = _extension_modules(DiagHessian())
