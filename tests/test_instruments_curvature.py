@@ -248,6 +248,7 @@ def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
     run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
     assert set(run.instruments.unavailable) == set(DIAGONAL)

@@ -1229,3 +1229,27 @@ def test_products_with_the_own_mean_of_a_layer_at_several_positions_equal_those_
     mean = source.mean()
     torch.testing.assert_close(mean, formed.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(source.products(mean), formed @ mean, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batch_of_one_sample_or_a_zero_gradient_leaves_the_gradient_tests_out_for_that_step() -> None:
+    """The tests divide a spread by N (N - 1) ||g||^2 and EB needs a variance: a last batch of one
+    sample (a loader that keeps it) or a gradient of zero gives them no value at that step, and
+    they go on at the next (they were switched off for the rest of the run, or were inf)."""
+    names = ("NormTest", "InnerTest", "OrthoTest", "EarlyStopping", "GradNorm")
+    batches = make_batches("mlp", "ce", 0, 3)
+    batches[1] = batches[1]._replace(inputs=batches[1].inputs[:1], targets=batches[1].targets[:1])
+    run = train(ref.mlp(0), batches, quantities(names))
+    assert run.instruments.unavailable == {}
+    assert set(run.records[1]) == {"GradNorm"}
+    for step in (0, 2):
+        check_first_order(run, step, names=names)
+
+    fitted = ref.mlp(0)
+    with torch.no_grad():
+        fitted[-1].weight.zero_()
+        fitted[-1].bias.zero_()  # outputs 0 for every input: the squared loss of zero targets is at its minimum
+    exact = [batch._replace(targets=torch.zeros_like(batch.targets)) for batch in make_batches("mlp", "mse", 0, 2)]
+    run = train(fitted, exact, quantities(names))
+    assert run.instruments.unavailable == {}
+    assert run.records[0]["GradNorm"] == [0.0] * 6
+    assert {"NormTest", "InnerTest", "OrthoTest"}.isdisjoint(run.records[0])

@@ -206,6 +206,12 @@ def register(cls: type[Quantity]) -> type[Quantity]:
     return cls
 
 
+def gradient_test_defined(batch_size: int, grad_sq: float) -> bool:
+    """Whether the gradient tests (NormTest, InnerTest, OrthoTest: a spread over ``N (N - 1)``
+    relative to ``||g||^2``) have a value: not for one sample, nor for a gradient of zero."""
+    return batch_size > 1 and grad_sq > 0.0
+
+
 def norms(tensors: list[Tensor]) -> list[float]:
     """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
     if len(tensors) <= 1:

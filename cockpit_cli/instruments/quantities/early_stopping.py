@@ -18,5 +18,7 @@ class EarlyStopping(Quantity):
         return {r.EB_SUM}
 
     def compute(self, data: StepData) -> None:
+        if data.batch_size < 2:  # one sample has no variance
+            return
         mean_ratio = data.reductions.scalar(r.EB_SUM) / data.reductions.coordinates
         data.emit(self.name, 1.0 - data.batch_size * mean_ratio)

@@ -3,7 +3,7 @@
 import math
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, gradient_test_defined, register
 
 
 @register
@@ -18,5 +18,7 @@ class InnerTest(Quantity):
         n = data.batch_size
         totals = data.reductions.totals
         grad_sq = data.reductions.scalar(r.GRAD_SQ_NORM)
+        if not gradient_test_defined(n, grad_sq):
+            return
         value = float((totals[r.SAMPLE_DOTS] - grad_sq).pow_(2).sum().div_(n * (n - 1) * (grad_sq * grad_sq)))
         data.emit(self.name, math.sqrt(max(value, 0.0)))

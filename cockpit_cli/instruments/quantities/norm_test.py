@@ -3,7 +3,7 @@
 import math
 
 from cockpit_cli.instruments import reductions as r
-from cockpit_cli.instruments.quantities.base import Quantity, StepData, register
+from cockpit_cli.instruments.quantities.base import Quantity, StepData, gradient_test_defined, register
 
 
 @register
@@ -15,6 +15,8 @@ class NormTest(Quantity):
         return {r.CENTERED_TOTAL, r.GRAD_SQ_NORM}
 
     def compute(self, data: StepData) -> None:
-        n = data.batch_size
-        value = data.reductions.scalar(r.CENTERED_TOTAL) / (n * (n - 1) * data.reductions.scalar(r.GRAD_SQ_NORM))
+        n, grad_sq = data.batch_size, data.reductions.scalar(r.GRAD_SQ_NORM)
+        if not gradient_test_defined(n, grad_sq):
+            return
+        value = data.reductions.scalar(r.CENTERED_TOTAL) / (n * (n - 1) * grad_sq)
         data.emit(self.name, math.sqrt(max(value, 0.0)))
