@@ -1253,3 +1253,37 @@ def test_a_batch_of_one_sample_or_a_zero_gradient_leaves_the_gradient_tests_out_
     assert run.instruments.unavailable == {}
     assert run.records[0]["GradNorm"] == [0.0] * 6
     assert {"NormTest", "InnerTest", "OrthoTest"}.isdisjoint(run.records[0])
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_first(every: int) -> None:
+    """Gradients accumulated over two micro-batches: the second forward pass is prepared for the
+    next step before this step's update, and the second backward pass must neither overwrite the
+    step's values nor leave the next step's plan without Alpha's end point."""
+    model = ref.mlp(0)
+    names = ("NormTest", "GradHist1d", "Alpha", "Loss")
+    opt = sgd(ref.trainable(model))
+    first = make_batches("mlp", "ce", 0, 7)
+    second = make_batches("mlp", "ce", 1, 7)
+    instruments = Instruments(model, first[0].loss_fn, first[0].per_sample_loss_fn, opt, quantities(names, Schedule(every=every), **histogram_options(model, first[0], 0.0)))
+    thetas, found = [], {}
+    for step in range(7):
+        thetas.append(snapshot(model))
+        opt.zero_grad()
+        for batch in (first[step], second[step]):
+            outputs = model(batch.inputs)
+            instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+        opt.step()
+        instruments.after_update(step)
+        found.update(instruments.completed(step))
+    found.update(instruments.finish())
+    assert instruments.unavailable == {}
+    assert len(instruments.changes) == 1 and "backward passes after its first" in instruments.changes[0]
+    tracked = [step for step in range(7) if step % every == 0]
+    assert [step for step in sorted(found) if "Alpha" in found[step]] == tracked[:-1] if tracked[-1] == 6 else tracked
+    for step in tracked:
+        reference = copy.deepcopy(model)
+        load(reference, thetas[step])
+        grads = ref.per_sample_gradients(reference, first[step].per_sample_loss_fn, first[step].inputs, first[step].targets)
+        assert_close(found[step]["NormTest"], ref.norm_test(grads))
+        check_hist1d(found[step]["GradHist1d"], grads)

@@ -111,6 +111,7 @@ class Instruments:
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
+        self._repeated = False  # whether a step had a second backward pass
         self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         self.curvature, self.loss_function = curvature, loss_function
         self._output_sizes: curvature_memory.OutputSizes | None = None  # measures the first curvature step's layer outputs
@@ -247,7 +248,12 @@ class Instruments:
         """Run the backward pass of ``step`` with whatever the due quantities need, and compute them.
 
         ``inputs`` is the model's input batch, or the tuple of its positional inputs
-        (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs."""
+        (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs. A
+        step's later backward passes (gradients accumulated over micro-batches) are plain ones:
+        the step's values describe its first backward pass's batch."""
+        if step < self.next_step:
+            self._repeated_backward(step, loss)
+            return
         self.next_step = step + 1
         active, needs = self._plan(step)
         if q.CURVATURE in needs and not self._curvature_checked:
@@ -339,6 +345,20 @@ class Instruments:
         """Return the floating-point inputs of the global batch, ``[N, M]``, or ``None`` where there are none."""
         columns = floating_columns(inputs)
         return None if columns is None else self.sync.gather(columns)
+
+    def _repeated_backward(self, step: int, loss: Tensor) -> None:
+        """Run another backward pass of ``step`` plainly. Its forward pass was prepared for the
+        next step before this step's update, which Alpha's plan reads: the plan, hooks and counts
+        it set up are dropped, and that step's own forward pass sets them again."""
+        self.capture.release()
+        self._planned, self._idle_until, self._quiet = None, 0, False
+        loss.backward()
+        if not self._repeated:
+            self._repeated = True
+            self.changes.append(
+                f"from step {step}: a step's backward passes after its first (gradients accumulated over micro-batches) "
+                "are not tracked; each step's values describe the batch of its first backward pass"
+            )
 
     def _check_curvature_memory(self, step: int, inputs: Inputs, outputs: Any) -> tuple[list[Quantity], set[str]]:
         """At the first step with curvature due: switch the curvature quantities off, with the
