@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.support import check_support, shared_parameters
 from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import dense_max_eigenvalue
@@ -208,3 +209,30 @@ def test_a_layer_found_running_twice_moves_per_sample_gradients_to_torch_func() 
     ]
     for step in (0, 1, 2):
         check_first_order(run, step, names=("NormTest", "GradHist1d"))
+
+
+def test_a_forward_pass_the_loss_does_not_take_is_no_second_run() -> None:
+    """A loop that evaluates with gradients on between steps runs every layer once more: BackPACK
+    must not give way to torch.func for that (the loss took one run of the Embedding)."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.out = nn.Embedding(12, 4), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(torch.tanh(self.embed((x[:, 0].abs() * 4).long().clamp(max=11))))
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    batches = make_batches("mlp", "ce", 0, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(("NormTest",)))
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        model(batch.inputs).sum()  # evaluated with gradients on, never backpropagated
+        outputs = model(batch.inputs)
+        instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+        opt.step()
+        instruments.after_update(step)
+    assert instruments.support.per_sample == "backpack" and instruments.changes == []

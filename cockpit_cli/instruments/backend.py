@@ -201,10 +201,11 @@ class GradientCapture:
         if curvature and self.support.curvature:
             extensions.append(self._curvature)
         outside = None
+        decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
         if per_sample and not by_functorch and not self._uses_checked:  # once, at the first tracked step
             self._uses_checked = True
-            outside = self.runs.used_outside(loss, [i for i, decay in enumerate(self.weight_decay) if decay])
-        run_twice = self.runs.run_twice() if extensions else None
+            outside = self.runs.used_outside(loss, decayed)
+        run_twice = self.runs.run_twice(loss, decayed) if extensions else None
         if outside is not None:  # the layers' hooks miss a part: torch.func forms the per-sample gradients
             self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
         elif run_twice is not None:  # BackPACK cannot follow it (the output hooks can, on later steps)

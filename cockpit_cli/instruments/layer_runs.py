@@ -7,9 +7,11 @@ Neither sees a parameter that the forward pass uses directly (``x @ self.embed.w
 weight tied that way): its part of every sample's gradient would be missing.
 
 :class:`LayerRuns` counts the runs of the layers with tracked parameters while it watches, and
-compares them with the uses of each parameter in the loss's autograd graph: every run of a
-Linear, convolution or Embedding layer adds one edge into its parameters' gradient accumulators
-(the regulariser one more), so more edges than runs mean a use outside the layer.
+reads the uses of each parameter in the loss's autograd graph: every run of a Linear,
+convolution or Embedding layer adds one edge into its parameters' gradient accumulators (the
+regulariser one more). Such a layer's runs for the loss are its edges (a forward pass the loss
+does not take, an evaluation with gradients on, does not count), and more edges than counted
+runs mean a use outside the layer.
 """
 
 from __future__ import annotations
@@ -54,9 +56,19 @@ class LayerRuns:
         if torch.is_grad_enabled():
             self.runs[module] = self.runs.get(module, 0) + 1
 
-    def run_twice(self) -> str | None:
-        """Say which layer ran more than once since :meth:`watch`, or return ``None``."""
-        for module, runs in self.runs.items():
+    def run_twice(self, loss: Tensor, decayed: Collection[int]) -> str | None:
+        """Say which layer ran more than once for ``loss``, or return ``None``.
+
+        A Linear, convolution or Embedding layer's runs are its edges in ``loss``'s graph (the
+        regulariser of the positions ``decayed`` once more): a forward pass whose output the loss
+        does not take (an evaluation with gradients on, between steps) is none of them. Other
+        layers' runs are those counted since :meth:`watch`."""
+        edges = accumulation_edges(loss)
+        for module, own in self.module_params.items():
+            if isinstance(module, ONE_EDGE_PER_RUN):
+                runs = max(edges.get(id(param), 0) - (index in decayed) for index, param in own)
+            else:
+                runs = self.runs.get(module, 0)
             if runs > 1:
                 return f"layer '{self._name(module)}' ({type(module).__name__}) runs {runs} times in a forward pass"
         return None
