@@ -255,6 +255,8 @@ class GradientCapture:
         """Reduce the parameters no layer handed per-sample gradients for: those the loss did not
         use at this step (a layer the forward pass skipped), whose gradient is the same for every
         sample, the regulariser's (zero without one), as torch.func and autograd give it."""
+        if len(accumulator.sourced) == len(self.params):
+            return
         for index, param in enumerate(self.params):
             if index not in accumulator.sourced:
                 shared = self._with_regularizer(index, torch.zeros_like(param.detach()))
@@ -334,7 +336,8 @@ class GradientCapture:
             return None
         if isinstance(samples, FactoredSamples):
             return samples.regularized(self.params[index], self.weight_decay[index])
-        samples = samples.to(self.params[index].dtype) * batch_size  # BackPACK gives g_i / N (in half precision under autocast)
+        dtype = self.params[index].dtype
+        samples = (samples if samples.dtype == dtype else samples.to(dtype)) * batch_size  # BackPACK gives g_i / N (in half precision under autocast)
         return DenseSamples(self._with_regularizer(index, samples))  # a copy, as it may alias the layer's output gradient
 
     def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:

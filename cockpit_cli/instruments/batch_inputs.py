@@ -16,12 +16,12 @@ Inputs = Tensor | tuple[Tensor, ...]
 
 def model_args(inputs: Inputs) -> tuple[Tensor, ...]:
     """Return the model's positional arguments: ``model(*model_args(inputs))``."""
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
 
 def batch_size(inputs: Inputs) -> int:
     """Return the number of samples ``N`` (the first dimension of the first input)."""
-    return model_args(inputs)[0].shape[0]
+    return inputs.shape[0] if isinstance(inputs, Tensor) else inputs[0].shape[0]
 
 
 def batch_device(inputs: Inputs) -> torch.device:

@@ -489,4 +489,6 @@ def _projections_only(needs: set[str]) -> bool:
 
 def _detach(outputs: Any) -> Any:
     """Detach the tensors of the model's outputs: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(outputs, Tensor):  # the usual case, without the tree's walk (some microseconds)
+        return outputs.detach()
     return tree_map(lambda value: value.detach() if isinstance(value, Tensor) else value, outputs)

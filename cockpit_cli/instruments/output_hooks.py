@@ -57,7 +57,7 @@ class OutputGradientHooks:
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
         self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
-        self._runs_ahead: dict[nn.Parameter, int] = {}  # runs of a parameter's layers whose backward is still to come
+        self._runs_ahead: dict[int, int] = {}  # by the parameter's id: runs of its layers whose backward is still to come
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -91,7 +91,7 @@ class OutputGradientHooks:
             # pass: it holds the layer's input only until it runs, as autograd does.
             output.register_hook(partial(self._backward, module, [inputs[0]]))
             for param in self.params[module]:
-                self._runs_ahead[param] = self._runs_ahead.get(param, 0) + 1
+                self._runs_ahead[id(param)] = self._runs_ahead.get(id(param), 0) + 1
 
     def _backward(self, module: nn.Module, held: list[Tensor], grad_output: Tensor) -> None:
         inputs = held.pop() if held else None
@@ -102,8 +102,8 @@ class OutputGradientHooks:
         if self.callback is None or inputs is None:
             return
         for param in self.params[module]:
-            ahead = self._runs_ahead.get(param, 1) - 1
-            self._runs_ahead[param] = ahead
+            ahead = self._runs_ahead.get(id(param), 1) - 1
+            self._runs_ahead[id(param)] = ahead
             # A layer that runs more than once (or layers that share the parameter) adds every run's
             # part to each sample's gradient: the parts wait for each other, until the gradient.
             if self.at_gradients or ahead > 0 or param in self._waiting:
@@ -116,7 +116,7 @@ class OutputGradientHooks:
         if entries is not None and self.callback is not None:
             # The accumulated gradient is the mean of the per-sample gradients where it started empty.
             self._hand_over(param, entries, param.grad.detach() if self.at_gradients else None)
-        self._runs_ahead.pop(param, None)
+        self._runs_ahead.pop(id(param), None)
         if self.after_gradient is not None:  # every source of the parameter has been handed over
             self.after_gradient(param)
 
@@ -144,8 +144,8 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
     Returns:
         The weight's factored source, or the bias's ``[N, C_out]`` block.
     """
-    # Under autocast the layer ran in half precision: its factors are taken in the parameter's.
-    inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
+    if inputs.dtype != param.dtype or grad_output.dtype != param.dtype:  # autocast: the layer ran in half precision
+        inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
     if param is module.weight:
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
@@ -176,8 +176,9 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
         weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.
         bias: ``U_b`` (``[C_out]``), or ``None`` where the layer has no tracked bias.
     """
-    direction = weight if weight is not None else bias
-    inputs, grad_output = inputs.to(direction.dtype), grad_output.to(direction.dtype)  # autocast's half precision
+    dtype = (weight if weight is not None else bias).dtype
+    if inputs.dtype != dtype or grad_output.dtype != dtype:  # autocast: the layer ran in half precision
+        inputs, grad_output = inputs.to(dtype), grad_output.to(dtype)
     if weight is None:
         return _bias_samples(module, grad_output) @ bias
     if isinstance(module, nn.Linear):
