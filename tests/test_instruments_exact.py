@@ -180,12 +180,12 @@ def train(
 
 
 def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Leaf modules whose outputs Activations reports: activations and layers with parameters."""
+    """Leaf modules whose outputs Activations reports: activations and layers with trainable parameters."""
     activations = (nn.ReLU, nn.Sigmoid, nn.Tanh)
     return {
         name: module
         for name, module in model.named_modules()
-        if name and not list(module.children()) and (isinstance(module, activations) or any(True for _ in module.parameters(recurse=False)))
+        if name and not list(module.children()) and (isinstance(module, activations) or any(p.requires_grad for p in module.parameters(recurse=False)))
     }
 
 

@@ -1,4 +1,5 @@
-"""Models whose parameters serve more than one place, or none, against the brute-force references.
+"""Models whose parameters serve more than one place, or none, against the brute-force references
+(with frozen layers and a parametrized weight beside them).
 
 A layer that runs twice in a forward pass (a block applied again, a recurrence written as a
 loop), layers that share a weight (tied embeddings) and a layer the forward pass skips are where
@@ -95,6 +96,23 @@ class SkippedLayer(nn.Module):
         return self.out(torch.tanh(self.first(x)))
 
 
+class LowRankAdapter(nn.Module):
+    """A frozen Linear(6, 5) with a trained low-rank update B A beside it, then Linear(5, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base, self.down, self.up, self.out = nn.Linear(6, 5), nn.Linear(6, 2, bias=False), nn.Linear(2, 5, bias=False), nn.Linear(5, 3)
+        self.base.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.base(x) + self.up(self.down(x))))
+
+
+def weight_normed() -> nn.Sequential:
+    """Linear(6, 5) with its weight as direction and norm (a parametrization), Tanh, Linear(5, 3)."""
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)), nn.Tanh(), nn.Linear(5, 3))
+
+
 def sequential_twice() -> nn.Sequential:
     """A Sequential that holds one Linear(6, 6) twice: Linear-Tanh-(the same Linear)-Tanh-Linear(6, 3)."""
     block = nn.Linear(6, 6)
@@ -109,6 +127,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "embedding_twice": (EmbeddingTwice, "mlp"),
     "skipped_layer": (SkippedLayer, "mlp"),
     "sequential_twice": (sequential_twice, "mlp"),
+    "low_rank_adapter": (LowRankAdapter, "mlp"),
+    "weight_normed": (weight_normed, "mlp"),
 }
 NAMES = tuple(name for name in FIRST_ORDER if name != "Time")  # every first-order value with a reference
 
