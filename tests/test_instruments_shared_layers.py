@@ -1,5 +1,5 @@
 """Models whose parameters serve more than one place, or none, against the brute-force references
-(with frozen layers and a parametrized weight beside them).
+(with frozen layers, a parametrized weight and activation checkpointing beside them).
 
 A layer that runs twice in a forward pass (a block applied again, a recurrence written as a
 loop), layers that share a weight (tied embeddings) and a layer the forward pass skips are where
@@ -256,3 +256,43 @@ def test_a_forward_pass_the_loss_does_not_take_is_no_second_run() -> None:
         opt.step()
         instruments.after_update(step)
     assert instruments.support.per_sample == "backpack" and instruments.changes == []
+
+
+class Checkpointed(nn.Module):
+    """Linear(6, 5)-Tanh, then a checkpointed block Linear(5, 5)[-LayerNorm]-Tanh, then Linear(5, 3)."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.first, self.block, self.out = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.norm = nn.LayerNorm(5) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.tanh(self.first(x))
+        if torch.is_grad_enabled():  # recomputed in the backward pass instead of kept
+            hidden = torch.utils.checkpoint.checkpoint(self._block, hidden, use_reentrant=False)
+        else:
+            hidden = self._block(hidden)
+        return self.out(hidden)
+
+    def _block(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.norm(self.block(hidden)))
+
+
+def test_activation_checkpointing() -> None:
+    """Linear layers' hooks follow a checkpointed block (its recomputation is no second run);
+    torch.func, which a LayerNorm needs, cannot run through it: the per-sample quantities go
+    off with the reason, the others go on."""
+    batches = make_batches("mlp", "ce", 0, 3)
+    torch.manual_seed(0)
+    model = Checkpointed(norm=False).double()
+    run = train(model, batches, quantities((*NAMES, "Alpha"), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.unavailable == {} and run.instruments.changes == []
+    for step in (0, 1):
+        check_first_order(run, step, names=NAMES)
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+    torch.manual_seed(0)
+    run = train(Checkpointed(norm=True).double(), batches, quantities(("NormTest", "Alpha", "GradNorm", "HessMaxEV")))
+    assert set(run.instruments.unavailable) == {"NormTest", "Alpha"}
+    assert run.instruments.unavailable["NormTest"].endswith("(torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)")
+    assert {"GradNorm", "HessMaxEV"} <= set(run.records[1])

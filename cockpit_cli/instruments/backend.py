@@ -30,7 +30,7 @@ from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import PerSampleLoss, devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
 from cockpit_cli.instruments.layer_runs import LayerRuns
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
-from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, PROJECTIONS, ReductionOptions
+from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support
 from cockpit_cli.instruments.sync import Synchronizer
@@ -245,7 +245,12 @@ class GradientCapture:
             self._reduce_unused(accumulator, requested, options, batch_size)
         if by_functorch:
             self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
-            for index, samples in enumerate(self._functorch_per_sample(inputs, targets, rng_state)):
+            try:
+                gradients = self._functorch_per_sample(inputs, targets, rng_state)
+            except Exception as error:  # noqa: BLE001 - the gradients are taken; the quantities that need these go off
+                accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
+                gradients = []
+            for index, samples in enumerate(gradients):
                 source = DenseSamples(self._with_regularizer(index, samples))
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)

@@ -468,6 +468,8 @@ def failure_reason(step: int, error: str) -> str:
     reason = f"failed at step {step} and was switched off: {error}"
     if "derivative for" in error and "is not implemented" in error:  # torch's words for a missing double backward
         reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
+    if "support saved tensor hooks" in error:  # torch.func's words for a model that checkpoints activations
+        reason += " (torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)"
     return reason
 
 
