@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments.engine import AUTOCAST_REASON
-from test_instruments_exact import one_thread  # noqa: F401 (fixture)
+from test_instruments_exact import engine_step, one_thread  # noqa: F401 (fixture)
 
 N = 16
 
@@ -41,27 +41,29 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Ten
 COMPARED = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "HessMaxEV")
 
 
-def first_step(name: str, autocast: bool) -> tuple[dict[str, Any], Instruments]:
+def autocast_run(name: str, autocast: bool, tracked: list[str], schedule: Schedule, steps: int) -> tuple[dict[int, dict[str, Any]], Instruments]:
+    """Train model ``name`` for ``steps`` steps with ``tracked`` quantities, under autocast or not."""
     torch.manual_seed(0)
     build, draw = MODELS[name]
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    names = sorted({*PRESETS["full"], "MeanGSNR"})
     loss_fn = nn.CrossEntropyLoss()
-    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[n](Schedule(), None) for n in names])
+    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[n](schedule, None) for n in tracked])
     generator = torch.Generator().manual_seed(1)
     found: dict[int, dict[str, Any]] = {}
-    for step in range(3):
+    for step in range(steps):
         inputs, targets = draw(generator), torch.randint(0, 3, (N,), generator=generator)
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outputs = model(inputs)
             loss = loss_fn(outputs, targets)
-        instruments.backward(step, loss, inputs, outputs, targets)
-        opt.step()
-        instruments.after_update(step)
-        found.update(instruments.completed(step))
+        found.update(engine_step(instruments, opt, step, loss, inputs, outputs, targets))
     found.update(instruments.finish())
+    return found, instruments
+
+
+def first_step(name: str, autocast: bool) -> tuple[dict[str, Any], Instruments]:
+    found, instruments = autocast_run(name, autocast, sorted({*PRESETS["full"], "MeanGSNR"}), Schedule(), 3)
     return found[0], instruments
 
 
@@ -81,23 +83,6 @@ def test_per_sample_statistics_under_autocast_agree_with_float32(name: str) -> N
 def test_alpha_s_second_point_alone_under_autocast(name: str) -> None:
     """The step after a tracked one takes only each layer's products with the update (from the
     half-precision factors of the pass) and ends Alpha in float32."""
-    torch.manual_seed(0)
-    build, draw = MODELS[name]
-    model = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES["Alpha"](Schedule(every=2), None)])
-    generator = torch.Generator().manual_seed(1)
-    found: dict[int, dict[str, Any]] = {}
-    for step in range(4):
-        inputs, targets = draw(generator), torch.randint(0, 3, (N,), generator=generator)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
-        instruments.backward(step, loss, inputs, outputs, targets)
-        opt.step()
-        instruments.after_update(step)
-        found.update(instruments.completed(step))
+    found, instruments = autocast_run(name, True, ["Alpha"], Schedule(every=2), 4)
     assert instruments.unavailable == {}
     assert all(math.isfinite(found[step]["Alpha"]) for step in (0, 2))

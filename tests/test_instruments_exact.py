@@ -176,6 +176,15 @@ def train(
     return run
 
 
+def engine_step(instruments: Instruments, opt: torch.optim.Optimizer, step: int, loss: Tensor, inputs: Any, outputs: Any, targets: Any) -> dict[int, dict[str, Any]]:
+    """The loop's part after a forward pass: the backward pass through the instruments, the
+    update, and the values completed by it."""
+    instruments.backward(step, loss, inputs, outputs, targets)
+    opt.step()
+    instruments.after_update(step)
+    return instruments.completed(step)
+
+
 # --- references ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments.tracker import Tracker
-from test_instruments_exact import one_thread  # noqa: F401 (fixture)
+from test_instruments_exact import engine_step, one_thread  # noqa: F401 (fixture)
 
 N, WIDTHS = 8, (4, 3)
 NAMES = ("Alpha", "GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d", "GradHist2d", "LayerStats", "Activations", "InputStats", "HessMaxEV")
@@ -60,11 +60,7 @@ def records(model: nn.Module, as_tuple: bool, optimizer: Callable[[Any], torch.o
         inputs = tuple(joined.split(WIDTHS, dim=1)) if as_tuple else joined
         opt.zero_grad()
         outputs = model(*inputs) if as_tuple else model(inputs)
-        loss = loss_fn(outputs, targets)
-        instruments.backward(step, loss, inputs, outputs, targets)
-        opt.step()
-        instruments.after_update(step)
-        found.update(instruments.completed(step))
+        found.update(engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets))
     found.update(instruments.finish())
     assert instruments.unavailable == {}
     return found
@@ -169,10 +165,7 @@ def test_outputs_in_a_dict_give_the_values_of_the_tensor() -> None:
             inputs, targets = torch.randn(N, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator)
             opt.zero_grad()
             outputs = model(inputs)
-            instruments.backward(step, loss_fn(outputs, targets), inputs, outputs, targets)
-            opt.step()
-            instruments.after_update(step)
-            values.update(instruments.completed(step))
+            values.update(engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets))
         assert instruments.unavailable == {}
         found.append(values)
     assert set(found[1][0]) == set(names)
