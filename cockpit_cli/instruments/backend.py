@@ -23,7 +23,8 @@ from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
 from cockpit_cli.instruments.accumulator import Accumulator
-from cockpit_cli.instruments.batch_inputs import Inputs, model_args
+from cockpit_cli.instruments.batch_inputs import Inputs
+from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
@@ -192,7 +193,7 @@ class GradientCapture:
                 :meth:`release_gradient_graph` when done. (The extensions' work is not recorded.)
         """
         accumulator = Accumulator(len(self.params))
-        batch_size = model_args(inputs)[0].shape[0]
+        batch_size = samples_in(inputs)
         extensions = []
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
         by_functorch = per_sample and self.support.per_sample == "functorch"
@@ -200,20 +201,11 @@ class GradientCapture:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self._curvature)
-        outside = None
-        decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
-        if per_sample and not by_functorch and not self._uses_checked:  # once, at the first tracked step
-            self._uses_checked = True
-            outside = self.runs.used_outside(loss, decayed)
-        run_twice = self.runs.run_twice(loss, decayed) if extensions else None
-        if outside is not None:  # the layers' hooks miss a part: torch.func forms the per-sample gradients
-            self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
-        elif run_twice is not None:  # BackPACK cannot follow it (the output hooks can, on later steps)
-            self._learn(run_twice, per_sample=self._batch_grad in extensions and not self.factored, curvature=self._curvature in extensions)
-        if outside is not None or run_twice is not None:
+        unfollowable = self._unfollowable(loss, per_sample and not by_functorch, extensions)
+        if unfollowable is not None:  # torch.func forms this step's per-sample gradients
             by_functorch = per_sample
             if self._curvature in extensions:
-                accumulator.fail(requested & NEEDS_CURVATURE, f"{outside or run_twice}; BackPACK's curvature rules need every layer once")
+                accumulator.fail(requested & NEEDS_CURVATURE, f"{unfollowable}; BackPACK's curvature rules need every layer once")
             extensions, by_output_hooks = [], False
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
@@ -266,6 +258,27 @@ class GradientCapture:
             if index not in accumulator.sourced:
                 shared = self._with_regularizer(index, torch.zeros_like(param.detach()))
                 reduce_layer(index, ConstantSamples(shared, batch_size), param, None, requested, accumulator, options, self.sync)
+
+    def _unfollowable(self, loss: Tensor, check_uses: bool, extensions: list) -> str | None:
+        """Say why the layers' hooks cannot follow this step's forward pass (:mod:`layer_runs`), or
+        return ``None``; where that holds for later steps too, :meth:`_learn` it.
+
+        Once, at the first tracked step (``check_uses``): a parameter used outside its layers,
+        which no hook sees. At a pass of BackPACK (``extensions``): a layer that ran twice, as
+        BackPACK keeps one input per layer (the output hooks add up a layer's runs: models of
+        Linear and convolution layers keep them for steps without curvature).
+        """
+        decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
+        if check_uses and not self._uses_checked:
+            self._uses_checked = True
+            outside = self.runs.used_outside(loss, decayed)
+            if outside is not None:
+                self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
+                return outside
+        run_twice = self.runs.run_twice(loss, decayed) if extensions else None
+        if run_twice is not None:
+            self._learn(run_twice, per_sample=self._batch_grad in extensions and not self.factored, curvature=self._curvature in extensions)
+        return run_twice
 
     def _learn(self, reason: str, per_sample: bool, curvature: bool) -> None:
         """Take per-sample gradients from torch.func (``per_sample``) and give up the curvature
