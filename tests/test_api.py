@@ -245,3 +245,14 @@ def test_a_layer_found_running_twice_is_in_the_warnings_once(tmp_path: Path) -> 
     recorded = read_run(tmp_path / "twice")
     assert recorded.manifest["warnings"] == [expected]
     assert all("NormTest" in record["quantities"] for record in recorded.steps[:3])
+
+
+@pytest.mark.parametrize("inputs, described", [({"x": torch.zeros(4, 5)}, "dict"), ((), "a tuple of nothing"), ((torch.zeros(4, 5), 3), "a tuple of a 2-d tensor, int")])
+def test_inputs_that_are_no_batch_are_said_so(tmp_path: Path, inputs: object, described: str) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrackedRun(tmp_path / "wrong", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
+        outputs = model(torch.zeros(4, 5))
+        loss = nn.functional.cross_entropy(outputs, torch.zeros(4, dtype=torch.long))
+        with pytest.raises(TypeError, match=f"inputs: expected the model's input batch.*; got {described}$"):
+            run.backward(0, loss, inputs, outputs, torch.zeros(4, dtype=torch.long))

@@ -14,6 +14,27 @@ from torch import Tensor
 Inputs = Tensor | tuple[Tensor, ...]
 
 
+def check_inputs(inputs: object) -> None:
+    """Raise a ``TypeError`` that says what is expected unless ``inputs`` is a tensor, or a
+    non-empty tuple or list of tensors with the samples along their first dimension."""
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:
+        return
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) and t.dim() > 0 for t in inputs):
+        return
+    raise TypeError(
+        f"inputs: expected the model's input batch, a tensor, or a tuple of tensors for a model with several "
+        f"inputs (model(*inputs)), each with the samples along its first dimension; got {_describe(inputs)}"
+    )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dim()}-d tensor"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of " + (", ".join(_describe(item) for item in value) or "nothing")
+    return type(value).__name__
+
+
 def model_args(inputs: Inputs) -> tuple[Tensor, ...]:
     """Return the model's positional arguments: ``model(*model_args(inputs))``."""
     return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)

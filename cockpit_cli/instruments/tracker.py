@@ -16,7 +16,7 @@ from typing import Any, Callable
 from torch import Tensor
 from torch.nn import Module
 
-from cockpit_cli.instruments.batch_inputs import Inputs, model_args
+from cockpit_cli.instruments.batch_inputs import Inputs, check_inputs, model_args
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord, names_by_reason
@@ -44,6 +44,7 @@ class Tracker:
 
     def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
+        check_inputs(inputs)  # a caller's mistake, said as such (not an instrument's failure)
         if self.instruments is None:
             loss.backward()
             return
