@@ -32,6 +32,7 @@ from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.tracker import Tracker
+from cockpit_cli.storage import schema
 from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
 from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import hyperparameters, learning_rates
@@ -77,7 +78,7 @@ class TrackedRun:
     ):
         settings = {"preset": preset, "every": every, "curvature": curvature, "quantities": quantities or {}}
         optimizer_section = {"name": type(optimizer).__name__, **hyperparameters(optimizer)}  # what compare and diagnose read
-        config = parse_config({"instruments": settings, "optimizer": optimizer_section, "problem": {"name": "custom"}}, source="TrackedRun")
+        config = parse_config({"instruments": settings, "optimizer": optimizer_section, "problem": {"name": schema.API_PROBLEM}}, source="TrackedRun")
         due = build_quantities(config, total_steps or 0)
         log_spaced = [quantity.name for quantity in due if quantity.schedule.spacing == "log"]
         if log_spaced and not total_steps:
@@ -97,7 +98,7 @@ class TrackedRun:
         self.closed = False
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         device = str(next(model.parameters()).device)
-        meta = RunMeta("custom", type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
+        meta = RunMeta(schema.API_PROBLEM, type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
         self.writer.on_start(meta)
 
     def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any) -> None:

@@ -256,3 +256,16 @@ def test_inputs_that_are_no_batch_are_said_so(tmp_path: Path, inputs: object, de
         loss = nn.functional.cross_entropy(outputs, torch.zeros(4, dtype=torch.long))
         with pytest.raises(TypeError, match=f"inputs: expected the model's input batch.*; got {described}$"):
             run.backward(0, loss, inputs, outputs, torch.zeros(4, dtype=torch.long))
+
+
+def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp_path: Path) -> None:
+    from cockpit_cli.diagnosis.engine import diagnose
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrackedRun(tmp_path / "short", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, every=4) as run:
+        loop(run, model, optimizer, 8)
+    advice = {item.rule: item.enable for item in diagnose(read_run(tmp_path / "short")).not_checked}
+    assert advice["gradient_noise"] == "train longer, or track NormTest more often (TrackedRun(..., every=k))"
+    assert advice["overfitting"] == "run.evaluate(step, valid=(loss, accuracy)) more often"
+    assert advice["early_stopping"] == 'TrackedRun(..., quantities={"EarlyStopping": True})'

@@ -15,6 +15,7 @@ from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
 from cockpit_cli.diagnosis.values import is_number
 from cockpit_cli.plain_sgd import unlike_plain_sgd
+from cockpit_cli.storage import schema
 
 # The smallest instruments preset that tracks each quantity; others are enabled by name.
 PRESET_ORDER = ("economy", "business", "full")
@@ -36,6 +37,8 @@ RECORD_FIELDS = {
     "evals": ("evaluation with a valid split", "evaluations with a valid split"),
 }
 EVALUATIONS = "training.eval_every_epochs or training.eval_every_steps"
+# The same advice for a run of the Python API (``TrackedRun``), whose settings are its arguments.
+API_EVALUATIONS = "run.evaluate(step, valid=(loss, accuracy)) more often"
 
 
 def _count(number: int, name: str) -> str:
@@ -44,24 +47,26 @@ def _count(number: int, name: str) -> str:
     return f"no {several}" if number == 0 else f"only {number} {one if number == 1 else several}"
 
 
-def how_to_enable(name: str) -> str:
-    """Say how to record ``name`` (a quantity or a record field) in a run that does not."""
+def how_to_enable(name: str, api: bool = False) -> str:
+    """Say how to record ``name`` (a quantity or a record field) in a run that does not (``api``:
+    a run of the Python API, whose settings are ``TrackedRun``'s arguments)."""
     if name == "evals":
-        return EVALUATIONS
+        return API_EVALUATIONS if api else EVALUATIONS
     if name in RECORD_FIELDS:
         return "more training steps"
     preset = ENABLED_BY_PRESET.get(name)
-    by_name = f"instruments.quantities.{name}: true"
-    return f"preset {preset} or higher, or {by_name}" if preset else by_name
+    by_name = f'TrackedRun(..., quantities={{"{name}": True}})' if api else f"instruments.quantities.{name}: true"
+    by_preset = f'TrackedRun(..., preset="{preset}")' if api else f"preset {preset}"
+    return f"{by_preset} or higher, or {by_name}" if preset else by_name
 
 
-def how_to_get_more(name: str) -> str:
-    """Say how to get more records of ``name``, which a run records too few of."""
+def how_to_get_more(name: str, api: bool = False) -> str:
+    """Say how to get more records of ``name``, which a run records too few of (``api``: see :func:`how_to_enable`)."""
     if name == "evals":
-        return f"more evaluations: {EVALUATIONS}"
+        return API_EVALUATIONS if api else f"more evaluations: {EVALUATIONS}"
     if name in RECORD_FIELDS:
         return "more training steps"
-    return f"train longer, or track {name} more often (instruments.every)"
+    return f"train longer, or track {name} more often ({'TrackedRun(..., every=k)' if api else 'instruments.every'})"
 
 
 def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
@@ -70,6 +75,7 @@ def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
     if rule.min_share and run.manifest.get("status", "running") == "running" and is_number(planned) and run.count("loss") < rule.min_share * planned:
         seen = run.count("loss")
         return NotChecked(rule.name, f"only {seen} of {planned} planned steps so far (judged after {rule.min_share:.0%} of them)", "let the run go on", too_few=True)
+    api = run.manifest.get("problem") == schema.API_PROBLEM
     unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
     optimizer = run.config.get("optimizer") or {}
     not_plain = unlike_plain_sgd(run.optimizer(), optimizer)
@@ -86,9 +92,9 @@ def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
             return NotChecked(rule.name, why, "a run without that obstacle")
         if any(counts.values()) or all(name in RECORD_FIELDS for name in options):
             best = max(options, key=lambda name: counts[name])
-            enable = how_to_get_more(best) if counts[best] else how_to_enable(best)
+            enable = how_to_get_more(best, api) if counts[best] else how_to_enable(best, api)
             return NotChecked(rule.name, f"{_count(counts[best], best)} so far (needs {rule.min_points})", enable, too_few=True)
-        return NotChecked(rule.name, f"needs {' or '.join(options)}", how_to_enable(cheapest))
+        return NotChecked(rule.name, f"needs {' or '.join(options)}", how_to_enable(cheapest, api))
     return None
 
 

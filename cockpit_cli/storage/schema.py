@@ -13,3 +13,4 @@ LOCK = ".lock"  # present while a process writes the directory
 
 # Seconds between manifest rewrites while training (the heartbeat of a running run).
 HEARTBEAT_SECONDS = 10.0
+API_PROBLEM = "custom"  # the manifest's problem of a run of the Python API (TrackedRun)
