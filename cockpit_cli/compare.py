@@ -134,11 +134,12 @@ def check_metrics(metrics: Sequence[str], views: Sequence[RunView]) -> None:
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1}``: an empty section sets nothing (a run with
+    ``instruments.quantities: {}`` and one with settings for a quantity differ in those settings)."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value

@@ -269,3 +269,4 @@ def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp
     assert advice["gradient_noise"] == "train longer, or track NormTest more often (TrackedRun(..., every=k))"
     assert advice["overfitting"] == "run.evaluate(step, valid=(loss, accuracy)) more often"
     assert advice["early_stopping"] == 'TrackedRun(..., quantities={"EarlyStopping": True})'
+

@@ -143,6 +143,15 @@ def test_config_differences_ignore_the_name_and_mark_unset_keys(results: Path) -
     assert differences["problem.extra"] == ["(unset)", 1]
 
 
+def test_an_empty_section_differs_from_settings_in_those_settings_alone(results: Path) -> None:
+    a, c = read_run(results / "a"), read_run(results / "c")
+    a.config["instruments"]["quantities"] = {}
+    c.config["instruments"]["quantities"] = {"HessMaxEV": {"every": 32}}
+    differences = config_differences([a, c])
+    assert differences["instruments.quantities.HessMaxEV.every"] == ["(unset)", 32]
+    assert "instruments.quantities" not in differences
+
+
 def test_render_text_of_identical_configs_says_so(results: Path) -> None:
     comparison = compare_runs([results / "a", results / "b"], [])
     comparison.config_differences.clear()
