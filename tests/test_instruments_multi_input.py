@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
+from cockpit_cli.instruments.engine import NO_MEASURED_INPUTS
 from cockpit_cli.instruments.tracker import Tracker
 from test_instruments_exact import engine_step, one_thread  # noqa: F401 (fixture)
 
@@ -170,3 +171,18 @@ def test_outputs_in_a_dict_give_the_values_of_the_tensor() -> None:
         found.append(values)
     assert set(found[1][0]) == set(names)
     assert_same(found[1], found[0])
+
+
+def test_a_model_of_token_ids_alone_has_no_input_statistics_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    instruments = Instruments(model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[name](Schedule(), None) for name in ("InputStats", "NormTest")])
+    found: dict[int, dict[str, Any]] = {}
+    for step in range(2):
+        tokens, targets = torch.randint(0, 10, (N, 3)), torch.randint(0, 3, (N,))
+        opt.zero_grad()
+        outputs = model(tokens)
+        found.update(engine_step(instruments, opt, step, nn.functional.cross_entropy(outputs, targets), tokens, outputs, targets))
+    assert instruments.unavailable == {"InputStats": NO_MEASURED_INPUTS}
+    assert set(found[0]) == set(found[1]) == {"NormTest"}

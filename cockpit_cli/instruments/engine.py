@@ -302,6 +302,10 @@ class Instruments:
         if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
             self._switch_off(self._needing_any(accumulator.failed), failure_reason(step, accumulator.errors[0]))
             active = [quantity for quantity in active if quantity in self.quantities]
+        measured = self._gathered_inputs(inputs) if q.INPUTS in needs else None
+        if q.INPUTS in needs and measured is None:
+            self._switch_off(self._needing(q.INPUTS), NO_MEASURED_INPUTS)
+            active = [quantity for quantity in active if quantity in self.quantities]
         products = None
         if hvp:
             try:
@@ -322,7 +326,7 @@ class Instruments:
             elapsed=time.perf_counter() - self.started,
             individual_losses=individual,
             hvp=products,
-            inputs=self._gathered_inputs(inputs) if q.INPUTS in needs else None,
+            inputs=measured,
             activations=self._activations.statistics() if self._activations is not None else None,
         )
         try:
@@ -473,6 +477,7 @@ def failure_reason(step: int, error: str) -> str:
     return reason
 
 
+NO_MEASURED_INPUTS = "the model's inputs hold no floating-point tensor (token ids, say): there are no measurements to describe"
 AUTOCAST_REASON = "the forward pass runs under autocast (mixed precision), which BackPACK's curvature rules cannot backpropagate"
 
 

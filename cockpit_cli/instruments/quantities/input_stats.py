@@ -1,5 +1,6 @@
 """InputStats: mean, standard deviation, minimum and maximum of the input batch (its
-floating-point inputs: token ids and masks are left out)."""
+floating-point inputs: token ids and masks are left out; a model of integer inputs alone has
+no InputStats, see ``engine.NO_MEASURED_INPUTS``)."""
 
 import torch
 
@@ -19,8 +20,6 @@ class InputStats(Quantity):
         return {INPUTS}
 
     def compute(self, data: StepData) -> None:
-        if data.inputs is None:  # no floating-point input (token ids, say): nothing measured to describe
-            return
         inputs = data.inputs.detach()
         # One transfer; min and max are exact in the inputs' dtype, and float64 holds every value of it.
         total, squares, low, high = torch.stack((*wide_sums(inputs), *inputs.aminmax())).tolist()
