@@ -412,6 +412,22 @@ def test_the_layers_figure_of_a_run_that_went_non_finite() -> None:
     assert heatmap.images[0].get_extent() == [-5.0, 35.0, -2.0, 2.0]  # four columns of 10 steps around 0, 10, 20, 30
 
 
+def test_a_layer_s_line_at_the_end_of_the_shared_range_stays_inside_the_frame() -> None:
+    """The rows of a column share one y range; the extreme row's own range was tight around its
+    line (a nearly constant weight norm of 28.9 beside norms of 2), which then ran along the frame."""
+    stats = [{"weight_norm": [28.89 + 0.01 * step, 2.3 + 0.1 * step], "grad_norm": [0.1, 0.2], "update_ratio": [1e-3, 1e-2], "zero_grad_fraction": [0.0, 0.0]} for step in range(5)]
+    view = synthetic_view({step: {"LayerStats": row} for step, row in enumerate(stats)})
+    view.run.manifest["instruments"]["parameters"] = ["embed.weight", "out.weight"]
+    figure = layers_figure(view)
+    for column in range(3):
+        axes = [ax for ax in figure.axes if ax.lines][column::3]
+        low, high = axes[0].get_ylim()
+        assert all(ax.get_ylim() == (low, high) for ax in axes)
+        values = [value for ax in axes for value in ax.lines[0].get_ydata()]
+        span = math.log(high) - math.log(low)
+        assert math.log(min(values)) - math.log(low) >= 0.04 * span and math.log(high) - math.log(max(values)) >= 0.04 * span
+
+
 def test_the_moving_average_is_centred_and_follows_a_trend_to_the_ends() -> None:
     """A trailing average of 20 tracked steps lagged hundreds of steps behind a rise; this one
     reproduces a straight line exactly (unevenly spaced, ends included) and a step at once."""

@@ -112,18 +112,34 @@ def layers_figure(view: RunView) -> Figure:
     return figure
 
 
+SHARED_MARGIN = 0.05  # of the shared y range (in log space), above the highest line and below the lowest
+
+
 def _share_axes(axes: list[list[Axes]]) -> None:
-    """Give every chart of a column the same y range, and hide x tick labels above the last row."""
+    """Give every chart of a column the same y range, with a margin (the row of the extreme values
+    had its own range tight around them: a line along the frame would hide in it), and hide x tick
+    labels above the last row."""
     for column in range(3):
         used = [line[column] for line in axes if line[column].lines]
         if used:
             low = min(ax.get_ylim()[0] for ax in used)
             high = max(ax.get_ylim()[1] for ax in used)
+            if len(used) > 1:
+                low, high = _widened(low, high, used[0].get_yscale() == "log")
             for ax in used:
                 ax.set_ylim(low, high)
     for line in axes[:-1]:
         for ax in line:
             ax.tick_params(labelbottom=False)
+
+
+def _widened(low: float, high: float, log: bool) -> tuple[float, float]:
+    """``(low, high)`` widened by :data:`SHARED_MARGIN` of its span at each end (in log space on a log axis)."""
+    if log and low > 0:
+        pad = (np.log(high) - np.log(low)) * SHARED_MARGIN
+        return float(np.exp(np.log(low) - pad)), float(np.exp(np.log(high) + pad))
+    pad = (high - low) * SHARED_MARGIN
+    return low - pad, high + pad
 
 
 def write_layers_figure(view: RunView, path: Path) -> Path:
