@@ -270,3 +270,28 @@ def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp
     assert advice["overfitting"] == "run.evaluate(step, valid=(loss, accuracy)) more often"
     assert advice["early_stopping"] == 'TrackedRun(..., quantities={"EarlyStopping": True})'
 
+
+
+def test_steps_numbered_from_0_in_every_epoch_are_all_tracked(tmp_path: Path) -> None:
+    """A loop of `for step, batch in enumerate(loader)` inside an epoch loop numbers its steps
+    0, 1, 2 in every epoch: the instruments count the steps themselves (the second epoch's
+    step 0 is no second backward pass of the first epoch's step 0, and Alpha's next point of
+    step 2 is the next epoch's step 0)."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrackedRun(tmp_path / "epochs", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
+        for epoch in range(2):
+            generator = torch.Generator().manual_seed(epoch)
+            for step in range(3):
+                inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+                optimizer.zero_grad()
+                outputs = model(inputs)
+                loss = nn.functional.cross_entropy(outputs, targets)
+                run.backward(step, loss, inputs, outputs, targets)
+                optimizer.step()
+                run.step(step, loss, epoch=epoch)
+    recorded = read_run(tmp_path / "epochs")
+    assert recorded.manifest["warnings"] == []
+    assert [(record["epoch"], record["step"]) for record in recorded.steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert all({"NormTest", "Alpha"} <= set(record["quantities"]) for record in recorded.steps[:-1])
+    assert "Alpha" not in recorded.steps[-1]["quantities"] and "NormTest" in recorded.steps[-1]["quantities"]

@@ -1296,3 +1296,32 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
         grads = ref.per_sample_gradients(reference, first[step].per_sample_loss_fn, first[step].inputs, first[step].targets)
         assert_close(found[step]["NormTest"], ref.norm_test(grads))
         check_hist1d(found[step]["GradHist1d"], grads)
+
+
+def test_schedules_count_the_steps_taken_whatever_the_loop_numbers_them() -> None:
+    """A loop that skips batches leaves gaps in its step numbers (0, 2, 4, ...): every second step
+    taken is tracked, the values carry the loop's numbers and match the references there, and
+    Alpha ends at the next step taken."""
+    model = ref.mlp(0)
+    names = ("NormTest", "Alpha", "Loss")
+    opt = sgd(ref.trainable(model))
+    batches = make_batches("mlp", "ce", 0, 5)
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(names, Schedule(every=2)))
+    thetas, found = [], {}
+    for count, batch in enumerate(batches):
+        thetas.append(snapshot(model))
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        found.update(engine_step(instruments, opt, 2 * count, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets))
+    thetas.append(snapshot(model))
+    found.update(instruments.finish())
+    assert sorted(found) == [0, 4, 8] and [set(found[step]) for step in (0, 4, 8)] == [set(names)] * 2 + [{"NormTest", "Loss"}]
+    for count in (0, 2, 4):
+        reference = copy.deepcopy(model)
+        load(reference, thetas[count])
+        grads = ref.per_sample_gradients(reference, batches[count].per_sample_loss_fn, batches[count].inputs, batches[count].targets)
+        assert_close(found[2 * count]["NormTest"], ref.norm_test(grads))
+    for count in (0, 2):
+        reference = copy.deepcopy(model)
+        expected = curv.reference_alpha(reference, batches[count].per_sample_loss_fn, batches[count], batches[count + 1], thetas[count], thetas[count + 1], None, 0.0)
+        assert found[2 * count]["Alpha"] == pytest.approx(expected, rel=1e-6, abs=1e-8)

@@ -119,7 +119,9 @@ class Instruments:
         for quantity in self.quantities:
             quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, dict[str, Any]] = {}  # by the engine's own count of steps
+        self._labels: dict[int, int] = {}  # the loop's number of each counted step whose values are not handed out yet
+        self._awaiting_update: int | None = None  # the loop's number of the step whose backward pass ran, until its update
         self.started = time.perf_counter()
         self.next_step = 0
         self._planned: tuple[int, list[Quantity], list[set[str]], set[str]] | None = None
@@ -250,11 +252,16 @@ class Instruments:
         ``inputs`` is the model's input batch, or the tuple of its positional inputs
         (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs. A
         step's later backward passes (gradients accumulated over micro-batches) are plain ones:
-        the step's values describe its first backward pass's batch."""
-        if step < self.next_step:
+        the step's values describe its first backward pass's batch.
+
+        The engine counts the steps itself, one by one: schedules and Alpha's next point follow
+        its count, and the loop's ``step`` numbers the values it hands out. A loop may number
+        its steps otherwise (from 0 in every epoch; a batch it skips leaves a gap)."""
+        if step == self._awaiting_update:
             self._repeated_backward(step, loss)
             return
-        self.next_step = step + 1
+        label, step = step, self._count_step(step)
+        self._awaiting_update = label
         active, needs = self._plan(step)
         if q.CURVATURE in needs and not self._curvature_checked:
             active, needs = self._check_curvature_memory(step, inputs, outputs)
@@ -294,13 +301,13 @@ class Instruments:
             )
         self.capture.detach()
         if self.support.per_sample != support.per_sample:
-            self.changes.append(f"from step {step}: {self.support.per_sample_reason}")
+            self.changes.append(f"from step {label}: {self.support.per_sample_reason}")
         if by_forward_mode:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
                 accumulator.add(r.PROJECTIONS, self.capture.start_slopes(inputs, targets, theta, self._rng_state)(options.direction))
         if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
-            self._switch_off(self._needing_any(accumulator.failed), failure_reason(step, accumulator.errors[0]))
+            self._switch_off(self._needing_any(accumulator.failed), failure_reason(label, accumulator.errors[0]))
             active = [quantity for quantity in active if quantity in self.quantities]
         measured = self._gathered_inputs(inputs) if q.INPUTS in needs else None
         if q.INPUTS in needs and measured is None:
@@ -311,7 +318,7 @@ class Instruments:
             try:
                 products = self.capture.hessian_vector_product(loss)
             except Exception as error:  # noqa: BLE001 - an instrument never stops training
-                self._switch_off(self._needing(q.HVP), failure_reason(step, f"{type(error).__name__}: {error}"))
+                self._switch_off(self._needing(q.HVP), failure_reason(label, f"{type(error).__name__}: {error}"))
                 active = [quantity for quantity in active if quantity in self.quantities]
         data = StepData(
             step=step,
@@ -393,18 +400,30 @@ class Instruments:
         self._planned = None
         return self._plan(step)
 
+    def _count_step(self, label: int) -> int:
+        """Count a step the loop numbers ``label``; return the engine's number for it."""
+        step, self.next_step = self.next_step, self.next_step + 1
+        self._labels[step] = label
+        return step
+
+    def _label(self, step: int) -> int:
+        """The loop's number of the counted ``step``."""
+        return self._labels.get(step, step)
+
     def skip(self, step: int) -> None:
         """Call instead of :meth:`backward` for a step whose update is dropped (non-finite loss)."""
-        self.next_step = step + 1
+        self._count_step(step)
+        self._awaiting_update = None
         self.capture.detach()
         self._stop_recording()
-        self._watch_forward(step + 1)
+        self._watch_forward(self.next_step)
 
     def after_update(self, step: int) -> None:
         """Call after ``optimizer.step()`` of ``step``: quantities that compare theta_t and theta_{t+1}."""
+        self._awaiting_update = None
         if self._before is None:
             return
-        data = UpdateData(step=step, before=self._before, after=self.params, start_slopes=self._start_slopes)
+        data = UpdateData(step=self.next_step - 1, before=self._before, after=self.params, start_slopes=self._start_slopes)
         with self._engine_pass(), torch.no_grad():
             for quantity in self._updating:
                 self._run(quantity, quantity.after_update, data)
@@ -416,7 +435,7 @@ class Instruments:
         try:
             method(data)
         except Exception as error:  # an instrument never stops training
-            self._switch_off([quantity], failure_reason(data.step, f"{type(error).__name__}: {error}"))
+            self._switch_off([quantity], failure_reason(self._label(data.step), f"{type(error).__name__}: {error}"))
 
     def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
         for step, values in outputs.items():
@@ -425,9 +444,13 @@ class Instruments:
     # -- results ---------------------------------------------------------------------------
 
     def completed(self, step: int) -> dict[int, dict[str, Any]]:
-        """Pop the values of every step up to ``step - lag`` (complete once ``step`` is done)."""
-        done = [s for s in self.results if s <= step - self.lag]
-        return {s: self.results.pop(s) for s in sorted(done)}
+        """Pop the values of every step up to ``lag`` steps before ``step``, the last one taken
+        (complete once it is done), by the loop's numbers of the steps."""
+        last = self.next_step - 1
+        done = {self._label(s): self.results.pop(s) for s in sorted(s for s in self.results if s <= last - self.lag)}
+        for counted in [s for s in self._labels if s <= last - self.lag]:
+            del self._labels[counted]
+        return done
 
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
@@ -440,16 +463,20 @@ class Instruments:
             self._output_sizes = None
         if self._activations is not None:
             self._activations.remove()
-        return {s: self.results.pop(s) for s in sorted(self.results)}
+        done = {self._label(s): self.results.pop(s) for s in sorted(self.results)}
+        self._labels = {}
+        return done
 
     def state_dict(self) -> dict[str, Any]:
         """Return the carried state: values waiting for their step, and each quantity's state."""
-        return {"results": self.results, "next_step": self.next_step, "quantities": {q.name: q.state_dict() for q in self.quantities}}
+        return {"results": self.results, "next_step": self.next_step, "labels": self._labels, "quantities": {q.name: q.state_dict() for q in self.quantities}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the same quantities must be tracked)."""
         self.results = {int(step): values for step, values in state["results"].items()}
         self.next_step = int(state["next_step"])
+        self._labels = {int(step): label for step, label in state.get("labels", {}).items()}
+        self._awaiting_update = None
         self._idle_until, self._planned, self._quiet = 0, None, False
         self._watch_forward(self.next_step)
         for quantity in self.quantities:

@@ -82,7 +82,7 @@ class Tracker:
             self.flush()
             return
         values = self.instruments.completed(step)
-        while self.pending and self.pending[0].step <= step - self.instruments.lag:
+        while len(self.pending) > self.instruments.lag:  # a record a step, in order: the last lag ones wait
             done = self.pending.popleft()
             done.quantities = values.pop(done.step, {})
             self.emit(done)
