@@ -94,6 +94,8 @@ class TrackedRun:
         self.optimizer = optimizer
         self.epoch = 0
         self.steps = 0
+        self._offset = 0  # added to the loop's step numbers since they last started again
+        self._last_step: int | None = None  # the loop's number of the last step seen
         self.started = time.perf_counter()
         self.closed = False
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -101,14 +103,23 @@ class TrackedRun:
         meta = RunMeta(schema.API_PROBLEM, type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
         self.writer.on_start(meta)
 
+    def _run_step(self, step: int) -> int:
+        """The run's number of the loop's ``step``: the loop's own while its numbers grow (gaps
+        kept); where they start again (from 0 in every epoch), the count goes on from the last."""
+        if self._last_step is not None and step < self._last_step:
+            self._offset = self._last_step + self._offset + 1 - step
+        self._last_step = step
+        return step + self._offset
+
     def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any) -> None:
         """Use instead of ``loss.backward()``: gradients plus every quantity due at ``step``."""
-        self.tracker.backward(step, loss, inputs, outputs, targets)
+        self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets)
 
     def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
         """Call after ``optimizer.step()`` of ``step`` to record it."""
         if epoch is not None:
             self.epoch = epoch
+        step = self._run_step(step)
         value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
         record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
         self.tracker.after_update(step, record)
@@ -119,6 +130,7 @@ class TrackedRun:
     def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
         """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""
         metrics = {name: SplitMetrics(float(loss), None if accuracy is None else float(accuracy), 0) for name, (loss, accuracy) in splits.items()}
+        step += self._offset  # numbered as the steps are (an epoch's end: its last step + 1)
         self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))
 
     def close(self, status: RunStatus = RunStatus.COMPLETED, message: str | None = None) -> None:

@@ -274,9 +274,9 @@ def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp
 
 def test_steps_numbered_from_0_in_every_epoch_are_all_tracked(tmp_path: Path) -> None:
     """A loop of `for step, batch in enumerate(loader)` inside an epoch loop numbers its steps
-    0, 1, 2 in every epoch: the instruments count the steps themselves (the second epoch's
-    step 0 is no second backward pass of the first epoch's step 0, and Alpha's next point of
-    step 2 is the next epoch's step 0)."""
+    0, 1, 2 in every epoch: the run goes on counting where the numbers start again (the second
+    epoch's step 0 is the run's step 3, no second backward pass of step 0; Alpha's next point of
+    step 2 is step 3), and an evaluation at an epoch's end (its last step + 1) lands after it."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrackedRun(tmp_path / "epochs", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
@@ -290,8 +290,29 @@ def test_steps_numbered_from_0_in_every_epoch_are_all_tracked(tmp_path: Path) ->
                 run.backward(step, loss, inputs, outputs, targets)
                 optimizer.step()
                 run.step(step, loss, epoch=epoch)
+            run.evaluate(step + 1, valid=(1.0, 0.5))
     recorded = read_run(tmp_path / "epochs")
     assert recorded.manifest["warnings"] == []
-    assert [(record["epoch"], record["step"]) for record in recorded.steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert [(record["epoch"], record["step"]) for record in recorded.steps] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    assert [record["step"] for record in recorded.evals] == [3, 6]
     assert all({"NormTest", "Alpha"} <= set(record["quantities"]) for record in recorded.steps[:-1])
     assert "Alpha" not in recorded.steps[-1]["quantities"] and "NormTest" in recorded.steps[-1]["quantities"]
+
+
+def test_a_loop_that_skips_batches_keeps_its_step_numbers(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    with TrackedRun(tmp_path / "gaps", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, every=2) as run:
+        for step in (0, 2, 4, 6, 8):
+            inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = nn.functional.cross_entropy(outputs, targets)
+            run.backward(step, loss, inputs, outputs, targets)
+            optimizer.step()
+            run.step(step, loss)
+    recorded = read_run(tmp_path / "gaps")
+    assert [record["step"] for record in recorded.steps] == [0, 2, 4, 6, 8]
+    assert [record["step"] for record in recorded.steps if "NormTest" in record["quantities"]] == [0, 4, 8]  # every second step taken
+    assert [record["step"] for record in recorded.steps if "Alpha" in record["quantities"]] == [0, 4]
