@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,13 @@ from cockpit_cli.storage.reader import read_run
 from cockpit_cli.training.events import RunStatus
 
 
-def loop(run: TrackedRun, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_fn: nn.Module | None = None) -> None:
-    generator = torch.Generator().manual_seed(0)
+def loop(
+    run: TrackedRun, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int | Iterable[int], loss_fn: nn.Module | None = None, epoch: int | None = None
+) -> None:
+    """Train on random batches, numbering the steps ``range(steps)`` or as ``steps`` gives them."""
+    generator = torch.Generator().manual_seed(0 if epoch is None else epoch)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    for step in range(steps):
+    for step in range(steps) if isinstance(steps, int) else steps:
         inputs = torch.randn(16, 5, generator=generator)
         targets = torch.randint(0, 3, (16,), generator=generator)
         optimizer.zero_grad()
@@ -25,7 +29,7 @@ def loop(run: TrackedRun, model: nn.Module, optimizer: torch.optim.Optimizer, st
         loss = loss_fn(outputs, targets)
         run.backward(step, loss, inputs, outputs, targets)
         optimizer.step()
-        run.step(step, loss)
+        run.step(step, loss, epoch=epoch)
 
 
 def make_model() -> nn.Sequential:
@@ -281,16 +285,8 @@ def test_steps_numbered_from_0_in_every_epoch_are_all_tracked(tmp_path: Path) ->
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrackedRun(tmp_path / "epochs", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
         for epoch in range(2):
-            generator = torch.Generator().manual_seed(epoch)
-            for step in range(3):
-                inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
-                optimizer.zero_grad()
-                outputs = model(inputs)
-                loss = nn.functional.cross_entropy(outputs, targets)
-                run.backward(step, loss, inputs, outputs, targets)
-                optimizer.step()
-                run.step(step, loss, epoch=epoch)
-            run.evaluate(step + 1, valid=(1.0, 0.5))
+            loop(run, model, optimizer, 3, epoch=epoch)
+            run.evaluate(3, valid=(1.0, 0.5))  # after the epoch's last step, 2
     recorded = read_run(tmp_path / "epochs")
     assert recorded.manifest["warnings"] == []
     assert [(record["epoch"], record["step"]) for record in recorded.steps] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
@@ -302,16 +298,8 @@ def test_steps_numbered_from_0_in_every_epoch_are_all_tracked(tmp_path: Path) ->
 def test_a_loop_that_skips_batches_keeps_its_step_numbers(tmp_path: Path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(0)
     with TrackedRun(tmp_path / "gaps", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, every=2) as run:
-        for step in (0, 2, 4, 6, 8):
-            inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
-            optimizer.zero_grad()
-            outputs = model(inputs)
-            loss = nn.functional.cross_entropy(outputs, targets)
-            run.backward(step, loss, inputs, outputs, targets)
-            optimizer.step()
-            run.step(step, loss)
+        loop(run, model, optimizer, (0, 2, 4, 6, 8))
     recorded = read_run(tmp_path / "gaps")
     assert [record["step"] for record in recorded.steps] == [0, 2, 4, 6, 8]
     assert [record["step"] for record in recorded.steps if "NormTest" in record["quantities"]] == [0, 4, 8]  # every second step taken
