@@ -120,7 +120,7 @@ class Instruments:
             quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
         self.results: dict[int, dict[str, Any]] = {}  # by the engine's own count of steps
-        self._labels: dict[int, int] = {}  # the loop's number of each counted step whose values are not handed out yet
+        self._labels: dict[int, int] = {}  # the loop's number of each counted step whose values are not handed out yet, where it differs
         self._awaiting_update: int | None = None  # the loop's number of the step whose backward pass ran, until its update
         self.started = time.perf_counter()
         self.next_step = 0
@@ -403,7 +403,8 @@ class Instruments:
     def _count_step(self, label: int) -> int:
         """Count a step the loop numbers ``label``; return the engine's number for it."""
         step, self.next_step = self.next_step, self.next_step + 1
-        self._labels[step] = label
+        if label != step:  # kept only where they differ (never in a loop that counts from 0 one by one)
+            self._labels[step] = label
         return step
 
     def _label(self, step: int) -> int:
@@ -447,9 +448,10 @@ class Instruments:
         """Pop the values of every step up to ``lag`` steps before ``step``, the last one taken
         (complete once it is done), by the loop's numbers of the steps."""
         last = self.next_step - 1
-        done = {self._label(s): self.results.pop(s) for s in sorted(s for s in self.results if s <= last - self.lag)}
-        for counted in [s for s in self._labels if s <= last - self.lag]:
-            del self._labels[counted]
+        done = {self._label(s): self.results.pop(s) for s in sorted([s for s in self.results if s <= last - self.lag])} if self.results else {}
+        if self._labels:
+            for counted in [s for s in self._labels if s <= last - self.lag]:
+                del self._labels[counted]
         return done
 
     def finish(self) -> dict[int, dict[str, Any]]:

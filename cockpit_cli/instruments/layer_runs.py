@@ -48,9 +48,10 @@ class LayerRuns:
 
     def stop(self) -> None:
         """Stop counting and forget the counts."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.runs = [], {}
+        if self._handles or self.runs:  # (called after every backward pass, mostly with nothing to do)
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self.runs = [], {}
 
     def _count(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if torch.is_grad_enabled():
