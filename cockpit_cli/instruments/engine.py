@@ -185,7 +185,7 @@ class Instruments:
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
-        if self._own_pass or not (module.training and torch.is_grad_enabled()):
+        if self._own_pass or not torch.is_grad_enabled():  # (a model may train in eval mode, to keep its dropout off)
             return
         _, needs = self._plan(self.next_step)
         if not needs and self._quiet:  # an idle step after an idle step: everything is off already

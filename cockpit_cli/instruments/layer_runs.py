@@ -46,6 +46,11 @@ class LayerRuns:
         if not self._handles:
             self._handles = [module.register_forward_hook(self._count) for module in self.module_params]
 
+    @property
+    def watching(self) -> bool:
+        """Whether the runs of the last forward pass were counted (:meth:`watch` came before it)."""
+        return bool(self._handles)
+
     def stop(self) -> None:
         """Stop counting and forget the counts."""
         if self._handles or self.runs:  # (called after every backward pass, mostly with nothing to do)
