@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import reference as ref
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.support import check_support, shared_parameters
 from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import dense_max_eigenvalue
-from test_instruments_exact import DECAY, FIRST_ORDER, SGDAccumulating, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (one_thread is a fixture)
+from test_instruments_exact import DECAY, FIRST_ORDER, SGDAccumulating, check_first_order, check_hist1d, engine_step, histogram_options, load, make_batches, one_thread, quantities, snapshot, train  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -310,3 +311,32 @@ def test_a_model_trained_in_eval_mode_is_tracked_through_its_layers_hooks() -> N
     for step in (0, 1):
         check_first_order(run, step, names=NAMES)
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+
+def test_a_penalty_term_of_the_loss_is_part_of_every_sample_s_gradient() -> None:
+    """A loss with a term of its own on a weight (an L1 penalty) uses the weight outside its
+    layer: torch.func forms the per-sample data gradients, and the term's gradient, the same for
+    every sample, is added to each (the training's gradient minus their mean)."""
+    torch.manual_seed(0)
+    model = ref.mlp(0)
+    penalty = lambda net: 0.01 * net[0].weight.abs().sum()  # noqa: E731
+    batches = make_batches("mlp", "ce", 0, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    names = ("NormTest", "InnerTest", "OrthoTest", "GradHist1d")
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(names, **histogram_options(model, batches[0], 0.0)))
+    thetas, found = [], {}
+    for step, batch in enumerate(batches):
+        thetas.append(snapshot(model))
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        found.update(engine_step(instruments, opt, step, batch.loss_fn(outputs, batch.targets) + penalty(model), batch.inputs, outputs, batch.targets))
+    found.update(instruments.finish())
+    assert "used outside its layer '0' (by a term of the loss" in instruments.support.per_sample_reason
+    for step, batch in enumerate(batches):
+        reference = ref.mlp(0)
+        load(reference, thetas[step])
+        with_penalty = lambda out, y, net=reference: batch.per_sample_loss_fn(out, y) + penalty(net)  # noqa: E731
+        grads = ref.per_sample_gradients(reference, with_penalty, batch.inputs, batch.targets)
+        for name, expected in (("NormTest", ref.norm_test), ("InnerTest", ref.inner_test), ("OrthoTest", ref.ortho_test)):
+            assert found[step][name] == pytest.approx(expected(grads), rel=1e-9)
+        check_hist1d(found[step]["GradHist1d"], grads)

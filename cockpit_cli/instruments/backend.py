@@ -197,6 +197,7 @@ class GradientCapture:
         extensions = []
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
         by_functorch = per_sample and self.support.per_sample == "functorch"
+        own_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)  # the pass forms them from nothing
         if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
@@ -223,7 +224,7 @@ class GradientCapture:
             # empty (not accumulated over several backward passes) and are this process's alone.
             # Only reductions that read the mean wait for them: the factors of a layer that waits
             # stay in memory beside its gradient.
-            hooks.at_gradients = bool(requested & NEEDS_MEAN) and self.sync.world_size == 1 and all(p.grad is None for p in self.params)
+            hooks.at_gradients = bool(requested & NEEDS_MEAN) and own_gradients
             hooks.after_gradient = self._release_direction(options, accumulator)
             try:
                 _backward(loss, retain_graph, create_graph)
@@ -243,7 +244,10 @@ class GradientCapture:
                 accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
                 gradients = []
             for index, samples in enumerate(gradients):
-                source = DenseSamples(self._with_regularizer(index, samples))
+                samples = self._with_regularizer(index, samples)
+                if index in self.runs.outside and own_gradients:
+                    samples += self.params[index].grad.detach() - samples.mean(0)  # the loss's own term: every sample's
+                source = DenseSamples(samples)
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
         return accumulator

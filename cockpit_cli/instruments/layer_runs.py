@@ -39,6 +39,7 @@ class LayerRuns:
         self.module_params = module_params
         self.names = names
         self.runs: dict[nn.Module, int] = {}
+        self.outside: set[int] = set()  # positions of the parameters used outside their layers (see used_outside)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def watch(self) -> None:
@@ -82,20 +83,25 @@ class LayerRuns:
     def used_outside(self, loss: Tensor, decayed: Collection[int]) -> str | None:
         """Say which parameter of a Linear, convolution or Embedding layer ``loss`` uses more often
         than its layers ran (the regulariser of the positions ``decayed`` once more), or return
-        ``None``. Parameters of other layers, whose runs may add several edges, are not judged."""
+        ``None``; :attr:`outside` then holds the positions of every such parameter. Parameters of
+        other layers, whose runs may add several edges, are not judged."""
         edges = accumulation_edges(loss)
         owners: dict[int, tuple[nn.Parameter, list[nn.Module]]] = {}
         for module, own in self.module_params.items():
             for index, param in own:
                 owners.setdefault(index, (param, []))[1].append(module)
+        found = []
         for index, (param, modules) in owners.items():
             if not all(isinstance(module, ONE_EDGE_PER_RUN) for module in modules):
                 continue
             runs = sum(self.runs.get(module, 0) for module in modules) + (index in decayed)
             if edges.get(id(param), 0) > runs:
-                layers = " or ".join(f"'{self._name(module)}'" for module in modules)
-                return f"parameter '{self.names[index]}' is used outside its layer {layers}"
-        return None
+                found.append((index, " or ".join(f"'{self._name(module)}'" for module in modules)))
+        self.outside = {index for index, _ in found}
+        if not found:
+            return None
+        index, layers = found[0]
+        return f"parameter '{self.names[index]}' is used outside its layer {layers} (by a term of the loss, as a penalty on the weights, or by a functional call, as a tied weight)"
 
     def _name(self, module: nn.Module) -> str:
         name = next((n for n, m in self.model.named_modules() if m is module), None)
