@@ -340,3 +340,19 @@ def test_a_penalty_term_of_the_loss_is_part_of_every_sample_s_gradient() -> None
         for name, expected in (("NormTest", ref.norm_test), ("InnerTest", ref.inner_test), ("OrthoTest", ref.ortho_test)):
             assert found[step][name] == pytest.approx(expected(grads), rel=1e-9)
         check_hist1d(found[step]["GradHist1d"], grads)
+
+
+def test_a_remainder_within_rounding_is_no_loss_term() -> None:
+    """torch.func follows a functional use of a weight itself: the remainder beside the samples'
+    mean is then rounding, and adding it would move exactly-zero elements (tokens a sample does
+    not use) off the histogram's bin edge at 0. A penalty's gradient is added to every sample."""
+    from cockpit_cli.instruments.backend import _add_loss_term
+
+    samples = torch.tensor([[0.0, 2.0, 0.0], [0.0, 4.0, 1.0]])
+    mean = samples.mean(0)
+    rounded = samples.clone()
+    _add_loss_term(rounded, mean * (1 + 1e-7))
+    assert torch.equal(rounded, samples)
+    penalized = samples.clone()
+    _add_loss_term(penalized, mean + torch.tensor([0.01, -0.01, 0.01]))
+    assert torch.allclose(penalized, samples + torch.tensor([0.01, -0.01, 0.01]))

@@ -246,7 +246,7 @@ class GradientCapture:
             for index, samples in enumerate(gradients):
                 samples = self._with_regularizer(index, samples)
                 if index in self.runs.outside and own_gradients:
-                    samples += self.params[index].grad.detach() - samples.mean(0)  # the loss's own term: every sample's
+                    _add_loss_term(samples, self.params[index].grad)
                 source = DenseSamples(samples)
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
@@ -395,6 +395,17 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:
+    """Add to every per-sample gradient (``[N, *p.shape]``, in place) the part of the training's
+    ``gradient`` that their mean lacks: the gradient of a term of the loss of its own (a penalty
+    on the weights), the same for every sample. Where that part is within the rounding of the
+    two ways of forming the gradient (a weight tied by a functional call, which torch.func
+    follows), nothing is added: exact zeros stay zeros for the histograms."""
+    remainder = gradient.detach() - samples.mean(0)
+    if float(remainder.norm()) > torch.finfo(samples.dtype).eps ** 0.5 * float(gradient.norm()):
+        samples += remainder
 
 
 def _backward(loss: Tensor, retain_graph: bool, create_graph: bool) -> None:
