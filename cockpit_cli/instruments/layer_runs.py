@@ -3,8 +3,10 @@
 Per-sample gradients taken from a layer's inputs and output gradients (BackPACK's rules, the
 hooks of :mod:`output_hooks`) see a parameter only where its layer runs. BackPACK keeps one
 input per layer, so a layer that runs twice defeats it; the output hooks add up a layer's runs.
-Neither sees a parameter that the forward pass uses directly (``x @ self.embed.weight.T``, a
-weight tied that way): its part of every sample's gradient would be missing.
+Neither sees a parameter that the loss uses directly (``x @ self.embed.weight.T``, a weight
+tied that way, or a penalty on the weights): its part of every sample's gradient would be
+missing (the capture then takes per-sample gradients from torch.func, and a penalty's gradient
+is added to every sample's).
 
 :class:`LayerRuns` counts the runs of the layers with tracked parameters while it watches, and
 reads the uses of each parameter in the loss's autograd graph: every run of a Linear,
