@@ -10,6 +10,7 @@ as autograd and torch.func give it. The references loop over the samples with au
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import reference as ref
-from cockpit_cli.instruments import Instruments
+from cockpit_cli.instruments import Instruments, engine
 from cockpit_cli.instruments.support import check_support, shared_parameters
 from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import dense_max_eigenvalue
@@ -356,3 +357,31 @@ def test_a_remainder_within_rounding_is_no_loss_term() -> None:
     penalized = samples.clone()
     _add_loss_term(penalized, mean + torch.tensor([0.01, -0.01, 0.01]))
     assert torch.allclose(penalized, samples + torch.tensor([0.01, -0.01, 0.01]))
+
+
+def test_the_step_that_moves_to_torch_func_replays_its_dropout_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step at which a layer shows it runs twice forms its per-sample gradients with
+    torch.func, which must see the masks the step's forward pass drew: every value equals that of
+    a run on torch.func from the start."""
+
+    class TwoTokensDropout(EmbeddingTwice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            tokens = (x[:, :2].abs() * 4).long().clamp(max=11)
+            return self.out(self.drop(torch.tanh(torch.cat([self.embed(tokens[:, 0]), self.embed(tokens[:, 1])], dim=1))))
+
+    def records() -> dict[int, dict]:
+        torch.manual_seed(0)
+        model = TwoTokensDropout().double()
+        torch.manual_seed(5)
+        run = train(model, make_batches("mlp", "ce", 0, 3), quantities(("NormTest", "GradHist1d", "Alpha")))
+        assert run.instruments.support.per_sample == "functorch"
+        return run.records
+
+    switched = records()
+    checked = engine.check_support
+    monkeypatch.setattr(engine, "check_support", lambda *args: dataclasses.replace(checked(*args), per_sample="functorch", per_sample_reason="from the start"))
+    assert records() == switched
