@@ -10,6 +10,7 @@ as autograd and torch.func give it. The references loop over the samples with au
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -314,12 +315,16 @@ def test_a_model_trained_in_eval_mode_is_tracked_through_its_layers_hooks() -> N
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
 
 
-def test_a_penalty_term_of_the_loss_is_part_of_every_sample_s_gradient() -> None:
+@pytest.mark.parametrize("norm", [False, True])
+def test_a_penalty_term_of_the_loss_is_part_of_every_sample_s_gradient(norm: bool) -> None:
     """A loss with a term of its own on a weight (an L1 penalty) uses the weight outside its
-    layer: torch.func forms the per-sample data gradients, and the term's gradient, the same for
-    every sample, is added to each (the training's gradient minus their mean)."""
+    layer: torch.func forms the per-sample data gradients (as it does from the start for a model
+    with a LayerNorm), and the term's gradient, the same for every sample, is added to each (the
+    training's gradient minus their mean)."""
     torch.manual_seed(0)
     model = ref.mlp(0)
+    if norm:
+        model[1] = nn.LayerNorm(5).double()
     penalty = lambda net: 0.01 * net[0].weight.abs().sum()  # noqa: E731
     batches = make_batches("mlp", "ce", 0, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -332,9 +337,9 @@ def test_a_penalty_term_of_the_loss_is_part_of_every_sample_s_gradient() -> None
         outputs = model(batch.inputs)
         found.update(engine_step(instruments, opt, step, batch.loss_fn(outputs, batch.targets) + penalty(model), batch.inputs, outputs, batch.targets))
     found.update(instruments.finish())
-    assert "used outside its layer '0' (by a term of the loss" in instruments.support.per_sample_reason
+    assert ("LayerNorm" if norm else "used outside its layer '0' (by a term of the loss") in instruments.support.per_sample_reason
     for step, batch in enumerate(batches):
-        reference = ref.mlp(0)
+        reference = copy.deepcopy(model)
         load(reference, thetas[step])
         with_penalty = lambda out, y, net=reference: batch.per_sample_loss_fn(out, y) + penalty(net)  # noqa: E731
         grads = ref.per_sample_gradients(reference, with_penalty, batch.inputs, batch.targets)

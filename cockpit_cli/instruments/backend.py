@@ -109,6 +109,12 @@ class GradientCapture:
         passes of BackPACK: with curvature or through layers other than Linear and convolution)."""
         return self.support.per_sample == "functorch" or not self._uses_checked or curvature or not self.factored
 
+    def count_runs(self) -> None:
+        """Count the layers' runs in the coming forward pass where the parameters' uses are yet to
+        be judged (:meth:`_unfollowable`), also for a pass without the layers' hooks (torch.func)."""
+        if not self._uses_checked:
+            self.runs.watch()
+
     def attach(self, curvature: bool) -> None:
         """Install BackPACK's hooks (what ``backpack.extend`` does), before a tracked forward pass.
 
@@ -202,7 +208,7 @@ class GradientCapture:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             extensions.append(self._curvature)
-        unfollowable = self._unfollowable(loss, per_sample and not by_functorch, extensions)
+        unfollowable = self._unfollowable(loss, per_sample, by_functorch, extensions)
         if unfollowable is not None:  # torch.func forms this step's per-sample gradients
             by_functorch = per_sample
             if self._curvature in extensions:
@@ -263,20 +269,21 @@ class GradientCapture:
                 shared = self._with_regularizer(index, torch.zeros_like(param.detach()))
                 reduce_layer(index, ConstantSamples(shared, batch_size), param, None, requested, accumulator, options, self.sync)
 
-    def _unfollowable(self, loss: Tensor, check_uses: bool, extensions: list) -> str | None:
+    def _unfollowable(self, loss: Tensor, per_sample: bool, by_functorch: bool, extensions: list) -> str | None:
         """Say why the layers' hooks cannot follow this step's forward pass (:mod:`layer_runs`), or
         return ``None``; where that holds for later steps too, :meth:`_learn` it.
 
-        Once, at the first tracked step (``check_uses``): a parameter used outside its layers,
-        which no hook sees. At a pass of BackPACK (``extensions``): a layer that ran twice, as
-        BackPACK keeps one input per layer (the output hooks add up a layer's runs: models of
-        Linear and convolution layers keep them for steps without curvature).
+        Once, at the first tracked step with per-sample gradients: a parameter used outside its
+        layers, which no hook sees (with torch.func already, it only marks the parameters whose
+        loss term every sample shares). At a pass of BackPACK (``extensions``): a layer that ran
+        twice, as BackPACK keeps one input per layer (the output hooks add up a layer's runs:
+        models of Linear and convolution layers keep them for steps without curvature).
         """
         decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
-        if check_uses and not self._uses_checked and self.runs.watching:  # judged where the runs were counted
+        if per_sample and not self._uses_checked and self.runs.watching:  # judged where the runs were counted
             self._uses_checked = True
             outside = self.runs.used_outside(loss, decayed)
-            if outside is not None:
+            if outside is not None and not by_functorch:
                 self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
                 return outside
         run_twice = self.runs.run_twice(loss, decayed) if extensions else None

@@ -208,6 +208,8 @@ class Instruments:
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
         else:
             self.capture.release()
+            if needs & r.NEEDS_SAMPLES:
+                self.capture.count_runs()
 
     def _watch_forward(self, next_step: int) -> None:
         """Keep the forward pre-hook only where it has work: an idle stretch whose recording is
