@@ -29,11 +29,11 @@ from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_ext
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import PerSampleLoss, devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
-from cockpit_cli.instruments.layer_runs import LayerRuns
+from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
-from cockpit_cli.instruments.support import Support
+from cockpit_cli.instruments.support import Support, no_curvature_reason, torch_func_reason
 from cockpit_cli.instruments.sync import Synchronizer
 
 # BackPACK hooks the first layer too, whose input needs no gradient; torch warns about that.
@@ -212,7 +212,7 @@ class GradientCapture:
         if unfollowable is not None:  # torch.func forms this step's per-sample gradients
             by_functorch = per_sample
             if self._curvature in extensions:
-                accumulator.fail(requested & NEEDS_CURVATURE, f"{unfollowable}; BackPACK's curvature rules need every layer once")
+                accumulator.fail(requested & NEEDS_CURVATURE, no_curvature_reason(unfollowable))
             extensions, by_output_hooks = [], False
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
@@ -279,14 +279,18 @@ class GradientCapture:
         twice, as BackPACK keeps one input per layer (the output hooks add up a layer's runs:
         models of Linear and convolution layers keep them for steps without curvature).
         """
+        check_uses = per_sample and not self._uses_checked and self.runs.watching  # judged where the runs were counted
+        if not (check_uses or extensions):
+            return None
+        edges = accumulation_edges(loss)  # the graph, walked once for both judgements
         decayed = [i for i, decay in enumerate(self.weight_decay) if decay]
-        if per_sample and not self._uses_checked and self.runs.watching:  # judged where the runs were counted
+        if check_uses:
             self._uses_checked = True
-            outside = self.runs.used_outside(loss, decayed)
+            outside = self.runs.used_outside(edges, decayed)
             if outside is not None and not by_functorch:
                 self._learn(outside, per_sample=True, curvature=self._curvature in extensions)
                 return outside
-        run_twice = self.runs.run_twice(loss, decayed) if extensions else None
+        run_twice = self.runs.run_twice(edges, decayed) if extensions else None
         if run_twice is not None:
             self._learn(run_twice, per_sample=self._batch_grad in extensions and not self.factored, curvature=self._curvature in extensions)
         return run_twice
@@ -296,10 +300,10 @@ class GradientCapture:
         diagonal (``curvature``) from now on, because of ``reason`` (:mod:`layer_runs`)."""
         support = self.support
         if per_sample:
-            support = replace(support, per_sample="functorch", per_sample_reason=f"{reason}, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)")
+            support = replace(support, per_sample="functorch", per_sample_reason=torch_func_reason(reason))
             self.factored = False
         if curvature:
-            support = replace(support, curvature=False, curvature_reason=f"{reason}; BackPACK's curvature rules need every layer once")
+            support = replace(support, curvature=False, curvature_reason=no_curvature_reason(reason))
         self.support = support
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:

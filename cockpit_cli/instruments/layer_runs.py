@@ -65,14 +65,13 @@ class LayerRuns:
         if torch.is_grad_enabled():
             self.runs[module] = self.runs.get(module, 0) + 1
 
-    def run_twice(self, loss: Tensor, decayed: Collection[int]) -> str | None:
-        """Say which layer ran more than once for ``loss``, or return ``None``.
+    def run_twice(self, edges: dict[int, int], decayed: Collection[int]) -> str | None:
+        """Say which layer ran more than once for the loss, or return ``None``.
 
-        A Linear, convolution or Embedding layer's runs are its edges in ``loss``'s graph (the
-        regulariser of the positions ``decayed`` once more): a forward pass whose output the loss
-        does not take (an evaluation with gradients on, between steps) is none of them. Other
-        layers' runs are those counted since :meth:`watch`."""
-        edges = accumulation_edges(loss)
+        A Linear, convolution or Embedding layer's runs are its ``edges`` in the loss's graph
+        (:func:`accumulation_edges`; the regulariser of the positions ``decayed`` once more): a
+        forward pass whose output the loss does not take (an evaluation with gradients on,
+        between steps) is none of them. Other layers' runs are those counted since :meth:`watch`."""
         for module, own in self.module_params.items():
             if isinstance(module, ONE_EDGE_PER_RUN):
                 runs = max(edges.get(id(param), 0) - (index in decayed) for index, param in own)
@@ -82,12 +81,11 @@ class LayerRuns:
                 return f"layer '{self._name(module)}' ({type(module).__name__}) runs {runs} times in a forward pass"
         return None
 
-    def used_outside(self, loss: Tensor, decayed: Collection[int]) -> str | None:
-        """Say which parameter of a Linear, convolution or Embedding layer ``loss`` uses more often
-        than its layers ran (the regulariser of the positions ``decayed`` once more), or return
+    def used_outside(self, edges: dict[int, int], decayed: Collection[int]) -> str | None:
+        """Say which parameter of a Linear, convolution or Embedding layer the loss uses more often
+        (its ``edges`` in the loss's graph, :func:`accumulation_edges`) than its layers ran (the regulariser of the positions ``decayed`` once more), or return
         ``None``; :attr:`outside` then holds the positions of every such parameter. Parameters of
         other layers, whose runs may add several edges, are not judged."""
-        edges = accumulation_edges(loss)
         owners: dict[int, tuple[nn.Parameter, list[nn.Module]]] = {}
         for module, own in self.module_params.items():
             for index, param in own:

@@ -76,29 +76,40 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
     if sharing is not None:
         # Hooks on the layers' outputs add up the runs of a Linear or convolution layer; BackPACK
         # keeps one input per layer and one per-sample gradient per layer and parameter.
-        curvature, curvature_reason = False, f"{sharing}; BackPACK's curvature rules need every layer once, with parameters of its own"
+        curvature, curvature_reason = False, no_curvature_reason(sharing)
         if per_sample == "backpack" and not all(factored_layer(m) for _, m in leaves if _has_trainable(m)):
-            per_sample, per_sample_reason = "functorch", f"{sharing}, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+            per_sample, per_sample_reason = "functorch", torch_func_reason(sharing)
     return Support(per_sample, per_sample_reason, curvature, curvature_reason)
 
 
 def shared_parameters(model: nn.Module) -> str | None:
     """Say where a trainable parameter serves more than one place in ``model`` (a layer registered
     twice, or layers that share a weight), or return ``None``."""
-    places: dict[int, list[str]] = {}
+    layers: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _has_trainable(module):
+            layers.setdefault(id(module), []).append(name or type(model).__name__)
+    params: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.requires_grad:
-            places.setdefault(id(param), []).append(name)
-    for names in places.values():
+            params.setdefault(id(param), []).append(name)
+    for names in layers.values():
         if len(names) > 1:
-            owners = [name.rpartition(".")[0] or type(model).__name__ for name in names]
-            leaf = names[0].rpartition(".")[2]
-            if all(name.rpartition(".")[2] == leaf for name in names):
-                owner = dict(model.named_modules(remove_duplicate=False))
-                if all(owner.get(o) is owner.get(owners[0]) for o in owners):
-                    return f"layer '{owners[0]}' appears {len(names)} times in the model (also as {', '.join(repr(o) for o in owners[1:])})"
+            return f"layer '{names[0]}' appears {len(names)} times in the model (also as {', '.join(repr(n) for n in names[1:])})"
+    for names in params.values():
+        if len(names) > 1:
             return f"parameter '{names[0]}' is also {', '.join(repr(n) for n in names[1:])}"
     return None
+
+
+def torch_func_reason(why: str) -> str:
+    """The reason per-sample gradients come from torch.func because of ``why``."""
+    return f"{why}, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+
+
+def no_curvature_reason(why: str) -> str:
+    """The reason the curvature diagonals are left out because of ``why`` (a layer's runs or uses)."""
+    return f"{why}; BackPACK's curvature rules need every layer once"
 
 
 def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:
