@@ -53,6 +53,87 @@ def test_curvature_quantities_match_references(kind: str, loss: str, curvature: 
         assert_close(values["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
 
 
+CLASS_WEIGHTS = torch.tensor([0.5, 3.0, 1.5], dtype=torch.float64)
+CROSS_ENTROPY_OPTIONS = {  # each with targets at the ignore_index where there are classes
+    "class weights": {"weight": CLASS_WEIGHTS},
+    "label smoothing": {"label_smoothing": 0.2},
+    "everything": {"weight": CLASS_WEIGHTS, "label_smoothing": 0.2, "ignore_index": 1},
+    "soft targets": {"weight": CLASS_WEIGHTS},
+}
+
+
+def cross_entropy_batches(kind: str, name: str, steps: int) -> list[ref.Batch]:
+    """Batches whose loss is a cross-entropy with ``CROSS_ENTROPY_OPTIONS[name]``, not a plain mean."""
+    options = CROSS_ENTROPY_OPTIONS[name]
+    loss_fn = torch.nn.CrossEntropyLoss(**options)
+    batches = []
+    for batch in make_batches(kind, "ce", 0, steps):
+        targets = batch.targets.clone()
+        if name == "soft targets":
+            targets = torch.softmax(torch.randn(len(targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(len(batches))), dim=1)
+        else:
+            targets[::3] = loss_fn.ignore_index
+        batches.append(batch._replace(targets=targets, loss_fn=loss_fn, per_sample_loss_fn=None))
+    return batches
+
+
+def share_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """``g_i``: N times sample i's part of the gradient of the batch's loss (whose mean over the
+    samples is the batch gradient), one backward pass per sample through its output alone."""
+    params = ref.trainable(model)
+    outputs = model(inputs)
+    (output_gradients,) = torch.autograd.grad(loss_fn(outputs, targets), outputs, retain_graph=True)
+    rows = [torch.autograd.grad(outputs[i], params, grad_outputs=len(inputs) * output_gradients[i], retain_graph=True) for i in range(len(inputs))]
+    return [torch.stack(per_param) for per_param in zip(*rows)]
+
+
+def check_against_shares(run: Run, curvature: str) -> None:
+    """HessTrace, TICDiag and TICTrace of every step of ``run`` against the dense references, with
+    the per-sample gradients of :func:`share_gradients` (its loss is no plain mean)."""
+    assert run.instruments.unavailable == {}
+    for step, (inputs, targets, loss_fn, _) in enumerate(run.batches):
+        model = run.reference_model(step)
+        diagonal = DIAGONALS[curvature](model, loss_fn, inputs, targets)
+        grads = share_gradients(model, loss_fn, inputs, targets)
+        values = run.records[step]
+        assert_close(values["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
+        assert_close(values["TICDiag"], curv.tic_diag(grads, diagonal), rel=1e-8, abs=1e-10)
+        assert_close(values["TICTrace"], curv.tic_trace(grads, diagonal), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("name", list(CROSS_ENTROPY_OPTIONS))
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_curvature_quantities_of_a_cross_entropy_with_options(kind: str, name: str, curvature: str) -> None:
+    """Class weights, ignored targets, label smoothing and soft targets weigh each sample's
+    curvature differently from the plain mean's: HessTrace and TIC follow the very loss (class
+    weights used to stop the backward pass inside BackPACK's rule)."""
+    run = train(BUILDERS[kind](0), cross_entropy_batches(kind, name, 2), quantities(DIAGONAL + ("GradNorm",)), curvature=curvature)
+    check_against_shares(run, curvature)
+
+
+BINARY_OPTIONS = {"plain": {}, "weights": {"pos_weight": torch.tensor([3.0, 0.5, 1.0], dtype=torch.float64), "weight": torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)}}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "ggn_mc"])
+@pytest.mark.parametrize("name", list(BINARY_OPTIONS))
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_curvature_quantities_of_binary_cross_entropy(kind: str, name: str, curvature: str) -> None:
+    """Three binary outputs (one logit each, soft targets) with BCEWithLogitsLoss: the curvature
+    diagonals exist (BackPACK has no rule of its own for the Hessian) and match the references."""
+    loss_fn = torch.nn.BCEWithLogitsLoss(**BINARY_OPTIONS[name])
+    batches = []
+    for index, batch in enumerate(make_batches(kind, "ce", 0, 2)):
+        targets = torch.rand(len(batch.targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        batches.append(batch._replace(targets=torch.where(targets < 0.3, 0.0, targets), loss_fn=loss_fn, per_sample_loss_fn=None))
+    run = train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature)
+    if curvature != "ggn_mc":
+        check_against_shares(run, curvature)
+        return
+    assert run.instruments.unavailable == {}  # random: finite and non-negative, as a GGN's
+    assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
+
+
 @pytest.mark.parametrize("kind, loss", CASES)
 def test_monte_carlo_ggn_is_finite_and_leaves_the_random_state_alone(kind: str, loss: str) -> None:
     model = BUILDERS[kind](0)

@@ -15,8 +15,9 @@ squared and summed while they are in cache. The numbers are the same; the time o
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
 :func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules.
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
-and cross-entropy starts the backpropagation with a factor of one column fewer than classes
-(:mod:`cross_entropy_factor`).
+cross-entropy starts the backpropagation with a factor of one column fewer than classes
+(:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
+ignored targets, label smoothing), binary cross-entropy's included (:mod:`binary_cross_entropy_factor`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.convnd import DiagGGNConvND
-from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNCrossEntropyLoss
+from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNCrossEntropyLoss, DiagGGNLoss
 from backpack.extensions.secondorder.diag_hessian.convnd import DiagHConvND
-from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntropyLoss
+from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntropyLoss, DiagHLoss
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.binary_cross_entropy_factor import BinaryCrossEntropyDerivatives
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 
@@ -99,4 +101,6 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     loss_rule = DiagHCrossEntropyLoss() if hessian else DiagGGNCrossEntropyLoss()
     loss_rule.derivatives = ReducedCrossEntropyDerivatives()
     extension.set_module_extension(nn.CrossEntropyLoss, loss_rule, overwrite=True)
+    binary_rule = (DiagHLoss if hessian else DiagGGNLoss)(derivatives=BinaryCrossEntropyDerivatives())
+    extension.set_module_extension(nn.BCEWithLogitsLoss, binary_rule, overwrite=True)
     return extension

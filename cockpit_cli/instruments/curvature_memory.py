@@ -58,8 +58,8 @@ def factor_columns(curvature: str, loss_function: object, outputs: Tensor) -> in
     """
     if curvature == "ggn_mc":
         return 1
-    if isinstance(loss_function, nn.CrossEntropyLoss):
-        return max(outputs.shape[1] - 1, 1)
+    if isinstance(loss_function, nn.CrossEntropyLoss) and outputs.dim() == 2:
+        return max(outputs.shape[1] - 1, 1)  # over extra axes, BackPACK's factor of a column per output
     return int(outputs[0].numel())
 
 

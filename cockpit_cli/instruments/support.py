@@ -6,7 +6,7 @@ BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower)
 convolutions that pad with their own values (circular, reflect, replicate), which BackPACK's
 rules compute as if they padded with zeros; the curvature diagonal needs BackPACK's
 second-order rules for every layer of a sequential model (convolutions padding with zeros) and
-a cross-entropy or mean-squared-error loss.
+a cross-entropy, binary cross-entropy (with logits) or mean-squared-error loss.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cockpit_cli.instruments.convolutions import numeric_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
-CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _extension_modules(extension: object) -> set[type]:
 
 def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]]) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
-        return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss or MSELoss)"
+        return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss or MSELoss)"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
     if not isinstance(model, nn.Sequential):
