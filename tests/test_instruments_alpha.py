@@ -80,6 +80,18 @@ def test_alpha_matches_reference(kind: str, loss: str, seed: int, weight_decay: 
     assert set(run.records[2]) == {"Loss"}  # step 2's Alpha needs step 3
 
 
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_alpha_of_sgd_that_trains_some_of_the_parameters(kind: str) -> None:
+    """SGD of the last layer alone, the others requiring gradients all the same: their update is
+    zero, not -lr g, so the plain-SGD shortcut does not hold (it gave 0.141 for 0.143 here) and
+    CABS and EB, defined for SGD of every parameter, say which parameter it leaves out."""
+    run = train(BUILDERS[kind](0), make_batches(kind, "ce", 0, 3), quantities(("Alpha", "CABS")), lambda params: torch.optim.SGD(params[-2:], lr=LR))
+    assert not run.instruments.plain_sgd
+    assert "in no parameter group" in run.instruments.unavailable["CABS"] and "'0.weight'" in run.instruments.unavailable["CABS"]
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+
 @pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp], ids=["backpack", "functorch"])
 def test_alpha_on_a_schedule(builder: Callable[[int], nn.Sequential]) -> None:
     """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1.

@@ -723,13 +723,15 @@ def test_completed_without_lag_returns_each_step_at_once() -> None:
 def test_the_reason_for_leaving_out_plain_sgd_quantities_names_what_is_not_plain() -> None:
     from cockpit_cli.instruments.engine import _unlike_plain_sgd
 
-    parameters = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
-    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.9)) == "SGD with momentum 0.9"
-    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.5, nesterov=True, weight_decay=1e-4)) == "SGD with momentum 0.5, weight_decay 0.0001, nesterov"
+    model = torch.nn.Linear(2, 1)
+    parameters = list(model.parameters())
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.9), model) == "SGD with momentum 0.9"
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, momentum=0.5, nesterov=True, weight_decay=1e-4), model) == "SGD with momentum 0.5, weight_decay 0.0001, nesterov"
     two_rates = torch.optim.SGD([{"params": parameters[:1]}, {"params": parameters[1:], "lr": 0.01}], lr=0.1)
-    assert _unlike_plain_sgd(two_rates) == "SGD with several learning rates"
-    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, maximize=True)) == "SGD with maximize"
-    assert _unlike_plain_sgd(torch.optim.AdamW(parameters)) == "AdamW"
+    assert _unlike_plain_sgd(two_rates, model) == "SGD with several learning rates"
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters, lr=0.1, maximize=True), model) == "SGD with maximize"
+    assert _unlike_plain_sgd(torch.optim.AdamW(parameters), model) == "AdamW"
+    assert _unlike_plain_sgd(torch.optim.SGD(parameters[1:], lr=0.1), model) == "SGD of some parameters ('weight' requires gradients but is in no parameter group)"
 
 
 def test_adam_leaves_out_plain_sgd_quantities() -> None:

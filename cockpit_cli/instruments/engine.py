@@ -43,28 +43,40 @@ from cockpit_cli.instruments.support import Support, check_support
 from cockpit_cli.instruments.sync import Synchronizer
 from cockpit_cli.plain_sgd import PLAIN_SGD, unlike_plain_sgd
 
-def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    """Return whether ``optimizer`` steps ``d = -lr * g`` (SGD, no momentum / decay / Nesterov, one lr)."""
+def is_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Return whether ``optimizer`` steps ``d = -lr * g`` on every trainable parameter of
+    ``model`` (SGD, no momentum / decay / Nesterov, one lr, no parameter left out)."""
     groups = optimizer.param_groups
     plain = all(unlike_plain_sgd("SGD", group) is None for group in groups)
-    return type(optimizer) is torch.optim.SGD and plain and len({g["lr"] for g in groups}) == 1
+    return type(optimizer) is torch.optim.SGD and plain and len({g["lr"] for g in groups}) == 1 and untrained_parameter(optimizer, model) is None
 
 
-def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.optim.Optimizer) -> str | None:
+def untrained_parameter(optimizer: torch.optim.Optimizer, model: nn.Module) -> str | None:
+    """Return the name of a parameter of ``model`` that requires gradients but is in none of
+    ``optimizer``'s parameter groups (its update is zero, not ``-lr * g``), or ``None``."""
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return next((name for name, p in model.named_parameters() if p.requires_grad and id(p) not in trained), None)
+
+
+def unavailable_reason(quantity: Quantity, support: Support, optimizer: torch.optim.Optimizer, model: nn.Module) -> str | None:
     """Why ``quantity`` cannot be tracked with this model, loss (``support``) and optimizer, or ``None``."""
     if quantity.per_sample and support.per_sample is None:
         return support.per_sample_reason
     if quantity.needs_curvature and not support.curvature:
         return support.curvature_reason
-    if quantity.plain_sgd_only and not is_plain_sgd(optimizer):
-        return f"defined for {PLAIN_SGD}; this run uses {_unlike_plain_sgd(optimizer)}"
+    if quantity.plain_sgd_only and not is_plain_sgd(optimizer, model):
+        return f"defined for {PLAIN_SGD}; this run uses {_unlike_plain_sgd(optimizer, model)}"
     return None
 
 
-def _unlike_plain_sgd(optimizer: torch.optim.Optimizer) -> str:
-    """Say what makes ``optimizer`` other than plain SGD: ``"Adam"``, ``"SGD with momentum 0.9"``."""
+def _unlike_plain_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> str:
+    """Say what makes ``optimizer`` other than plain SGD of ``model``: ``"Adam"``, ``"SGD with
+    momentum 0.9"``, ``"SGD of some parameters ('0.weight' is in no parameter group)"``."""
     name, groups = type(optimizer).__name__, optimizer.param_groups
-    return unlike_plain_sgd(name, groups[0], len({g["lr"] for g in groups})) or name
+    unlike = unlike_plain_sgd(name, groups[0], len({g["lr"] for g in groups}))
+    if unlike is None and (left_out := untrained_parameter(optimizer, model)) is not None:
+        unlike = f"{name} of some parameters ('{left_out}' requires gradients but is in no parameter group)"
+    return unlike or name
 
 
 class Instruments:
@@ -105,7 +117,7 @@ class Instruments:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         decayed = {id(p) for p in decayed_parameters}
-        self.plain_sgd = is_plain_sgd(optimizer)
+        self.plain_sgd = is_plain_sgd(optimizer, model)
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         support = check_support(model, loss_function)
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
@@ -145,7 +157,7 @@ class Instruments:
     # -- what is due -----------------------------------------------------------------------
 
     def _available(self, quantity: Quantity) -> bool:
-        reason = unavailable_reason(quantity, self.support, self.optimizer)
+        reason = unavailable_reason(quantity, self.support, self.optimizer, self.model)
         if reason:
             self.unavailable[quantity.name] = reason
         return reason is None

@@ -175,7 +175,7 @@ def unavailable_quantities(setup: RunSetup) -> dict[str, str]:
     from cockpit_cli.instruments.support import check_support
 
     support = check_support(setup.problem.model, setup.problem.loss_function)
-    reasons = {quantity.name: unavailable_reason(quantity, support, setup.optimizer) for quantity in setup.quantities}
+    reasons = {quantity.name: unavailable_reason(quantity, support, setup.optimizer, setup.problem.model) for quantity in setup.quantities}
     return {name: reason for name, reason in reasons.items() if reason}
 
 
