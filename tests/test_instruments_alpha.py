@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import reference as ref
 import reference_curvature as curv
-from cockpit_cli.instruments import QUANTITIES, Schedule
+from cockpit_cli.instruments import QUANTITIES, Instruments, Schedule
 from cockpit_cli.instruments.quantities.alpha import fit_alpha, solve
 from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
     BUILDERS,
@@ -42,6 +42,7 @@ from test_instruments_exact import (  # noqa: F401 (one_thread is a fixture)
     scaled_dropout_mlp,
     scaled_mlp,
     sgd,
+    snapshot,
     train,
 )
 
@@ -88,6 +89,46 @@ def test_alpha_of_sgd_that_trains_some_of_the_parameters(kind: str) -> None:
     run = train(BUILDERS[kind](0), make_batches(kind, "ce", 0, 3), quantities(("Alpha", "CABS")), lambda params: torch.optim.SGD(params[-2:], lr=LR))
     assert not run.instruments.plain_sgd
     assert "in no parameter group" in run.instruments.unavailable["CABS"] and "'0.weight'" in run.instruments.unavailable["CABS"]
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+
+CLIPPING = {
+    "by norm": lambda params: torch.nn.utils.clip_grad_norm_(params, 0.05),
+    "by value": lambda params: torch.nn.utils.clip_grad_value_(params, 0.01),
+    "by a new tensor": lambda params: [setattr(p, "grad", p.grad.clamp(-0.01, 0.01)) for p in params],
+    "not at all": lambda params: None,
+}
+
+
+@pytest.mark.parametrize("clip", list(CLIPPING))
+@pytest.mark.parametrize("builder", [ref.mlp, ref.cnn, scaled_mlp], ids=["mlp", "cnn", "functorch"])
+def test_alpha_of_plain_sgd_with_clipped_gradients(builder: Callable[[int], nn.Sequential], clip: str) -> None:
+    """Gradients clipped between the backward pass and the update: plain SGD steps -lr times the
+    clipped gradient, not the backward pass's (Alpha was 0.013 for 0.164 clipped by norm). Its
+    start slopes then come from a forward-mode pass along the update; unclipped, from the dot
+    products of the backward pass (no forward-mode pass is made)."""
+    kind = "cnn" if builder is ref.cnn else "mlp"
+    model = builder(0)
+    batches = make_batches(kind, "ce", 0, 3)
+    run = Run({}, [], batches, [], copy.deepcopy(model), None)
+    opt = sgd(ref.trainable(model))
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(("Alpha",)))
+    passes = []
+    original = instruments.capture.start_slopes
+    instruments.capture.start_slopes = lambda *args: (lambda slopes: (lambda d: passes.append(1) or slopes(d)))(original(*args))
+    for step, batch in enumerate(batches):
+        run.thetas.append(snapshot(model))
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+        CLIPPING[clip](ref.trainable(model))
+        opt.step()
+        instruments.after_update(step)
+        run.records.update(instruments.completed(step))
+    run.thetas.append(snapshot(model))
+    assert instruments.plain_sgd
+    assert len(passes) == (0 if clip == "not at all" else 3)  # one at each step's start, where clipped
     for step in (0, 1):
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
 

@@ -1298,6 +1298,10 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
         grads = ref.per_sample_gradients(reference, first[step].per_sample_loss_fn, first[step].inputs, first[step].targets)
         assert_close(found[step]["NormTest"], ref.norm_test(grads))
         check_hist1d(found[step]["GradHist1d"], grads)
+    thetas.append(snapshot(model))
+    for step in (step for step in tracked if step < 6):  # the update is -lr times both micro-batches' gradient
+        expected = curv.reference_alpha(copy.deepcopy(model), first[step].per_sample_loss_fn, first[step], first[step + 1], thetas[step], thetas[step + 1])
+        assert found[step]["Alpha"] == pytest.approx(expected, rel=1e-6, abs=1e-8)
 
 
 def test_schedules_count_the_steps_taken_whatever_the_loop_numbers_them() -> None:

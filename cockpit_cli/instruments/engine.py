@@ -142,6 +142,7 @@ class Instruments:
         self._before: list[Tensor] | None = None
         self._updating: list[Quantity] = []
         self._start_slopes = None
+        self._gradients: list[tuple[Tensor, int] | None] | None = None  # the gradients a plain-SGD step should take (see _versions)
         self._rng_state: tuple | None = None
         self._own_pass = False  # True while the engine runs forward passes of its own
         self._forward_hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
@@ -364,6 +365,7 @@ class Instruments:
             self._updating = self._needing(q.PARAMS_BEFORE)
             if START_SLOPES in needs:
                 self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
+                self._gradients = _versions(self.params) if self.plain_sgd else None
         self._stop_recording()
 
     def _gathered_inputs(self, inputs: Inputs) -> Tensor | None:
@@ -438,12 +440,15 @@ class Instruments:
         self._awaiting_update = None
         if self._before is None:
             return
-        data = UpdateData(step=self.next_step - 1, before=self._before, after=self.params, start_slopes=self._start_slopes)
+        slopes = self._start_slopes
+        if self._gradients is not None and _untouched(self._gradients, self.params):
+            slopes = None  # plain SGD stepped with the backward pass's gradients untouched: d = -lr g
+        data = UpdateData(step=self.next_step - 1, before=self._before, after=self.params, start_slopes=slopes)
         with self._engine_pass(), torch.no_grad():
             for quantity in self._updating:
                 self._run(quantity, quantity.after_update, data)
         self._collect(data.outputs)
-        self._before, self._updating, self._start_slopes = None, [], None
+        self._before, self._updating, self._start_slopes, self._gradients = None, [], None, None
 
     def _run(self, quantity: Quantity, method: Any, data: Any) -> None:
         """Call ``method(data)`` (callers hold ``torch.no_grad``); a failure switches the quantity off."""
@@ -535,6 +540,17 @@ def _autocast_enabled() -> bool:
 def _projections_only(needs: set[str]) -> bool:
     """Whether projections g_i . u are the only per-sample values due (Alpha's second point)."""
     return needs & r.NEEDS_SAMPLES == {r.PROJECTIONS}
+
+
+def _versions(params: list[Tensor]) -> list[tuple[Tensor, int] | None]:
+    """Each parameter's gradient and its version, which stays as it is until the gradient is
+    changed in place (clipped, accumulated, unscaled)."""
+    return [None if p.grad is None else (p.grad, p.grad._version) for p in params]
+
+
+def _untouched(kept: list[tuple[Tensor, int] | None], params: list[Tensor]) -> bool:
+    """Whether every gradient of ``params`` is the very tensor ``kept`` by :func:`_versions`, unchanged."""
+    return all((p.grad is None) if k is None else (p.grad is k[0] and p.grad._version == k[1]) for k, p in zip(kept, params))
 
 
 def _detach(outputs: Any) -> Any:

@@ -23,7 +23,10 @@ import torch
 from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.quantities.base import INDIVIDUAL_LOSSES, PARAMS_BEFORE, Quantity, StepData, UpdateData, register
 
-START_SLOPES = "start_slopes"  # the engine keeps what it needs for a forward-mode pass at theta_t
+# The engine keeps what it needs for a forward-mode pass at theta_t; with plain SGD it hands it
+# over only where the update was not -lr g of the step's backward pass (the gradients changed
+# after it: clipped, accumulated over micro-batches, unscaled), where the dot products fail.
+START_SLOPES = "start_slopes"
 VARIANCE_FLOOR = 1e-10
 
 
@@ -61,7 +64,7 @@ class Alpha(Quantity):
         if self._ends_at(step):
             needs.add(r.PROJECTIONS)
         if self.schedule(step):
-            needs |= {PARAMS_BEFORE, r.SAMPLE_DOTS} if self.plain_sgd else {PARAMS_BEFORE, START_SLOPES}
+            needs |= {PARAMS_BEFORE, START_SLOPES, r.SAMPLE_DOTS} if self.plain_sgd else {PARAMS_BEFORE, START_SLOPES}
         return needs
 
     def reduction_options(self, step: int, options: r.ReductionOptions) -> None:
@@ -95,7 +98,7 @@ class Alpha(Quantity):
         length = math.sqrt(math.fsum(size * size for size in data.update_norms))  # ||d||, from the norms UpdateSize shares
         dots = start.pop("dots", None)
         if length > 0:
-            if self.plain_sgd:  # g_i . d = -lr g_i . g
+            if self.plain_sgd and data.start_slopes is None:  # the update was -lr g: g_i . d = -lr g_i . g
                 (mean, variance), scale = dots, -start["lr"]
             else:
                 [(mean, variance)], scale = means_and_variances([data.start_slopes(direction)]), 1.0
