@@ -71,6 +71,7 @@ class TrainingConfig:
     eval_max_batches: int | None = _positive()
     track_samples: int = field(default=512, metadata={"min": 0})
     on_nonfinite: Literal["stop", "skip", "continue"] = "stop"
+    clip_grad_norm: float | None = None  # a larger gradient is scaled down to this norm before the update (null: none)
     checkpoint_every: int | None = _positive()  # steps between checkpoints (null: none)
     log_every: int = _positive(50)
 
@@ -282,6 +283,8 @@ def _check_consistency(config: RunConfig) -> None:
         raise config.fail("training", "give either epochs or steps, not both")
     if training.eval_every_epochs is not None and training.eval_every_steps is not None:
         raise config.fail("training", "give either eval_every_epochs or eval_every_steps, not both", "set one of them to null")
+    if training.clip_grad_norm is not None and not training.clip_grad_norm > 0:
+        raise config.fail("training.clip_grad_norm", f"expected a positive number (the largest gradient norm an update takes), got {training.clip_grad_norm!r}", "use null for no clipping")
     if config.distributed.backend == "nccl" and training.device == "cpu":
         raise config.fail("distributed.backend", "nccl needs CUDA GPUs, but training.device is cpu", "use backend: gloo (or auto) on the CPU")
     name = config.output.name

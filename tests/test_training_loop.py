@@ -322,3 +322,32 @@ def test_the_learning_rate_plan_of_the_dry_run_is_what_training_uses(data_dir: P
     if expected is not None:
         assert (plan.first, plan.last, plan.lowest, plan.highest) == pytest.approx(expected)
     assert plan.describe().startswith(f"{plan.first:.4g} at the start, {plan.last:.4g} at the end")
+
+
+@pytest.mark.parametrize("limit", [None, 1e-3, 1e3])
+def test_clip_grad_norm_scales_a_larger_gradient_down_before_the_update(data_dir: Path, tmp_path: Path, limit: float | None) -> None:
+    """SGD steps -lr times the gradient, scaled to norm ``limit`` where its norm is larger; the
+    instruments describe the gradient as the backward pass formed it, and Alpha the update taken."""
+    trainer = trainer_for(data_dir, tmp_path, training={"clip_grad_norm": limit}, instruments={"preset": "economy"})
+    parameters = list(trainer.model.parameters())
+    inputs, targets = next(iter(torch.utils.data.DataLoader(trainer.setup.problem.splits.train, batch_size=32)))
+    for _ in range(2):
+        before = [p.detach().clone() for p in parameters]
+        trainer.train_step(inputs, targets)
+        gradient = math.sqrt(sum(float(p.grad.square().sum()) for p in parameters))  # after the step: as clipped
+        update = math.sqrt(sum(float((p.detach() - b).square().sum()) for p, b in zip(parameters, before)))
+        expected = 0.1 * (gradient if limit is None else min(gradient, limit))
+        assert update == pytest.approx(expected, rel=1e-5)
+        if limit == 1e-3:
+            assert gradient == pytest.approx(limit, rel=1e-5)
+    trainer.tracker.flush()
+    assert trainer.tracker.instruments is not None and trainer.tracker.failure is None
+
+
+def test_a_clipped_run_records_the_gradients_before_clipping_and_alpha_of_the_update(data_dir: Path, tmp_path: Path) -> None:
+    recorder = run(data_dir, tmp_path, training={"clip_grad_norm": 1e-3}, instruments={"preset": "economy"})
+    assert recorder.end.status == RunStatus.COMPLETED and recorder.end.warnings == []
+    tracked = [record.quantities for record in recorder.steps if "Alpha" in record.quantities]
+    assert len(tracked) == 11  # the last step's Alpha needs a next step
+    assert all(math.sqrt(sum(n * n for n in q["GradNorm"])) > 10 * 1e-3 for q in tracked)  # as the backward pass formed them
+    assert all(math.isfinite(q["Alpha"]) for q in tracked)  # its start slopes along the clipped update (tested in test_instruments_alpha)

@@ -231,6 +231,8 @@ class Trainer:
                 self.step += 1
                 return None
         self.tracker.backward(self.step, loss, inputs, outputs, targets)
+        if self.training.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.clip_grad_norm)
         if self.training.on_nonfinite == "skip" and not gradients_are_finite(optimizer):
             self.nonfinite_steps += 1  # a finite loss whose gradient overflowed: its update would make the parameters NaN
         else:

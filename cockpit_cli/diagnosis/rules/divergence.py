@@ -25,7 +25,7 @@ class Divergence(Rule):
     min_points = 1
     source = "AUTOTRAINER (NaN loss, loss >= 1e3); DeepOBS stops on NaN"
     meaning = "The optimisation blew up: the loss or the gradients became non-finite or grew far beyond their start."
-    hint = "lower the learning rate (try 10x smaller), check the inputs' scale, or clip gradients"
+    hint = "lower the learning rate (try 10x smaller), check the inputs' scale, or clip gradients (training.clip_grad_norm)"
 
     def check(self, run: RunSeries) -> Finding | None:
         loss, evidence = run.loss(), []

@@ -16,7 +16,7 @@ class ExplodingGradients(Rule):
     requires = (("GradNorm", "LayerStats"),)
     source = "AUTOTRAINER (||g_first|| / ||g_last|| > 70); TheDeepChecker (gradient growth)"
     meaning = "Gradients are huge or keep growing, so each step changes the weights far more than intended."
-    hint = "lower the learning rate, use a smaller initialisation (init_scale) or normalisation layers, or clip gradients"
+    hint = "lower the learning rate, use a smaller initialisation (init_scale) or normalisation layers, or clip gradients (training.clip_grad_norm)"
 
     def check(self, run: RunSeries) -> Finding | None:
         evidence = []
