@@ -15,7 +15,8 @@ run made by ``cockpit run``::
             run.step(step, loss)                                  # after optimizer.step()
 
 ``per_sample_loss_fn(outputs, targets)`` returns the ``[N]`` per-sample losses whose mean is
-``loss_fn``'s value (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+``loss_fn``'s value (e.g. ``nn.CrossEntropyLoss(reduction="none")``; a loss per output element,
+``[N, ...]``, as ``nn.MSELoss(reduction="none")`` gives, is averaged per sample).
 """
 
 from __future__ import annotations

@@ -133,6 +133,32 @@ def test_alpha_of_plain_sgd_with_clipped_gradients(builder: Callable[[int], nn.S
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp, scaled_dropout_mlp], ids=["backpack", "functorch", "functorch with dropout"])
+def test_per_sample_losses_of_every_output_element_are_averaged_per_sample(builder: Callable[[int], nn.Sequential]) -> None:
+    """``nn.MSELoss(reduction="none")`` gives ``[N, K]``, one loss per output element: Alpha read
+    it beside ``[N]`` vectors and failed, and torch.func summed a sample's elements (gradients K
+    times too large). A sample's elements are averaged, as the mean reduction does."""
+    batches = make_batches("mlp", "mse", 0, 3)
+    elementwise = [batch._replace(per_sample_loss_fn=nn.MSELoss(reduction="none")) for batch in batches]
+    names = ("Alpha", "NormTest", "GradHist1d")
+    torch.manual_seed(0)  # the same dropout masks in both runs
+    run = train(builder(0), elementwise, quantities(names))
+    assert run.instruments.unavailable == {} and run.instruments.support.per_sample == ("backpack" if builder is ref.mlp else "functorch")
+    torch.manual_seed(0)
+    same = train(builder(0), batches, quantities(names))  # ref.mse_per_sample: [N] already
+    for step in (0, 1):
+        assert run.records[step] == same.records[step]
+        if builder is not scaled_dropout_mlp:  # (the reference draws no masks)
+            assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(same, step), rel=1e-6, abs=1e-8)
+
+
+def test_a_per_sample_loss_function_that_reduces_switches_alpha_off_saying_so() -> None:
+    batches = [batch._replace(per_sample_loss_fn=nn.MSELoss()) for batch in make_batches("mlp", "mse", 0, 2)]
+    run = train(ref.mlp(0), batches, quantities(("Alpha", "NormTest")))
+    assert "the per-sample loss function returned a scalar" in run.instruments.unavailable["Alpha"] and "reduction='none'" in run.instruments.unavailable["Alpha"]
+    assert "NormTest" in run.records[1]
+
+
 @pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp], ids=["backpack", "functorch"])
 def test_alpha_on_a_schedule(builder: Callable[[int], nn.Sequential]) -> None:
     """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1.

@@ -28,9 +28,10 @@ from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import PerSampleLoss, devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
+from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
+from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support, no_curvature_reason, torch_func_reason

@@ -38,6 +38,7 @@ from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_siz
 from cockpit_cli.instruments.functional_passes import capture_rng_state
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
+from cockpit_cli.instruments.per_sample_loss import per_sample_means
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
 from cockpit_cli.instruments.support import Support, check_support
 from cockpit_cli.instruments.sync import Synchronizer
@@ -112,6 +113,7 @@ class Instruments:
         self.sync = sync or Synchronizer()
         self.model = model
         self.optimizer = optimizer
+        per_sample_loss_function = per_sample_means(per_sample_loss_function)  # [N], whatever the loss's element axes
         self.per_sample_loss_function = per_sample_loss_function
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -294,8 +296,13 @@ class Instruments:
             requested -= {r.PROJECTIONS}
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
-            with torch.no_grad():
-                individual = self.per_sample_loss_function(_detach(outputs), targets).detach()
+            try:
+                with torch.no_grad():
+                    individual = self.per_sample_loss_function(_detach(outputs), targets).detach()
+            except Exception as error:  # noqa: BLE001 - the user's function: the quantities reading it go off
+                self._switch_off(self._needing(q.INDIVIDUAL_LOSSES), failure_reason(label, f"{type(error).__name__}: {error}"))
+                active = [quantity for quantity in active if quantity in self.quantities]
+            else:
                 if any(self.capture.weight_decay):
                     individual = individual + self.capture.regularization()
                 individual = self.sync.gather(individual)

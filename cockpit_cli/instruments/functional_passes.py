@@ -18,9 +18,9 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_map
 
 from cockpit_cli.instruments.batch_inputs import Inputs, model_args
+from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.sync import Synchronizer
 
-PerSampleLoss = Callable[[object, Tensor], Tensor]
 
 
 def functorch_per_sample(
