@@ -798,6 +798,50 @@ def test_batchnorm_gives_no_per_sample_quantities() -> None:
         assert set(values) == set(kept) | {"Time", "HessMaxEV"}
 
 
+def frozen_batchnorm_model(kind: str, seed: int) -> nn.Sequential:
+    """The reference mlp or cnn with a batch-norm layer after its first layer, in eval mode with
+    running statistics of its own (a fine-tuned network whose normalisation is frozen)."""
+    model = BUILDERS[kind](seed)
+    norm = (nn.BatchNorm1d(5) if kind == "mlp" else nn.BatchNorm2d(model[0].out_channels)).double()
+    generator = torch.Generator().manual_seed(seed)
+    norm.running_mean.normal_(0.0, 0.5, generator=generator)
+    norm.running_var.uniform_(0.5, 2.0, generator=generator)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+        norm.bias.normal_(0.0, 0.1, generator=generator)
+    return nn.Sequential(model[0], norm, *list(model)[1:]).eval()
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_batchnorm_in_eval_mode_treats_every_sample_alone(kind: str) -> None:
+    """With its running statistics, a batch-norm layer is a fixed affine map of each sample: the
+    per-sample quantities exist and match the references (a model trained in eval mode)."""
+    names = tuple(name for name in FIRST_ORDER if name != "Activations")
+    run = train(frozen_batchnorm_model(kind, 0), make_batches(kind, "ce", 0, 3), quantities(names + ("Alpha",)))
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step, names=names)
+
+
+def test_batchnorm_found_in_training_mode_at_a_step_switches_the_per_sample_quantities_off() -> None:
+    """Attached in eval mode, then trained in training mode: the step at which the layer mixes
+    the samples switches the per-sample quantities off, naming it; the others go on."""
+    model = frozen_batchnorm_model("mlp", 0)
+    batches = make_batches("mlp", "ce", 0, 4)
+    opt = sgd(ref.trainable(model))
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(("NormTest", "Alpha", "GradNorm")))
+    found = {}
+    for step, batch in enumerate(batches):
+        model.train(step >= 2)
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        found.update(engine_step(instruments, opt, step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets))
+    found.update(instruments.finish())
+    assert [set(found[step]) for step in range(4)] == [{"NormTest", "Alpha", "GradNorm"}, {"NormTest", "GradNorm"}] + [{"GradNorm"}] * 2  # step 1's Alpha ends at step 2
+    assert set(instruments.unavailable) == {"NormTest", "Alpha"}
+    assert instruments.unavailable["NormTest"].startswith("from step 2: layer '1' (BatchNorm1d) mixes the samples")
+
+
 class Scale(nn.Module):
     """Elementwise learned scale: a layer with its own parameter that BackPACK has no rule for."""
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
@@ -40,7 +41,7 @@ from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.per_sample_loss import per_sample_means
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
-from cockpit_cli.instruments.support import Support, check_support
+from cockpit_cli.instruments.support import Support, check_support, mixing_batch_norm, mixing_reason
 from cockpit_cli.instruments.sync import Synchronizer
 from cockpit_cli.plain_sgd import PLAIN_SGD, unlike_plain_sgd
 
@@ -122,6 +123,7 @@ class Instruments:
         self.plain_sgd = is_plain_sgd(optimizer, model)
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         support = check_support(model, loss_function)
+        self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
@@ -202,10 +204,12 @@ class Instruments:
         """Forward pre-hook: prepare what the coming step's forward pass must record."""
         if self._own_pass or not torch.is_grad_enabled():  # (a model may train in eval mode, to keep its dropout off)
             return
-        _, needs = self._plan(self.next_step)
+        active, needs = self._plan(self.next_step)
         if not needs and self._quiet:  # an idle step after an idle step: everything is off already
             return
         self._quiet = not needs
+        if self._batch_norm and any(quantity.per_sample for quantity in active):
+            needs = self._check_batch_norm(needs)
         if q.CURVATURE in needs and self.support.curvature and _autocast_enabled():
             self._switch_off(self._needing(q.CURVATURE), AUTOCAST_REASON)
             self._planned = None
@@ -225,6 +229,17 @@ class Instruments:
             self.capture.release()
             if needs & r.NEEDS_SAMPLES:
                 self.capture.count_runs()
+
+    def _check_batch_norm(self, needs: set[str]) -> set[str]:
+        """Before a forward pass with per-sample quantities due: where a batch-norm layer now
+        mixes the samples (switched to training mode after the instruments were attached), switch
+        those quantities off with the reason; return what the step then needs."""
+        mixing = mixing_batch_norm(self.model)
+        if mixing is None:
+            return needs
+        self._switch_off([quantity for quantity in self.quantities if quantity.per_sample], f"from step {self.next_step}: {mixing_reason(*mixing)}")
+        self._planned = None
+        return self._plan(self.next_step)[1]
 
     def _watch_forward(self, next_step: int) -> None:
         """Keep the forward pre-hook only where it has work: an idle stretch whose recording is

@@ -1,7 +1,8 @@
 """Which instruments a model supports: BackPACK, the torch.func fallback, or neither.
 
 Per-sample gradients exist only when samples do not interact: a BatchNorm layer in training
-mode mixes the samples of a batch, so per-sample quantities are unavailable there. Layers
+mode mixes the samples of a batch, so per-sample quantities are unavailable there (in eval mode,
+with its running statistics, it is a fixed affine map of each sample, which BackPACK follows). Layers
 BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower), as do
 convolutions that pad with their own values (circular, reflect, replicate), which BackPACK's
 rules compute as if they padded with zeros; the curvature diagonal needs BackPACK's
@@ -53,13 +54,11 @@ def _has_trainable(module: nn.Module) -> bool:
 def check_support(model: nn.Module, loss_function: object) -> Support:
     """Inspect ``model`` and ``loss_function`` and say which instruments are possible."""
     leaves = _leaves(model)
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
-            reason = (
-                f"layer '{name}' ({type(module).__name__}) mixes the samples of a batch, so per-sample "
-                "gradients do not exist; per-sample quantities are skipped"
-            )
-            return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
+    mixing = mixing_batch_norm(model)
+    if mixing is not None:
+        name, module = mixing
+        reason = mixing_reason(name, module) + " (in eval mode, normalising with its running statistics, it would treat every sample alone)"
+        return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
     known = _extension_modules(BatchGrad())
     unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
     unsupported = [entry for entry in unsupported if entry[2] is not None]
@@ -80,6 +79,25 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
         if per_sample == "backpack" and not all(factored_layer(m) for _, m in leaves if _has_trainable(m)):
             per_sample, per_sample_reason = "functorch", torch_func_reason(sharing)
     return Support(per_sample, per_sample_reason, curvature, curvature_reason)
+
+
+def mixing_batch_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """Return the first batch-norm layer of ``model`` (name and layer) that normalises with the
+    statistics of the batch it is given, mixing its samples (training mode, or no running
+    statistics kept), or ``None``. In eval mode with running statistics it is a fixed affine
+    map of each sample."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
+            return name or type(model).__name__, module
+    return None
+
+
+def mixing_reason(name: str, module: nn.Module) -> str:
+    """Why per-sample quantities are skipped where the batch-norm layer ``name`` mixes the samples."""
+    return (
+        f"layer '{name}' ({type(module).__name__}) mixes the samples of a batch (it normalises with the batch's "
+        "statistics), so per-sample gradients do not exist; per-sample quantities are skipped"
+    )
 
 
 def shared_parameters(model: nn.Module) -> str | None:
