@@ -816,7 +816,7 @@ def frozen_batchnorm_model(kind: str, seed: int) -> nn.Sequential:
 def test_batchnorm_in_eval_mode_treats_every_sample_alone(kind: str) -> None:
     """With its running statistics, a batch-norm layer is a fixed affine map of each sample: the
     per-sample quantities exist and match the references (a model trained in eval mode)."""
-    names = tuple(name for name in FIRST_ORDER if name != "Activations")
+    names = FIRST_ORDER
     run = train(frozen_batchnorm_model(kind, 0), make_batches(kind, "ce", 0, 3), quantities(names + ("Alpha",)))
     assert run.instruments.support.per_sample == "backpack" and run.instruments.unavailable == {}
     for step in range(2):
