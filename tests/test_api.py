@@ -262,6 +262,24 @@ def test_inputs_that_are_no_batch_are_said_so(tmp_path: Path, inputs: object, de
             run.backward(0, loss, inputs, outputs, torch.zeros(4, dtype=torch.long))
 
 
+def test_a_loss_without_gradients_is_said_to_be_the_caller_s_and_leaves_the_instruments_on(tmp_path: Path) -> None:
+    """A loss computed under ``torch.no_grad`` cannot be backpropagated: said as the caller's
+    mistake, not recorded as the instruments' failure; the loop goes on with the right call."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    targets = torch.zeros(4, dtype=torch.long)
+    with TrackedRun(tmp_path / "nograd", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
+        with torch.no_grad():
+            outputs = model(torch.zeros(4, 5))
+        with pytest.raises(RuntimeError, match="^loss: a tensor without gradients cannot be backpropagated"):
+            run.backward(0, nn.functional.cross_entropy(outputs, targets), torch.zeros(4, 5), outputs, targets)
+        with pytest.raises(RuntimeError, match="^loss: a float cannot be backpropagated"):
+            run.backward(0, 0.5, torch.zeros(4, 5), outputs, targets)
+        loop(run, model, optimizer, 2)
+    recorded = read_run(tmp_path / "nograd")
+    assert recorded.manifest["warnings"] == [] and "NormTest" in recorded.steps[0]["quantities"]
+
+
 def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp_path: Path) -> None:
     from cockpit_cli.diagnosis.engine import diagnose
 

@@ -45,6 +45,11 @@ class Tracker:
     def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
         """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
         check_inputs(inputs)  # a caller's mistake, said as such (not an instrument's failure)
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise RuntimeError(
+                f"loss: {'a ' + type(loss).__name__ if not isinstance(loss, Tensor) else 'a tensor without gradients'} cannot be "
+                "backpropagated; pass the loss as loss.backward() takes it (computed with gradients on, from the model's outputs)"
+            )
         if self.instruments is None:
             loss.backward()
             return
