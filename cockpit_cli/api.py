@@ -112,9 +112,12 @@ class TrackedRun:
         self._last_step = step
         return step + self._offset
 
-    def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any) -> None:
-        """Use instead of ``loss.backward()``: gradients plus every quantity due at ``step``."""
-        self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets)
+    def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any, scale: float = 1.0) -> None:
+        """Use instead of ``(scale * loss).backward()``: gradients plus every quantity due at ``step``.
+
+        ``scale`` (``1 / k`` for gradients accumulated over ``k`` micro-batches) scales the
+        gradient added to the parameters' while the quantities describe ``loss`` itself."""
+        self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets, scale)
 
     def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
         """Call after ``optimizer.step()`` of ``step`` to record it."""

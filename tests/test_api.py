@@ -280,6 +280,31 @@ def test_a_loss_without_gradients_is_said_to_be_the_caller_s_and_leaves_the_inst
     assert recorded.manifest["warnings"] == [] and "NormTest" in recorded.steps[0]["quantities"]
 
 
+def test_gradients_accumulated_with_a_scale_train_as_the_scaled_loss_would(tmp_path: Path) -> None:
+    """``run.backward(..., scale=1 / k)`` per micro-batch: the parameters move as with
+    ``(loss / k).backward()``, and the values describe the first micro-batch's own loss."""
+    model, plain = make_model(), make_model()
+    optimizer, plain_optimizer = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)) for _ in range(6)]
+    losses = []
+    with TrackedRun(tmp_path / "micro", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, quantities={"Loss": True}) as run:
+        for step in range(3):
+            optimizer.zero_grad()
+            plain_optimizer.zero_grad()
+            for inputs, targets in batches[2 * step : 2 * step + 2]:
+                outputs = model(inputs)
+                loss = nn.functional.cross_entropy(outputs, targets)
+                run.backward(step, loss, inputs, outputs, targets, scale=0.5)
+                (nn.functional.cross_entropy(plain(inputs), targets) / 2).backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+            plain_optimizer.step()
+            run.step(step, loss)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+    assert [record["quantities"]["Loss"] for record in read_run(tmp_path / "micro").steps] == pytest.approx(losses[::2], rel=1e-6)
+
+
 def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp_path: Path) -> None:
     from cockpit_cli.diagnosis.engine import diagnose
 

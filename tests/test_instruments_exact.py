@@ -1310,14 +1310,18 @@ def test_a_batch_of_one_sample_or_a_zero_gradient_leaves_the_gradient_tests_out_
     assert {"NormTest", "InnerTest", "OrthoTest"}.isdisjoint(run.records[0])
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
 @pytest.mark.parametrize("every", [1, 3])
-def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_first(every: int) -> None:
+def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_first(every: int, scale: float) -> None:
     """Gradients accumulated over two micro-batches: the second forward pass is prepared for the
     next step before this step's update, and the second backward pass must neither overwrite the
-    step's values nor leave the next step's plan without Alpha's end point."""
+    step's values nor leave the next step's plan without Alpha's end point. With ``scale`` (the
+    micro-batches' mean, 0.5) the training is that of ``(scale * loss).backward()`` and the values
+    describe the first micro-batch's own loss, unscaled."""
     model = ref.mlp(0)
-    names = ("NormTest", "GradHist1d", "Alpha", "Loss")
-    opt = sgd(ref.trainable(model))
+    plain = copy.deepcopy(model)
+    names = ("NormTest", "GradHist1d", "Alpha", "Loss", "GradNorm")
+    opt, plain_opt = sgd(ref.trainable(model)), sgd(ref.trainable(plain))
     first = make_batches("mlp", "ce", 0, 7)
     second = make_batches("mlp", "ce", 1, 7)
     instruments = Instruments(model, first[0].loss_fn, first[0].per_sample_loss_fn, opt, quantities(names, Schedule(every=every), **histogram_options(model, first[0], 0.0)))
@@ -1325,12 +1329,16 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
     for step in range(7):
         thetas.append(snapshot(model))
         opt.zero_grad()
+        plain_opt.zero_grad()
         for batch in (first[step], second[step]):
             outputs = model(batch.inputs)
-            instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+            instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets, scale=scale)
+            (scale * batch.loss_fn(plain(batch.inputs), batch.targets)).backward()
         opt.step()
+        plain_opt.step()
         instruments.after_update(step)
         found.update(instruments.completed(step))
+        assert all(torch.equal(a, b) for a, b in zip(ref.trainable(model), ref.trainable(plain)))  # the same training
     found.update(instruments.finish())
     assert instruments.unavailable == {}
     assert len(instruments.changes) == 1 and "backward passes after its first" in instruments.changes[0]
@@ -1342,6 +1350,8 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
         grads = ref.per_sample_gradients(reference, first[step].per_sample_loss_fn, first[step].inputs, first[step].targets)
         assert_close(found[step]["NormTest"], ref.norm_test(grads))
         check_hist1d(found[step]["GradHist1d"], grads)
+        assert_close(found[step]["GradNorm"], ref.grad_norm(grads))
+        assert_close(found[step]["Loss"], float(first[step].loss_fn(reference(first[step].inputs), first[step].targets).detach()))
     thetas.append(snapshot(model))
     for step in (step for step in tracked if step < 6):  # the update is -lr times both micro-batches' gradient
         expected = curv.reference_alpha(copy.deepcopy(model), first[step].per_sample_loss_fn, first[step], first[step + 1], thetas[step], thetas[step + 1])

@@ -278,8 +278,12 @@ class Instruments:
 
     # -- one step --------------------------------------------------------------------------
 
-    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: float = 1.0) -> None:
         """Run the backward pass of ``step`` with whatever the due quantities need, and compute them.
+
+        ``scale`` multiplies the gradient the pass adds to the parameters' (``1 / k`` for
+        gradients accumulated over ``k`` micro-batches), as ``(scale * loss).backward()`` would;
+        the quantities describe ``loss`` itself.
 
         ``inputs`` is the model's input batch, or the tuple of its positional inputs
         (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs. A
@@ -290,7 +294,7 @@ class Instruments:
         its count, and the loop's ``step`` numbers the values it hands out. A loop may number
         its steps otherwise (from 0 in every epoch; a batch it skips leaves a gap)."""
         if step == self._awaiting_update:
-            self._repeated_backward(step, loss)
+            self._repeated_backward(step, _scaled(loss, scale))
             return
         label, step = step, self._count_step(step)
         self._awaiting_update = label
@@ -298,7 +302,7 @@ class Instruments:
         if q.CURVATURE in needs and not self._curvature_checked:
             active, needs = self._check_curvature_memory(step, inputs, outputs)
         if not active:
-            loss.backward()
+            _scaled(loss, scale).backward()
             self.capture.detach()
             self._watch_forward(step + 1)
             return
@@ -309,6 +313,7 @@ class Instruments:
         by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
             requested -= {r.PROJECTIONS}
+        earlier = self._set_gradients_aside() if scale != 1.0 else None
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             try:
@@ -382,6 +387,8 @@ class Instruments:
                 self.capture.release_gradient_graph()
         self._collect(data.outputs)
         del data, accumulator, options  # they may hold the direction of the last step's update
+        if scale != 1.0:
+            self._scale_gradients(scale, earlier)
         if q.PARAMS_BEFORE in needs:  # copied last, so that the last step's direction is released first
             self._before = [p.detach().clone() for p in self.params]
             self._updating = self._needing(q.PARAMS_BEFORE)
@@ -389,6 +396,25 @@ class Instruments:
                 self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
                 self._gradients = _versions(self.params) if self.plain_sgd else None
         self._stop_recording()
+
+    def _set_gradients_aside(self) -> list[Tensor | None]:
+        """Take the gradients the parameters hold before a scaled pass (they are usually ``None``),
+        so that the pass forms its own from nothing."""
+        earlier = [p.grad for p in self.params]
+        for param in self.params:
+            param.grad = None
+        return earlier
+
+    def _scale_gradients(self, scale: float, earlier: list[Tensor | None]) -> None:
+        """After a pass of the unscaled loss: ``p.grad = earlier + scale * (the pass's gradient)``."""
+        with torch.no_grad():
+            for param, before in zip(self.params, earlier):
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+                    if before is not None:
+                        param.grad.add_(before)
+                else:
+                    param.grad = before
 
     def _gathered_inputs(self, inputs: Inputs) -> Tensor | None:
         """Return the floating-point inputs of the global batch, ``[N, M]``, or ``None`` where there are none."""
@@ -562,6 +588,10 @@ def _autocast_enabled() -> bool:
 def _projections_only(needs: set[str]) -> bool:
     """Whether projections g_i . u are the only per-sample values due (Alpha's second point)."""
     return needs & r.NEEDS_SAMPLES == {r.PROJECTIONS}
+
+
+def _scaled(loss: Tensor, scale: float) -> Tensor:
+    return loss if scale == 1.0 else loss * scale
 
 
 def _versions(params: list[Tensor]) -> list[tuple[Tensor, int] | None]:

@@ -42,8 +42,8 @@ class Tracker:
         self._attached = instruments  # kept after a failure: the quantities it switched off
         self._handed_out: set[str] = set()  # warnings returned by new_warnings so far
 
-    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any) -> None:
-        """Replace ``loss.backward()``: compute the gradient and every quantity due at ``step``."""
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: float = 1.0) -> None:
+        """Replace ``(scale * loss).backward()``: compute the gradient and every quantity due at ``step``."""
         check_inputs(inputs)  # a caller's mistake, said as such (not an instrument's failure)
         if not isinstance(loss, Tensor) or not loss.requires_grad:
             raise RuntimeError(
@@ -51,10 +51,10 @@ class Tracker:
                 "backpropagated; pass the loss as loss.backward() takes it (computed with gradients on, from the model's outputs)"
             )
         if self.instruments is None:
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             return
         try:
-            self.instruments.backward(step, loss, inputs, outputs, targets)
+            self.instruments.backward(step, loss, inputs, outputs, targets, scale)
         except Exception as error:  # an instrument never ends the run
             if is_collective_failure(error):
                 raise
@@ -67,7 +67,7 @@ class Tracker:
                 param.grad = None
             outputs = (self.model or instruments.model)(*model_args(inputs))
             retry = instruments.capture.loss_function(outputs, targets) + instruments.capture.regularization_tensor()
-            retry.backward()
+            (retry * scale if scale != 1.0 else retry).backward()
 
     def after_update(self, step: int, record: StepRecord) -> None:
         """Call after ``optimizer.step()``: finish the step's quantities and queue its record."""
