@@ -432,7 +432,8 @@ class Instruments:
             self._repeated = True
             self.changes.append(
                 f"from step {step}: a step's backward passes after its first (gradients accumulated over micro-batches) "
-                "are not tracked; each step's values describe the batch of its first backward pass"
+                "are not tracked; each step's values describe the batch of its first backward pass (give each micro-batch's own "
+                "loss, with scale=1/k where the gradients are to be the mean of k micro-batches: a loss divided by k divides the values)"
             )
 
     def _check_curvature_memory(self, step: int, inputs: Inputs, outputs: Any) -> tuple[list[Quantity], set[str]]:
