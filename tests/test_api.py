@@ -56,15 +56,23 @@ def test_user_loop_gets_a_run_directory_with_every_quantity(tmp_path: Path) -> N
     assert data.manifest["warnings"] == []
 
 
-def test_a_loss_from_another_module_switches_curvature_off_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.functional.cross_entropy], ids=["another module", "a function"])
+def test_a_loss_not_from_the_loss_module_leaves_out_the_curvature_alone(tmp_path: Path, loss_fn: object) -> None:
+    """BackPACK's curvature rules start at the call of the loss module given to the instruments:
+    a loss computed otherwise switched every instrument off at the first step; now the curvature
+    quantities go off with the way out, and the others are tracked."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrackedRun(tmp_path / "other", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="business") as run:
-        loop(run, model, optimizer, 3)  # computes its loss with a module the instruments never saw
+        loop(run, model, optimizer, 3, loss_fn=loss_fn)
     data = read_run(tmp_path / "other")
     assert data.status == "completed" and len(data.steps) == 3
     (warning,) = data.manifest["warnings"]
-    assert warning.startswith("instruments switched off at step 0") and "loss module given to the instruments" in warning
+    assert warning.startswith("TICDiag, HessTrace switched off: failed at step 0")
+    unavailable = data.manifest["instruments"]["unavailable"]
+    assert set(unavailable) == {"HessTrace", "TICDiag"}
+    assert "not computed by the loss module given to the instruments (CrossEntropyLoss)" in unavailable["HessTrace"]
+    assert {"NormTest", "Alpha", "GradHist1d"} <= set(data.steps[0]["quantities"])
 
 
 def test_api_does_not_change_training(tmp_path: Path) -> None:
@@ -171,8 +179,8 @@ def test_a_warning_is_in_the_manifest_as_soon_as_it_arises(tmp_path: Path) -> No
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrackedRun(tmp_path / "early", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="business") as run:
-        loop(run, model, optimizer, 2)  # a loss module the instruments never saw: they switch off
-        assert read_run(tmp_path / "early").manifest["warnings"][0].startswith("instruments switched off at step 0")
+        loop(run, model, optimizer, 2)  # a loss module the instruments never saw: the curvature quantities go off
+        assert read_run(tmp_path / "early").manifest["warnings"][0].startswith("TICDiag, HessTrace switched off: failed at step 0")
 
 
 def test_the_weight_decay_term_is_part_of_every_per_sample_gradient(tmp_path: Path) -> None:

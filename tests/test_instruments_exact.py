@@ -1358,6 +1358,26 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
         assert found[step]["Alpha"] == pytest.approx(expected, rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_parameters_frozen_or_unfrozen_after_attaching_are_said_once(change: str) -> None:
+    """Progressive unfreezing (or freezing) after the instruments were attached: they go on with
+    the parameters that trained then, and the run's warnings say which changed, once."""
+    model = ref.mlp(0)
+    if change == "unfreeze":
+        model[0].requires_grad_(False)
+    batches = make_batches("mlp", "ce", 0, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    instruments = Instruments(model, batches[0].loss_fn, batches[0].per_sample_loss_fn, opt, quantities(("NormTest", "GradNorm")))
+    for step, batch in enumerate(batches):
+        if step == 2:
+            model[0].requires_grad_(change == "unfreeze")
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        engine_step(instruments, opt, step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+    said = "train but did not when the instruments were attached, which leave them out" if change == "unfreeze" else "no longer train, which the instruments count with zero gradients"
+    assert instruments.changes == [f"from step 2: parameters '0.weight', '0.bias' {said} (attach the instruments after changing which parameters train)"]
+
+
 def test_schedules_count_the_steps_taken_whatever_the_loop_numbers_them() -> None:
     """A loop that skips batches leaves gaps in its step numbers (0, 2, 4, ...): every second step
     taken is tracked, the values carry the loop's numbers and match the references there, and

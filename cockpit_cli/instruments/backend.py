@@ -133,6 +133,9 @@ class GradientCapture:
             return
         if self._output_hooks is not None:
             self._output_hooks.detach()
+        if curvature and isinstance(self.loss_function, nn.Module):
+            for stored in ("input0", "input1", "output"):  # so that its call at this step shows (see _loss_module_called)
+                self.loss_function.__dict__.pop(stored, None)
         if self._handles and self._attached_for_curvature != curvature:
             self.detach()
         if not self._handles:
@@ -208,7 +211,10 @@ class GradientCapture:
         if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
-            extensions.append(self._curvature)
+            if self._loss_module_called():
+                extensions.append(self._curvature)
+            else:
+                accumulator.fail(requested & NEEDS_CURVATURE, LOSS_NOT_FROM_MODULE.format(name=type(self.loss_function).__name__))
         unfollowable = self._unfollowable(loss, per_sample, by_functorch, extensions)
         if unfollowable is not None:  # torch.func forms this step's per-sample gradients
             by_functorch = per_sample
@@ -258,6 +264,11 @@ class GradientCapture:
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
         return accumulator
+
+    def _loss_module_called(self) -> bool:
+        """Whether the loss module was called since :meth:`attach` prepared a curvature step
+        (BackPACK's hook then stored its inputs): the curvature backpropagation starts there."""
+        return not isinstance(self.loss_function, nn.Module) or "input0" in self.loss_function.__dict__
 
     def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> None:
         """Reduce the parameters no layer handed per-sample gradients for: those the loss did not
@@ -407,6 +418,10 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LOSS_NOT_FROM_MODULE = (
+    "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
+    "rules start: compute it as loss = loss_function(outputs, targets) with that very module"
+)
 
 
 def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:

@@ -124,6 +124,7 @@ class Instruments:
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         support = check_support(model, loss_function)
         self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
+        self._trainability_changed = False  # said once (see _check_trainability)
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
@@ -210,6 +211,8 @@ class Instruments:
         self._quiet = not needs
         if self._batch_norm and any(quantity.per_sample for quantity in active):
             needs = self._check_batch_norm(needs)
+        if needs and not self._trainability_changed:
+            self._check_trainability()
         if q.CURVATURE in needs and self.support.curvature and _autocast_enabled():
             self._switch_off(self._needing(q.CURVATURE), AUTOCAST_REASON)
             self._planned = None
@@ -229,6 +232,22 @@ class Instruments:
             self.capture.release()
             if needs & r.NEEDS_SAMPLES:
                 self.capture.count_runs()
+
+    def _check_trainability(self) -> None:
+        """Say once where parameters were frozen or unfrozen after the instruments were attached:
+        they follow the parameters that required gradients then."""
+        tracked = {id(p) for p in self.params}
+        unfrozen = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in tracked]
+        frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad and id(p) in tracked]
+        if not (unfrozen or frozen):
+            return
+        self._trainability_changed = True
+        parts = []
+        if unfrozen:
+            parts.append(f"parameters {_names(unfrozen)} train but did not when the instruments were attached, which leave them out")
+        if frozen:
+            parts.append(f"parameters {_names(frozen)} no longer train, which the instruments count with zero gradients")
+        self.changes.append(f"from step {self.next_step}: {'; '.join(parts)} (attach the instruments after changing which parameters train)")
 
     def _check_batch_norm(self, needs: set[str]) -> set[str]:
         """Before a forward pass with per-sample quantities due: where a batch-norm layer now
@@ -589,6 +608,12 @@ def _autocast_enabled() -> bool:
 def _projections_only(needs: set[str]) -> bool:
     """Whether projections g_i . u are the only per-sample values due (Alpha's second point)."""
     return needs & r.NEEDS_SAMPLES == {r.PROJECTIONS}
+
+
+def _names(names: list[str]) -> str:
+    """``'a', 'b', 'c' and 4 more``."""
+    shown = ", ".join(f"'{name}'" for name in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _scaled(loss: Tensor, scale: float) -> Tensor:
