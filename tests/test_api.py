@@ -259,7 +259,10 @@ def test_a_layer_found_running_twice_is_in_the_warnings_once(tmp_path: Path) -> 
     assert all("NormTest" in record["quantities"] for record in recorded.steps[:3])
 
 
-@pytest.mark.parametrize("inputs, described", [({"x": torch.zeros(4, 5)}, "dict"), ((), "a tuple of nothing"), ((torch.zeros(4, 5), 3), "a tuple of a 2-d tensor, int")])
+@pytest.mark.parametrize(
+    "inputs, described",
+    [({"x": torch.zeros(4, 5), "flag": True}, "a dict of 'x': a 2-d tensor, 'flag': bool"), ((), "a tuple of nothing"), ((torch.zeros(4, 5), 3), "a tuple of a 2-d tensor, int"), ("x", "str")],
+)
 def test_inputs_that_are_no_batch_are_said_so(tmp_path: Path, inputs: object, described: str) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

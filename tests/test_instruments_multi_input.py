@@ -48,8 +48,9 @@ class Joined(nn.Module):
         return self.inner(*joined.split(WIDTHS, dim=1))
 
 
-def records(model: nn.Module, as_tuple: bool, optimizer: Callable[[Any], torch.optim.Optimizer]) -> dict[int, dict[str, Any]]:
-    """Train ``model`` for three steps with the engine; return its values by step."""
+def records(model: nn.Module, form: str, optimizer: Callable[[Any], torch.optim.Optimizer]) -> dict[int, dict[str, Any]]:
+    """Train ``model`` for three steps with the engine, its inputs ``"joined"`` in one tensor, a
+    ``"tuple"`` (positional) or a ``"dict"`` (keyword arguments); return its values by step."""
     generator = torch.Generator().manual_seed(0)
     opt = optimizer(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
@@ -58,9 +59,9 @@ def records(model: nn.Module, as_tuple: bool, optimizer: Callable[[Any], torch.o
     for step in range(3):
         joined = torch.randn(N, sum(WIDTHS), generator=generator, dtype=torch.float64)
         targets = torch.randint(0, 3, (N,), generator=generator)
-        inputs = tuple(joined.split(WIDTHS, dim=1)) if as_tuple else joined
+        inputs = {"joined": joined, "tuple": tuple(joined.split(WIDTHS, dim=1)), "dict": dict(zip("xz", joined.split(WIDTHS, dim=1)))}[form]
         opt.zero_grad()
-        outputs = model(*inputs) if as_tuple else model(inputs)
+        outputs = {"joined": lambda: model(inputs), "tuple": lambda: model(*inputs), "dict": lambda: model(**inputs)}[form]()
         found.update(engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets))
     found.update(instruments.finish())
     assert instruments.unavailable == {}
@@ -87,23 +88,27 @@ def assert_same(actual: Any, expected: Any, where: str = "") -> None:
         assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
 
 
+@pytest.mark.parametrize("form", ["tuple", "dict"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("norm", [False, True])
-def test_a_tuple_of_inputs_gives_the_values_of_the_inputs_joined(norm: bool, optimizer: str) -> None:
+def test_inputs_in_a_tuple_or_by_keyword_give_the_values_of_the_inputs_joined(norm: bool, optimizer: str, form: str) -> None:
+    """Positional inputs (``model(x, z)``) or keyword arguments (``model(x=x, z=z)``, as passed
+    in a dict), through BackPACK and (with a LayerNorm) through torch.func."""
     make = (lambda params: torch.optim.SGD(params, lr=0.1)) if optimizer == "sgd" else (lambda params: torch.optim.Adam(params, lr=0.05))
     torch.manual_seed(0)
     network = TwoInputs(norm).double()
-    separate = records(network, True, make)
+    separate = records(network, form, make)
     torch.manual_seed(0)
-    joined = records(Joined(TwoInputs(norm).double()), False, make)
+    joined = records(Joined(TwoInputs(norm).double()), "joined", make)
     assert set(separate) == set(joined) == {0, 1, 2}
     for step in separate:
         assert_same(separate[step], renamed(joined[step]), f"step {step}")
 
 
-def test_token_ids_are_no_input_statistics_and_a_failure_retries_with_the_tuple() -> None:
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["tuple", "dict"])
+def test_token_ids_are_no_input_statistics_and_a_failure_retries_with_the_tuple(by_keyword: bool) -> None:
     """InputStats describes floating-point inputs only; after the instruments fail, the step's
-    gradients are taken again by running the model on the tuple."""
+    gradients are taken again by running the model on the tuple (the keyword arguments)."""
 
     class Tokens(nn.Module):
         def __init__(self) -> None:
@@ -128,7 +133,8 @@ def test_token_ids_are_no_input_statistics_and_a_failure_retries_with_the_tuple(
         loss = loss_fn(outputs, torch.zeros(N, dtype=torch.long))
         if step == 1:
             instruments.capture.backward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
-        tracker.backward(step, loss, (tokens, scale), outputs, torch.zeros(N, dtype=torch.long))
+        inputs = {"scale": scale, "tokens": tokens} if by_keyword else (tokens, scale)
+        tracker.backward(step, loss, inputs, outputs, torch.zeros(N, dtype=torch.long))
         assert all(p.grad is not None for p in model.parameters())
         opt.step()
         tracker.after_update(step, StepRecord(step=step, epoch=0, loss=float(loss.detach()), lr=[0.1], time=0.0))

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_map
 
-from cockpit_cli.instruments.batch_inputs import Inputs, model_args
+from cockpit_cli.instruments.batch_inputs import Inputs, first_input, model_args, model_kwargs
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -47,14 +47,14 @@ def functorch_per_sample(
         rng_state: The random state right before the training forward (:func:`capture_rng_state`).
     """
 
-    def sample_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Any) -> Tensor:
-        outputs = functional_call(model, theta, tree_map(_as_batch_of_one, x))
+    def sample_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], keywords: dict[str, Tensor], y: Any) -> Tensor:
+        outputs = functional_call(model, theta, tree_map(_as_batch_of_one, x), tree_map(_as_batch_of_one, keywords))
         return per_sample_loss(outputs, tree_map(_as_batch_of_one, y)).sum()
 
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
-        return per_sample_loss(functional_call(model, theta, model_args(inputs)), targets)
+        return per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets)
 
-    with torch.random.fork_rng(devices=devices(model_args(inputs)[0])), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), warnings.catch_warnings():
         # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
         # cost of this pass that the user cannot act on, said at every tracked step
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
@@ -62,7 +62,7 @@ def functorch_per_sample(
             if rng_state is not None:
                 _set_rng_state(rng_state)
             return jacrev(batch_losses)(named_params)
-        return vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(named_params, model_args(inputs), targets)
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")(named_params, model_args(inputs), model_kwargs(inputs), targets)
 
 
 def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -123,11 +123,11 @@ def per_sample_slopes(
     """
 
     def slopes(direction: list[Tensor]) -> Tensor:
-        with torch.random.fork_rng(devices=devices(model_args(inputs)[0])), torch.no_grad(), forward_ad.dual_level():
+        with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.no_grad(), forward_ad.dual_level():
             if rng_state is not None:
                 _set_rng_state(rng_state)
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
-            losses = per_sample_loss(functional_call(model, duals, model_args(inputs)), targets)
+            losses = per_sample_loss(functional_call(model, duals, model_args(inputs), model_kwargs(inputs)), targets)
             tangent = forward_ad.unpack_dual(losses).tangent
         theta = named_theta.values()
         regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, weight_decay) if wd)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from torch import Tensor
 from torch.nn import Module
 
-from cockpit_cli.instruments.batch_inputs import Inputs, check_inputs, model_args
+from cockpit_cli.instruments.batch_inputs import Inputs, call_model, check_inputs
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord, names_by_reason
@@ -65,7 +65,7 @@ class Tracker:
             instruments.finish()
             for param in instruments.params:
                 param.grad = None
-            outputs = (self.model or instruments.model)(*model_args(inputs))
+            outputs = call_model(self.model or instruments.model, inputs)
             retry = instruments.capture.loss_function(outputs, targets) + instruments.capture.regularization_tensor()
             (retry * scale if scale != 1.0 else retry).backward()
 
