@@ -97,6 +97,7 @@ CLIPPING = {
     "by norm": lambda params: torch.nn.utils.clip_grad_norm_(params, 0.05),
     "by value": lambda params: torch.nn.utils.clip_grad_value_(params, 0.01),
     "by a new tensor": lambda params: [setattr(p, "grad", p.grad.clamp(-0.01, 0.01)) for p in params],
+    "by a scale": lambda params: None,  # run.backward(..., scale=0.5): the update is -lr g / 2
     "not at all": lambda params: None,
 }
 
@@ -121,7 +122,7 @@ def test_alpha_of_plain_sgd_with_clipped_gradients(builder: Callable[[int], nn.S
         run.thetas.append(snapshot(model))
         opt.zero_grad()
         outputs = model(batch.inputs)
-        instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets)
+        instruments.backward(step, batch.loss_fn(outputs, batch.targets), batch.inputs, outputs, batch.targets, scale=0.5 if clip == "by a scale" else 1.0)
         CLIPPING[clip](ref.trainable(model))
         opt.step()
         instruments.after_update(step)

@@ -37,9 +37,9 @@ from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
 from cockpit_cli.instruments.functional_passes import capture_rng_state
+from cockpit_cli.instruments.per_sample_loss import per_sample_means
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
-from cockpit_cli.instruments.per_sample_loss import per_sample_means
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
 from cockpit_cli.instruments.support import Support, check_support, mixing_batch_norm, mixing_reason
 from cockpit_cli.instruments.sync import Synchronizer
@@ -413,7 +413,8 @@ class Instruments:
             self._updating = self._needing(q.PARAMS_BEFORE)
             if START_SLOPES in needs:
                 self._start_slopes = self.capture.start_slopes(inputs, targets, self._before, self._rng_state)
-                self._gradients = _versions(self.params) if self.plain_sgd else None
+                # d = -lr g where plain SGD steps with this pass's gradients as they are (not scaled)
+                self._gradients = _versions(self.params) if self.plain_sgd and scale == 1.0 else None
         self._stop_recording()
 
     def _set_gradients_aside(self) -> list[Tensor | None]:
