@@ -19,6 +19,8 @@ def test_factor_columns_per_curvature_and_loss() -> None:
     assert curvature_memory.factor_columns("hessian", nn.CrossEntropyLoss(), outputs) == 9
     assert curvature_memory.factor_columns("ggn", nn.CrossEntropyLoss(), torch.zeros(4, 2)) == 1
     assert curvature_memory.factor_columns("ggn", nn.MSELoss(), torch.zeros(4, 3, 2)) == 6
+    assert curvature_memory.factor_columns("hessian", nn.CrossEntropyLoss(), torch.zeros(4, 10, 7)) == 70  # classes over a sequence: BackPACK's factor
+    assert curvature_memory.factor_columns("ggn", nn.BCEWithLogitsLoss(), torch.zeros(4, 5)) == 5
     assert curvature_memory.factor_columns("ggn_mc", nn.CrossEntropyLoss(), outputs) == 1
 
 

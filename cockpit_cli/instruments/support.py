@@ -1,13 +1,13 @@
 """Which instruments a model supports: BackPACK, the torch.func fallback, or neither.
 
 Per-sample gradients exist only when samples do not interact: a BatchNorm layer in training
-mode mixes the samples of a batch, so per-sample quantities are unavailable there (in eval mode,
-with its running statistics, it is a fixed affine map of each sample, which BackPACK follows). Layers
-BackPACK has no first-order rule for fall back to ``torch.func`` (exact, slower), as do
-convolutions that pad with their own values (circular, reflect, replicate), which BackPACK's
-rules compute as if they padded with zeros; the curvature diagonal needs BackPACK's
-second-order rules for every layer of a sequential model (convolutions padding with zeros) and
-a cross-entropy, binary cross-entropy (with logits) or mean-squared-error loss.
+mode mixes the samples of a batch, so per-sample quantities are unavailable there (in eval
+mode, with its running statistics, it is a fixed affine map of each sample, which BackPACK
+follows). Layers BackPACK has no first-order rule for fall back to ``torch.func`` (exact,
+slower), as do convolutions that pad with their own values (circular, reflect, replicate),
+which BackPACK's rules compute as if they padded with zeros; the curvature diagonal needs
+BackPACK's second-order rules for every layer of a sequential model (convolutions padding with
+zeros) and a cross-entropy, binary cross-entropy (with logits) or mean-squared-error loss.
 """
 
 from __future__ import annotations
