@@ -266,6 +266,24 @@ def test_too_small_steps_near_the_stability_limit_say_how_far_the_rate_may_rise(
     assert hint(900.0, optimizer="Adam") == general
 
 
+@pytest.mark.parametrize(
+    "problem, training, advice",
+    [
+        ("mnist1d_mlp", {}, "clip gradients (training.clip_grad_norm)"),
+        ("mnist1d_mlp", {"clip_grad_norm": 5.0}, "clip gradients harder (training.clip_grad_norm is 5 here)"),
+        ("custom", {}, "clip gradients (torch.nn.utils.clip_grad_norm_ before optimizer.step())"),
+    ],
+)
+def test_the_advice_to_clip_gradients_fits_the_run(problem: str, training: dict, advice: str):
+    """The config key where the run has none, harder where it clips already, torch's function
+    for a run of the Python API (which has no config key)."""
+    run = make_run(loss=lambda s: math.nan if s >= 150 else 2.0)
+    run.manifest["problem"] = problem
+    run.config["training"] = training
+    (finding,) = [finding for finding in diagnose(run).findings if finding.rule == "divergence"]
+    assert finding.hint == "lower the learning rate (try 10x smaller), check the inputs' scale, or " + advice
+
+
 def test_histograms_that_counted_nothing_after_a_divergence_are_left_out():
     """After a divergence every gradient element is NaN and the histograms count none: the share in
     the edge bins read nan; it is taken from the histograms before."""

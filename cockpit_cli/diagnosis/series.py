@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from cockpit_cli.diagnosis.values import as_float, as_floats, field_of, is_number, layer_of
 from cockpit_cli.diagnosis.windows import Series, Table, finite_median
+from cockpit_cli.storage.schema import API_PROBLEM
 
 Record = dict[str, Any]
 
@@ -157,6 +158,16 @@ class RunSeries:
         """A numeric optimizer argument from the config (``momentum``), ``default`` when absent."""
         value = (self.config.get("optimizer") or {}).get(name, default)
         return float(value) if is_number(value) else default
+
+    def clipping_advice(self) -> str:
+        """How this run can clip its gradients: the config key, harder where it clips already, or
+        torch's function for a run of the Python API."""
+        if self.manifest.get("problem") == API_PROBLEM:
+            return "clip gradients (torch.nn.utils.clip_grad_norm_ before optimizer.step())"
+        limit = (self.config.get("training") or {}).get("clip_grad_norm")
+        if is_number(limit):
+            return f"clip gradients harder (training.clip_grad_norm is {limit:g} here)"
+        return "clip gradients (training.clip_grad_norm)"
 
     def optimizer(self) -> str:
         """The optimizer's class name from the manifest (or the config)."""

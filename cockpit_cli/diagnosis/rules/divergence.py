@@ -25,7 +25,7 @@ class Divergence(Rule):
     min_points = 1
     source = "AUTOTRAINER (NaN loss, loss >= 1e3); DeepOBS stops on NaN"
     meaning = "The optimisation blew up: the loss or the gradients became non-finite or grew far beyond their start."
-    hint = "lower the learning rate (try 10x smaller), check the inputs' scale, or clip gradients (training.clip_grad_norm)"
+    hint = "lower the learning rate (try 10x smaller), check the inputs' scale, or clip gradients"
 
     def check(self, run: RunSeries) -> Finding | None:
         loss, evidence = run.loss(), []
@@ -42,4 +42,4 @@ class Divergence(Rule):
             evidence.append(Evidence("median loss, last 10% of steps", recent, threshold, ">"))
         if not evidence:
             return None
-        return self.report((min(first_bad, default=loss.span()[0]), last), evidence)
+        return self.report((min(first_bad, default=loss.span()[0]), last), evidence, hint=self.hint.removesuffix("clip gradients") + run.clipping_advice())

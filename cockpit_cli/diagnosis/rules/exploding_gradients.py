@@ -16,7 +16,7 @@ class ExplodingGradients(Rule):
     requires = (("GradNorm", "LayerStats"),)
     source = "AUTOTRAINER (||g_first|| / ||g_last|| > 70); TheDeepChecker (gradient growth)"
     meaning = "Gradients are huge or keep growing, so each step changes the weights far more than intended."
-    hint = "lower the learning rate, use a smaller initialisation (init_scale) or normalisation layers, or clip gradients (training.clip_grad_norm)"
+    hint = "lower the learning rate, use a smaller initialisation (init_scale) or normalisation layers, or clip gradients"
 
     def check(self, run: RunSeries) -> Finding | None:
         evidence = []
@@ -31,4 +31,4 @@ class ExplodingGradients(Rule):
                 evidence.append(Evidence(f"median gradient norm of layer {layer} / last layer, last 50%", ratio, LAYER_RATIO, ">"))
         if not evidence:
             return None
-        return self.report(total.last().span(), evidence)
+        return self.report(total.last().span(), evidence, hint=self.hint.removesuffix("clip gradients") + run.clipping_advice())
