@@ -1342,6 +1342,7 @@ def test_a_step_s_later_backward_passes_are_plain_and_its_values_describe_the_fi
     found.update(instruments.finish())
     assert instruments.unavailable == {}
     assert len(instruments.changes) == 1 and "backward passes after its first" in instruments.changes[0]
+    assert ("with scale=1/k" in instruments.changes[0]) == (scale == 1.0)  # the advice, where no scale was given
     tracked = [step for step in range(7) if step % every == 0]
     assert [step for step in sorted(found) if "Alpha" in found[step]] == tracked[:-1] if tracked[-1] == 6 else tracked
     for step in tracked:

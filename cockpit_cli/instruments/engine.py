@@ -313,7 +313,7 @@ class Instruments:
         its count, and the loop's ``step`` numbers the values it hands out. A loop may number
         its steps otherwise (from 0 in every epoch; a batch it skips leaves a gap)."""
         if step == self._awaiting_update:
-            self._repeated_backward(step, _scaled(loss, scale))
+            self._repeated_backward(step, loss, scale)
             return
         label, step = step, self._count_step(step)
         self._awaiting_update = label
@@ -441,19 +441,22 @@ class Instruments:
         columns = floating_columns(inputs)
         return None if columns is None else self.sync.gather(columns)
 
-    def _repeated_backward(self, step: int, loss: Tensor) -> None:
+    def _repeated_backward(self, step: int, loss: Tensor, scale: float) -> None:
         """Run another backward pass of ``step`` plainly. Its forward pass was prepared for the
         next step before this step's update, which Alpha's plan reads: the plan, hooks and counts
         it set up are dropped, and that step's own forward pass sets them again."""
         self.capture.release()
         self._planned, self._idle_until, self._quiet = None, 0, False
-        loss.backward()
+        _scaled(loss, scale).backward()
         if not self._repeated:
             self._repeated = True
+            advice = "" if scale != 1.0 else (
+                " (give each micro-batch's own loss, with scale=1/k where the gradients are to be the mean of k "
+                "micro-batches: a loss divided by k divides the values)"
+            )
             self.changes.append(
                 f"from step {step}: a step's backward passes after its first (gradients accumulated over micro-batches) "
-                "are not tracked; each step's values describe the batch of its first backward pass (give each micro-batch's own "
-                "loss, with scale=1/k where the gradients are to be the mean of k micro-batches: a loss divided by k divides the values)"
+                f"are not tracked; each step's values describe the batch of its first backward pass{advice}"
             )
 
     def _check_curvature_memory(self, step: int, inputs: Inputs, outputs: Any) -> tuple[list[Quantity], set[str]]:
