@@ -26,16 +26,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.settings import build_quantities
+from cockpit_cli.instruments.sync import joined_process_group
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.storage import schema
 from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
-from cockpit_cli.training.events import EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
+from cockpit_cli.training.events import SINGLE_PROCESS, EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import hyperparameters, learning_rates
 from cockpit_cli.versions import package_versions
 
@@ -84,14 +86,15 @@ class TrackedRun:
         log_spaced = [quantity.name for quantity in due if quantity.schedule.spacing == "log"]
         if log_spaced and not total_steps:
             raise CockpitError(f"TrackedRun: {', '.join(log_spaced)} spread over the run in log spacing, whose length is not given", "pass total_steps=N, the number of steps your loop takes")
+        self.sync = joined_process_group()  # data-parallel processes combine their shards' sums
         instruments = Instruments(
             model, loss_function, per_sample_loss_function, optimizer, due,
-            weight_decay=weight_decay, decayed_parameters=decayed_parameters, curvature=curvature,
+            weight_decay=weight_decay, decayed_parameters=decayed_parameters, curvature=curvature, sync=self.sync,
         )
-        run_dir = Path(run_dir)
-        self.run_dir = prepare_run_directory(run_dir.parent, run_dir.name, overwrite=overwrite)
-        self.writer = RunWriter(self.run_dir, config.to_dict(), config.to_yaml())
-        self.tracker = Tracker(instruments, self.writer.on_step)
+        self.run_dir = Path(run_dir)
+        self.writer: RunWriter | None = None  # process 0 writes the run directory, the others none
+        self._create_directory(config, overwrite)
+        self.tracker = Tracker(instruments, self._on_step)
         self.optimizer = optimizer
         self.epoch = 0
         self.steps = 0
@@ -101,8 +104,30 @@ class TrackedRun:
         self.closed = False
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         device = str(next(model.parameters()).device)
-        meta = RunMeta(schema.API_PROBLEM, type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe())
-        self.writer.on_start(meta)
+        processes = {"world_size": self.sync.world_size, "backend": dist.get_backend()} if self.sync.world_size > 1 else SINGLE_PROCESS
+        meta = RunMeta(schema.API_PROBLEM, type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe(), processes=dict(processes))
+        if self.writer is not None:
+            self.writer.on_start(meta)
+
+    def _create_directory(self, config: Any, overwrite: bool) -> None:
+        """Create the run directory in process 0; every process raises where it could not."""
+        failure = None
+        if self.sync.rank == 0:
+            try:
+                self.run_dir = prepare_run_directory(self.run_dir.parent, self.run_dir.name, overwrite=overwrite)
+                self.writer = RunWriter(self.run_dir, config.to_dict(), config.to_yaml())
+            except CockpitError as error:
+                failure = error
+        if self.sync.world_size > 1:
+            failed = float(self.sync.maximum(torch.tensor([float(failure is not None)], device=self.sync.device))) > 0
+            if failed and failure is None:
+                raise CockpitError(f"TrackedRun: process 0 could not create {self.run_dir} (its error says why)")
+        if failure is not None:
+            raise failure
+
+    def _on_step(self, record: StepRecord) -> None:
+        if self.writer is not None:
+            self.writer.on_step(record)
 
     def _run_step(self, step: int) -> int:
         """The run's number of the loop's ``step``: the loop's own while its numbers grow (gaps
@@ -124,18 +149,20 @@ class TrackedRun:
         if epoch is not None:
             self.epoch = epoch
         step = self._run_step(step)
-        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        value = self.sync.mean(float(loss.detach()) if isinstance(loss, Tensor) else float(loss))  # the global batch's
         record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
         self.tracker.after_update(step, record)
         self.steps = step + 1
         for text in self.tracker.new_warnings():  # into the manifest when it arises (a quantity switched off)
-            self.writer.on_warning(text)
+            if self.writer is not None:
+                self.writer.on_warning(text)
 
     def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
         """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""
         metrics = {name: SplitMetrics(float(loss), None if accuracy is None else float(accuracy), 0) for name, (loss, accuracy) in splits.items()}
         step += self._offset  # numbered as the steps are (an epoch's end: its last step + 1)
-        self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))
+        if self.writer is not None:
+            self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))
 
     def close(self, status: RunStatus = RunStatus.COMPLETED, message: str | None = None) -> None:
         """Flush everything and mark the run ended (done by the ``with`` block)."""
@@ -144,7 +171,8 @@ class TrackedRun:
         self.closed = True
         self.tracker.flush()
         warnings = self.tracker.warnings()
-        self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings, self.tracker.describe()))
+        if self.writer is not None:
+            self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings, self.tracker.describe()))
 
     def __enter__(self) -> "TrackedRun":
         return self

@@ -82,6 +82,30 @@ def test_every_quantity_on_two_processes_equals_one_process(tmp_path: Path, kind
     assert compared > 200
 
 
+def test_a_loop_of_the_python_api_on_two_processes_records_the_whole_batch(tmp_path: Path) -> None:
+    """``TrackedRun`` in a user's own loop with DistributedDataParallel: process 0 writes the one
+    run directory, whose records equal those of one process on the whole batches."""
+    worker = TESTS / "distributed_api_worker.py"
+    for processes in (1, 2):
+        command = [sys.executable, str(worker), str(tmp_path / str(processes))]
+        if processes > 1:
+            command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(worker)]
+        result = subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single, parallel = read_lines(tmp_path / "1" / "steps.jsonl"), read_lines(tmp_path / "2" / "steps.jsonl")
+    assert [record["step"] for record in parallel] == [0, 1, 2]
+    assert {"Alpha", "NormTest", "HessTrace", "HessMaxEV", "GradHist1d", "CABS", "EarlyStopping"} <= set(parallel[0]["quantities"])
+    compared = assert_same_values([r["quantities"] for r in single], [r["quantities"] for r in parallel], rel=1e-8, skip=("Time",))
+    assert compared > 100
+    assert [r["loss"] for r in parallel] == pytest.approx([r["loss"] for r in single], rel=1e-9)  # the global batch's
+    manifest = json.loads((tmp_path / "2" / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"] == {"world_size": 2, "backend": "gloo"}
+    again = subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)  # into the same directory
+    assert again.returncode != 0
+    assert f"run directory {tmp_path / '2'} already exists" in again.stderr and "process 0 could not create" in again.stderr  # each process says so
+    assert read_lines(tmp_path / "2" / "steps.jsonl") == parallel  # nothing lost
+
+
 def test_a_failing_process_ends_the_others(tmp_path: Path) -> None:
     """Rank 1 raises at step 1: rank 0 does not hang in the next collective, and the launcher fails."""
     started = time.monotonic()

@@ -84,3 +84,13 @@ class GroupSynchronizer(Synchronizer):
 def is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` says that a collective failed (a peer process is gone)."""
     return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower())
+
+
+def joined_process_group() -> Synchronizer:
+    """Return a :class:`GroupSynchronizer` over a group of its own where this process already
+    belongs to a ``torch.distributed`` group of several processes (a loop the user launched under
+    ``torchrun`` with ``DistributedDataParallel``), else the single process's. Every process of
+    the group must call it (it creates a group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return GroupSynchronizer(dist.new_group(backend=dist.get_backend()))
+    return Synchronizer()
