@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
+from cockpit_cli.instruments.batch_inputs import batch_size
 from cockpit_cli.instruments.engine import Instruments
 from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.sync import joined_process_group
@@ -102,6 +103,7 @@ class TrackedRun:
         self._last_step: int | None = None  # the loop's number of the last step seen
         self.started = time.perf_counter()
         self.closed = False
+        self._batch_size_known = False
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         device = str(next(model.parameters()).device)
         processes = {"world_size": self.sync.world_size, "backend": dist.get_backend()} if self.sync.world_size > 1 else SINGLE_PROCESS
@@ -143,6 +145,9 @@ class TrackedRun:
         ``scale`` (``1 / k`` for gradients accumulated over ``k`` micro-batches) scales the
         gradient added to the parameters' while the quantities describe ``loss`` itself."""
         self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets, scale)
+        if not self._batch_size_known and self.writer is not None:  # the global batch's, for the reports and the diagnosis
+            self._batch_size_known = True
+            self.writer.on_batch_size(batch_size(inputs) * self.sync.world_size)
 
     def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
         """Call after ``optimizer.step()`` of ``step`` to record it."""

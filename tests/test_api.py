@@ -46,6 +46,7 @@ def test_user_loop_gets_a_run_directory_with_every_quantity(tmp_path: Path) -> N
         run.evaluate(4, valid=(0.5, 0.75))
     data = read_run(tmp_path / "mine")
     assert data.status == "completed"
+    assert data.manifest["batch_size"] == 16  # learnt at the first step (the start does not know it)
     assert [s["step"] for s in data.steps] == [0, 1, 2, 3]
     first = data.steps[0]["quantities"]
     for name in ("Alpha", "NormTest", "HessMaxEV", "GradHist2d", "TICDiag", "LayerStats", "UpdateSize"):

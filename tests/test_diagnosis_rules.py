@@ -755,6 +755,9 @@ def test_gradient_noise_window_and_a_norm_test_of_one() -> None:
     assert finding_of(make_run(change=early, loss=stuck), "gradient_noise") is None
     noisy = finding_of(make_run(change=_set("NormTest", lambda s, rng: 0.98), loss=stuck), "gradient_noise")
     assert evidence_of(noisy)[2] == ("noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size 100)", pytest.approx(100 * 0.98**2 / (1 - 0.98**2)), None, "context")
+    unknown = make_run(change=_set("NormTest", lambda s, rng: 0.98), loss=stuck)
+    unknown.manifest["batch_size"] = 0  # an API run that ended before its first step: no noise scale of 0
+    assert len(evidence_of(finding_of(unknown, "gradient_noise"))) == 2
 
 
 def test_lr_too_large_by_negative_curvature_its_spans_and_too_few_alphas() -> None:

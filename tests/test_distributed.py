@@ -100,6 +100,7 @@ def test_a_loop_of_the_python_api_on_two_processes_records_the_whole_batch(tmp_p
     assert [r["loss"] for r in parallel] == pytest.approx([r["loss"] for r in single], rel=1e-9)  # the global batch's
     manifest = json.loads((tmp_path / "2" / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"] == {"world_size": 2, "backend": "gloo"}
+    assert manifest["batch_size"] == 8  # the global batch's
     again = subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)  # into the same directory
     assert again.returncode != 0
     assert f"run directory {tmp_path / '2'} already exists" in again.stderr and "process 0 could not create" in again.stderr  # each process says so

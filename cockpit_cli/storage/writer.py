@@ -225,6 +225,12 @@ class RunWriter:
             self._eval_records.append(data)
             self._write_manifest()
 
+    def on_batch_size(self, size: int) -> None:
+        """Record the batch size where the start did not know it (a loop of the Python API)."""
+        self.manifest["batch_size"] = size
+        with self._writing():
+            self._write_manifest()
+
     def on_warning(self, text: str) -> None:
         """Record a warning in the manifest when it arises (the end replaces the list with all of them)."""
         self.manifest.setdefault("warnings", []).append(text)

@@ -42,6 +42,6 @@ class GradientNoise(Rule):
             Evidence("relative loss decrease since the start", progress, UNCONVERGED, "<"),
         ]
         batch = run.manifest.get("batch_size")
-        if isinstance(batch, int) and value < 1:
+        if isinstance(batch, int) and batch > 0 and value < 1:  # (a run of the Python API learns it at its first step)
             evidence.append(context(f"noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size {batch})", batch * value**2 / (1 - value**2)))
         return self.report(norm_test.span(), evidence)
