@@ -115,6 +115,8 @@ def test_evaluations_without_samples(runs: dict[str, RunData]) -> None:
     run = runs["tracked"]
     stripped = dataclasses.replace(run, evals=[{**record, "samples": None} for record in run.evals])
     assert "no per-sample outcomes recorded" in texts(samples_figure(RunView(stripped)))
+    api = dataclasses.replace(stripped, manifest={**stripped.manifest, "problem": "custom"})  # a run of TrackedRun: no config key to turn them on
+    assert "a run of the Python API records each split's loss and accuracy" in texts(samples_figure(RunView(api)))
 
 
 def test_step_range_zooms_every_figure(runs: dict[str, RunData], tmp_path: Path) -> None:
