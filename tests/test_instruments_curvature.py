@@ -134,6 +134,23 @@ def test_curvature_quantities_of_binary_cross_entropy(kind: str, name: str, curv
     assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_curvature_of_one_output_per_sample_as_a_vector(kind: str, loss: str, curvature: str) -> None:
+    """A regression or a binary classifier whose outputs are ``[N]`` (a last layer of one output,
+    flattened): BackPACK's rules took two-dimensional outputs only, and the ValueError stopped
+    every instrument."""
+    model = BUILDERS[kind](0)
+    model = torch.nn.Sequential(*list(model)[:-1], torch.nn.Linear(model[-1].in_features, 1).double(), torch.nn.Flatten(0))
+    loss_fn = torch.nn.MSELoss() if loss == "mse" else torch.nn.BCEWithLogitsLoss()
+    batches = []
+    for index, batch in enumerate(make_batches(kind, "ce", 0, 2)):
+        targets = torch.rand(len(batch.targets), dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        batches.append(batch._replace(targets=targets, loss_fn=loss_fn, per_sample_loss_fn=None))
+    check_against_shares(train(model, batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature), curvature)
+
+
 @pytest.mark.parametrize("kind, loss", CASES)
 def test_monte_carlo_ggn_is_finite_and_leaves_the_random_state_alone(kind: str, loss: str) -> None:
     model = BUILDERS[kind](0)

@@ -17,7 +17,8 @@ diagonal falls by about a third and its memory by the size of that tensor. Convo
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
-ignored targets, label smoothing), binary cross-entropy's included (:mod:`binary_cross_entropy_factor`).
+ignored targets, label smoothing), binary cross-entropy's and the squared error's for outputs of
+any shape included (:mod:`elementwise_loss_factor`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntrop
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
-from cockpit_cli.instruments.binary_cross_entropy_factor import BinaryCrossEntropyDerivatives
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
+from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 
 CURVATURES = {
@@ -101,6 +102,6 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     loss_rule = DiagHCrossEntropyLoss() if hessian else DiagGGNCrossEntropyLoss()
     loss_rule.derivatives = ReducedCrossEntropyDerivatives()
     extension.set_module_extension(nn.CrossEntropyLoss, loss_rule, overwrite=True)
-    binary_rule = (DiagHLoss if hessian else DiagGGNLoss)(derivatives=BinaryCrossEntropyDerivatives())
-    extension.set_module_extension(nn.BCEWithLogitsLoss, binary_rule, overwrite=True)
+    for loss, derivatives in ((nn.BCEWithLogitsLoss, BinaryCrossEntropyDerivatives), (nn.MSELoss, SquaredErrorDerivatives)):
+        extension.set_module_extension(loss, (DiagHLoss if hessian else DiagGGNLoss)(derivatives=derivatives()), overwrite=True)
     return extension
