@@ -96,7 +96,21 @@ class BinaryCrossEntropyDerivatives(ElementwiseLossDerivatives):
 
 
 class SquaredErrorDerivatives(ElementwiseLossDerivatives):
-    """``MSELoss``: 2 per unit weight; draws ``2 (f - y)``, ``y ~ N(f, 1/2)``, that is ``sqrt(2) z``."""
+    """``MSELoss``: 2 per unit weight; draws ``2 (f - y)``, ``y ~ N(f, 1/2)``, that is ``sqrt(2) z``.
+
+    Every output has the same weight (``1 / (N K)`` averaged, 1 summed), so the factor is one
+    diagonal shared by the samples: a view, not ``N K^2`` numbers."""
+
+    def _sqrt_hessian(self, module: nn.MSELoss, g_inp: tuple, g_out: tuple, subsampling: list[int] | None = None) -> Tensor:
+        outputs = subsample(module.input0, subsampling=subsampling)
+        width = outputs[0].numel()
+        weight = 1.0 / module.input0.numel() if module.reduction == "mean" else 1.0
+        diagonal = torch.eye(width, dtype=outputs.dtype, device=outputs.device).mul_(math.sqrt(2.0 * weight))  # [K, K]
+        return diagonal.unsqueeze(1).expand(width, len(outputs), width).reshape(width, *outputs.shape)
+
+    def output_weights(self, module: nn.MSELoss) -> Tensor:
+        weight = 1.0 / module.input0.numel() if module.reduction == "mean" else 1.0
+        return torch.full_like(module.input0, weight)
 
     def loss_of(self, module: nn.MSELoss, outputs: Tensor, targets: Tensor) -> Tensor:
         return functional.mse_loss(outputs, targets, reduction=module.reduction)
