@@ -75,7 +75,7 @@ def _missing(rule: Rule, run: RunSeries) -> NotChecked | None:
     if rule.min_share and run.manifest.get("status", "running") == "running" and is_number(planned) and run.count("loss") < rule.min_share * planned:
         seen = run.count("loss")
         return NotChecked(rule.name, f"only {seen} of {planned} planned steps so far (judged after {rule.min_share:.0%} of them)", "let the run go on", too_few=True)
-    api = run.manifest.get("problem") == schema.API_PROBLEM
+    api = schema.from_api(run.manifest)
     unavailable = (run.manifest.get("instruments") or {}).get("unavailable") or {}
     optimizer = run.config.get("optimizer") or {}
     not_plain = unlike_plain_sgd(run.optimizer(), optimizer)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from cockpit_cli.diagnosis.values import as_float, as_floats, field_of, is_number, layer_of
 from cockpit_cli.diagnosis.windows import Series, Table, finite_median
-from cockpit_cli.storage.schema import API_PROBLEM
+from cockpit_cli.storage.schema import from_api
 
 Record = dict[str, Any]
 
@@ -162,7 +162,7 @@ class RunSeries:
     def clipping_advice(self) -> str:
         """How this run can clip its gradients: the config key, harder where it clips already, or
         torch's function for a run of the Python API."""
-        if self.manifest.get("problem") == API_PROBLEM:
+        if from_api(self.manifest):
             return "clip gradients (torch.nn.utils.clip_grad_norm_ before optimizer.step())"
         limit = (self.config.get("training") or {}).get("clip_grad_norm")
         if is_number(limit):

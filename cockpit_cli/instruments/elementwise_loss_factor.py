@@ -6,9 +6,10 @@ sample's outputs is diagonal, whatever the targets: ``a sigma(z) (1 - sigma(z))`
 cross-entropy with logits (targets 0, 1 or a probability), ``2 a`` for the squared error. ``a``
 is the output's weight in the loss: ``1 / (N K)`` for the mean over ``N`` samples of ``K``
 outputs, ``1`` for the sum, times binary cross-entropy's ``weight``, and times
-``pos_weight t + 1 - t`` for a target ``t`` where positives are weighted. It is read off the loss
-itself (:func:`~cross_entropy_factor.curvature_at_zero`, where ``sigma (1 - sigma) = 1 / 4``), so
-every option counts as torch computes it.
+``pos_weight t + 1 - t`` for a target ``t`` where positives are weighted. Binary cross-entropy's
+is read off the loss itself (:func:`~cross_entropy_factor.curvature_at_zero`, where
+``sigma (1 - sigma) = 1 / 4``), so every option counts as torch computes it; the squared error's
+one option is its reduction.
 
 The factor has one column per output (``[K, N, ...]``), and ``M`` drawn columns for the
 Monte-Carlo GGN: the gradients of targets drawn from the model's own predictive distribution
@@ -104,16 +105,16 @@ class SquaredErrorDerivatives(ElementwiseLossDerivatives):
     def _sqrt_hessian(self, module: nn.MSELoss, g_inp: tuple, g_out: tuple, subsampling: list[int] | None = None) -> Tensor:
         outputs = subsample(module.input0, subsampling=subsampling)
         width = outputs[0].numel()
-        weight = 1.0 / module.input0.numel() if module.reduction == "mean" else 1.0
-        diagonal = torch.eye(width, dtype=outputs.dtype, device=outputs.device).mul_(math.sqrt(2.0 * weight))  # [K, K]
+        diagonal = torch.eye(width, dtype=outputs.dtype, device=outputs.device).mul_(math.sqrt(2.0 * self._weight(module)))  # [K, K]
         return diagonal.unsqueeze(1).expand(width, len(outputs), width).reshape(width, *outputs.shape)
 
     def output_weights(self, module: nn.MSELoss) -> Tensor:
-        weight = 1.0 / module.input0.numel() if module.reduction == "mean" else 1.0
-        return torch.full_like(module.input0, weight)
+        return torch.full_like(module.input0, self._weight(module))
 
-    def loss_of(self, module: nn.MSELoss, outputs: Tensor, targets: Tensor) -> Tensor:
-        return functional.mse_loss(outputs, targets, reduction=module.reduction)
+    @staticmethod
+    def _weight(module: nn.MSELoss) -> float:
+        """Every output's weight in the loss: ``1 / (N K)`` averaged, 1 summed."""
+        return 1.0 / module.input0.numel() if module.reduction == "mean" else 1.0
 
     def unit_curvature(self, outputs: Tensor) -> Tensor:
         return torch.full_like(outputs, 2.0)

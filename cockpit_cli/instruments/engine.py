@@ -124,7 +124,8 @@ class Instruments:
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         support = check_support(model, loss_function)
         self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
-        self._trainability_changed = False  # said once (see _check_trainability)
+        self._trainable = [p.requires_grad for p in model.parameters()]  # as attached (see _check_trainability)
+        self._trainability_changed = False  # said once
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
@@ -236,11 +237,11 @@ class Instruments:
     def _check_trainability(self) -> None:
         """Say once where parameters were frozen or unfrozen after the instruments were attached:
         they follow the parameters that required gradients then."""
+        if [p.requires_grad for p in self.model.parameters()] == self._trainable:  # one pass, at the steps with anything due
+            return
         tracked = {id(p) for p in self.params}
         unfrozen = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in tracked]
         frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad and id(p) in tracked]
-        if not (unfrozen or frozen):
-            return
         self._trainability_changed = True
         parts = []
         if unfrozen:
@@ -321,7 +322,7 @@ class Instruments:
         if q.CURVATURE in needs and not self._curvature_checked:
             active, needs = self._check_curvature_memory(step, inputs, outputs)
         if not active:
-            _scaled(loss, scale).backward()
+            scaled_loss(loss, scale).backward()
             self.capture.detach()
             self._watch_forward(step + 1)
             return
@@ -447,7 +448,7 @@ class Instruments:
         it set up are dropped, and that step's own forward pass sets them again."""
         self.capture.release()
         self._planned, self._idle_until, self._quiet = None, 0, False
-        _scaled(loss, scale).backward()
+        scaled_loss(loss, scale).backward()
         if not self._repeated:
             self._repeated = True
             advice = "" if scale != 1.0 else (
@@ -620,7 +621,8 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _scaled(loss: Tensor, scale: float) -> Tensor:
+def scaled_loss(loss: Tensor, scale: float) -> Tensor:
+    """``scale * loss`` (``loss`` itself for a scale of 1), what a pass backpropagates for the parameters' gradients."""
     return loss if scale == 1.0 else loss * scale
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from cockpit_cli.instruments.batch_inputs import Inputs, call_model, check_inputs
-from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.instruments.engine import Instruments, scaled_loss
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord, names_by_reason
 
@@ -51,7 +51,7 @@ class Tracker:
                 "backpropagated; pass the loss as loss.backward() takes it (computed with gradients on, from the model's outputs)"
             )
         if self.instruments is None:
-            (loss * scale if scale != 1.0 else loss).backward()
+            scaled_loss(loss, scale).backward()
             return
         try:
             self.instruments.backward(step, loss, inputs, outputs, targets, scale)
@@ -67,7 +67,7 @@ class Tracker:
                 param.grad = None
             outputs = call_model(self.model or instruments.model, inputs)
             retry = instruments.capture.loss_function(outputs, targets) + instruments.capture.regularization_tensor()
-            (retry * scale if scale != 1.0 else retry).backward()
+            scaled_loss(retry, scale).backward()
 
     def after_update(self, step: int, record: StepRecord) -> None:
         """Call after ``optimizer.step()``: finish the step's quantities and queue its record."""

@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 
 from cockpit_cli.report.data import RunView, SampleOutcomes
 from cockpit_cli.report.plotting import BASE_FONT_SIZE, PRIMARY, SECONDARY, TERTIARY, empty_panel, figure_title, new_figure, save, style
-from cockpit_cli.storage.schema import API_PROBLEM
+from cockpit_cli.storage.schema import from_api
 
 OUTCOME_COLORS = ListedColormap(["#e57373", "#43a047", "#dddddd"])  # wrong, correct, not evaluated
 CODES = {"0": 0, "1": 1}
@@ -91,8 +91,7 @@ def samples_figure(view: RunView) -> Figure:
     figure_title(figure, title, view.run.manifest)
     outcomes = view.samples()
     if not outcomes.rows:
-        api = view.run.manifest.get("problem") == API_PROBLEM
-        empty_panel(figure.add_subplot(1, 1, 1), "Per-sample outcomes", NO_SAMPLES_OF_API if api else NO_SAMPLES)
+        empty_panel(figure.add_subplot(1, 1, 1), "Per-sample outcomes", NO_SAMPLES_OF_API if from_api(view.run.manifest) else NO_SAMPLES)
         return figure
     order = sort_samples(outcomes)
     matrix = np.array([[CODES.get(char, 2) for char in row] for row in outcomes.rows])

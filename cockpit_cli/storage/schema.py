@@ -14,3 +14,9 @@ LOCK = ".lock"  # present while a process writes the directory
 # Seconds between manifest rewrites while training (the heartbeat of a running run).
 HEARTBEAT_SECONDS = 10.0
 API_PROBLEM = "custom"  # the manifest's problem of a run of the Python API (TrackedRun)
+
+
+def from_api(manifest: dict) -> bool:
+    """Whether the manifest is that of a run of the Python API (``TrackedRun``), which has no
+    config keys of ``cockpit run`` to advise."""
+    return manifest.get("problem") == API_PROBLEM
