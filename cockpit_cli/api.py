@@ -33,6 +33,7 @@ from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments.batch_inputs import batch_size
 from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.instruments.loss_scale import LossScale
 from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.sync import joined_process_group
 from cockpit_cli.instruments.tracker import Tracker
@@ -139,11 +140,12 @@ class TrackedRun:
         self._last_step = step
         return step + self._offset
 
-    def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any, scale: float = 1.0) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Tensor | tuple[Tensor, ...], outputs: Any, targets: Any, scale: LossScale = 1.0) -> None:
         """Use instead of ``(scale * loss).backward()``: gradients plus every quantity due at ``step``.
 
-        ``scale`` (``1 / k`` for gradients accumulated over ``k`` micro-batches) scales the
-        gradient added to the parameters' while the quantities describe ``loss`` itself."""
+        ``scale`` (``1 / k`` for gradients accumulated over ``k`` micro-batches, or the
+        ``torch.amp.GradScaler`` of mixed-precision training, for ``scaler.scale(loss).backward()``)
+        scales the gradient added to the parameters' while the quantities describe ``loss`` itself."""
         self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets, scale)
         if not self._batch_size_known and self.writer is not None:  # the global batch's, for the reports and the diagnosis
             self._batch_size_known = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -315,6 +316,64 @@ def test_gradients_accumulated_with_a_scale_train_as_the_scaled_loss_would(tmp_p
             run.step(step, loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
     assert [record["quantities"]["Loss"] for record in read_run(tmp_path / "micro").steps] == pytest.approx(losses[::2], rel=1e-6)
+
+
+def test_a_gradient_scaler_s_run_trains_as_its_own_and_steps_that_overflow_record_no_quantities(tmp_path: Path) -> None:
+    """float16 under autocast with ``scale=scaler`` (``torch.amp.GradScaler``) in place of
+    ``scaler.scale(loss).backward()``: the parameters move as a twin's with its own scaler, bit
+    for bit. The scaler starts too high: its first steps overflow, which it skips while it
+    halves the scale; those record their loss and no quantities (an overflow's GradNorm of inf,
+    an Alpha of a step not taken), and the steps after it record the usual values."""
+    model, twin = make_model(), make_model()
+    optimizer, twin_optimizer = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    scaler, twin_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30), torch.amp.GradScaler("cpu", init_scale=2.0**30)
+    generator = torch.Generator().manual_seed(0)
+    skipped = []
+    with TrackedRun(tmp_path / "amp", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="full", total_steps=30) as run:
+        for step in range(30):
+            inputs, targets = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+            optimizer.zero_grad()
+            twin_optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                outputs = model(inputs)
+                loss = nn.functional.cross_entropy(outputs, targets)
+                twin_loss = nn.functional.cross_entropy(twin(inputs), targets)
+            run.backward(step, loss, inputs, outputs, targets, scale=scaler)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            twin_scaler.scale(twin_loss).backward()
+            twin_scaler.step(twin_optimizer)
+            twin_scaler.update()
+            run.step(step, loss)
+            if scaler.get_scale() < scale:
+                skipped.append(step)
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters())), step
+    assert skipped[0] == 0 and 5 < len(skipped) < 25
+    recorded = read_run(tmp_path / "amp")
+    assert [warning for warning in recorded.manifest["warnings"] if "overflow" in warning] == [
+        "from step 0: steps whose gradients overflow at their loss scale (inf or NaN at scale 1.07374e+09; a gradient scaler "
+        "skips their updates and lowers the scale) record no quantities"
+    ]
+    quantities = {record["step"]: record.get("quantities", {}) for record in recorded.steps}
+    assert all(set(quantities[step]) <= {"Loss", "Time"} for step in skipped)
+    taken = [step for step in range(29) if step not in skipped]
+    assert taken and all(math.isfinite(math.hypot(*quantities[step]["GradNorm"])) and math.isfinite(quantities[step]["NormTest"]) for step in taken)
+    assert all(math.isfinite(quantities[step]["Alpha"]) for step in taken if step + 1 not in skipped)
+    assert all("Alpha" not in quantities[step] for step in taken if step + 1 in skipped)
+
+
+def test_a_scale_that_is_no_positive_number_or_scaler_is_the_caller_s_mistake(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.zeros(4, 5), torch.zeros(4, dtype=torch.long)
+    with TrackedRun(tmp_path / "scale", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
+        for scale, error, message in [(0.0, ValueError, "scale: 0.0; give a positive number"), ("2", TypeError, "scale: a str; give a number")]:
+            outputs = model(inputs)
+            with pytest.raises(error, match=f"^{message}"):
+                run.backward(0, nn.functional.cross_entropy(outputs, targets), inputs, outputs, targets, scale=scale)
+        loop(run, model, optimizer, 2)
+    assert read_run(tmp_path / "scale").manifest["warnings"] == []
 
 
 def test_the_diagnosis_of_a_run_of_the_api_speaks_of_tracked_run_s_arguments(tmp_path: Path) -> None:

@@ -53,6 +53,30 @@ def test_curvature_quantities_match_references(kind: str, loss: str, curvature: 
         assert_close(values["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.filterwarnings("error:The output of")  # BackPACK's warning of a modified loss
+@pytest.mark.parametrize("weight", [0.25, 3.0])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("kind, loss", [*CASES, ("mlp", "bce")])
+def test_curvature_of_a_loss_module_s_output_times_a_factor(kind: str, loss: str, curvature: str, weight: float) -> None:
+    """``weight * loss_fn(outputs, targets)`` backpropagated: the curvature is ``weight`` times
+    the module's (BackPACK's rules gave the module's own and warned)."""
+    batches = make_batches(kind, "ce" if loss == "bce" else loss, 0, 2)
+    if loss == "bce":
+        bce = torch.nn.BCEWithLogitsLoss()
+        batches = [b._replace(targets=torch.rand(len(b.targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i)), loss_fn=bce) for i, b in enumerate(batches)]
+    run = train(BUILDERS[kind](0), batches, quantities(("HessTrace", "GradNorm")), curvature=curvature, loss_weight=weight)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        inputs, targets, loss_fn, _ = run.batches[step]
+        diagonal = DIAGONALS[curvature](run.reference_model(step), lambda o, t: weight * loss_fn(o, t), inputs, targets)
+        assert_close(run.records[step]["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
+
+
+def test_curvature_of_a_loss_module_s_output_times_a_negative_factor_says_it_has_no_factor() -> None:
+    with pytest.raises(ValueError, match="^the loss module's output enters the loss backpropagated times -0.5: a curvature diagonal needs a positive factor$"):
+        train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 1), quantities(("HessTrace",)), loss_weight=-0.5)
+
+
 CLASS_WEIGHTS = torch.tensor([0.5, 3.0, 1.5], dtype=torch.float64)
 CROSS_ENTROPY_OPTIONS = {  # each with targets at the ignore_index where there are classes
     "class weights": {"weight": CLASS_WEIGHTS},

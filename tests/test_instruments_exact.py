@@ -128,6 +128,7 @@ def train(
     optimizer: OptimizerFactory = sgd,
     weight_decay: float = 0.0,
     curvature: str = "hessian",
+    loss_weight: float = 1.0,
 ) -> Run:
     """Train ``model`` on ``batches`` like the training loop, with instruments unless ``tracked`` is None.
 
@@ -138,6 +139,7 @@ def train(
         optimizer: Builds the optimizer from the trainable parameters.
         weight_decay: lambda of the regulariser on the weights (added to the loss here).
         curvature: The engine's curvature diagonal.
+        loss_weight: The factor of the loss module's output in the loss backpropagated.
     """
     pristine = copy.deepcopy(model)
     params = ref.trainable(model)
@@ -156,7 +158,7 @@ def train(
         run.rng_states.append(torch.get_rng_state())
         opt.zero_grad()
         outputs = model(inputs)
-        loss = loss_fn(outputs, targets) + ref.regularizer(decayed, weight_decay)
+        loss = (loss_fn(outputs, targets) if loss_weight == 1.0 else loss_weight * loss_fn(outputs, targets)) + ref.regularizer(decayed, weight_decay)
         if instruments is None:
             loss.backward()
             opt.step()

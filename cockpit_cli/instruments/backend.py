@@ -30,6 +30,7 @@ from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, fac
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
+from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
@@ -102,6 +103,7 @@ class GradientCapture:
         self._output_hooks = OutputGradientHooks({m: [p for _, p in own] for m, own in self.module_params.items()}) if self.factored else None
         self.runs = LayerRuns(model, self.module_params, names)
         self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
+        self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which
@@ -184,9 +186,10 @@ class GradientCapture:
         retain_graph: bool = False,
         rng_state: tuple | None = None,
         create_graph: bool = False,
+        scale: float = 1.0,
     ) -> Accumulator:
-        """Run ``loss.backward()`` and return the sums of the requested reductions (global ones,
-        combined across data-parallel processes).
+        """Run ``(scale * loss).backward()`` and return the sums of the requested reductions of
+        ``loss`` (global ones, combined across data-parallel processes).
 
         Args:
             loss: The mini-batch loss (scalar, with the regulariser).
@@ -201,7 +204,13 @@ class GradientCapture:
             create_graph: Leave the gradients ``p.grad`` differentiable, so that
                 :meth:`hessian_vector_product` needs no second backward pass; call
                 :meth:`release_gradient_graph` when done. (The extensions' work is not recorded.)
+            scale: The factor of the loss backpropagated, as a gradient scaler's (mixed
+                precision: output gradients that would underflow float16 stay in its range);
+                every value the pass hands over is divided by it. Not with the curvature
+                extension, whose rules read the output gradients themselves.
         """
+        self.gradient_scale = scale
+        loss = scaled_loss(loss, scale)
         accumulator = Accumulator(len(self.params))
         batch_size = samples_in(inputs)
         extensions = []
@@ -259,7 +268,7 @@ class GradientCapture:
             for index, samples in enumerate(gradients):
                 samples = self._with_regularizer(index, samples)
                 if index in self.runs.outside and own_gradients:
-                    _add_loss_term(samples, self.params[index].grad)
+                    _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
                 source = DenseSamples(samples)
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
@@ -335,6 +344,8 @@ class GradientCapture:
     def _parameter_hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]:
         def reduce_source(module: nn.Module, param: nn.Parameter, samples: Tensor | FactoredSamples, mean: Tensor | None) -> None:
             index = self.param_index[id(param)]
+            if mean is not None and self.gradient_scale != 1.0:
+                mean = mean / self.gradient_scale
             reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync, mean=mean)
 
         return reduce_source
@@ -349,7 +360,7 @@ class GradientCapture:
             try:
                 directions = {param: options.direction[index].to(param.dtype) for index, param in own}  # tensors hash by identity
                 products = layer_products(module, inputs, grad_output, directions.get(module.weight), directions.get(module.bias))
-                products.mul_(inputs.shape[0])  # g_i / N -> g_i
+                products.mul_(inputs.shape[0] / self.gradient_scale)  # scale g_i / N -> g_i
                 for index, param in own:
                     if self.weight_decay[index] and index not in accumulator.sourced:  # every G[i] holds lambda theta, once however often the layer runs
                         products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[param].reshape(-1))
@@ -380,9 +391,12 @@ class GradientCapture:
         if samples is None:
             return None
         if isinstance(samples, FactoredSamples):
+            if self.gradient_scale != 1.0:
+                samples.unscale(self.gradient_scale)
             return samples.regularized(self.params[index], self.weight_decay[index])
         dtype = self.params[index].dtype
-        samples = (samples if samples.dtype == dtype else samples.to(dtype)) * batch_size  # BackPACK gives g_i / N (in half precision under autocast)
+        # BackPACK gives scale g_i / N (in half precision under autocast)
+        samples = (samples if samples.dtype == dtype else samples.to(dtype)) * (batch_size / self.gradient_scale)
         return DenseSamples(self._with_regularizer(index, samples))  # a copy, as it may alias the layer's output gradient
 
     def _with_regularizer(self, index: int, samples: Tensor) -> Tensor:
@@ -401,7 +415,7 @@ class GradientCapture:
         """Return ``v -> H v`` for the Hessian of ``loss``, whose graph must still exist
         (:func:`functional_passes.hessian_vector_product`; it differentiates the gradients
         :meth:`backward` left differentiable with ``create_graph``)."""
-        return hessian_vector_product(loss, self.params, self.sync)
+        return hessian_vector_product(loss, self.params, self.sync, self.gradient_scale)
 
     def release_gradient_graph(self) -> None:
         """Detach the gradients ``p.grad`` from the graph that ``backward(create_graph=True)`` left

@@ -34,6 +34,8 @@ from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivativ
 from torch import Tensor, nn
 from torch.nn import functional
 
+from cockpit_cli.instruments.loss_output_weight import OutputWeighted
+
 
 def reduced_sqrt_hessian(probs: Tensor) -> Tensor:
     """Return ``S`` (``[C - 1, N, C]``) with ``sum_v S[v, n, :] S[v, n, :]^T = diag(p_n) - p_n p_n^T``.
@@ -87,7 +89,7 @@ def curvature_at_zero(loss_of: Callable[[Tensor], Tensor], like: Tensor, directi
     return product.detach()
 
 
-class ReducedCrossEntropyDerivatives(CrossEntropyLossDerivatives):
+class ReducedCrossEntropyDerivatives(OutputWeighted, CrossEntropyLossDerivatives):
     """BackPACK's cross-entropy derivatives with the ``C - 1``-column factor of :func:`reduced_sqrt_hessian`,
     and with every option of the loss (:func:`hessian_weights`).
 

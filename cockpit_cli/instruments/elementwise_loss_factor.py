@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from cockpit_cli.instruments.cross_entropy_factor import curvature_at_zero
+from cockpit_cli.instruments.loss_output_weight import OutputWeighted
 
 
-class ElementwiseLossDerivatives(BaseLossDerivatives):
+class ElementwiseLossDerivatives(OutputWeighted, BaseLossDerivatives):
     """The Hessian factors of a loss of each output on its own, that BackPACK's curvature rules
     backpropagate; subclasses give the loss, its Hessian and its predictive draws."""
 

@@ -37,6 +37,7 @@ from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
 from cockpit_cli.instruments.functional_passes import capture_rng_state
+from cockpit_cli.instruments.loss_scale import LossScale, scale_factor, scaled_loss
 from cockpit_cli.instruments.per_sample_loss import per_sample_means
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
@@ -130,6 +131,7 @@ class Instruments:
         self.unavailable: dict[str, str] = {}
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
         self._repeated = False  # whether a step had a second backward pass
+        self._overflow_noted = False  # whether a step's scaled gradients overflowed
         self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         self.curvature, self.loss_function = curvature, loss_function
         self._output_sizes: curvature_memory.OutputSizes | None = None  # measures the first curvature step's layer outputs
@@ -298,12 +300,12 @@ class Instruments:
 
     # -- one step --------------------------------------------------------------------------
 
-    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: float = 1.0) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: LossScale = 1.0) -> None:
         """Run the backward pass of ``step`` with whatever the due quantities need, and compute them.
 
         ``scale`` multiplies the gradient the pass adds to the parameters' (``1 / k`` for
-        gradients accumulated over ``k`` micro-batches), as ``(scale * loss).backward()`` would;
-        the quantities describe ``loss`` itself.
+        gradients accumulated over ``k`` micro-batches, or a gradient scaler: :mod:`loss_scale`),
+        as ``(scale * loss).backward()`` would; the quantities describe ``loss`` itself.
 
         ``inputs`` is the model's input batch, or the tuple of its positional inputs
         (:mod:`batch_inputs`); ``targets`` what the loss functions take beside the outputs. A
@@ -329,11 +331,17 @@ class Instruments:
         options = r.ReductionOptions()
         for quantity in active:
             quantity.reduction_options(step, options)
+        scale = scale_factor(loss, scale)
         requested = frozenset(needs & r.KERNELS.keys())
         by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
             requested -= {r.PROJECTIONS}
         earlier = self._set_gradients_aside() if scale != 1.0 else None
+        # The pass backpropagates the scaled loss, as training would (a gradient scaler's keeps
+        # float16 output gradients from underflowing), and the capture divides what it reads.
+        # BackPACK's curvature rules read the output gradients themselves: a pass with them
+        # backpropagates the loss and scales the gradients afterwards.
+        pass_scale = 1.0 if q.CURVATURE in needs and self.support.curvature else scale
         individual = None
         if q.INDIVIDUAL_LOSSES in needs:
             try:
@@ -360,10 +368,18 @@ class Instruments:
                 retain_graph=hvp,
                 rng_state=self._rng_state,
                 create_graph=hvp and self.sync.world_size == 1,  # data-parallel gradients are taken again locally
+                scale=pass_scale,
             )
         self.capture.detach()
         if self.support.per_sample != support.per_sample:
             self.changes.append(f"from step {label}: {self.support.per_sample_reason}")
+        if pass_scale > 1.0 and not _finite_gradients(self.params):
+            self._overflowed(label, step, active, pass_scale)
+            if hvp:
+                self.capture.release_gradient_graph()
+            self._scale_gradients(1.0, earlier)
+            self._stop_recording()
+            return
         if by_forward_mode:
             theta = [p.detach() for p in self.params]
             with self._engine_pass():
@@ -388,7 +404,7 @@ class Instruments:
             batch_size=batch_size(inputs) * self.sync.world_size,
             params=self.params,
             names=self.names,
-            grads=[p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params],
+            grads=self._pass_gradients(pass_scale),
             reductions=accumulator,
             lr=float(self.optimizer.param_groups[0]["lr"]),
             plain_sgd=self.plain_sgd,
@@ -408,7 +424,7 @@ class Instruments:
         self._collect(data.outputs)
         del data, accumulator, options  # they may hold the direction of the last step's update
         if scale != 1.0:
-            self._scale_gradients(scale, earlier)
+            self._scale_gradients(scale / pass_scale, earlier)
         if q.PARAMS_BEFORE in needs:  # copied last, so that the last step's direction is released first
             self._before = [p.detach().clone() for p in self.params]
             self._updating = self._needing(q.PARAMS_BEFORE)
@@ -418,6 +434,18 @@ class Instruments:
                 self._gradients = _versions(self.params) if self.plain_sgd and scale == 1.0 else None
         self._stop_recording()
 
+    def _overflowed(self, label: int, step: int, active: list[Quantity], scale: float) -> None:
+        """Give up ``step``, whose gradients of the loss times ``scale`` overflow: a gradient
+        scaler skips its update and lowers the scale; the values would be those of the overflow."""
+        for quantity in active:
+            quantity.forget(step)
+        if not self._overflow_noted:
+            self._overflow_noted = True
+            self.changes.append(
+                f"from step {label}: steps whose gradients overflow at their loss scale (inf or NaN at scale {scale:g}; a "
+                "gradient scaler skips their updates and lowers the scale) record no quantities"
+            )
+
     def _set_gradients_aside(self) -> list[Tensor | None]:
         """Take the gradients the parameters hold before a scaled pass (they are usually ``None``),
         so that the pass forms its own from nothing."""
@@ -426,12 +454,19 @@ class Instruments:
             param.grad = None
         return earlier
 
+    def _pass_gradients(self, scale: float) -> list[Tensor]:
+        """The gradients of the pass's loss, from those of ``scale`` times it (copies where the
+        scale is not 1), zeros for a parameter without one."""
+        with torch.no_grad():
+            return [torch.zeros_like(p) if p.grad is None else p.grad if scale == 1.0 else p.grad / scale for p in self.params]
+
     def _scale_gradients(self, scale: float, earlier: list[Tensor | None]) -> None:
-        """After a pass of the unscaled loss: ``p.grad = earlier + scale * (the pass's gradient)``."""
+        """After a scaled pass: ``p.grad = earlier + scale * (the pass's gradient)``."""
         with torch.no_grad():
             for param, before in zip(self.params, earlier):
                 if param.grad is not None:
-                    param.grad.mul_(scale)
+                    if scale != 1.0:
+                        param.grad.mul_(scale)
                     if before is not None:
                         param.grad.add_(before)
                 else:
@@ -442,7 +477,7 @@ class Instruments:
         columns = floating_columns(inputs)
         return None if columns is None else self.sync.gather(columns)
 
-    def _repeated_backward(self, step: int, loss: Tensor, scale: float) -> None:
+    def _repeated_backward(self, step: int, loss: Tensor, scale: LossScale) -> None:
         """Run another backward pass of ``step`` plainly. Its forward pass was prepared for the
         next step before this step's update, which Alpha's plan reads: the plan, hooks and counts
         it set up are dropped, and that step's own forward pass sets them again."""
@@ -621,9 +656,10 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def scaled_loss(loss: Tensor, scale: float) -> Tensor:
-    """``scale * loss`` (``loss`` itself for a scale of 1), what a pass backpropagates for the parameters' gradients."""
-    return loss if scale == 1.0 else loss * scale
+def _finite_gradients(params: list[Tensor]) -> bool:
+    """Whether every element of the parameters' gradients is finite (one transfer from a GPU)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _versions(params: list[Tensor]) -> list[tuple[Tensor, int] | None]:

@@ -63,6 +63,10 @@ class FactoredSamples:
         self.theta, self.decay = theta.detach(), decay
         return self
 
+    def unscale(self, scale: float) -> None:
+        """Divide the output gradients by ``scale``, those of a loss backpropagated times ``scale``."""
+        self.delta = self.delta / scale
+
     def _inputs(self, start: int, stop: int) -> Tensor:
         """Return the input factor of samples ``start:stop``, ``[b, L, K]`` (``D = C_out * K``)."""
         raise NotImplementedError
@@ -314,6 +318,10 @@ class FactoredConv(FactoredSamples):
         self.inputs = module.input0 if inputs is None else inputs
         self.grad_outputs = grad_outputs
 
+    def unscale(self, scale: float) -> None:
+        self.grad_outputs = self.grad_outputs / scale
+        self.delta = self.grad_outputs.reshape(self.delta.shape)
+
     def _inputs(self, start: int, stop: int) -> Tensor:
         return unfold(self.module, self.inputs[start:stop]).transpose(1, 2)  # [b, L, K]
 
@@ -347,6 +355,11 @@ class StackedPositions(FactoredSamples):
     def __init__(self, runs: list[FactoredSamples]):
         super().__init__(torch.cat([run.delta for run in runs], dim=2), runs[0].weight_shape)  # [N, C_out, sum L]
         self.runs = runs
+
+    def unscale(self, scale: float) -> None:
+        for run in self.runs:
+            run.unscale(scale)
+        self.delta = self.delta / scale
 
     def _inputs(self, start: int, stop: int) -> Tensor:
         return torch.cat([run._inputs(start, stop) for run in self.runs], dim=1)  # [b, sum L, K]

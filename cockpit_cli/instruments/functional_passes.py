@@ -7,6 +7,7 @@ so that dropout draws the same masks, and never advances the training's own rand
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -65,31 +66,42 @@ def functorch_per_sample(
         return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")(named_params, model_args(inputs), model_kwargs(inputs), targets)
 
 
-def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer) -> Callable[[list[Tensor]], list[Tensor]]:
+def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer, gradient_scale: float = 1.0) -> Callable[[list[Tensor]], list[Tensor]]:
     """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
 
     The products differentiate the gradients ``p.grad`` where the backward pass left them
-    differentiable (``create_graph``), else gradients taken again with a graph. With
-    data-parallel processes, ``loss`` is the local shard's mean loss and the product is the mean
-    of the shards' products: the global batch's Hessian times ``v``.
+    differentiable (``create_graph``; those of ``gradient_scale * loss``, divided again), else
+    gradients taken again with a graph. With data-parallel processes, ``loss`` is the local
+    shard's mean loss and the product is the mean of the shards' products: the global batch's
+    Hessian times ``v``.
     """
     gradients = [p.grad for p in params]
     if not all(g is not None and g.grad_fn is not None for g in gradients):
         # allow_unused: a parameter the loss does not use (a layer the forward pass skips) has a
         # zero gradient and zero rows and columns in the Hessian
         gradients = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        gradient_scale = 1.0
     # Only gradients that depend on the parameters have a Hessian part: a gradient that is
     # None or constant (a layer that is skipped, or whose output enters the loss linearly
     # without any parameter after it) has none.
     curved = [i for i, g in enumerate(gradients) if g is not None and g.grad_fn is not None]
     world = sync.world_size
+    # The gradients of the scaled loss are differentiated along v / sqrt(scale) (a power of two,
+    # which rounds nothing): the pass's half-precision numbers then lie between those of the
+    # loss and those of the scaled loss, where a gradient scaler keeps the gradients just below
+    # overflow.
+    along = 2.0 ** -round(math.log2(gradient_scale) / 2)
+
+    def scaled(vectors: list[Tensor | None], factor: float) -> list[Tensor | None]:
+        return vectors if factor == 1.0 else [None if v is None else v * factor for v in vectors]
 
     def product(vector: list[Tensor]) -> list[Tensor]:
         parts = [None] * len(params)
         if curved:
             parts = torch.autograd.grad(
-                [gradients[i] for i in curved], params, grad_outputs=[vector[i] for i in curved], retain_graph=True, allow_unused=True
+                [gradients[i] for i in curved], params, grad_outputs=scaled([vector[i] for i in curved], along), retain_graph=True, allow_unused=True
             )
+            parts = scaled(list(parts), 1.0 / (gradient_scale * along))
         local = [torch.zeros_like(p) if h is None else h for p, h in zip(params, parts)]
         return local if world == 1 else [sync.sum(h) / world for h in local]
 

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn import Module
 
 from cockpit_cli.instruments.batch_inputs import Inputs, call_model, check_inputs
-from cockpit_cli.instruments.engine import Instruments, scaled_loss
+from cockpit_cli.instruments.engine import Instruments
+from cockpit_cli.instruments.loss_scale import LossScale, checked_scale, scaled_loss
 from cockpit_cli.instruments.sync import is_collective_failure
 from cockpit_cli.training.events import StepRecord, names_by_reason
 
@@ -42,9 +43,10 @@ class Tracker:
         self._attached = instruments  # kept after a failure: the quantities it switched off
         self._handed_out: set[str] = set()  # warnings returned by new_warnings so far
 
-    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: float = 1.0) -> None:
+    def backward(self, step: int, loss: Tensor, inputs: Inputs, outputs: Any, targets: Any, scale: LossScale = 1.0) -> None:
         """Replace ``(scale * loss).backward()``: compute the gradient and every quantity due at ``step``."""
         check_inputs(inputs)  # a caller's mistake, said as such (not an instrument's failure)
+        scale = checked_scale(scale)
         if not isinstance(loss, Tensor) or not loss.requires_grad:
             raise RuntimeError(
                 f"loss: {'a ' + type(loss).__name__ if not isinstance(loss, Tensor) else 'a tensor without gradients'} cannot be "

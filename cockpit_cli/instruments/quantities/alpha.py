@@ -90,6 +90,10 @@ class Alpha(Quantity):
             if self.plain_sgd:
                 self.start["dots"] = moments["dots"]
 
+    def forget(self, step: int) -> None:
+        if self._ends_at(step):
+            self.pending = None  # the end point is lost with its slopes: no alpha for the start
+
     def after_update(self, data: UpdateData) -> None:
         start, self.start = self.start, None
         if start is None or start["step"] != data.step:

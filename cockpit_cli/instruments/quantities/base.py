@@ -181,6 +181,10 @@ class Quantity:
     def after_update(self, data: UpdateData) -> None:
         """Called after every optimizer step at which the quantity asked for PARAMS_BEFORE."""
 
+    def forget(self, step: int) -> None:
+        """Called instead of :meth:`compute` at an active ``step`` whose backward pass gave
+        nothing to compute from (scaled gradients that overflowed): drop what waits for it."""
+
     # Attributes that carry state from one step to the next (saved in checkpoints).
     carried: ClassVar[tuple[str, ...]] = ()
 
