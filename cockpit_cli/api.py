@@ -104,7 +104,10 @@ class TrackedRun:
         self._last_step: int | None = None  # the loop's number of the last step seen
         self.started = time.perf_counter()
         self.closed = False
-        self._batch_size_known = False
+        # The sizes of the first step's backward passes (several where gradients accumulate over
+        # micro-batches): the run's batch size, learnt by the end of that step.
+        self._first_step: int | None = None
+        self._first_batches: list[int] | None = []
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         device = str(next(model.parameters()).device)
         processes = {"world_size": self.sync.world_size, "backend": dist.get_backend()} if self.sync.world_size > 1 else SINGLE_PROCESS
@@ -146,16 +149,24 @@ class TrackedRun:
         ``scale`` (``1 / k`` for gradients accumulated over ``k`` micro-batches, or the
         ``torch.amp.GradScaler`` of mixed-precision training, for ``scaler.scale(loss).backward()``)
         scales the gradient added to the parameters' while the quantities describe ``loss`` itself."""
-        self.tracker.backward(self._run_step(step), loss, inputs, outputs, targets, scale)
-        if not self._batch_size_known and self.writer is not None:  # the global batch's, for the reports and the diagnosis
-            self._batch_size_known = True
-            self.writer.on_batch_size(batch_size(inputs) * self.sync.world_size)
+        run_step = self._run_step(step)
+        self.tracker.backward(run_step, loss, inputs, outputs, targets, scale)
+        if self._first_batches is not None:
+            self._first_step = run_step if self._first_step is None else self._first_step
+            if run_step == self._first_step:
+                self._first_batches.append(batch_size(inputs) * self.sync.world_size)  # the global batch's
+                if len(self._first_batches) == 1 and self.writer is not None:  # known before the step ends, should the loop fail
+                    self.writer.on_batch_size(self._first_batches[0])
 
     def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
         """Call after ``optimizer.step()`` of ``step`` to record it."""
         if epoch is not None:
             self.epoch = epoch
         step = self._run_step(step)
+        if self._first_batches:
+            micro_batches, self._first_batches = self._first_batches, None
+            if len(micro_batches) > 1 and self.writer is not None:  # gradients accumulated over micro-batches
+                self.writer.on_batch_size(sum(micro_batches), micro_batch_size=micro_batches[0], micro_batches=len(micro_batches))
         value = self.sync.mean(float(loss.detach()) if isinstance(loss, Tensor) else float(loss))  # the global batch's
         record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
         self.tracker.after_update(step, record)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cockpit_cli.api import TrackedRun
+from cockpit_cli.display.state import RunInfo
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.storage.reader import read_run
 from cockpit_cli.training.events import RunStatus
@@ -48,6 +49,7 @@ def test_user_loop_gets_a_run_directory_with_every_quantity(tmp_path: Path) -> N
     data = read_run(tmp_path / "mine")
     assert data.status == "completed"
     assert data.manifest["batch_size"] == 16  # learnt at the first step (the start does not know it)
+    assert "micro_batch_size" not in data.manifest and RunInfo.from_mapping(data.manifest).batch_text == "16"
     assert [s["step"] for s in data.steps] == [0, 1, 2, 3]
     first = data.steps[0]["quantities"]
     for name in ("Alpha", "NormTest", "HessMaxEV", "GradHist2d", "TICDiag", "LayerStats", "UpdateSize"):
@@ -315,7 +317,11 @@ def test_gradients_accumulated_with_a_scale_train_as_the_scaled_loss_would(tmp_p
             plain_optimizer.step()
             run.step(step, loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
-    assert [record["quantities"]["Loss"] for record in read_run(tmp_path / "micro").steps] == pytest.approx(losses[::2], rel=1e-6)
+    recorded = read_run(tmp_path / "micro")
+    assert [record["quantities"]["Loss"] for record in recorded.steps] == pytest.approx(losses[::2], rel=1e-6)
+    # the step's batch is both micro-batches; the values describe the first (the diagnosis and the display read these)
+    assert (recorded.manifest["batch_size"], recorded.manifest["micro_batch_size"], recorded.manifest["micro_batches"]) == (16, 8, 2)
+    assert RunInfo.from_mapping(recorded.manifest).batch_text == "16 (2 micro-batches)"
 
 
 def test_a_gradient_scaler_s_run_trains_as_its_own_and_steps_that_overflow_record_no_quantities(tmp_path: Path) -> None:

@@ -760,6 +760,27 @@ def test_gradient_noise_window_and_a_norm_test_of_one() -> None:
     assert len(evidence_of(finding_of(unknown, "gradient_noise"))) == 2
 
 
+def test_gradient_noise_of_gradients_accumulated_over_micro_batches_is_judged_for_their_batch() -> None:
+    """NormTest describes the first micro-batch; the update's gradient is the mean of the whole
+    batch, whose norm test follows from the noise scale B_simple the micro-batch gives."""
+    stuck = lambda s: 2.3 - s / 1000  # noqa: E731
+
+    def accumulated(norm_test: float, batch: int, micro: int) -> RunData:
+        run = make_run(change=_set("NormTest", lambda s, rng: norm_test), loss=stuck)
+        run.manifest.update(batch_size=batch, micro_batch_size=micro, micro_batches=batch // micro)
+        return run
+
+    assert finding_of(accumulated(0.98, 64, 16), "gradient_noise") is None  # B_simple 388: for 64 samples 0.93
+    found = finding_of(accumulated(0.99, 64, 16), "gradient_noise")  # B_simple 788: 0.96
+    noise_scale = 16 * 0.99**2 / (1 - 0.99**2)
+    assert evidence_of(found) == [
+        ("NormTest of the batch of 64, from B_simple", pytest.approx(math.sqrt(noise_scale / (64 + noise_scale))), 0.95, ">="),
+        ("median NormTest of the first micro-batch of 16, tracked steps after the first 10%", pytest.approx(0.99), None, "context"),
+        ("relative loss decrease since the start", pytest.approx(0.2 / 2.3 * 0.995, rel=0.1), 0.5, "<"),
+        ("noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size 16)", pytest.approx(noise_scale), None, "context"),
+    ]
+
+
 def test_lr_too_large_by_negative_curvature_its_spans_and_too_few_alphas() -> None:
     assert finding_of(make_run(change=_set("HessMaxEV", lambda s, rng: -50.0)), "lr_too_large") is not None
 

@@ -425,6 +425,18 @@ def test_the_header_measures_speed_over_the_recent_steps_and_counts_epochs_up() 
     assert full.spans[0].style == GOOD and half.spans[0].style == "cyan" and half.plain == "━" * 10
 
 
+def test_the_header_and_hyperparameters_show_a_batch_of_micro_batches() -> None:
+    from cockpit_cli.display.panels.header import header
+    from cockpit_cli.display.panels.hyperparameters import hyperparameters
+
+    state = DashboardState()
+    info = {"problem": "api", "optimizer": "SGD", "device": "cpu", "batch_size": 64, "micro_batch_size": 16, "micro_batches": 4, "num_parameters": 10}
+    state.start(RunInfo.from_mapping(info))
+    state.add_step(0, 0, 1.0, [0.1], 1.0, {})
+    assert "batch 64 (4 micro-batches) · cpu" in render(header(state.snapshot()), 160)
+    assert re.search(r"batch +64 \(4 micro-batches\)", render(hyperparameters(state.snapshot()), 60))
+
+
 def test_the_performance_panel_shows_the_recent_evaluations_and_the_best_one() -> None:
     from cockpit_cli.display.panels.performance import best_valid, performance
 

@@ -46,11 +46,17 @@ class RunInfo:
     total_steps: int = 0
     steps_per_epoch: int = 0
     batch_size: int = 0
+    micro_batches: int = 0  # where a step's gradients accumulate over several backward passes
     num_parameters: int = 0
     parameters: list[str] = field(default_factory=list)
     tracked: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None
+
+    @property
+    def batch_text(self) -> str:
+        """The batch size, with its micro-batches where gradients accumulate over them."""
+        return f"{self.batch_size} ({self.micro_batches} micro-batches)" if self.micro_batches > 1 else str(self.batch_size)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], run_dir: str | None = None) -> RunInfo:
@@ -63,6 +69,7 @@ class RunInfo:
             total_steps=int(data.get("total_steps") or 0),
             steps_per_epoch=int(data.get("steps_per_epoch") or 0),
             batch_size=int(data.get("batch_size") or 0),
+            micro_batches=int(data.get("micro_batches") or 0),
             num_parameters=int(data.get("num_parameters") or 0),
             parameters=list(instruments.get("parameters") or []),
             tracked=list(instruments.get("quantities") or []),

@@ -225,9 +225,13 @@ class RunWriter:
             self._eval_records.append(data)
             self._write_manifest()
 
-    def on_batch_size(self, size: int) -> None:
-        """Record the batch size where the start did not know it (a loop of the Python API)."""
+    def on_batch_size(self, size: int, micro_batch_size: int | None = None, micro_batches: int | None = None) -> None:
+        """Record the batch size where the start did not know it (a loop of the Python API); where
+        a step accumulates gradients over micro-batches, the size of its first (the one its
+        per-sample values describe) and their number."""
         self.manifest["batch_size"] = size
+        if micro_batch_size is not None:
+            self.manifest["micro_batch_size"], self.manifest["micro_batches"] = micro_batch_size, micro_batches
         with self._writing():
             self._write_manifest()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from cockpit_cli.diagnosis.finding import Evidence, Finding, context
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
@@ -35,13 +37,27 @@ class GradientNoise(Rule):
         start, end = loss.first().median(), loss.last(0.1).median()
         progress = (start - end) / start if start > 0 else 0.0
         value = norm_test.median()
-        if not (value >= NORM_TEST and progress < UNCONVERGED):
+        batch, micro = _size(run.manifest.get("batch_size")), _size(run.manifest.get("micro_batch_size"))
+        measured = micro or batch  # the samples NormTest describes (a run of the Python API learns them at its first step)
+        noise_scale = measured * value**2 / (1 - value**2) if measured and value < 1 else None
+        judged = value
+        if micro and batch and noise_scale is not None:  # the step's gradient is the mean of its micro-batches'
+            judged = math.sqrt(noise_scale / (batch + noise_scale))
+        if not (judged >= NORM_TEST and progress < UNCONVERGED):
             return None
-        evidence = [
-            Evidence("median NormTest, tracked steps after the first 10%", value, NORM_TEST, ">="),
-            Evidence("relative loss decrease since the start", progress, UNCONVERGED, "<"),
-        ]
-        batch = run.manifest.get("batch_size")
-        if isinstance(batch, int) and batch > 0 and value < 1:  # (a run of the Python API learns it at its first step)
-            evidence.append(context(f"noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size {batch})", batch * value**2 / (1 - value**2)))
+        if judged is value:
+            evidence = [Evidence("median NormTest, tracked steps after the first 10%", value, NORM_TEST, ">=")]
+        else:
+            evidence = [
+                Evidence(f"NormTest of the batch of {batch}, from B_simple", judged, NORM_TEST, ">="),
+                context(f"median NormTest of the first micro-batch of {micro}, tracked steps after the first 10%", value),
+            ]
+        evidence.append(Evidence("relative loss decrease since the start", progress, UNCONVERGED, "<"))
+        if noise_scale is not None:
+            evidence.append(context(f"noise scale B_simple = B * NormTest^2 / (1 - NormTest^2) (batch size {measured})", noise_scale))
         return self.report(norm_test.span(), evidence)
+
+
+def _size(value: object) -> int | None:
+    """A batch size from the manifest, or ``None`` where it is not a positive integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -54,7 +54,7 @@ def header(state: DashboardState, narrow: bool = False) -> RenderableType:
 
     facts = Text.assemble(
         (info.problem, "bold"),
-        f" · {info.num_parameters:,} parameters · batch {info.batch_size} · {info.device} · lr ",
+        f" · {info.num_parameters:,} parameters · batch {info.batch_text} · {info.device} · lr ",
         (lr, "bold"),
     )
     status = Text(state.status, style=STATUS_STYLE.get(state.status, f"bold {ACT}"))

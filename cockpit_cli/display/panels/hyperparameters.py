@@ -15,5 +15,5 @@ def hyperparameters(state: DashboardState) -> RenderableType:
     series = state.get("lr")
     rates = ", ".join(num(rate) for rate in state.lr) or "-"
     rows = [("lr", Text(rates, style="bold"), Sparkline(series.history(), style="bright_black") if len(series) else Text("·", style="dim"))]
-    rows.append(("batch", state.info.batch_size or None, Text("")))
+    rows.append(("batch", Text(state.info.batch_text) if state.info.batch_size else None, Text("")))
     return frame(trend_table(rows), "Hyperparameters", "bottom")
