@@ -84,10 +84,11 @@ def test_every_quantity_on_two_processes_equals_one_process(tmp_path: Path, kind
 
 def test_a_loop_of_the_python_api_on_two_processes_records_the_whole_batch(tmp_path: Path) -> None:
     """``TrackedRun`` in a user's own loop with DistributedDataParallel: process 0 writes the one
-    run directory, whose records equal those of one process on the whole batches."""
+    run directory, whose records equal those of one process on the whole batches, also where the
+    loss is scaled (a power of two: every value as without)."""
     worker = TESTS / "distributed_api_worker.py"
-    for processes in (1, 2):
-        command = [sys.executable, str(worker), str(tmp_path / str(processes))]
+    for processes, scale in ((2, "1024"), (1, ""), (2, "")):  # the plain run on two processes last, to be run again below
+        command = [sys.executable, str(worker), str(tmp_path / f"{processes}{scale}"), *([scale] if scale else [])]
         if processes > 1:
             command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(worker)]
         result = subprocess.run(command, cwd=TESTS, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)
@@ -97,6 +98,9 @@ def test_a_loop_of_the_python_api_on_two_processes_records_the_whole_batch(tmp_p
     assert {"Alpha", "NormTest", "HessTrace", "HessMaxEV", "GradHist1d", "CABS", "EarlyStopping"} <= set(parallel[0]["quantities"])
     compared = assert_same_values([r["quantities"] for r in single], [r["quantities"] for r in parallel], rel=1e-8, skip=("Time",))
     assert compared > 100
+    scaled = read_lines(tmp_path / "21024" / "steps.jsonl")  # without the curvature diagonals, whose passes are not scaled
+    unscaled = [{name: value for name, value in r["quantities"].items() if name not in ("HessTrace", "TICDiag")} for r in parallel]
+    assert assert_same_values(unscaled, [r["quantities"] for r in scaled], rel=1e-12, skip=("Time",)) > 100
     assert [r["loss"] for r in parallel] == pytest.approx([r["loss"] for r in single], rel=1e-9)  # the global batch's
     manifest = json.loads((tmp_path / "2" / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"] == {"world_size": 2, "backend": "gloo"}
