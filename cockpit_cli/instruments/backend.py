@@ -268,7 +268,7 @@ class GradientCapture:
             for index, samples in enumerate(gradients):
                 samples = self._with_regularizer(index, samples)
                 if index in self.runs.outside and own_gradients:
-                    _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
+                    _add_loss_term(samples, self.params[index].grad.detach() / self.gradient_scale)
                 source = DenseSamples(samples)
                 reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
         accumulator.synchronize(self.sync)
@@ -444,7 +444,8 @@ def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:
     on the weights), the same for every sample. Where that part is within the rounding of the
     two ways of forming the gradient (a weight tied by a functional call, which torch.func
     follows), nothing is added: exact zeros stay zeros for the histograms."""
-    remainder = gradient.detach() - samples.mean(0)
+    gradient = gradient.detach()  # (differentiable where Hessian-vector products follow)
+    remainder = gradient - samples.mean(0)
     if float(remainder.norm()) > torch.finfo(samples.dtype).eps ** 0.5 * float(gradient.norm()):
         samples += remainder
 
