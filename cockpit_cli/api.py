@@ -38,10 +38,17 @@ from cockpit_cli.instruments.settings import build_quantities
 from cockpit_cli.instruments.sync import joined_process_group
 from cockpit_cli.instruments.tracker import Tracker
 from cockpit_cli.storage import schema
-from cockpit_cli.storage.writer import RunWriter, prepare_run_directory
+from cockpit_cli.storage.writer import DirectoryAdvice, RunWriter, prepare_run_directory
 from cockpit_cli.training.events import SINGLE_PROCESS, EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import hyperparameters, learning_rates
 from cockpit_cli.versions import package_versions
+
+
+API_ADVICE = DirectoryAdvice(
+    parent="give TrackedRun a run_dir in a writable directory",
+    name="give TrackedRun another run_dir",
+    overwrite="pass overwrite=True to TrackedRun to replace it, or give another run_dir",
+)
 
 
 class TrackedRun:
@@ -120,7 +127,7 @@ class TrackedRun:
         failure = None
         if self.sync.rank == 0:
             try:
-                self.run_dir = prepare_run_directory(self.run_dir.parent, self.run_dir.name, overwrite=overwrite)
+                self.run_dir = prepare_run_directory(self.run_dir.parent, self.run_dir.name, overwrite=overwrite, advice=API_ADVICE)
                 self.writer = RunWriter(self.run_dir, config.to_dict(), config.to_yaml())
             except CockpitError as error:
                 failure = error

@@ -219,6 +219,28 @@ def test_log_spaced_tracking_needs_the_number_of_steps(tmp_path: Path) -> None:
     assert [s["step"] for s in read_run(tmp_path / "log").steps if "GradNorm" in s["quantities"]] == [0, 4]  # of 0, 4, 21, 99
 
 
+def test_a_run_directory_that_cannot_be_created_is_explained_in_tracked_run_s_words(tmp_path: Path) -> None:
+    """Not in the command line's (--overwrite, --name, --out), which a loop of the API has not."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    arguments = (model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer)
+    with TrackedRun(tmp_path / "first", *arguments) as run:
+        loop(run, model, optimizer, 1)
+    with pytest.raises(CockpitError, match="already exists") as raised:
+        TrackedRun(tmp_path / "first", *arguments)
+    assert raised.value.hint == "pass overwrite=True to TrackedRun to replace it, or give another run_dir"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CockpitError, match="is a file, not a directory") as raised:
+        TrackedRun(tmp_path / "file" / "run", *arguments)
+    assert raised.value.hint == "give TrackedRun a run_dir in a writable directory"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    with pytest.raises(CockpitError, match="exists and is not a run directory") as raised:
+        TrackedRun(tmp_path / "notes", *arguments, overwrite=True)
+    assert raised.value.hint == "give TrackedRun another run_dir" and (tmp_path / "notes" / "mine.txt").exists()
+    assert len(read_run(tmp_path / "first").steps) == 1  # nothing lost
+
+
 def test_the_run_directory_records_the_optimizers_hyperparameters_for_compare_and_diagnose(tmp_path: Path) -> None:
     from cockpit_cli.diagnosis import diagnose
 

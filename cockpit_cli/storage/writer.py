@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -99,7 +100,17 @@ def close_abandoned_run(run_dir: Path, status: RunStatus, message: str) -> bool:
     return True
 
 
-def prepare_run_directory(parent: Path, name: str, overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class DirectoryAdvice:
+    """How to fix a run directory that cannot be created, in the words of the interface that
+    named it (the defaults: the command line's)."""
+
+    parent: str = "choose a writable output.directory or --out"
+    name: str = "choose another --name"
+    overwrite: str = "pass --overwrite to replace it, or choose another --name"
+
+
+def prepare_run_directory(parent: Path, name: str, overwrite: bool = False, advice: DirectoryAdvice = DirectoryAdvice()) -> Path:
     """Create ``parent/name`` for a new run and return it.
 
     Raises:
@@ -109,20 +120,20 @@ def prepare_run_directory(parent: Path, name: str, overwrite: bool = False) -> P
     if not is_safe_name(name):
         raise CockpitError(f"run name {name!r} is not a safe directory name", "use letters, digits, '.', '_' and '-' only")
     if parent.exists() and not parent.is_dir():
-        raise CockpitError(f"output directory {parent} is a file, not a directory", "choose another output.directory or --out")
+        raise CockpitError(f"output directory {parent} is a file, not a directory", advice.parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CockpitError(f"cannot create output directory {parent}: {error.strerror}", "choose a writable output.directory or --out") from None
+        raise CockpitError(f"cannot create output directory {parent}: {error.strerror}", advice.parent) from None
     if not os.access(parent, os.W_OK):
-        raise CockpitError(f"output directory {parent} is not writable", "choose a writable output.directory or --out")
+        raise CockpitError(f"output directory {parent} is not writable", advice.parent)
     run_dir = parent / name
     if run_dir.exists():
         if not overwrite:
-            raise CockpitError(f"run directory {run_dir} already exists", "pass --overwrite to replace it, or choose another --name")
+            raise CockpitError(f"run directory {run_dir} already exists", advice.overwrite)
         is_run = (run_dir / schema.MANIFEST).exists()
         if not run_dir.is_dir() or not (is_run or not any(run_dir.iterdir())):
-            raise CockpitError(f"{run_dir} exists and is not a run directory; refusing to overwrite it", "choose another --name")
+            raise CockpitError(f"{run_dir} exists and is not a run directory; refusing to overwrite it", advice.name)
         if (run_dir / schema.LOCK).exists():
             raise CockpitError(f"run directory {run_dir} is being written by another process (its .lock exists)", "wait for it, or delete the .lock file if that process is gone")
         shutil.rmtree(run_dir)
