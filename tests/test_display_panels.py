@@ -434,7 +434,7 @@ def test_the_header_and_hyperparameters_show_a_batch_of_micro_batches() -> None:
     state.start(RunInfo.from_mapping(info))
     state.add_step(0, 0, 1.0, [0.1], 1.0, {})
     assert "batch 64 (4 micro-batches) · cpu" in render(header(state.snapshot()), 160)
-    assert re.search(r"batch +64 \(4 micro-batches\)", render(hyperparameters(state.snapshot()), 60))
+    assert re.search(r"batch +64 4 micro-batches", render(hyperparameters(state.snapshot()), 60))
 
 
 def test_the_performance_panel_shows_the_recent_evaluations_and_the_best_one() -> None:

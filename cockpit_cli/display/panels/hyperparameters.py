@@ -15,5 +15,7 @@ def hyperparameters(state: DashboardState) -> RenderableType:
     series = state.get("lr")
     rates = ", ".join(num(rate) for rate in state.lr) or "-"
     rows = [("lr", Text(rates, style="bold"), Sparkline(series.history(), style="bright_black") if len(series) else Text("·", style="dim"))]
-    rows.append(("batch", Text(state.info.batch_text) if state.info.batch_size else None, Text("")))
+    info = state.info
+    micro_batches = Text(f"{info.micro_batches} micro-batches", style="bright_black") if info.micro_batches > 1 else Text("")
+    rows.append(("batch", info.batch_size or None, micro_batches))
     return frame(trend_table(rows), "Hyperparameters", "bottom")
