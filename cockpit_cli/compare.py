@@ -146,9 +146,18 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_settings(run: RunData) -> dict[str, Any]:
+    """The run's config keys, flattened; a run of the Python API, whose config cannot know its
+    batch size, takes it from its manifest (learnt at its first step)."""
+    flat = flatten(run.config)
+    if schema.from_api(run.manifest) and flat.get("problem.batch_size") is None and run.manifest.get("batch_size"):
+        flat["problem.batch_size"] = run.manifest["batch_size"]
+    return flat
+
+
 def config_differences(runs: Sequence[RunData]) -> dict[str, list[Any]]:
     """The config keys whose values differ between the runs (``output.name`` ignored)."""
-    flat = [flatten(run.config) for run in runs]
+    flat = [run_settings(run) for run in runs]
     keys = sorted(set().union(*flat) - IGNORED_KEYS)
     values = {key: [config.get(key, UNSET) for config in flat] for key in keys}
     return {key: row for key, row in values.items() if any(value != row[0] for value in row)}

@@ -143,6 +143,13 @@ def test_config_differences_ignore_the_name_and_mark_unset_keys(results: Path) -
     assert differences["problem.extra"] == ["(unset)", 1]
 
 
+def test_a_run_of_the_python_api_shows_the_batch_size_its_manifest_learnt(results: Path) -> None:
+    a, c = read_run(results / "a"), read_run(results / "c")
+    c.manifest.update(problem="custom", batch_size=128)
+    c.config["problem"] = {"name": "custom"}
+    assert config_differences([a, c])["problem.batch_size"] == [a.config["problem"]["batch_size"], 128]
+
+
 def test_an_empty_section_differs_from_settings_in_those_settings_alone(results: Path) -> None:
     a, c = read_run(results / "a"), read_run(results / "c")
     a.config["instruments"]["quantities"] = {}
