@@ -150,6 +150,7 @@ CASES: dict[str, dict[str, Any]] = {
     "divergence/status": {"expect": "divergence", "status": "diverged"},
     "divergence/loss growth": {"expect": "divergence", "loss": lambda s: 2.0 * math.exp(s / 40)},
     "divergence/loss above 1e3": {"expect": "divergence", "loss": lambda s: 200.0 if s < 100 else 1500.0},  # 7.5x, not 10x
+    "divergence/blown up at the second step": {"expect": "divergence", "loss": lambda s: 1.6 if s == 0 else 1e5 * (1 + 0.5 * math.sin(s))},
     "lr_too_large/alpha": {"expect": "lr_too_large", "change": _set("Alpha", lambda s, rng: rng.gauss(0.8, 0.15))},
     "lr_too_large/sharpness": {"expect": "lr_too_large", "change": _set("HessMaxEV", lambda s, rng: 50.0)},
     "lr_too_small": {"expect": "lr_too_small", "change": _set("Alpha", lambda s, rng: -0.99)},

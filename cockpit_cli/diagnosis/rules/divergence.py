@@ -36,7 +36,10 @@ class Divergence(Rule):
         if first_bad:
             evidence.append(Evidence(f"first non-finite loss or gradient norm (step {min(first_bad)})", math.nan, "finite", "not"))
         finite = loss.map(lambda value: value if math.isfinite(value) else math.nan)
-        start, recent = finite.first(0.0, 3).median(), finite.last(0.1).median()
+        # The start is the lowest of the first three losses, not their median: a run that blows
+        # up at its second step has a median start as high as its end.
+        start = min((value for value in finite.first(0.0, 3).values if not math.isnan(value)), default=math.nan)
+        recent = finite.last(0.1).median()
         threshold = GROWTH * start if start >= ABSOLUTE else min(GROWTH * start, ABSOLUTE)
         if len(loss) >= 10 and start > 0 and recent > threshold:
             evidence.append(Evidence("median loss, last 10% of steps", recent, threshold, ">"))
