@@ -46,6 +46,8 @@ CONFIG_CASES = [
     config_case({"optimizer": {"name": "SGD", "lr": 0.1, "momentun": 0.9}}, "optimizer.momentun: SGD has no argument 'momentun'; did you mean 'momentum'?"),
     config_case({"optimizer": {"name": "SGD", "lr": [1]}}, "optimizer.lr: expected a number, got list"),
     config_case({"optimizer": {"name": "SGD", "lr": -1}}, "torch.optim.SGD rejected the arguments: Invalid learning rate: -1"),
+    config_case({"optimizer": {"name": "LBFGS", "lr": 1}}, "optimizer.name: LBFGS needs a closure that evaluates the loss again within each step, which the training loop does not take"),
+    config_case({"optimizer": {"name": "SparseAdam", "lr": 0.01}}, "optimizer.name: SparseAdam takes sparse gradients only, which the problems' layers do not give"),
     config_case({"schedule": {"name": "StepLRR", "step_size": 2}}, "schedule.name: scheduler 'StepLRR' is not in torch.optim.lr_scheduler; did you mean 'StepLR'?"),
     config_case({"schedule": {"name": "StepLR"}}, "schedule.step_size: StepLR needs argument 'step_size'"),
     config_case({"schedule": {"name": "StepLR", "step_size": 2, "gama": 0.5}}, "schedule.gama: StepLR has no argument 'gama'; did you mean 'gamma'?"),

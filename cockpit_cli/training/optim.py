@@ -114,6 +114,17 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return found
 
 
+def undrivable(cls: type) -> str | None:
+    """Say why the training loop, one backward pass and one ``optimizer.step()`` per step on
+    dense gradients, cannot drive optimizer class ``cls``, or return ``None``."""
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:  # LBFGS
+        return "needs a closure that evaluates the loss again within each step, which the training loop does not take"
+    if cls.__name__ == "SparseAdam":
+        return "takes sparse gradients only, which the problems' layers do not give"
+    return None
+
+
 def build_optimizer(config: RunConfig, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """Build the configured optimizer over ``parameters``.
 
@@ -125,6 +136,9 @@ def build_optimizer(config: RunConfig, parameters: Iterable[nn.Parameter]) -> to
     if name not in classes:
         raise config.fail("optimizer.name", f"optimizer '{name}' is not in torch.optim{did_you_mean(name, classes)}", f"known: {', '.join(sorted(classes))}")
     cls = classes[name]
+    obstacle = undrivable(cls)
+    if obstacle is not None:
+        raise config.fail("optimizer.name", f"{name} {obstacle}", "use another torch.optim optimizer (SGD, Adam, AdamW, ...)")
     arguments = _check_arguments(config, "optimizer", cls, config.optimizer.arguments, _RESERVED_OPTIMIZER_ARGS)
     try:
         return cls(list(parameters), **arguments)
