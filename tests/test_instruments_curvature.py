@@ -370,6 +370,29 @@ def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str) -> None:
+    """torch.compile's graphs cannot be differentiated twice (aot_eager has the same autograd as
+    inductor, without its code generation): the Hessian-vector products take the loss again
+    through the module it wraps, and every value equals the uncompiled model's. A loss that is
+    not the loss module's leaves HessMaxEV out with the reason, the rest goes on."""
+    names = ("HessMaxEV", "NormTest", "GradNorm", "Alpha", "GradHist1d")
+    batches = make_batches(kind, "ce", 0, 3)
+    eager = train(BUILDERS[kind](0), batches, quantities(names))
+    compiled = train(torch.compile(BUILDERS[kind](0), backend="aot_eager"), batches, quantities(names))
+    assert compiled.instruments.unavailable == {} and set(compiled.records) == set(eager.records) == {0, 1, 2}
+    for step, values in eager.records.items():
+        for name, value in values.items():
+            if name == "GradHist1d":
+                assert compiled.records[step][name]["counts"] == value["counts"], step
+            elif name != "Time":
+                assert compiled.records[step][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, name)
+    weighted = train(torch.compile(BUILDERS[kind](0), backend="aot_eager"), batches, quantities(names), loss_weight=0.5)
+    assert set(weighted.instruments.unavailable) == {"HessMaxEV"}
+    assert "ValueError: the loss computed again without torch.compile" in weighted.instruments.unavailable["HessMaxEV"]
+    assert all("NormTest" in values for values in weighted.records.values())
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
     run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
@@ -435,7 +458,7 @@ def test_hess_max_ev_differentiates_the_gradients_of_the_one_backward_pass(other
 
 
 def test_hessian_vector_products_that_cannot_be_taken_switch_off_hess_max_ev_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: GradientCapture, loss: torch.Tensor) -> None:
+    def broken(self: GradientCapture, *arguments: object) -> None:
         raise RuntimeError("no second derivative")
 
     monkeypatch.setattr(GradientCapture, "hessian_vector_product", broken)

@@ -13,6 +13,7 @@ Hessian-vector products and forward-mode slopes that quantities borrow through t
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes
+from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes, replayed_loss
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
@@ -104,6 +105,7 @@ class GradientCapture:
         self.runs = LayerRuns(model, self.module_params, names)
         self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
         self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
+        self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which
@@ -411,11 +413,31 @@ class GradientCapture:
         gradients = functorch_per_sample(self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
         return [gradients[name] for name in self.names]
 
-    def hessian_vector_product(self, loss: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
+    def hessian_vector_product(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Callable[[list[Tensor]], list[Tensor]]:
         """Return ``v -> H v`` for the Hessian of ``loss``, whose graph must still exist
         (:func:`functional_passes.hessian_vector_product`; it differentiates the gradients
-        :meth:`backward` left differentiable with ``create_graph``)."""
+        :meth:`backward` left differentiable with ``create_graph``). Call it inside the engine's
+        own pass (the hooks ignore a forward pass it makes).
+
+        A compiled model's graph cannot be differentiated twice: its loss is computed again by
+        the module torch.compile wraps, from the step's inputs and random state, and must equal
+        the step's loss (the loss module's value plus the regulariser)."""
+        if self.compiled:
+            loss = self._uncompiled_loss(loss, inputs, targets, rng_state)
         return hessian_vector_product(loss, self.params, self.sync, self.gradient_scale)
+
+    def _uncompiled_loss(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
+        if self._output_hooks is not None:
+            self._output_hooks.detach()  # (the next tracked step attaches them again)
+        again = replayed_loss(self.model._orig_mod, self.loss_function, self.regularization_tensor, inputs, targets, rng_state)
+        value, expected = float(again.detach()), float(loss.detach())
+        if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"the loss computed again without torch.compile (whose graphs are not differentiated twice) is {value:.6g}, "
+                f"not the step's {expected:.6g}: its Hessian-vector products need the loss to be the loss module's "
+                "(plus weight_decay's term), computed alike with and without torch.compile"
+            )
+        return again
 
     def release_gradient_graph(self) -> None:
         """Detach the gradients ``p.grad`` from the graph that ``backward(create_graph=True)`` left

@@ -227,7 +227,7 @@ class Instruments:
         if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
             self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass)
         per_sample_by_functorch = bool(needs & r.NEEDS_SAMPLES) and self.capture.may_use_torch_func(curvature=q.CURVATURE in needs)
-        replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch
+        replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch or (q.HVP in needs and self.capture.compiled)
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
@@ -367,7 +367,8 @@ class Instruments:
                 options=options,
                 retain_graph=hvp,
                 rng_state=self._rng_state,
-                create_graph=hvp and self.sync.world_size == 1,  # data-parallel gradients are taken again locally
+                # data-parallel gradients are taken again locally, a compiled model's from its uncompiled module
+                create_graph=hvp and self.sync.world_size == 1 and not self.capture.compiled,
                 scale=pass_scale,
             )
         self.capture.detach()
@@ -394,7 +395,8 @@ class Instruments:
         products = None
         if hvp:
             try:
-                products = self.capture.hessian_vector_product(loss)
+                with self._engine_pass():
+                    products = self.capture.hessian_vector_product(loss, inputs, targets, self._rng_state)
             except Exception as error:  # noqa: BLE001 - an instrument never stops training
                 self._switch_off(self._needing(q.HVP), failure_reason(label, f"{type(error).__name__}: {error}"))
                 active = [quantity for quantity in active if quantity in self.quantities]

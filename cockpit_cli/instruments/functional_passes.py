@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_map
 
-from cockpit_cli.instruments.batch_inputs import Inputs, first_input, model_args, model_kwargs
+from cockpit_cli.instruments.batch_inputs import Inputs, call_model, first_input, model_args, model_kwargs
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -106,6 +106,16 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
         return local if world == 1 else [sync.sum(h) / world for h in local]
 
     return product
+
+
+def replayed_loss(model: nn.Module, loss_function: Any, regularizer: Callable[[], Tensor], inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
+    """Return the step's loss computed again by ``model``, with a graph: ``loss_function`` of its
+    outputs plus ``regularizer()``, in the random state of the step's forward pass (its dropout
+    masks)."""
+    with torch.random.fork_rng(devices=devices(first_input(inputs))):
+        if rng_state is not None:
+            _set_rng_state(rng_state)
+        return loss_function(call_model(model, inputs), targets) + regularizer()
 
 
 def per_sample_slopes(
