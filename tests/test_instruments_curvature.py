@@ -370,6 +370,22 @@ def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
 
 
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_in_place_activations_compute_out_of_place_while_backpack_s_hooks_are_on(kind: str) -> None:
+    """``ReLU(inplace=True)`` changes the output of the layer before it, which BackPACK's backward
+    hooks forbid (torch raised in the user's forward pass at every curvature step): the module
+    computes the same values out of place while the hooks are on, and in place again after."""
+    model = BUILDERS[kind](0)
+    relu = next(module for module in model if isinstance(module, torch.nn.ReLU))
+    relu.inplace = True
+    run = train(model, make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
+    assert run.instruments.unavailable == {} and relu.inplace
+    for step in range(2):
+        expected = reference_values(run, step, "hessian", 0.0)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str) -> None:
     """torch.compile's graphs cannot be differentiated twice (aot_eager has the same autograd as

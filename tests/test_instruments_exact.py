@@ -825,6 +825,51 @@ def test_batchnorm_in_eval_mode_treats_every_sample_alone(kind: str) -> None:
         check_first_order(run, step, names=names)
 
 
+def frozen_norm(channels: int, generator: torch.Generator) -> nn.BatchNorm2d:
+    """A batch-norm layer with running statistics and parameters of its own (float64)."""
+    norm = nn.BatchNorm2d(channels).double()
+    norm.running_mean.normal_(0.0, 0.5, generator=generator)
+    norm.running_var.uniform_(0.5, 2.0, generator=generator)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+        norm.bias.normal_(0.0, 0.1, generator=generator)
+    return norm
+
+
+class FrozenResidual(nn.Module):
+    """A residual network fine-tuned in eval mode as torchvision's ResNets are built: batch norm
+    after each convolution, in-place ReLU, and the block's input added in place ([N, 2, 6, 6])."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.stem, self.stem_norm = nn.Conv2d(2, 3, 3, padding=1).double(), frozen_norm(3, generator)
+        self.conv, self.norm = nn.Conv2d(3, 3, 3, padding=1, bias=False).double(), frozen_norm(3, generator)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(3, 3).double()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        identity = self.relu(self.stem_norm(self.stem(inputs)))
+        out = self.norm(self.conv(identity))
+        out += identity
+        return self.head(self.relu(out).mean((2, 3)))
+
+
+def test_a_residual_network_with_frozen_batchnorm_and_in_place_operations() -> None:
+    """Its batch-norm layers' per-sample gradients come from hooks on their outputs, as the
+    convolutions' do: BackPACK's backward hooks hand a layer's output on as a view that the
+    in-place sum and ReLU may not change (torch raised in the user's forward pass)."""
+    model = FrozenResidual(0).eval()
+    batches = make_batches("cnn", "ce", 0, 3)
+    names = tuple(name for name in FIRST_ORDER if name != "Activations")  # (the reference reads outputs after the in-place ReLU)
+    run = train(model, batches, quantities(names + ("Alpha",), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step, names=names)
+        assert run.records[step]["Alpha"] == pytest.approx(curv.reference_alpha(run.reference_model(step), batches[step].per_sample_loss_fn, batches[step], batches[step + 1], run.thetas[step], run.thetas[step + 1]), rel=1e-6, abs=1e-8)
+
+
 def test_batchnorm_found_in_training_mode_at_a_step_switches_the_per_sample_quantities_off() -> None:
     """Attached in eval mode, then trained in training mode: the step at which the layer mixes
     the samples switches the per-sample quantities off, naming it; the others go on."""

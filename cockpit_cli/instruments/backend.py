@@ -27,12 +27,12 @@ from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
-from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad, factored_layer
+from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes, replayed_loss
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
-from cockpit_cli.instruments.output_hooks import OutputGradientHooks, layer_products
+from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
@@ -95,10 +95,11 @@ class GradientCapture:
         if support.curvature and isinstance(loss_function, nn.Module):
             self.extendable.append(loss_function)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
         # Whether every tracked parameter's per-sample gradients stay factored (or are biases):
         # products G[i] . v then cost about a forward pass of the layers, without forming G.
-        self.factored = support.per_sample == "backpack" and all(factored_layer(m) for m in self.module_params)
+        self.factored = support.per_sample == "backpack" and all(hooked_layer(m) for m in self.module_params)
         self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
         # Then, on steps without curvature, hooks on the layers' outputs give the same sources at less cost.
         self._output_hooks = OutputGradientHooks({m: [p for _, p in own] for m, own in self.module_params.items()}) if self.factored else None
@@ -148,6 +149,7 @@ class GradientCapture:
             for module in modules:
                 store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
                 self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(run_extensions)]
+            self._out_of_place = out_of_place(self.model)
         self.runs.watch()  # BackPACK keeps one input per layer: a layer that runs twice defeats it
 
     def detach(self) -> None:
@@ -159,6 +161,9 @@ class GradientCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module in self._out_of_place:
+            module.inplace = True
+        self._out_of_place = []
         self.runs.stop()
 
     def release(self) -> None:
@@ -458,6 +463,17 @@ LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"
 )
+
+
+def out_of_place(model: nn.Module) -> list[nn.Module]:
+    """Switch the model's in-place modules (``ReLU(inplace=True)``, ...) to compute the same
+    values out of place, and return them, to be set back after the pass: BackPACK's backward
+    hooks hand a hooked layer's output on as a view that no in-place operation may change (torch
+    raises in the forward pass)."""
+    switched = [module for module in model.modules() if getattr(module, "inplace", None) is True]
+    for module in switched:
+        module.inplace = False
+    return switched
 
 
 def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:

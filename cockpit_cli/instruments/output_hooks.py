@@ -32,8 +32,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.factored_batch_grad import factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
@@ -132,6 +134,14 @@ def combined_runs(runs: list[Tensor | FactoredSamples]) -> Tensor | FactoredSamp
     return StackedPositions(runs) if isinstance(runs[0], FactoredSamples) else sum(runs)
 
 
+def hooked_layer(module: nn.Module) -> bool:
+    """Whether hooks on the layer's output give its per-sample gradients: Linear and the
+    convolutions :func:`factored_batch_grad.factored_layer` covers, and batch normalisation with
+    its running statistics (in eval mode, when it treats every sample alone: in training mode the
+    per-sample quantities are off)."""
+    return factored_layer(module) or (isinstance(module, _BatchNorm) and module.affine and module.track_running_stats)
+
+
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:
     """Return the per-sample gradients of the mean loss for ``param`` of ``module``.
 
@@ -147,6 +157,8 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
     if inputs.dtype != param.dtype or grad_output.dtype != param.dtype:  # autocast: the layer ran in half precision
         inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
     if param is module.weight:
+        if isinstance(module, _BatchNorm):  # delta_i times the normalised input, summed over the positions: [N, C]
+            return _per_channel(grad_output * _normalized(module, inputs))
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
         return FactoredConv(module, grad_output, inputs)
@@ -158,7 +170,18 @@ def _bias_samples(module: nn.Module, grad_output: Tensor) -> Tensor:
     output positions, ``[N, C_out]``."""
     if isinstance(module, nn.Linear):  # delta: [N, *, out]
         return grad_output if grad_output.dim() == 2 else grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).sum(1)
-    return grad_output.flatten(2).sum(2)  # convolution, delta: [N, C_out, *spatial]
+    return _per_channel(grad_output)  # convolution or batch norm, delta: [N, C_out, *spatial]
+
+
+def _per_channel(values: Tensor) -> Tensor:
+    """Sum ``[N, C, *positions]`` over the positions: ``[N, C]``."""
+    return values if values.dim() == 2 else values.reshape(values.shape[0], values.shape[1], -1).sum(2)
+
+
+def _normalized(module: _BatchNorm, inputs: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Return the batch-norm layer's output for ``inputs`` with its running statistics and
+    ``weight`` and ``bias`` as its parameters (none: the normalised input)."""
+    return F.batch_norm(inputs, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
 
 
 def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -183,6 +206,8 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
         return _bias_samples(module, grad_output) @ bias
     if isinstance(module, nn.Linear):
         outputs = F.linear(inputs, weight, bias)
+    elif isinstance(module, _BatchNorm):
+        outputs = _normalized(module, inputs, weight, bias)
     else:
         convolution = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
         outputs = convolution(inputs, weight, bias, module.stride, numeric_padding(module), module.dilation, module.groups)
