@@ -1,12 +1,17 @@
-"""Per-sample gradients of Linear and convolution layers from output-gradient hooks (no BackPACK).
+"""Per-sample gradients of Linear, convolution and batch-norm layers from output-gradient hooks (no BackPACK).
 
-A sample's gradients of a Linear or convolution layer follow from the layer's input and the
-gradient of the mean loss with respect to its output, ``delta`` (``[N, C_out, ...]``):
+A sample's gradients of such a layer follow from the layer's input and the gradient of the mean
+loss with respect to its output, ``delta`` (``[N, C_out, ...]``):
 
-- the weight's are the factored :class:`FactoredLinear` / :class:`FactoredConv` sources, the same
-  that BackPACK's BatchGrad rules of :mod:`factored_gradients` hand out;
-- the bias's are ``delta_i`` summed over the output positions, ``[N, C_out]`` (BackPACK's
+- a Linear or convolution weight's are the factored :class:`FactoredLinear` / :class:`FactoredConv`
+  sources, the same that BackPACK's BatchGrad rules of :mod:`factored_gradients` hand out;
+- a batch-norm weight's (with its running statistics, in eval mode) are ``delta_i`` times the
+  normalised input, summed over the positions, ``[N, C]``;
+- a bias's are ``delta_i`` summed over the output positions, ``[N, C_out]`` (BackPACK's
   ``grad_batch``: the gradients of the mean loss, ``g_i / N``).
+
+Tensor hooks see the gradient of the layer's output as it left the layer, also where an in-place
+operation changes the output afterwards (``ReLU(inplace=True)``, ``out += identity``).
 
 A forward hook keeps each layer's input and hooks its output tensor; the tensor's gradient hook
 hands the layer's sources to a callback while the backward pass runs. Where every tracked
