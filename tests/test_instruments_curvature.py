@@ -19,8 +19,9 @@ import torch
 
 import reference as ref
 import reference_curvature as curv
+from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.backend import GradientCapture
-from test_instruments_exact import BUILDERS, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
+from test_instruments_exact import BUILDERS, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -72,9 +73,34 @@ def test_curvature_of_a_loss_module_s_output_times_a_factor(kind: str, loss: str
         assert_close(run.records[step]["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
 
 
-def test_curvature_of_a_loss_module_s_output_times_a_negative_factor_says_it_has_no_factor() -> None:
-    with pytest.raises(ValueError, match="^the loss module's output enters the loss backpropagated times -0.5: a curvature diagonal needs a positive factor$"):
-        train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 1), quantities(("HessTrace",)), loss_weight=-0.5)
+def test_curvature_of_a_loss_module_s_output_times_a_negative_factor_is_left_out_with_the_reason() -> None:
+    run = train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 2), quantities(("HessTrace", "NormTest")), loss_weight=-0.5)
+    assert run.instruments.unavailable == {
+        "HessTrace": "failed at step 0 and was switched off: the loss module's output enters the loss times -0.5, whose curvature has no square-root factor"
+    }
+    assert all("NormTest" in values for values in run.records.values())
+
+
+def test_a_loss_module_called_again_for_another_output_leaves_out_the_curvature_alone() -> None:
+    """BackPACK's rules start from the module's last call, which here computed a value the loss
+    does not contain (they backpropagated from the wrong outputs, or failed and switched every
+    instrument off)."""
+    model = BUILDERS["mlp"](0)
+    batches = make_batches("mlp", "ce", 0, 2)
+    loss_fn = batches[0].loss_fn
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    instruments = Instruments(model, loss_fn, batches[0].per_sample_loss_fn, opt, quantities(("HessTrace", "NormTest")))
+    found = {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        outputs = model(batch.inputs)
+        loss = loss_fn(outputs, batch.targets)
+        loss_fn(outputs.detach().flip(0), batch.targets)  # a value logged with the same module, after the loss
+        found.update(engine_step(instruments, opt, step, loss, batch.inputs, outputs, batch.targets))
+    found.update(instruments.finish())
+    assert set(instruments.unavailable) == {"HessTrace"}
+    assert "was called again after computing the loss" in instruments.unavailable["HessTrace"]
+    assert all("NormTest" in values for values in found.values())
 
 
 CLASS_WEIGHTS = torch.tensor([0.5, 3.0, 1.5], dtype=torch.float64)

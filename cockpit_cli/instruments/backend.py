@@ -139,7 +139,7 @@ class GradientCapture:
         if self._output_hooks is not None:
             self._output_hooks.detach()
         if curvature and isinstance(self.loss_function, nn.Module):
-            for stored in ("input0", "input1", "output"):  # so that its call at this step shows (see _loss_module_called)
+            for stored in ("input0", "input1", "output"):  # so that its call at this step shows (see _curvature_obstacle)
                 self.loss_function.__dict__.pop(stored, None)
         if self._handles and self._attached_for_curvature != curvature:
             self.detach()
@@ -227,10 +227,11 @@ class GradientCapture:
         if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
-            if self._loss_module_called():
+            obstacle = self._curvature_obstacle(loss)
+            if obstacle is None:
                 extensions.append(self._curvature)
             else:
-                accumulator.fail(requested & NEEDS_CURVATURE, LOSS_NOT_FROM_MODULE.format(name=type(self.loss_function).__name__))
+                accumulator.fail(requested & NEEDS_CURVATURE, obstacle)
         unfollowable = self._unfollowable(loss, per_sample, by_functorch, extensions)
         if unfollowable is not None:  # torch.func forms this step's per-sample gradients
             by_functorch = per_sample
@@ -281,10 +282,27 @@ class GradientCapture:
         accumulator.synchronize(self.sync)
         return accumulator
 
-    def _loss_module_called(self) -> bool:
-        """Whether the loss module was called since :meth:`attach` prepared a curvature step
-        (BackPACK's hook then stored its inputs): the curvature backpropagation starts there."""
-        return not isinstance(self.loss_function, nn.Module) or "input0" in self.loss_function.__dict__
+    def _curvature_obstacle(self, loss: Tensor) -> str | None:
+        """Say why BackPACK's curvature backpropagation cannot start from the loss module at this
+        step, or return ``None``. It starts at the module's last call since :meth:`attach`
+        prepared the step (BackPACK's hook stored its inputs and output), which must be part of
+        ``loss``, with a positive factor (the gradient that reaches the module's output: the
+        curvature rules scale by its square root, :mod:`loss_output_weight`)."""
+        module = self.loss_function
+        if not isinstance(module, nn.Module):
+            return None
+        name = type(module).__name__
+        if "input0" not in module.__dict__:
+            return LOSS_NOT_FROM_MODULE.format(name=name)
+        output = module.__dict__.get("output")
+        if not isinstance(output, Tensor) or output.numel() != 1 or not loss.requires_grad:
+            return None  # (BackPACK's rules take a scalar output; a loss without gradients is the caller's mistake)
+        weight = torch.autograd.grad(loss, output, retain_graph=True, allow_unused=True)[0] if output.requires_grad else None
+        if weight is None:
+            return LOSS_NOT_FROM_LAST_CALL.format(name=name)
+        if not float(weight) > 0:
+            return f"the loss module's output enters the loss times {float(weight):g}, whose curvature has no square-root factor"
+        return None
 
     def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> None:
         """Reduce the parameters no layer handed per-sample gradients for: those the loss did not
@@ -462,6 +480,12 @@ INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"
+)
+
+
+LOSS_NOT_FROM_LAST_CALL = (
+    "the loss module ({name}) was called again after computing the loss (for another output), and BackPACK's "
+    "curvature rules start from its last call: compute other values with another instance of it"
 )
 
 
