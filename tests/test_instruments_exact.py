@@ -870,6 +870,47 @@ def test_a_residual_network_with_frozen_batchnorm_and_in_place_operations() -> N
         assert run.records[step]["Alpha"] == pytest.approx(curv.reference_alpha(run.reference_model(step), batches[step].per_sample_loss_fn, batches[step], batches[step + 1], run.thetas[step], run.thetas[step + 1]), rel=1e-6, abs=1e-8)
 
 
+class Tokens(nn.Module):
+    """Linear features of two positions per sample, each position layer-normalised ([N, 6] -> [N, 3])."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.norm, self.head = nn.Linear(6, 8).double(), nn.LayerNorm(4).double(), nn.Linear(8, 3).double()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        tokens = self.norm(self.embed(inputs).reshape(-1, 2, 4))
+        return self.head(torch.relu(tokens).reshape(-1, 8))
+
+
+NORMALIZED: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
+    "layer norm of positions": ("mlp", Tokens),
+    "layer norm of features": ("mlp", lambda seed: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()),
+    "group norm": ("cnn", lambda seed: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 3)).double()),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMALIZED))
+def test_layer_and_group_norm_get_per_sample_gradients_from_hooks(name: str) -> None:
+    """Layer and group norm treat every sample alone: their weights' per-sample gradients are
+    delta_i times the normalised input summed over the positions (BackPACK has no rule for them;
+    torch.func formed every per-sample gradient at once)."""
+    kind, build = NORMALIZED[name]
+    torch.manual_seed(0)
+    model = build(0)
+    with torch.no_grad():  # parameters of their own (a bias of zeros has no update ratio)
+        for norm in (module for module in model.modules() if isinstance(module, (nn.LayerNorm, nn.GroupNorm))):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.1)
+    batches = make_batches(kind, "ce", 0, 3)
+    names = tuple(name for name in FIRST_ORDER if name != "Activations")  # (an in-place ReLU changes what the reference reads)
+    run = train(model, batches, quantities(names + ("Alpha",), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.capture.factored and run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step, names=names)
+        assert run.records[step]["Alpha"] == pytest.approx(curv.reference_alpha(run.reference_model(step), batches[step].per_sample_loss_fn, batches[step], batches[step + 1], run.thetas[step], run.thetas[step + 1]), rel=1e-6, abs=1e-8)
+
+
 def test_batchnorm_found_in_training_mode_at_a_step_switches_the_per_sample_quantities_off() -> None:
     """Attached in eval mode, then trained in training mode: the step at which the layer mixes
     the samples switches the per-sample quantities off, naming it; the others go on."""

@@ -139,53 +139,65 @@ def combined_runs(runs: list[Tensor | FactoredSamples]) -> Tensor | FactoredSamp
     return StackedPositions(runs) if isinstance(runs[0], FactoredSamples) else sum(runs)
 
 
+NORMALIZATIONS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def hooked_layer(module: nn.Module) -> bool:
     """Whether hooks on the layer's output give its per-sample gradients: Linear and the
-    convolutions :func:`factored_batch_grad.factored_layer` covers, and batch normalisation with
-    its running statistics (in eval mode, when it treats every sample alone: in training mode the
-    per-sample quantities are off)."""
-    return factored_layer(module) or (isinstance(module, _BatchNorm) and module.affine and module.track_running_stats)
+    convolutions :func:`factored_batch_grad.factored_layer` covers, and normalisation layers that
+    treat every sample alone: group and layer norm, and batch norm with its running statistics
+    (in eval mode: in training mode it mixes the samples and the per-sample quantities are off)."""
+    if isinstance(module, _BatchNorm):
+        return module.track_running_stats
+    return factored_layer(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm))
 
 
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:
     """Return the per-sample gradients of the mean loss for ``param`` of ``module``.
 
     Args:
-        module: A Linear or convolution layer.
+        module: A layer that :func:`hooked_layer` covers.
         param: Its weight or bias.
         inputs: The layer's input ``[N, ...]``.
         grad_output: ``delta``, the gradient of the mean loss for the layer's output ``[N, ...]``.
 
     Returns:
-        The weight's factored source, or the bias's ``[N, C_out]`` block.
+        A Linear or convolution weight's factored source, or the ``[N, D]`` block of another
+        parameter (``D`` its elements).
     """
     if inputs.dtype != param.dtype or grad_output.dtype != param.dtype:  # autocast: the layer ran in half precision
         inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
     if param is module.weight:
-        if isinstance(module, _BatchNorm):  # delta_i times the normalised input, summed over the positions: [N, C]
-            return _per_channel(grad_output * _normalized(module, inputs))
+        if isinstance(module, NORMALIZATIONS):  # delta_i times the normalised input, summed over the positions
+            return _over_positions(module, grad_output * _normalized(module, inputs))
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
         return FactoredConv(module, grad_output, inputs)
-    return _bias_samples(module, grad_output)
+    return _over_positions(module, grad_output)  # the bias: delta_i summed over the positions
 
 
-def _bias_samples(module: nn.Module, grad_output: Tensor) -> Tensor:
-    """Return the bias's per-sample gradients of the mean loss, ``delta_i`` summed over the
-    output positions, ``[N, C_out]``."""
-    if isinstance(module, nn.Linear):  # delta: [N, *, out]
-        return grad_output if grad_output.dim() == 2 else grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).sum(1)
-    return _per_channel(grad_output)  # convolution or batch norm, delta: [N, C_out, *spatial]
+def _over_positions(module: nn.Module, values: Tensor) -> Tensor:
+    """Sum each sample's values of the layer's output over the positions that share its
+    parameters: ``[N, D]``, ``D`` the elements of a parameter. A Linear layer's features and a
+    layer norm's normalised dimensions are the last, a convolution's and the other
+    normalisations' channels the second (``[N, C, *spatial]``)."""
+    n = values.shape[0]
+    if values.dim() == 2:
+        return values
+    if isinstance(module, nn.Linear):
+        return values.reshape(n, -1, values.shape[-1]).sum(1)
+    if isinstance(module, nn.LayerNorm):
+        return values.reshape(n, -1, *module.normalized_shape).sum(1).reshape(n, -1)
+    return values.reshape(n, values.shape[1], -1).sum(2)
 
 
-def _per_channel(values: Tensor) -> Tensor:
-    """Sum ``[N, C, *positions]`` over the positions: ``[N, C]``."""
-    return values if values.dim() == 2 else values.reshape(values.shape[0], values.shape[1], -1).sum(2)
-
-
-def _normalized(module: _BatchNorm, inputs: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """Return the batch-norm layer's output for ``inputs`` with its running statistics and
-    ``weight`` and ``bias`` as its parameters (none: the normalised input)."""
+def _normalized(module: nn.Module, inputs: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Return a normalisation layer's output for ``inputs`` with ``weight`` and ``bias`` as its
+    parameters (none: the normalised input); batch norm with its running statistics."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(inputs, module.normalized_shape, weight, bias, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(inputs, module.num_groups, weight, bias, module.eps)
     return F.batch_norm(inputs, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
 
 
@@ -208,10 +220,10 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
     if inputs.dtype != dtype or grad_output.dtype != dtype:  # autocast: the layer ran in half precision
         inputs, grad_output = inputs.to(dtype), grad_output.to(dtype)
     if weight is None:
-        return _bias_samples(module, grad_output) @ bias
+        return _over_positions(module, grad_output) @ bias.reshape(-1)
     if isinstance(module, nn.Linear):
         outputs = F.linear(inputs, weight, bias)
-    elif isinstance(module, _BatchNorm):
+    elif isinstance(module, NORMALIZATIONS):
         outputs = _normalized(module, inputs, weight, bias)
     else:
         convolution = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d

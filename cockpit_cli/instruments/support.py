@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
-from cockpit_cli.instruments.factored_batch_grad import factored_layer
+from cockpit_cli.instruments.output_hooks import hooked_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
@@ -60,6 +60,8 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
         reason = mixing_reason(name, module) + " (in eval mode, normalising with its running statistics, it would treat every sample alone)"
         return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
     known = _extension_modules(BatchGrad())
+    if all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):  # hooks on their outputs give them all (output_hooks)
+        known |= {type(m) for _, m in leaves if _has_trainable(m)}
     unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
     unsupported = [entry for entry in unsupported if entry[2] is not None]
     if any(_has_trainable(m) for m in model.modules() if list(m.children())):
@@ -76,7 +78,7 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
         # Hooks on the layers' outputs add up the runs of a Linear or convolution layer; BackPACK
         # keeps one input per layer and one per-sample gradient per layer and parameter.
         curvature, curvature_reason = False, no_curvature_reason(sharing)
-        if per_sample == "backpack" and not all(factored_layer(m) for _, m in leaves if _has_trainable(m)):
+        if per_sample == "backpack" and not all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):
             per_sample, per_sample_reason = "functorch", torch_func_reason(sharing)
     return Support(per_sample, per_sample_reason, curvature, curvature_reason)
 
