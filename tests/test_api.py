@@ -262,24 +262,24 @@ def test_the_run_directory_records_the_optimizers_hyperparameters_for_compare_an
 
 
 def test_a_layer_found_running_twice_is_in_the_warnings_once(tmp_path: Path) -> None:
-    """Only the forward pass shows that the Embedding runs twice: the instruments go on with
-    torch.func, and the run's warnings say so, once."""
+    """Only the forward pass shows that the transposed convolution (a layer with BackPACK's rule
+    and no hooks) runs twice: the instruments go on with torch.func, and the run's warnings say
+    so, once."""
 
-    class TwoTokens(nn.Module):
+    class TwoHalves(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed, self.out = nn.Embedding(6, 4), nn.Linear(8, 3)
+            self.up, self.out = nn.ConvTranspose1d(1, 2, 2), nn.Linear(12, 3)
 
         def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            tokens = (inputs[:, :2].abs() * 2).long().clamp(max=5)
-            return self.out(torch.cat([self.embed(tokens[:, 0]), self.embed(tokens[:, 1])], dim=1))
+            return self.out(torch.cat([self.up(half.unsqueeze(1)).flatten(1) for half in (inputs[:, :2], inputs[:, 3:5])], dim=1))
 
     torch.manual_seed(0)
-    model = TwoTokens()
+    model = TwoHalves()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with TrackedRun(tmp_path / "twice", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
         loop(run, model, optimizer, 4)
-    expected = "from step 0: layer 'embed' (Embedding) runs 2 times in a forward pass, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+    expected = "from step 0: layer 'up' (ConvTranspose1d) runs 2 times in a forward pass, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
     recorded = read_run(tmp_path / "twice")
     assert recorded.manifest["warnings"] == [expected]
     assert all("NormTest" in record["quantities"] for record in recorded.steps[:3])

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import reference as ref
-from cockpit_cli.instruments import Instruments, engine
+from cockpit_cli.instruments import Instruments, Schedule, engine
 from cockpit_cli.instruments.support import check_support, shared_parameters
 from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import dense_max_eigenvalue
@@ -76,7 +76,7 @@ class SharedLinears(nn.Module):
 
 
 class EmbeddingTwice(nn.Module):
-    """Embedding(12, 4) of two tokens per sample, then Linear(8, 3): BackPACK's rules, not hooks."""
+    """Embedding(12, 4) of two tokens per sample, then Linear(8, 3): the hooks add up its runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +85,19 @@ class EmbeddingTwice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         tokens = (x[:, :2].abs() * 4).long().clamp(max=11)
         return self.out(torch.tanh(torch.cat([self.embed(tokens[:, 0]), self.embed(tokens[:, 1])], dim=1)))
+
+
+class TransposedTwice(nn.Module):
+    """ConvTranspose1d(1, 2, 2) of both halves of the input, then Linear(16, 3): a layer with
+    BackPACK's rule and no hooks, whose second run only the forward pass shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out = nn.ConvTranspose1d(1, 2, 2), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        halves = [self.up(half.unsqueeze(1)).flatten(1) for half in (x[:, :3], x[:, 3:])]
+        return self.out(torch.tanh(torch.cat(halves, dim=1)))
 
 
 class SkippedLayer(nn.Module):
@@ -128,6 +141,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "tied_linears": (TiedLinears, "mlp"),
     "shared_linears": (SharedLinears, "mlp"),
     "embedding_twice": (EmbeddingTwice, "mlp"),
+    "transposed_twice": (TransposedTwice, "mlp"),
     "skipped_layer": (SkippedLayer, "mlp"),
     "sequential_twice": (sequential_twice, "mlp"),
     "low_rank_adapter": (LowRankAdapter, "mlp"),
@@ -204,31 +218,85 @@ def test_a_layer_held_twice_gets_no_curvature_but_exact_per_sample_values() -> N
     check_first_order(run, 0, names=("NormTest", "GradHist1d"))
 
 
+class TiedEmbedding(nn.Module):
+    """Embedding(12, 6) whose weight is also the output layer's, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(12, 6), nn.Linear(6, 12, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.embed((x[:, 0].abs() * 4).long().clamp(max=11)))
+
+
+def test_an_embedding_tied_to_the_output_layer_is_followed_by_the_hooks() -> None:
+    """Both layers' hooks give factors of the same [12, 6] weight (the one-hot ids are the
+    embedding's output-side factor): their runs add up, exactly."""
+    torch.manual_seed(0)
+    model = TiedEmbedding().double()
+    assert check_support(model, nn.CrossEntropyLoss()).per_sample == "backpack"
+    run = train(model, make_batches("mlp", "ce", 0, 3), quantities(("NormTest", "GradHist1d", "InnerTest")))
+    assert run.instruments.capture.factored and run.instruments.changes == [] and run.instruments.unavailable == {}
+    for step in (0, 1, 2):
+        check_first_order(run, step, names=("NormTest", "GradHist1d", "InnerTest"))
+
+
+class PaddedTokens(nn.Module):
+    """Embedding(12, 4, padding_idx=0) of three tokens per sample, some of them padding, then Linear(12, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(12, 4, padding_idx=0), nn.Linear(12, 3)
+        with torch.no_grad():
+            self.embed.weight[0] = 0.5  # a padding row of its own, which gets no gradient
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = (x[:, :3] * 3).long().clamp(min=0, max=11)  # negative inputs become padding
+        return self.out(torch.tanh(self.embed(tokens).flatten(1)))
+
+
+def test_an_embedding_s_padding_row_gets_no_per_sample_gradient() -> None:
+    torch.manual_seed(0)
+    model = PaddedTokens().double()
+    batches = make_batches("mlp", "ce", 0, 3)
+    run = train(model, batches, quantities((*NAMES, "Alpha"), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.capture.factored and run.instruments.unavailable == {}
+    for step in (0, 1):
+        check_first_order(run, step, names=NAMES)
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+    # the weight decay moves the padding row: Alpha's second point, alone every other step, takes
+    # products with an update whose padding row is not zero
+    torch.manual_seed(0)
+    run = train(PaddedTokens().double(), batches, quantities(("Alpha", "Loss"), Schedule(every=2)), weight_decay=DECAY)
+    assert run.records[0]["Alpha"] == pytest.approx(reference_alpha(run, 0, DECAY), rel=1e-6, abs=1e-8)
+
+
 def test_shared_weights_outside_linear_and_convolution_layers_use_torch_func() -> None:
-    class TiedEmbedding(nn.Module):
+    class TiedTransposed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed, self.out = nn.Embedding(12, 6), nn.Linear(6, 12, bias=False)
-            self.out.weight = self.embed.weight
+            self.up, self.down = nn.ConvTranspose1d(2, 2, 1, bias=False), nn.Conv1d(2, 2, 1, bias=False)
+            self.down.weight = self.up.weight
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.out(self.embed((x[:, 0].abs() * 4).long().clamp(max=11)))
+            return self.down(self.up(x[:, :4].reshape(-1, 2, 2))).flatten(1)[:, :3]
 
-    support = check_support(TiedEmbedding(), nn.CrossEntropyLoss())
+    support = check_support(TiedTransposed(), nn.CrossEntropyLoss())
     assert support.per_sample == "functorch"
-    assert support.per_sample_reason.startswith("parameter 'embed.weight' is also 'out.weight', which BackPACK's rules cannot follow")
+    assert support.per_sample_reason.startswith("parameter 'up.weight' is also 'down.weight', which BackPACK's rules cannot follow")
 
 
 def test_a_layer_found_running_twice_moves_per_sample_gradients_to_torch_func() -> None:
-    """Only the forward pass shows that an Embedding runs twice; BackPACK's rule would fail on it
-    (it keeps one input per layer). The step's values come from torch.func, and so do the later
-    steps', with the change in the run's warnings."""
-    model = build("embedding_twice", 0)
+    """Only the forward pass shows that a transposed convolution runs twice; BackPACK's rule
+    would fail on it (it keeps one input per layer). The step's values come from torch.func, and
+    so do the later steps', with the change in the run's warnings."""
+    model = build("transposed_twice", 0)
     assert check_support(model, nn.CrossEntropyLoss()).per_sample == "backpack"
     run = train(model, make_batches("mlp", "ce", 0, 3), quantities(("NormTest", "GradHist1d")))
     assert run.instruments.support.per_sample == "functorch"
     assert run.instruments.changes == [
-        "from step 0: layer 'embed' (Embedding) runs 2 times in a forward pass, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+        "from step 0: layer 'up' (ConvTranspose1d) runs 2 times in a forward pass, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
     ]
     for step in (0, 1, 2):
         check_first_order(run, step, names=("NormTest", "GradHist1d"))
@@ -374,18 +442,17 @@ def test_the_step_that_moves_to_torch_func_replays_its_dropout_masks(monkeypatch
     torch.func, which must see the masks the step's forward pass drew: every value equals that of
     a run on torch.func from the start."""
 
-    class TwoTokensDropout(EmbeddingTwice):
+    class TwiceDropout(TransposedTwice):
         def __init__(self) -> None:
             super().__init__()
             self.drop = nn.Dropout(0.3)
 
         def forward(self, x: Tensor) -> Tensor:
-            tokens = (x[:, :2].abs() * 4).long().clamp(max=11)
-            return self.out(self.drop(torch.tanh(torch.cat([self.embed(tokens[:, 0]), self.embed(tokens[:, 1])], dim=1))))
+            return self.out(self.drop(torch.tanh(torch.cat([self.up(half.unsqueeze(1)).flatten(1) for half in (x[:, :3], x[:, 3:])], dim=1))))
 
     def records() -> dict[int, dict]:
         torch.manual_seed(0)
-        model = TwoTokensDropout().double()
+        model = TwiceDropout().double()
         torch.manual_seed(5)
         run = train(model, make_batches("mlp", "ce", 0, 3), quantities(("NormTest", "GradHist1d", "Alpha")))
         assert run.instruments.support.per_sample == "functorch"

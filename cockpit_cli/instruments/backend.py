@@ -384,7 +384,7 @@ class GradientCapture:
             own = self.module_params[module]
             try:
                 directions = {param: options.direction[index].to(param.dtype) for index, param in own}  # tensors hash by identity
-                products = layer_products(module, inputs, grad_output, directions.get(module.weight), directions.get(module.bias))
+                products = layer_products(module, inputs, grad_output, directions.get(module.weight), directions.get(getattr(module, "bias", None)))
                 products.mul_(inputs.shape[0] / self.gradient_scale)  # scale g_i / N -> g_i
                 for index, param in own:
                     if self.weight_decay[index] and index not in accumulator.sourced:  # every G[i] holds lambda theta, once however often the layer runs

@@ -149,6 +149,8 @@ def hooked_layer(module: nn.Module) -> bool:
     (in eval mode: in training mode it mixes the samples and the per-sample quantities are off)."""
     if isinstance(module, _BatchNorm):
         return module.track_running_stats
+    if isinstance(module, nn.Embedding):  # (not one that renormalises its rows, or whose gradients are sparse or scaled by counts)
+        return module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
     return factored_layer(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm))
 
 
@@ -165,15 +167,32 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
         A Linear or convolution weight's factored source, or the ``[N, D]`` block of another
         parameter (``D`` its elements).
     """
-    if inputs.dtype != param.dtype or grad_output.dtype != param.dtype:  # autocast: the layer ran in half precision
-        inputs, grad_output = inputs.to(param.dtype), grad_output.to(param.dtype)
+    inputs, grad_output = _in_precision(inputs, grad_output, param.dtype)
     if param is module.weight:
+        if isinstance(module, nn.Embedding):  # G[i] = sum_l e_(id_il) delta_il^T: a Linear layer's factors with the one-hot ids as its output's
+            return FactoredLinear(grad_output, _one_hot(module, inputs, param.dtype), module.weight.shape)
         if isinstance(module, NORMALIZATIONS):  # delta_i times the normalised input, summed over the positions
             return _over_positions(module, grad_output * _normalized(module, inputs))
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
         return FactoredConv(module, grad_output, inputs)
     return _over_positions(module, grad_output)  # the bias: delta_i summed over the positions
+
+
+def _in_precision(inputs: Tensor, grad_output: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The layer's floating-point input and output gradient in the parameters' precision (under
+    autocast the layer ran in half precision); token ids stay as they are."""
+    if inputs.is_floating_point() and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    return inputs, grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+
+
+def _one_hot(module: nn.Embedding, ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Return the ids ``[N, *]`` as one-hot rows ``[N, *, V]``, zero at ``padding_idx`` (whose row gets no gradient)."""
+    rows = F.one_hot(ids, module.num_embeddings).to(dtype)
+    if module.padding_idx is not None:
+        rows[..., module.padding_idx] = 0
+    return rows
 
 
 def _over_positions(module: nn.Module, values: Tensor) -> Tensor:
@@ -216,9 +235,12 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
         weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.
         bias: ``U_b`` (``[C_out]``), or ``None`` where the layer has no tracked bias.
     """
-    dtype = (weight if weight is not None else bias).dtype
-    if inputs.dtype != dtype or grad_output.dtype != dtype:  # autocast: the layer ran in half precision
-        inputs, grad_output = inputs.to(dtype), grad_output.to(dtype)
+    inputs, grad_output = _in_precision(inputs, grad_output, (weight if weight is not None else bias).dtype)
+    if isinstance(module, nn.Embedding):  # delta_il . U[id_il], none at padding_idx
+        outputs = F.embedding(inputs, weight)
+        if module.padding_idx is not None:
+            outputs = outputs.masked_fill_((inputs == module.padding_idx).unsqueeze(-1), 0.0)
+        return outputs.mul_(grad_output).reshape(len(outputs), -1).sum(1)
     if weight is None:
         return _over_positions(module, grad_output) @ bias.reshape(-1)
     if isinstance(module, nn.Linear):
