@@ -29,7 +29,7 @@ from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, per_sample_slopes, replayed_loss
+from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, replayed_loss
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
@@ -107,6 +107,7 @@ class GradientCapture:
         self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
         self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
         self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
+        self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which
@@ -375,10 +376,11 @@ class GradientCapture:
 
         return reduce_source
 
-    def _layer_projections(self, accumulator: Accumulator, options: ReductionOptions) -> Callable[[nn.Module, Tensor, Tensor], None]:
+    def _layer_projections(self, accumulator: Accumulator, options: ReductionOptions, theta: list[Tensor] | None = None) -> Callable[[nn.Module, Tensor, Tensor], None]:
         """Return what adds a layer's products ``G[i] . u`` (weight and bias together, with the
-        regulariser's ``lambda theta . u``) to the PROJECTIONS of ``accumulator``; a failure is
-        recorded there (:meth:`Accumulator.fail`), as :func:`sample_pass.reduce_layer` records its own."""
+        regulariser's ``lambda theta . u``, at ``theta`` where given, else at the parameters) to
+        the PROJECTIONS of ``accumulator``; a failure is recorded there
+        (:meth:`Accumulator.fail`), as :func:`sample_pass.reduce_layer` records its own."""
 
         def project(module: nn.Module, inputs: Tensor, grad_output: Tensor) -> None:
             own = self.module_params[module]
@@ -388,7 +390,8 @@ class GradientCapture:
                 products.mul_(inputs.shape[0] / self.gradient_scale)  # scale g_i / N -> g_i
                 for index, param in own:
                     if self.weight_decay[index] and index not in accumulator.sourced:  # every G[i] holds lambda theta, once however often the layer runs
-                        products += self.weight_decay[index] * torch.dot(param.detach().reshape(-1), directions[param].reshape(-1))
+                        point = param.detach() if theta is None else theta[index]
+                        products += self.weight_decay[index] * torch.dot(point.reshape(-1), directions[param].reshape(-1))
                 accumulator.sourced.update(index for index, _ in own)
                 accumulator.add(PROJECTIONS, products)
             except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
@@ -471,9 +474,54 @@ class GradientCapture:
 
     def start_slopes(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None) -> Callable[[list[Tensor]], Tensor]:
         """Return ``d -> [N]``, each sample's directional derivative ``g_i . d`` at ``theta``, by one
-        forward-mode pass on the same batch per call (:func:`functional_passes.per_sample_slopes`)."""
+        forward-mode pass on the same batch per call (:func:`functional_passes.per_sample_slopes`).
+
+        Where the model has an operation without a forward-mode derivative (torch's
+        ``scaled_dot_product_attention`` on the CPU, say) and the layers' hooks give every
+        per-sample gradient, by a forward and a backward pass at ``theta`` instead, in which the
+        hooks take the products (:meth:`_slopes_by_hooks`)."""
         named_theta = dict(zip(self.names, theta))
-        return per_sample_slopes(self.model, named_theta, self.per_sample_loss_function, self.weight_decay, self.sync, inputs, targets, rng_state)
+        forward = per_sample_slopes(self.model, named_theta, self.per_sample_loss_function, self.weight_decay, self.sync, inputs, targets, rng_state)
+        if not self.factored:
+            return forward
+
+        def slopes(direction: list[Tensor]) -> Tensor:
+            if self._forward_mode:
+                try:
+                    return forward(direction)
+                except NotImplementedError:  # torch's words for an operation without forward-mode AD
+                    self._forward_mode = False
+            return self._slopes_by_hooks(inputs, targets, theta, rng_state, direction)
+
+        return slopes
+
+    def _slopes_by_hooks(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor]) -> Tensor:
+        """Return ``g_i . d`` at ``theta`` for every sample (float64 ``[N]``, the global batch's)
+        from one forward pass with ``theta`` as the parameters and one backward pass, in which
+        each layer's hooks take its products with ``d`` (:func:`output_hooks.layer_products`):
+        no per-sample gradient is formed."""
+        hooks, scale = self._output_hooks, self.gradient_scale
+        accumulator, options = Accumulator(len(self.params)), ReductionOptions(direction=list(direction))
+        named = {name: point.detach().requires_grad_(True) for name, point in zip(self.names, theta)}
+        attached = hooks.attached
+        hooks.attach()
+        hooks.layer_callback = self._layer_projections(accumulator, options, theta)
+        self.gradient_scale = 1.0
+        try:
+            loss = loss_at(self.model, named, self.loss_function, inputs, targets, rng_state)
+            torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        finally:
+            hooks.layer_callback, self.gradient_scale = None, scale
+            hooks.flush()  # (this pass's runs of the layers are no step's)
+            if not attached:
+                hooks.detach()
+        if accumulator.failed:
+            raise RuntimeError(accumulator.errors[0])
+        for index in set(range(len(self.params))) - accumulator.sourced:  # a layer the pass skipped: only the regulariser's part
+            if self.weight_decay[index]:
+                accumulator.add(PROJECTIONS, torch.full_like(accumulator.totals[PROJECTIONS], self.weight_decay[index] * float(torch.dot(theta[index].reshape(-1), direction[index].reshape(-1)))))
+        accumulator.synchronize(self.sync)
+        return accumulator.totals[PROJECTIONS]
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)

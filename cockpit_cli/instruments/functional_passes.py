@@ -118,6 +118,16 @@ def replayed_loss(model: nn.Module, loss_function: Any, regularizer: Callable[[]
         return loss_function(call_model(model, inputs), targets) + regularizer()
 
 
+def loss_at(model: nn.Module, named_theta: dict[str, Tensor], loss_function: Any, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
+    """Return ``loss_function`` of the outputs of ``model`` with the parameters ``named_theta``
+    (which must require gradients) on the step's batch, in the random state of its forward pass,
+    with a graph through the layers (their hooks see the pass)."""
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.enable_grad():
+        if rng_state is not None:
+            _set_rng_state(rng_state)
+        return loss_function(functional_call(model, named_theta, model_args(inputs), model_kwargs(inputs)), targets)
+
+
 def per_sample_slopes(
     model: nn.Module,
     named_theta: dict[str, Tensor],
