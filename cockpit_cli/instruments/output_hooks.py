@@ -229,11 +229,11 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
     input ``x_i`` with ``U_w`` and ``U_b`` as its parameters: one pass of the layer, one product.
 
     Args:
-        module: A Linear layer or a convolution that :func:`convolutions.unfoldable` covers.
-        inputs: The layer's input ``[N, ...]``.
+        module: A layer that :func:`hooked_layer` covers.
+        inputs: The layer's input ``[N, ...]`` (an Embedding's ids).
         grad_output: ``delta``, the gradient of the mean loss for the layer's output ``[N, ...]``.
         weight: ``U_w`` (the weight's shape), or ``None`` where the weight is not tracked.
-        bias: ``U_b`` (``[C_out]``), or ``None`` where the layer has no tracked bias.
+        bias: ``U_b`` (the bias's shape), or ``None`` where the layer has no tracked bias.
     """
     inputs, grad_output = _in_precision(inputs, grad_output, (weight if weight is not None else bias).dtype)
     if isinstance(module, nn.Embedding):  # delta_il . U[id_il], none at padding_idx
