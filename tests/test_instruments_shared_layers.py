@@ -270,6 +270,12 @@ def test_an_embedding_s_padding_row_gets_no_per_sample_gradient() -> None:
     torch.manual_seed(0)
     run = train(PaddedTokens().double(), batches, quantities(("Alpha", "Loss"), Schedule(every=2)), weight_decay=DECAY)
     assert run.records[0]["Alpha"] == pytest.approx(reference_alpha(run, 0, DECAY), rel=1e-6, abs=1e-8)
+    # gradients that hold values before the pass: the mean is formed from the ids and output gradients
+    torch.manual_seed(0)
+    names = ("NormTest", "InnerTest", "OrthoTest")
+    run = train(PaddedTokens().double(), batches, quantities(names), optimizer=lambda params: SGDAccumulating(params, lr=0.1))
+    for step in (0, 1):
+        check_first_order(run, step, names=names)
 
 
 def test_shared_weights_outside_linear_and_convolution_layers_use_torch_func() -> None:

@@ -303,6 +303,54 @@ class FactoredLinear(FactoredSamples):
         return cheaper and self.delta.shape[2] == 1 and self._is_data_gradient(vector)
 
 
+class FactoredEmbedding(FactoredLinear):
+    """Per-sample weight gradients of ``nn.Embedding`` (``[V, D]``) from its ids ``[N, *]`` and
+    output gradients ``[N, *, D]``: those of a Linear layer whose output-side factor is the ids
+    one-hot, ``G[i] = N sum_l e_(id_il) delta_il^T``, none at ``padding_idx``.
+
+    The one-hot factor serves the shared formulas (and several runs of a tied weight); the mean,
+    the products with a vector and the blocks index rows instead, ``L D`` numbers per sample
+    where the one-hot products cost ``V L D``.
+    """
+
+    def __init__(self, ids: Tensor, grad_outputs: Tensor, one_hot: Tensor, padding_idx: int | None):
+        super().__init__(grad_outputs, one_hot, torch.Size((one_hot.shape[-1], grad_outputs.shape[-1])))
+        self.ids = ids.reshape(self.n, -1)  # [N, L]
+        self.kept = None if padding_idx is None else (self.ids != padding_idx).unsqueeze(-1)  # [N, L, 1]
+
+    def unscale(self, scale: float) -> None:
+        self.x = self.x / scale  # the output gradients (the one-hot factor stays as it is)
+
+    def _rows(self, start: int, stop: int) -> Tensor:
+        """Return the output gradients of samples ``start:stop``, zero at padding: ``[b, L, D]``."""
+        rows = self.x[start:stop]
+        return rows if self.kept is None else rows * self.kept[start:stop]
+
+    def data_mean(self) -> Tensor:
+        width = self.x.shape[-1]
+        return torch.zeros(self.weight_shape, dtype=self.x.dtype, device=self.x.device).index_add_(0, self.ids.reshape(-1), self._rows(0, self.n).reshape(-1, width))
+
+    def data_products(self, vector: Tensor) -> Tensor:
+        return (vector[self.ids] * self._rows(0, self.n)).sum((1, 2))  # delta_il . U[id_il]
+
+    def blocks(self) -> Iterator[Tensor]:
+        vocabulary, width = self.weight_shape
+        size = self.weight_shape.numel()
+        rows = max(1, row_blocks.CHUNK_ELEMENTS // size)
+        decay_term = self._decay_term()
+        for start in range(0, self.n, rows):
+            stop = min(start + rows, self.n)
+            offsets = torch.arange(stop - start, device=self.ids.device).unsqueeze(1) * vocabulary  # each sample's rows of the block
+            block = torch.zeros((stop - start) * vocabulary, width, dtype=self.x.dtype, device=self.x.device)
+            block.index_add_(0, (self.ids[start:stop] + offsets).reshape(-1), self._rows(start, stop).reshape(-1, width)).mul_(self.n)
+            block = block.reshape(stop - start, vocabulary, width)
+            if decay_term is not None:
+                block.add_(decay_term)
+            block = block.reshape(stop - start, size)
+            yield block
+            del block
+
+
 class FactoredConv(FactoredSamples):
     """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, zero padding).
 

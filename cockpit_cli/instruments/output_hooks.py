@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredEmbedding, FactoredLinear, FactoredSamples, StackedPositions
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
@@ -170,7 +170,7 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
     inputs, grad_output = _in_precision(inputs, grad_output, param.dtype)
     if param is module.weight:
         if isinstance(module, nn.Embedding):  # G[i] = sum_l e_(id_il) delta_il^T: a Linear layer's factors with the one-hot ids as its output's
-            return FactoredLinear(grad_output, _one_hot(module, inputs, param.dtype), module.weight.shape)
+            return FactoredEmbedding(inputs, grad_output, _one_hot(module, inputs, param.dtype), module.padding_idx)
         if isinstance(module, NORMALIZATIONS):  # delta_i times the normalised input, summed over the positions
             return _over_positions(module, grad_output * _normalized(module, inputs))
         if isinstance(module, nn.Linear):
