@@ -999,8 +999,21 @@ def test_a_model_without_second_derivatives_switches_hessmaxev_off_saying_why() 
     run = train(Attending(), batches, quantities(("GradNorm", "HessMaxEV")))
     reason = run.instruments.unavailable["HessMaxEV"]
     assert reason.startswith("failed at step 0 and was switched off: RuntimeError: derivative for ")
-    assert reason.endswith("(Hessian-vector products need the second derivative of every operation of the model; this one has none)")
+    assert reason.endswith(
+        "(Hessian-vector products need the second derivative of every operation of the model; this one has none; "
+        "torch's math kernel has: run the forward passes under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"
+    )
     assert all("GradNorm" in run.records[step] for step in range(2))  # the other quantities go on
+
+
+def test_attention_on_torch_s_math_kernel_gets_hessmaxev() -> None:
+    """What the reason above advises: the same model under the math kernel has second derivatives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batches = [ref.Batch(torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2]), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
+    with sdpa_kernel(SDPBackend.MATH):
+        run = train(Attending(), batches, quantities(("GradNorm", "HessMaxEV")))
+    assert run.instruments.unavailable == {} and all(math.isfinite(run.records[step]["HessMaxEV"]) for step in range(2))
 
 
 class Shifted(nn.Module):

@@ -629,7 +629,10 @@ def failure_reason(step: int, error: str) -> str:
     """Return the manifest's reason for a quantity that failed at ``step`` with ``error``."""
     reason = f"failed at step {step} and was switched off: {error}"
     if "derivative for" in error and "is not implemented" in error:  # torch's words for a missing double backward
-        reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
+        reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none"
+        if "scaled_dot_product" in error:
+            reason += "; torch's math kernel has: run the forward passes under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+        reason += ")"
     if "support saved tensor hooks" in error:  # torch.func's words for a model that checkpoints activations
         reason += " (torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)"
     return reason
