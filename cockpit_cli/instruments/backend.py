@@ -29,7 +29,7 @@ from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, replayed_loss
+from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
@@ -97,8 +97,9 @@ class GradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
-        # Whether every tracked parameter's per-sample gradients stay factored (or are biases):
-        # products G[i] . v then cost about a forward pass of the layers, without forming G.
+        # Whether every tracked parameter sits in a layer whose output hooks give its per-sample
+        # gradients (output_hooks.hooked_layer: Linear and convolution weights kept factored, the
+        # others small blocks): products G[i] . v then cost about a forward pass of the layers.
         self.factored = support.per_sample == "backpack" and all(hooked_layer(m) for m in self.module_params)
         self._batch_grad = factored_batch_grad()  # built once: BatchGrad builds a rule for every layer type
         # Then, on steps without curvature, hooks on the layers' outputs give the same sources at less cost.
@@ -455,7 +456,7 @@ class GradientCapture:
     def _uncompiled_loss(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
         if self._output_hooks is not None:
             self._output_hooks.detach()  # (the next tracked step attaches them again)
-        again = replayed_loss(self.model._orig_mod, self.loss_function, self.regularization_tensor, inputs, targets, rng_state)
+        again = loss_at(self.model._orig_mod, self.loss_function, inputs, targets, rng_state) + self.regularization_tensor()
         value, expected = float(again.detach()), float(loss.detach())
         if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6):
             raise ValueError(
@@ -508,7 +509,7 @@ class GradientCapture:
         hooks.layer_callback = self._layer_projections(accumulator, options, theta)
         self.gradient_scale = 1.0
         try:
-            loss = loss_at(self.model, named, self.loss_function, inputs, targets, rng_state)
+            loss = loss_at(self.model, self.loss_function, inputs, targets, rng_state, named)
             torch.autograd.grad(loss, list(named.values()), allow_unused=True)
         finally:
             hooks.layer_callback, self.gradient_scale = None, scale
@@ -517,9 +518,10 @@ class GradientCapture:
                 hooks.detach()
         if accumulator.failed:
             raise RuntimeError(accumulator.errors[0])
-        for index in set(range(len(self.params))) - accumulator.sourced:  # a layer the pass skipped: only the regulariser's part
-            if self.weight_decay[index]:
-                accumulator.add(PROJECTIONS, torch.full_like(accumulator.totals[PROJECTIONS], self.weight_decay[index] * float(torch.dot(theta[index].reshape(-1), direction[index].reshape(-1)))))
+        skipped = [i for i in range(len(self.params)) if i not in accumulator.sourced and self.weight_decay[i]]
+        if skipped:  # a layer the pass skipped: only the regulariser's part, the same for every sample
+            shared = sum(self.weight_decay[i] * torch.dot(theta[i].reshape(-1), direction[i].reshape(-1)).double() for i in skipped)
+            accumulator.add(PROJECTIONS, shared.expand(samples_in(inputs)))
         accumulator.synchronize(self.sync)
         return accumulator.totals[PROJECTIONS]
 

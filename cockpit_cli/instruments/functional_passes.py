@@ -108,24 +108,16 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     return product
 
 
-def replayed_loss(model: nn.Module, loss_function: Any, regularizer: Callable[[], Tensor], inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
-    """Return the step's loss computed again by ``model``, with a graph: ``loss_function`` of its
-    outputs plus ``regularizer()``, in the random state of the step's forward pass (its dropout
-    masks)."""
-    with torch.random.fork_rng(devices=devices(first_input(inputs))):
-        if rng_state is not None:
-            _set_rng_state(rng_state)
-        return loss_function(call_model(model, inputs), targets) + regularizer()
-
-
-def loss_at(model: nn.Module, named_theta: dict[str, Tensor], loss_function: Any, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
-    """Return ``loss_function`` of the outputs of ``model`` with the parameters ``named_theta``
-    (which must require gradients) on the step's batch, in the random state of its forward pass,
-    with a graph through the layers (their hooks see the pass)."""
+def loss_at(model: nn.Module, loss_function: Any, inputs: Inputs, targets: Any, rng_state: tuple | None, named_theta: dict[str, Tensor] | None = None) -> Tensor:
+    """Return ``loss_function`` of the outputs of ``model`` on the step's batch again, in the
+    random state of its forward pass (its dropout masks), with a graph through the layers (their
+    hooks see the pass): with its own parameters, or with ``named_theta`` in their place (which
+    must then require gradients)."""
     with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.enable_grad():
         if rng_state is not None:
             _set_rng_state(rng_state)
-        return loss_function(functional_call(model, named_theta, model_args(inputs), model_kwargs(inputs)), targets)
+        outputs = call_model(model, inputs) if named_theta is None else functional_call(model, named_theta, model_args(inputs), model_kwargs(inputs))
+        return loss_function(outputs, targets)
 
 
 def per_sample_slopes(
