@@ -73,25 +73,30 @@ class Attention(nn.Module):
     """Linear(6, 8) as two tokens of 4 features, torch's scaled_dot_product_attention over them,
     Linear(8, 3): an operation without a forward-mode derivative (on the CPU)."""
 
-    def __init__(self, seed: int, skipped: bool = False):
+    def __init__(self, seed: int, skipped: bool = False, shifted: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.embed, self.out = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
         if skipped:  # a layer the forward pass does not run: only the regulariser moves it
             self.skipped = nn.Linear(3, 3).double()
+        # a parameter of the container, outside every layer: per-sample gradients from torch.func
+        self.shift = nn.Parameter(torch.linspace(-0.5, 0.5, 3, dtype=torch.float64)) if shifted else None
 
     def forward(self, inputs: Tensor) -> Tensor:
         tokens = torch.tanh(self.embed(inputs)).reshape(-1, 1, 2, 4)
-        return self.out(nn.functional.scaled_dot_product_attention(tokens, tokens, tokens).reshape(-1, 8))
+        outputs = self.out(nn.functional.scaled_dot_product_attention(tokens, tokens, tokens).reshape(-1, 8))
+        return outputs if self.shift is None else outputs + self.shift
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["hooks", "torch-func"])
 @pytest.mark.parametrize("seed, weight_decay, skipped", [(0, 0.0, False), (1, DECAY, False), (1, DECAY, True)])
-def test_alpha_s_start_slopes_without_forward_mode_come_from_the_layers_hooks(seed: int, weight_decay: float, skipped: bool) -> None:
+def test_alpha_s_start_slopes_without_forward_mode_come_from_a_backward_pass(seed: int, weight_decay: float, skipped: bool, shifted: bool) -> None:
     """With an optimizer other than SGD, Alpha's slopes at the start come from a forward-mode pass
     along the update; where the model has an operation without one (attention on the CPU, as in
     transformers trained with AdamW), a forward and a backward pass at the start, with the
-    layers' hooks taking the products (Alpha failed at the first step)."""
-    model = Attention(seed, skipped)
+    layers' hooks taking the products, or, for a model whose per-sample gradients come from
+    torch.func, those gradients at the start times the update (Alpha failed at the first step)."""
+    model = Attention(seed, skipped, shifted)
     batches = make_batches("mlp", "ce", seed, 3)
     with pytest.raises(NotImplementedError):  # the premise: no forward-mode derivative
         with torch.autograd.forward_ad.dual_level():
@@ -99,6 +104,7 @@ def test_alpha_s_start_slopes_without_forward_mode_come_from_the_layers_hooks(se
             nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
     run = train(model, batches, quantities(("Alpha", "Loss")), OPTIMIZERS["adam"], weight_decay)
     assert run.instruments.unavailable == {} and not run.instruments.plain_sgd
+    assert run.instruments.support.per_sample == ("functorch" if shifted else "backpack")
     for step in (0, 1):
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
 

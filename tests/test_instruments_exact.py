@@ -1016,6 +1016,36 @@ def test_attention_on_torch_s_math_kernel_gets_hessmaxev() -> None:
     assert run.instruments.unavailable == {} and all(math.isfinite(run.records[step]["HessMaxEV"]) for step in range(2))
 
 
+class Recurrent(nn.Module):
+    """A GRU over a short sequence and a linear head on its last state: BackPACK has no GRU rule,
+    and ``vmap`` cannot run ``nn.GRU`` a sample at a time (its hidden state starts unbatched and
+    is changed in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = nn.GRU(4, 5, batch_first=True).double()
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.gru(inputs)[0][:, -1])
+
+
+def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobian() -> None:
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        ref.Batch(torch.randn(N, 6, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample)
+        for _ in range(3)
+    ]
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d", "LayerStats")
+    model = Recurrent()
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.support.per_sample == "functorch"
+    assert "NormTest" not in run.instruments.unavailable
+    for step in range(3):
+        check_first_order(run, step, names=names)
+
+
 class Shifted(nn.Module):
     """The reference mlp plus a learned shift of its outputs: a parameter of the container
     itself (which BackPACK's layer rules never see), in a model that is no nn.Sequential."""

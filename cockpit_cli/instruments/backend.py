@@ -29,7 +29,7 @@ from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes
+from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
@@ -97,6 +97,7 @@ class GradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
+        self._per_sample_by_jacobian = False  # torch.func's per-sample gradients from the batch's Jacobian (vmap failed)
         # Whether every tracked parameter sits in a layer whose output hooks give its per-sample
         # gradients (output_hooks.hooked_layer: Linear and convolution weights kept factored, the
         # others small blocks): products G[i] . v then cost about a forward pass of the layers.
@@ -433,11 +434,21 @@ class GradientCapture:
         decay = self.weight_decay[index]
         return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
 
-    def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None) -> list[Tensor]:
+    def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None, theta: list[Tensor] | None = None) -> list[Tensor]:
         """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter
-        (:func:`functional_passes.functorch_per_sample`)."""
-        params = {name: p.detach() for name, p in zip(self.names, self.params)}
-        gradients = functorch_per_sample(self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
+        (:func:`functional_passes.functorch_per_sample`), at the parameters or at ``theta``."""
+        params = {name: (p if theta is None else point).detach() for name, p, point in zip(self.names, self.params, theta or self.params)}
+        arguments = (self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
+        try:
+            gradients = functorch_per_sample(*arguments, by_jacobian=self._per_sample_by_jacobian)
+        except RuntimeError as error:  # an operation vmap cannot run a sample at a time: its Jacobian vmaps only backward passes
+            if self._per_sample_by_jacobian:
+                raise
+            try:
+                gradients = functorch_per_sample(*arguments, by_jacobian=True)
+            except Exception:
+                raise error from None  # the first failure says more than the second
+            self._per_sample_by_jacobian = True
         return [gradients[name] for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -483,8 +494,7 @@ class GradientCapture:
         hooks take the products (:meth:`_slopes_by_hooks`)."""
         named_theta = dict(zip(self.names, theta))
         forward = per_sample_slopes(self.model, named_theta, self.per_sample_loss_function, self.weight_decay, self.sync, inputs, targets, rng_state)
-        if not self.factored:
-            return forward
+        backward = self._slopes_by_hooks if self.factored else self._slopes_by_functorch
 
         def slopes(direction: list[Tensor]) -> Tensor:
             if self._forward_mode:
@@ -492,9 +502,17 @@ class GradientCapture:
                     return forward(direction)
                 except NotImplementedError:  # torch's words for an operation without forward-mode AD
                     self._forward_mode = False
-            return self._slopes_by_hooks(inputs, targets, theta, rng_state, direction)
+            return backward(inputs, targets, theta, rng_state, direction)
 
         return slopes
+
+    def _slopes_by_functorch(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor]) -> Tensor:
+        """Return ``g_i . d`` at ``theta`` for every sample (float64 ``[N]``, the global batch's)
+        from the per-sample gradients at ``theta`` that ``torch.func`` forms
+        (:meth:`_functorch_per_sample`), multiplied with ``d`` a parameter at a time."""
+        gradients = self._functorch_per_sample(inputs, targets, rng_state, theta)
+        products = sum((samples.flatten(1) @ d.reshape(-1).to(samples.dtype)).double() for samples, d in zip(gradients, direction))
+        return self.sync.gather(products + regularizer_slope(theta, direction, self.weight_decay))
 
     def _slopes_by_hooks(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor]) -> Tensor:
         """Return ``g_i . d`` at ``theta`` for every sample (float64 ``[N]``, the global batch's)

@@ -31,13 +31,16 @@ def functorch_per_sample(
     inputs: Inputs,
     targets: Any,
     rng_state: tuple | None,
+    by_jacobian: bool = False,
 ) -> dict[str, Tensor]:
     """Return per-sample data-loss gradients from ``torch.func``, ``[N, *p.shape]`` per parameter name.
 
-    Without dropout: ``vmap(grad(...))`` over samples. With dropout in training mode, the
-    Jacobian of the per-sample losses of one forward pass on the whole batch that replays the
-    training forward's random state, so every sample sees the mask it was trained with (row i
-    is g_i, as samples do not interact).
+    Without dropout: ``vmap(grad(...))`` over samples. With dropout in training mode, or where
+    asked (``by_jacobian``: a model that ``vmap`` cannot run one sample at a time, such as
+    ``nn.GRU``, whose hidden state starts unbatched and is changed in place), the Jacobian of the
+    per-sample losses of one forward pass on the whole batch that replays the training
+    forward's random state, so every sample sees the mask it was trained with (row i is g_i, as
+    samples do not interact; ``vmap`` then runs only the backward passes).
 
     Args:
         model: The network.
@@ -46,6 +49,7 @@ def functorch_per_sample(
         inputs: The batch ``[N, ...]``, or a tuple of the model's inputs (:mod:`batch_inputs`).
         targets: Its targets ``[N, ...]`` (or a tuple of such tensors).
         rng_state: The random state right before the training forward (:func:`capture_rng_state`).
+        by_jacobian: Take the Jacobian of the batch's losses also without dropout.
     """
 
     def sample_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], keywords: dict[str, Tensor], y: Any) -> Tensor:
@@ -59,7 +63,7 @@ def functorch_per_sample(
         # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
         # cost of this pass that the user cannot act on, said at every tracked step
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
-        if _has_dropout(model):
+        if by_jacobian or _has_dropout(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
             return jacrev(batch_losses)(named_params)
@@ -153,11 +157,15 @@ def per_sample_slopes(
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
             losses = per_sample_loss(functional_call(model, duals, model_args(inputs), model_kwargs(inputs)), targets)
             tangent = forward_ad.unpack_dual(losses).tangent
-        theta = named_theta.values()
-        regularizer = sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, weight_decay) if wd)
-        return sync.gather(tangent.detach().double() + regularizer)
+        return sync.gather(tangent.detach().double() + regularizer_slope(list(named_theta.values()), direction, weight_decay))
 
     return slopes
+
+
+def regularizer_slope(theta: list[Tensor], direction: list[Tensor], weight_decay: list[float]) -> float:
+    """Return the regulariser's directional derivative ``sum_p lambda_p theta_p . d_p``, the same
+    for every sample."""
+    return sum(wd * float((t.double() * d.double()).sum()) for t, d, wd in zip(theta, direction, weight_decay) if wd)
 
 
 def capture_rng_state(device: torch.device) -> tuple:
