@@ -201,6 +201,25 @@ def test_a_per_sample_loss_function_that_reduces_switches_alpha_off_saying_so() 
 
 
 @pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp], ids=["backpack", "functorch"])
+def test_a_per_sample_loss_over_flattened_elements_switches_off_what_reads_it_saying_so(builder: Callable[[int], nn.Sequential]) -> None:
+    """One loss per output element, flattened (as for a sequence's tokens), would give Alpha the
+    spread of N K values and torch.func each sample's summed losses (K times its gradient)."""
+
+    def flattened(outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.mse_loss(outputs, targets, reduction="none").flatten()
+
+    batches = [batch._replace(per_sample_loss_fn=flattened) for batch in make_batches("mlp", "mse", 0, 2)]
+    run = train(builder(0), batches, quantities(("Alpha", "NormTest", "GradNorm")))
+    reason = f"the per-sample loss function returned {N * ref.NUM_OUTPUTS} values for a batch of {N}, not one loss per sample"
+    assert reason in run.instruments.unavailable["Alpha"] and "losses.view(len(outputs), -1).mean(1)" in run.instruments.unavailable["Alpha"]
+    if builder is scaled_mlp:  # a sample at a time: its K values
+        assert f"returned {ref.NUM_OUTPUTS} values for a batch of 1" in run.instruments.unavailable["NormTest"]
+    else:  # the hooks read the loss's output gradients
+        assert "NormTest" in run.records[1]
+    assert "GradNorm" in run.records[1]
+
+
+@pytest.mark.parametrize("builder", [ref.mlp, scaled_mlp], ids=["backpack", "functorch"])
 def test_alpha_on_a_schedule(builder: Callable[[int], nn.Sequential]) -> None:
     """Tracked at 0 and 2: each value arrives one step later, and nothing is stored for step 1.
     Steps 1 and 3 need only the slopes at the end points (one forward-mode pass where the

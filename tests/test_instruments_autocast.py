@@ -168,3 +168,26 @@ def test_a_scaled_loss_in_float32_gives_the_loss_s_values_with_curvature_too(nam
         for quantity, value in plain[step].items():
             if quantity != "Time":
                 assert json.dumps(scaled[step][quantity]) == json.dumps(value), (step, quantity)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_norms_of_a_model_in_half_precision_keep_float32_s_digits(dtype: torch.dtype) -> None:
+    """A model whose parameters are themselves half precision (no autocast): the norms of its
+    gradients and parameters are those of its half-precision tensors, summed and given in float32
+    (in their own precision they kept three digits)."""
+    torch.manual_seed(0)
+    model = MODELS["mlp"][0]().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    instruments = Instruments(model, loss_fn, nn.CrossEntropyLoss(reduction="none"), opt, [QUANTITIES[name](Schedule(), None) for name in ("GradNorm", "LayerStats")])
+    inputs, targets = torch.randn(N, 5).to(dtype), torch.randint(0, 3, (N,))
+    outputs = model(inputs)
+    instruments.backward(0, loss_fn(outputs, targets), inputs, outputs, targets)
+    gradients = [float(p.grad.double().norm()) for p in model.parameters()]
+    weights = [float(p.detach().double().norm()) for p in model.parameters()]
+    opt.step()
+    instruments.after_update(0)
+    record = instruments.completed(0)[0]
+    assert record["GradNorm"] == pytest.approx(gradients, rel=1e-6)
+    assert record["LayerStats"]["grad_norm"] == pytest.approx(gradients, rel=1e-6)
+    assert record["LayerStats"]["weight_norm"] == pytest.approx(weights, rel=1e-6)

@@ -451,6 +451,19 @@ def test_the_projection_direction_is_released_layer_by_layer(monkeypatch: pytest
     assert set(run.records) == {0, 1} and all(isinstance(run.records[step]["Alpha"], float) for step in (0, 1))
 
 
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_batch_of_one_sample_has_no_variance_quantities(kind: str) -> None:
+    """A last batch of one sample (a data set one longer than a multiple of the batch size):
+    the quantities of the samples' spread have no value there, the others go on."""
+    batches = [ref.batch(kind, "ce", size, 100 + step) for step, size in enumerate((N, 1, N))]
+    spread = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "CABS", "EarlyStopping")
+    run = train(BUILDERS[kind](0), batches, quantities(FIRST_ORDER))
+    assert not set(spread) & set(run.records[1]) and run.instruments.unavailable == {}
+    check_first_order(run, 1, names=[name for name in FIRST_ORDER if name not in spread])
+    for step in (0, 2):
+        check_first_order(run, step)
+
+
 def dead_unit_mlp(seed: int) -> nn.Sequential:
     """The reference mlp with two of the five first hidden units that never fire."""
     model = ref.mlp(seed)

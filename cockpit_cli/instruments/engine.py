@@ -38,7 +38,7 @@ from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
 from cockpit_cli.instruments.functional_passes import capture_rng_state
 from cockpit_cli.instruments.loss_scale import LossScale, scale_factor, scaled_loss
-from cockpit_cli.instruments.per_sample_loss import per_sample_means
+from cockpit_cli.instruments.per_sample_loss import one_per_sample, per_sample_means
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
@@ -346,7 +346,7 @@ class Instruments:
         if q.INDIVIDUAL_LOSSES in needs:
             try:
                 with torch.no_grad():
-                    individual = self.per_sample_loss_function(_detach(outputs), targets).detach()
+                    individual = one_per_sample(self.per_sample_loss_function(_detach(outputs), targets).detach(), batch_size(inputs))
             except Exception as error:  # noqa: BLE001 - the user's function: the quantities reading it go off
                 self._switch_off(self._needing(q.INDIVIDUAL_LOSSES), failure_reason(label, f"{type(error).__name__}: {error}"))
                 active = [quantity for quantity in active if quantity in self.quantities]

@@ -18,8 +18,8 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_map
 
-from cockpit_cli.instruments.batch_inputs import Inputs, call_model, first_input, model_args, model_kwargs
-from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
+from cockpit_cli.instruments.batch_inputs import Inputs, batch_size, call_model, first_input, model_args, model_kwargs
+from cockpit_cli.instruments.per_sample_loss import PerSampleLoss, one_per_sample
 from cockpit_cli.instruments.sync import Synchronizer
 
 
@@ -54,10 +54,10 @@ def functorch_per_sample(
 
     def sample_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], keywords: dict[str, Tensor], y: Any) -> Tensor:
         outputs = functional_call(model, theta, tree_map(_as_batch_of_one, x), tree_map(_as_batch_of_one, keywords))
-        return per_sample_loss(outputs, tree_map(_as_batch_of_one, y)).sum()
+        return one_per_sample(per_sample_loss(outputs, tree_map(_as_batch_of_one, y)), 1).sum()
 
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
-        return per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets)
+        return one_per_sample(per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets), batch_size(inputs))
 
     with torch.random.fork_rng(devices=devices(first_input(inputs))), warnings.catch_warnings():
         # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
@@ -155,7 +155,7 @@ def per_sample_slopes(
             if rng_state is not None:
                 _set_rng_state(rng_state)
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
-            losses = per_sample_loss(functional_call(model, duals, model_args(inputs), model_kwargs(inputs)), targets)
+            losses = one_per_sample(per_sample_loss(functional_call(model, duals, model_args(inputs), model_kwargs(inputs)), targets), batch_size(inputs))
             tangent = forward_ad.unpack_dual(losses).tangent
         return sync.gather(tangent.detach().double() + regularizer_slope(list(named_theta.values()), direction, weight_decay))
 

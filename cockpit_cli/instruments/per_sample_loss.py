@@ -33,5 +33,16 @@ def per_sample_means(function: PerSampleLoss) -> PerSampleLoss:
     return losses
 
 
+def one_per_sample(losses: Tensor, samples: int) -> Tensor:
+    """Return the per-sample losses ``[N]`` of a batch of ``samples`` as they are, or raise
+    ``ValueError`` where there are more (a loss over flattened positions)."""
+    if losses.shape[0] != samples:
+        raise ValueError(
+            f"the per-sample loss function returned {losses.shape[0]} values for a batch of {samples}, not one loss per "
+            "sample; for a loss over flattened positions, return each sample's mean: losses.view(len(outputs), -1).mean(1)"
+        )
+    return losses
+
+
 def _shown(values: Any) -> str:
     return f"a scalar ({float(values):.4g})" if isinstance(values, Tensor) else f"a {type(values).__name__}"

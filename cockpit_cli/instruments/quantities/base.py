@@ -216,8 +216,14 @@ def gradient_test_defined(batch_size: int, grad_sq: float) -> bool:
     return batch_size > 1 and grad_sq > 0.0
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def norms(tensors: list[Tensor]) -> list[float]:
-    """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats)."""
+    """Return the 2-norm of each tensor (one batched norm, one conversion to Python floats); those
+    of float16 and bfloat16 tensors in float32 (in their own precision they keep three digits)."""
+    if any(t.dtype in LOW_PRECISION for t in tensors):
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]).tolist()
     if len(tensors) <= 1:
         return [float(torch.linalg.vector_norm(t)) for t in tensors]
     return torch.stack(torch._foreach_norm(tensors)).tolist()

@@ -17,5 +17,7 @@ class CABS(Quantity):
         return {r.CENTERED_TOTAL}
 
     def compute(self, data: StepData) -> None:
+        if data.batch_size < 2:  # one sample has no variance: the suggestion would be 0
+            return
         centered = data.reductions.scalar(r.CENTERED_TOTAL)
         data.emit(self.name, data.lr * centered / (data.batch_size * data.loss))

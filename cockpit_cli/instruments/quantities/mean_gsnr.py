@@ -13,4 +13,6 @@ class MeanGSNR(Quantity):
         return {r.GSNR_SUM}
 
     def compute(self, data: StepData) -> None:
+        if data.batch_size < 2:  # one sample has no variance: the ratio would be g_d^2 / 1e-5
+            return
         data.emit(self.name, data.reductions.scalar(r.GSNR_SUM) / data.reductions.coordinates)
