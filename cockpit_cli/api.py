@@ -21,6 +21,8 @@ run made by ``cockpit run``::
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,7 +50,37 @@ API_ADVICE = DirectoryAdvice(
     parent="give TrackedRun a run_dir in a writable directory",
     name="give TrackedRun another run_dir",
     overwrite="pass overwrite=True to TrackedRun to replace it, or give another run_dir",
+    held_here="close the TrackedRun that writes it first: run.close(), or train inside a with block, which closes it",
 )
+
+
+def _check_arguments(model: Any, loss_function: Any, per_sample_loss_function: Any, optimizer: Any, total_steps: Any, weight_decay: Any) -> None:
+    """Raise :class:`CockpitError` for an argument of :class:`TrackedRun` of the wrong kind."""
+
+    def wrong(name: str, value: Any, expected: str, hint: str) -> CockpitError:
+        return CockpitError(f"TrackedRun: {name}: a {type(value).__name__}, not {expected}", hint)
+
+    if not isinstance(model, nn.Module):
+        raise wrong("model", model, "a torch.nn.Module", "pass the network your loop trains")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CockpitError("TrackedRun: model: no parameter requires gradients", "attach the instruments to a network your loop trains")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise wrong("optimizer", optimizer, "a torch.optim.Optimizer", "pass the optimizer that updates the model")
+    for name, function in (("loss_function", loss_function), ("per_sample_loss_function", per_sample_loss_function)):
+        if not callable(function):
+            raise wrong(name, function, "a function of (outputs, targets)", "pass a loss module, e.g. nn.CrossEntropyLoss() and nn.CrossEntropyLoss(reduction='none')")
+    if total_steps is not None and (not isinstance(total_steps, numbers.Integral) or isinstance(total_steps, bool) or total_steps < 1):
+        raise CockpitError(f"TrackedRun: total_steps: expected a whole number >= 1, got {total_steps!r}", "pass the number of steps your loop takes, or leave it out")
+    if not isinstance(weight_decay, numbers.Real) or isinstance(weight_decay, bool) or not weight_decay >= 0:
+        raise CockpitError(f"TrackedRun: weight_decay: expected a number >= 0, got {weight_decay!r}", "pass the factor lambda of the 0.5 * lambda * ||w||^2 term your loss adds, or leave it out")
+
+
+def _whole_number(name: str, value: Any) -> int:
+    """Return ``value`` as a Python int (numpy's and torch's integers too), or raise ``TypeError``."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: a {type(value).__name__}; give a whole number (the loop's count)") from None
 
 
 class TrackedRun:
@@ -88,6 +120,8 @@ class TrackedRun:
         curvature: str = "hessian",
         overwrite: bool = False,
     ):
+        _check_arguments(model, loss_function, per_sample_loss_function, optimizer, total_steps, weight_decay)
+        total_steps, weight_decay = None if total_steps is None else int(total_steps), float(weight_decay)  # numpy's numbers too
         settings = {"preset": preset, "every": every, "curvature": curvature, "quantities": quantities or {}}
         optimizer_section = {"name": type(optimizer).__name__, **hyperparameters(optimizer)}  # what compare and diagnose read
         config = parse_config({"instruments": settings, "optimizer": optimizer_section, "problem": {"name": schema.API_PROBLEM}}, source="TrackedRun")
@@ -145,6 +179,7 @@ class TrackedRun:
     def _run_step(self, step: int) -> int:
         """The run's number of the loop's ``step``: the loop's own while its numbers grow (gaps
         kept); where they start again (from 0 in every epoch), the count goes on from the last."""
+        step = _whole_number("step", step)
         if self._last_step is not None and step < self._last_step:
             self._offset = self._last_step + self._offset + 1 - step
         self._last_step = step
@@ -168,7 +203,7 @@ class TrackedRun:
     def step(self, step: int, loss: Tensor | float, epoch: int | None = None) -> None:
         """Call after ``optimizer.step()`` of ``step`` to record it."""
         if epoch is not None:
-            self.epoch = epoch
+            self.epoch = _whole_number("epoch", epoch)
         step = self._run_step(step)
         if self._first_batches:
             micro_batches, self._first_batches = self._first_batches, None
@@ -185,12 +220,21 @@ class TrackedRun:
     def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
         """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""
         metrics = {name: SplitMetrics(float(loss), None if accuracy is None else float(accuracy), 0) for name, (loss, accuracy) in splits.items()}
-        step += self._offset  # numbered as the steps are (an epoch's end: its last step + 1)
+        step = _whole_number("step", step) + self._offset  # numbered as the steps are (an epoch's end: its last step + 1)
         if self.writer is not None:
             self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))
 
-    def close(self, status: RunStatus = RunStatus.COMPLETED, message: str | None = None) -> None:
-        """Flush everything and mark the run ended (done by the ``with`` block)."""
+    def close(self, status: RunStatus | str = RunStatus.COMPLETED, message: str | None = None) -> None:
+        """Flush everything and mark the run ended (done by the ``with`` block).
+
+        Args:
+            status: How it ended: a :class:`RunStatus` or its value (``"completed"``, ``"failed"``, ...).
+            message: Why it ended so (for a failure, say).
+        """
+        ended = [s.value for s in RunStatus if s is not RunStatus.RUNNING]
+        if status not in ended:
+            raise ValueError(f"status: {status!r}; give one of {', '.join(map(repr, ended))}")
+        status = RunStatus(status)
         if self.closed:
             return
         self.closed = True

@@ -446,3 +446,69 @@ def test_a_loop_that_skips_batches_keeps_its_step_numbers(tmp_path: Path) -> Non
     assert [record["step"] for record in recorded.steps] == [0, 2, 4, 6, 8]
     assert [record["step"] for record in recorded.steps if "NormTest" in record["quantities"]] == [0, 4, 8]  # every second step taken
     assert [record["step"] for record in recorded.steps if "Alpha" in record["quantities"]] == [0, 4]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "resnet18"}, "TrackedRun: model: a str, not a torch.nn.Module"),
+        ({"model": nn.ReLU()}, "TrackedRun: model: no parameter requires gradients"),
+        ({"optimizer": None}, "TrackedRun: optimizer: a NoneType, not a torch.optim.Optimizer"),
+        ({"loss_function": None}, "TrackedRun: loss_function: a NoneType, not a function of (outputs, targets)"),
+        ({"per_sample_loss_function": "ce"}, "TrackedRun: per_sample_loss_function: a str, not a function of (outputs, targets)"),
+        ({"total_steps": "ten"}, "TrackedRun: total_steps: expected a whole number >= 1, got 'ten'"),
+        ({"total_steps": 0}, "TrackedRun: total_steps: expected a whole number >= 1, got 0"),
+        ({"weight_decay": -0.1}, "TrackedRun: weight_decay: expected a number >= 0, got -0.1"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_said_so_before_anything_is_written(tmp_path: Path, change: dict, message: str) -> None:
+    model = make_model()
+    arguments = {
+        "model": model, "loss_function": nn.CrossEntropyLoss(), "per_sample_loss_function": nn.CrossEntropyLoss(reduction="none"),
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), **change,
+    }  # fmt: skip
+    with pytest.raises(CockpitError) as raised:
+        TrackedRun(tmp_path / "run", **arguments)
+    assert str(raised.value.message) == message and raised.value.hint and not (tmp_path / "run").exists()
+
+
+def test_numpy_s_and_torch_s_numbers_are_recorded_as_python_s(tmp_path: Path) -> None:
+    """A loop counting with numpy (``np.arange``), losses as numpy or torch scalars."""
+    np = pytest.importorskip("numpy")
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with TrackedRun(tmp_path / "np", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, total_steps=np.int64(3), weight_decay=np.float32(0.0)) as run:
+        for step in np.arange(3):
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = nn.functional.cross_entropy(outputs, targets)
+            run.backward(step, loss, inputs, outputs, targets)
+            optimizer.step()
+            run.step(torch.tensor(step), np.float32(loss.item()), epoch=np.int64(0))
+        run.evaluate(np.int64(3), valid=(np.float32(0.5), np.float64(0.75)))
+        with pytest.raises(TypeError, match=r"^step: a float; give a whole number"):
+            run.step(1.5, 0.3)
+    recorded = read_run(tmp_path / "np")
+    assert recorded.manifest["status"] == "completed" and recorded.manifest["total_steps"] == 3
+    assert [s["step"] for s in recorded.steps] == [0, 1, 2] and recorded.evals[0]["splits"]["valid"] == {"loss": 0.5, "accuracy": 0.75, "examples": 0}
+
+
+def test_a_run_closed_by_its_status_s_name_and_one_left_open_in_the_same_process(tmp_path: Path) -> None:
+    """A notebook: a loop that raised outside a with block leaves its run open; creating it again
+    says how to close it, and ``close`` takes the status by name."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    arguments = (model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer)
+    run = TrackedRun(tmp_path / "cell", *arguments)
+    loop(run, model, optimizer, 2)
+    with pytest.raises(CockpitError, match="is being written by a run of this process") as raised:
+        TrackedRun(tmp_path / "cell", *arguments, overwrite=True)
+    assert raised.value.hint == "close the TrackedRun that writes it first: run.close(), or train inside a with block, which closes it"
+    with pytest.raises(ValueError, match=r"^status: 'done'; give one of 'completed', 'interrupted', 'failed', 'diverged'$"):
+        run.close("done")
+    run.close("failed", "the cell raised")
+    assert read_run(tmp_path / "cell").manifest["status"] == "failed"
+    with TrackedRun(tmp_path / "cell", *arguments, overwrite=True) as again:
+        loop(again, model, optimizer, 1)
+    assert read_run(tmp_path / "cell").manifest["status"] == "completed"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,9 +155,26 @@ def test_overwrite_refuses_foreign_directories_and_locked_runs(tmp_path: Path) -
     with pytest.raises(CockpitError, match="is not a run directory; refusing to overwrite it"):
         prepare_run_directory(tmp_path, "mine", overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
-    write_run(tmp_path / "locked", end=False)
-    with pytest.raises(CockpitError, match="being written by another process"):
+    locked = write_run(tmp_path / "locked", end=False)  # its writer is open in this process
+    with pytest.raises(CockpitError, match="is being written by a run of this process") as caught:
         prepare_run_directory(tmp_path / "locked", "r", overwrite=True)
+    assert caught.value.hint == "end that run first"
+    (locked / schema.LOCK).write_text("1\n", encoding="utf-8")  # pid 1: another live process
+    with pytest.raises(CockpitError, match="is being written by process 1"):
+        prepare_run_directory(tmp_path / "locked", "r", overwrite=True)
+    assert (locked / schema.STEPS).exists()
+
+
+def test_overwrite_replaces_a_run_whose_writer_is_gone(tmp_path: Path) -> None:
+    """A writer killed leaves its lock behind: its process is gone, or the number is this very
+    process's, which holds no writer of the run (a container's processes count from 1 again)."""
+    import subprocess
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    for name, pid in (("killed", int(finished.stdout)), ("abandoned", os.getpid())):
+        run_dir = write_run(tmp_path / name)
+        (run_dir / schema.LOCK).write_text(f"{pid}\n", encoding="utf-8")
+        assert list(prepare_run_directory(tmp_path / name, "r", overwrite=True).iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "..", "x y"])

@@ -41,12 +41,21 @@ def default_run_name(problem: str, optimizer: str) -> str:
     return f"{problem}_{optimizer.lower()}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+# The run directories that writers of this process hold (created and not yet ended): a lock
+# with this process's pid on another one was written by an earlier process of the same number
+# (a container's, whose processes count from 1 again).
+_HELD_HERE: set[Path] = set()
+
+
 def lock_holder(run_dir: Path) -> int | None:
-    """Return the pid of a live process holding the run's lock, or ``None`` (no lock, or a dead writer)."""
+    """Return the pid of a live process holding the run's lock, or ``None`` (no lock, or a
+    writer that is gone)."""
     try:
         pid = int((run_dir / schema.LOCK).read_text(encoding="utf-8").strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
+        return None
+    if pid == os.getpid() and run_dir.resolve() not in _HELD_HERE:
         return None
     return pid
 
@@ -108,6 +117,7 @@ class DirectoryAdvice:
     parent: str = "choose a writable output.directory or --out"
     name: str = "choose another --name"
     overwrite: str = "pass --overwrite to replace it, or choose another --name"
+    held_here: str = "end that run first"
 
 
 def prepare_run_directory(parent: Path, name: str, overwrite: bool = False, advice: DirectoryAdvice = DirectoryAdvice()) -> Path:
@@ -134,8 +144,11 @@ def prepare_run_directory(parent: Path, name: str, overwrite: bool = False, advi
         is_run = (run_dir / schema.MANIFEST).exists()
         if not run_dir.is_dir() or not (is_run or not any(run_dir.iterdir())):
             raise CockpitError(f"{run_dir} exists and is not a run directory; refusing to overwrite it", advice.name)
-        if (run_dir / schema.LOCK).exists():
-            raise CockpitError(f"run directory {run_dir} is being written by another process (its .lock exists)", "wait for it, or delete the .lock file if that process is gone")
+        holder = lock_holder(run_dir)
+        if holder == os.getpid():
+            raise CockpitError(f"run directory {run_dir} is being written by a run of this process", advice.held_here)
+        if holder is not None:
+            raise CockpitError(f"run directory {run_dir} is being written by process {holder}", "wait for it to finish, or stop it first")
         shutil.rmtree(run_dir)
     run_dir.mkdir()
     return run_dir
@@ -160,6 +173,7 @@ class RunWriter:
         self.run_dir = run_dir
         self._lock = run_dir / schema.LOCK
         self._lock.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        _HELD_HERE.add(run_dir.resolve())
         if not resume:
             write_text_atomic(run_dir / schema.CONFIG, config_yaml)
         self.manifest: dict[str, Any] = {
@@ -274,6 +288,7 @@ class RunWriter:
             write_json_atomic(self.run_dir / schema.SUMMARY, summary)
             self._write_manifest()
             self._lock.unlink(missing_ok=True)
+            _HELD_HERE.discard(self.run_dir.resolve())
         except OSError:
             if not self.broken:  # the first failure was reported already; keep that message
                 raise
