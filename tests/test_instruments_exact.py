@@ -1044,6 +1044,20 @@ class Recurrent(nn.Module):
         return self.head(self.gru(inputs)[0][:, -1])
 
 
+def test_the_batch_jacobian_in_chunks_of_rows_is_every_sample_s_gradient() -> None:
+    from cockpit_cli.instruments.functional_passes import JACOBIAN_ROWS, functorch_per_sample
+
+    model, loss = Recurrent(), nn.CrossEntropyLoss(reduction="none")
+    samples = 2 * JACOBIAN_ROWS + 3  # two full chunks and a part
+    inputs, targets = torch.randn(samples, 6, 4, dtype=torch.float64), torch.randint(0, 3, (samples,))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    per_sample = functorch_per_sample(model, params, loss, inputs, targets, None, by_jacobian=True)
+    for i in range(samples):
+        expected = torch.autograd.grad(loss(model(inputs[i : i + 1]), targets[i : i + 1]).sum(), list(model.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected):
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobian() -> None:
     generator = torch.Generator().manual_seed(3)
     batches = [
