@@ -507,3 +507,120 @@ def test_hessian_vector_products_that_cannot_be_taken_switch_off_hess_max_ev_alo
     run = train(BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 2), quantities(("HessMaxEV", "NormTest", "GradNorm")))
     assert run.instruments.unavailable == {"HessMaxEV": "failed at step 0 and was switched off: RuntimeError: no second derivative"}
     assert all({"NormTest", "GradNorm"} <= set(run.records[step]) for step in (0, 1))
+
+
+# --- models that are no nn.Sequential: BackPACK's graph of them (curvature ggn, ggn_mc) -----------
+
+
+class ResidualMLP(torch.nn.Module):
+    """Linear(6, 5)-ReLU, plus Sigmoid(Linear(5, 5)) of that (a residual connection), Linear(5, 3)."""
+
+    def __init__(self, seed: int, in_place: bool = False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first, self.relu = torch.nn.Linear(6, 5), torch.nn.ReLU(inplace=in_place)
+        self.branch, self.squash, self.out = torch.nn.Linear(5, 5), torch.nn.Sigmoid(), torch.nn.Linear(5, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.first(inputs))
+        return self.out(hidden + self.squash(self.branch(hidden)))
+
+
+class ResidualCNN(torch.nn.Module):
+    """The input plus ReLU(Conv2d(2, 2, 3, padding=1)) of it, MaxPool2d(2), Flatten, Linear(18, 3)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.relu, self.pool = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+        self.flatten, self.out = torch.nn.Flatten(), torch.nn.Linear(18, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.flatten(self.pool(inputs + self.relu(self.conv(inputs)))))
+
+
+RESIDUAL = {"mlp": ResidualMLP, "cnn": ResidualCNN}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("kind, loss", CASES)
+def test_ggn_of_a_residual_model_comes_from_backpack_s_graph_of_it(kind: str, loss: str, weight_decay: float) -> None:
+    """Every quantity at a step with curvature, per-sample ones included, from one pass through
+    BackPACK's graph of the model beside the training's own."""
+    model = RESIDUAL[kind](0)
+    batches = make_batches(kind, loss, 0, 2)
+    run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature="ggn")
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    for step in range(2):
+        check_first_order(run, step, weight_decay=weight_decay)
+        expected = reference_values(run, step, "ggn", weight_decay)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+def test_monte_carlo_ggn_of_a_residual_model_leaves_the_random_state_and_in_place_layers_alone() -> None:
+    model = ResidualMLP(0, in_place=True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn_mc")
+    assert torch.equal(torch.get_rng_state(), before) and model.relu.inplace
+    for step in range(2):
+        assert all(math.isfinite(t) and t >= 0.0 for t in run.records[step]["HessTrace"])
+        check_first_order(run, step, names=("NormTest",))
+
+
+class FunctionalReLU(ResidualMLP):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(inputs))
+        return self.out(hidden + self.squash(self.branch(hidden)))
+
+
+class Twice(ResidualMLP):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.first(inputs))
+        return self.out(self.branch(self.squash(self.branch(hidden))))
+
+
+@pytest.mark.parametrize(
+    "model, curvature, reason",
+    [
+        (ResidualMLP(0), "hessian", "the model ResidualMLP is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"),
+        (FunctionalReLU(0), "ggn", "the model FunctionalReLU computes 'relu' outside a module, which BackPACK's curvature rules cannot follow"),
+        (Twice(0), "ggn", "BackPACK's converter cannot trace the model Twice (NotImplementedError: Cycle with parameters detected: module "
+         "Linear(in_features=5, out_features=5, bias=True) with target branch has parameters and is used 2 times.)"),
+    ],
+    ids=["hessian", "function", "twice"],
+)
+def test_a_model_backpack_s_graph_cannot_follow_gets_no_curvature_saying_why(model: torch.nn.Module, curvature: str, reason: str) -> None:
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+
+
+def test_a_loss_other_than_the_loss_module_s_switches_the_graph_s_curvature_off_with_both_values() -> None:
+    """The graph's pass computes the loss module's value; a loss scaled otherwise (or with terms
+    of its own) would get that curvature: it is switched off, the per-sample values go on."""
+    run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest", "InnerTest")), curvature="ggn", loss_weight=0.5)
+    reason = run.instruments.unavailable["HessTrace"]
+    assert reason.startswith("failed at step 0 and was switched off: the loss backpropagated (") and "is not the loss module's value (CrossEntropyLoss: " in reason
+    for step in range(2):
+        assert not set(DIAGONAL) & set(run.records[step])
+        check_first_order(run, step, names=("NormTest", "InnerTest"))  # (of the loss the factor scales)
+
+
+def test_a_graph_whose_layers_are_copies_gives_no_curvature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph must call the model's own layers: the curvature of copies would describe other tensors."""
+    import copy
+
+    from backpack.custom_module import graph_utils
+
+    from cockpit_cli.instruments import curvature_graph
+
+    convert = graph_utils.convert_module_to_backpack
+    monkeypatch.setattr(curvature_graph, "convert_module_to_backpack", lambda model, debug: convert(copy.deepcopy(model), debug))
+    graph, reason = curvature_graph.curvature_graph(ResidualMLP(0))
+    assert graph is None and reason == "BackPACK's converter copies a layer of the model ResidualMLP, whose copy the curvature would describe"

@@ -27,6 +27,7 @@ from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
+from cockpit_cli.instruments.curvature_graph import curvature_graph
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
@@ -110,6 +111,8 @@ class GradientCapture:
         self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
         self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
         self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
+        # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
+        self._graph = curvature_graph(model)[0] if support.curvature_by_graph else None
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which
@@ -132,6 +135,9 @@ class GradientCapture:
         of Linear and convolution layers only the inputs (see :func:`store_inputs`); where all of
         them are such layers, hooks on their outputs replace BackPACK's (see :mod:`output_hooks`).
         """
+        if curvature and self._graph is not None:  # the step's own pass is plain; a pass through the graph follows it
+            self.release()
+            return
         if not curvature and self._output_hooks is not None:
             if self._handles:
                 self.detach()
@@ -219,6 +225,8 @@ class GradientCapture:
                 every value the pass hands over is divided by it. Not with the curvature
                 extension, whose rules read the output gradients themselves.
         """
+        if curvature and self._graph is not None:
+            return self._backward_by_graph(loss, inputs, targets, requested, per_sample, options, retain_graph, rng_state, create_graph, scale)
         self.gradient_scale = scale
         loss = scaled_loss(loss, scale)
         accumulator = Accumulator(len(self.params))
@@ -270,18 +278,85 @@ class GradientCapture:
         if per_sample and not by_functorch:
             self._reduce_unused(accumulator, requested, options, batch_size)
         if by_functorch:
-            self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
-            try:
-                gradients = self._functorch_per_sample(inputs, targets, rng_state)
-            except Exception as error:  # noqa: BLE001 - the gradients are taken; the quantities that need these go off
-                accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
-                gradients = []
-            for index, samples in enumerate(gradients):
-                samples = self._with_regularizer(index, samples)
-                if index in self.runs.outside and own_gradients:
-                    _add_loss_term(samples, self.params[index].grad.detach() / self.gradient_scale)
-                source = DenseSamples(samples)
-                reduce_layer(index, source, self.params[index], None, requested, accumulator, options, self.sync)
+            self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
+        accumulator.synchronize(self.sync)
+        return accumulator
+
+    def _reduce_by_functorch(
+        self, accumulator: Accumulator, inputs: Inputs, targets: Any, rng_state: tuple | None, requested: frozenset[str], options: ReductionOptions, own_gradients: bool
+    ) -> None:
+        """Add the requested reductions of torch.func's per-sample gradients to ``accumulator``
+        (after the training's backward pass)."""
+        self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
+        try:
+            gradients = self._functorch_per_sample(inputs, targets, rng_state)
+        except Exception as error:  # noqa: BLE001 - the gradients are taken; the quantities that need these go off
+            accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
+            gradients = []
+        for index, samples in enumerate(gradients):
+            samples = self._with_regularizer(index, samples)
+            if index in self.runs.outside and own_gradients:
+                _add_loss_term(samples, self.params[index].grad.detach() / self.gradient_scale)
+            reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
+
+    def _backward_by_graph(
+        self,
+        loss: Tensor,
+        inputs: Inputs,
+        targets: Any,
+        requested: frozenset[str],
+        per_sample: bool,
+        options: ReductionOptions,
+        retain_graph: bool,
+        rng_state: tuple | None,
+        create_graph: bool,
+        scale: float,
+    ) -> Accumulator:
+        """:meth:`backward` at a step with curvature of a model that is no nn.Sequential: a forward
+        and a backward pass through BackPACK's graph of the model (:mod:`curvature_graph`), on the
+        step's inputs with its random state, give the curvature diagonal and the per-sample
+        gradients, while the training's gradients are set aside; then the training's backward
+        pass, plain. The graph's loss must be the step's (the loss module's value, plus
+        ``weight_decay``'s term): otherwise the curvature is switched off with both values, and
+        the per-sample gradients come from torch.func."""
+        accumulator = Accumulator(len(self.params))
+        batch_size = samples_in(inputs)
+        own_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)
+        set_aside = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        modules = [m for m in self._graph.modules() if not is_no_op(m)] + [self.loss_function]
+        handles = [handle for m in modules for handle in (m.register_forward_hook(hook_store_io), m.register_full_backward_hook(run_extensions))]
+        switched = out_of_place(self.model)
+        self.gradient_scale = 1.0
+        mismatch = None
+        try:
+            with torch.random.fork_rng(devices=devices(loss)):  # the replay and Monte-Carlo samples never touch training's RNG
+                graph_loss = loss_at(self._graph, self.loss_function, inputs, targets, rng_state)
+                step_loss = float(loss.detach()) - self.regularization()
+                if not math.isclose(float(graph_loss.detach()), step_loss, rel_tol=1e-5, abs_tol=1e-7):
+                    mismatch = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
+                else:
+                    extensions = [self._batch_grad, self._curvature] if per_sample else [self._curvature]
+                    with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)):
+                        graph_loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in switched:
+                module.inplace = True
+            for p, gradient in zip(self.params, set_aside):
+                p.grad = gradient
+        self.gradient_scale = scale
+        _backward(scaled_loss(loss, scale), retain_graph, create_graph)
+        if mismatch is not None:
+            self._graph = None
+            self._learn(mismatch, per_sample=False, curvature=True)
+            accumulator.fail(requested & NEEDS_CURVATURE, mismatch)
+            if per_sample:
+                self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
+        elif per_sample:
+            self._reduce_unused(accumulator, requested, options, batch_size)
         accumulator.synchronize(self.sync)
         return accumulator
 
@@ -548,6 +623,13 @@ INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"
+)
+
+
+GRAPH_LOSS_MISMATCH = (
+    "the loss backpropagated ({step:.6g} without weight_decay's term) is not the loss module's value ({name}: {graph:.6g}) "
+    "on the outputs of BackPACK's graph of the model, whose curvature would be the loss module's: compute the loss "
+    "as loss_function(outputs, targets), plus weight_decay's term"
 )
 
 

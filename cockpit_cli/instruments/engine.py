@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -42,7 +43,7 @@ from cockpit_cli.instruments.per_sample_loss import one_per_sample, per_sample_m
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
 from cockpit_cli.instruments.quantities.alpha import START_SLOPES
-from cockpit_cli.instruments.support import Support, check_support, mixing_batch_norm, mixing_reason
+from cockpit_cli.instruments.support import GRAPH_IN_PARALLEL, Support, check_support, mixing_batch_norm, mixing_reason
 from cockpit_cli.instruments.sync import Synchronizer
 from cockpit_cli.plain_sgd import PLAIN_SGD, unlike_plain_sgd
 
@@ -123,7 +124,9 @@ class Instruments:
         decayed = {id(p) for p in decayed_parameters}
         self.plain_sgd = is_plain_sgd(optimizer, model)
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
-        support = check_support(model, loss_function)
+        support = check_support(model, loss_function, curvature)
+        if support.curvature_by_graph and self.sync.world_size > 1:  # a pass of its own through the model's layers, outside the data-parallel wrapper
+            support = replace(support, curvature=False, curvature_by_graph=False, curvature_reason=GRAPH_IN_PARALLEL.format(name=type(model).__name__))
         self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
         self._trainable = [p.requires_grad for p in model.parameters()]  # as attached (see _check_trainability)
         self._trainability_changed = False  # said once

@@ -20,9 +20,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
+GRAPH_IN_PARALLEL = (
+    "the model {name} is not an nn.Sequential, and in a data-parallel run its curvature diagonal would need a pass "
+    "through BackPACK's graph of it outside the data-parallel wrapper"
+)
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
 
 
@@ -35,12 +40,15 @@ class Support:
         per_sample_reason: Why they are unavailable or slower, for the user (or ``None``).
         curvature: Whether BackPACK can compute curvature diagonals.
         curvature_reason: Why not (or ``None``).
+        curvature_by_graph: Whether they come from a pass through BackPACK's graph of the model
+            (:mod:`curvature_graph`) rather than from the training's backward pass.
     """
 
     per_sample: PerSampleBackend | None
     per_sample_reason: str | None
     curvature: bool
     curvature_reason: str | None
+    curvature_by_graph: bool = False
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,15 +59,16 @@ def _has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def check_support(model: nn.Module, loss_function: object) -> Support:
-    """Inspect ``model`` and ``loss_function`` and say which instruments are possible."""
+def check_support(model: nn.Module, loss_function: object, curvature: str = "hessian") -> Support:
+    """Inspect ``model`` and ``loss_function`` and say which instruments are possible (the
+    curvature diagonal ``curvature``: ``hessian``, ``ggn`` or ``ggn_mc``)."""
     leaves = _leaves(model)
     mixing = mixing_batch_norm(model)
     if mixing is not None:
         name, module = mixing
         reason = mixing_reason(name, module) + " (in eval mode, normalising with its running statistics, it would treat every sample alone)"
         return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
-    known = _extension_modules(BatchGrad())
+    known = extension_modules(BatchGrad())
     if all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):  # hooks on their outputs give them all (output_hooks)
         known |= {type(m) for _, m in leaves if _has_trainable(m)}
     unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
@@ -72,15 +81,18 @@ def check_support(model: nn.Module, loss_function: object) -> Support:
         name, module, obstacle = unsupported[0]
         per_sample = "functorch"
         per_sample_reason = f"layer '{name}' ({type(module).__name__}) {obstacle}; per-sample gradients use torch.func (exact, slower)"
-    curvature, curvature_reason = _check_curvature(model, loss_function, leaves)
+    curvature_possible, curvature_reason = _check_curvature(model, loss_function, leaves, curvature)
+    by_graph = curvature_possible and not isinstance(model, nn.Sequential)
+    if by_graph and per_sample != "backpack":  # the graph's pass takes BackPACK's per-sample gradients beside it
+        curvature_possible, curvature_reason = False, per_sample_reason.split("; ")[0]
     sharing = shared_parameters(model)
     if sharing is not None:
         # Hooks on the layers' outputs add up the runs of a Linear or convolution layer; BackPACK
         # keeps one input per layer and one per-sample gradient per layer and parameter.
-        curvature, curvature_reason = False, no_curvature_reason(sharing)
+        curvature_possible, curvature_reason = False, no_curvature_reason(sharing)
         if per_sample == "backpack" and not all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):
             per_sample, per_sample_reason = "functorch", torch_func_reason(sharing)
-    return Support(per_sample, per_sample_reason, curvature, curvature_reason)
+    return Support(per_sample, per_sample_reason, curvature_possible, curvature_reason, by_graph and curvature_possible)
 
 
 def mixing_batch_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -150,19 +162,20 @@ def _pads_with_copies(module: nn.Module) -> bool:
     return padding is None or any(padding)
 
 
-def _extension_modules(extension: object) -> set[type]:
-    """Return the module classes a BackPACK extension has rules for."""
-    return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
-
-
-def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]]) -> tuple[bool, str | None]:
+def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]], curvature: str) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
         return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss or MSELoss)"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
     if not isinstance(model, nn.Sequential):
-        return False, f"the model {type(model).__name__} is not an nn.Sequential, which BackPACK's curvature rules need"
-    known = _extension_modules(DiagHessian())
+        name = type(model).__name__
+        if curvature not in GRAPH_CURVATURES:
+            return False, f"the model {name} is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"
+        if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
+            return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
+        graph, reason = curvature_graph(model)
+        return (True, None) if graph is not None else (False, reason)
+    known = extension_modules(DiagHessian())
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
         if type(module) not in known:

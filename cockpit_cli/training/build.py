@@ -174,7 +174,7 @@ def unavailable_quantities(setup: RunSetup) -> dict[str, str]:
     from cockpit_cli.instruments.engine import unavailable_reason
     from cockpit_cli.instruments.support import check_support
 
-    support = check_support(setup.problem.model, setup.problem.loss_function)
+    support = check_support(setup.problem.model, setup.problem.loss_function, setup.config.instruments.curvature)
     reasons = {quantity.name: unavailable_reason(quantity, support, setup.optimizer, setup.problem.model) for quantity in setup.quantities}
     return {name: reason for name, reason in reasons.items() if reason}
 

@@ -1,0 +1,64 @@
+"""Curvature diagonals of models that are no ``nn.Sequential``, through BackPACK's converter.
+
+BackPACK backpropagates a curvature factor through a chain of layers. Its converter traces a
+model with ``torch.fx`` into a graph of modules, in which the additions of residual connections,
+products with numbers, flattening and in-place operations become modules with rules of their
+own; its generalised Gauss-Newton extensions (exact and Monte-Carlo, not the Hessian's) follow
+such a graph. The graph calls the model's own layers, whose parameters are the training's
+tensors, so a forward and a backward pass through it at a tracked step give the model's GGN
+diagonal (and BackPACK's per-sample gradients beside it).
+
+A model the converter cannot trace (control flow that depends on the data, a layer with
+parameters called twice) or one that calls an operation outside a module (``torch.relu``
+instead of ``nn.ReLU``) gets no curvature diagonal, with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from backpack.custom_module.graph_utils import convert_module_to_backpack
+from backpack.extensions import BatchGrad, DiagGGNExact
+from torch import fx, nn
+
+GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
+
+
+def extension_modules(extension: object) -> set[type]:
+    """Return the module classes a BackPACK extension has rules for."""
+    return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
+
+
+def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
+    """Return BackPACK's graph of ``model`` whose layers are the model's own, or ``None`` and why not.
+
+    The converter switches in-place modules to compute out of place; the model's are set back
+    (the instruments switch them for their passes, :func:`backend.out_of_place`).
+    """
+    name = type(model).__name__
+    in_place = [module for module in model.modules() if getattr(module, "inplace", None) is True]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the converter warns of what the checks below say
+            graph = convert_module_to_backpack(model, False)
+    except Exception as error:  # noqa: BLE001 - torch.fx's reasons are many (control flow that depends on the data, ...)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, f"BackPACK's converter cannot trace the model {name} ({type(error).__name__}: {first_line})"
+    finally:
+        for module in in_place:
+            module.inplace = True
+    for node in graph.graph.nodes:
+        if node.op not in ("call_module", "placeholder", "output"):
+            target = getattr(node.target, "__name__", str(node.target))
+            return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
+    curvature_rules, sample_rules = extension_modules(DiagGGNExact()), extension_modules(BatchGrad())
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            module = graph.get_submodule(node.target)
+            trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+            if type(module) not in curvature_rules or (trainable and type(module) not in sample_rules):
+                return None, f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for p in graph.parameters()):
+        return None, f"BackPACK's converter copies a layer of the model {name}, whose copy the curvature would describe"
+    return graph, None
