@@ -624,3 +624,17 @@ def test_a_graph_whose_layers_are_copies_gives_no_curvature(monkeypatch: pytest.
     monkeypatch.setattr(curvature_graph, "convert_module_to_backpack", lambda model, debug: convert(copy.deepcopy(model), debug))
     graph, reason = curvature_graph.curvature_graph(ResidualMLP(0))
     assert graph is None and reason == "BackPACK's converter copies a layer of the model ResidualMLP, whose copy the curvature would describe"
+
+
+def test_a_failed_pass_through_the_graph_switches_off_the_curvature_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.instruments import backend
+
+    def failing(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("no rule for this operation")
+
+    monkeypatch.setattr(backend, "loss_at", failing)  # only the graph's pass computes the loss again here
+    run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest", "GradNorm", "UpdateSize")), curvature="ggn")
+    reason = "failed at step 0 and was switched off: the pass through BackPACK's graph of the model failed: RuntimeError: no rule for this operation"
+    assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest", "GradNorm", "UpdateSize"))  # the training's step as without instruments

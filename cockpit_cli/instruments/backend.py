@@ -317,8 +317,8 @@ class GradientCapture:
         step's inputs with its random state, give the curvature diagonal and the per-sample
         gradients, while the training's gradients are set aside; then the training's backward
         pass, plain. The graph's loss must be the step's (the loss module's value, plus
-        ``weight_decay``'s term): otherwise the curvature is switched off with both values, and
-        the per-sample gradients come from torch.func."""
+        ``weight_decay``'s term): otherwise, as where the graph's pass fails, the curvature is
+        switched off with the reason, and the step's per-sample gradients come from torch.func."""
         accumulator = Accumulator(len(self.params))
         batch_size = samples_in(inputs)
         own_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)
@@ -329,17 +329,19 @@ class GradientCapture:
         handles = [handle for m in modules for handle in (m.register_forward_hook(hook_store_io), m.register_full_backward_hook(run_extensions))]
         switched = out_of_place(self.model)
         self.gradient_scale = 1.0
-        mismatch = None
+        failure = None
         try:
             with torch.random.fork_rng(devices=devices(loss)):  # the replay and Monte-Carlo samples never touch training's RNG
                 graph_loss = loss_at(self._graph, self.loss_function, inputs, targets, rng_state)
                 step_loss = float(loss.detach()) - self.regularization()
                 if not math.isclose(float(graph_loss.detach()), step_loss, rel_tol=1e-5, abs_tol=1e-7):
-                    mismatch = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
+                    failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
                 else:
                     extensions = [self._batch_grad, self._curvature] if per_sample else [self._curvature]
                     with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)):
                         graph_loss.backward()
+        except Exception as error:  # noqa: BLE001 - the training's backward pass below must still run
+            failure = f"the pass through BackPACK's graph of the model failed: {type(error).__name__}: {error}"
         finally:
             for handle in handles:
                 handle.remove()
@@ -349,10 +351,11 @@ class GradientCapture:
                 p.grad = gradient
         self.gradient_scale = scale
         _backward(scaled_loss(loss, scale), retain_graph, create_graph)
-        if mismatch is not None:
+        if failure is not None:  # what the graph's pass summed is dropped; torch.func gives the per-sample values
+            accumulator = Accumulator(len(self.params))
             self._graph = None
-            self._learn(mismatch, per_sample=False, curvature=True)
-            accumulator.fail(requested & NEEDS_CURVATURE, mismatch)
+            self._learn(failure, per_sample=False, curvature=True)
+            accumulator.fail(requested & NEEDS_CURVATURE, failure)
             if per_sample:
                 self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
         elif per_sample:
