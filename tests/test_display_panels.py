@@ -265,6 +265,18 @@ def test_curvature_panels_when_tracked() -> None:
     assert "trace" in text and "19" in text and "TIC" in text
 
 
+@pytest.mark.parametrize("curvature, title", [(None, "Hessian trace"), ("hessian", "Hessian trace"), ("ggn", "GGN trace"), ("ggn_mc", "GGN trace (Monte-Carlo)")])
+def test_the_trace_is_named_for_the_run_s_curvature_diagonal(curvature: str | None, title: str) -> None:
+    """None: a run directory written before the manifest named its curvature (the default's)."""
+    state = make_state(curvature=True, tracked=[*ECONOMY, "HessTrace"])
+    instruments = {"parameters": PARAMETERS, "quantities": [*ECONOMY, "HessTrace"], **({"curvature": curvature} if curvature else {})}
+    state.info = RunInfo.from_mapping({"problem": "toy_mlp", "instruments": instruments})
+    assert state.info.trace_title == title
+    assert title in render(panels.hess_trace(state), 60) and title in render(panels.compact(state), 80)
+    if title != "Hessian trace":
+        assert "Hessian trace" not in render(DashboardView(state), 160)
+
+
 def test_gradient_histogram_marks_clamped_edge_bins() -> None:
     state = make_state()
     hist = render(panels.grad_hist(state), 100)

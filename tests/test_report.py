@@ -66,6 +66,16 @@ def test_every_cockpit_panel_has_data_when_tracked(runs: dict[str, RunData]) -> 
     assert "not tracked" not in text and "no data" not in text
 
 
+def test_the_trace_panel_is_named_for_the_run_s_curvature_diagonal(runs: dict[str, RunData]) -> None:
+    import dataclasses
+
+    tracked = runs["tracked"]
+    assert tracked.manifest["instruments"]["curvature"] == "hessian"
+    instruments = {**tracked.manifest["instruments"], "curvature": "ggn"}
+    text = texts(cockpit_figure(RunView(dataclasses.replace(tracked, manifest={**tracked.manifest, "instruments": instruments}))))
+    assert "GGN trace" in text and "tr(G) (sum over parameters)" in text and "Hessian trace" not in text
+
+
 def test_layers_figure_has_a_row_per_layer(runs: dict[str, RunData]) -> None:
     view = RunView(runs["tracked"])
     figure = layers_figure(view)

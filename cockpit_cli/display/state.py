@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cockpit_cli.display.sparkline import Series
+from cockpit_cli.storage import schema
 from cockpit_cli.storage.totals import quantity_total
 from cockpit_cli.training.events import not_tracked_lines
 
@@ -52,6 +53,7 @@ class RunInfo:
     tracked: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None
+    trace_title: str = "Hessian trace"  # HessTrace's, for the run's curvature diagonal (schema.trace_names)
 
     @property
     def batch_text(self) -> str:
@@ -75,6 +77,7 @@ class RunInfo:
             tracked=list(instruments.get("quantities") or []),
             unavailable=dict(instruments.get("unavailable") or {}),
             run_dir=run_dir,
+            trace_title=schema.trace_names(data)[0],
         )
 
 

@@ -515,7 +515,8 @@ class GradientCapture:
     def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None, theta: list[Tensor] | None = None) -> list[Tensor]:
         """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter
         (:func:`functional_passes.functorch_per_sample`), at the parameters or at ``theta``."""
-        params = {name: (p if theta is None else point).detach() for name, p, point in zip(self.names, self.params, theta or self.params)}
+        points = self.params if theta is None else theta
+        params = {name: point.detach() for name, point in zip(self.names, points)}
         arguments = (self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
         try:
             gradients = functorch_per_sample(*arguments, by_jacobian=self._per_sample_by_jacobian)

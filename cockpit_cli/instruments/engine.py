@@ -622,6 +622,7 @@ class Instruments:
             "parameters": self.names,
             "shapes": [list(p.shape) for p in self.params],
             "per_sample": self.support.per_sample,
+            "curvature": self.curvature,
             "quantities": {quantity.name: quantity.schedule.describe() for quantity in self.quantities},
             "unavailable": dict(self.unavailable),
             "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],

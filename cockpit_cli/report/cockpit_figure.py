@@ -18,6 +18,7 @@ from matplotlib.gridspec import SubplotSpec
 from cockpit_cli.diagnosis.windows import Series
 from cockpit_cli.report.data import RunView
 from cockpit_cli.report.gauges import alpha_gauge, gradient_tests_gauge, histogram_1d_gauge, histogram_2d_gauge
+from cockpit_cli.storage.schema import trace_names
 from cockpit_cli.report.plotting import (
     BASE_FONT_SIZE,
     AVERAGE_COLOR,
@@ -138,7 +139,8 @@ def cockpit_figure(view: RunView) -> Figure:
 
     curvature = _column(figure, outer[0, 2], "CURVATURE", TERTIARY)
     scalar_panel(figure, curvature[1, 1], view, "HessMaxEV", "Largest Hessian eigenvalue", "λ_max")
-    scalar_panel(figure, curvature[2, 1], view, "HessTrace", "Hessian trace", "tr(H) (sum over parameters)")
+    title, symbol = trace_names(view.run.manifest)
+    scalar_panel(figure, curvature[2, 1], view, "HessTrace", title, f"{symbol} (sum over parameters)")
     tic = "TICDiag" if len(view.quantity("TICDiag")) or not len(view.quantity("TICTrace")) else "TICTrace"
     scalar_panel(figure, curvature[3, 1], view, tic, f"Takeuchi information criterion ({tic})", "TIC")
 

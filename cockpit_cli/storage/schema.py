@@ -16,6 +16,16 @@ HEARTBEAT_SECONDS = 10.0
 API_PROBLEM = "custom"  # the manifest's problem of a run of the Python API (TrackedRun)
 
 
+# HessTrace's title and symbol per curvature diagonal (the manifest's ``instruments.curvature``).
+TRACES = {"hessian": ("Hessian trace", "tr(H)"), "ggn": ("GGN trace", "tr(G)"), "ggn_mc": ("GGN trace (Monte-Carlo)", "tr(G)")}
+
+
+def trace_names(manifest: dict) -> tuple[str, str]:
+    """HessTrace's title and symbol for the run's curvature diagonal (a run that does not say
+    which, written before the manifest named it, reads as the Hessian's, the default)."""
+    return TRACES.get((manifest.get("instruments") or {}).get("curvature"), TRACES["hessian"])
+
+
 def from_api(manifest: dict) -> bool:
     """Whether the manifest is that of a run of the Python API (``TrackedRun``), which has no
     config keys of ``cockpit run`` to advise."""

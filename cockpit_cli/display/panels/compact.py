@@ -37,6 +37,7 @@ def compact(state: DashboardState) -> RenderableType:
         if not len(series):
             continue
         value = series.last()
+        label = state.info.trace_title if name == "HessTrace" else label
         style = ok_or(value, *ranges) if ranges else ""
         positive = all(v > 0 for v in series.history())
         clip = ALPHA_RANGE if name == "Alpha" else None

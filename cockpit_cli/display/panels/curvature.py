@@ -31,9 +31,9 @@ def hess_max_ev(state: DashboardState) -> RenderableType:
 
 
 def hess_trace(state: DashboardState) -> RenderableType:
-    """The trace of the Hessian (or its GGN approximation), summed over parameters."""
+    """The trace of the Hessian (or its GGN approximation, as the run's title says), summed over parameters."""
     body, _ = _body(state, "HessTrace", "trace", log=True)
-    return frame(body, "Hessian trace", "curvature")
+    return frame(body, state.info.trace_title, "curvature")
 
 
 def tic(state: DashboardState) -> RenderableType:
