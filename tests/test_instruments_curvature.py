@@ -638,3 +638,16 @@ def test_a_failed_pass_through_the_graph_switches_off_the_curvature_alone(monkey
     assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
     for step in range(2):
         check_first_order(run, step, names=("NormTest", "GradNorm", "UpdateSize"))  # the training's step as without instruments
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", list(RESIDUAL))
+def test_alpha_at_steps_whose_values_come_from_the_graph_s_pass(kind: str, optimizer: str) -> None:
+    """Alpha's products with the last update (and, for SGD, with the mean gradient) at a step
+    whose per-sample values all come from the pass through BackPACK's graph."""
+    from test_instruments_alpha import OPTIMIZERS, reference_alpha
+
+    run = train(RESIDUAL[kind](0), make_batches(kind, "ce", 0, 3), quantities(("Alpha", "HessTrace")), OPTIMIZERS[optimizer], DECAY, curvature="ggn")
+    assert run.instruments.unavailable == {}
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, DECAY), rel=1e-6, abs=1e-8)
