@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 import operator
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -143,6 +144,9 @@ class TrackedRun:
         self.steps = 0
         self._offset = 0  # added to the loop's step numbers since they last started again
         self._last_step: int | None = None  # the loop's number of the last step seen
+        self._last_backward: int | None = None  # the run's number of the last step run.backward saw
+        self._last_recorded: int | None = None  # ... and of the last step run.step recorded
+        self._loop_warnings: dict[str, str] = {}  # the loop's slips by kind, each said once
         self.started = time.perf_counter()
         self.closed = False
         # The sizes of the first step's backward passes (several where gradients accumulate over
@@ -193,6 +197,7 @@ class TrackedRun:
         scales the gradient added to the parameters' while the quantities describe ``loss`` itself."""
         run_step = self._run_step(step)
         self.tracker.backward(run_step, loss, inputs, outputs, targets, scale)
+        self._last_backward = run_step
         if self._first_batches is not None:
             self._first_step = run_step if self._first_step is None else self._first_step
             if run_step == self._first_step:
@@ -205,13 +210,27 @@ class TrackedRun:
         if epoch is not None:
             self.epoch = _whole_number("epoch", epoch)
         step = self._run_step(step)
+        if step == self._last_recorded:
+            self._warn_once("repeated", f"run.step was called again for step {step}; the second call is ignored (call it once per step, after optimizer.step())")
+            return
+        without_backward = self._last_backward != step
+        if without_backward and self.tracker.instruments is not None and self.tracker.instruments.quantities:
+            self._warn_once(
+                "no backward",
+                f"run.step recorded step {step} without run.backward for it, so no quantity was computed there; "
+                "call run.backward(step, loss, inputs, outputs, targets) in place of loss.backward()"
+            )
+        self._last_recorded = step
         if self._first_batches:
             micro_batches, self._first_batches = self._first_batches, None
             if len(micro_batches) > 1 and self.writer is not None:  # gradients accumulated over micro-batches
                 self.writer.on_batch_size(sum(micro_batches), micro_batch_size=micro_batches[0], micro_batches=len(micro_batches))
         value = self.sync.mean(float(loss.detach()) if isinstance(loss, Tensor) else float(loss))  # the global batch's
         record = StepRecord(step, self.epoch, value, learning_rates(self.optimizer), time.perf_counter() - self.started)
-        self.tracker.after_update(step, record)
+        if without_backward:  # the instruments saw no pass of it: the steps before keep their values
+            self.tracker.skip(step, record)
+        else:
+            self.tracker.after_update(step, record)
         self.steps = step + 1
         for text in self.tracker.new_warnings():  # into the manifest when it arises (a quantity switched off)
             if self.writer is not None:
@@ -238,10 +257,25 @@ class TrackedRun:
         if self.closed:
             return
         self.closed = True
+        if status is RunStatus.COMPLETED and self._last_backward is not None and (self._last_recorded is None or self._last_backward > self._last_recorded):
+            self._warn_once(
+                "unrecorded",
+                f"run.backward saw step {self._last_backward}, but run.step did not record it{'' if self._last_recorded is not None else ' (nor any step)'}; "
+                "call run.step(step, loss) after optimizer.step() to record each step"
+            )
         self.tracker.flush()
-        warnings = self.tracker.warnings()
+        said = self.tracker.warnings() + list(self._loop_warnings.values())
         if self.writer is not None:
-            self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, warnings, self.tracker.describe()))
+            self.writer.on_end(RunEnd(status, self.steps, self.epoch, message, time.perf_counter() - self.started, said, self.tracker.describe()))
+
+    def _warn_once(self, kind: str, text: str) -> None:
+        """Say a slip of the loop of ``kind`` once: a Python warning now, and in the run's warnings."""
+        if kind in self._loop_warnings:
+            return
+        self._loop_warnings[kind] = text
+        warnings.warn(text, stacklevel=3)
+        if self.writer is not None:
+            self.writer.on_warning(text)
 
     def __enter__(self) -> "TrackedRun":
         return self

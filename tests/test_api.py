@@ -512,3 +512,42 @@ def test_a_run_closed_by_its_status_s_name_and_one_left_open_in_the_same_process
     with TrackedRun(tmp_path / "cell", *arguments, overwrite=True) as again:
         loop(again, model, optimizer, 1)
     assert read_run(tmp_path / "cell").manifest["status"] == "completed"
+
+
+def test_slips_of_the_loop_are_said_once_and_recorded(tmp_path: Path) -> None:
+    """run.step twice for a step (the second is ignored), run.step after loss.backward() (no
+    quantities), and run.backward whose steps run.step never records (an empty run)."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    arguments = (model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer)
+
+    def train_step(run: TrackedRun, step: int, tracked: bool = True, record: bool = True) -> torch.Tensor:
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = nn.functional.cross_entropy(outputs, targets)
+        run.backward(step, loss, inputs, outputs, targets) if tracked else loss.backward()
+        optimizer.step()
+        if record:
+            run.step(step, loss)
+        return loss
+
+    with pytest.warns(UserWarning) as caught, TrackedRun(tmp_path / "slips", *arguments) as run:
+        for step in range(3):
+            run.step(step, train_step(run, step))  # a second time
+        train_step(run, 3, tracked=False)
+        train_step(run, 4, tracked=False)
+    said = [
+        "run.step was called again for step 0; the second call is ignored (call it once per step, after optimizer.step())",
+        "run.step recorded step 3 without run.backward for it, so no quantity was computed there; "
+        "call run.backward(step, loss, inputs, outputs, targets) in place of loss.backward()",
+    ]
+    assert [str(w.message) for w in caught] == said
+    recorded = read_run(tmp_path / "slips")
+    assert [s["step"] for s in recorded.steps] == [0, 1, 2, 3, 4] and recorded.manifest["warnings"] == said
+    assert "NormTest" in recorded.steps[2]["quantities"] and "NormTest" not in recorded.steps[3]["quantities"]
+    with pytest.warns(UserWarning, match=r"^run.backward saw step 1, but run.step did not record it \(nor any step\); call run.step\(step, loss\)"):
+        with TrackedRun(tmp_path / "unrecorded", *arguments) as run:
+            for step in range(2):
+                train_step(run, step, record=False)
+    assert read_run(tmp_path / "unrecorded").steps == [] and len(read_run(tmp_path / "unrecorded").manifest["warnings"]) == 1
