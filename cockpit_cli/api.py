@@ -84,6 +84,19 @@ def _whole_number(name: str, value: Any) -> int:
         raise TypeError(f"{name}: a {type(value).__name__}; give a whole number (the loop's count)") from None
 
 
+def _split_metrics(name: str, value: Any) -> SplitMetrics:
+    """Return a split's ``(loss, accuracy)``, or its loss alone, as :class:`SplitMetrics`, or raise
+    ``ValueError`` for an accuracy that is no fraction (a percentage, say)."""
+    loss, accuracy = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value, None)
+    try:
+        loss, accuracy = float(loss), None if accuracy is None else float(accuracy)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r}; give (loss, accuracy), (loss, None) or the loss alone, as numbers") from None
+    if accuracy is not None and not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"{name}: accuracy {accuracy:g} is no fraction in [0, 1]; give {accuracy / 100:g} for {accuracy:g}%" if 1.0 < accuracy <= 100.0 else f"{name}: accuracy {accuracy:g} is no fraction in [0, 1]")
+    return SplitMetrics(loss, accuracy, 0)
+
+
 class TrackedRun:
     """A training run of your own loop, instrumented and recorded.
 
@@ -236,9 +249,10 @@ class TrackedRun:
             if self.writer is not None:
                 self.writer.on_warning(text)
 
-    def evaluate(self, step: int, **splits: tuple[float, float | None]) -> None:
-        """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``."""
-        metrics = {name: SplitMetrics(float(loss), None if accuracy is None else float(accuracy), 0) for name, (loss, accuracy) in splits.items()}
+    def evaluate(self, step: int, **splits: Any) -> None:
+        """Record an evaluation: ``run.evaluate(step, valid=(loss, accuracy), test=(loss, None))``;
+        a split's loss alone (``test=loss``) has no accuracy. Accuracies are fractions in [0, 1]."""
+        metrics = {name: _split_metrics(name, value) for name, value in splits.items()}
         step = _whole_number("step", step) + self._offset  # numbered as the steps are (an epoch's end: its last step + 1)
         if self.writer is not None:
             self.writer.on_eval(EvalRecord(step, self.epoch, time.perf_counter() - self.started, metrics))

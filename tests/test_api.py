@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -551,3 +552,17 @@ def test_slips_of_the_loop_are_said_once_and_recorded(tmp_path: Path) -> None:
             for step in range(2):
                 train_step(run, step, record=False)
     assert read_run(tmp_path / "unrecorded").steps == [] and len(read_run(tmp_path / "unrecorded").manifest["warnings"]) == 1
+
+
+def test_evaluations_take_a_loss_alone_and_refuse_percentages(tmp_path: Path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrackedRun(tmp_path / "evals", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer) as run:
+        loop(run, model, optimizer, 1)
+        run.evaluate(1, valid=(torch.tensor(0.5), 0.75), test=torch.tensor(0.25))
+        for value, message in [((0.5, 95.0), "valid: accuracy 95 is no fraction in [0, 1]; give 0.95 for 95%"), ((0.5, "x"), "valid: (0.5, 'x'); give (loss, accuracy)")]:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+                run.evaluate(1, valid=value)
+    assert read_run(tmp_path / "evals").evals == [
+        {"step": 1, "epoch": 0, "time": pytest.approx(read_run(tmp_path / "evals").evals[0]["time"]), "splits": {"valid": {"loss": 0.5, "accuracy": 0.75, "examples": 0}, "test": {"loss": 0.25, "accuracy": None, "examples": 0}}, "samples": None}
+    ]
