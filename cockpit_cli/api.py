@@ -21,10 +21,12 @@ run made by ``cockpit run``::
 
 from __future__ import annotations
 
+import atexit
 import numbers
 import operator
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,6 +47,21 @@ from cockpit_cli.storage.writer import DirectoryAdvice, RunWriter, prepare_run_d
 from cockpit_cli.training.events import SINGLE_PROCESS, EvalRecord, RunEnd, RunMeta, RunStatus, SplitMetrics, StepRecord
 from cockpit_cli.training.optim import hyperparameters, learning_rates
 from cockpit_cli.versions import package_versions
+
+
+UNCLOSED = "the process ended before the run was closed; close it with run.close(), or train inside a with block, which closes it"
+_open_runs: weakref.WeakSet[TrackedRun] = weakref.WeakSet()  # closed at the interpreter's exit where the loop did not
+
+
+@atexit.register
+def _close_open_runs() -> None:
+    """Close the runs a script left open (no ``with`` block, no ``run.close()``): their records
+    still waiting for a later step are written, and the manifest says how the run ended."""
+    for run in list(_open_runs):
+        try:
+            run.close(RunStatus.INTERRUPTED, UNCLOSED)
+        except Exception:  # noqa: BLE001 - the interpreter is ending; the others still get closed
+            pass
 
 
 API_ADVICE = DirectoryAdvice(
@@ -172,6 +189,7 @@ class TrackedRun:
         meta = RunMeta(schema.API_PROBLEM, type(optimizer).__name__, 0, device, total_steps or 0, 0, 0, trainable, package_versions(), self.tracker.describe(), processes=dict(processes))
         if self.writer is not None:
             self.writer.on_start(meta)
+        _open_runs.add(self)
 
     def _create_directory(self, config: Any, overwrite: bool) -> None:
         """Create the run directory in process 0; every process raises where it could not."""
@@ -271,6 +289,7 @@ class TrackedRun:
         if self.closed:
             return
         self.closed = True
+        _open_runs.discard(self)
         if status is RunStatus.COMPLETED and self._last_backward is not None and (self._last_recorded is None or self._last_backward > self._last_recorded):
             self._warn_once(
                 "unrecorded",

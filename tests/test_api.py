@@ -566,3 +566,33 @@ def test_evaluations_take_a_loss_alone_and_refuse_percentages(tmp_path: Path) ->
     assert read_run(tmp_path / "evals").evals == [
         {"step": 1, "epoch": 0, "time": pytest.approx(read_run(tmp_path / "evals").evals[0]["time"]), "splits": {"valid": {"loss": 0.5, "accuracy": 0.75, "examples": 0}, "test": {"loss": 0.25, "accuracy": None, "examples": 0}}, "samples": None}
     ]
+
+
+def test_a_run_the_script_never_closes_is_closed_at_its_exit_with_every_record(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "unclosed.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from torch import nn
+        from cockpit_cli.api import TrackedRun
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        inputs, targets = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        run = TrackedRun({str(tmp_path / "run")!r}, model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer)
+        for step in range(4):
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = nn.functional.cross_entropy(outputs, targets)
+            run.backward(step, loss, inputs, outputs, targets)
+            optimizer.step()
+            run.step(step, loss)
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True, timeout=120)
+    recorded = read_run(tmp_path / "run")
+    assert recorded.manifest["status"] == "interrupted" and recorded.manifest["message"].startswith("the process ended before the run was closed; close it with run.close()")
+    assert [s["step"] for s in recorded.steps] == [0, 1, 2, 3] and "NormTest" in recorded.steps[3]["quantities"]  # the last step's record waited for none
+    assert not (tmp_path / "run" / ".lock").exists()
