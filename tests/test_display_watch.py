@@ -282,3 +282,36 @@ def test_ctrl_c_while_waiting_for_the_run_directory_ends_the_watch(tmp_path: Pat
     console = Console(file=io.StringIO(), width=120)
     assert watch.watch_run(tmp_path / "never", console, interval=0.05) == ExitCode.INTERRUPTED
     assert "waiting for" in console.file.getvalue()
+
+
+def test_a_quantity_switched_off_during_the_run_says_so_in_the_watch(tmp_path: Path) -> None:
+    """The manifest gets each warning as it arises; the watch shows it as an alert, and the
+    quantities it names show the reason in their panels (they read 'waiting for the first
+    tracked step' until the run ended)."""
+    from cockpit_cli.display import panels
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, "running")
+    manifest = json.loads((run_dir / schema.MANIFEST).read_text())
+    manifest["instruments"] = {"quantities": {"HessTrace": "every step", "NormTest": "every step"}, "unavailable": {}}
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+    (run_dir / schema.STEPS).write_text("".join(step_line(step) for step in range(3)))
+    follower = RunFollower(run_dir)
+    follower.poll()
+    assert "waiting for the first tracked step" in panel_text(panels.hess_trace(follower.state))
+    warning = "HessTrace switched off: failed at step 0 and was switched off: the loss was not computed by the loss module"
+    manifest["warnings"] = [warning]
+    (run_dir / schema.MANIFEST).write_text(json.dumps(manifest))
+    follower.poll()
+    follower.poll()  # said once
+    assert follower.state.info.unavailable == {"HessTrace": "failed at step 0 and was switched off: the loss was not computed by the loss module"}
+    assert follower.state.alert_list().count(("warning", warning)) == 1
+    assert "unavailable: failed at step 0 and was switched off" in panel_text(panels.hess_trace(follower.state))
+
+
+def panel_text(panel: object) -> str:
+    """The words of a panel drawn 60 columns wide, on one line."""
+    console = Console(width=60, file=io.StringIO(), record=True)
+    console.print(panel)
+    return " ".join(console.export_text().split())

@@ -90,14 +90,9 @@ class LiveDashboard:
             self.state.add_eval(record.step, record.epoch, record.time, splits)
 
     def on_warning(self, text: str) -> None:
-        """Show a warning that arose during the run; quantities switched off (``"<name>, <name>
-        switched off: <reason>"``) also say so in their panels from then on."""
-        names, switched, reason = text.partition(" switched off: ")
+        """Show a warning that arose during the run (:meth:`DashboardState.add_warning`)."""
         with self.lock:
-            for name in names.split(", ") if switched else []:
-                if name in self.state.info.tracked:
-                    self.state.info.unavailable[name] = reason
-            self.state.add_alert("warning", text)
+            self.state.add_warning(text)
 
     def on_end(self, end: RunEnd) -> None:
         with self.lock:

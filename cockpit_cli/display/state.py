@@ -220,6 +220,15 @@ class DashboardState:
             self.add_alert("warning", message or "run interrupted", key="run:end")
         self.version += 1
 
+    def add_warning(self, text: str) -> None:
+        """Show a warning that arose during the run; quantities switched off (``"<name>, <name>
+        switched off: <reason>"``) also say so in their panels from then on."""
+        names, switched, reason = text.partition(" switched off: ")
+        for name in names.split(", ") if switched else []:
+            if name in self.info.tracked:
+                self.info.unavailable[name] = reason
+        self.add_alert("warning", text)
+
     def add_alert(self, severity: str, text: str, key: str | None = None, keep_place: bool = False) -> None:
         """Add or replace an alert; ``severity`` is one of :data:`SEVERITIES`. A replaced alert
         becomes the newest, unless ``keep_place`` (an alert that grows, such as the list of

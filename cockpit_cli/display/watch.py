@@ -123,6 +123,7 @@ class RunFollower:
         self.state.start(RunInfo.from_mapping(self.manifest, run_dir=str(self.path)))
         self.steps = JsonLinesFollower(self.path / schema.STEPS)
         self.evals = JsonLinesFollower(self.path / schema.EVALS)
+        self.warnings_shown: set[str] = set()
 
     @property
     def running(self) -> bool:
@@ -136,6 +137,10 @@ class RunFollower:
             pass  # being rewritten: keep the last good one
         if self.steps.rewritten() or self.evals.rewritten():  # resumed from a checkpoint: its records were cut back
             self._start_over()
+        for text in self.manifest.get("warnings") or []:  # written as they arise (a quantity switched off)
+            if isinstance(text, str) and text not in self.warnings_shown:
+                self.warnings_shown.add(text)
+                self.state.add_warning(text)
         for follower, feed in ((self.evals, self.state.add_eval_record), (self.steps, self.state.add_step_record)):
             while True:
                 for record in follower.read():
