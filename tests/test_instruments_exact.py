@@ -27,6 +27,7 @@ from cockpit_cli.config import parse_config
 from cockpit_cli.errors import CockpitError
 from cockpit_cli.instruments import PRESETS, QUANTITIES, Instruments, Quantity, Schedule, factored_gradients
 from cockpit_cli.instruments.backend import GradientCapture
+from cockpit_cli.instruments.engine import JACOBIAN_REASON
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks
 from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.settings import build_quantities
@@ -1069,6 +1070,7 @@ def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobi
     run = train(model, batches, quantities(names, **histogram_options(model, batches[0], 0.0)))
     assert run.instruments.support.per_sample == "functorch"
     assert "NormTest" not in run.instruments.unavailable
+    assert run.instruments.changes == [f"from step 0: {JACOBIAN_REASON}"]  # said once, in the run's warnings
     for step in range(3):
         check_first_order(run, step, names=names)
 

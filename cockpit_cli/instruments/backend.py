@@ -98,7 +98,7 @@ class GradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
-        self._per_sample_by_jacobian = False  # torch.func's per-sample gradients from the batch's Jacobian (vmap failed)
+        self.per_sample_by_jacobian = False  # torch.func's per-sample gradients from the batch's Jacobian (vmap failed)
         # Whether every tracked parameter sits in a layer whose output hooks give its per-sample
         # gradients (output_hooks.hooked_layer: Linear and convolution weights kept factored, the
         # others small blocks): products G[i] . v then cost about a forward pass of the layers.
@@ -519,15 +519,15 @@ class GradientCapture:
         params = {name: point.detach() for name, point in zip(self.names, points)}
         arguments = (self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
         try:
-            gradients = functorch_per_sample(*arguments, by_jacobian=self._per_sample_by_jacobian)
+            gradients = functorch_per_sample(*arguments, by_jacobian=self.per_sample_by_jacobian)
         except RuntimeError as error:  # an operation vmap cannot run a sample at a time: its Jacobian vmaps only backward passes
-            if self._per_sample_by_jacobian:
+            if self.per_sample_by_jacobian:
                 raise
             try:
                 gradients = functorch_per_sample(*arguments, by_jacobian=True)
             except Exception:
                 raise error from None  # the first failure says more than the second
-            self._per_sample_by_jacobian = True
+            self.per_sample_by_jacobian = True
         return [gradients[name] for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Callable[[list[Tensor]], list[Tensor]]:

@@ -358,7 +358,7 @@ class Instruments:
                     individual = individual + self.capture.regularization()
                 individual = self.sync.gather(individual)
         hvp = q.HVP in needs
-        support = self.support
+        support, by_jacobian = self.support, self.capture.per_sample_by_jacobian
         with self._engine_pass():
             accumulator = self.capture.backward(
                 loss,
@@ -377,6 +377,8 @@ class Instruments:
         self.capture.detach()
         if self.support.per_sample != support.per_sample:
             self.changes.append(f"from step {label}: {self.support.per_sample_reason}")
+        if self.capture.per_sample_by_jacobian and not by_jacobian:
+            self.changes.append(f"from step {label}: {JACOBIAN_REASON}")
         if pass_scale > 1.0 and not _finite_gradients(self.params):
             self._overflowed(label, step, active, pass_scale)
             if hvp:
@@ -687,3 +689,7 @@ def _detach(outputs: Any) -> Any:
     if isinstance(outputs, Tensor):  # the usual case, without the tree's walk (some microseconds)
         return outputs.detach()
     return tree_map(lambda value: value.detach() if isinstance(value, Tensor) else value, outputs)
+JACOBIAN_REASON = (
+    "torch.func cannot run the model a sample at a time (vmap), so the per-sample gradients come from the Jacobian "
+    "of the batch's losses: exact, one backward pass per sample"
+)
