@@ -651,3 +651,21 @@ def test_alpha_at_steps_whose_values_come_from_the_graph_s_pass(kind: str, optim
     assert run.instruments.unavailable == {}
     for step in (0, 1):
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, DECAY), rel=1e-6, abs=1e-8)
+
+
+def test_a_data_parallel_run_of_a_residual_model_gets_no_curvature_saying_why() -> None:
+    """The graph's pass would run the layers outside the data-parallel wrapper; the instruments
+    decide at attach time, before any collective operation."""
+    from cockpit_cli.instruments.support import GRAPH_IN_PARALLEL
+    from cockpit_cli.instruments.sync import Synchronizer
+
+    class TwoProcesses(Synchronizer):
+        world_size = 2
+
+    model = ResidualMLP(0)
+    instruments = Instruments(
+        model, torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none"), torch.optim.SGD(model.parameters(), lr=0.1),
+        quantities(DIAGONAL + ("NormTest",)), curvature="ggn", sync=TwoProcesses(),
+    )  # fmt: skip
+    assert instruments.unavailable == dict.fromkeys(DIAGONAL, GRAPH_IN_PARALLEL.format(name="ResidualMLP"))
+    assert not instruments.support.curvature_by_graph and "NormTest" not in instruments.unavailable
