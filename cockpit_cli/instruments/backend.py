@@ -226,7 +226,12 @@ class GradientCapture:
                 extension, whose rules read the output gradients themselves.
         """
         if curvature and self._graph is not None:
-            return self._backward_by_graph(loss, inputs, targets, requested, per_sample, options, retain_graph, rng_state, create_graph, scale)
+
+            def training_pass() -> None:
+                self.gradient_scale = scale
+                _backward(scaled_loss(loss, scale), retain_graph, create_graph)
+
+            return self._backward_by_graph(loss, inputs, targets, requested, per_sample, options, rng_state, training_pass)
         self.gradient_scale = scale
         loss = scaled_loss(loss, scale)
         accumulator = Accumulator(len(self.params))
@@ -300,23 +305,13 @@ class GradientCapture:
             reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
 
     def _backward_by_graph(
-        self,
-        loss: Tensor,
-        inputs: Inputs,
-        targets: Any,
-        requested: frozenset[str],
-        per_sample: bool,
-        options: ReductionOptions,
-        retain_graph: bool,
-        rng_state: tuple | None,
-        create_graph: bool,
-        scale: float,
+        self, loss: Tensor, inputs: Inputs, targets: Any, requested: frozenset[str], per_sample: bool, options: ReductionOptions, rng_state: tuple | None, training_pass: Callable[[], None]
     ) -> Accumulator:
         """:meth:`backward` at a step with curvature of a model that is no nn.Sequential: a forward
         and a backward pass through BackPACK's graph of the model (:mod:`curvature_graph`), on the
         step's inputs with its random state, give the curvature diagonal and the per-sample
-        gradients, while the training's gradients are set aside; then the training's backward
-        pass, plain. The graph's loss must be the step's (the loss module's value, plus
+        gradients, while the training's gradients are set aside; then ``training_pass``, the
+        training's backward pass, plain. The graph's loss must be the step's (the loss module's value, plus
         ``weight_decay``'s term): otherwise, as where the graph's pass fails, the curvature is
         switched off with the reason, and the step's per-sample gradients come from torch.func."""
         accumulator = Accumulator(len(self.params))
@@ -349,8 +344,7 @@ class GradientCapture:
                 module.inplace = True
             for p, gradient in zip(self.params, set_aside):
                 p.grad = gradient
-        self.gradient_scale = scale
-        _backward(scaled_loss(loss, scale), retain_graph, create_graph)
+        training_pass()
         if failure is not None:  # what the graph's pass summed is dropped; torch.func gives the per-sample values
             accumulator = Accumulator(len(self.params))
             self._graph = None
