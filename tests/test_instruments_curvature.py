@@ -21,6 +21,7 @@ import reference as ref
 import reference_curvature as curv
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.backend import GradientCapture
+from cockpit_cli.instruments.engine import GRAPH_NOTE
 from test_instruments_exact import BUILDERS, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -553,6 +554,7 @@ def test_ggn_of_a_residual_model_comes_from_backpack_s_graph_of_it(kind: str, lo
     batches = make_batches(kind, loss, 0, 2)
     run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature="ggn")
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    assert run.instruments.describe()["notes"] == [GRAPH_NOTE]  # its cost, in the manifest
     for step in range(2):
         check_first_order(run, step, weight_decay=weight_decay)
         expected = reference_values(run, step, "ggn", weight_decay)

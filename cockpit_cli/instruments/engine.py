@@ -627,7 +627,7 @@ class Instruments:
             "curvature": self.curvature,
             "quantities": {quantity.name: quantity.schedule.describe() for quantity in self.quantities},
             "unavailable": dict(self.unavailable),
-            "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason) if note],
+            "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason, self.support.curvature_by_graph and GRAPH_NOTE) if note],
         }
 
 
@@ -692,4 +692,8 @@ def _detach(outputs: Any) -> Any:
 JACOBIAN_REASON = (
     "torch.func cannot run the model a sample at a time (vmap), so the per-sample gradients come from the Jacobian "
     "of the batch's losses: exact, one backward pass per sample"
+)
+GRAPH_NOTE = (
+    "the curvature diagonal comes from a pass through BackPACK's graph of the model (its converter's): one more "
+    "forward and backward pass at each step with HessTrace or TIC due"
 )
