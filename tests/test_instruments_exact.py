@@ -1075,6 +1075,64 @@ def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobi
         check_first_order(run, step, names=names)
 
 
+def parametrized_mlp(kind: str) -> nn.Sequential:
+    """The reference mlp with its first layer's weight parametrized (``weight_norm``,
+    ``spectral_norm``): the layer holds its parameters beside the parametrization's modules."""
+    model = ref.mlp(0)
+    model[0] = getattr(nn.utils.parametrizations, kind)(model[0])
+    return model
+
+
+def test_a_weight_norm_layer_gets_per_sample_quantities_from_torch_func_and_no_curvature() -> None:
+    """BackPACK's curvature rules crashed on the parametrized layer, which switched off every
+    quantity; its rules see only the layer's sublayers."""
+    model = parametrized_mlp("weight_norm")
+    batches = make_batches("mlp", "ce", 0, 2)
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d", "LayerStats")
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)))
+    assert run.instruments.support.per_sample == "functorch"
+    assert run.instruments.unavailable == {"HessTrace": "layer '0' (ParametrizedLinear) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
+    for step in range(2):
+        check_first_order(run, step, names=names)
+
+
+def test_a_spectral_norm_layer_is_measured_as_trained_and_its_power_iteration_left_alone() -> None:
+    """The instruments' own passes compute with the vectors the training's forward pass left
+    (a further power iteration would measure other weights and move the training's state on)."""
+    model = parametrized_mlp("spectral_norm")
+    spectral = model[0].parametrizations.weight[0]
+    loss_fn, per_sample = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none")
+    opt = sgd(ref.trainable(model))
+    instruments = Instruments(model, loss_fn, per_sample, opt, quantities(("NormTest", "InnerTest", "GradNorm")))
+    for step, (inputs, targets, *_) in enumerate(make_batches("mlp", "ce", 0, 2)):
+        opt.zero_grad()
+        outputs = model(inputs)  # one power iteration, as training takes it
+        as_trained = copy.deepcopy(model).eval()  # the same vectors, held still
+        vectors = (spectral._u.clone(), spectral._v.clone())
+        values = engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets)
+        assert torch.equal(spectral._u, vectors[0]) and torch.equal(spectral._v, vectors[1])
+        grads = ref.per_sample_gradients(as_trained, per_sample, inputs, targets)
+        assert_close(values[step]["NormTest"], ref.norm_test(grads))
+        assert_close(values[step]["InnerTest"], ref.inner_test(grads))
+
+
+def test_the_instruments_own_passes_give_changed_buffers_their_values_back() -> None:
+    """Batch norm in training mode moves its running statistics at every forward pass; a pass of
+    the instruments (here the loss again, as for a compiled model's Hessian-vector products)
+    leaves them as training left them, and the pass's graph can still be differentiated."""
+    from cockpit_cli.instruments.functional_passes import loss_at
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    inputs, targets = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model(inputs)
+    running = (model[1].running_mean.clone(), model[1].running_var.clone(), int(model[1].num_batches_tracked))
+    loss = loss_at(model, nn.CrossEntropyLoss(), inputs, targets, None)
+    assert torch.equal(model[1].running_mean, running[0]) and torch.equal(model[1].running_var, running[1]) and int(model[1].num_batches_tracked) == running[2]
+    loss.backward()  # the graph saved the tensors the pass used
+    assert all(p.grad is not None for p in model.parameters())
+
+
 class Shifted(nn.Module):
     """The reference mlp plus a learned shift of its outputs: a parameter of the container
     itself (which BackPACK's layer rules never see), in a model that is no nn.Sequential."""
@@ -1096,7 +1154,7 @@ def test_a_parameter_of_a_container_falls_back_to_torch_func() -> None:
     support = run.instruments.support
     assert support.per_sample == "functorch"
     assert support.per_sample_reason == "layer 'Shifted' (Shifted) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
-    assert run.instruments.unavailable == {"HessTrace": "the model Shifted is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"}
+    assert run.instruments.unavailable == {"HessTrace": "layer 'Shifted' (Shifted) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
     for step in range(2):
         check_first_order(run, step, names=names)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ def functorch_per_sample(
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
         return one_per_sample(per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets), batch_size(inputs))
 
-    with torch.random.fork_rng(devices=devices(first_input(inputs))), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), warnings.catch_warnings(), unchanged_state(model):
         # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
         # cost of this pass that the user cannot act on, said at every tracked step
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
@@ -122,7 +123,7 @@ def loss_at(model: nn.Module, loss_function: Any, inputs: Inputs, targets: Any, 
     random state of its forward pass (its dropout masks), with a graph through the layers (their
     hooks see the pass): with its own parameters, or with ``named_theta`` in their place (which
     must then require gradients)."""
-    with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.enable_grad():
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.enable_grad(), unchanged_state(model):
         if rng_state is not None:
             _set_rng_state(rng_state)
         outputs = call_model(model, inputs) if named_theta is None else functional_call(model, named_theta, model_args(inputs), model_kwargs(inputs))
@@ -156,7 +157,7 @@ def per_sample_slopes(
     """
 
     def slopes(direction: list[Tensor]) -> Tensor:
-        with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.no_grad(), forward_ad.dual_level():
+        with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.no_grad(), forward_ad.dual_level(), unchanged_state(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
@@ -184,6 +185,30 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+@contextmanager
+def unchanged_state(model: nn.Module) -> Iterator[None]:
+    """Run one of the instruments' own passes of ``model`` without moving its state on.
+
+    A spectral norm's power iteration holds still: its parametrization computes in eval mode,
+    from the vectors the training's forward pass left, as that pass did after updating them (so
+    the pass sees the training's weights). A buffer the pass changes all the same (batch norm's
+    running statistics in training mode) gets its value back as a new tensor, so that a graph
+    of the pass that saved the changed one stays valid.
+    """
+    held = [m for m in model.modules() if type(m).__name__ == "_SpectralNorm" and m.training]
+    buffers = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if isinstance(b, Tensor)]
+    for module in held:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in held:
+            module.training = True
+        for module, name, buffer, value in buffers:  # (kernels that update statistics in place leave no version behind)
+            if module._buffers.get(name) is buffer and not torch.equal(buffer, value):
+                module._buffers[name] = value
 
 
 def _has_dropout(model: nn.Module) -> bool:

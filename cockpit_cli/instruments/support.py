@@ -167,6 +167,9 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
         return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss or MSELoss)"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
+    for name, module in model.named_modules():
+        if _has_trainable(module) and list(module.children()):  # BackPACK's rules are those of leaf layers
+            return False, f"layer '{name or type(model).__name__}' ({type(module).__name__}) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"
     if not isinstance(model, nn.Sequential):
         name = type(model).__name__
         if curvature not in GRAPH_CURVATURES:
