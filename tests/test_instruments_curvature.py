@@ -671,3 +671,13 @@ def test_a_data_parallel_run_of_a_residual_model_gets_no_curvature_saying_why() 
     )  # fmt: skip
     assert instruments.unavailable == dict.fromkeys(DIAGONAL, GRAPH_IN_PARALLEL.format(name="ResidualMLP"))
     assert not instruments.support.curvature_by_graph and "NormTest" not in instruments.unavailable
+
+
+def test_the_model_is_converted_once_when_the_instruments_attach(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.instruments import curvature_graph
+
+    calls = []
+    convert = curvature_graph.convert_module_to_backpack
+    monkeypatch.setattr(curvature_graph, "convert_module_to_backpack", lambda model, debug: calls.append(model) or convert(model, debug))
+    run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="ggn")
+    assert len(calls) == 1 and run.instruments.support.curvature_by_graph

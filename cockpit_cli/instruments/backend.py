@@ -27,7 +27,6 @@ from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
-from cockpit_cli.instruments.curvature_graph import curvature_graph
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
@@ -112,7 +111,7 @@ class GradientCapture:
         self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
         self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
         # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
-        self._graph = curvature_graph(model)[0] if support.curvature_by_graph else None
+        self._graph = support.graph if support.curvature_by_graph else None
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which
@@ -301,7 +300,7 @@ class GradientCapture:
         for index, samples in enumerate(gradients):
             samples = self._with_regularizer(index, samples)
             if index in self.runs.outside and own_gradients:
-                _add_loss_term(samples, self.params[index].grad.detach() / self.gradient_scale)
+                _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
             reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
 
     def _backward_by_graph(

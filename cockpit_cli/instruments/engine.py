@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -126,7 +126,7 @@ class Instruments:
         decay = [weight_decay if id(p) in decayed else 0.0 for p in self.params]
         support = check_support(model, loss_function, curvature)
         if support.curvature_by_graph and self.sync.world_size > 1:  # a pass of its own through the model's layers, outside the data-parallel wrapper
-            support = replace(support, curvature=False, curvature_by_graph=False, curvature_reason=GRAPH_IN_PARALLEL.format(name=type(model).__name__))
+            support = replace(support, curvature=False, graph=None, curvature_reason=GRAPH_IN_PARALLEL.format(name=type(model).__name__))
         self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
         self._trainable = [p.requires_grad for p in model.parameters()]  # as attached (see _check_trainability)
         self._trainability_changed = False  # said once
@@ -646,6 +646,14 @@ def failure_reason(step: int, error: str) -> str:
 
 NO_MEASURED_INPUTS = "the model's inputs hold no floating-point tensor (token ids, say): there are no measurements to describe"
 AUTOCAST_REASON = "the forward pass runs under autocast (mixed precision), which BackPACK's curvature rules cannot backpropagate"
+JACOBIAN_REASON = (
+    "torch.func cannot run the model a sample at a time (vmap), so the per-sample gradients come from the Jacobian "
+    "of the batch's losses: exact, one backward pass per sample"
+)
+GRAPH_NOTE = (
+    "the curvature diagonal comes from a pass through BackPACK's graph of the model (its converter's): one more "
+    "forward and backward pass at each step with HessTrace or TIC due"
+)
 
 
 def _autocast_enabled() -> bool:
@@ -689,11 +697,3 @@ def _detach(outputs: Any) -> Any:
     if isinstance(outputs, Tensor):  # the usual case, without the tree's walk (some microseconds)
         return outputs.detach()
     return tree_map(lambda value: value.detach() if isinstance(value, Tensor) else value, outputs)
-JACOBIAN_REASON = (
-    "torch.func cannot run the model a sample at a time (vmap), so the per-sample gradients come from the Jacobian "
-    "of the batch's losses: exact, one backward pass per sample"
-)
-GRAPH_NOTE = (
-    "the curvature diagonal comes from a pass through BackPACK's graph of the model (its converter's): one more "
-    "forward and backward pass at each step with HessTrace or TIC due"
-)

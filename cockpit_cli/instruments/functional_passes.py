@@ -198,7 +198,8 @@ def unchanged_state(model: nn.Module) -> Iterator[None]:
     of the pass that saved the changed one stays valid.
     """
     held = [m for m in model.modules() if type(m).__name__ == "_SpectralNorm" and m.training]
-    buffers = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if isinstance(b, Tensor)]
+    moving = [m for m in model.modules() if m.training]  # (a layer in eval mode keeps its buffers as they are)
+    buffers = [(m, name, b, b.detach().clone()) for m in moving for name, b in m._buffers.items() if isinstance(b, Tensor)]
     for module in held:
         module.training = False
     try:

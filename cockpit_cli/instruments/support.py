@@ -12,11 +12,11 @@ zeros) and a cross-entropy, binary cross-entropy (with logits) or mean-squared-e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from backpack.extensions import BatchGrad, DiagHessian
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
@@ -40,15 +40,21 @@ class Support:
         per_sample_reason: Why they are unavailable or slower, for the user (or ``None``).
         curvature: Whether BackPACK can compute curvature diagonals.
         curvature_reason: Why not (or ``None``).
-        curvature_by_graph: Whether they come from a pass through BackPACK's graph of the model
-            (:mod:`curvature_graph`) rather than from the training's backward pass.
+        graph: BackPACK's graph of a model that is no nn.Sequential (:mod:`curvature_graph`),
+            through which a pass of its own gives the curvature diagonals, or ``None``.
     """
 
     per_sample: PerSampleBackend | None
     per_sample_reason: str | None
     curvature: bool
     curvature_reason: str | None
-    curvature_by_graph: bool = False
+    graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def curvature_by_graph(self) -> bool:
+        """Whether the curvature diagonals come from a pass through :attr:`graph` rather than
+        from the training's backward pass."""
+        return self.curvature and self.graph is not None
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -82,8 +88,11 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
         per_sample = "functorch"
         per_sample_reason = f"layer '{name}' ({type(module).__name__}) {obstacle}; per-sample gradients use torch.func (exact, slower)"
     curvature_possible, curvature_reason = _check_curvature(model, loss_function, leaves, curvature)
-    by_graph = curvature_possible and not isinstance(model, nn.Sequential)
-    if by_graph and per_sample != "backpack":  # the graph's pass takes BackPACK's per-sample gradients beside it
+    graph = None
+    if curvature_possible and not isinstance(model, nn.Sequential):
+        graph, curvature_reason = curvature_graph(model)
+        curvature_possible = graph is not None
+    if graph is not None and per_sample != "backpack":  # the graph's pass takes BackPACK's per-sample gradients beside it
         curvature_possible, curvature_reason = False, per_sample_reason.split("; ")[0]
     sharing = shared_parameters(model)
     if sharing is not None:
@@ -92,7 +101,7 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
         curvature_possible, curvature_reason = False, no_curvature_reason(sharing)
         if per_sample == "backpack" and not all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):
             per_sample, per_sample_reason = "functorch", torch_func_reason(sharing)
-    return Support(per_sample, per_sample_reason, curvature_possible, curvature_reason, by_graph and curvature_possible)
+    return Support(per_sample, per_sample_reason, curvature_possible, curvature_reason, graph if curvature_possible else None)
 
 
 def mixing_batch_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -176,8 +185,7 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
             return False, f"the model {name} is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"
         if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
             return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
-        graph, reason = curvature_graph(model)
-        return (True, None) if graph is not None else (False, reason)
+        return True, None  # where BackPACK's converter can follow it (check_support)
     known = extension_modules(DiagHessian())
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
