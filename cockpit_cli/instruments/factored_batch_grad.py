@@ -14,6 +14,7 @@ from backpack.extensions import BatchGrad
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfoldable
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
 
@@ -60,4 +61,5 @@ def factored_batch_grad() -> BatchGrad:
     rules = {nn.Linear: _LinearWeight(), nn.Conv1d: _ConvWeight(Conv1DDerivatives()), nn.Conv2d: _ConvWeight(Conv2DDerivatives())}
     for module, rule in rules.items():
         extension.set_module_extension(module, rule, overwrite=True)
+    set_transposed_conv_rules(extension, "batch_grad")
     return extension
