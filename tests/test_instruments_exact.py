@@ -1233,6 +1233,30 @@ def test_a_failing_reduction_switches_off_what_reads_it(through: str, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(run.thetas[-1], plain.thetas[-1]))
 
 
+def test_a_backpack_rule_that_raises_inside_the_backward_pass_switches_off_what_it_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BackPACK rule raising inside the backward pass stopped the pass, and the training with
+    it: the pass now completes (training is unchanged), and the per-sample and curvature
+    quantities, which read the rules, are switched off with the layer and the error."""
+    from cockpit_cli.instruments import backend
+
+    original = backend.hook_run_extensions
+
+    def failing(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+        if isinstance(module, nn.Conv2d):
+            raise RuntimeError("boom")
+        original(module, grad_input, grad_output)
+
+    monkeypatch.setattr(backend, "hook_run_extensions", failing)
+    batches = make_batches("cnn", "ce", 0, 3)
+    run = train(ref.cnn(0), batches, quantities(("HessTrace", "NormTest", "GradHist1d", "GradNorm", "Loss")))
+    reason = "failed at step 0 and was switched off: BackPACK's rule of layer '0' (Conv2d) failed: RuntimeError: boom"
+    assert run.instruments.unavailable == {name: reason for name in ("HessTrace", "NormTest", "GradHist1d")}
+    assert [sorted(run.records[step]) for step in range(3)] == [["GradNorm", "Loss"]] * 3
+    check_first_order(run, 0, names=("GradNorm", "Loss"))
+    plain = train(ref.cnn(0), batches, None)
+    assert all(torch.equal(a, b) for a, b in zip(run.thetas[-1], plain.thetas[-1]))
+
+
 def test_frozen_parameters_are_left_out() -> None:
     model = ref.mlp(0)
     model[0].weight.requires_grad_(False)

@@ -97,6 +97,8 @@ class GradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
+        self._layer_names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+        self._rule_failures: list[str] = []  # of BackPACK's rules, in the last pass with them
         self.per_sample_by_jacobian = False  # torch.func's per-sample gradients from the batch's Jacobian (vmap failed)
         # Whether every tracked parameter sits in a layer whose output hooks give its per-sample
         # gradients (output_hooks.hooked_layer: Linear and convolution weights kept factored, the
@@ -156,9 +158,18 @@ class GradientCapture:
             modules = self.extendable if curvature else [m for m in self.extendable if m in self.module_params]
             for module in modules:
                 store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
-                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(run_extensions)]
+                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(self._run_extensions)]
             self._out_of_place = out_of_place(self.model)
         self.runs.watch()  # BackPACK keeps one input per layer: a layer that runs twice defeats it
+
+    def _run_extensions(self, module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+        """:func:`run_extensions`, whose failure is recorded (``_rule_failures``) instead of
+        raised: it would stop the training's backward pass, and the training with it."""
+        try:
+            run_extensions(module, grad_input, grad_output)
+        except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+            name = self._layer_names.get(module, type(module).__name__)
+            self._rule_failures.append(f"BackPACK's rule of layer '{name}' ({type(module).__name__}) failed: {type(error).__name__}: {error}")
 
     def detach(self) -> None:
         """Remove BackPACK's hooks again, after the tracked step's backward pass.
@@ -258,7 +269,10 @@ class GradientCapture:
             fork = self._monte_carlo and curvature
             with torch.random.fork_rng(devices=devices(loss), enabled=fork):  # MC samples never touch training's RNG
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph):
+                    self._rule_failures = []
                     _backward(loss, retain_graph, create_graph)
+            if self._rule_failures:  # the pass completed, its gradients whole; what the rules give is not
+                accumulator.fail(requested & (NEEDS_SAMPLES | NEEDS_CURVATURE), self._rule_failures[0])
         elif by_output_hooks:
             hooks = self._output_hooks
             if requested == {PROJECTIONS}:  # Alpha's second point alone: a layer's products in one pass
