@@ -388,6 +388,102 @@ def test_same_padding_gets_exact_curvature() -> None:
         assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
 
 
+def image_batches(shape: tuple[int, ...], loss: str, steps: int = 2) -> list[ref.Batch]:
+    """``steps`` batches of 6 float64 inputs ``[6, *shape]`` for ``loss`` ("ce" or "mse")."""
+    result = []
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(10 + step)
+        inputs = torch.randn(6, *shape, generator=generator, dtype=torch.float64)
+        targets = torch.randint(0, 3, (6,), generator=generator) if loss == "ce" else torch.randn(6, 3, generator=generator, dtype=torch.float64)
+        result.append(ref.Batch(inputs, targets, *ref.loss_functions(loss)))
+    return result
+
+
+def check_curvature(run: Run, curvature: str, steps: int = 2) -> None:
+    """HessTrace, TICDiag and TICTrace of every step against the dense references."""
+    for step in range(steps):
+        expected = reference_values(run, step, curvature, 0.0)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+def averaging_cnn(dims: int, seed: int) -> torch.nn.Sequential:
+    """Conv(2, 3, 2), average pooling by 2 (of an odd size: its transposed product pads the end),
+    Tanh, average pooling of 3 with stride 2 and padding 1, Linear(., 3), in float64:
+    ``[N, 2, *(6,) * dims]`` -> ``[N, 3]``."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    conv, pool = {1: (nn.Conv1d, nn.AvgPool1d), 2: (nn.Conv2d, nn.AvgPool2d)}[dims]
+    return nn.Sequential(conv(2, 3, 2), pool(2), nn.Tanh(), pool(3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 1**dims, 3)).double()
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_average_pooling_in_float64_gets_exact_curvature(dims: int, loss: str, curvature: str) -> None:
+    """BackPACK's rules of average pooling computed in float32 and raised for a float64 model."""
+    run = train(averaging_cnn(dims, 0), image_batches((2, *(6,) * dims), loss), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    check_curvature(run, curvature)
+
+
+def normalised_mlp(seed: int) -> torch.nn.Sequential:
+    """Linear(6, 5), BatchNorm1d(5) in eval mode (running statistics away from 0 and 1),
+    Identity, Tanh, Linear(5, 3), in float64: [N, 6] -> [N, 3]."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Identity(), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ggn_mc"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_batch_norm_in_eval_mode_and_identity_get_the_ggn_diagonal(loss: str, curvature: str) -> None:
+    """BatchNorm in eval mode and Identity have GGN rules in BackPACK, not Hessian ones: a
+    sequential model with them gets the GGN's diagonal (Monte-Carlo: finite and positive), the
+    Hessian's is left out with the layer's name."""
+    batches = image_batches((6,), loss)
+    run = train(normalised_mlp(0), batches, quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    if curvature == "ggn":
+        check_curvature(run, curvature)
+    else:
+        assert all(math.isfinite(run.records[step]["TICTrace"]) and sum(run.records[step]["HessTrace"]) > 0 for step in range(2))
+    hessian = train(normalised_mlp(0), batches, quantities(DIAGONAL + ("NormTest",)), curvature="hessian")
+    assert hessian.instruments.unavailable == {name: "layer '1' (BatchNorm1d) has no BackPACK curvature rule" for name in DIAGONAL}
+
+
+class Tokens(torch.nn.Module):
+    """Embedding(7, 4) of 3 token ids, Flatten, Linear(12, 3) beside a residual connection: [N, 3] ids -> [N, 3]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.embed, self.flatten, self.out = nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 12)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        features = self.flatten(self.embed(ids))
+        return (features + self.out(features))[:, :3]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_an_embedding_leaves_out_the_curvature_saying_why(sequential: bool) -> None:
+    """BackPACK's GGN rule of an embedding forms every sample's gradient of the whole table."""
+    from cockpit_cli.instruments.support import check_support
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)) if sequential else Tokens()
+    support = check_support(model, nn.CrossEntropyLoss(), "ggn")
+    assert not support.curvature
+    name = "0" if sequential else "embed"
+    assert support.curvature_reason == f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")  # torch's note on this very padding
 def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     from cockpit_cli.instruments.support import check_support

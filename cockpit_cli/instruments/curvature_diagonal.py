@@ -14,7 +14,8 @@ then squares and sums it; here the products of one sample (or a few small ones) 
 squared and summed while they are in cache. The numbers are the same; the time of the layer's
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
 :func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except
-transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`).
+transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`), and
+average pooling, whose rules compute in the model's precision (:mod:`average_pooling`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from cockpit_cli.instruments import row_blocks
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
+from cockpit_cli.instruments.average_pooling import set_average_pooling_rules
 from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 
@@ -107,4 +109,5 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     for loss, derivatives in ((nn.BCEWithLogitsLoss, BinaryCrossEntropyDerivatives), (nn.MSELoss, SquaredErrorDerivatives)):
         extension.set_module_extension(loss, (DiagHLoss if hessian else DiagGGNLoss)(derivatives=derivatives()), overwrite=True)
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
+    set_average_pooling_rules(extension, hessian)
     return extension

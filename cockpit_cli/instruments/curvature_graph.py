@@ -29,6 +29,16 @@ def extension_modules(extension: object) -> set[type]:
     return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
 
 
+def no_curvature_rule(name: str, module: nn.Module) -> str:
+    """Why the layer ``name`` leaves out the curvature diagonal, its class having no rule of the
+    curvature's that the instruments take. BackPACK's GGN rule of an embedding has one, but forms
+    every sample's gradient of the whole table (``[V, N, num_embeddings, dim]``, and an indicator
+    of every id at every position): beside a vocabulary it would not fit in memory."""
+    if isinstance(module, nn.Embedding):
+        return f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
+    return f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
+
+
 def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
     """Return BackPACK's graph of ``model`` whose layers are the model's own, or ``None`` and why not.
 
@@ -51,13 +61,13 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
             return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
-    curvature_rules, sample_rules = extension_modules(DiagGGNExact()), extension_modules(BatchGrad())
+    curvature_rules, sample_rules = extension_modules(DiagGGNExact()) - {nn.Embedding}, extension_modules(BatchGrad())
     for node in graph.graph.nodes:
         if node.op == "call_module":
             module = graph.get_submodule(node.target)
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
             if type(module) not in curvature_rules or (trainable and type(module) not in sample_rules):
-                return None, f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
+                return None, no_curvature_rule(node.target, module)
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in graph.parameters()):
         return None, f"BackPACK's converter copies a layer of the model {name}, whose copy the curvature would describe"

@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backpack.extensions import BatchGrad, DiagHessian
+from backpack.extensions import BatchGrad
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules
+from cockpit_cli.instruments.curvature_diagonal import CURVATURES
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules, no_curvature_rule
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
@@ -186,11 +187,11 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
         if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
             return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
         return True, None  # where BackPACK's converter can follow it (check_support)
-    known = extension_modules(DiagHessian())
+    known = extension_modules(CURVATURES[curvature][0]()) - {nn.Embedding}  # the GGN's rules know more layers than the Hessian's
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
         if type(module) not in known:
-            return False, f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
+            return False, no_curvature_rule(name, module)
         if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
             return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
         if _pads_with_copies(module):
