@@ -484,6 +484,52 @@ def test_an_embedding_leaves_out_the_curvature_saying_why(sequential: bool) -> N
     assert support.curvature_reason == f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
 
 
+ACTIVATIONS = {
+    "GELU": lambda: torch.nn.GELU(), "GELU tanh": lambda: torch.nn.GELU(approximate="tanh"), "SiLU": lambda: torch.nn.SiLU(),
+    "Mish": lambda: torch.nn.Mish(), "Softplus": lambda: torch.nn.Softplus(beta=2.0), "CELU": lambda: torch.nn.CELU(0.7),
+    "Softsign": lambda: torch.nn.Softsign(), "Tanhshrink": lambda: torch.nn.Tanhshrink(), "Hardtanh": lambda: torch.nn.Hardtanh(-0.5, 0.5),
+    "ReLU6": lambda: torch.nn.ReLU6(), "Hardswish": lambda: torch.nn.Hardswish(), "Hardsigmoid": lambda: torch.nn.Hardsigmoid(),
+    "Softshrink": lambda: torch.nn.Softshrink(0.2), "Hardshrink": lambda: torch.nn.Hardshrink(0.2), "Threshold": lambda: torch.nn.Threshold(0.1, -1.0),
+    "Identity": lambda: torch.nn.Identity(),
+    "SiLU in place": lambda: torch.nn.SiLU(inplace=True), "Hardtanh in place": lambda: torch.nn.Hardtanh(-0.5, 0.5, inplace=True),
+}  # fmt: skip
+
+
+def activated_mlp(name: str, seed: int) -> torch.nn.Sequential:
+    """Linear(6, 5), the activation, Linear(5, 4), the activation, Linear(4, 3), in float64."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, 5), ACTIVATIONS[name](), nn.Linear(5, 4), ACTIVATIONS[name](), nn.Linear(4, 3)).double()
+
+
+def test_every_elementwise_activation_with_a_rule_of_autograd_is_checked() -> None:
+    from cockpit_cli.instruments.elementwise_activations import ELEMENTWISE
+
+    assert set(ELEMENTWISE) == {type(build()) for build in ACTIVATIONS.values()}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_elementwise_activations_without_backpack_rules_get_exact_curvature(name: str, loss: str, curvature: str) -> None:
+    """GELU, SiLU, Softplus, ... had no BackPACK rule and left out the curvature: their
+    derivatives now come from autograd (the Hessian's residual from the second derivative)."""
+    model = activated_mlp(name, 0)
+    run = train(model, make_batches("mlp", loss, 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    # torch cannot differentiate Hardsigmoid twice; piecewise linear, its Hessian's diagonal is the GGN's
+    check_curvature(run, "ggn" if name == "Hardsigmoid" else curvature)
+    assert [getattr(layer, "inplace", False) for layer in model] == [False, name.endswith("in place"), False, name.endswith("in place"), False]
+
+
+def test_a_residual_model_with_gelu_gets_the_ggn_through_backpack_s_graph() -> None:
+    model = ResidualMLP(0)
+    model.squash = torch.nn.GELU()
+    run = train(model, make_batches("mlp", "mse", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    check_curvature(run, "ggn")
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")  # torch's note on this very padding
 def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     from cockpit_cli.instruments.support import check_support

@@ -15,7 +15,8 @@ squared and summed while they are in cache. The numbers are the same; the time o
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
 :func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except
 transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`), and
-average pooling, whose rules compute in the model's precision (:mod:`average_pooling`).
+average pooling, whose rules compute in the model's precision (:mod:`average_pooling`); elementwise
+activations BackPACK has no rules for get them from autograd (:mod:`elementwise_activations`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
@@ -37,6 +38,7 @@ from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntrop
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.average_pooling import set_average_pooling_rules
@@ -110,4 +112,5 @@ def curvature_extension(curvature: str) -> BackpropExtension:
         extension.set_module_extension(loss, (DiagHLoss if hessian else DiagGGNLoss)(derivatives=derivatives()), overwrite=True)
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
     set_average_pooling_rules(extension, hessian)
+    set_elementwise_rules(extension, hessian)
     return extension
