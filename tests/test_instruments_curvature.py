@@ -428,6 +428,21 @@ def test_average_pooling_in_float64_gets_exact_curvature(dims: int, loss: str, c
     check_curvature(run, curvature)
 
 
+@pytest.mark.parametrize("option, value", [("ceil_mode", True), ("count_include_pad", False), ("divisor_override", 3)])
+def test_average_pooling_that_divides_otherwise_leaves_out_the_curvature_alone(option: str, value: object) -> None:
+    """Windows past the end or divisors other than the kernel's: BackPACK's rules raised inside the
+    backward pass (the per-sample quantities went off with them); now the curvature alone is left
+    out, with the reason."""
+    model = averaging_cnn(2, 0)
+    setattr(model[1], option, value)
+    model[-1] = torch.nn.Linear(model[:-1](torch.zeros(1, 2, 6, 6, dtype=torch.float64)).shape[1], 3).double()  # ceil_mode pools to 3 x 3
+    run = train(model, image_batches((2, 6, 6), "ce"), quantities(DIAGONAL + ("NormTest",)))
+    reason = f"layer '1' (AvgPool2d) averages with {option}={value!r}, which BackPACK's curvature rules cannot backpropagate"
+    assert run.instruments.unavailable == {name: reason for name in DIAGONAL}
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+
+
 def normalised_mlp(seed: int) -> torch.nn.Sequential:
     """Linear(6, 5), BatchNorm1d(5) in eval mode (running statistics away from 0 and 1),
     Identity, Tanh, Linear(5, 3), in float64: [N, 6] -> [N, 3]."""

@@ -1248,7 +1248,12 @@ def test_a_backpack_rule_that_raises_inside_the_backward_pass_switches_off_what_
 
     monkeypatch.setattr(backend, "hook_run_extensions", failing)
     batches = make_batches("cnn", "ce", 0, 3)
-    run = train(ref.cnn(0), batches, quantities(("HessTrace", "NormTest", "GradHist1d", "GradNorm", "Loss")))
+    model = ref.cnn(0)
+    run = train(model, batches, quantities(("HessTrace", "NormTest", "GradHist1d", "GradNorm", "Loss")))
+    # what the failed rule would have dropped is gone: the model holds no stored tensors and can be copied
+    assert not [name for name, module in model.named_modules() if hasattr(module, "input0") or hasattr(module, "output")]
+    assert not [p for p in model.parameters() if hasattr(p, "grad_batch") or hasattr(p, "diag_h")]
+    copy.deepcopy(model)
     reason = "failed at step 0 and was switched off: BackPACK's rule of layer '0' (Conv2d) failed: RuntimeError: boom"
     assert run.instruments.unavailable == {name: reason for name in ("HessTrace", "NormTest", "GradHist1d")}
     assert [sorted(run.records[step]) for step in range(3)] == [["GradNorm", "Loss"]] * 3

@@ -31,6 +31,18 @@ def _per_dimension(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
+def averaging_obstacle(module: nn.Module) -> str | None:
+    """Why the curvature rules cannot backpropagate through the layer, an average pooling that
+    divides by another count than its kernel's or whose windows pass the end; or ``None``."""
+    if not isinstance(module, tuple(POOLING)):
+        return None
+    for option, plain in (("ceil_mode", False), ("count_include_pad", True), ("divisor_override", None)):
+        value = getattr(module, option, plain)  # AvgPool1d has no divisor_override
+        if value != plain:
+            return f"averages with {option}={value!r}, which BackPACK's curvature rules cannot backpropagate"
+    return None
+
+
 class AveragePoolingDerivatives(AvgPoolNDDerivatives):
     """BackPACK's derivatives of average pooling, in the precision of what they multiply."""
 

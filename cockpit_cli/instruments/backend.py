@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import torch
-from backpack import backpack, hook_run_extensions, hook_store_io
+from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
 
@@ -168,6 +168,11 @@ class GradientCapture:
         try:
             run_extensions(module, grad_input, grad_output)
         except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
+            memory_cleanup(module)  # the layer's input and output, which the rule's end drops (a model holding them cannot be copied)
+            for _, param in self.module_params.get(module, []):
+                for attribute in ("grad_batch", self.curvature_attribute):
+                    if hasattr(param, attribute):
+                        delattr(param, attribute)
             name = self._layer_names.get(module, type(module).__name__)
             self._rule_failures.append(f"BackPACK's rule of layer '{name}' ({type(module).__name__}) failed: {type(error).__name__}: {error}")
 
