@@ -428,19 +428,38 @@ def test_average_pooling_in_float64_gets_exact_curvature(dims: int, loss: str, c
     check_curvature(run, curvature)
 
 
-@pytest.mark.parametrize("option, value", [("ceil_mode", True), ("count_include_pad", False), ("divisor_override", 3)])
-def test_average_pooling_that_divides_otherwise_leaves_out_the_curvature_alone(option: str, value: object) -> None:
-    """Windows past the end or divisors other than the kernel's: BackPACK's rules raised inside the
-    backward pass (the per-sample quantities went off with them); now the curvature alone is left
-    out, with the reason."""
-    model = averaging_cnn(2, 0)
-    setattr(model[1], option, value)
-    model[-1] = torch.nn.Linear(model[:-1](torch.zeros(1, 2, 6, 6, dtype=torch.float64)).shape[1], 3).double()  # ceil_mode pools to 3 x 3
-    run = train(model, image_batches((2, 6, 6), "ce"), quantities(DIAGONAL + ("NormTest",)))
-    reason = f"layer '1' (AvgPool2d) averages with {option}={value!r}, which BackPACK's curvature rules cannot backpropagate"
-    assert run.instruments.unavailable == {name: reason for name in DIAGONAL}
-    for step in range(2):
-        check_first_order(run, step, names=("NormTest",))
+POOLING_OPTIONS = {
+    "ceil_mode": dict(ceil_mode=True),  # windows past the end, divided by what they cover
+    "count_include_pad=False": dict(count_include_pad=False),
+    "divisor_override": dict(divisor_override=3),
+}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("options", sorted(POOLING_OPTIONS))
+def test_average_pooling_with_any_options_gets_exact_curvature(options: str, curvature: str) -> None:
+    """BackPACK's rules divided every window by the kernel's size and raised where windows pass
+    the end, inside the backward pass (the per-sample quantities went off with them)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.AvgPool2d(3, stride=2, padding=1, **POOLING_OPTIONS[options]), nn.Tanh(), nn.Flatten()).double()
+    model.append(nn.Linear(model(torch.zeros(1, 2, 6, 6, dtype=torch.float64)).shape[1], 3).double())
+    run = train(model, image_batches((2, 6, 6), "ce"), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    check_curvature(run, curvature)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (3, 2)])
+def test_adaptive_average_pooling_to_any_size_gets_exact_curvature(size: tuple[int, int], curvature: str) -> None:
+    """BackPACK's rules needed the input's size a multiple of the output's (here 5 x 5), and
+    computed in float32."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.SiLU(), nn.AdaptiveAvgPool2d(size), nn.Flatten(), nn.Linear(3 * size[0] * size[1], 3)).double()
+    run = train(model, image_batches((2, 6, 6), "mse"), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    check_curvature(run, curvature)
 
 
 def normalised_mlp(seed: int) -> torch.nn.Sequential:

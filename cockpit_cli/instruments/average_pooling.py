@@ -1,78 +1,60 @@
-"""BackPACK's curvature rules of average pooling, in the precision of the model.
+"""Curvature rules of average pooling, plain and adaptive, for every option, size and precision.
 
-BackPACK backpropagates a curvature factor through ``AvgPool{1,2,3}d`` with a (transposed)
-convolution layer it builds in torch's default precision, float32: for a model in float64 (or
-bfloat16) the backward pass raised at the pooling layer. Here the same products are formed with
-the functional convolutions and a kernel in the factor's precision:
+BackPACK backpropagates a curvature factor through ``AvgPool{1,2,3}d`` with a transposed
+convolution layer it builds in torch's default precision (float32: for a float64 or bfloat16
+model the backward pass raised there), as if every window were whole and divided by the kernel's
+size (``ceil_mode``, ``count_include_pad=False`` and ``divisor_override`` gave wrong shapes or
+raised), and ``AdaptiveAvgPool{1,2,3}d`` only where the input's size is a multiple of the
+output's. Average pooling is linear in its input and treats every channel of every sample alone,
+so the factor's columns, as one-channel maps ``[V * N * C, 1, *spatial]``, pass it as
 
-    J mat   = conv(mat, 1 / K)              (each channel alone, the pooling's stride and padding)
-    J^T mat = conv_transpose(mat, 1 / K)    (to the input's size)
+    J mat   = pool(mat)
+    J^T mat = the gradient of pool(x) . mat with respect to x (autograd; the same for every x)
 
-with ``K`` the number of the kernel's elements.
+through the layer's own computation, whatever its options.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from backpack.core.derivatives.avgpoolnd import AvgPoolNDDerivatives
+from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-POOLING = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-CONVOLUTIONS = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d), 3: (F.conv3d, F.conv_transpose3d)}
+POOLING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
-def _per_dimension(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+def _as_maps(mat: Tensor) -> Tensor:
+    """``[V, N, C, *spatial]`` as one-channel maps ``[V * N * C, 1, *spatial]``."""
+    return mat.flatten(0, 2).unsqueeze(1)
 
 
-def averaging_obstacle(module: nn.Module) -> str | None:
-    """Why the curvature rules cannot backpropagate through the layer, an average pooling that
-    divides by another count than its kernel's or whose windows pass the end; or ``None``."""
-    if not isinstance(module, tuple(POOLING)):
-        return None
-    for option, plain in (("ceil_mode", False), ("count_include_pad", True), ("divisor_override", None)):
-        value = getattr(module, option, plain)  # AvgPool1d has no divisor_override
-        if value != plain:
-            return f"averages with {option}={value!r}, which BackPACK's curvature rules cannot backpropagate"
-    return None
+class AveragePoolingDerivatives(BaseDerivatives):
+    """BackPACK's derivatives of an average pooling layer, through the layer's own computation."""
 
-
-class AveragePoolingDerivatives(AvgPoolNDDerivatives):
-    """BackPACK's derivatives of average pooling, in the precision of what they multiply."""
-
-    def _pooling(self, module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor, dict[str, tuple[int, ...]]]:
-        """``mat`` ``[V, N, C, *spatial]`` as one-channel maps ``[V * N * C, 1, *spatial]``, the
-        averaging kernel in its precision, and the pooling's stride and padding."""
-        self.check_parameters(module)
-        kernel_size = _per_dimension(module.kernel_size, self.N)
-        stride = _per_dimension(module.stride if module.stride else module.kernel_size, self.N)
-        kernel = torch.full((1, 1, *kernel_size), 1.0 / math.prod(kernel_size), dtype=mat.dtype, device=mat.device)
-        return mat.flatten(0, 2).unsqueeze(1), kernel, {"stride": stride, "padding": _per_dimension(module.padding, self.N)}
+    def hessian_is_zero(self, module: nn.Module) -> bool:
+        return True  # linear
 
     def _jac_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor) -> Tensor:
         """``J mat`` for ``mat`` ``[V, N, C, *spatial_in]``: ``[V, N, C, *spatial_out]``."""
-        maps, kernel, geometry = self._pooling(module, mat)
-        pooled = CONVOLUTIONS[self.N][0](maps, kernel, **geometry)
+        pooled = module.forward(_as_maps(mat))  # not its hooks, which would store these tensors
         return pooled.reshape(*mat.shape[:3], *pooled.shape[2:])
 
     def _jac_t_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor, subsampling: list[int] | None = None) -> Tensor:
         """``J^T mat`` for ``mat`` ``[V, N, C, *spatial_out]``: ``[V, N, C, *spatial_in]``."""
-        maps, kernel, geometry = self._pooling(module, mat)
+        maps = _as_maps(mat)
         size_in = module.input0.shape[2:]
-        reach = [(size - 1) * stride - 2 * padding + extent for size, stride, padding, extent in zip(maps.shape[2:], geometry["stride"], geometry["padding"], kernel.shape[2:])]
-        spread = CONVOLUTIONS[self.N][1](maps, kernel, output_padding=tuple(s - r for s, r in zip(size_in, reach)), **geometry)
+        with torch.enable_grad():  # BackPACK's rules run without gradients, inside the backward pass
+            point = torch.zeros(maps.shape[0], 1, *size_in, dtype=mat.dtype, device=mat.device, requires_grad=True)
+            (spread,) = torch.autograd.grad(module.forward(point), point, grad_outputs=maps)
         return spread.reshape(*mat.shape[:3], *size_in)
 
 
 def set_average_pooling_rules(extension: BackpropExtension, hessian: bool) -> None:
     """Give the curvature ``extension`` (the Hessian's where ``hessian``, else a GGN's) the rules
     above for every average pooling layer."""
-    for module, dims in POOLING.items():
-        rule = (DiagHBaseModule if hessian else DiagGGNBaseModule)(derivatives=AveragePoolingDerivatives(dims))
+    for module in POOLING:
+        rule = (DiagHBaseModule if hessian else DiagGGNBaseModule)(derivatives=AveragePoolingDerivatives())
         extension.set_module_extension(module, rule, overwrite=True)

@@ -21,7 +21,6 @@ from backpack.custom_module.graph_utils import convert_module_to_backpack
 from backpack.extensions import BatchGrad
 from torch import fx, nn
 
-from cockpit_cli.instruments.average_pooling import averaging_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension
 
 GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
@@ -71,8 +70,6 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
             if type(module) not in curvature_rules or (trainable and type(module) not in sample_rules):
                 return None, no_curvature_rule(node.target, module)
-            if averaging_obstacle(module) is not None:
-                return None, f"layer '{node.target}' ({type(module).__name__}) {averaging_obstacle(module)}"
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in graph.parameters()):
         return None, f"BackPACK's converter copies a layer of the model {name}, whose copy the curvature would describe"

@@ -19,7 +19,6 @@ from backpack.extensions import BatchGrad
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cockpit_cli.instruments.average_pooling import averaging_obstacle
 from cockpit_cli.instruments.convolutions import numeric_padding
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension
 from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules, no_curvature_rule
@@ -197,6 +196,4 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
             return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
         if _pads_with_copies(module):
             return False, f"layer '{name}' ({type(module).__name__}) pads in '{module.padding_mode}' mode, which BackPACK's curvature rules compute as zero padding"
-        if averaging_obstacle(module) is not None:
-            return False, f"layer '{name}' ({type(module).__name__}) {averaging_obstacle(module)}"
     return True, None
