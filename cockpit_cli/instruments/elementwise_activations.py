@@ -50,7 +50,9 @@ class AutogradElementwiseDerivatives(ElementwiseDerivatives):
     """BackPACK's derivatives of an elementwise activation, ``f'`` and ``f''`` from autograd."""
 
     def hessian_is_zero(self, module: nn.Module) -> bool:
-        return False  # f'' may vanish (piecewise linear activations): the residual is then zero
+        """Whether ``f'' = 0``: the Hessian's rules then add no residual factor (whose columns,
+        one per element of the layer's output, are most of the Hessian diagonal's cost)."""
+        return isinstance(module, PIECEWISE_LINEAR)
 
     def df(self, module: nn.Module, g_inp: tuple, g_out: tuple, subsampling: list[int] | None = None) -> Tensor:
         return elementwise_derivatives(module, subsample(module.input0, subsampling=subsampling), second=False)
