@@ -596,3 +596,49 @@ def test_a_run_the_script_never_closes_is_closed_at_its_exit_with_every_record(t
     assert recorded.manifest["status"] == "interrupted" and recorded.manifest["message"].startswith("the process ended before the run was closed; close it with run.close()")
     assert [s["step"] for s in recorded.steps] == [0, 1, 2, 3] and "NormTest" in recorded.steps[3]["quantities"]  # the last step's record waited for none
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_script_that_makes_warnings_errors_gets_every_quantity(tmp_path: Path) -> None:
+    """torch's notices about the instruments' own work (BackPACK's hook on the first layer,
+    forward-mode derivatives scripting helpers at their first use, the graph kept for
+    Hessian-vector products) raised as errors in a script that turns warnings into errors after
+    importing cockpit, and switched every quantity off; a script that shows warnings printed
+    them at every tracked step."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "strict.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, warnings
+        import torch
+        from torch import nn
+        from cockpit_cli.api import TrackedRun
+        warnings.simplefilter("error")
+        torch.manual_seed(0)
+        for name, model, curvature in [
+            ("cnn", nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), "hessian"),
+            ("prelu", nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.PReLU(), nn.Linear(8, 3)), "hessian"),  # torch.func, forward mode
+        ]:
+            optimizer, loss_function = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+            inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+            directory = {str(tmp_path)!r} + "/" + name
+            # every 2 steps: at steps 1 and 3, Alpha's second point alone (of the PReLU model: a forward-mode pass)
+            with TrackedRun(directory, model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, preset="full", every=2, curvature=curvature) as run:
+                for step in range(4):
+                    optimizer.zero_grad()
+                    outputs = model(inputs)
+                    loss = loss_function(outputs, targets)
+                    run.backward(step, loss, inputs, outputs, targets)
+                    optimizer.step()
+                    run.step(step, loss)
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True, timeout=120)
+    for name in ("cnn", "prelu"):
+        recorded = read_run(tmp_path / name)
+        assert recorded.manifest["status"] == "completed"
+        unavailable = recorded.manifest["instruments"]["unavailable"]
+        assert not [reason for reason in unavailable.values() if "Warning" in reason], unavailable
+        assert recorded.manifest["warnings"] == []
+        assert all({"Alpha", "NormTest", "HessMaxEV"} <= set(recorded.steps[step]["quantities"]) for step in (0, 2))
+    assert "HessTrace" in read_run(tmp_path / "cnn").steps[0]["quantities"]

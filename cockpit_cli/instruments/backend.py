@@ -14,7 +14,6 @@ Hessian-vector products and forward-mode slopes that quantities borrow through t
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -38,9 +37,7 @@ from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEED
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
 from cockpit_cli.instruments.support import Support, no_curvature_reason, torch_func_reason
 from cockpit_cli.instruments.sync import Synchronizer
-
-# BackPACK hooks the first layer too, whose input needs no gradient; torch warns about that.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+from cockpit_cli.instruments.torch_notices import quiet_notices
 
 
 class GradientCapture:
@@ -351,7 +348,7 @@ class GradientCapture:
                     failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
                 else:
                     extensions = [self._batch_grad, self._curvature] if per_sample else [self._curvature]
-                    with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)):
+                    with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)), quiet_notices():
                         graph_loss.backward()
         except Exception as error:  # noqa: BLE001 - the training's backward pass below must still run
             failure = f"the pass through BackPACK's graph of the model failed: {type(error).__name__}: {error}"
@@ -681,12 +678,8 @@ def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:
 def _backward(loss: Tensor, retain_graph: bool, create_graph: bool) -> None:
     """``loss.backward`` (with ``create_graph``, without torch's warning about the reference cycle
     between parameters and their gradients: :meth:`GradientCapture.release_gradient_graph` breaks it)."""
-    if not create_graph:
-        loss.backward(retain_graph=retain_graph)
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        loss.backward(create_graph=True)
+    with quiet_notices():
+        loss.backward(retain_graph=retain_graph, create_graph=create_graph)
 
 
 def run_extensions(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:

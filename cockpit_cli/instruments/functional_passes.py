@@ -8,7 +8,6 @@ so that dropout draws the same masks, and never advances the training's own rand
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -22,6 +21,7 @@ from torch.utils._pytree import tree_map
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_size, call_model, first_input, model_args, model_kwargs
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss, one_per_sample
 from cockpit_cli.instruments.sync import Synchronizer
+from cockpit_cli.instruments.torch_notices import quiet_notices
 
 
 # Rows of the batch's Jacobian that one vmapped backward pass forms: each row's pass holds the
@@ -65,10 +65,7 @@ def functorch_per_sample(
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
         return one_per_sample(per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets), batch_size(inputs))
 
-    with torch.random.fork_rng(devices=devices(first_input(inputs))), warnings.catch_warnings(), unchanged_state(model):
-        # torch says when an operation (CPU attention, say) runs sample by sample under vmap: a
-        # cost of this pass that the user cannot act on, said at every tracked step
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), quiet_notices(), unchanged_state(model):
         if by_jacobian or _has_dropout(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
@@ -89,7 +86,8 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     if not all(g is not None and g.grad_fn is not None for g in gradients):
         # allow_unused: a parameter the loss does not use (a layer the forward pass skips) has a
         # zero gradient and zero rows and columns in the Hessian
-        gradients = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        with quiet_notices():
+            gradients = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         gradient_scale = 1.0
     # Only gradients that depend on the parameters have a Hessian part: a gradient that is
     # None or constant (a layer that is skipped, or whose output enters the loss linearly
@@ -108,9 +106,10 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     def product(vector: list[Tensor]) -> list[Tensor]:
         parts = [None] * len(params)
         if curved:
-            parts = torch.autograd.grad(
-                [gradients[i] for i in curved], params, grad_outputs=scaled([vector[i] for i in curved], along), retain_graph=True, allow_unused=True
-            )
+            with quiet_notices():  # the graph passes BackPACK's hooks again
+                parts = torch.autograd.grad(
+                    [gradients[i] for i in curved], params, grad_outputs=scaled([vector[i] for i in curved], along), retain_graph=True, allow_unused=True
+                )
             parts = scaled(list(parts), 1.0 / (gradient_scale * along))
         local = [torch.zeros_like(p) if h is None else h for p, h in zip(params, parts)]
         return local if world == 1 else [sync.sum(h) / world for h in local]
@@ -157,7 +156,7 @@ def per_sample_slopes(
     """
 
     def slopes(direction: list[Tensor]) -> Tensor:
-        with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.no_grad(), forward_ad.dual_level(), unchanged_state(model):
+        with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.no_grad(), quiet_notices(), forward_ad.dual_level(), unchanged_state(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
             duals = {name: forward_ad.make_dual(t, d.to(t.dtype)) for (name, t), d in zip(named_theta.items(), direction)}
