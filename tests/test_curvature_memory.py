@@ -120,3 +120,63 @@ def test_finish_removes_the_size_hooks_of_a_step_that_was_skipped() -> None:
     instruments.skip(0)  # a non-finite loss: no backward pass, no check
     instruments.finish()
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def smooth_cnn() -> nn.Sequential:
+    """Conv2d(3, 8, 3), Tanh (a second derivative: the Hessian's residual, 8 * 14 * 14 columns), Linear(., 10)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+
+
+def smooth_step(model: nn.Module, curvature: str | None) -> Instruments | None:
+    """One step of ``model`` on 32 samples ``[3, 16, 16]``, with HessTrace due (none for ``None``)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_function = nn.CrossEntropyLoss()
+    instruments = None
+    if curvature is not None:
+        instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, [QUANTITIES["HessTrace"](Schedule())], curvature=curvature)
+    generator = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    outputs = model(inputs)
+    loss = loss_function(outputs, targets)
+    if instruments is None:
+        loss.backward()
+    else:
+        instruments.backward(0, loss, inputs, outputs, targets)
+    optimizer.step()
+    return instruments
+
+
+def test_the_estimate_bounds_the_memory_of_the_hessian_s_residuals() -> None:
+    """A layer with a second derivative adds a column per element of its output to the Hessian's
+    factor: here 1,568 beside the loss's 9 (the estimate without them was 175 times too small)."""
+    template = smooth_cnn()
+    factor = (9 + 8 * 14 * 14) * 32 * (8 * 14 * 14) * 4
+    extra = peak_bytes(lambda: smooth_step(copy.deepcopy(template), "hessian")) - peak_bytes(lambda: smooth_step(copy.deepcopy(template), None))
+    assert factor < extra < curvature_memory.FACTOR_COPIES * factor, extra / factor
+
+
+def test_the_hessian_s_residuals_count_where_it_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory for the loss's columns but not for the residuals: the Hessian is switched off, saying
+    so and that the GGN has none; the GGN's diagonal is computed."""
+    loss_columns_only = curvature_memory.FACTOR_COPIES * 9 * 32 * (8 * 14 * 14) * 4
+    monkeypatch.setattr(curvature_memory, "available_bytes", lambda device: int(2 * loss_columns_only))
+    hessian = smooth_step(smooth_cnn(), "hessian")
+    reason = hessian.unavailable["HessTrace"]
+    assert "a factor of 1577 column(s), 1568 of them the residuals of layers with a second derivative, per sample" in reason
+    assert "use the ggn curvature (the Hessian without the layers' second derivatives" in reason
+    ggn = smooth_step(smooth_cnn(), "ggn")
+    assert ggn.unavailable == {} and "HessTrace" in ggn.completed(0)[0]
+
+
+def test_layers_with_a_second_derivative_add_residuals_to_the_hessian_alone() -> None:
+    """Piecewise linear activations add none (their residual, zero, cost a column per element of
+    their output: 94 s against 0.04 s a step for a small CNN with ReLU6 and Hardtanh)."""
+    from cockpit_cli.instruments.curvature_diagonal import adds_residual, curvature_extension
+
+    hessian, ggn = curvature_extension("hessian"), curvature_extension("ggn")
+    curved = [nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.SiLU(), nn.Softplus(), nn.Hardswish()]
+    straight = [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(), nn.Hardsigmoid(), nn.LeakyReLU(), nn.Identity(), nn.Linear(2, 2), nn.Conv2d(1, 1, 1), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Flatten()]
+    assert [adds_residual(hessian, layer) for layer in curved] == [True] * len(curved)
+    assert [adds_residual(hessian, layer) for layer in straight] == [False] * len(straight)
+    assert not any(adds_residual(ggn, layer) for layer in curved)  # the GGN's rules have no residuals

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
-from cockpit_cli.instruments.curvature_diagonal import CURVATURES, curvature_extension
+from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
@@ -111,6 +111,11 @@ class GradientCapture:
         self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
         # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
         self._graph = support.graph if support.curvature_by_graph else None
+
+    def adds_curvature_residual(self, module: nn.Module) -> bool:
+        """Whether the curvature's rule of ``module`` adds a factor of its own (the Hessian's at a
+        layer with a second derivative, :func:`curvature_diagonal.adds_residual`)."""
+        return self._curvature is not None and adds_residual(self._curvature, module)
 
     def may_use_torch_func(self, curvature: bool) -> bool:
         """Whether a coming tracked step's per-sample gradients may come from torch.func (which

@@ -114,3 +114,20 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     set_average_pooling_rules(extension, hessian)
     set_elementwise_rules(extension, hessian)
     return extension
+
+
+def adds_residual(extension: BackpropExtension, module: nn.Module) -> bool:
+    """Whether the Hessian's rule of ``module`` adds a factor of its own to the one it passes back:
+    a layer with a second derivative (Tanh, GELU, ...) adds its residual, a column per element of
+    its output per sample, which every earlier layer then backpropagates beside the loss's. The
+    GGN's rules add none."""
+    if not isinstance(extension, DiagHessian):
+        return False
+    rule = getattr(extension, "_BackpropExtension__module_extensions", {}).get(type(module))
+    derivatives = getattr(rule, "derivatives", None)
+    if derivatives is None:
+        return False
+    try:
+        return not derivatives.hessian_is_zero(module)
+    except NotImplementedError:
+        return False

@@ -228,7 +228,7 @@ class Instruments:
         elif self._activations is not None:
             self._activations.remove()
         if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
-            self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass)
+            self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass, residual=self.capture.adds_curvature_residual)
         per_sample_by_functorch = bool(needs & r.NEEDS_SAMPLES) and self.capture.may_use_torch_func(curvature=q.CURVATURE in needs)
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch or (q.HVP in needs and self.capture.compiled)
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
@@ -520,6 +520,7 @@ class Instruments:
                     outputs.element_size(),
                     curvature_memory.available_bytes(outputs.device),
                     self.curvature,
+                    sizes.residual_columns,
                 )
         if self.sync.world_size > 1:  # the processes must reduce the same statistics
             short = torch.tensor([float(reason is not None)], dtype=torch.float64, device=batch_device(inputs))
