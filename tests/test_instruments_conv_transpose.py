@@ -102,3 +102,21 @@ def test_the_engine_takes_the_rules_of_transposed_convolutions_with_output_paddi
     model = decoder(2, 1, stride=2, padding=1, output_padding=1)
     instruments = Instruments(model, nn.CrossEntropyLoss(), ref.cross_entropy_per_sample, torch.optim.SGD(model.parameters(), lr=0.1), quantities(("NormTest", "HessTrace")))
     assert instruments.support.per_sample == "backpack" and instruments.support.curvature
+
+
+@pytest.mark.parametrize("sum_batch", [True, False])
+def test_the_weight_jacobian_s_transpose_matches_autograd(sum_batch: bool) -> None:
+    """``J_w^T mat`` for two columns ``mat``: per sample, the gradient of ``sum(layer(x_n) * mat_vn)``."""
+    from cockpit_cli.instruments.conv_transpose import TransposedConvDerivatives
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=1, groups=2).double()
+    inputs = torch.randn(3, 4, 3, 4, dtype=torch.float64)
+    layer.input0, layer.output = inputs, layer(inputs)
+    mat = torch.randn(2, *layer.output.shape, dtype=torch.float64)
+    actual = TransposedConvDerivatives(2)._weight_jac_t_mat_prod(layer, (), (), mat, sum_batch=sum_batch)
+    expected = torch.stack([
+        torch.stack([torch.autograd.grad((layer(inputs[n : n + 1]) * mat[v, n : n + 1]).sum(), layer.weight)[0] for n in range(3)])
+        for v in range(2)
+    ])  # fmt: skip
+    torch.testing.assert_close(actual, expected.sum(1) if sum_batch else expected, rtol=1e-12, atol=1e-12)

@@ -462,6 +462,46 @@ def test_adaptive_average_pooling_to_any_size_gets_exact_curvature(size: tuple[i
     check_curvature(run, curvature)
 
 
+LINEAR_LAYERS = {  # a layer between Conv2d(2, 4, 2) (outputs [4, 5, 5]) and Tanh, Flatten, Linear(., 3)
+    "AvgPool2d": lambda: torch.nn.AvgPool2d(2), "AdaptiveAvgPool2d": lambda: torch.nn.AdaptiveAvgPool2d(2),
+    "ZeroPad2d": lambda: torch.nn.ZeroPad2d((1, 0, 2, 1)), "ConstantPad2d": lambda: torch.nn.ConstantPad2d(1, 0.5),
+    "ReflectionPad2d": lambda: torch.nn.ReflectionPad2d(2), "ReplicationPad2d": lambda: torch.nn.ReplicationPad2d((1, 2, 0, 1)),
+    "CircularPad2d": lambda: torch.nn.CircularPad2d(1),
+    "Upsample nearest": lambda: torch.nn.Upsample(scale_factor=2), "Upsample bilinear": lambda: torch.nn.Upsample(size=(7, 6), mode="bilinear"),
+    "UpsamplingNearest2d": lambda: torch.nn.UpsamplingNearest2d(scale_factor=2), "UpsamplingBilinear2d": lambda: torch.nn.UpsamplingBilinear2d(size=(3, 4)),
+    "PixelShuffle": lambda: torch.nn.PixelShuffle(2), "PixelUnshuffle": lambda: torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.PixelUnshuffle(2)),
+    "ChannelShuffle": lambda: torch.nn.ChannelShuffle(2),
+    "Unfold": lambda: torch.nn.Unfold(2, dilation=2), "Fold": lambda: torch.nn.Sequential(torch.nn.Flatten(2), torch.nn.Fold((6, 6), 2)),
+    "Unflatten": lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Unflatten(1, (4, 25))),
+}  # fmt: skip
+
+
+def test_every_linear_layer_with_a_rule_through_its_own_computation_is_checked() -> None:
+    """Each class of ``linear_layers.LINEAR_LAYERS`` is checked below, or its 2-d variant is (the
+    same rule, and torch's same computation in other dimensions)."""
+    from cockpit_cli.instruments.linear_layers import LINEAR_LAYERS as RULED
+
+    checked = {type(layer) for build in LINEAR_LAYERS.values() for layer in build().modules() if not list(layer.children())}
+    as_2d = {cls: getattr(torch.nn, cls.__name__.replace("1d", "2d").replace("3d", "2d")) for cls in RULED}
+    assert {as_2d[cls] for cls in RULED} <= checked
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("layer", sorted(LINEAR_LAYERS))
+def test_linear_layers_without_parameters_get_exact_curvature(layer: str, curvature: str) -> None:
+    """Padding other than with zeros, upsampling, the shuffles, folding and reshaping had no
+    BackPACK rule and left out the curvature."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 4, 2), LINEAR_LAYERS[layer](), nn.Tanh(), nn.Flatten()).double()
+    model.append(nn.Linear(model(torch.zeros(1, 2, 6, 6, dtype=torch.float64)).shape[1], 3).double())
+    if any(isinstance(m, nn.Sequential) for m in model[1].modules()):
+        model = nn.Sequential(model[0], *model[1], *model[2:])  # the layers of the inner Sequential as the model's own
+    run = train(model, image_batches((2, 6, 6), "ce"), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    check_curvature(run, curvature)
+
+
 def normalised_mlp(seed: int) -> torch.nn.Sequential:
     """Linear(6, 5), BatchNorm1d(5) in eval mode (running statistics away from 0 and 1),
     Identity, Tanh, Linear(5, 3), in float64: [N, 6] -> [N, 3]."""

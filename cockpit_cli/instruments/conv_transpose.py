@@ -72,13 +72,6 @@ class TransposedConvDerivatives(ConvTransposeNDDerivatives):
             return torch.einsum("ngckl,vngol->vgcok", patches, mat).reshape(columns, *module.weight.shape)
         return torch.einsum("ngckl,vngol->vngcok", patches, mat).reshape(columns, samples, *module.weight.shape)
 
-    def _weight_jac_mat_prod(self, module: TransposedConv, g_inp: tuple, g_out: tuple, mat: Tensor) -> Tensor:
-        """``J_w mat`` for ``mat`` ``[V, *w.shape]``: ``[V, N, C_out, *spatial_out]``."""
-        patches = _grouped(module, module.input0)  # [N, G, C/G, K, L]
-        kernel = mat.reshape(mat.shape[0], module.groups, patches.shape[2], -1, patches.shape[3])  # [V, G, C/G, O/G, K]
-        products = torch.einsum("ngckl,vgcok->vngol", patches, kernel)
-        return products.reshape(mat.shape[0], *module.output.shape)
-
 
 def _weight_diagonal(module: TransposedConv, factor: Tensor) -> Tensor:
     """``sum_v sum_n (J_w^T S_vn)^2`` of a curvature factor ``S`` ``[V, N, C_out, *spatial_out]``,

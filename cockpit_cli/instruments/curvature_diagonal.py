@@ -15,7 +15,8 @@ squared and summed while they are in cache. The numbers are the same; the time o
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
 :func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except
 transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`), and
-average pooling, whose rules compute in the model's precision (:mod:`average_pooling`); elementwise
+layers that are linear maps without parameters (average pooling, padding, upsampling), whose rules
+go through the layers' own computation (:mod:`linear_layers`); elementwise
 activations BackPACK has no rules for get them from autograd (:mod:`elementwise_activations`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
@@ -38,12 +39,12 @@ from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntrop
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
-from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
-from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
-from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
-from cockpit_cli.instruments.average_pooling import set_average_pooling_rules
 from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
+from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
+from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
+from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
+from cockpit_cli.instruments.linear_layers import set_linear_layer_rules
 
 CURVATURES = {
     "hessian": (DiagHessian, "diag_h"),
@@ -111,7 +112,7 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     for loss, derivatives in ((nn.BCEWithLogitsLoss, BinaryCrossEntropyDerivatives), (nn.MSELoss, SquaredErrorDerivatives)):
         extension.set_module_extension(loss, (DiagHLoss if hessian else DiagGGNLoss)(derivatives=derivatives()), overwrite=True)
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
-    set_average_pooling_rules(extension, hessian)
+    set_linear_layer_rules(extension, hessian)
     set_elementwise_rules(extension, hessian)
     return extension
 
