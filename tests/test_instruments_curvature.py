@@ -502,6 +502,71 @@ def test_linear_layers_without_parameters_get_exact_curvature(layer: str, curvat
     check_curvature(run, curvature)
 
 
+class Tokens3d(torch.nn.Module):
+    """Linear(6, 8) as 2 positions of 4 features, LayerNorm(4) of each, Tanh, Flatten, Linear(8, 3)."""
+
+    def __init__(self, affine: bool) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.layers = nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm(4, elementwise_affine=affine), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+
+
+NORMALIZED = {
+    "LayerNorm": lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
+    "LayerNorm over positions": lambda: Tokens3d(True).layers,
+    "LayerNorm without affine": lambda: Tokens3d(False).layers,
+    "GroupNorm": lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (2, 3)), torch.nn.Conv1d(2, 4, 2), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
+    "GroupNorm without affine": lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (2, 3)), torch.nn.Conv1d(2, 4, 2), torch.nn.GroupNorm(1, 4, affine=False), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ggn_mc"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("layers", sorted(NORMALIZED))
+def test_layer_and_group_norm_get_the_ggn_diagonal(layers: str, loss: str, curvature: str) -> None:
+    """BackPACK has no rules for them: a model with them got no curvature. At steps with
+    curvature every per-sample gradient comes from BackPACK's rules, theirs included."""
+    torch.manual_seed(0)
+    model = NORMALIZED[layers]().double()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()  # layer norm starts with zero biases
+    batches = make_batches("mlp", loss, 0, 2)
+    run = train(model, batches, quantities(DIAGONAL + FIRST_ORDER, **histogram_options(model, batches[0], 0.0)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        check_first_order(run, step)
+    if curvature == "ggn":
+        check_curvature(run, curvature)
+    else:
+        assert all(math.isfinite(run.records[step]["TICTrace"]) and sum(run.records[step]["HessTrace"]) > 0 for step in range(2))
+    hessian = train(NORMALIZED[layers]().double(), batches, quantities(DIAGONAL), curvature="hessian")
+    assert set(hessian.instruments.unavailable) == set(DIAGONAL) and "has no BackPACK curvature rule" in hessian.instruments.unavailable["HessTrace"]
+
+
+class GroupNormResidual(torch.nn.Module):
+    """The input plus Tanh(GroupNorm(Conv2d(2, 2, 3, padding=1))) of it, Flatten, Linear(72, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.conv, self.norm, self.act, self.flatten, self.out = nn.Conv2d(2, 2, 3, padding=1), nn.GroupNorm(2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.flatten(inputs + self.act(self.norm(self.conv(inputs)))))
+
+
+def test_a_residual_network_with_group_norm_gets_the_ggn_through_backpack_s_graph() -> None:
+    run = train(GroupNormResidual(), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    check_curvature(run, "ggn")
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+
+
 def normalised_mlp(seed: int) -> torch.nn.Sequential:
     """Linear(6, 5), BatchNorm1d(5) in eval mode (running statistics away from 0 and 1),
     Identity, Tanh, Linear(5, 3), in float64: [N, 6] -> [N, 3]."""

@@ -16,7 +16,8 @@ diagonal falls by about a third and its memory by the size of that tensor. Convo
 :func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except
 transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`), and
 layers that are linear maps without parameters (average pooling, padding, upsampling), whose rules
-go through the layers' own computation (:mod:`linear_layers`); elementwise
+go through the layers' own computation (:mod:`linear_layers`); layer and group norm get the GGN's
+rules (:mod:`normalization_layers`); elementwise
 activations BackPACK has no rules for get them from autograd (:mod:`elementwise_activations`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
@@ -45,6 +46,7 @@ from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDeri
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.linear_layers import set_linear_layer_rules
+from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
 CURVATURES = {
     "hessian": (DiagHessian, "diag_h"),
@@ -114,6 +116,8 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
     set_linear_layer_rules(extension, hessian)
     set_elementwise_rules(extension, hessian)
+    if not hessian:
+        set_normalization_rules(extension, "ggn")
     return extension
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import warnings
 
 from backpack.custom_module.graph_utils import convert_module_to_backpack
-from backpack.extensions import BatchGrad
 from torch import fx, nn
 
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension
+from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 
 GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
 
@@ -63,7 +63,7 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
             return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
-    curvature_rules, sample_rules = extension_modules(curvature_extension("ggn")) - {nn.Embedding}, extension_modules(BatchGrad())
+    curvature_rules, sample_rules = extension_modules(curvature_extension("ggn")) - {nn.Embedding}, extension_modules(factored_batch_grad())
     for node in graph.graph.nodes:
         if node.op == "call_module":
             module = graph.get_submodule(node.target)

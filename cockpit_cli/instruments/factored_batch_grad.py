@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfoldable
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
+from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
 
 def factored_layer(module: nn.Module) -> bool:
@@ -62,4 +63,5 @@ def factored_batch_grad() -> BatchGrad:
     for module, rule in rules.items():
         extension.set_module_extension(module, rule, overwrite=True)
     set_transposed_conv_rules(extension, "batch_grad")
+    set_normalization_rules(extension, "batch_grad")
     return extension

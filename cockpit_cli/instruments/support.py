@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from backpack.extensions import BatchGrad
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension
 from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules, no_curvature_rule
+from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
@@ -75,7 +75,7 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
         name, module = mixing
         reason = mixing_reason(name, module) + " (in eval mode, normalising with its running statistics, it would treat every sample alone)"
         return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
-    known = extension_modules(BatchGrad())
+    known = extension_modules(factored_batch_grad())
     if all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):  # hooks on their outputs give them all (output_hooks)
         known |= {type(m) for _, m in leaves if _has_trainable(m)}
     unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
