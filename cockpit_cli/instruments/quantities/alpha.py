@@ -146,11 +146,19 @@ def means_and_variances(vectors: list[torch.Tensor]) -> list[tuple[float, float]
 def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], var_fs: tuple[float, float], var_dfs: tuple[float, float]) -> float:
     """Fit the weighted quadratic to two noisy values and slopes and return alpha.
 
-    The fit ``f(x) = mu0 + mu1 x + mu2 x^2`` solves the 3 x 3 weighted normal equations of the
-    four observations, written out (plain float64 arithmetic: too small for an array library).
+    The fit ``f(x) = mu0 + mu1 x + mu2 x^2`` minimises the four observations' squared errors
+    weighted by their inverse variances. A quadratic's values and slopes at 0 and t satisfy one
+    identity, the trapezoid rule ``f(t) - f(0) = t/2 (f'(0) + f'(t))``, and nothing else: with
+    ``c = (-1, 1, -t/2, -t/2)`` the identity's coefficients on ``y = (f0, f1, d0, d1)`` and ``V``
+    their variances, the weighted least-squares fit is the quadratic through the corrected
+    observations ``y - lambda V c`` with ``lambda = c.y / (c V c)``, the misfit of the identity
+    shared out in proportion to each observation's variance. Its minimum and alpha follow from
+    the corrected slopes: ``mu1 = d0'``, ``mu2 = (d1' - d0') / 2t``, ``alpha = -d1' / d0'``.
+    (The normal equations, solved before, square the condition of the fit: with a variance near
+    zero, slopes that hardly differ between samples, they lost four digits of alpha.)
 
     Args:
-        length: Distance t between the two points (> 0).
+        length: Distance t between the two points.
         fs: Losses at 0 and t.
         dfs: Slopes along the direction at 0 and t.
         var_fs: Their sample variances (zeros replaced by 1e-10).
@@ -163,48 +171,13 @@ def fit_alpha(length: float, fs: tuple[float, float], dfs: tuple[float, float], 
     if not all(math.isfinite(value) for value in (length, *fs, *dfs, *var_fs, *var_dfs)):
         return math.nan
     t = length
-    w0, w1, w2, w3 = (1.0 / (v if v != 0.0 else VARIANCE_FLOOR) for v in (*var_fs, *var_dfs))
+    if t <= 0.0:
+        return -1.0  # no step: no fit along it
     (f0, f1), (d0, d1) = fs, dfs
-    # Design rows (1, 0, 0), (1, t, t^2), (0, 1, 0), (0, 1, 2t): normal matrix and right-hand side.
-    tt, two_t = t * t, 2.0 * t
-    normal = [
-        [w0 + w1, w1 * t, w1 * tt],
-        [w1 * t, w1 * tt + w2 + w3, w1 * tt * t + w3 * two_t],
-        [w1 * tt, w1 * tt * t + w3 * two_t, w1 * tt * tt + w3 * two_t * two_t],
-    ]
-    right = [w0 * f0 + w1 * f1, w1 * t * f1 + w2 * d0 + w3 * d1, w1 * tt * f1 + w3 * two_t * d1]
-    mu = solve(normal, right)
-    if mu is None or not all(math.isfinite(m) for m in mu) or mu[2] <= 0.0:
-        return -1.0  # singular, concave or flat along d: still going downhill where the step ended
-    other_side = -mu[1] / mu[2]
-    return float(2.0 * t / other_side - 1.0) if other_side != 0.0 else float("inf")
-
-
-def solve(matrix: list[list[float]], right: list[float]) -> list[float] | None:
-    """Solve the 3 x 3 system ``matrix @ x = right`` by Gaussian elimination with partial pivoting.
-
-    Args:
-        matrix: ``[3, 3]`` rows.
-        right: ``[3]``.
-
-    Returns:
-        ``x`` (``[3]``), or ``None`` when a pivot is exactly zero (a singular matrix).
-    """
-    rows = [[*row, value] for row, value in zip(matrix, right)]  # augmented [3, 4]
-    for col in range(3):
-        pivot = col
-        for k in range(col + 1, 3):
-            if abs(rows[k][col]) > abs(rows[pivot][col]):
-                pivot = k
-        if rows[pivot][col] == 0.0:
-            return None
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        top = rows[col]
-        for row in rows[col + 1 :]:
-            factor = row[col] / top[col]
-            for c in range(col, 4):
-                row[c] -= factor * top[c]
-    x2 = rows[2][3] / rows[2][2]
-    x1 = (rows[1][3] - rows[1][2] * x2) / rows[1][1]
-    x0 = (rows[0][3] - rows[0][1] * x1 - rows[0][2] * x2) / rows[0][0]
-    return [x0, x1, x2]
+    v0, v1, v2, v3 = (v if v != 0.0 else VARIANCE_FLOOR for v in (*var_fs, *var_dfs))
+    misfit = f1 - f0 - 0.5 * t * (d0 + d1)
+    share = misfit / (v0 + v1 + 0.25 * t * t * (v2 + v3))  # lambda
+    start, end = d0 + 0.5 * t * share * v2, d1 + 0.5 * t * share * v3  # the corrected slopes
+    if end <= start:
+        return -1.0  # concave or flat along d: still going downhill where the step ended
+    return -end / start if start != 0.0 else float("inf")
