@@ -14,6 +14,7 @@ Hessian-vector products and forward-mode slopes that quantities borrow through t
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -275,7 +276,7 @@ class GradientCapture:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
             with torch.random.fork_rng(devices=devices(loss), enabled=fork):  # MC samples never touch training's RNG
-                with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph):
+                with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph), quiet_notices():
                     self._rule_failures = []
                     _backward(loss, retain_graph, create_graph)
             if self._rule_failures:  # the pass completed, its gradients whole; what the rules give is not
@@ -299,7 +300,8 @@ class GradientCapture:
                 hooks.callback, hooks.layer_callback, hooks.at_gradients, hooks.after_gradient = None, None, False, None
                 hooks.flush()  # drops what a failed pass left
         else:
-            _backward(loss, retain_graph, create_graph)
+            with quiet_notices() if self._handles else nullcontext():  # BackPACK's hooks, attached, find no extension
+                _backward(loss, retain_graph, create_graph)
         if per_sample and not by_functorch:
             self._reduce_unused(accumulator, requested, options, batch_size)
         if by_functorch:
@@ -683,8 +685,11 @@ def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:
 def _backward(loss: Tensor, retain_graph: bool, create_graph: bool) -> None:
     """``loss.backward`` (with ``create_graph``, without torch's warning about the reference cycle
     between parameters and their gradients: :meth:`GradientCapture.release_gradient_graph` breaks it)."""
+    if not create_graph:
+        loss.backward(retain_graph=retain_graph)
+        return
     with quiet_notices():
-        loss.backward(retain_graph=retain_graph, create_graph=create_graph)
+        loss.backward(create_graph=True)
 
 
 def run_extensions(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
