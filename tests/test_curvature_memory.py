@@ -85,22 +85,8 @@ def test_the_estimate_bounds_the_memory_the_curvature_takes() -> None:
     torch.manual_seed(0)
     template = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10))
     inputs, targets = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-
-    def step(tracked: bool) -> None:
-        model = copy.deepcopy(template)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        loss_function = nn.CrossEntropyLoss()
-        instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, [QUANTITIES["HessTrace"](Schedule())]) if tracked else None
-        outputs = model(inputs)
-        loss = loss_function(outputs, targets)
-        if instruments is None:
-            loss.backward()
-        else:
-            instruments.backward(0, loss, inputs, outputs, targets)
-        optimizer.step()
-
     factor = 9 * 64 * (16 * 30 * 30) * 4
-    extra = peak_bytes(lambda: step(True)) - peak_bytes(lambda: step(False))
+    extra = peak_bytes(lambda: one_step(copy.deepcopy(template), inputs, targets, "hessian")) - peak_bytes(lambda: one_step(copy.deepcopy(template), inputs, targets, None))
     assert factor < extra < curvature_memory.FACTOR_COPIES * factor, extra / factor
 
 
@@ -128,15 +114,14 @@ def smooth_cnn() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
 
 
-def smooth_step(model: nn.Module, curvature: str | None) -> Instruments | None:
-    """One step of ``model`` on 32 samples ``[3, 16, 16]``, with HessTrace due (none for ``None``)."""
+def one_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, curvature: str | None) -> Instruments | None:
+    """One step of ``model`` with cross-entropy and HessTrace due, of the diagonal ``curvature``
+    (plain training for ``None``); return the instruments."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_function = nn.CrossEntropyLoss()
     instruments = None
     if curvature is not None:
         instruments = Instruments(model, loss_function, nn.CrossEntropyLoss(reduction="none"), optimizer, [QUANTITIES["HessTrace"](Schedule())], curvature=curvature)
-    generator = torch.Generator().manual_seed(1)
-    inputs, targets = torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator)
     outputs = model(inputs)
     loss = loss_function(outputs, targets)
     if instruments is None:
@@ -145,6 +130,12 @@ def smooth_step(model: nn.Module, curvature: str | None) -> Instruments | None:
         instruments.backward(0, loss, inputs, outputs, targets)
     optimizer.step()
     return instruments
+
+
+def smooth_step(model: nn.Module, curvature: str | None) -> Instruments | None:
+    """:func:`one_step` on 32 samples ``[3, 16, 16]``."""
+    generator = torch.Generator().manual_seed(1)
+    return one_step(model, torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator), curvature)
 
 
 def test_the_estimate_bounds_the_memory_of_the_hessian_s_residuals() -> None:

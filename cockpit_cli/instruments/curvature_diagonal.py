@@ -13,12 +13,12 @@ with ``S_vn`` as ``[C_out, L]``, ``x_n`` the unfolded input patches ``[L, K]`` o
 then squares and sums it; here the products of one sample (or a few small ones) are formed,
 squared and summed while they are in cache. The numbers are the same; the time of the layer's
 diagonal falls by about a third and its memory by the size of that tensor. Convolutions that
-:func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except
-transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`), and
-layers that are linear maps without parameters (average pooling, padding, upsampling), whose rules
-go through the layers' own computation (:mod:`linear_layers`); layer and group norm get the GGN's
-rules (:mod:`normalization_layers`); elementwise
-activations BackPACK has no rules for get them from autograd (:mod:`elementwise_activations`).
+:func:`~convolutions.unfold` does not cover, and all other layers, keep BackPACK's rules, except:
+transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`); layers
+that are linear maps without parameters (average pooling, padding, upsampling), whose rules go
+through the layers' own computation (:mod:`linear_layers`); layer and group norm, which get the
+GGN's rules (:mod:`normalization_layers`); and elementwise activations BackPACK has no rules for,
+which get them from autograd (:mod:`elementwise_activations`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,

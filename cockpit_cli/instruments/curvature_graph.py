@@ -31,11 +31,18 @@ def extension_modules(extension: object) -> set[type]:
     return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
 
 
+def curvature_layers(curvature: str) -> set[type]:
+    """Return the layer classes whose curvature rules the instruments take for ``curvature``.
+
+    BackPACK's GGN rule of an embedding is left out: it forms every sample's gradient of the
+    whole table (``[V, N, num_embeddings, dim]``, and an indicator of every id at every
+    position), which beside a vocabulary would not fit in memory."""
+    return extension_modules(curvature_extension(curvature)) - {nn.Embedding}
+
+
 def no_curvature_rule(name: str, module: nn.Module) -> str:
-    """Why the layer ``name`` leaves out the curvature diagonal, its class having no rule of the
-    curvature's that the instruments take. BackPACK's GGN rule of an embedding has one, but forms
-    every sample's gradient of the whole table (``[V, N, num_embeddings, dim]``, and an indicator
-    of every id at every position): beside a vocabulary it would not fit in memory."""
+    """Why the layer ``name`` leaves out the curvature diagonal, its class not being among
+    :func:`curvature_layers`."""
     if isinstance(module, nn.Embedding):
         return f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
     return f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
@@ -63,7 +70,7 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
             return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
-    curvature_rules, sample_rules = extension_modules(curvature_extension("ggn")) - {nn.Embedding}, extension_modules(factored_batch_grad())
+    curvature_rules, sample_rules = curvature_layers("ggn"), extension_modules(factored_batch_grad())
     for node in graph.graph.nodes:
         if node.op == "call_module":
             module = graph.get_submodule(node.target)

@@ -19,8 +19,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding
-from cockpit_cli.instruments.curvature_diagonal import curvature_extension
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, extension_modules, no_curvature_rule
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, extension_modules, no_curvature_rule
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
@@ -187,7 +186,7 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
         if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
             return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
         return True, None  # where BackPACK's converter can follow it (check_support)
-    known = extension_modules(curvature_extension(curvature)) - {nn.Embedding}  # the GGN's rules know more layers than the Hessian's
+    known = curvature_layers(curvature)  # the GGN's rules know more layers than the Hessian's
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
         if type(module) not in known:
