@@ -502,19 +502,16 @@ def test_linear_layers_without_parameters_get_exact_curvature(layer: str, curvat
     check_curvature(run, curvature)
 
 
-class Tokens3d(torch.nn.Module):
+def positions_mlp(affine: bool) -> torch.nn.Sequential:
     """Linear(6, 8) as 2 positions of 4 features, LayerNorm(4) of each, Tanh, Flatten, Linear(8, 3)."""
-
-    def __init__(self, affine: bool) -> None:
-        super().__init__()
-        nn = torch.nn
-        self.layers = nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm(4, elementwise_affine=affine), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.LayerNorm(4, elementwise_affine=affine), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
 
 
 NORMALIZED = {
     "LayerNorm": lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
-    "LayerNorm over positions": lambda: Tokens3d(True).layers,
-    "LayerNorm without affine": lambda: Tokens3d(False).layers,
+    "LayerNorm over positions": lambda: positions_mlp(True),
+    "LayerNorm without affine": lambda: positions_mlp(False),
     "GroupNorm": lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (2, 3)), torch.nn.Conv1d(2, 4, 2), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
     "GroupNorm without affine": lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (2, 3)), torch.nn.Conv1d(2, 4, 2), torch.nn.GroupNorm(1, 4, affine=False), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
 }  # fmt: skip
