@@ -7,6 +7,7 @@ the N = 8 samples, most of which do not divide N, with and without weight decay.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +20,8 @@ from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.factored_gradients import FactoredLinear, FactoredSamples
 from cockpit_cli.instruments import Schedule
 from cockpit_cli.instruments.backend import GradientCapture
+import reference as ref
+import reference_curvature as curv
 from test_instruments_alpha import reference_alpha
 from test_instruments_curvature import DIAGONAL, reference_values
 from test_instruments_exact import (  # noqa: F401 (fixture)
@@ -147,10 +150,11 @@ def test_other_convolutions(conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
-def test_convolutions_padding_with_their_own_values_use_torch_func_and_have_no_curvature(mode: str) -> None:
-    """BackPACK's convolution rules compute as if the layer padded with zeros: one that pads with
-    its own values gets exact per-sample gradients from torch.func, and no curvature diagonal.
-    Without padding the mode changes nothing, and BackPACK's rules stay."""
+def test_convolutions_padding_with_their_own_values_get_exact_values_from_their_hooks(mode: str) -> None:
+    """BackPACK's convolution rules compute as if the layer padded with zeros (such a layer had its
+    per-sample gradients from torch.func and no curvature): the patches are now those of the input
+    padded with its own values, and a curvature factor passes back through the layer's own
+    computation. A grouped one keeps torch.func, without curvature."""
     from torch import nn
 
     from cockpit_cli.instruments.factored_batch_grad import factored_layer
@@ -158,20 +162,26 @@ def test_convolutions_padding_with_their_own_values_use_torch_func_and_have_no_c
 
     torch.manual_seed(3)
     batches = make_batches("cnn", "ce", 3, 2)
-    layer = nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
-    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)).double()
-    assert not factored_layer(layer)
-    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d")
-    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY)
-    support = run.instruments.support
-    assert (support.per_sample, support.per_sample_reason) == (
-        "functorch", f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's rules compute as zero padding; per-sample gradients use torch.func (exact, slower)"
-    )
-    assert run.instruments.unavailable == {"HessTrace": f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's curvature rules compute as zero padding"}
-    for step in range(2):
-        check_first_order(run, step, weight_decay=DECAY, names=names)
-    unpadded = check_support(nn.Sequential(nn.Conv2d(2, 3, 3, padding_mode=mode), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)), nn.CrossEntropyLoss())
-    assert (unpadded.per_sample, unpadded.curvature) == ("backpack", True)
+    layer = nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode=mode)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Conv2d(3, 2, 2, padding=1, padding_mode=mode), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 7 * 9, 3)).double()
+    assert factored_layer(layer)
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d", "Alpha")
+    for curvature in ("hessian", "ggn"):
+        run = train(copy.deepcopy(model), batches + make_batches("cnn", "ce", 4, 1), quantities(names + ("HessTrace", "TICDiag"), **histogram_options(model, batches[0], DECAY)), weight_decay=DECAY, curvature=curvature)
+        assert (run.instruments.support.per_sample, run.instruments.unavailable) == ("backpack", {})
+        for step in range(2):
+            check_first_order(run, step, weight_decay=DECAY, names=names[:-1])
+            assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, DECAY), rel=1e-6, abs=1e-8)
+            inputs, targets, loss_fn, _ = run.batches[step]
+            reference = run.reference_model(step)
+            diagonal = (curv.hessian_diagonal if curvature == "hessian" else curv.ggn_diagonal)(reference, loss_fn, inputs, targets, ref.weights(reference), DECAY)
+            assert run.records[step]["HessTrace"] == pytest.approx(curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
+    # Alpha every other step: its second points alone take each layer's products with the update
+    alpha = train(copy.deepcopy(model), make_batches("cnn", "ce", 5, 4), quantities(("Alpha",), Schedule(every=2)), weight_decay=DECAY)
+    assert [alpha.records[step]["Alpha"] for step in (0, 2)] == [pytest.approx(reference_alpha(alpha, step, DECAY), rel=1e-6, abs=1e-8) for step in (0, 2)]
+    grouped = check_support(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), nn.CrossEntropyLoss())
+    assert (grouped.per_sample, grouped.curvature) == ("functorch", False)
+    assert grouped.curvature_reason == f"layer '0' (Conv2d) pads in '{mode}' mode, which BackPACK's curvature rules compute as zero padding"
 
 
 def float32_source(spread: float, weight_decay: float) -> tuple[FactoredLinear, Tensor]:

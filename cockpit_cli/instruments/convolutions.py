@@ -2,7 +2,9 @@
 
 A convolution with one group and zero padding that is the same on both sides multiplies its
 weight ``[C_out, C_in, *kernel]`` with the patches :func:`unfold` returns: per-sample gradients
-and curvature diagonals of the weight are products of those patches with output-side factors.
+and curvature diagonals of the weight are products of those patches with output-side factors. A
+convolution that pads with its own values (``padding_mode`` circular, reflect or replicate) is
+the same after its input is padded so (:func:`padded`), with no zeros added.
 """
 
 from __future__ import annotations
@@ -13,11 +15,26 @@ from torch import Tensor, nn
 
 def unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
     """Return the input patches ``[N, C_in * prod(kernel), L]`` the convolution multiplies."""
+    inputs, padding = padded(module, inputs), zero_padding(module)
     if isinstance(module, nn.Conv1d):
         inputs = inputs.unsqueeze(2)  # [N, C, 1, L]: a 1-D convolution is a 2-D one of height 1
-        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *numeric_padding(module)), (1, *module.stride)
+        kernel, dilation, padding, stride = (1, *module.kernel_size), (1, *module.dilation), (0, *padding), (1, *module.stride)
         return F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)
-    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=numeric_padding(module), stride=module.stride)
+    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
+def padded(module: nn.Conv1d | nn.Conv2d, inputs: Tensor) -> Tensor:
+    """The input as the convolution reads it where it pads with its own values (``padding_mode``
+    circular, reflect or replicate: then padded here, and :func:`zero_padding` adds none), else
+    the input itself."""
+    if module.padding_mode == "zeros":
+        return inputs
+    return F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+
+
+def zero_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """The zeros per side the convolution adds to the input :func:`padded` gives (see :func:`numeric_padding`)."""
+    return (0,) * len(module.kernel_size) if module.padding_mode != "zeros" else numeric_padding(module)
 
 
 def numeric_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
@@ -32,8 +49,9 @@ def numeric_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
 
 
 def unfoldable(module: nn.Module) -> bool:
-    """Whether a convolution is one that :func:`unfold` covers (one group, zero padding the same on both sides)."""
-    return module.groups == 1 and module.padding_mode == "zeros" and numeric_padding(module) is not None
+    """Whether a convolution is one that :func:`unfold` covers (one group; zero padding the same on
+    both sides, or padding with its own values)."""
+    return module.groups == 1 and zero_padding(module) is not None
 
 
 class NumericPadding:

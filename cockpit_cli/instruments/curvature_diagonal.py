@@ -19,7 +19,9 @@ that are linear maps without parameters (average pooling, padding, upsampling), 
 through the layers' own computation (:mod:`linear_layers`); layer and group norm, which get the
 GGN's rules (:mod:`normalization_layers`); and elementwise activations BackPACK has no rules for,
 which get them from autograd (:mod:`elementwise_activations`).
-The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`),
+The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`)
+and padding with the layer's own values (circular, reflect, replicate: the factor passes back
+through the layer's own computation, the patches are those of the padded input),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
 ignored targets, label smoothing), binary cross-entropy's and the squared error's for outputs of
@@ -45,7 +47,7 @@ from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfolda
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
-from cockpit_cli.instruments.linear_layers import set_linear_layer_rules
+from cockpit_cli.instruments.linear_layers import set_linear_layer_rules, transposed_product
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
 CURVATURES = {
@@ -98,6 +100,25 @@ class _GGNConv(NumericPadding, DiagGGNConvND):
         return conv_weight_diagonal(module, backproped)
 
 
+class _OwnPadding:
+    """Mixin for BackPACK's convolution derivatives: a layer that pads with its own values
+    (circular, reflect, replicate) passes a factor back through its own computation, where
+    BackPACK's product pads with zeros."""
+
+    def _jac_t_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor, subsampling: list[int] | None = None) -> Tensor:
+        if module.padding_mode == "zeros":
+            return super()._jac_t_mat_prod(module, g_inp, g_out, mat, subsampling=subsampling)
+        return transposed_product(module, mat)
+
+
+class _Conv1DDerivatives(_OwnPadding, Conv1DDerivatives):
+    pass
+
+
+class _Conv2DDerivatives(_OwnPadding, Conv2DDerivatives):
+    pass
+
+
 def curvature_extension(curvature: str) -> BackpropExtension:
     """Return the BackPACK extension of ``curvature`` (``"hessian"``, ``"ggn"`` or ``"ggn_mc"``)
     with the convolution rules above and cross-entropy's factor of ``C - 1`` columns
@@ -106,7 +127,7 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     extension = extension_class()
     hessian = extension_class is DiagHessian
     rule = _HessianConv if hessian else _GGNConv
-    for module, derivatives in ((nn.Conv1d, Conv1DDerivatives), (nn.Conv2d, Conv2DDerivatives)):
+    for module, derivatives in ((nn.Conv1d, _Conv1DDerivatives), (nn.Conv2d, _Conv2DDerivatives)):
         extension.set_module_extension(module, rule(derivatives=derivatives(), params=["bias", "weight"]), overwrite=True)
     loss_rule = DiagHCrossEntropyLoss() if hessian else DiagGGNCrossEntropyLoss()
     loss_rule.derivatives = ReducedCrossEntropyDerivatives()

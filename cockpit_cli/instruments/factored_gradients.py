@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
-from cockpit_cli.instruments.convolutions import numeric_padding, unfold
+from cockpit_cli.instruments.convolutions import padded, unfold, zero_padding
 from cockpit_cli.instruments.histograms import HistogramSpec
 from cockpit_cli.instruments.outer_histogram import outer_histogram, outer_joint_histogram
 
@@ -352,7 +352,7 @@ class FactoredEmbedding(FactoredLinear):
 
 
 class FactoredConv(FactoredSamples):
-    """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, zero padding).
+    """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, :func:`~convolutions.unfoldable`).
 
     Args:
         module: The convolution.
@@ -379,12 +379,12 @@ class FactoredConv(FactoredSamples):
     def data_mean(self) -> Tensor:
         m = self.module
         weight_gradient = torch.nn.grad.conv1d_weight if isinstance(m, nn.Conv1d) else torch.nn.grad.conv2d_weight
-        return weight_gradient(self.inputs, self.weight_shape, self.grad_outputs, m.stride, numeric_padding(m), m.dilation, m.groups)
+        return weight_gradient(padded(m, self.inputs), self.weight_shape, self.grad_outputs, m.stride, zero_padding(m), m.dilation, m.groups)
 
     def data_products(self, vector: Tensor) -> Tensor:
         m = self.module
         convolution = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
-        outputs = convolution(self.inputs, vector, None, m.stride, numeric_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
+        outputs = convolution(padded(m, self.inputs), vector, None, m.stride, zero_padding(m), m.dilation, m.groups)  # [N, C_out, *spatial_out]
         return outputs.mul_(self.grad_outputs).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size
 
 

@@ -35,9 +35,16 @@ LINEAR_LAYERS = (
 )  # fmt: skip
 
 
-def _as_batch(mat: Tensor) -> Tensor:
-    """``[V, N, *shape]`` as a batch ``[V * N, *shape]``."""
-    return mat.flatten(0, 1)
+def transposed_product(module: nn.Module, mat: Tensor) -> Tensor:
+    """``J^T mat`` of a layer affine in its input that treats every sample alone, for ``mat``
+    ``[V, N, *output]``: ``[V, N, *input]``, the gradient of ``layer(x) . mat`` with respect to
+    ``x`` (at zero: the same everywhere) through the layer's own computation."""
+    batch = mat.flatten(0, 1)  # [V * N, *output]
+    shape_in = module.input0.shape[1:]
+    with torch.enable_grad():  # BackPACK's rules run without gradients, inside the backward pass
+        point = torch.zeros(batch.shape[0], *shape_in, dtype=mat.dtype, device=mat.device, requires_grad=True)
+        (spread,) = torch.autograd.grad(module.forward(point), point, grad_outputs=batch)  # not its hooks, which would store these tensors
+    return spread.reshape(*mat.shape[:2], *shape_in)
 
 
 class LinearLayerDerivatives(BaseDerivatives):
@@ -48,12 +55,7 @@ class LinearLayerDerivatives(BaseDerivatives):
 
     def _jac_t_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor, subsampling: list[int] | None = None) -> Tensor:
         """``J^T mat`` for ``mat`` ``[V, N, *output]``: ``[V, N, *input]``."""
-        batch = _as_batch(mat)
-        shape_in = module.input0.shape[1:]
-        with torch.enable_grad():  # BackPACK's rules run without gradients, inside the backward pass
-            point = torch.zeros(batch.shape[0], *shape_in, dtype=mat.dtype, device=mat.device, requires_grad=True)
-            (spread,) = torch.autograd.grad(module.forward(point), point, grad_outputs=batch)
-        return spread.reshape(*mat.shape[:2], *shape_in)
+        return transposed_product(module, mat)
 
 
 def set_linear_layer_rules(extension: BackpropExtension, hessian: bool) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.convolutions import padded, zero_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredEmbedding, FactoredLinear, FactoredSamples, StackedPositions
 
@@ -249,5 +249,5 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
         outputs = _normalized(module, inputs, weight, bias)
     else:
         convolution = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
-        outputs = convolution(inputs, weight, bias, module.stride, numeric_padding(module), module.dilation, module.groups)
+        outputs = convolution(padded(module, inputs), weight, bias, module.stride, zero_padding(module), module.dilation, module.groups)
     return outputs.mul_(grad_output).sum(tuple(range(1, outputs.dim())))  # in place: one temporary of the output's size

@@ -18,7 +18,7 @@ from typing import Literal
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cockpit_cli.instruments.convolutions import numeric_padding
+from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
 from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, extension_modules, no_curvature_rule
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
@@ -164,8 +164,10 @@ def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:
 
 def _pads_with_copies(module: nn.Module) -> bool:
     """Whether a convolution pads with its own values (``padding_mode`` circular, reflect or
-    replicate): BackPACK's convolution rules ignore the mode and compute with zero padding."""
-    if getattr(module, "padding_mode", "zeros") == "zeros":
+    replicate) where the instruments follow it with BackPACK's rules, which ignore the mode and
+    compute with zero padding: transposed and grouped convolutions (:func:`convolutions.padded`
+    covers the others)."""
+    if getattr(module, "padding_mode", "zeros") == "zeros" or unfoldable(module):
         return False
     padding = numeric_padding(module)
     return padding is None or any(padding)
