@@ -142,6 +142,11 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     return extension
 
 
+def module_rules(extension: BackpropExtension) -> dict[type, object]:
+    """The rule of each layer class a BackPACK extension has one for."""
+    return getattr(extension, "_BackpropExtension__module_extensions", {})
+
+
 def adds_residual(extension: BackpropExtension, module: nn.Module) -> bool:
     """Whether the Hessian's rule of ``module`` adds a factor of its own to the one it passes back:
     a layer with a second derivative (Tanh, GELU, ...) adds its residual, a column per element of
@@ -149,7 +154,7 @@ def adds_residual(extension: BackpropExtension, module: nn.Module) -> bool:
     GGN's rules add none."""
     if not isinstance(extension, DiagHessian):
         return False
-    rule = getattr(extension, "_BackpropExtension__module_extensions", {}).get(type(module))
+    rule = module_rules(extension).get(type(module))
     derivatives = getattr(rule, "derivatives", None)
     if derivatives is None:
         return False

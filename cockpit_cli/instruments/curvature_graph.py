@@ -20,7 +20,7 @@ import warnings
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from torch import fx, nn
 
-from cockpit_cli.instruments.curvature_diagonal import curvature_extension
+from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 
 GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
@@ -28,7 +28,7 @@ GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own mod
 
 def extension_modules(extension: object) -> set[type]:
     """Return the module classes a BackPACK extension has rules for."""
-    return set(getattr(extension, "_BackpropExtension__module_extensions", {}))
+    return set(module_rules(extension))
 
 
 def curvature_layers(curvature: str) -> set[type]:

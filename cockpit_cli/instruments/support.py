@@ -165,8 +165,8 @@ def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:
 def _pads_with_copies(module: nn.Module) -> bool:
     """Whether a convolution pads with its own values (``padding_mode`` circular, reflect or
     replicate) where the instruments follow it with BackPACK's rules, which ignore the mode and
-    compute with zero padding: transposed and grouped convolutions (:func:`convolutions.padded`
-    covers the others)."""
+    compute with zero padding: grouped convolutions (:func:`convolutions.padded` covers the
+    others)."""
     if getattr(module, "padding_mode", "zeros") == "zeros" or unfoldable(module):
         return False
     padding = numeric_padding(module)
