@@ -1059,12 +1059,17 @@ def test_the_batch_jacobian_in_chunks_of_rows_is_every_sample_s_gradient() -> No
             torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobian() -> None:
+def make_batches_of_sequences(steps: int) -> list[ref.Batch]:
+    """``steps`` batches of N sequences ``[N, 6, 4]`` for :class:`Recurrent`, with class targets."""
     generator = torch.Generator().manual_seed(3)
-    batches = [
+    return [
         ref.Batch(torch.randn(N, 6, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample)
-        for _ in range(3)
+        for _ in range(steps)
     ]
+
+
+def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobian() -> None:
+    batches = make_batches_of_sequences(3)
     names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d", "LayerStats")
     model = Recurrent()
     run = train(model, batches, quantities(names, **histogram_options(model, batches[0], 0.0)))
@@ -1073,6 +1078,43 @@ def test_a_model_vmap_cannot_run_gets_per_sample_gradients_from_the_batch_jacobi
     assert run.instruments.changes == [f"from step 0: {JACOBIAN_REASON}"]  # said once, in the run's warnings
     for step in range(3):
         check_first_order(run, step, names=names)
+
+
+class RecurrentWithSpare(Recurrent):
+    """:class:`Recurrent` with a layer its forward pass never calls: torch.func gives that
+    layer's parameters one zero gradient broadcast to every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(2, 2).double()
+
+
+def test_a_layer_the_forward_pass_skips_takes_the_regulariser_s_gradient_per_sample() -> None:
+    """Adding the regulariser's gradient to the broadcast zeros in place raised and stopped the training."""
+    batches = make_batches_of_sequences(3)
+    names = ("GradNorm", "NormTest", "InnerTest", "MeanGSNR", "LayerStats")
+    run = train(RecurrentWithSpare(), batches, quantities(names), weight_decay=DECAY)
+    assert run.instruments.support.per_sample == "functorch" and run.instruments.unavailable == {}
+    for step in range(3):
+        check_first_order(run, step, weight_decay=DECAY, names=names)
+
+
+def test_a_failure_reducing_torch_func_s_gradients_switches_their_quantities_off_not_the_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.instruments import backend
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("broken reduction")
+
+    monkeypatch.setattr(backend, "reduce_layer", broken)
+    batches = make_batches_of_sequences(2)
+    model = Recurrent()
+    run = train(model, batches, quantities(("GradNorm", "NormTest")))
+    assert run.instruments.unavailable == {"NormTest": "failed at step 0 and was switched off: per-sample statistics: RuntimeError: broken reduction"}
+    plain = train(Recurrent(), batches, None)
+    for trained, expected in zip(run.thetas[-1], plain.thetas[-1]):
+        torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    for step in range(2):
+        check_first_order(run, step, names=("GradNorm",))
 
 
 def parametrized_mlp(kind: str) -> nn.Sequential:

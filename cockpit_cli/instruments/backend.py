@@ -320,11 +320,14 @@ class GradientCapture:
         except Exception as error:  # noqa: BLE001 - the gradients are taken; the quantities that need these go off
             accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
             gradients = []
-        for index, samples in enumerate(gradients):
-            samples = self._with_regularizer(index, samples)
-            if index in self.runs.outside and own_gradients:
-                _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
-            reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
+        try:
+            for index, samples in enumerate(gradients):
+                samples = self._with_regularizer(index, samples)
+                if index in self.runs.outside and own_gradients:
+                    _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
+                reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
+        except Exception as error:  # noqa: BLE001 - the training's gradients are in place; the quantities that need these go off
+            accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
 
     def _backward_by_graph(
         self, loss: Tensor, inputs: Inputs, targets: Any, requested: frozenset[str], per_sample: bool, options: ReductionOptions, rng_state: tuple | None, training_pass: Callable[[], None]
@@ -544,7 +547,7 @@ class GradientCapture:
             except Exception:
                 raise error from None  # the first failure says more than the second
             self.per_sample_by_jacobian = True
-        return [gradients[name] for name in self.names]
+        return [_own_memory(gradients[name]) for name in self.names]
 
     def hessian_vector_product(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Callable[[list[Tensor]], list[Tensor]]:
         """Return ``v -> H v`` for the Hessian of ``loss``, whose graph must still exist
@@ -668,6 +671,14 @@ def out_of_place(model: nn.Module) -> list[nn.Module]:
     for module in switched:
         module.inplace = False
     return switched
+
+
+def _own_memory(samples: Tensor) -> Tensor:
+    """Return ``samples`` (``[N, *p.shape]``), copied where its rows share memory: torch.func
+    gives a parameter the loss does not read (a layer the forward pass skips) one zero gradient
+    broadcast to every sample, which the regulariser's gradient cannot be added to in place."""
+    shared = any(stride == 0 and size > 1 for stride, size in zip(samples.stride(), samples.shape))
+    return samples.contiguous() if shared else samples
 
 
 def _add_loss_term(samples: Tensor, gradient: Tensor) -> None:
