@@ -1117,6 +1117,66 @@ def test_a_failure_reducing_torch_func_s_gradients_switches_their_quantities_off
         check_first_order(run, step, names=("GradNorm",))
 
 
+class LastState(nn.Module):
+    """A recurrent layer's output sequence ``[N, T, H]`` (first of its outputs) to its last state ``[N, H]``."""
+
+    def forward(self, outputs: tuple[Tensor, Any]) -> Tensor:
+        return outputs[0][:, -1]
+
+
+def token_batches(steps: int) -> list[ref.Batch]:
+    """``steps`` batches of N sequences of 4 token ids below 6 (id 0 among them), with class targets."""
+    generator = torch.Generator().manual_seed(5)
+    return [ref.Batch(torch.randint(0, 6, (N, 4), generator=generator), torch.randint(0, 3, (N,), generator=generator), *ref.loss_functions("ce")) for _ in range(steps)]
+
+
+def test_an_embedding_beside_backpack_s_recurrent_rules_gets_exact_per_sample_gradients() -> None:
+    """BackPACK's own Embedding rule failed in float64 and with a padding index, which switched every per-sample quantity off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, padding_idx=0), nn.LSTM(3, 4, batch_first=True), LastState(), nn.Linear(4, 3)).double()
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "LayerStats")
+    run = train(model, token_batches(3), quantities(names), weight_decay=DECAY)
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.unavailable == {}
+    for step in range(3):
+        check_first_order(run, step, weight_decay=DECAY, names=names)
+
+
+@pytest.mark.parametrize(
+    ("layers", "setting"),
+    [
+        (lambda: [nn.Embedding(6, 3), nn.LSTM(3, 4, num_layers=2, batch_first=True), LastState()], "(LSTM) has settings BackPACK's rule does not cover (only num_layers = 1 is supported)"),
+        (lambda: [nn.Embedding(6, 4), nn.RNN(4, 4, nonlinearity="relu", batch_first=True), LastState()], "(RNN) has settings BackPACK's rule does not cover (only nonlinearity = tanh is supported)"),
+        (lambda: [nn.Embedding(6, 1, max_norm=1.0), nn.Flatten()], "(Embedding) has settings BackPACK's rule does not cover (Only max_norm=None supported.)"),
+    ],
+    ids=["lstm-two-layers", "rnn-relu", "embedding-max-norm"],
+)
+def test_a_layer_with_settings_backpack_s_rule_does_not_cover_gets_per_sample_gradients_from_torch_func(layers: Callable[[], list[nn.Module]], setting: str) -> None:
+    """BackPACK's rule raised inside the backward pass, which switched every per-sample quantity off at step 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers(), nn.Linear(4, 3)).double()
+    names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "LayerStats")
+    run = train(model, token_batches(3), quantities(names))
+    assert run.instruments.support.per_sample == "functorch" and run.instruments.unavailable == {}
+    assert setting in run.instruments.support.per_sample_reason
+    for step in range(3):
+        check_first_order(run, step, names=names if model[0].max_norm is None else names[:-1])  # (max_norm renormalises the weights the step starts from)
+
+
+def test_an_embedding_that_scales_its_gradient_by_id_counts_has_no_per_sample_quantities() -> None:
+    """Each id's gradient divided by its count in the batch is no mean of per-sample gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 2, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3)).double()
+    batches = token_batches(2)
+    run = train(model, batches, quantities(("GradNorm", "NormTest", "MeanGSNR")))
+    reason = run.instruments.unavailable["NormTest"]
+    assert run.instruments.support.per_sample is None and set(run.instruments.unavailable) == {"NormTest", "MeanGSNR"}
+    assert "layer '0' (Embedding) scales its gradient by how often each id occurs in the batch (scale_grad_by_freq)" in reason
+    for step in range(2):
+        inputs, targets, loss_fn, _ = batches[step]
+        expected = ref.batch_gradient(run.reference_model(step), loss_fn, inputs, targets)
+        assert_close(run.records[step]["GradNorm"], [float(g.norm()) for g in expected])
+
+
 def parametrized_mlp(kind: str) -> nn.Sequential:
     """The reference mlp with its first layer's weight parametrized (``weight_norm``,
     ``spectral_norm``): the layer holds its parameters beside the parametrization's modules."""

@@ -1,4 +1,4 @@
-"""BackPACK's ``BatchGrad`` whose Linear and convolution weight rules return factored sources.
+"""BackPACK's ``BatchGrad`` whose Linear, convolution and Embedding weight rules return factored sources.
 
 In ``grad_batch`` such a weight holds a :class:`factored_gradients.FactoredSamples` (its inputs
 and output gradients) instead of the ``[N, *weight.shape]`` tensor; biases, other layers and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.embedding import EmbeddingDerivatives
 from backpack.core.derivatives.linear import LinearDerivatives
 from backpack.extensions import BatchGrad
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfoldable
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, embedding_samples, factorable_embedding
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
 
@@ -56,10 +57,32 @@ class _ConvWeight(NumericPadding, _FactoredWeight):
         return FactoredConv(module, grad_output.to(dtype), module.input0.to(dtype)) if unfoldable(module) else None
 
 
+class _EmbeddingDerivatives(EmbeddingDerivatives):
+    """BackPACK's derivatives of an Embedding, for the layers :func:`factorable_embedding` covers
+    (a ``padding_idx`` too: its row gets no gradient)."""
+
+    def _check_parameters(self, module: nn.Embedding) -> None:
+        if not factorable_embedding(module):
+            super()._check_parameters(module)
+
+
+class _EmbeddingWeight(BatchGradBase):
+    """An Embedding's per-sample weight gradients, factored (:func:`embedding_samples`). BackPACK's
+    own rule forms a float32 one-hot tensor of every id for every table row, ``[V, N, *]``, which
+    fails for float64 weights and does not allow ``padding_idx``."""
+
+    def __init__(self) -> None:
+        super().__init__(derivatives=_EmbeddingDerivatives(), params=["weight"])
+
+    def weight(self, ext: BatchGrad, module: nn.Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], bp_quantities: None) -> FactoredSamples:
+        self._derivatives._check_parameters(module)
+        return embedding_samples(module, module.input0, g_out[0].to(module.weight.dtype))
+
+
 def factored_batch_grad() -> BatchGrad:
-    """Return a BatchGrad extension whose Linear, Conv1d and Conv2d weights get :class:`FactoredSamples`."""
+    """Return a BatchGrad extension whose Linear, Conv1d, Conv2d and Embedding weights get :class:`FactoredSamples`."""
     extension = BatchGrad()
-    rules = {nn.Linear: _LinearWeight(), nn.Conv1d: _ConvWeight(Conv1DDerivatives()), nn.Conv2d: _ConvWeight(Conv2DDerivatives())}
+    rules = {nn.Linear: _LinearWeight(), nn.Conv1d: _ConvWeight(Conv1DDerivatives()), nn.Conv2d: _ConvWeight(Conv2DDerivatives()), nn.Embedding: _EmbeddingWeight()}
     for module, rule in rules.items():
         extension.set_module_extension(module, rule, overwrite=True)
     set_transposed_conv_rules(extension, "batch_grad")

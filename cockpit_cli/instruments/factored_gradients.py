@@ -351,6 +351,21 @@ class FactoredEmbedding(FactoredLinear):
             del block
 
 
+def factorable_embedding(module: nn.Embedding) -> bool:
+    """Whether :func:`embedding_samples` gives the layer's per-sample gradients: not for one that
+    renormalises its rows (``max_norm``) or whose gradients are sparse or scaled by counts."""
+    return module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
+
+
+def embedding_samples(module: nn.Embedding, ids: Tensor, grad_output: Tensor) -> FactoredEmbedding:
+    """The per-sample weight gradients of an Embedding from its ids ``[N, *]`` and its output's
+    gradient ``[N, *, D]`` (in the weight's precision)."""
+    one_hot = F.one_hot(ids, module.num_embeddings).to(grad_output.dtype)  # [N, *, V]
+    if module.padding_idx is not None:
+        one_hot[..., module.padding_idx] = 0  # its row gets no gradient
+    return FactoredEmbedding(ids, grad_output, one_hot, module.padding_idx)
+
+
 class FactoredConv(FactoredSamples):
     """Per-sample weight gradients of ``nn.Conv1d`` / ``nn.Conv2d`` (one group, :func:`~convolutions.unfoldable`).
 

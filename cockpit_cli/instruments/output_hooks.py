@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import padded, zero_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
-from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredEmbedding, FactoredLinear, FactoredSamples, StackedPositions
+from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions, embedding_samples, factorable_embedding
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
@@ -149,8 +149,8 @@ def hooked_layer(module: nn.Module) -> bool:
     (in eval mode: in training mode it mixes the samples and the per-sample quantities are off)."""
     if isinstance(module, _BatchNorm):
         return module.track_running_stats
-    if isinstance(module, nn.Embedding):  # (not one that renormalises its rows, or whose gradients are sparse or scaled by counts)
-        return module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
+    if isinstance(module, nn.Embedding):
+        return factorable_embedding(module)
     return factored_layer(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm))
 
 
@@ -170,7 +170,7 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
     inputs, grad_output = _in_precision(inputs, grad_output, param.dtype)
     if param is module.weight:
         if isinstance(module, nn.Embedding):  # G[i] = sum_l e_(id_il) delta_il^T: a Linear layer's factors with the one-hot ids as its output's
-            return FactoredEmbedding(inputs, grad_output, _one_hot(module, inputs, param.dtype), module.padding_idx)
+            return embedding_samples(module, inputs, grad_output)
         if isinstance(module, NORMALIZATIONS):  # delta_i times the normalised input, summed over the positions
             return _over_positions(module, grad_output * _normalized(module, inputs))
         if isinstance(module, nn.Linear):
@@ -185,14 +185,6 @@ def _in_precision(inputs: Tensor, grad_output: Tensor, dtype: torch.dtype) -> tu
     if inputs.is_floating_point() and inputs.dtype != dtype:
         inputs = inputs.to(dtype)
     return inputs, grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-
-
-def _one_hot(module: nn.Embedding, ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Return the ids ``[N, *]`` as one-hot rows ``[N, *, V]``, zero at ``padding_idx`` (whose row gets no gradient)."""
-    rows = F.one_hot(ids, module.num_embeddings).to(dtype)
-    if module.padding_idx is not None:
-        rows[..., module.padding_idx] = 0
-    return rows
 
 
 def _over_positions(module: nn.Module, values: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, extension_modules, no_curvature_rule
+from cockpit_cli.instruments.curvature_diagonal import module_rules
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, no_curvature_rule
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
@@ -74,10 +75,17 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
         name, module = mixing
         reason = mixing_reason(name, module) + " (in eval mode, normalising with its running statistics, it would treat every sample alone)"
         return Support(None, reason, False, f"layer '{name}' ({type(module).__name__}) has no curvature rule")
-    known = extension_modules(factored_batch_grad())
+    counting = count_scaled_embedding(model)
+    if counting is not None:
+        reason = (
+            f"layer '{counting}' (Embedding) scales its gradient by how often each id occurs in the batch (scale_grad_by_freq), "
+            "so the batch's gradient is no mean of per-sample gradients; per-sample quantities are skipped"
+        )
+        return Support(None, reason, False, f"layer '{counting}' (Embedding) has no curvature rule")
+    rules = module_rules(factored_batch_grad())
     if all(hooked_layer(m) for _, m in leaves if _has_trainable(m)):  # hooks on their outputs give them all (output_hooks)
-        known |= {type(m) for _, m in leaves if _has_trainable(m)}
-    unsupported = [(n, m, _per_sample_obstacle(m, known)) for n, m in leaves if _has_trainable(m)]
+        rules = {type(m): None for _, m in leaves if _has_trainable(m)}
+    unsupported = [(n, m, _per_sample_obstacle(m, rules)) for n, m in leaves if _has_trainable(m)]
     unsupported = [entry for entry in unsupported if entry[2] is not None]
     if any(_has_trainable(m) for m in model.modules() if list(m.children())):
         unsupported.append((type(model).__name__, model, "has no BackPACK rule"))
@@ -112,6 +120,15 @@ def mixing_batch_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
             return name or type(model).__name__, module
+    return None
+
+
+def count_scaled_embedding(model: nn.Module) -> str | None:
+    """Return the name of the first trainable Embedding of ``model`` that divides its gradient
+    by the counts of the ids in the batch (``scale_grad_by_freq``), or ``None``."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and module.weight.requires_grad:
+            return name or type(model).__name__
     return None
 
 
@@ -153,12 +170,19 @@ def no_curvature_reason(why: str) -> str:
     return f"{why}; BackPACK's curvature rules need every layer once"
 
 
-def _per_sample_obstacle(module: nn.Module, known: set[type]) -> str | None:
-    """Why BackPACK's first-order rules cannot give the layer's per-sample gradients, or ``None``."""
-    if type(module) not in known:
+def _per_sample_obstacle(module: nn.Module, rules: dict[type, object]) -> str | None:
+    """Why the per-sample rules (``rules``, by layer class; ``None`` where the output hooks
+    follow the layer) cannot give the layer's per-sample gradients, or ``None``."""
+    if type(module) not in rules:
         return "has no BackPACK rule"
     if _pads_with_copies(module):
         return f"pads in '{module.padding_mode}' mode, which BackPACK's rules compute as zero padding"
+    check = getattr(getattr(rules[type(module)], "_derivatives", None), "_check_parameters", None)
+    try:
+        if check is not None:
+            check(module)
+    except NotImplementedError as error:  # BackPACK's words for settings its rule does not cover: "only num_layers = 1 is supported"
+        return f"has settings BackPACK's rule does not cover ({error})"
     return None
 
 
