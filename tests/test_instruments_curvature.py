@@ -841,6 +841,31 @@ def test_ggn_of_a_residual_model_comes_from_backpack_s_graph_of_it(kind: str, lo
         assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
 
 
+class ResidualMLPWithSpare(ResidualMLP):
+    """:class:`ResidualMLP` with a layer its forward pass never calls."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.spare = torch.nn.Linear(2, 2).double()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("names", [FIRST_ORDER + DIAGONAL, ("HessTrace",)], ids=["with-per-sample", "curvature-alone"])
+def test_a_layer_the_forward_pass_skips_has_the_regulariser_s_curvature(names: tuple[str, ...], weight_decay: float) -> None:
+    """Its curvature diagonal is lambda (zero without a regulariser); its HessTrace was None."""
+    model = ResidualMLPWithSpare(0)
+    batches = make_batches("mlp", "ce", 0, 2)
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature="ggn")
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    for step in range(2):
+        expected = reference_values(run, step, "ggn", weight_decay)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        if "TICDiag" in names:
+            check_first_order(run, step, weight_decay=weight_decay)
+            assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+            assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
 def test_monte_carlo_ggn_of_a_residual_model_leaves_the_random_state_and_in_place_layers_alone() -> None:
     model = ResidualMLP(0, in_place=True)
     torch.manual_seed(3)

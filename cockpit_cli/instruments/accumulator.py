@@ -28,6 +28,7 @@ class Accumulator:
         self.num_params = num_params
         self.coordinates = 0
         self.sourced: set[int] = set()  # the parameters whose per-sample gradients were reduced
+        self.reached: set[int] = set()  # the parameters reduced at all (per-sample gradients, curvature diagonal or both)
         self._scalars: dict[str, float] | None = None  # the scalar totals as Python floats, once read
 
     @property

@@ -302,8 +302,8 @@ class GradientCapture:
         else:
             with quiet_notices() if self._handles else nullcontext():  # BackPACK's hooks, attached, find no extension
                 _backward(loss, retain_graph, create_graph)
-        if per_sample and not by_functorch:
-            self._reduce_unused(accumulator, requested, options, batch_size)
+        if (per_sample and not by_functorch) or self._curvature in extensions:
+            self._reduce_unused(accumulator, requested, options, batch_size, per_sample and not by_functorch, self._curvature in extensions)
         if by_functorch:
             self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
         accumulator.synchronize(self.sync)
@@ -377,8 +377,8 @@ class GradientCapture:
             accumulator.fail(requested & NEEDS_CURVATURE, failure)
             if per_sample:
                 self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
-        elif per_sample:
-            self._reduce_unused(accumulator, requested, options, batch_size)
+        else:
+            self._reduce_unused(accumulator, requested, options, batch_size, per_sample, curvature=True)
         accumulator.synchronize(self.sync)
         return accumulator
 
@@ -404,16 +404,20 @@ class GradientCapture:
             return f"the loss module's output enters the loss times {float(weight):g}, whose curvature has no square-root factor"
         return None
 
-    def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> None:
-        """Reduce the parameters no layer handed per-sample gradients for: those the loss did not
-        use at this step (a layer the forward pass skipped), whose gradient is the same for every
-        sample, the regulariser's (zero without one), as torch.func and autograd give it."""
-        if len(accumulator.sourced) == len(self.params):
+    def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int, per_sample: bool, curvature: bool) -> None:
+        """Reduce the parameters the pass did not reach: those the loss did not use at this step
+        (a layer the forward pass skipped), whose gradient is the same for every sample, the
+        regulariser's (zero without one), as torch.func and autograd give it, and whose
+        curvature diagonal is the regulariser's, ``lambda`` (``per_sample``, ``curvature``: which
+        of the two the pass formed)."""
+        if len(accumulator.reached) == len(self.params):
             return
         for index, param in enumerate(self.params):
-            if index not in accumulator.sourced:
-                shared = self._with_regularizer(index, torch.zeros_like(param.detach()))
-                reduce_layer(index, ConstantSamples(shared, batch_size), param, None, requested, accumulator, options, self.sync)
+            if index not in accumulator.reached:
+                shared = self._with_regularizer(index, torch.zeros_like(param.detach())) if per_sample else None
+                diagonal = torch.full_like(param.detach(), self.weight_decay[index]) if curvature else None
+                source = None if shared is None else ConstantSamples(shared, batch_size)
+                reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
 
     def _unfollowable(self, loss: Tensor, per_sample: bool, by_functorch: bool, extensions: list) -> str | None:
         """Say why the layers' hooks cannot follow this step's forward pass (:mod:`layer_runs`), or
@@ -492,6 +496,7 @@ class GradientCapture:
                         point = param.detach() if theta is None else theta[index]
                         products += self.weight_decay[index] * torch.dot(point.reshape(-1), directions[param].reshape(-1))
                 accumulator.sourced.update(index for index, _ in own)
+                accumulator.reached.update(index for index, _ in own)
                 accumulator.add(PROJECTIONS, products)
             except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
                 accumulator.fail({PROJECTIONS}, sample_failure(error))

@@ -308,6 +308,7 @@ def reduce_layer(
     h = None if curvature is None else _shared_mean(sync, curvature.reshape(-1), 1)
     block = r.LayerBlock(index, 0, theta, h=h)
     requested = r.runnable(requested, source is not None, h is not None)
+    acc.reached.add(index)
     if source is not None:
         acc.sourced.add(index)
     if source is not None and requested & r.NEEDS_SAMPLES:
