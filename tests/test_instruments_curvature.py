@@ -21,8 +21,8 @@ import reference as ref
 import reference_curvature as curv
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.backend import GradientCapture
-from cockpit_cli.instruments.engine import GRAPH_NOTE
-from test_instruments_exact import BUILDERS, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
+from cockpit_cli.instruments.engine import GRAPH_NOTE, MATH_ATTENTION_NOTE
+from test_instruments_exact import BUILDERS, Attending, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -235,6 +235,52 @@ def dense_max_eigenvalue(run: Run, step: int, weight_decay: float) -> float:
     inputs, targets, loss_fn, _ = run.batches[step]
     decayed = ref.weights(model) if weight_decay else None
     return curv.max_abs_eigenvalue(curv.hessian(model, loss_fn, inputs, targets, decayed, weight_decay))
+
+
+def attention_batches(steps: int) -> list[ref.Batch]:
+    """``steps`` float64 batches of 4 sequences ``[4, 5, 8]`` for :class:`Attending`, with class targets."""
+    generator = torch.Generator().manual_seed(2)
+    return [ref.Batch(torch.randn(4, 5, 8, generator=generator, dtype=torch.float64), torch.randint(0, 3, (4,), generator=generator), torch.nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(steps)]
+
+
+def test_attention_gets_hess_max_ev_from_the_loss_computed_again_on_the_math_kernel() -> None:
+    """The fused kernel torch runs attention with (on the CPU too) has no second derivative: HessMaxEV
+    was switched off at step 0. The training's own forward passes keep their kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batches = attention_batches(3)
+    run = train(Attending().double(), batches, quantities(("GradNorm", "HessMaxEV"), HessMaxEV={"rtol": 1e-9, "atol": 0.0}))
+    assert run.instruments.unavailable == {} and run.instruments.changes == [f"from step 0: {MATH_ATTENTION_NOTE}"]
+    with sdpa_kernel(SDPBackend.MATH):  # (the reference's dense Hessian needs it too)
+        for step in range(3):
+            assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-7)
+    plain = train(Attending().double(), batches, None)
+    for tracked, untracked in zip(run.thetas[-1], plain.thetas[-1]):
+        torch.testing.assert_close(tracked, untracked, rtol=0, atol=0)
+
+
+class FusedAttending(torch.nn.Module):
+    """A linear map of a short sequence, self-attention by the CPU's fused kernel called directly
+    (which no choice of kernel changes), then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.project, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        heads = self.project(inputs).unsqueeze(1)  # [N, 1, L, E]
+        attended = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(heads, heads, heads)[0]
+        return self.head(attended.squeeze(1).mean(1))
+
+
+def test_a_model_without_second_derivatives_switches_hess_max_ev_off_saying_why() -> None:
+    run = train(FusedAttending(), [ref.Batch(b.inputs.float(), b.targets, b.loss_fn, b.per_sample_loss_fn) for b in attention_batches(2)], quantities(("GradNorm", "HessMaxEV")))
+    assert run.instruments.unavailable == {
+        "HessMaxEV": "failed at step 0 and was switched off: RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward "
+        "is not implemented (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
+    }
+    assert run.instruments.changes == [] and all("GradNorm" in run.records[step] for step in range(2))  # the other quantities go on
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))

@@ -1007,29 +1007,6 @@ def test_per_sample_gradients_through_attention_from_torch_func_are_exact_and_qu
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_model_without_second_derivatives_switches_hessmaxev_off_saying_why() -> None:
-    """CPU attention in float32 runs a kernel whose backward torch cannot differentiate again."""
-    batches = [ref.Batch(torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2]), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
-    run = train(Attending(), batches, quantities(("GradNorm", "HessMaxEV")))
-    reason = run.instruments.unavailable["HessMaxEV"]
-    assert reason.startswith("failed at step 0 and was switched off: RuntimeError: derivative for ")
-    assert reason.endswith(
-        "(Hessian-vector products need the second derivative of every operation of the model; this one has none; "
-        "torch's math kernel has: run the forward passes under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"
-    )
-    assert all("GradNorm" in run.records[step] for step in range(2))  # the other quantities go on
-
-
-def test_attention_on_torch_s_math_kernel_gets_hessmaxev() -> None:
-    """What the reason above advises: the same model under the math kernel has second derivatives."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    batches = [ref.Batch(torch.randn(4, 5, 8), torch.tensor([0, 2, 1, 2]), nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
-    with sdpa_kernel(SDPBackend.MATH):
-        run = train(Attending(), batches, quantities(("GradNorm", "HessMaxEV")))
-    assert run.instruments.unavailable == {} and all(math.isfinite(run.records[step]["HessMaxEV"]) for step in range(2))
-
-
 class Recurrent(nn.Module):
     """A GRU over a short sequence and a linear head on its last state: BackPACK has no GRU rule,
     and ``vmap`` cannot run ``nn.GRU`` a sample at a time (its hidden state starts unbatched and

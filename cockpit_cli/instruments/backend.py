@@ -22,6 +22,7 @@ import torch
 from backpack import backpack, hook_run_extensions, hook_store_io, memory_cleanup
 from backpack.utils.module_classification import is_no_op
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
@@ -109,6 +110,9 @@ class GradientCapture:
         self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
         self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
         self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
+        # Whether Hessian-vector products differentiate a loss computed again with attention on
+        # torch's math kernel (:meth:`products_on_math_attention`).
+        self.math_attention = False
         self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
         # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
         self._graph = support.graph if support.curvature_by_graph else None
@@ -554,29 +558,50 @@ class GradientCapture:
             self.per_sample_by_jacobian = True
         return [_own_memory(gradients[name]) for name in self.names]
 
+    @property
+    def products_by_replay(self) -> bool:
+        """Whether :meth:`hessian_vector_product` computes the step's loss again (so the training's
+        backward pass need not keep its gradients differentiable)."""
+        return self.compiled or self.math_attention
+
+    def products_on_math_attention(self) -> None:
+        """From now on, take Hessian-vector products of the loss computed again with attention on
+        torch's math kernel: the fused kernels torch picks for ``scaled_dot_product_attention``
+        (flash attention, on the CPU too) have no second derivative. The training's own forward
+        passes keep their kernels."""
+        self.release_gradient_graph()  # the gradients of the training's graph, which cannot be differentiated again
+        self.math_attention = True
+
     def hessian_vector_product(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Callable[[list[Tensor]], list[Tensor]]:
         """Return ``v -> H v`` for the Hessian of ``loss``, whose graph must still exist
         (:func:`functional_passes.hessian_vector_product`; it differentiates the gradients
         :meth:`backward` left differentiable with ``create_graph``). Call it inside the engine's
         own pass (the hooks ignore a forward pass it makes).
 
-        A compiled model's graph cannot be differentiated twice: its loss is computed again by
-        the module torch.compile wraps, from the step's inputs and random state, and must equal
-        the step's loss (the loss module's value plus the regulariser)."""
-        if self.compiled:
-            loss = self._uncompiled_loss(loss, inputs, targets, rng_state)
+        Where the training's graph cannot be differentiated twice (:attr:`products_by_replay`: a
+        compiled model's graph, or attention's fused kernels), the loss is computed again, by the
+        module torch.compile wraps and with attention on the math kernel, from the step's inputs
+        and random state, and must equal the step's loss (the loss module's value plus the
+        regulariser)."""
+        if self.products_by_replay:
+            loss = self._replayed_loss(loss, inputs, targets, rng_state)
         return hessian_vector_product(loss, self.params, self.sync, self.gradient_scale)
 
-    def _uncompiled_loss(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
+    def _replayed_loss(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
         if self._output_hooks is not None:
             self._output_hooks.detach()  # (the next tracked step attaches them again)
-        again = loss_at(self.model._orig_mod, self.loss_function, inputs, targets, rng_state) + self.regularization_tensor()
+        model = self.model._orig_mod if self.compiled else self.model
+        with sdpa_kernel(SDPBackend.MATH) if self.math_attention else nullcontext():
+            again = loss_at(model, self.loss_function, inputs, targets, rng_state) + self.regularization_tensor()
         value, expected = float(again.detach()), float(loss.detach())
         if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6):
+            how = " and ".join(
+                part for part, used in (("without torch.compile", self.compiled), ("with attention on torch's math kernel", self.math_attention)) if used
+            )
             raise ValueError(
-                f"the loss computed again without torch.compile (whose graphs are not differentiated twice) is {value:.6g}, "
+                f"the loss computed again {how} (for graphs that can be differentiated twice) is {value:.6g}, "
                 f"not the step's {expected:.6g}: its Hessian-vector products need the loss to be the loss module's "
-                "(plus weight_decay's term), computed alike with and without torch.compile"
+                f"(plus weight_decay's term), computed alike {how} and as trained"
             )
         return again
 

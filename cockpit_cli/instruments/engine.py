@@ -24,7 +24,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,8 @@ class Instruments:
         if q.CURVATURE in needs and self.support.curvature and not self._curvature_checked and self._output_sizes is None:
             self._output_sizes = curvature_memory.OutputSizes(self.model, ignore=lambda: self._own_pass, residual=self.capture.adds_curvature_residual)
         per_sample_by_functorch = bool(needs & r.NEEDS_SAMPLES) and self.capture.may_use_torch_func(curvature=q.CURVATURE in needs)
-        replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch or (q.HVP in needs and self.capture.compiled)
+        # (at every step with Hessian-vector products: they may have to compute the loss again, see _compute)
+        replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch or q.HVP in needs
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
             self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
@@ -371,7 +372,7 @@ class Instruments:
                 retain_graph=hvp,
                 rng_state=self._rng_state,
                 # data-parallel gradients are taken again locally, a compiled model's from its uncompiled module
-                create_graph=hvp and self.sync.world_size == 1 and not self.capture.compiled,
+                create_graph=hvp and self.sync.world_size == 1 and not self.capture.products_by_replay,
                 scale=pass_scale,
             )
         self.capture.detach()
@@ -423,8 +424,7 @@ class Instruments:
         )
         try:
             with torch.no_grad():
-                for quantity in active:
-                    self._run(quantity, quantity.compute, data)
+                self._compute(active, data, lambda: self._products_on_math_attention(loss, inputs, targets))
         finally:
             if hvp:
                 self.capture.release_gradient_graph()
@@ -568,10 +568,34 @@ class Instruments:
 
     def _run(self, quantity: Quantity, method: Any, data: Any) -> None:
         """Call ``method(data)`` (callers hold ``torch.no_grad``); a failure switches the quantity off."""
-        try:
-            method(data)
-        except Exception as error:  # an instrument never stops training
-            self._switch_off([quantity], failure_reason(self._label(data.step), f"{type(error).__name__}: {error}"))
+        error = _attempt(method, data)
+        if error is not None:
+            self._switch_off([quantity], failure_reason(self._label(data.step), error))
+
+    def _compute(self, active: list[Quantity], data: StepData, math_attention: Callable[[], Callable[[list[Tensor]], list[Tensor]]]) -> None:
+        """Compute the step's values. Where Hessian-vector products meet attention's fused kernels,
+        which have no second derivative, they are taken again on the loss computed with the math
+        kernel (``math_attention`` returns them), and the quantity computes once more."""
+        for quantity in active:
+            error = _attempt(quantity.compute, data)
+            if error is not None and data.hvp is not None and _no_second_derivative(error) and "scaled_dot_product" in error and not self.capture.math_attention:
+                try:
+                    data.hvp = math_attention()
+                except Exception as failure:  # noqa: BLE001 - an instrument never stops training
+                    error = f"{type(failure).__name__}: {failure}"
+                else:
+                    error = _attempt(quantity.compute, data)
+                    if error is None:
+                        self.changes.append(f"from step {self._label(data.step)}: {MATH_ATTENTION_NOTE}")
+            if error is not None:
+                self._switch_off([quantity], failure_reason(self._label(data.step), error))
+
+    def _products_on_math_attention(self, loss: Tensor, inputs: Inputs, targets: Any) -> Callable[[list[Tensor]], list[Tensor]]:
+        """Switch the Hessian-vector products to attention on torch's math kernel from this step on
+        (:meth:`GradientCapture.products_on_math_attention`) and return this step's."""
+        self.capture.products_on_math_attention()
+        with torch.enable_grad(), self._engine_pass():
+            return self.capture.hessian_vector_product(loss, inputs, targets, self._rng_state)
 
     def _collect(self, outputs: dict[int, dict[str, Any]]) -> None:
         for step, values in outputs.items():
@@ -632,19 +656,34 @@ class Instruments:
         }
 
 
+def _attempt(method: Callable[[Any], None], data: Any) -> str | None:
+    """Call ``method(data)``; return its failure as ``"Type: message"``, or ``None``."""
+    try:
+        method(data)
+    except Exception as error:  # noqa: BLE001 - an instrument never stops training
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _no_second_derivative(error: str) -> bool:
+    """Whether ``error`` is torch's word for an operation whose backward has no derivative."""
+    return "derivative for" in error and "is not implemented" in error
+
+
 def failure_reason(step: int, error: str) -> str:
     """Return the manifest's reason for a quantity that failed at ``step`` with ``error``."""
     reason = f"failed at step {step} and was switched off: {error}"
-    if "derivative for" in error and "is not implemented" in error:  # torch's words for a missing double backward
-        reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none"
-        if "scaled_dot_product" in error:
-            reason += "; torch's math kernel has: run the forward passes under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
-        reason += ")"
+    if _no_second_derivative(error):
+        reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
     if "support saved tensor hooks" in error:  # torch.func's words for a model that checkpoints activations
         reason += " (torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)"
     return reason
 
 
+MATH_ATTENTION_NOTE = (
+    "attention's fused kernels have no second derivative: at the steps with Hessian-vector products (HessMaxEV) "
+    "the loss is computed again with attention on torch's math kernel, one more forward and backward pass"
+)
 NO_MEASURED_INPUTS = "the model's inputs hold no floating-point tensor (token ids, say): there are no measurements to describe"
 AUTOCAST_REASON = "the forward pass runs under autocast (mixed precision), which BackPACK's curvature rules cannot backpropagate"
 JACOBIAN_REASON = (
