@@ -110,6 +110,31 @@ def test_alpha_s_start_slopes_without_forward_mode_come_from_a_backward_pass(see
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
 
 
+class RecurrentPair(nn.Module):
+    """A GRU, then an LSTM (float32: on the CPU, its fused kernel), then a linear head on the last
+    state: ``vmap`` cannot run the GRU a sample at a time, and neither layer has a forward-mode
+    derivative, so Alpha's start slopes come from the batch's Jacobian by torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru, self.lstm, self.head = nn.GRU(4, 4, batch_first=True), nn.LSTM(4, 3, batch_first=True), nn.Linear(3, 3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.lstm(self.gru(inputs)[0])[0][:, -1])
+
+
+def test_alpha_of_an_lstm_in_float32_from_torch_func_s_jacobian() -> None:
+    """The Jacobian, taken where the quantities compute (under no_grad), ran the LSTM's fused kernel
+    without what its backward pass needs: Alpha failed at step 0."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [ref.Batch(torch.randn(6, 5, 4, generator=generator), torch.randint(0, 3, (6,), generator=generator), *ref.loss_functions("ce")) for _ in range(3)]
+    run = train(RecurrentPair(), batches, quantities(("Alpha", "Loss")), OPTIMIZERS["adam"])
+    assert run.instruments.unavailable == {} and run.instruments.support.per_sample == "functorch"
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("seed, weight_decay", [(0, 0.0), (1, DECAY)])
 @pytest.mark.parametrize("kind, loss", CASES)

@@ -65,7 +65,9 @@ def functorch_per_sample(
     def batch_losses(theta: dict[str, Tensor]) -> Tensor:
         return one_per_sample(per_sample_loss(functional_call(model, theta, model_args(inputs), model_kwargs(inputs)), targets), batch_size(inputs))
 
-    with torch.random.fork_rng(devices=devices(first_input(inputs))), quiet_notices(), unchanged_state(model):
+    # (with grad mode on: a caller under no_grad would have fused kernels, an LSTM's on the CPU, run
+    # without what their backward pass needs)
+    with torch.random.fork_rng(devices=devices(first_input(inputs))), quiet_notices(), unchanged_state(model), torch.enable_grad():
         if by_jacobian or _has_dropout(model):
             if rng_state is not None:
                 _set_rng_state(rng_state)
