@@ -266,3 +266,40 @@ def test_linear_layers_form_no_blocks_for_the_second_moment(kind: str, block_siz
     for step in range(2):
         check_first_order(run, step, names=("MeanGSNR", "NormTest"))
     assert set(block_sizes) == (set() if kind == "mlp" else {"FactoredConv"})
+
+
+def dense_embedding_gradients(ids: Tensor, grad_outputs: Tensor, vocabulary: int, padding_idx: int | None, theta: Tensor, decay: float) -> Tensor:
+    """``G[i] = N sum_l e_(id_il) delta_il^T + decay theta`` formed row by row: ``[N, V * D]``."""
+    n, width = grad_outputs.shape[0], grad_outputs.shape[-1]
+    rows = torch.zeros(n, vocabulary, width, dtype=grad_outputs.dtype)
+    for i in range(n):
+        for position, token in enumerate(ids[i].reshape(-1).tolist()):
+            if token != padding_idx:
+                rows[i, token] += n * grad_outputs[i].reshape(-1, width)[position]
+    return (rows + decay * theta).reshape(n, -1)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("positions", [1, 3])
+def test_factored_embedding_gradients_equal_formed_ones_and_form_no_one_hot_ids_for_several_positions(positions: int, weight_decay: float, padding_idx: int | None) -> None:
+    """A language model's ids one-hot (``N L V`` numbers, gigabytes) was formed at every tracked step."""
+    from cockpit_cli.instruments.factored_gradients import FactoredEmbedding
+
+    generator = torch.Generator().manual_seed(positions)
+    vocabulary, width, n = 7, 3, 5
+    ids = torch.randint(0, vocabulary, (n, positions), generator=generator)
+    grad_outputs = torch.randn(n, positions, width, generator=generator, dtype=torch.float64)
+    theta, vector = torch.randn(2, vocabulary, width, generator=generator, dtype=torch.float64)
+    source = FactoredEmbedding(ids, grad_outputs, vocabulary, padding_idx).regularized(theta, weight_decay)
+    dense = dense_embedding_gradients(ids, grad_outputs, vocabulary, padding_idx, theta, weight_decay)
+    g = dense.mean(0)
+    torch.testing.assert_close(source.mean(), g)
+    torch.testing.assert_close(source.products(vector.reshape(-1)), dense @ vector.reshape(-1))
+    torch.testing.assert_close(torch.cat(list(source.blocks())), dense)
+    for formula, expected in ((source.square_norms, dense.square().sum(1)), (source.second_moment, dense.square().sum(0)), (lambda: source.centered_sum(g), (dense - g).square().sum())):
+        value = formula()
+        assert (value is None) == (positions > 1 or (formula == source.second_moment and weight_decay > 0))
+        if value is not None:
+            torch.testing.assert_close(value, expected.to(value.dtype))
+    assert (source._one_hot is None) == (positions > 1)

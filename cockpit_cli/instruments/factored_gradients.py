@@ -51,7 +51,7 @@ class FactoredSamples:
 
     def __init__(self, grad_outputs: Tensor, weight_shape: torch.Size):
         self.delta = grad_outputs
-        self.n = grad_outputs.shape[0]
+        self.n = len(grad_outputs)
         self.weight_shape = weight_shape
         self.theta: Tensor | None = None
         self.decay = 0.0
@@ -66,6 +66,11 @@ class FactoredSamples:
     def unscale(self, scale: float) -> None:
         """Divide the output gradients by ``scale``, those of a loss backpropagated times ``scale``."""
         self.delta = self.delta / scale
+
+    @property
+    def positions(self) -> int:
+        """``L``, the positions of each sample that share the weight."""
+        return self.delta.shape[2]
 
     def _inputs(self, start: int, stop: int) -> Tensor:
         """Return the input factor of samples ``start:stop``, ``[b, L, K]`` (``D = C_out * K``)."""
@@ -103,7 +108,7 @@ class FactoredSamples:
         With one position per sample (``L = 1``), ``G[i] = N delta_i x_i^T + lambda theta`` and
         ``||G[i]||^2 = N^2 ||delta_i||^2 ||x_i||^2 + 2 N lambda delta_i^T theta x_i + lambda^2 ||theta||^2``.
         """
-        if self.delta.shape[2] != 1:
+        if self.positions != 1:
             return None
         squares = self.n**2 * self.delta.square().sum((1, 2)) * self._inputs(0, self.n).square().sum((1, 2))
         decay_term = self._decay_term()
@@ -127,7 +132,7 @@ class FactoredSamples:
     def _rank_one_factors(self) -> tuple[Tensor, Tensor] | None:
         """Return ``c = N delta`` (``[N, C_out]``) and ``x`` (``[N, K]``) where every ``G[i]`` is
         their outer product ``c_i x_i^T`` (one position per sample, no regulariser), else ``None``."""
-        if self.delta.shape[2] != 1 or self.decay:
+        if self.positions != 1 or self.decay:
             return None
         return self.delta[:, :, 0] * self.n, self._inputs(0, self.n)[:, 0, :]  # c as blocks() scales it
 
@@ -151,7 +156,7 @@ class FactoredSamples:
         Args:
             g: The mean gradient, flattened ``[D]``.
         """
-        if self.delta.shape[2] != 1:
+        if self.positions != 1:
             return None
         delta, inputs = self.delta[:, :, 0], self._inputs(0, self.n)[:, 0, :]  # [N, C_out], [N, K]
         data_gradient = self._data_gradient().reshape(self.weight_shape[0], -1)  # M, [C_out, K]
@@ -308,15 +313,39 @@ class FactoredEmbedding(FactoredLinear):
     output gradients ``[N, *, D]``: those of a Linear layer whose output-side factor is the ids
     one-hot, ``G[i] = N sum_l e_(id_il) delta_il^T``, none at ``padding_idx``.
 
-    The one-hot factor serves the shared formulas (and several runs of a tied weight); the mean,
-    the products with a vector and the blocks index rows instead, ``L D`` numbers per sample
-    where the one-hot products cost ``V L D``.
+    The mean, the products with a vector and the blocks index rows, ``L D`` numbers per sample
+    where the one-hot products cost ``V L D``. The one-hot factor (``delta``, ``[N, V, L]``) is
+    formed only where a shared formula reads it: those of one position per sample, and several
+    runs of a tied weight (a language model's ``N L V`` numbers would take gigabytes).
     """
 
-    def __init__(self, ids: Tensor, grad_outputs: Tensor, one_hot: Tensor, padding_idx: int | None):
-        super().__init__(grad_outputs, one_hot, torch.Size((one_hot.shape[-1], grad_outputs.shape[-1])))
-        self.ids = ids.reshape(self.n, -1)  # [N, L]
+    def __init__(self, ids: Tensor, grad_outputs: Tensor, vocabulary: int, padding_idx: int | None):
+        n, width = len(grad_outputs), grad_outputs.shape[-1]
+        self.ids = ids.reshape(n, -1)  # [N, L]
+        self.padding_idx = padding_idx
+        self._one_hot: Tensor | None = None
+        FactoredSamples.__init__(self, grad_outputs, torch.Size((vocabulary, width)))  # (delta is formed on demand)
+        self.x = grad_outputs.reshape(n, -1, width)  # [N, L, D]
         self.kept = None if padding_idx is None else (self.ids != padding_idx).unsqueeze(-1)  # [N, L, 1]
+
+    @property
+    def delta(self) -> Tensor:
+        """The ids one-hot, ``[N, V, L]``, zero at ``padding_idx`` (whose row gets no gradient)."""
+        if self._one_hot is None:
+            one_hot = torch.zeros(*self.ids.shape, self.weight_shape[0], dtype=self.x.dtype, device=self.x.device)
+            one_hot.scatter_(2, self.ids.unsqueeze(2), 1.0)
+            if self.padding_idx is not None:
+                one_hot[..., self.padding_idx] = 0
+            self._one_hot = one_hot.transpose(1, 2)
+        return self._one_hot
+
+    @delta.setter
+    def delta(self, value: Tensor) -> None:
+        self._one_hot = None  # (FactoredSamples sets its output gradients here; the one-hot is formed from the ids)
+
+    @property
+    def positions(self) -> int:
+        return self.ids.shape[1]
 
     def unscale(self, scale: float) -> None:
         self.x = self.x / scale  # the output gradients (the one-hot factor stays as it is)
@@ -360,10 +389,7 @@ def factorable_embedding(module: nn.Embedding) -> bool:
 def embedding_samples(module: nn.Embedding, ids: Tensor, grad_output: Tensor) -> FactoredEmbedding:
     """The per-sample weight gradients of an Embedding from its ids ``[N, *]`` and its output's
     gradient ``[N, *, D]`` (in the weight's precision)."""
-    one_hot = F.one_hot(ids, module.num_embeddings).to(grad_output.dtype)  # [N, *, V]
-    if module.padding_idx is not None:
-        one_hot[..., module.padding_idx] = 0  # its row gets no gradient
-    return FactoredEmbedding(ids, grad_output, one_hot, module.padding_idx)
+    return FactoredEmbedding(ids, grad_output, module.num_embeddings, module.padding_idx)
 
 
 class FactoredConv(FactoredSamples):
