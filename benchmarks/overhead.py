@@ -69,14 +69,16 @@ from problems import build_problem
 from problems.image_classification import PROBLEM_TABLE, layer_weights
 
 ALL_PROBLEMS = ("quadratic_deep", "mnist1d_mlp", "mnist_mlp", "cifar10_3c3d")
-EXTRA_PROBLEMS = ("mnist1d_cnn",)  # on request: the quick-start's problem
+EXTRA_PROBLEMS = ("mnist1d_cnn", "token_bag")  # on request: the quick-start's problem; a language model's embedding table
+# token_bag: Embedding(50000, 256) of 128 random token ids per sample, their mean, Linear(256, 10)
+TOKEN_BAG = {"vocabulary": 50_000, "width": 256, "positions": 128, "classes": 10, "batch_size": 16}
 ALL_PRESETS = ("economy", "business", "full")
 COCKPIT_SET = "economy (Cockpit)"  # the published package's nine economy quantities, timed with economy every 1
 DEFAULT_INTERVALS = (1, 4, 16)
 # Timed steps per window at interval 1, chosen so that the default run takes about ten minutes
 # on two CPU cores; at interval k a window is at least one interval and a whole number of them.
-DEFAULT_STEPS = {"quadratic_deep": 32, "mnist1d_mlp": 32, "mnist_mlp": 3, "cifar10_3c3d": 3, "mnist1d_cnn": 32}
-DEFAULT_QUANTITY_STEPS = {"quadratic_deep": 16, "mnist1d_mlp": 16, "mnist_mlp": 1, "cifar10_3c3d": 1, "mnist1d_cnn": 16}
+DEFAULT_STEPS = {"quadratic_deep": 32, "mnist1d_mlp": 32, "mnist_mlp": 3, "cifar10_3c3d": 3, "mnist1d_cnn": 32, "token_bag": 8}
+DEFAULT_QUANTITY_STEPS = {"quadratic_deep": 16, "mnist1d_mlp": 16, "mnist_mlp": 1, "cifar10_3c3d": 1, "mnist1d_cnn": 16, "token_bag": 4}
 QUICK_PROBLEMS = ("quadratic_deep", "mnist1d_mlp")
 QUICK_INTERVALS = (1, 4)
 
@@ -139,6 +141,8 @@ def build_case(name: str, data_dir: Path, batch_size: int | None, device: torch.
     """
     torch.manual_seed(seed)
     spec = next((s for s in PROBLEM_TABLE if s.name == name), None)
+    if name == "token_bag":
+        return token_bag_case(batch_size, device)
     if spec is not None:
         template = spec.network()
         size = batch_size or spec.batch_size
@@ -170,6 +174,27 @@ def build_case(name: str, data_dir: Path, batch_size: int | None, device: torch.
         data = f"training data, batches {list(batches[0][0].shape)}"
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     return Case(name, template.to(device), loss, per_sample, decay, decayed, batches, data)
+
+
+class TokenBag(nn.Module):
+    """An embedding table of ``vocabulary`` rows of ``width``, the mean over a sample's token ids
+    ``[N, L]``, and a linear classifier: the table's per-sample gradients touch a few rows each."""
+
+    def __init__(self, vocabulary: int, width: int, classes: int):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocabulary, width), nn.Linear(width, classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+def token_bag_case(batch_size: int | None, device: torch.device) -> Case:
+    """The case ``token_bag``: :class:`TokenBag` of :data:`TOKEN_BAG` on random token ids."""
+    vocabulary, width, positions, classes = (TOKEN_BAG[key] for key in ("vocabulary", "width", "positions", "classes"))
+    size = batch_size or TOKEN_BAG["batch_size"]
+    batches = [(torch.randint(0, vocabulary, (size, positions), device=device), torch.randint(0, classes, (size,), device=device)) for _ in range(NUM_BATCHES)]
+    data = f"random token ids {[size, positions]} of {vocabulary}, {classes} classes"
+    return Case("token_bag", TokenBag(vocabulary, width, classes).to(device), nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 0.0, lambda model: [], batches, data)
 
 
 # -- one training run ----------------------------------------------------------------------

@@ -282,24 +282,33 @@ def dense_embedding_gradients(ids: Tensor, grad_outputs: Tensor, vocabulary: int
 @pytest.mark.parametrize("padding_idx", [None, 0])
 @pytest.mark.parametrize("weight_decay", [0.0, DECAY])
 @pytest.mark.parametrize("positions", [1, 3])
-def test_factored_embedding_gradients_equal_formed_ones_and_form_no_one_hot_ids_for_several_positions(positions: int, weight_decay: float, padding_idx: int | None) -> None:
-    """A language model's ids one-hot (``N L V`` numbers, gigabytes) was formed at every tracked step."""
+def test_factored_embedding_statistics_equal_those_of_formed_gradients_and_form_neither_blocks_nor_one_hot_ids(
+    positions: int, weight_decay: float, padding_idx: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sample's gradient of a language model's table (``N V D`` numbers) was formed at every
+    tracked step, and its ids one-hot (``N L V``, gigabytes) built."""
     from cockpit_cli.instruments.factored_gradients import FactoredEmbedding
+    from cockpit_cli.instruments.histograms import HistogramSpec
+    from cockpit_cli.instruments.sample_pass import _joint_counts
 
     generator = torch.Generator().manual_seed(positions)
     vocabulary, width, n = 7, 3, 5
     ids = torch.randint(0, vocabulary, (n, positions), generator=generator)
-    grad_outputs = torch.randn(n, positions, width, generator=generator, dtype=torch.float64)
+    grad_outputs = torch.randn(n, positions, width, generator=generator, dtype=torch.float64) / n
     theta, vector = torch.randn(2, vocabulary, width, generator=generator, dtype=torch.float64)
     source = FactoredEmbedding(ids, grad_outputs, vocabulary, padding_idx).regularized(theta, weight_decay)
     dense = dense_embedding_gradients(ids, grad_outputs, vocabulary, padding_idx, theta, weight_decay)
+    formed = torch.cat(list(source.blocks()))  # the blocks the statistics no longer need
+    torch.testing.assert_close(formed, dense)
+    monkeypatch.setattr(FactoredEmbedding, "blocks", None)
     g = dense.mean(0)
     torch.testing.assert_close(source.mean(), g)
     torch.testing.assert_close(source.products(vector.reshape(-1)), dense @ vector.reshape(-1))
-    torch.testing.assert_close(torch.cat(list(source.blocks())), dense)
-    for formula, expected in ((source.square_norms, dense.square().sum(1)), (source.second_moment, dense.square().sum(0)), (lambda: source.centered_sum(g), (dense - g).square().sum())):
-        value = formula()
-        assert (value is None) == (positions > 1 or (formula == source.second_moment and weight_decay > 0))
-        if value is not None:
-            torch.testing.assert_close(value, expected.to(value.dtype))
-    assert (source._one_hot is None) == (positions > 1)
+    torch.testing.assert_close(source.square_norms(), dense.square().sum(1))
+    torch.testing.assert_close(source.second_moment(), dense.square().sum(0))
+    torch.testing.assert_close(source.centered_sum(g), (dense - g).square().sum())
+    spec, columns_spec = HistogramSpec(11, -0.5, 0.5), HistogramSpec(4, -1.0, 1.0)
+    assert torch.equal(source.histogram(spec), spec.counts_of(formed))
+    columns = columns_spec.bin_of(theta.reshape(-1))
+    assert torch.equal(source.joint_histogram(spec, columns, columns_spec.bins), _joint_counts(spec, formed, columns, columns_spec.bins))
+    assert source._one_hot is None

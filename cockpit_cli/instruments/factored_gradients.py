@@ -20,7 +20,7 @@ return such a source (in ``grad_batch``) instead of the tensor.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -313,10 +313,14 @@ class FactoredEmbedding(FactoredLinear):
     output gradients ``[N, *, D]``: those of a Linear layer whose output-side factor is the ids
     one-hot, ``G[i] = N sum_l e_(id_il) delta_il^T``, none at ``padding_idx``.
 
-    The mean, the products with a vector and the blocks index rows, ``L D`` numbers per sample
-    where the one-hot products cost ``V L D``. The one-hot factor (``delta``, ``[N, V, L]``) is
-    formed only where a shared formula reads it: those of one position per sample, and several
-    runs of a tied weight (a language model's ``N L V`` numbers would take gigabytes).
+    Sample ``i``'s gradient is the regulariser's ``lambda theta`` but in the rows of the ids it
+    holds: the mean, the products with a vector, the squared norms, the second moment, the
+    centred sum and the histograms come from those rows alone (:meth:`_touched`, at most ``L D``
+    numbers per sample) and the regulariser's rows counted once for the samples that leave them
+    untouched, where forming every sample's gradient of the table takes ``N V D``. The one-hot
+    factor (``delta``, ``[N, V, L]``) is formed only for the runs of a tied weight
+    (:class:`StackedPositions`); the blocks are formed only for the statistics without a formula
+    here (the adaptive histogram range, the per-coordinate centred sums).
     """
 
     def __init__(self, ids: Tensor, grad_outputs: Tensor, vocabulary: int, padding_idx: int | None):
@@ -327,6 +331,7 @@ class FactoredEmbedding(FactoredLinear):
         FactoredSamples.__init__(self, grad_outputs, torch.Size((vocabulary, width)))  # (delta is formed on demand)
         self.x = grad_outputs.reshape(n, -1, width)  # [N, L, D]
         self.kept = None if padding_idx is None else (self.ids != padding_idx).unsqueeze(-1)  # [N, L, 1]
+        self._rows_of_samples: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def delta(self) -> Tensor:
@@ -349,6 +354,7 @@ class FactoredEmbedding(FactoredLinear):
 
     def unscale(self, scale: float) -> None:
         self.x = self.x / scale  # the output gradients (the one-hot factor stays as it is)
+        self._rows_of_samples = None
 
     def _rows(self, start: int, stop: int) -> Tensor:
         """Return the output gradients of samples ``start:stop``, zero at padding: ``[b, L, D]``."""
@@ -378,6 +384,93 @@ class FactoredEmbedding(FactoredLinear):
             block = block.reshape(stop - start, size)
             yield block
             del block
+
+    def _touched(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Return the rows the samples' ids touch, each (sample, id) pair once (``P`` of them):
+        the pairs' samples ``[P]`` and ids ``[P]`` and those rows of the samples' gradients
+        ``G[i, v] = N sum_(l: id_il = v) delta_il + lambda theta_v``, ``[P, D]`` (no padding)."""
+        if self._rows_of_samples is None:
+            vocabulary, width = self.weight_shape
+            keys = torch.arange(self.n, device=self.ids.device).unsqueeze(1) * vocabulary + self.ids  # [N, L]
+            rows = self.x
+            if self.kept is not None:
+                kept = self.kept.squeeze(-1)
+                keys, rows = keys[kept], rows[kept]
+            pairs, pair_of = torch.unique(keys.reshape(-1), return_inverse=True)
+            values = torch.zeros(len(pairs), width, dtype=self.x.dtype, device=self.x.device)
+            values.index_add_(0, pair_of, rows.reshape(-1, width)).mul_(self.n)  # as blocks() forms them
+            ids = pairs % vocabulary
+            decay_term = self._decay_term()
+            if decay_term is not None:
+                values.add_(decay_term[ids])
+            self._rows_of_samples = (pairs // vocabulary, ids, values)
+        return self._rows_of_samples
+
+    def _untouched(self) -> Tensor:
+        """Return how many samples leave each row untouched, ``[V]`` (int64): their gradient there is
+        the regulariser's."""
+        _, ids, _ = self._touched()
+        return self.n - torch.bincount(ids, minlength=self.weight_shape[0])
+
+    def square_norms(self) -> Tensor:
+        samples, ids, values = self._touched()
+        norms = torch.zeros(self.n, dtype=values.dtype, device=values.device).index_add_(0, samples, values.square().sum(1))
+        decay_term = self._decay_term()
+        if decay_term is None:
+            return norms
+        rows = decay_term.square().sum(1)  # ||lambda theta_v||^2, [V]
+        return norms + (rows.sum() - torch.zeros_like(norms).index_add_(0, samples, rows[ids]))
+
+    def second_moment(self) -> Tensor:
+        _, ids, values = self._touched()
+        moment = torch.zeros(self.weight_shape, dtype=values.dtype, device=values.device).index_add_(0, ids, values.square())
+        decay_term = self._decay_term()
+        if decay_term is not None:
+            moment.addcmul_(self._untouched().to(values.dtype).unsqueeze(1), decay_term.square())
+        return moment.reshape(-1)
+
+    def centered_sum(self, g: Tensor) -> Tensor:
+        """``sum_i ||G[i] - g||^2`` (float64): the touched rows' deviations, and each untouched row
+        ``lambda theta_v - g_v`` as often as samples leave it (no terms that cancel)."""
+        _, ids, values = self._touched()
+        g = g.reshape(self.weight_shape)
+        touched = torch.zeros((), dtype=torch.float64, device=values.device)
+        for part, rows in zip(values.split(WIDE_BLOCK_ELEMENTS // values.shape[1] + 1), ids.split(WIDE_BLOCK_ELEMENTS // values.shape[1] + 1)):
+            deviation = (part - g[rows]).double().reshape(-1)
+            touched = touched + torch.dot(deviation, deviation)
+        constant = -g if self.decay == 0 else self._decay_term() - g  # [V, D]
+        return touched + torch.dot(_square_norms64(constant), self._untouched().double())
+
+    def histogram(self, spec: HistogramSpec) -> Tensor:
+        _, _, values = self._touched()
+        counts = spec.counts_of(values)
+        if self.decay == 0:  # every untouched element is 0
+            counts[spec.bin_of(values.new_zeros(1)).long()] += self._untouched().sum() * self.weight_shape[1]
+            return counts
+        return counts + self._untouched_counts(spec, lambda bins, rows: bins, spec.bins + 1)
+
+    def joint_histogram(self, fine: HistogramSpec, columns: Tensor, width: int) -> Tensor:
+        _, ids, values = self._touched()
+        cells = columns.reshape(self.weight_shape)  # [V, D]
+        size = (fine.bins + 1) * (width + 1)
+        counts = torch.bincount(fine.bin_of(values).mul_(width + 1).add_(cells[ids]).reshape(-1), minlength=size)
+        return counts + self._untouched_counts(fine, lambda bins, rows: bins.mul_(width + 1).add_(cells[rows]), size)
+
+    def _untouched_counts(self, spec: HistogramSpec, cell_of: Callable[[Tensor, slice], Tensor], size: int) -> Tensor:
+        """Return the counts over ``size`` cells of the untouched rows' elements, ``lambda theta``
+        (or 0), each as often as samples leave its row, a block of rows at a time: ``cell_of``
+        maps the bins of rows ``rows`` (``[r, D]``) to their cells."""
+        untouched = self._untouched().double()
+        decay_term = self._decay_term()
+        width = self.weight_shape[1]
+        counts = torch.zeros(size, dtype=torch.float64, device=self.x.device)
+        step = max(1, row_blocks.CHUNK_ELEMENTS // width)
+        for start in range(0, self.weight_shape[0], step):
+            rows = slice(start, start + step)
+            values = decay_term[rows] if decay_term is not None else self.x.new_zeros(untouched[rows].shape[0], width)
+            cells = cell_of(spec.bin_of(values, dtype=torch.int64), rows)
+            counts += torch.bincount(cells.reshape(-1), weights=untouched[rows].unsqueeze(1).expand(cells.shape).reshape(-1), minlength=size)
+        return counts.round_().long()  # exact: whole numbers far below 2^53
 
 
 def factorable_embedding(module: nn.Embedding) -> bool:
