@@ -641,29 +641,76 @@ def test_batch_norm_in_eval_mode_and_identity_get_the_ggn_diagonal(loss: str, cu
 
 
 class Tokens(torch.nn.Module):
-    """Embedding(7, 4) of 3 token ids, Flatten, Linear(12, 3) beside a residual connection: [N, 3] ids -> [N, 3]."""
+    """Embedding(7, 4) of 3 token ids, Flatten, a residual Tanh(Linear(12, 12)), Linear(12, 3): [N, 3] ids -> [N, 3]."""
 
     def __init__(self) -> None:
         super().__init__()
         nn = torch.nn
-        self.embed, self.flatten, self.out = nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 12)
+        self.embed, self.flatten, self.inner, self.squash, self.out = nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         features = self.flatten(self.embed(ids))
-        return (features + self.out(features))[:, :3]
+        return self.out(features + self.squash(self.inner(features)))
+
+
+def token_batches(steps: int) -> list[ref.Batch]:
+    """``steps`` batches of 6 samples of 3 token ids below 7 (id 0 among them), with class targets."""
+    generator = torch.Generator().manual_seed(1)
+    return [ref.Batch(torch.randint(0, 7, (6, 3), generator=generator), torch.randint(0, 3, (6,), generator=generator), *ref.loss_functions("ce")) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("curvature, sequential", [("hessian", True), ("ggn", True), ("ggn", False)])
+def test_an_embedding_gets_exact_curvature_from_the_rows_its_ids_touch(curvature: str, sequential: bool, padding_idx: int | None) -> None:
+    """BackPACK's GGN rule of an embedding forms every sample's gradient of the whole table, and the
+    Hessian had none: the curvature was left out."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    if sequential:
+        model = nn.Sequential(nn.Embedding(7, 4, padding_idx=padding_idx), nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    else:
+        model = Tokens().double()
+        model.embed.padding_idx = padding_idx
+    run = train(model, token_batches(2), quantities(DIAGONAL), weight_decay=DECAY, curvature=curvature)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        expected = reference_values(run, step, curvature, DECAY)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+def test_the_embedding_diagonal_in_blocks_of_columns_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cockpit_cli.instruments import row_blocks
+    from cockpit_cli.instruments.embedding_curvature import embedding_weight_diagonal
+
+    module = torch.nn.Embedding(7, 4, padding_idx=2).double()
+    module.input0 = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(0))
+    factor = torch.randn(6, 5, 3, 4, dtype=torch.float64)
+    whole = embedding_weight_diagonal(module, factor)
+    expected = torch.zeros(7, 4, dtype=torch.float64)
+    for column in factor:
+        for sample, ids in zip(column, module.input0):
+            table = torch.zeros(7, 4, dtype=torch.float64).index_add_(0, ids, sample)
+            table[2] = 0.0
+            expected += table.square()
+    torch.testing.assert_close(whole, expected)
+    monkeypatch.setattr(row_blocks, "CHUNK_ELEMENTS", 20)  # two columns at a time
+    torch.testing.assert_close(embedding_weight_diagonal(module, factor), whole)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_an_embedding_leaves_out_the_curvature_saying_why(sequential: bool) -> None:
-    """BackPACK's GGN rule of an embedding forms every sample's gradient of the whole table."""
+def test_an_embedding_that_renormalises_its_rows_leaves_out_the_curvature_saying_why(sequential: bool) -> None:
     from cockpit_cli.instruments.support import check_support
 
     nn = torch.nn
-    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)) if sequential else Tokens()
+    model = nn.Sequential(nn.Embedding(7, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 3)) if sequential else Tokens()
+    if not sequential:
+        model.embed.max_norm = 1.0
     support = check_support(model, nn.CrossEntropyLoss(), "ggn")
     assert not support.curvature
     name = "0" if sequential else "embed"
-    assert support.curvature_reason == f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
+    assert support.curvature_reason == f"layer '{name}' (Embedding) renormalises its rows (max_norm) or has a sparse or count-scaled gradient, which the curvature rules do not follow"
 
 
 ACTIVATIONS = {

@@ -17,8 +17,9 @@ diagonal falls by about a third and its memory by the size of that tensor. Convo
 transposed convolutions, whose rules follow their output padding (:mod:`conv_transpose`); layers
 that are linear maps without parameters (average pooling, padding, upsampling), whose rules go
 through the layers' own computation (:mod:`linear_layers`); layer and group norm, which get the
-GGN's rules (:mod:`normalization_layers`); and elementwise activations BackPACK has no rules for,
-which get them from autograd (:mod:`elementwise_activations`).
+GGN's rules (:mod:`normalization_layers`); elementwise activations BackPACK has no rules for,
+which get them from autograd (:mod:`elementwise_activations`); and embeddings, whose tables'
+diagonals come from the rows their ids touch (:mod:`embedding_curvature`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`)
 and padding with the layer's own values (circular, reflect, replicate: the factor passes back
 through the layer's own computation, the patches are those of the padded input),
@@ -46,6 +47,7 @@ from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
+from cockpit_cli.instruments.embedding_curvature import set_embedding_rules
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.linear_layers import set_linear_layer_rules, transposed_product
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
@@ -137,6 +139,7 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
     set_linear_layer_rules(extension, hessian)
     set_elementwise_rules(extension, hessian)
+    set_embedding_rules(extension, hessian)
     if not hessian:
         set_normalization_rules(extension, "ggn")
     return extension

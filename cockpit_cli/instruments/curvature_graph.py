@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
+from cockpit_cli.instruments.factored_gradients import factorable_embedding
 
 GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
 
@@ -32,19 +33,20 @@ def extension_modules(extension: object) -> set[type]:
 
 
 def curvature_layers(curvature: str) -> set[type]:
-    """Return the layer classes whose curvature rules the instruments take for ``curvature``.
+    """Return the layer classes whose curvature rules the instruments take for ``curvature``."""
+    return extension_modules(curvature_extension(curvature))
 
-    BackPACK's GGN rule of an embedding is left out: it forms every sample's gradient of the
-    whole table (``[V, N, num_embeddings, dim]``, and an indicator of every id at every
-    position), which beside a vocabulary would not fit in memory."""
-    return extension_modules(curvature_extension(curvature)) - {nn.Embedding}
+
+def follows_curvature(module: nn.Module, known: set[type]) -> bool:
+    """Whether the curvature rules (of the layer classes ``known``) follow ``module``: not an
+    Embedding that renormalises its rows or whose gradient is sparse or scaled by counts."""
+    return type(module) in known and (not isinstance(module, nn.Embedding) or factorable_embedding(module))
 
 
 def no_curvature_rule(name: str, module: nn.Module) -> str:
-    """Why the layer ``name`` leaves out the curvature diagonal, its class not being among
-    :func:`curvature_layers`."""
+    """Why the layer ``name`` leaves out the curvature diagonal, :func:`follows_curvature` not following it."""
     if isinstance(module, nn.Embedding):
-        return f"layer '{name}' (Embedding) has no BackPACK curvature rule that fits in memory (its rule forms every sample's gradient of the whole table)"
+        return f"layer '{name}' (Embedding) renormalises its rows (max_norm) or has a sparse or count-scaled gradient, which the curvature rules do not follow"
     return f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
 
 
@@ -75,7 +77,7 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op == "call_module":
             module = graph.get_submodule(node.target)
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-            if type(module) not in curvature_rules or (trainable and type(module) not in sample_rules):
+            if not follows_curvature(module, curvature_rules) or (trainable and type(module) not in sample_rules):
                 return None, no_curvature_rule(node.target, module)
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in graph.parameters()):

@@ -57,7 +57,7 @@ class _ConvWeight(NumericPadding, _FactoredWeight):
         return FactoredConv(module, grad_output.to(dtype), module.input0.to(dtype)) if unfoldable(module) else None
 
 
-class _EmbeddingDerivatives(EmbeddingDerivatives):
+class FactorableEmbeddingDerivatives(EmbeddingDerivatives):
     """BackPACK's derivatives of an Embedding, for the layers :func:`factorable_embedding` covers
     (a ``padding_idx`` too: its row gets no gradient)."""
 
@@ -72,7 +72,7 @@ class _EmbeddingWeight(BatchGradBase):
     fails for float64 weights and does not allow ``padding_idx``."""
 
     def __init__(self) -> None:
-        super().__init__(derivatives=_EmbeddingDerivatives(), params=["weight"])
+        super().__init__(derivatives=FactorableEmbeddingDerivatives(), params=["weight"])
 
     def weight(self, ext: BatchGrad, module: nn.Module, g_inp: tuple[Tensor], g_out: tuple[Tensor], bp_quantities: None) -> FactoredSamples:
         self._derivatives._check_parameters(module)

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
 from cockpit_cli.instruments.curvature_diagonal import module_rules
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, no_curvature_rule
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, follows_curvature, no_curvature_rule
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
@@ -215,7 +215,7 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
     known = curvature_layers(curvature)  # the GGN's rules know more layers than the Hessian's
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
-        if type(module) not in known:
+        if not follows_curvature(module, known):
             return False, no_curvature_rule(name, module)
         if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
             return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
