@@ -435,7 +435,8 @@ class FactoredEmbedding(FactoredLinear):
         _, ids, values = self._touched()
         g = g.reshape(self.weight_shape)
         touched = torch.zeros((), dtype=torch.float64, device=values.device)
-        for part, rows in zip(values.split(WIDE_BLOCK_ELEMENTS // values.shape[1] + 1), ids.split(WIDE_BLOCK_ELEMENTS // values.shape[1] + 1)):
+        step = max(1, WIDE_BLOCK_ELEMENTS // max(values.shape[1], 1))  # float64 copies of a few pairs at a time
+        for part, rows in zip(values.split(step), ids.split(step)):
             deviation = (part - g[rows]).double().reshape(-1)
             touched = touched + torch.dot(deviation, deviation)
         constant = -g if self.decay == 0 else self._decay_term() - g  # [V, D]
