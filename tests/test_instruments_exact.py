@@ -1232,10 +1232,22 @@ def test_a_parameter_of_a_container_falls_back_to_torch_func() -> None:
     run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)))
     support = run.instruments.support
     assert support.per_sample == "functorch"
-    assert support.per_sample_reason == "layer 'Shifted' (Shifted) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
+    assert support.per_sample_reason == (
+        "layer 'Shifted' (Shifted) has parameters beside its sublayers, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+    )
     assert run.instruments.unavailable == {"HessTrace": "layer 'Shifted' (Shifted) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
     for step in range(2):
         check_first_order(run, step, names=names)
+
+
+def test_the_reason_for_torch_func_names_the_layer_that_holds_parameters_beside_its_sublayers() -> None:
+    """It named the whole model, whose own layers all have rules (attention inside a transformer block, say)."""
+    from cockpit_cli.instruments.support import check_support
+
+    model = nn.Sequential(nn.Linear(6, 6), Shifted(0))
+    assert check_support(model, nn.CrossEntropyLoss()).per_sample_reason == (
+        "layer '1' (Shifted) has parameters beside its sublayers, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
+    )
 
 
 class Standardize(nn.Module):

@@ -87,8 +87,9 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
         rules = {type(m): None for _, m in leaves if _has_trainable(m)}
     unsupported = [(n, m, _per_sample_obstacle(m, rules)) for n, m in leaves if _has_trainable(m)]
     unsupported = [entry for entry in unsupported if entry[2] is not None]
-    if any(_has_trainable(m) for m in model.modules() if list(m.children())):
-        unsupported.append((type(model).__name__, model, "has no BackPACK rule"))
+    holding = next(((name or type(model).__name__, m) for name, m in model.named_modules() if list(m.children()) and _has_trainable(m)), None)
+    if holding is not None:  # BackPACK's rules are those of leaf layers
+        unsupported.append((*holding, "has parameters beside its sublayers, which BackPACK's rules cannot follow"))
     per_sample: PerSampleBackend = "backpack"
     per_sample_reason = None
     if unsupported:
