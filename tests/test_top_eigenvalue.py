@@ -135,3 +135,42 @@ def test_memory_grows_with_the_products_taken_and_the_starts_are_released() -> N
 
     vector_bytes = size * 4
     assert peak_bytes(run) <= (2 * products + 4) * vector_bytes + 64 * 1024
+
+
+def two_ended(top: float, bottom: float, size: int = 80, seed: int = 13) -> tuple[Tensor, Tensor]:
+    """A matrix with eigenvalues ``top``, ``bottom`` and ``size - 2`` more spread over ``(-0.5, 0.5) * |bottom|``."""
+    return symmetric([top, bottom, *(np.linspace(-0.5, 0.5, size - 2) * abs(bottom)).tolist()], seed)
+
+
+def warm_starts(q: Tensor, seed: int) -> list[Tensor]:
+    """The previous step's eigenvector of the positive end (slightly off), and a vector that leans
+    towards the negative end, as a gradient may."""
+    noise = random_start(q.shape[0], seed)
+    return [0.8 * q[:, 1] + 0.6 * noise / noise.norm(), q[:, 0] + 1e-3 * noise / noise.norm()]
+
+
+def test_an_other_end_of_nearly_equal_magnitude_is_settled_before_the_value_is_taken() -> None:
+    """Started at the positive end's eigenvector, the iteration stopped there (19.2) though the
+    negative end (-19.96) is the larger in magnitude and its Ritz value was already near."""
+    matrix, q = two_ended(19.2, -19.96)
+    pair = largest_eigenpair(lambda v: matrix @ v, warm_starts(q, 14), rtol=3e-2, atol=0.0, max_products=100)
+    assert pair.value == pytest.approx(-19.96, rel=1e-3)
+
+
+def test_an_other_end_known_to_be_smaller_is_refined_only_to_the_gap() -> None:
+    """The other end's Ritz pair (-2.8 at first, of -4.5) is refined until the eigenvalue it
+    approximates is known to be smaller in magnitude than the value (its residual below the gap),
+    two more products here; to its own tolerance it would take three."""
+    import cockpit_cli.instruments.top_eigenvalue as top_eigenvalue
+
+    matrix, q = two_ended(5.0, -4.5)
+    pair = largest_eigenpair(lambda v: matrix @ v, warm_starts(q, 15), rtol=3e-2, atol=0.0, max_products=100)
+    assert pair.value == pytest.approx(5.0, rel=1e-3)
+    original = top_eigenvalue.OTHER_END
+    try:
+        top_eigenvalue.OTHER_END = 2.0  # never looks at the other end
+        unchecked = largest_eigenpair(lambda v: matrix @ v, warm_starts(q, 15), rtol=3e-2, atol=0.0, max_products=100)
+    finally:
+        top_eigenvalue.OTHER_END = original
+    assert pair.products == unchecked.products + 2
+

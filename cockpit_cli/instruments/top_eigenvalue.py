@@ -9,9 +9,13 @@ iteration); from several, it is as good as the best of them. One product per add
 
 It stops when the residual norm ``r = ||H u - theta u||`` is at most ``atol + rtol * |theta|``:
 a symmetric operator has an eigenvalue within ``r`` of ``theta``, and once ``theta`` is separated
-from the rest of the spectrum by ``gap``, within about ``r^2 / gap``, far closer. (No method that
-sees H only through products can rule out an eigenvalue its vectors have not met yet: in a
-cluster of nearly equal top eigenvalues the value may be another member of the cluster.) When
+from the rest of the spectrum by ``gap``, within about ``r^2 / gap``, far closer. Where the
+spectrum's other end shows a Ritz value of the opposite sign and at least half that magnitude,
+the residuals of that end's pair are added until the eigenvalue it approximates is known to be
+the smaller in magnitude (or turns out the larger), so that the value does not depend on which
+end the start vectors favoured. (No method that sees H only through products can rule out an
+eigenvalue its vectors have not met yet: in a cluster of nearly equal top eigenvalues the value
+may be another member of the cluster.) When
 the basis is full, the iteration restarts from its best Ritz vectors, whose products it knows.
 """
 
@@ -27,6 +31,9 @@ from torch import Tensor
 
 Product = Callable[[Tensor], Tensor]
 KEPT_ON_RESTART = 3
+# The Ritz pair at the spectrum's other end must converge too where its value is at least this
+# share of the largest one's magnitude (:func:`_unsettled_other_end`).
+OTHER_END = 0.5
 
 
 @dataclass
@@ -94,11 +101,9 @@ class _Subspace:
         self.projected[: k + 1, k] = column
         self.projected[k, : k + 1] = column
 
-    def ritz(self) -> tuple[float, np.ndarray]:
-        """Return the largest-magnitude Ritz value and its coefficients ``[k]`` in the basis."""
-        values, vectors = np.linalg.eigh(self.projected[: self.k, : self.k])
-        top = int(np.argmax(np.abs(values)))
-        return float(values[top]), vectors[:, top]
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the Ritz values ``[k]`` (ascending) and their coefficients ``[k, k]`` in the basis (columns)."""
+        return np.linalg.eigh(self.projected[: self.k, : self.k])
 
     def combine(self, coefficients: np.ndarray) -> tuple[Tensor, Tensor]:
         """Return ``V y`` and ``W y`` for coefficients ``y`` (``[k]``)."""
@@ -147,14 +152,43 @@ def largest_eigenpair(product: Product, starts: list[Tensor], rtol: float, atol:
     if space.k == 0:
         raise ValueError("every start vector is zero")
     while True:
-        value, coefficients = space.ritz()
-        vector, image = space.combine(coefficients)
-        residual = image.sub_(vector, alpha=value)  # H u - theta u, in place of H u (not needed after)
+        values, coefficients = space.ritz()
+        top = int(np.argmax(np.abs(values)))
+        value = float(values[top])
+        vector, residual = space.combine(coefficients[:, top])
+        residual.sub_(vector, alpha=value)  # H u - theta u, in place of H u (not needed after)
         size = float(residual.norm())
-        if size <= atol + rtol * abs(value) or space.products >= max_products:
-            return Eigenpair(value, vector.div_(vector.norm()), space.products, size)
+        pair = Eigenpair(value, vector, space.products, size)  # (its vector is normalised when returned)
+        if space.products >= max_products:
+            return _normalised(pair)
+        if size <= atol + rtol * abs(value):
+            del residual
+            residual = _unsettled_other_end(space, values, coefficients, top, rtol, atol)  # what to add instead
+            if residual is None:
+                return _normalised(pair)
         if space.full:
             space.restart()
         if not space.add(residual):  # the residual is round-off: nothing left to add
-            return Eigenpair(value, vector.div_(vector.norm()), space.products, size)
-        del vector, image, residual  # before the next combination is formed
+            return _normalised(pair)
+        del pair, vector, residual  # before the next combination is formed
+
+
+def _normalised(pair: Eigenpair) -> Eigenpair:
+    """Return ``pair`` with its vector scaled to unit length (in place)."""
+    pair.vector.div_(pair.vector.norm())
+    return pair
+
+
+def _unsettled_other_end(space: _Subspace, values: np.ndarray, coefficients: np.ndarray, top: int, rtol: float, atol: float) -> Tensor | None:
+    """Return the residual of the Ritz pair at the spectrum's other end where its value has at
+    least :data:`OTHER_END` of the converged value's magnitude and the eigenvalue it approximates
+    may yet be the larger in magnitude: its residual norm (the distance within which an
+    eigenvalue lies) exceeds both the gap between the two magnitudes and the tolerance. ``None``
+    where the other end is far smaller, or settled (a few more products settle it)."""
+    other = 0 if values[top] > 0 else len(values) - 1
+    theta, largest = float(values[other]), abs(float(values[top]))
+    if other == top or theta * values[top] >= 0 or abs(theta) < OTHER_END * largest:
+        return None
+    vector, image = space.combine(coefficients[:, other])
+    residual = image.sub_(vector, alpha=theta)
+    return None if float(residual.norm()) <= max(atol + rtol * abs(theta), largest - abs(theta)) else residual
