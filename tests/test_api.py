@@ -642,3 +642,26 @@ def test_a_script_that_makes_warnings_errors_gets_every_quantity(tmp_path: Path)
         assert recorded.manifest["warnings"] == []
         assert all({"Alpha", "NormTest", "HessMaxEV"} <= set(recorded.steps[step]["quantities"]) for step in (0, 2))
     assert "HessTrace" in read_run(tmp_path / "cnn").steps[0]["quantities"]
+
+
+def test_a_run_names_its_embedding_tables_and_their_zero_rows_are_no_dead_units(tmp_path: Path) -> None:
+    """20 token ids out of 1,000 per sample: most rows of the table get no gradient."""
+    from cockpit_cli.diagnosis.engine import diagnose
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1000, 4), nn.Flatten(), nn.Linear(80, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    with TrackedRun(tmp_path / "tokens", model, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), optimizer, preset="economy") as run:
+        for step in range(40):
+            ids, targets = torch.randint(0, 1000, (8, 20), generator=generator), torch.randint(0, 3, (8,), generator=generator)
+            optimizer.zero_grad()
+            outputs = model(ids)
+            loss = nn.CrossEntropyLoss()(outputs, targets)
+            run.backward(step, loss, ids, outputs, targets)
+            optimizer.step()
+            run.step(step, loss)
+    recorded = read_run(tmp_path / "tokens")
+    assert recorded.manifest["instruments"]["lookup_tables"] == ["0.weight"]
+    assert recorded.steps[0]["quantities"]["LayerStats"]["zero_grad_fraction"][0] > 0.7
+    assert "dead_units" not in [finding.rule for finding in diagnose(recorded).findings]

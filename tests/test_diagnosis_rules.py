@@ -913,3 +913,16 @@ def test_parameter_layers_and_histogram_shares() -> None:
 def test_unknown_entries_of_a_per_parameter_list_are_not_zeros() -> None:
     unknown = _set("UpdateSize", lambda s, rng: [None, "?", 0.1, 0.1, 0.1, 0.1])
     assert finding_of(make_run(change=unknown), "frozen_parameters") is None
+
+
+def _embedding_rows(step: int, q: dict[str, Any], rng: random.Random) -> None:
+    q["LayerStats"]["zero_grad_fraction"][0] = 0.93  # an embedding table: the rows of ids outside the batch
+
+
+def test_an_embedding_table_s_zero_rows_are_no_dead_units() -> None:
+    """A language model's table has zero gradient but in the rows of a batch's ids: dead_units
+    fired on every such run. A manifest that does not name its tables is judged as before."""
+    run = make_run(change=_embedding_rows)
+    assert "dead_units" in rules_found(run)
+    run.manifest["instruments"]["lookup_tables"] = ["0.weight"]
+    assert "dead_units" not in rules_found(run)

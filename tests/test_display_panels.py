@@ -664,3 +664,12 @@ def test_the_live_dashboard_keeps_evaluations_and_end_warnings_and_reuses_its_fr
     dashboard.on_end(RunEnd(RunStatus.COMPLETED, 1, 0, train_seconds=0.3, warnings=["2 steps had a non-finite loss"]))
     assert [text for _, text in dashboard.state.alerts.values()] == ["2 steps had a non-finite loss"]  # said only at the end
     assert dashboard._renderable() is not first  # after the end: drawn again for every change
+
+
+def test_an_embedding_table_s_zero_rows_are_not_flagged() -> None:
+    """Its gradient is zero but in the rows of a batch's ids, by construction."""
+    state = make_state()
+    state.latest["LayerStats"]["zero_grad_fraction"] = [0.93, 0.0, 0.0, 0.0, 0.0]
+    assert "93%" in render(panels.layers(state), 100) and "1 flagged" in render(panels.layers(state), 100)
+    state.info.lookup_tables = {"0.weight"}
+    assert "93%" in render(panels.layers(state), 100) and "0 flagged" in render(panels.layers(state), 100)

@@ -50,6 +50,7 @@ class RunInfo:
     micro_batches: int = 0  # where a step's gradients accumulate over several backward passes
     num_parameters: int = 0
     parameters: list[str] = field(default_factory=list)
+    lookup_tables: set[str] = field(default_factory=set)  # embedding tables (schema.lookup_tables)
     tracked: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None
@@ -74,6 +75,7 @@ class RunInfo:
             micro_batches=int(data.get("micro_batches") or 0),
             num_parameters=int(data.get("num_parameters") or 0),
             parameters=list(instruments.get("parameters") or []),
+            lookup_tables=schema.lookup_tables(data),
             tracked=list(instruments.get("quantities") or []),
             unavailable=dict(instruments.get("unavailable") or {}),
             run_dir=run_dir,

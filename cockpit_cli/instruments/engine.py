@@ -643,11 +643,18 @@ class Instruments:
         for quantity in self.quantities:
             quantity.load_state_dict(state["quantities"].get(quantity.name, {}))
 
+    def _lookup_tables(self) -> list[str]:
+        """The tracked embedding tables: a batch's gradient of one is zero but in the rows of its
+        ids, by construction (no sign of dead units)."""
+        tables = {id(m.weight) for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        return [name for name, p in zip(self.names, self.params) if id(p) in tables]
+
     def describe(self) -> dict[str, Any]:
         """Return what is tracked and what is not (for the run manifest)."""
         return {
             "parameters": self.names,
             "shapes": [list(p.shape) for p in self.params],
+            "lookup_tables": self._lookup_tables(),
             "per_sample": self.support.per_sample,
             "curvature": self.curvature,
             "quantities": {quantity.name: quantity.schedule.describe() for quantity in self.quantities},

@@ -26,6 +26,12 @@ def trace_names(manifest: dict) -> tuple[str, str]:
     return TRACES.get((manifest.get("instruments") or {}).get("curvature"), TRACES["hessian"])
 
 
+def lookup_tables(manifest: dict) -> set[str]:
+    """The parameters that are embedding tables, whose gradient is zero but in the rows of a
+    batch's ids by construction (none in a manifest written before it named them)."""
+    return set((manifest.get("instruments") or {}).get("lookup_tables") or [])
+
+
 def from_api(manifest: dict) -> bool:
     """Whether the manifest is that of a run of the Python API (``TrackedRun``), which has no
     config keys of ``cockpit run`` to advise."""

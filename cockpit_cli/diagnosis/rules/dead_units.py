@@ -5,6 +5,7 @@ from __future__ import annotations
 from cockpit_cli.diagnosis.finding import Evidence, Finding
 from cockpit_cli.diagnosis.rules.base import Rule
 from cockpit_cli.diagnosis.series import RunSeries
+from cockpit_cli.storage import schema
 
 ZERO_GRADIENT = 0.7  # share of a parameter's gradient entries that are exactly zero (AUTOTRAINER)
 ZERO_ACTIVATION = 0.95  # share of a layer's outputs that are exactly zero (healthy ReLU layers reach 0.85)
@@ -21,7 +22,10 @@ class DeadUnits(Rule):
     def check(self, run: RunSeries) -> Finding | None:
         evidence, span = [], (0, 0)
         table = run.per_parameter("zero_grad_fraction").recent()
+        tables = schema.lookup_tables(run.manifest)  # zero but in the rows of a batch's ids, whatever the units do
         for index, name in enumerate(run.parameters):
+            if name in tables:
+                continue
             share = table.column(index).median()
             if share >= ZERO_GRADIENT:
                 evidence.append(Evidence(f"median share of zero gradient entries of {name}, last 50%", share, ZERO_GRADIENT, ">="))

@@ -83,7 +83,8 @@ def layers(state: DashboardState, limit: int = 10) -> RenderableType:
         grad, weight = _at(stats.get("grad_norm"), index), _at(stats.get("weight_norm"), index)
         ratio, zero = _at(stats.get("update_ratio"), index), _at(stats.get("zero_grad_fraction"), index)
         act = dead.get(name.rpartition(".")[0]) if name.endswith("weight") else None
-        styles = [grad_style(grad, median), ratio_style(ratio), fraction_style(zero, 0.2, 0.5), fraction_style(act, 0.5, 0.9)]
+        zero_style = "dim" if name in state.info.lookup_tables else fraction_style(zero, 0.2, 0.5)  # an embedding's rows outside the batch: zero by construction
+        styles = [grad_style(grad, median), ratio_style(ratio), zero_style, fraction_style(act, 0.5, 0.9)]
         worst = max(styles, key=lambda style: SEVERITY.get(style, 0))
         cells = [Text(num(grad, 2), style=styles[0]), Text(num(weight, 2)), Text(order(ratio), style=styles[1])]
         cells += [Text(percent(zero), style=styles[2]), Text(percent(act), style=styles[3])]
