@@ -645,7 +645,8 @@ def test_a_script_that_makes_warnings_errors_gets_every_quantity(tmp_path: Path)
 
 
 def test_a_run_names_its_embedding_tables_and_their_zero_rows_are_no_dead_units(tmp_path: Path) -> None:
-    """20 token ids out of 1,000 per sample: most rows of the table get no gradient."""
+    """20 token ids out of 1,000 per sample: most rows of the table get no gradient. Token ids leave
+    InputStats without measurements, which was a warning of every such run."""
     from cockpit_cli.diagnosis.engine import diagnose
 
     torch.manual_seed(0)
@@ -663,5 +664,7 @@ def test_a_run_names_its_embedding_tables_and_their_zero_rows_are_no_dead_units(
             run.step(step, loss)
     recorded = read_run(tmp_path / "tokens")
     assert recorded.manifest["instruments"]["lookup_tables"] == ["0.weight"]
+    assert recorded.manifest["warnings"] == []  # InputStats of token ids is no failure; the manifest lists it unavailable
+    assert "InputStats" in recorded.manifest["instruments"]["unavailable"]
     assert recorded.steps[0]["quantities"]["LayerStats"]["zero_grad_fraction"][0] > 0.7
     assert "dead_units" not in [finding.rule for finding in diagnose(recorded).findings]

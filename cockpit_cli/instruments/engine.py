@@ -132,6 +132,8 @@ class Instruments:
         self._trainability_changed = False  # said once
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
+        # quantities the run's data leave without a meaning (no warning: nothing went wrong)
+        self.inapplicable: set[str] = set()
         self.changes: list[str] = []  # how the instruments changed their way during the run, for the run's warnings
         self._repeated = False  # whether a step had a second backward pass
         self._overflow_noted = False  # whether a step's scaled gradients overflowed
@@ -200,11 +202,14 @@ class Instruments:
         _, active, requirements, _ = self._planned
         return [quantity for quantity, needs in zip(active, requirements) if needs & wanted and quantity in self.quantities]
 
-    def _switch_off(self, quantities: list[Quantity], reason: str) -> None:
-        """Stop tracking ``quantities`` for the rest of the run, with ``reason`` in the manifest."""
+    def _switch_off(self, quantities: list[Quantity], reason: str, inapplicable: bool = False) -> None:
+        """Stop tracking ``quantities`` for the rest of the run, with ``reason`` in the manifest
+        (``inapplicable``: the data leave them without a meaning, which is no failure)."""
         for quantity in quantities:
             self.quantities.remove(quantity)
             self.unavailable[quantity.name] = reason
+            if inapplicable:
+                self.inapplicable.add(quantity.name)
         self._idle_until = 0
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
@@ -396,7 +401,7 @@ class Instruments:
             active = [quantity for quantity in active if quantity in self.quantities]
         measured = self._gathered_inputs(inputs) if q.INPUTS in needs else None
         if q.INPUTS in needs and measured is None:
-            self._switch_off(self._needing(q.INPUTS), NO_MEASURED_INPUTS)
+            self._switch_off(self._needing(q.INPUTS), NO_MEASURED_INPUTS, inapplicable=True)
             active = [quantity for quantity in active if quantity in self.quantities]
         products = None
         if hvp:
