@@ -119,8 +119,8 @@ class Tracker:
         """What went wrong without ending the run, in order (the list only grows): each quantity
         switched off during the run (a failing quantity, a curvature factor too large for the
         memory; not one the data leave without a meaning, such as InputStats of token ids, which
-        the manifest's unavailable quantities list) with the reason, a change of the way per-sample gradients are formed, and the
-        instruments' failure."""
+        the manifest's unavailable quantities list) with the reason, a change of the way
+        per-sample gradients are formed, and the instruments' failure."""
         switched, inapplicable = ({}, set()) if self._attached is None else (self._attached.unavailable, self._attached.inapplicable)
         during_run = {name: reason for name, reason in switched.items() if name not in self._unavailable_at_start | inapplicable}
         found = [f"{', '.join(names)} switched off: {reason}" for reason, names in names_by_reason(during_run).items()]
