@@ -710,7 +710,7 @@ def test_an_embedding_that_renormalises_its_rows_leaves_out_the_curvature_saying
     support = check_support(model, nn.CrossEntropyLoss(), "ggn")
     assert not support.curvature
     name = "0" if sequential else "embed"
-    assert support.curvature_reason == f"layer '{name}' (Embedding) renormalises its rows (max_norm) or has a sparse or count-scaled gradient, which the curvature rules do not follow"
+    assert support.curvature_reason == f"layer '{name}' (Embedding) has settings BackPACK's curvature rule does not cover (Only max_norm=None supported.)"
 
 
 ACTIVATIONS = {
@@ -1077,3 +1077,14 @@ def test_the_model_is_converted_once_when_the_instruments_attach(monkeypatch: py
     monkeypatch.setattr(curvature_graph, "convert_module_to_backpack", lambda model, debug: calls.append(model) or convert(model, debug))
     run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="ggn")
     assert len(calls) == 1 and run.instruments.support.curvature_by_graph
+
+
+def test_a_layer_whose_settings_backpack_s_curvature_rule_does_not_cover_is_named_up_front() -> None:
+    """Batch norm without an affine map in eval mode: BackPACK's rule raised inside the backward
+    pass, which was reported as a loss not computed by the loss module."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3)).double().eval()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(("GradNorm", "HessTrace")), curvature="ggn")
+    assert run.instruments.unavailable == {"HessTrace": "layer '1' (BatchNorm1d) has settings BackPACK's curvature rule does not cover (Only implemented for affine=True)"}
+    assert all("GradNorm" in run.records[step] for step in range(2))

@@ -150,6 +150,19 @@ def module_rules(extension: BackpropExtension) -> dict[type, object]:
     return getattr(extension, "_BackpropExtension__module_extensions", {})
 
 
+def settings_obstacle(rule: object, module: nn.Module) -> str | None:
+    """Return the setting of ``module`` that its BackPACK ``rule`` does not cover, in the words of
+    the rule's derivatives, which check them ("only num_layers = 1 is supported"), or ``None``."""
+    derivatives = getattr(rule, "derivatives", None) or getattr(rule, "_derivatives", None)
+    check = getattr(derivatives, "_check_parameters", None)
+    try:
+        if check is not None:
+            check(module)
+    except NotImplementedError as error:
+        return str(error)
+    return None
+
+
 def adds_residual(extension: BackpropExtension, module: nn.Module) -> bool:
     """Whether the Hessian's rule of ``module`` adds a factor of its own to the one it passes back:
     a layer with a second derivative (Tanh, GELU, ...) adds its residual, a column per element of

@@ -20,9 +20,8 @@ import warnings
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from torch import fx, nn
 
-from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules
+from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules, settings_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
-from cockpit_cli.instruments.factored_gradients import factorable_embedding
 
 GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
 
@@ -32,22 +31,18 @@ def extension_modules(extension: object) -> set[type]:
     return set(module_rules(extension))
 
 
-def curvature_layers(curvature: str) -> set[type]:
-    """Return the layer classes whose curvature rules the instruments take for ``curvature``."""
-    return extension_modules(curvature_extension(curvature))
+def curvature_layers(curvature: str) -> dict[type, object]:
+    """Return the rules, by layer class, that the instruments take for ``curvature``."""
+    return module_rules(curvature_extension(curvature))
 
 
-def follows_curvature(module: nn.Module, known: set[type]) -> bool:
-    """Whether the curvature rules (of the layer classes ``known``) follow ``module``: not an
-    Embedding that renormalises its rows or whose gradient is sparse or scaled by counts."""
-    return type(module) in known and (not isinstance(module, nn.Embedding) or factorable_embedding(module))
-
-
-def no_curvature_rule(name: str, module: nn.Module) -> str:
-    """Why the layer ``name`` leaves out the curvature diagonal, :func:`follows_curvature` not following it."""
-    if isinstance(module, nn.Embedding):
-        return f"layer '{name}' (Embedding) renormalises its rows (max_norm) or has a sparse or count-scaled gradient, which the curvature rules do not follow"
-    return f"layer '{name}' ({type(module).__name__}) has no BackPACK curvature rule"
+def curvature_obstacle(name: str, module: nn.Module, rules: dict[type, object]) -> str | None:
+    """Why the curvature ``rules`` (by layer class) do not follow the layer ``name``, or ``None``."""
+    kind = type(module).__name__
+    if type(module) not in rules:
+        return f"layer '{name}' ({kind}) has no BackPACK curvature rule"
+    setting = settings_obstacle(rules[type(module)], module)
+    return None if setting is None else f"layer '{name}' ({kind}) has settings BackPACK's curvature rule does not cover ({setting})"
 
 
 def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
@@ -77,8 +72,11 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op == "call_module":
             module = graph.get_submodule(node.target)
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-            if not follows_curvature(module, curvature_rules) or (trainable and type(module) not in sample_rules):
-                return None, no_curvature_rule(node.target, module)
+            obstacle = curvature_obstacle(node.target, module, curvature_rules)
+            if obstacle is None and trainable and type(module) not in sample_rules:
+                obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
+            if obstacle is not None:
+                return None, obstacle
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in graph.parameters()):
         return None, f"BackPACK's converter copies a layer of the model {name}, whose copy the curvature would describe"

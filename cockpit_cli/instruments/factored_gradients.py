@@ -348,10 +348,6 @@ class FactoredEmbedding(FactoredLinear):
     def delta(self, value: Tensor) -> None:
         self._one_hot = None  # (FactoredSamples sets its output gradients here; the one-hot is formed from the ids)
 
-    @property
-    def positions(self) -> int:
-        return self.ids.shape[1]
-
     def unscale(self, scale: float) -> None:
         self.x = self.x / scale  # the output gradients (the one-hot factor stays as it is)
         self._rows_of_samples = None

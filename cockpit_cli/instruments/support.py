@@ -19,8 +19,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
-from cockpit_cli.instruments.curvature_diagonal import module_rules
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, follows_curvature, no_curvature_rule
+from cockpit_cli.instruments.curvature_diagonal import module_rules, settings_obstacle
+from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, curvature_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
@@ -178,13 +178,8 @@ def _per_sample_obstacle(module: nn.Module, rules: dict[type, object]) -> str | 
         return "has no BackPACK rule"
     if _pads_with_copies(module):
         return f"pads in '{module.padding_mode}' mode, which BackPACK's rules compute as zero padding"
-    check = getattr(getattr(rules[type(module)], "_derivatives", None), "_check_parameters", None)
-    try:
-        if check is not None:
-            check(module)
-    except NotImplementedError as error:  # BackPACK's words for settings its rule does not cover: "only num_layers = 1 is supported"
-        return f"has settings BackPACK's rule does not cover ({error})"
-    return None
+    setting = settings_obstacle(rules[type(module)], module)
+    return None if setting is None else f"has settings BackPACK's rule does not cover ({setting})"
 
 
 def _pads_with_copies(module: nn.Module) -> bool:
@@ -216,8 +211,9 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
     known = curvature_layers(curvature)  # the GGN's rules know more layers than the Hessian's
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
-        if not follows_curvature(module, known):
-            return False, no_curvature_rule(name, module)
+        obstacle = curvature_obstacle(name, module, known)
+        if obstacle is not None:
+            return False, obstacle
         if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
             return False, f"layer '{name}' ({type(module).__name__}) pads 'same' unevenly (an even kernel extent), which BackPACK's curvature rules cannot backpropagate"
         if _pads_with_copies(module):
