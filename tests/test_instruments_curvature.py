@@ -585,7 +585,8 @@ def test_layer_and_group_norm_get_the_ggn_diagonal(layers: str, loss: str, curva
     else:
         assert all(math.isfinite(run.records[step]["TICTrace"]) and sum(run.records[step]["HessTrace"]) > 0 for step in range(2))
     hessian = train(NORMALIZED[layers]().double(), batches, quantities(DIAGONAL), curvature="hessian")
-    assert set(hessian.instruments.unavailable) == set(DIAGONAL) and "has no BackPACK curvature rule" in hessian.instruments.unavailable["HessTrace"]
+    assert set(hessian.instruments.unavailable) == set(DIAGONAL)
+    assert hessian.instruments.unavailable["HessTrace"].endswith("has no BackPACK curvature rule for the Hessian (curvature ggn or ggn_mc follows it)")
 
 
 class GroupNormResidual(torch.nn.Module):
@@ -623,21 +624,19 @@ def normalised_mlp(seed: int) -> torch.nn.Sequential:
     return model.eval()
 
 
-@pytest.mark.parametrize("curvature", ["ggn", "ggn_mc"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "ggn_mc"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_batch_norm_in_eval_mode_and_identity_get_the_ggn_diagonal(loss: str, curvature: str) -> None:
-    """BatchNorm in eval mode and Identity have GGN rules in BackPACK, not Hessian ones: a
-    sequential model with them gets the GGN's diagonal (Monte-Carlo: finite and positive), the
-    Hessian's is left out with the layer's name."""
+def test_batch_norm_in_eval_mode_and_identity_get_the_curvature_diagonals(loss: str, curvature: str) -> None:
+    """BatchNorm in eval mode is affine in its input and parameters: BackPACK has GGN rules for
+    it, and the Hessian's are the GGN's with no residual (BackPACK has none; the Hessian was left
+    out). Monte-Carlo: finite and positive."""
     batches = image_batches((6,), loss)
     run = train(normalised_mlp(0), batches, quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
     assert run.instruments.unavailable == {}
-    if curvature == "ggn":
-        check_curvature(run, curvature)
-    else:
+    if curvature == "ggn_mc":
         assert all(math.isfinite(run.records[step]["TICTrace"]) and sum(run.records[step]["HessTrace"]) > 0 for step in range(2))
-    hessian = train(normalised_mlp(0), batches, quantities(DIAGONAL + ("NormTest",)), curvature="hessian")
-    assert hessian.instruments.unavailable == {name: "layer '1' (BatchNorm1d) has no BackPACK curvature rule" for name in DIAGONAL}
+    else:
+        check_curvature(run, curvature)
 
 
 class Tokens(torch.nn.Module):
@@ -660,7 +659,7 @@ def token_batches(steps: int) -> list[ref.Batch]:
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0])
-@pytest.mark.parametrize("curvature, sequential", [("hessian", True), ("ggn", True), ("ggn", False)])
+@pytest.mark.parametrize("curvature, sequential", [("hessian", True), ("ggn", True), ("hessian", False), ("ggn", False)])
 def test_an_embedding_gets_exact_curvature_from_the_rows_its_ids_touch(curvature: str, sequential: bool, padding_idx: int | None) -> None:
     """BackPACK's GGN rule of an embedding forms every sample's gradient of the whole table, and the
     Hessian had none: the curvature was left out."""
@@ -881,7 +880,7 @@ def test_hessian_vector_products_that_cannot_be_taken_switch_off_hess_max_ev_alo
     assert all({"NormTest", "GradNorm"} <= set(run.records[step]) for step in (0, 1))
 
 
-# --- models that are no nn.Sequential: BackPACK's graph of them (curvature ggn, ggn_mc) -----------
+# --- models that are no nn.Sequential: BackPACK's graph of them -----------------------------------
 
 
 class ResidualMLP(torch.nn.Module):
@@ -916,22 +915,95 @@ class ResidualCNN(torch.nn.Module):
 RESIDUAL = {"mlp": ResidualMLP, "cnn": ResidualCNN}
 
 
+class Branching(torch.nn.Module):
+    """Residual connections in a residual connection, layers with second derivatives in every
+    branch (Tanh, Sigmoid, ELU), branches scaled by numbers, and one tensor feeding three layers:
+    Linear(6, 5)-Tanh as h; inner = h + Sigmoid(Linear(5, 5)(h));
+    Linear(5, 3) of 2 (inner + 0.5 Tanh(Linear(5, 5)(inner)) + ELU(Linear(5, 5)(h)))."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+        self.first, self.tanh, self.branch, self.squash = nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Sigmoid()
+        self.again, self.bend, self.side, self.elu, self.out = nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.ELU(), nn.Linear(5, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.tanh(self.first(inputs))
+        inner = hidden + self.squash(self.branch(hidden))
+        outer = inner + 0.5 * self.bend(self.again(inner)) + self.elu(self.side(hidden))
+        return self.out(outer * 2.0)
+
+
+class NormalizedResidualCNN(torch.nn.Module):
+    """Tanh(BatchNorm2d(Conv2d(2, 3, 3, padding=1))) as h, in eval mode; h plus
+    Tanh(BatchNorm2d(Conv2d(3, 3, 3, padding=1))(h)); AvgPool2d(2), Flatten, Linear(27, 3)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+        self.conv, self.norm, self.tanh = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh()
+        self.again, self.renorm, self.bend = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh()
+        self.pool, self.flatten, self.out = nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, 3)
+        self.double()
+        with torch.no_grad():  # running statistics and affine maps away from 0 and 1
+            for norm in (self.norm, self.renorm):
+                norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0), norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+        self.eval()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.tanh(self.norm(self.conv(inputs)))
+        return self.out(self.flatten(self.pool(hidden + self.bend(self.renorm(self.again(hidden))))))
+
+
+GRAPH_MODELS = {**RESIDUAL, "branching": Branching, "normalized": NormalizedResidualCNN}
+RESIDUAL_CASES = [("mlp", "ce"), ("mlp", "mse"), ("cnn", "ce"), ("cnn", "mse"), ("branching", "ce"), ("normalized", "mse")]
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("weight_decay", [0.0, DECAY])
-@pytest.mark.parametrize("kind, loss", CASES)
-def test_ggn_of_a_residual_model_comes_from_backpack_s_graph_of_it(kind: str, loss: str, weight_decay: float) -> None:
+@pytest.mark.parametrize("model_name, loss", RESIDUAL_CASES)
+def test_curvature_of_a_residual_model_comes_from_backpack_s_graph_of_it(model_name: str, loss: str, weight_decay: float, curvature: str) -> None:
     """Every quantity at a step with curvature, per-sample ones included, from one pass through
-    BackPACK's graph of the model beside the training's own."""
-    model = RESIDUAL[kind](0)
-    batches = make_batches(kind, loss, 0, 2)
-    run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature="ggn")
+    BackPACK's graph of the model beside the training's own. The Hessian's factors that meet
+    where branches join add up by origin (their cross terms), its residuals stay beside them."""
+    model = GRAPH_MODELS[model_name](0)
+    batches = make_batches("cnn" if model_name in ("cnn", "normalized") else "mlp", loss, 0, 2)
+    run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
     assert run.instruments.describe()["notes"] == [GRAPH_NOTE]  # its cost, in the manifest
     for step in range(2):
         check_first_order(run, step, weight_decay=weight_decay)
-        expected = reference_values(run, step, "ggn", weight_decay)
+        expected = reference_values(run, step, curvature, weight_decay)
         assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
         assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
         assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+
+
+def test_hessian_factors_that_meet_add_up_by_origin_and_a_rule_leaves_the_ones_it_was_given_alone() -> None:
+    from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
+
+    from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules
+    from cockpit_cli.instruments.graph_hessian import merge_factors
+
+    shared, own, other = object(), object(), object()
+    first, second, third, fourth = (torch.full((1, 2, 3), float(k)) for k in range(1, 5))
+    merged = merge_factors({"matrices": [first, second], "signs": [1.0, -1.0], "origins": [shared, own]}, {"matrices": [third, fourth], "signs": [1.0, 1.0], "origins": [shared, other]})
+    assert merged["signs"] == [1.0, -1.0, 1.0] and merged["origins"] == [shared, own, other]
+    assert [float(m[0, 0, 0]) for m in merged["matrices"]] == [4.0, 2.0, 4.0] and float(first[0, 0, 0]) == 1.0  # out of place
+    extension = curvature_extension("hessian")
+    rule = module_rules(extension)[torch.nn.Tanh]
+    assert isinstance(rule, DiagHBaseModule)
+    layer = torch.nn.Tanh()
+    layer.input0 = torch.randn(2, 3)
+    layer.output = layer(layer.input0)
+    given = {"matrices": [first], "signs": [1.0], "origins": [shared]}
+    result = rule.backpropagate(extension, layer, (None,), (torch.ones(2, 3),), given)
+    assert given == {"matrices": [first], "signs": [1.0], "origins": [shared]}  # one list reaches every input of a sum
+    assert len(result["matrices"]) == len(result["signs"]) == len(result["origins"]) == 3  # the residual's two parts
+    assert result["origins"][0] is shared and len({id(o) for o in result["origins"]}) == 3
 
 
 class ResidualMLPWithSpare(ResidualMLP):
@@ -942,16 +1014,17 @@ class ResidualMLPWithSpare(ResidualMLP):
         self.spare = torch.nn.Linear(2, 2).double()
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("weight_decay", [0.0, DECAY])
 @pytest.mark.parametrize("names", [FIRST_ORDER + DIAGONAL, ("HessTrace",)], ids=["with-per-sample", "curvature-alone"])
-def test_a_layer_the_forward_pass_skips_has_the_regulariser_s_curvature(names: tuple[str, ...], weight_decay: float) -> None:
+def test_a_layer_the_forward_pass_skips_has_the_regulariser_s_curvature(names: tuple[str, ...], weight_decay: float, curvature: str) -> None:
     """Its curvature diagonal is lambda (zero without a regulariser); its HessTrace was None."""
     model = ResidualMLPWithSpare(0)
     batches = make_batches("mlp", "ce", 0, 2)
-    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature="ggn")
+    run = train(model, batches, quantities(names, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
     for step in range(2):
-        expected = reference_values(run, step, "ggn", weight_decay)
+        expected = reference_values(run, step, curvature, weight_decay)
         assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
         if "TICDiag" in names:
             check_first_order(run, step, weight_decay=weight_decay)
@@ -985,15 +1058,16 @@ class Twice(ResidualMLP):
 @pytest.mark.parametrize(
     "model, curvature, reason",
     [
-        (ResidualMLP(0), "hessian", "the model ResidualMLP is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"),
+        (GroupNormResidual(), "hessian", "layer 'norm' (GroupNorm) has no BackPACK curvature rule for the Hessian (curvature ggn or ggn_mc follows it)"),
         (FunctionalReLU(0), "ggn", "the model FunctionalReLU computes 'relu' outside a module, which BackPACK's curvature rules cannot follow"),
         (Twice(0), "ggn", "BackPACK's converter cannot trace the model Twice (NotImplementedError: Cycle with parameters detected: module "
          "Linear(in_features=5, out_features=5, bias=True) with target branch has parameters and is used 2 times.)"),
     ],
-    ids=["hessian", "function", "twice"],
+    ids=["hessian-group-norm", "function", "twice"],
 )
 def test_a_model_backpack_s_graph_cannot_follow_gets_no_curvature_saying_why(model: torch.nn.Module, curvature: str, reason: str) -> None:
-    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    kind = "cnn" if isinstance(model, GroupNormResidual) else "mlp"
+    run = train(model, make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
     assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
     for step in range(2):
         check_first_order(run, step, names=("NormTest",))
@@ -1020,7 +1094,7 @@ def test_a_graph_whose_layers_are_copies_gives_no_curvature(monkeypatch: pytest.
 
     convert = graph_utils.convert_module_to_backpack
     monkeypatch.setattr(curvature_graph, "convert_module_to_backpack", lambda model, debug: convert(copy.deepcopy(model), debug))
-    graph, reason = curvature_graph.curvature_graph(ResidualMLP(0))
+    graph, reason = curvature_graph.curvature_graph(ResidualMLP(0), "ggn")
     assert graph is None and reason == "BackPACK's converter copies a layer of the model ResidualMLP, whose copy the curvature would describe"
 
 

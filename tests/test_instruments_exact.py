@@ -193,7 +193,7 @@ def engine_step(instruments: Instruments, opt: torch.optim.Optimizer, step: int,
 
 def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Leaf modules whose outputs Activations reports: activations and layers with trainable parameters."""
-    activations = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+    activations = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ELU)
     return {
         name: module
         for name, module in model.named_modules()

@@ -19,7 +19,10 @@ that are linear maps without parameters (average pooling, padding, upsampling), 
 through the layers' own computation (:mod:`linear_layers`); layer and group norm, which get the
 GGN's rules (:mod:`normalization_layers`); elementwise activations BackPACK has no rules for,
 which get them from autograd (:mod:`elementwise_activations`); and embeddings, whose tables'
-diagonals come from the rows their ids touch (:mod:`embedding_curvature`).
+diagonals come from the rows their ids touch (:mod:`embedding_curvature`). The Hessian's factors
+carry their origins, so that they add up where the branches of a graph meet, and the layers
+affine in their input and parameters (sums, scalings, batch norm in eval mode) get the Hessian's
+rules from the GGN's (:mod:`graph_hessian`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`)
 and padding with the layer's own values (circular, reflect, replicate: the factor passes back
 through the layer's own computation, the patches are those of the padded input),
@@ -34,6 +37,9 @@ from __future__ import annotations
 import torch
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.custom_module.branching import SumModule
+from backpack.custom_module.permute import Permute
+from backpack.custom_module.scale_module import ScaleModule
 from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.convnd import DiagGGNConvND
@@ -48,15 +54,18 @@ from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfolda
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.embedding_curvature import set_embedding_rules
+from cockpit_cli.instruments.graph_hessian import BranchingDiagHessian, set_affine_layer_rules, tag_origins
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.linear_layers import set_linear_layer_rules, transposed_product
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
 CURVATURES = {
-    "hessian": (DiagHessian, "diag_h"),
+    "hessian": (BranchingDiagHessian, "diag_h"),
     "ggn": (DiagGGNExact, "diag_ggn_exact"),
     "ggn_mc": (DiagGGNMC, "diag_ggn_mc"),
 }
+# Affine in their input and parameters: the Hessian's rules are the GGN's (graph_hessian)
+AFFINE_LAYERS = (SumModule, ScaleModule, Permute, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def conv_weight_diagonal(module: nn.Conv1d | nn.Conv2d, factor: Tensor) -> Tensor:
@@ -124,10 +133,11 @@ class _Conv2DDerivatives(_OwnPadding, Conv2DDerivatives):
 def curvature_extension(curvature: str) -> BackpropExtension:
     """Return the BackPACK extension of ``curvature`` (``"hessian"``, ``"ggn"`` or ``"ggn_mc"``)
     with the convolution rules above and cross-entropy's factor of ``C - 1`` columns
-    (:mod:`cross_entropy_factor`)."""
+    (:mod:`cross_entropy_factor`); the Hessian's follows graphs with branches
+    (:mod:`graph_hessian`)."""
     extension_class = CURVATURES[curvature][0]
     extension = extension_class()
-    hessian = extension_class is DiagHessian
+    hessian = issubclass(extension_class, DiagHessian)
     rule = _HessianConv if hessian else _GGNConv
     for module, derivatives in ((nn.Conv1d, _Conv1DDerivatives), (nn.Conv2d, _Conv2DDerivatives)):
         extension.set_module_extension(module, rule(derivatives=derivatives(), params=["bias", "weight"]), overwrite=True)
@@ -140,7 +150,10 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     set_linear_layer_rules(extension, hessian)
     set_elementwise_rules(extension, hessian)
     set_embedding_rules(extension, hessian)
-    if not hessian:
+    if hessian:
+        set_affine_layer_rules(extension, DiagGGNExact(), AFFINE_LAYERS)
+        tag_origins(extension)  # last: every rule, BackPACK's and those above
+    else:
         set_normalization_rules(extension, "ggn")
     return extension
 

@@ -3,8 +3,8 @@
 BackPACK backpropagates a curvature factor through a chain of layers. Its converter traces a
 model with ``torch.fx`` into a graph of modules, in which the additions of residual connections,
 products with numbers, flattening and in-place operations become modules with rules of their
-own; its generalised Gauss-Newton extensions (exact and Monte-Carlo, not the Hessian's) follow
-such a graph. The graph calls the model's own layers, whose parameters are the training's
+own; its generalised Gauss-Newton extensions (exact and Monte-Carlo) follow such a graph, and
+so does the Hessian's with the rules of :mod:`graph_hessian`. The graph calls the model's own layers, whose parameters are the training's
 tensors, so a forward and a backward pass through it at a tracked step give the model's GGN
 diagonal (and BackPACK's per-sample gradients beside it).
 
@@ -16,6 +16,7 @@ instead of ``nn.ReLU``) gets no curvature diagonal, with the reason.
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from torch import fx, nn
@@ -23,30 +24,32 @@ from torch import fx, nn
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules, settings_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 
-GRAPH_CURVATURES = ("ggn", "ggn_mc")  # BackPACK's rules for the graph's own modules (sums, scalings)
-
 
 def extension_modules(extension: object) -> set[type]:
     """Return the module classes a BackPACK extension has rules for."""
     return set(module_rules(extension))
 
 
+@lru_cache(maxsize=None)
 def curvature_layers(curvature: str) -> dict[type, object]:
-    """Return the rules, by layer class, that the instruments take for ``curvature``."""
+    """Return the rules, by layer class, that the instruments take for ``curvature`` (one dict per
+    curvature: not to be changed)."""
     return module_rules(curvature_extension(curvature))
 
 
-def curvature_obstacle(name: str, module: nn.Module, rules: dict[type, object]) -> str | None:
-    """Why the curvature ``rules`` (by layer class) do not follow the layer ``name``, or ``None``."""
-    kind = type(module).__name__
+def curvature_obstacle(name: str, module: nn.Module, curvature: str) -> str | None:
+    """Why the rules of ``curvature`` do not follow the layer ``name``, or ``None``."""
+    kind, rules = type(module).__name__, curvature_layers(curvature)
     if type(module) not in rules:
-        return f"layer '{name}' ({kind}) has no BackPACK curvature rule"
+        other = curvature == "hessian" and type(module) in curvature_layers("ggn")
+        return f"layer '{name}' ({kind}) has no BackPACK curvature rule" + (" for the Hessian (curvature ggn or ggn_mc follows it)" if other else "")
     setting = settings_obstacle(rules[type(module)], module)
     return None if setting is None else f"layer '{name}' ({kind}) has settings BackPACK's curvature rule does not cover ({setting})"
 
 
-def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
-    """Return BackPACK's graph of ``model`` whose layers are the model's own, or ``None`` and why not.
+def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | None, str | None]:
+    """Return BackPACK's graph of ``model`` whose layers are the model's own and have rules of
+    ``curvature`` (``hessian``, ``ggn`` or ``ggn_mc``), or ``None`` and why not.
 
     The converter switches in-place modules to compute out of place; the model's are set back
     (the instruments switch them for their passes, :func:`backend.out_of_place`).
@@ -67,12 +70,12 @@ def curvature_graph(model: nn.Module) -> tuple[fx.GraphModule | None, str | None
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
             return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
-    curvature_rules, sample_rules = curvature_layers("ggn"), extension_modules(factored_batch_grad())
+    sample_rules = extension_modules(factored_batch_grad())
     for node in graph.graph.nodes:
         if node.op == "call_module":
             module = graph.get_submodule(node.target)
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-            obstacle = curvature_obstacle(node.target, module, curvature_rules)
+            obstacle = curvature_obstacle(node.target, module, curvature)
             if obstacle is None and trainable and type(module) not in sample_rules:
                 obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
             if obstacle is not None:

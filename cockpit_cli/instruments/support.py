@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
 from cockpit_cli.instruments.curvature_diagonal import module_rules, settings_obstacle
-from cockpit_cli.instruments.curvature_graph import GRAPH_CURVATURES, curvature_graph, curvature_layers, curvature_obstacle
+from cockpit_cli.instruments.curvature_graph import curvature_graph, curvature_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
 
@@ -99,7 +99,7 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
     curvature_possible, curvature_reason = _check_curvature(model, loss_function, leaves, curvature)
     graph = None
     if curvature_possible and not isinstance(model, nn.Sequential):
-        graph, curvature_reason = curvature_graph(model)
+        graph, curvature_reason = curvature_graph(model, curvature)
         curvature_possible = graph is not None
     if graph is not None and per_sample != "backpack":  # the graph's pass takes BackPACK's per-sample gradients beside it
         curvature_possible, curvature_reason = False, per_sample_reason.split("; ")[0]
@@ -203,15 +203,12 @@ def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple
             return False, f"layer '{name or type(model).__name__}' ({type(module).__name__}) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"
     if not isinstance(model, nn.Sequential):
         name = type(model).__name__
-        if curvature not in GRAPH_CURVATURES:
-            return False, f"the model {name} is not an nn.Sequential, which BackPACK's Hessian rules need (curvature ggn or ggn_mc follows other models through BackPACK's converter)"
         if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
             return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
         return True, None  # where BackPACK's converter can follow it (check_support)
-    known = curvature_layers(curvature)  # the GGN's rules know more layers than the Hessian's
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
-        obstacle = curvature_obstacle(name, module, known)
+        obstacle = curvature_obstacle(name, module, curvature)
         if obstacle is not None:
             return False, obstacle
         if isinstance(getattr(module, "padding", None), str) and numeric_padding(module) is None:
