@@ -22,7 +22,7 @@ which get them from autograd (:mod:`elementwise_activations`); and embeddings, w
 diagonals come from the rows their ids touch (:mod:`embedding_curvature`). The Hessian's factors
 carry their origins, so that they add up where the branches of a graph meet, and the layers
 affine in their input and parameters (sums, scalings, batch norm in eval mode) get the Hessian's
-rules from the GGN's (:mod:`graph_hessian`).
+rules from the GGN's (:mod:`hessian_from_ggn`).
 The convolution rules also accept ``padding="same"`` (see :class:`~convolutions.NumericPadding`)
 and padding with the layer's own values (circular, reflect, replicate: the factor passes back
 through the layer's own computation, the patches are those of the padded input),
@@ -54,7 +54,8 @@ from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfolda
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.embedding_curvature import set_embedding_rules
-from cockpit_cli.instruments.graph_hessian import BranchingDiagHessian, set_affine_layer_rules, tag_origins
+from cockpit_cli.instruments.graph_hessian import BranchingDiagHessian, tag_origins
+from cockpit_cli.instruments.hessian_from_ggn import set_affine_layer_rules
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.linear_layers import set_linear_layer_rules, transposed_product
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
@@ -64,7 +65,7 @@ CURVATURES = {
     "ggn": (DiagGGNExact, "diag_ggn_exact"),
     "ggn_mc": (DiagGGNMC, "diag_ggn_mc"),
 }
-# Affine in their input and parameters: the Hessian's rules are the GGN's (graph_hessian)
+# Affine in their input and parameters: the Hessian's rules are the GGN's (hessian_from_ggn)
 AFFINE_LAYERS = (SumModule, ScaleModule, Permute, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -152,9 +153,9 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     set_embedding_rules(extension, hessian)
     if hessian:
         set_affine_layer_rules(extension, DiagGGNExact(), AFFINE_LAYERS)
+    set_normalization_rules(extension, "hessian" if hessian else "ggn")
+    if hessian:
         tag_origins(extension)  # last: every rule, BackPACK's and those above
-    else:
-        set_normalization_rules(extension, "ggn")
     return extension
 
 

@@ -41,8 +41,7 @@ def curvature_obstacle(name: str, module: nn.Module, curvature: str) -> str | No
     """Why the rules of ``curvature`` do not follow the layer ``name``, or ``None``."""
     kind, rules = type(module).__name__, curvature_layers(curvature)
     if type(module) not in rules:
-        other = curvature == "hessian" and type(module) in curvature_layers("ggn")
-        return f"layer '{name}' ({kind}) has no BackPACK curvature rule" + (" for the Hessian (curvature ggn or ggn_mc follows it)" if other else "")
+        return f"layer '{name}' ({kind}) has no BackPACK curvature rule"
     setting = settings_obstacle(rules[type(module)], module)
     return None if setting is None else f"layer '{name}' ({kind}) has settings BackPACK's curvature rule does not cover ({setting})"
 

@@ -18,9 +18,8 @@ loss's factors and each residual get a fresh one, and a rule's output keeps the 
 factors it passed back. The rules get lists of their own, as one list reaches every input of a
 sum and BackPACK's rules append to the signs they are given.
 
-The graph's own modules (sums, products with numbers, permutations) and batch norm in eval mode
-are affine in their input and in each parameter: their Hessian's rules are the GGN's applied to
-each factor, with no residual.
+The graph's own modules (sums, products with numbers, permutations) get the Hessian's rules of
+:mod:`hessian_from_ggn`.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ from typing import Any, Callable
 
 from backpack.extensions import DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
-from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
-from torch import Tensor, nn
+from torch import nn
 
 Factors = dict[str, list[Any]]  # "matrices": [S_k], "signs": [s_k], "origins": [token_k]
 
@@ -79,53 +77,3 @@ def _with_origins(backpropagate: Callable[..., Factors]) -> Callable[..., Factor
         return result
 
     return backpropagate_with_origins
-
-
-class AffineLayerHessian(DiagHBaseModule):
-    """The Hessian's rule of a layer affine in its input and in each parameter, from the GGN's:
-    the factors pass back through the same Jacobian, the layer adds no residual, and a
-    parameter's diagonal is ``sum_k s_k`` of the GGN's diagonal of factor ``S_k``.
-
-    Args:
-        ggn_rule: The layer's ``DiagGGN`` rule.
-    """
-
-    def __init__(self, ggn_rule: Any):
-        self._ggn_rule = ggn_rule
-        params = [name for name in ("bias", "weight") if hasattr(ggn_rule, name)]
-        super().__init__(derivatives=_NoSecondDerivative(ggn_rule.derivatives), params=params)
-
-    def _parameter_diagonal(self, name: str, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Factors) -> Tensor:
-        rule = getattr(self._ggn_rule, name)
-        total = None
-        for matrix, sign in zip(backproped["matrices"], backproped["signs"]):
-            part = rule(ext, module, g_inp, g_out, matrix).mul_(sign)
-            total = part if total is None else total.add_(part)
-        return total
-
-    def weight(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Factors) -> Tensor:
-        return self._parameter_diagonal("weight", ext, module, g_inp, g_out, backproped)
-
-    def bias(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Factors) -> Tensor:
-        return self._parameter_diagonal("bias", ext, module, g_inp, g_out, backproped)
-
-
-class _NoSecondDerivative:
-    """A layer's BackPACK derivatives, saying that the layer has no second derivative."""
-
-    def __init__(self, derivatives: Any):
-        self._derivatives = derivatives
-
-    def hessian_is_zero(self, module: nn.Module) -> bool:
-        return True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._derivatives, name)
-
-
-def set_affine_layer_rules(hessian: BackpropExtension, ggn: BackpropExtension, layers: tuple[type, ...]) -> None:
-    """Give ``hessian`` the rule of :class:`AffineLayerHessian` for each class of ``layers``,
-    built on ``ggn``'s rule of it."""
-    rules = getattr(ggn, "_BackpropExtension__module_extensions", {})
-    for layer in layers:
-        hessian.set_module_extension(layer, AffineLayerHessian(rules[layer]), overwrite=True)

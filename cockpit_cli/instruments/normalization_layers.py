@@ -1,5 +1,5 @@
 """BackPACK's rules of layer norm and group norm, which it has none for: per-sample gradients and
-the GGN's curvature diagonal (exact and Monte-Carlo).
+the curvature diagonals (the Hessian's, and the GGN's exact and Monte-Carlo).
 
 Both normalise every sample alone (layer norm over its last dimensions, group norm over groups of
 channels), then scale and shift elementwise: ``y = x_hat * w + b`` with ``x_hat`` the normalised
@@ -10,21 +10,37 @@ sample,
     J_b^T m = sum over the same positions of m
     J_x^T m = the gradient of y . m with respect to x                   (autograd, sample by sample alike)
 
-The normalisation is not linear in its input, and its second derivative is not diagonal: the
-Hessian's rules, which need one or the other, are not given (a model with these layers gets the
-GGN's diagonal only).
+The output is linear in ``w`` and ``b``, so their Hessian diagonals are the GGN's of each
+factor, signed (:mod:`hessian_from_ggn`). The normalisation's second derivative is not diagonal,
+so the Hessian's residual, which BackPACK's rules take as a diagonal, is formed here. Per sample
+and block of ``D`` elements normalised together (a position of layer norm, a group of group
+norm), with ``v = w * g`` for the output gradient ``g``, ``x_hat = (x - mean) / s`` and
+``s = sqrt(var + eps)``, the second derivative of ``v . x_hat`` is
+
+    R = alpha P + [x_hat q] C [x_hat q]^T,      P = I - 1 1^T / D,   alpha = -a / (s^2 D),
+    a = v . x_hat,   q = (P v - x_hat a / D) / s,   C = [[a / (s^2 D^2), -1 / (s D)], [-1 / (s D), 0]]
+
+(``q`` is the gradient of ``v . x_hat``). ``P = P P^T`` gives a column per element of the block,
+scaled by ``sqrt(|alpha|)`` in the factor of alpha's sign, and ``C``, whose determinant is
+negative, one positive and one negative eigenvalue: two more columns per block. Every column is
+zero outside its block, as the blocks of a sample do not interact.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from backpack.core.derivatives.basederivatives import BaseParameterDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
+from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from cockpit_cli.instruments.hessian_from_ggn import ParameterHessianFromGGN
 
 NORMALIZATION = (nn.LayerNorm, nn.GroupNorm)
 
@@ -73,11 +89,87 @@ class NormalizationDerivatives(BaseParameterDerivatives):
         return reduced.sum(1) if sum_batch else reduced
 
 
+def _blocks(module: nn.LayerNorm | nn.GroupNorm, values: Tensor) -> Tensor:
+    """``values`` (``[N, *input]``) as ``[N, B, D]``: ``B`` blocks of ``D`` elements normalised together."""
+    if isinstance(module, nn.LayerNorm):
+        size = math.prod(module.normalized_shape)
+        return values.reshape(values.shape[0], -1, size)
+    return values.reshape(values.shape[0], module.num_groups, -1)
+
+
+def _scale(module: nn.LayerNorm | nn.GroupNorm, like: Tensor) -> Tensor | float:
+    """The layer's scale ``w`` broadcastable against its output ``like`` (1.0 without one)."""
+    if module.weight is None:
+        return 1.0
+    if isinstance(module, nn.LayerNorm):
+        return module.weight
+    return module.weight.reshape(-1, *([1] * (like.dim() - 2)))
+
+
+def normalization_residual(module: nn.LayerNorm | nn.GroupNorm, grad_output: Tensor) -> list[tuple[Tensor, float]]:
+    """Return the factors of the layer's residual ``R`` (module docstring) with their signs:
+    ``[(factor, sign)]``, each factor ``[V, N, *output]``: a column per element for ``alpha``'s
+    positive and negative parts, and a column per block for ``C``'s positive and negative
+    eigenvalues.
+
+    Args:
+        module: The layer, with BackPACK's stored input ``module.input0`` (``[N, *input]``).
+        grad_output: ``g``, the loss's gradient at the output, ``[N, *output]``.
+    """
+    inputs = module.input0
+    v = _blocks(module, grad_output * _scale(module, grad_output))  # [N, B, D]
+    centered = _blocks(module, inputs) - _blocks(module, inputs).mean(-1, keepdim=True)
+    size = centered.shape[-1]
+    s = (centered.square().mean(-1, keepdim=True) + module.eps).sqrt()  # [N, B, 1]
+    x_hat = centered / s
+    a = (v * x_hat).sum(-1, keepdim=True)
+    q = (v - v.mean(-1, keepdim=True) - x_hat * a / size) / s
+    alpha = (-a / (s.square() * size)).squeeze(-1)  # [N, B]
+    corner = -1.0 / (s * size)
+    c = torch.stack([torch.cat([a * corner.square(), corner], -1), torch.cat([corner, torch.zeros_like(corner)], -1)], -2)  # [N, B, 2, 2]
+    eigenvalues, eigenvectors = torch.linalg.eigh(c)  # ascending: one negative, one positive
+    basis = torch.stack([x_hat, q], -1)  # [N, B, D, 2]
+    vectors = (basis @ eigenvectors) * eigenvalues.abs().sqrt().unsqueeze(-2)  # [N, B, D, 2]: sqrt(|lambda_k|) [x_hat q] e_k
+    n, blocks = alpha.shape
+    one_per_block = torch.eye(blocks, dtype=inputs.dtype, device=inputs.device)
+    centering = torch.eye(size, dtype=inputs.dtype, device=inputs.device) - 1.0 / size  # P
+    shape = (n, *grad_output.shape[1:])
+    factors = []
+    for sign in (1.0, -1.0):
+        root = (sign * alpha).clamp(min=0).sqrt()  # [N, B]
+        element_columns = torch.einsum("bc,nb,ji->bjnci", one_per_block, root, centering)  # [B, D, N, B, D]
+        factors.append((element_columns.reshape(blocks * size, *shape), sign))
+    for index, sign in ((1, 1.0), (0, -1.0)):
+        block_columns = torch.einsum("bc,nbi->bnci", one_per_block, vectors[..., index])  # [B, N, B, D]
+        factors.append((block_columns.reshape(blocks, *shape), sign))
+    return factors
+
+
+class NormalizationHessian(ParameterHessianFromGGN):
+    """DiagHessian's rule of layer and group norm: the factors pass back through ``J_x``, the
+    layer's residual (:func:`normalization_residual`) is added, and the scale's and shift's
+    diagonals are the GGN's of each factor, signed."""
+
+    def __init__(self) -> None:
+        derivatives = NormalizationDerivatives()
+        super().__init__(DiagGGNBaseModule(derivatives=derivatives, params=["bias", "weight"], sum_batch=True), derivatives)
+
+    def backpropagate(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: dict) -> dict:
+        matrices = MatToJacMat.backpropagate(self, ext, module, g_inp, g_out, backproped["matrices"])
+        signs = list(backproped["signs"])
+        for factor, sign in normalization_residual(module, g_out[0]):
+            matrices.append(factor)
+            signs.append(sign)
+        return {"matrices": matrices, "signs": signs}
+
+
 def set_normalization_rules(extension: BackpropExtension, rule: str) -> None:
-    """Give ``extension`` the rules above for layer and group norm: ``rule`` is ``"batch_grad"``
-    or ``"ggn"`` (exact or Monte-Carlo)."""
+    """Give ``extension`` the rules above for layer and group norm: ``rule`` is ``"batch_grad"``,
+    ``"ggn"`` (exact or Monte-Carlo) or ``"hessian"``."""
     for module in NORMALIZATION:
         if rule == "batch_grad":
             extension.set_module_extension(module, BatchGradBase(derivatives=NormalizationDerivatives(), params=["bias", "weight"]), overwrite=True)
+        elif rule == "hessian":
+            extension.set_module_extension(module, NormalizationHessian(), overwrite=True)
         else:
             extension.set_module_extension(module, DiagGGNBaseModule(derivatives=NormalizationDerivatives(), params=["bias", "weight"], sum_batch=True), overwrite=True)

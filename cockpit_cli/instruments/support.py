@@ -6,8 +6,9 @@ mode, with its running statistics, it is a fixed affine map of each sample, whic
 follows). Layers BackPACK has no first-order rule for fall back to ``torch.func`` (exact,
 slower), as do convolutions that pad with their own values (circular, reflect, replicate),
 which BackPACK's rules compute as if they padded with zeros; the curvature diagonal needs
-BackPACK's second-order rules for every layer of a sequential model (convolutions padding with
-zeros) and a cross-entropy, binary cross-entropy (with logits) or mean-squared-error loss.
+second-order rules for every layer of a sequential model, or of BackPACK's graph of another
+(:mod:`curvature_graph`), and a cross-entropy, binary cross-entropy (with logits) or
+mean-squared-error loss.
 """
 
 from __future__ import annotations
