@@ -973,9 +973,11 @@ def test_curvature_of_a_residual_model_comes_from_backpack_s_graph_of_it(model_n
     BackPACK's graph of the model beside the training's own. The Hessian's factors that meet
     where branches join add up by origin (their cross terms), its residuals stay beside them."""
     model = GRAPH_MODELS[model_name](0)
+    layers = [name for name, _ in model.named_modules()]
     batches = make_batches("cnn" if model_name in ("cnn", "normalized") else "mlp", loss, 0, 2)
     run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
+    assert [name for name, _ in model.named_modules()] == layers  # the converter's scalings are the graph's alone
     assert run.instruments.describe()["notes"] == [GRAPH_NOTE]  # its cost, in the manifest
     for step in range(2):
         check_first_order(run, step, weight_decay=weight_decay)

@@ -51,10 +51,12 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
     ``curvature`` (``hessian``, ``ggn`` or ``ggn_mc``), or ``None`` and why not.
 
     The converter switches in-place modules to compute out of place; the model's are set back
-    (the instruments switch them for their passes, :func:`backend.out_of_place`).
+    (the instruments switch them for their passes, :func:`backend.out_of_place`), and the modules
+    it adds to the model (its products with numbers, which the graph keeps) are taken off.
     """
     name = type(model).__name__
     in_place = [module for module in model.modules() if getattr(module, "inplace", None) is True]
+    children = set(model._modules)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the converter warns of what the checks below say
@@ -65,6 +67,8 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
     finally:
         for module in in_place:
             module.inplace = True
+        for added in set(model._modules) - children:  # the converter registers its products with numbers on the model itself
+            delattr(model, added)
     for node in graph.graph.nodes:
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
