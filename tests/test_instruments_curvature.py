@@ -753,6 +753,107 @@ def test_elementwise_activations_without_backpack_rules_get_exact_curvature(name
     assert [getattr(layer, "inplace", False) for layer in model] == [False, name.endswith("in place"), False, name.endswith("in place"), False]
 
 
+class Reshape(torch.nn.Module):
+    """A model's own module that reshapes every sample (no rule of BackPACK's knows it)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.reshape(inputs.shape[0], *self.shape)
+
+
+class Jitter(torch.nn.Module):
+    """A model's own module that adds noise in training mode: computed again, its output differs."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs + 0.1 * torch.randn_like(inputs) if self.training else inputs
+
+
+def parameterless(name: str) -> torch.nn.Sequential:
+    """A small float64 network with the layer ``name`` (no parameters, no BackPACK rule) inside."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    images = [nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 4, (1, 2))]  # [N, 6] -> [N, 4, 2, 2]
+    layers = {
+        "AdaptiveMaxPool2d": [*images, nn.AdaptiveMaxPool2d((1, 2)), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)],
+        "LocalResponseNorm": [*images, nn.LocalResponseNorm(2), nn.Flatten(), nn.Linear(16, 3)],
+        "LPPool2d": [*images, nn.LPPool2d(2, (2, 1)), nn.Flatten(), nn.Linear(8, 3)],
+        "Softmax": [nn.Linear(6, 5), nn.Softmax(dim=1), nn.Linear(5, 3)],
+        "a model's own reshaping": [nn.Linear(6, 8), Reshape(2, 4), nn.Tanh(), Reshape(8), nn.Linear(8, 3)],
+        "Dropout2d in eval mode": [*images, nn.Dropout2d(0.5), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 3)],
+    }[name]
+    model = nn.Sequential(*layers).double()
+    return model.eval() if "eval mode" in name else model
+
+
+PARAMETERLESS = ["AdaptiveMaxPool2d", "LocalResponseNorm", "LPPool2d", "Softmax", "a model's own reshaping", "Dropout2d in eval mode"]
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("name", PARAMETERLESS)
+def test_layers_without_parameters_or_backpack_rules_get_exact_curvature_through_autograd(name: str, loss: str, curvature: str) -> None:
+    """They left out the curvature: their factors now pass back by autograd at their inputs, and
+    the Hessian's adds their second derivative (none for a reshaping)."""
+    run = train(parameterless(name), make_batches("mlp", loss, 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    check_curvature(run, curvature)
+
+
+def test_the_second_derivative_of_a_layer_without_parameters_is_its_hessian_and_none_where_it_is_affine() -> None:
+    from cockpit_cli.instruments.autograd_layers import autograd_residual
+
+    torch.manual_seed(0)
+    softmax, reshape = torch.nn.Softmax(dim=1), Reshape(2, 2)
+    for layer in (softmax, reshape):
+        layer.input0 = torch.randn(3, 4, dtype=torch.float64)
+        layer.output = layer(layer.input0)
+    grad_output = torch.randn(3, 4, dtype=torch.float64)
+    assert autograd_residual(reshape, grad_output.reshape(3, 2, 2)) == []
+    (positive, plus), (negative, minus) = autograd_residual(softmax, grad_output)
+    assert (plus, minus) == (1.0, -1.0) and positive.shape == negative.shape == (4, 3, 4)
+    for sample in range(3):
+        expected = torch.autograd.functional.hessian(lambda x: (grad_output[sample] * torch.softmax(x, 0)).sum(), softmax.input0[sample])
+        columns_plus, columns_minus = positive[:, sample].T, negative[:, sample].T  # [element, column]
+        torch.testing.assert_close(columns_plus @ columns_plus.T - columns_minus @ columns_minus.T, expected)
+
+
+@pytest.mark.parametrize("dropout", ["Dropout1d", "Dropout2d"])
+def test_channel_dropout_in_training_mode_gets_the_curvature_of_its_step_s_mask(dropout: str) -> None:
+    """BackPACK's dropout rule reads the mask from the output: the curvature of the network with
+    the channels the step dropped (the reference runs with the step's random state)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    layer = {"Dropout1d": nn.Dropout1d(0.5), "Dropout2d": nn.Dropout2d(0.5)}[dropout]
+    shape, conv = ((2, 3), nn.Conv1d(2, 4, 2)) if dropout == "Dropout1d" else ((1, 2, 3), nn.Conv2d(1, 4, (1, 2)))
+    model = nn.Sequential(nn.Unflatten(1, shape), conv, layer, nn.Tanh(), nn.Flatten(), nn.Linear(8 if dropout == "Dropout1d" else 16, 3)).double()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(("HessTrace",)), curvature="hessian")
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        reference_model = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        torch.set_rng_state(run.rng_states[step])
+        expected = curv.hess_trace(curv.hessian_diagonal(reference_model, loss_fn, inputs, targets))
+        assert_close(run.records[step]["HessTrace"], expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_layer_without_parameters_that_draws_random_numbers_leaves_out_the_curvature_alone() -> None:
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), Jitter(), nn.Tanh(), nn.Linear(5, 3)).double()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert run.instruments.unavailable["HessTrace"] == (
+        "failed at step 0 and was switched off: layer '1' (Jitter): its output, computed again from its input, differs "
+        "(it draws random numbers or keeps a state)"
+    )
+    assert all("NormTest" in run.records[step] for step in range(2))
+    model = nn.Sequential(nn.Linear(6, 5), nn.RReLU(), nn.Linear(5, 3)).double()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="hessian")
+    assert run.instruments.unavailable["HessTrace"] == "layer '1' (RReLU) draws random numbers in training mode, which the curvature's rules cannot draw again"
+
+
 def test_a_residual_model_with_gelu_gets_the_ggn_through_backpack_s_graph() -> None:
     model = ResidualMLP(0)
     model.squash = torch.nn.GELU()
@@ -961,8 +1062,28 @@ class NormalizedResidualCNN(torch.nn.Module):
         return self.out(self.flatten(self.pool(hidden + self.bend(self.renorm(self.again(hidden))))))
 
 
-GRAPH_MODELS = {**RESIDUAL, "branching": Branching, "normalized": NormalizedResidualCNN}
-RESIDUAL_CASES = [("mlp", "ce"), ("mlp", "mse"), ("cnn", "ce"), ("cnn", "mse"), ("branching", "ce"), ("normalized", "mse")]
+class ParameterlessResidualCNN(torch.nn.Module):
+    """Layers without parameters and without BackPACK rules in a residual network: Tanh of
+    LocalResponseNorm(Conv2d(2, 3, 3, padding=1)) as h; h + 0.5 Softmax over the channels of
+    Conv2d(3, 3, 3, padding=1)(h); AdaptiveMaxPool2d(2), Flatten, Linear(12, 3)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+        self.conv, self.norm, self.tanh = nn.Conv2d(2, 3, 3, padding=1), nn.LocalResponseNorm(2), nn.Tanh()
+        self.again, self.softmax = nn.Conv2d(3, 3, 3, padding=1), nn.Softmax(dim=1)
+        self.pool, self.flatten, self.out = nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.tanh(self.norm(self.conv(inputs)))
+        return self.out(self.flatten(self.pool(hidden + 0.5 * self.softmax(self.again(hidden)))))
+
+
+GRAPH_MODELS = {**RESIDUAL, "branching": Branching, "normalized": NormalizedResidualCNN, "parameterless": ParameterlessResidualCNN}
+IMAGE_MODELS = ("cnn", "normalized", "parameterless")
+RESIDUAL_CASES = [("mlp", "ce"), ("mlp", "mse"), ("cnn", "ce"), ("cnn", "mse"), ("branching", "ce"), ("normalized", "mse"), ("parameterless", "ce")]
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
@@ -974,7 +1095,7 @@ def test_curvature_of_a_residual_model_comes_from_backpack_s_graph_of_it(model_n
     where branches join add up by origin (their cross terms), its residuals stay beside them."""
     model = GRAPH_MODELS[model_name](0)
     layers = [name for name, _ in model.named_modules()]
-    batches = make_batches("cnn" if model_name in ("cnn", "normalized") else "mlp", loss, 0, 2)
+    batches = make_batches("cnn" if model_name in IMAGE_MODELS else "mlp", loss, 0, 2)
     run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], weight_decay)), weight_decay=weight_decay, curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
     assert [name for name, _ in model.named_modules()] == layers  # the converter's scalings are the graph's alone

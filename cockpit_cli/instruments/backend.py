@@ -27,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
-from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension
+from cockpit_cli.instruments.autograd_layers import AUTOGRAD_RULES, unreproducible
+from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension, module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
@@ -79,7 +80,7 @@ class GradientCapture:
         self.names = names
         self.support = support
         self.curvature_attribute = CURVATURES[curvature][1]
-        self._curvature = curvature_extension(curvature) if support.curvature else None
+        self._curvature = curvature_extension(curvature, model) if support.curvature else None
         self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
         self.param_index = {id(p): i for i, p in enumerate(params)}
@@ -406,6 +407,11 @@ class GradientCapture:
             return LOSS_NOT_FROM_LAST_CALL.format(name=name)
         if not float(weight) > 0:
             return f"the loss module's output enters the loss times {float(weight):g}, whose curvature has no square-root factor"
+        for layer in self.extendable:  # the rules of layers without parameters compute them again (autograd_layers)
+            if isinstance(module_rules(self._curvature).get(type(layer)), AUTOGRAD_RULES) and "input0" in layer.__dict__:
+                why = unreproducible(layer)
+                if why is not None:
+                    return f"layer '{self._layer_names.get(layer, type(layer).__name__)}' ({type(layer).__name__}): {why}"
         return None
 
     def _reduce_unused(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int, per_sample: bool, curvature: bool) -> None:

@@ -43,12 +43,15 @@ from backpack.custom_module.scale_module import ScaleModule
 from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.convnd import DiagGGNConvND
+from backpack.extensions.secondorder.diag_ggn.dropout import DiagGGNDropout
 from backpack.extensions.secondorder.diag_ggn.losses import DiagGGNCrossEntropyLoss, DiagGGNLoss
 from backpack.extensions.secondorder.diag_hessian.convnd import DiagHConvND
+from backpack.extensions.secondorder.diag_hessian.dropout import DiagHDropout
 from backpack.extensions.secondorder.diag_hessian.losses import DiagHCrossEntropyLoss, DiagHLoss
 from torch import Tensor, nn
 
 from cockpit_cli.instruments import row_blocks
+from cockpit_cli.instruments.autograd_layers import autograd_obstacle, set_autograd_rules
 from cockpit_cli.instruments.conv_transpose import set_transposed_conv_rules
 from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfoldable
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
@@ -67,6 +70,7 @@ CURVATURES = {
 }
 # Affine in their input and parameters: the Hessian's rules are the GGN's (hessian_from_ggn)
 AFFINE_LAYERS = (SumModule, ScaleModule, Permute, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # BackPACK's dropout rule reads the mask from the output
 
 
 def conv_weight_diagonal(module: nn.Conv1d | nn.Conv2d, factor: Tensor) -> Tensor:
@@ -131,11 +135,12 @@ class _Conv2DDerivatives(_OwnPadding, Conv2DDerivatives):
     pass
 
 
-def curvature_extension(curvature: str) -> BackpropExtension:
+def curvature_extension(curvature: str, model: nn.Module | None = None) -> BackpropExtension:
     """Return the BackPACK extension of ``curvature`` (``"hessian"``, ``"ggn"`` or ``"ggn_mc"``)
     with the convolution rules above and cross-entropy's factor of ``C - 1`` columns
     (:mod:`cross_entropy_factor`); the Hessian's follows graphs with branches
-    (:mod:`graph_hessian`)."""
+    (:mod:`graph_hessian`). The layers of ``model`` without parameters that no rule knows get
+    those of :mod:`autograd_layers`."""
     extension_class = CURVATURES[curvature][0]
     extension = extension_class()
     hessian = issubclass(extension_class, DiagHessian)
@@ -154,6 +159,10 @@ def curvature_extension(curvature: str) -> BackpropExtension:
     if hessian:
         set_affine_layer_rules(extension, DiagGGNExact(), AFFINE_LAYERS)
     set_normalization_rules(extension, "hessian" if hessian else "ggn")
+    for dropout in CHANNEL_DROPOUT:  # a mask of whole channels is a mask of elements too
+        extension.set_module_extension(dropout, DiagHDropout() if hessian else DiagGGNDropout(), overwrite=True)
+    if model is not None:
+        set_autograd_rules(extension, hessian, {type(m) for m in model.modules() if autograd_obstacle(m) is None})
     if hessian:
         tag_origins(extension)  # last: every rule, BackPACK's and those above
     return extension

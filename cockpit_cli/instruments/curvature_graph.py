@@ -21,6 +21,7 @@ from functools import lru_cache
 from backpack.custom_module.graph_utils import convert_module_to_backpack
 from torch import fx, nn
 
+from cockpit_cli.instruments.autograd_layers import autograd_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules, settings_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 
@@ -40,8 +41,9 @@ def curvature_layers(curvature: str) -> dict[type, object]:
 def curvature_obstacle(name: str, module: nn.Module, curvature: str) -> str | None:
     """Why the rules of ``curvature`` do not follow the layer ``name``, or ``None``."""
     kind, rules = type(module).__name__, curvature_layers(curvature)
-    if type(module) not in rules:
-        return f"layer '{name}' ({kind}) has no BackPACK curvature rule"
+    if type(module) not in rules:  # a layer without parameters: autograd's rules (autograd_layers)
+        obstacle = autograd_obstacle(module)
+        return None if obstacle is None else f"layer '{name}' ({kind}) {obstacle}"
     setting = settings_obstacle(rules[type(module)], module)
     return None if setting is None else f"layer '{name}' ({kind}) has settings BackPACK's curvature rule does not cover ({setting})"
 
@@ -79,6 +81,8 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
             module = graph.get_submodule(node.target)
             trainable = any(p.requires_grad for p in module.parameters(recurse=False))
             obstacle = curvature_obstacle(node.target, module, curvature)
+            if obstacle is None and type(module) not in curvature_layers(curvature) and len(node.args) + len(node.kwargs) != 1:
+                obstacle = f"layer '{node.target}' ({type(module).__name__}) takes several inputs, which the curvature's rules of a layer without parameters cannot follow"
             if obstacle is None and trainable and type(module) not in sample_rules:
                 obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
             if obstacle is not None:
