@@ -1132,6 +1132,21 @@ def test_hessian_factors_that_meet_add_up_by_origin_and_a_rule_leaves_the_ones_i
     assert result["origins"][0] is shared and len({id(o) for o in result["origins"]}) == 3
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "branching"])
+def test_a_curvature_that_does_not_fit_leaves_the_per_sample_values_of_a_residual_model_s_first_step(model_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory estimate comes after the forward pass, which ran without hooks for the pass
+    through the graph; the per-sample values of that step were missing, without a reason."""
+    from cockpit_cli.instruments import curvature_memory
+
+    monkeypatch.setattr(curvature_memory, "available_bytes", lambda device: 1)
+    model = GRAPH_MODELS[model_name](0)
+    batches = make_batches("mlp", "ce", 0, 2)
+    run = train(model, batches, quantities(FIRST_ORDER + DIAGONAL, **histogram_options(model, batches[0], 0.0)), curvature="hessian")
+    assert set(run.instruments.unavailable) == set(DIAGONAL) and run.instruments.unavailable["HessTrace"].startswith("the curvature diagonal (hessian) would need")
+    for step in range(2):
+        check_first_order(run, step)
+
+
 class ResidualMLPWithSpare(ResidualMLP):
     """:class:`ResidualMLP` with a layer its forward pass never calls."""
 

@@ -117,6 +117,7 @@ class GradientCapture:
         self._forward_mode = True  # whether the model's operations have forward-mode derivatives (start_slopes)
         # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
         self._graph = support.graph if support.curvature_by_graph else None
+        self._released_for_graph = False  # whether the last forward pass ran without hooks, for a pass through the graph
 
     def adds_curvature_residual(self, module: nn.Module) -> bool:
         """Whether the curvature's rule of ``module`` adds a factor of its own (the Hessian's at a
@@ -144,7 +145,8 @@ class GradientCapture:
         of Linear and convolution layers only the inputs (see :func:`store_inputs`); where all of
         them are such layers, hooks on their outputs replace BackPACK's (see :mod:`output_hooks`).
         """
-        if curvature and self._graph is not None:  # the step's own pass is plain; a pass through the graph follows it
+        self._released_for_graph = curvature and self._graph is not None
+        if self._released_for_graph:  # the step's own pass is plain; a pass through the graph follows it
             self.release()
             return
         if not curvature and self._output_hooks is not None:
@@ -261,9 +263,11 @@ class GradientCapture:
         batch_size = samples_in(inputs)
         extensions = []
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
-        by_functorch = per_sample and self.support.per_sample == "functorch"
+        # A pass planned through the graph whose curvature went off after the forward pass (its
+        # memory estimate, :mod:`curvature_memory`) has no hooks that recorded it: torch.func then.
+        by_functorch = per_sample and (self.support.per_sample == "functorch" or self._released_for_graph)
         own_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)  # the pass forms them from nothing
-        if per_sample and self.support.per_sample == "backpack" and not by_output_hooks:
+        if per_sample and self.support.per_sample == "backpack" and not by_output_hooks and not by_functorch:
             extensions.append(self._batch_grad)
         if curvature and self.support.curvature:
             obstacle = self._curvature_obstacle(loss)
