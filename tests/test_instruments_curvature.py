@@ -185,6 +185,33 @@ def test_curvature_quantities_of_binary_cross_entropy(kind: str, name: str, curv
     assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
 
 
+ROBUST_LOSSES = {
+    "Huber": lambda: torch.nn.HuberLoss(delta=0.8),
+    "Huber summed": lambda: torch.nn.HuberLoss(delta=1.5, reduction="sum"),
+    "SmoothL1": lambda: torch.nn.SmoothL1Loss(beta=0.6),
+    "L1": lambda: torch.nn.L1Loss(),
+}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "ggn_mc"])
+@pytest.mark.parametrize("name", list(ROBUST_LOSSES))
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_curvature_quantities_of_robust_regression_losses(kind: str, name: str, curvature: str) -> None:
+    """Huber, smooth L1 and L1 losses (targets spread so that residuals fall on both sides of the
+    quadratic part's width) had no curvature rule: the curvature quantities were left out."""
+    loss_fn = ROBUST_LOSSES[name]()
+    batches = []
+    for index, batch in enumerate(make_batches(kind, "mse", 0, 2)):
+        targets = 2.0 * torch.randn(len(batch.targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
+        batches.append(batch._replace(targets=targets, loss_fn=loss_fn, per_sample_loss_fn=None))
+    run = train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature)
+    if curvature != "ggn_mc":
+        check_against_shares(run, curvature)
+        return
+    assert run.instruments.unavailable == {}  # random: finite and non-negative, as a GGN's
+    assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("loss", ["mse", "bce"])
 @pytest.mark.parametrize("kind", list(BUILDERS))

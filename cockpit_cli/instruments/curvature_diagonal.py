@@ -28,8 +28,9 @@ and padding with the layer's own values (circular, reflect, replicate: the facto
 through the layer's own computation, the patches are those of the padded input),
 cross-entropy starts the backpropagation with a factor of one column fewer than classes
 (:mod:`cross_entropy_factor`), and the losses' factors follow their options (class weights,
-ignored targets, label smoothing), binary cross-entropy's and the squared error's for outputs of
-any shape included (:mod:`elementwise_loss_factor`).
+ignored targets, label smoothing), binary cross-entropy's, the squared error's and the robust
+regression losses' (Huber, smooth L1, L1) for outputs of any shape included
+(:mod:`elementwise_loss_factor`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from cockpit_cli.instruments.elementwise_activations import set_elementwise_rule
 from cockpit_cli.instruments.embedding_curvature import set_embedding_rules
 from cockpit_cli.instruments.graph_hessian import BranchingDiagHessian, tag_origins
 from cockpit_cli.instruments.hessian_from_ggn import set_affine_layer_rules
-from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, SquaredErrorDerivatives
+from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, RobustRegressionDerivatives, SquaredErrorDerivatives
 from cockpit_cli.instruments.linear_layers import set_linear_layer_rules, transposed_product
 from cockpit_cli.instruments.normalization_layers import set_normalization_rules
 
@@ -150,7 +151,9 @@ def curvature_extension(curvature: str, model: nn.Module | None = None) -> Backp
     loss_rule = DiagHCrossEntropyLoss() if hessian else DiagGGNCrossEntropyLoss()
     loss_rule.derivatives = ReducedCrossEntropyDerivatives()
     extension.set_module_extension(nn.CrossEntropyLoss, loss_rule, overwrite=True)
-    for loss, derivatives in ((nn.BCEWithLogitsLoss, BinaryCrossEntropyDerivatives), (nn.MSELoss, SquaredErrorDerivatives)):
+    elementwise = [(nn.BCEWithLogitsLoss, BinaryCrossEntropyDerivatives), (nn.MSELoss, SquaredErrorDerivatives)]
+    elementwise += [(loss, RobustRegressionDerivatives) for loss in (nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss)]
+    for loss, derivatives in elementwise:
         extension.set_module_extension(loss, (DiagHLoss if hessian else DiagGGNLoss)(derivatives=derivatives()), overwrite=True)
     set_transposed_conv_rules(extension, "hessian" if hessian else "ggn")
     set_linear_layer_rules(extension, hessian)

@@ -1,9 +1,13 @@
-"""Symmetric factors of the Hessians of losses of each output on its own: ``BCEWithLogitsLoss``
-and ``MSELoss``, for outputs of any shape and every option.
+"""Symmetric factors of the Hessians of losses of each output on its own: ``BCEWithLogitsLoss``,
+``MSELoss`` and the robust regression losses ``HuberLoss``, ``SmoothL1Loss`` and ``L1Loss``, for
+outputs of any shape and every option.
 
 Such a loss treats each output ``z`` of each sample on its own, so its Hessian with respect to a
 sample's outputs is diagonal, whatever the targets: ``a sigma(z) (1 - sigma(z))`` for binary
-cross-entropy with logits (targets 0, 1 or a probability), ``2 a`` for the squared error. ``a``
+cross-entropy with logits (targets 0, 1 or a probability), ``2 a`` for the squared error, ``a``
+for Huber's loss where the residual ``|z - y|`` is at most ``delta`` (0 beyond, where the loss
+is linear), ``a / beta`` for the smooth L1 loss where it is at most ``beta``, and 0 for the L1
+loss. ``a``
 is the output's weight in the loss: ``1 / (N K)`` for the mean over ``N`` samples of ``K``
 outputs, ``1`` for the sum, times binary cross-entropy's ``weight``, and times
 ``pos_weight t + 1 - t`` for a target ``t`` where positives are weighted. Binary cross-entropy's
@@ -13,7 +17,9 @@ one option is its reduction.
 
 The factor has one column per output (``[K, N, ...]``), and ``M`` drawn columns for the
 Monte-Carlo GGN: the gradients of targets drawn from the model's own predictive distribution
-(Bernoulli, or Gaussian of variance 1/2 for the squared error), whose mean square is the Hessian.
+(Bernoulli, or Gaussian of variance 1/2 for the squared error), whose mean square is the Hessian;
+the robust losses, which are no likelihoods of a distribution one could draw from, take signs
+drawn at random times the square root of their Hessian's diagonal (every square is the Hessian).
 BackPACK's own rules take two-dimensional outputs only (a regression's ``[N]`` outputs stop
 them) and, for binary cross-entropy, one output, targets of exactly 0 or 1 and no weights, with
 no rule for the Hessian diagonal.
@@ -122,3 +128,37 @@ class SquaredErrorDerivatives(ElementwiseLossDerivatives):
 
     def draws(self, outputs: Tensor, count: int) -> Tensor:
         return math.sqrt(2.0) * torch.randn(count, *outputs.shape, dtype=outputs.dtype, device=outputs.device)
+
+
+class RobustRegressionDerivatives(ElementwiseLossDerivatives):
+    """``HuberLoss``, ``SmoothL1Loss`` and ``L1Loss``: quadratic in the residual ``r = z - y`` up to
+    a width, linear beyond; the second derivative per unit weight is ``1`` (Huber, width
+    ``delta``), ``1 / beta`` (smooth L1, width ``beta``) inside, 0 outside and for the L1 loss.
+    Inside includes the width itself, as torch's gradient takes the quadratic branch there."""
+
+    def output_weights(self, module: nn.Module) -> Tensor:
+        outputs = module.input0
+        return torch.full_like(outputs, 1.0 / outputs.numel() if module.reduction == "mean" else 1.0)
+
+    def hessian_diagonal(self, module: nn.Module, outputs: Tensor, subsampling: list[int] | None) -> Tensor:
+        targets = subsample(module.input1, subsampling=subsampling)
+        width, height = _quadratic_part(module)
+        inside = ((outputs - targets).abs() <= width).to(outputs.dtype)
+        weights = self.output_weights(module)
+        return (weights if subsampling is None else weights[subsampling]) * inside * height
+
+    def _sqrt_hessian_sampled(self, module: nn.Module, g_inp: tuple, g_out: tuple, mc_samples: int = 1, subsampling: list[int] | None = None) -> Tensor:
+        outputs = subsample(module.input0, subsampling=subsampling)
+        roots = self.hessian_diagonal(module, outputs, subsampling).sqrt()
+        signs = torch.randint(0, 2, (mc_samples, *outputs.shape), device=outputs.device).to(outputs.dtype).mul_(2).sub_(1)
+        return signs * roots / math.sqrt(mc_samples)
+
+
+def _quadratic_part(module: nn.Module) -> tuple[float, float]:
+    """The width of the loss's quadratic part around a zero residual and its second derivative
+    there (per unit weight); ``(-1, 0)``: none (the L1 loss)."""
+    if isinstance(module, nn.HuberLoss):
+        return module.delta, 1.0
+    if isinstance(module, nn.SmoothL1Loss) and module.beta > 0:
+        return module.beta, 1.0 / module.beta
+    return -1.0, 0.0

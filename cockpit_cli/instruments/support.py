@@ -7,8 +7,8 @@ follows). Layers BackPACK has no first-order rule for fall back to ``torch.func`
 slower), as do convolutions that pad with their own values (circular, reflect, replicate),
 which BackPACK's rules compute as if they padded with zeros; the curvature diagonal needs
 second-order rules for every layer of a sequential model, or of BackPACK's graph of another
-(:mod:`curvature_graph`), and a cross-entropy, binary cross-entropy (with logits) or
-mean-squared-error loss.
+(:mod:`curvature_graph`), and a cross-entropy, binary cross-entropy (with logits),
+mean-squared-error or robust regression (Huber, smooth L1, L1) loss.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ GRAPH_IN_PARALLEL = (
     "the model {name} is not an nn.Sequential, and in a data-parallel run its curvature diagonal would need a pass "
     "through BackPACK's graph of it outside the data-parallel wrapper"
 )
-CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss)
+CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss, nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def _pads_with_copies(module: nn.Module) -> bool:
 
 def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]], curvature: str) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
-        return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss or MSELoss)"
+        return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
     for name, module in model.named_modules():
