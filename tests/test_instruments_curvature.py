@@ -212,6 +212,111 @@ def test_curvature_quantities_of_robust_regression_losses(kind: str, name: str, 
     assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
 
 
+def log_softmax_mlp(width: int) -> torch.nn.Sequential:
+    """Linear(6, width), Tanh, Linear(width, 3), LogSoftmax, in float64 (for NLLLoss)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3), nn.LogSoftmax(dim=1)).double()
+
+
+def nll_batches() -> list[ref.Batch]:
+    per_sample = torch.nn.NLLLoss(reduction="none")
+    return [batch._replace(loss_fn=torch.nn.NLLLoss(), per_sample_loss_fn=per_sample) for batch in make_batches("mlp", "ce", 0, 2)]
+
+
+def transposed_log_softmax(_: int) -> torch.nn.Sequential:
+    """A transposed convolution (per-sample gradients from BackPACK's rule, not the output hooks)
+    before Tanh, Linear(8, 3) and LogSoftmax: [N, 6] -> [N, 3], 37 parameters."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Unflatten(1, (2, 3)), nn.ConvTranspose1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(dim=1)).double()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, DECAY])
+@pytest.mark.parametrize("build, count", [(log_softmax_mlp, 43), (transposed_log_softmax, 37)], ids=["output-hooks", "backpack-rules"])
+def test_a_small_model_with_a_loss_backpack_cannot_follow_gets_the_hessian_diagonal_from_products(build: Any, count: int, weight_decay: float) -> None:
+    """NLLLoss after a LogSoftmax has no BackPACK rule: a model of at most PRODUCTS_MOST
+    parameters gets the exact Hessian diagonal from a Hessian-vector product per parameter (of
+    the loss as trained, regulariser included), taken before the training's backward pass, whose
+    hooks then take the per-sample gradients with it; the manifest says how."""
+    from cockpit_cli.instruments.support import PRODUCTS_NOTE
+
+    model = build(4)
+    batches = nll_batches()
+    run = train(model, batches, quantities(DIAGONAL + ("NormTest", "HessMaxEV")), weight_decay=weight_decay)
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.capture.factored == (count == 43)
+    reason = "the loss NLLLoss has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
+    assert PRODUCTS_NOTE.format(count=count, reason=reason) in run.instruments.describe()["notes"]
+    for step in range(2):
+        model_at = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        decayed = ref.weights(model_at) if weight_decay else None
+        diagonal = curv.hessian_diagonal(model_at, loss_fn, inputs, targets, decayed, weight_decay)
+        grads = [g + weight_decay * p.detach() if weight_decay and p.dim() > 1 else g for g, p in zip(share_gradients(model_at, loss_fn, inputs, targets), model_at.parameters())]
+        values = run.records[step]
+        assert_close(values["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
+        assert_close(values["TICDiag"], curv.tic_diag(grads, diagonal), rel=1e-8, abs=1e-10)
+        assert_close(values["TICTrace"], curv.tic_trace(grads, diagonal), rel=1e-9, abs=1e-12)
+        check_first_order(run, step, names=("NormTest",), weight_decay=weight_decay)
+
+
+def products_models() -> dict[str, Any]:
+    from test_instruments_exact import Shifted, parametrized_mlp, scaled_mlp
+    from test_instruments_shared_layers import TiedLinears, sequential_twice
+
+    return {
+        "a layer BackPACK does not know": lambda: scaled_mlp(0),
+        "a parametrized weight": lambda: parametrized_mlp("weight_norm"),
+        "a parameter beside sublayers": lambda: Shifted(0),
+        "a layer held twice": lambda: sequential_twice().double(),
+        "tied weights": lambda: TiedLinears().double(),
+    }
+
+
+@pytest.mark.parametrize("name", ["a layer BackPACK does not know", "a parametrized weight", "a parameter beside sublayers", "a layer held twice", "tied weights"])
+def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_diagonal_from_products(name: str) -> None:
+    """Each had no curvature with the Hessian (as with the GGN still), per-sample gradients from torch.func or the hooks."""
+    torch.manual_seed(0)
+    model = products_models()[name]()
+    batches = make_batches("mlp", "ce", 0, 2)
+    run = train(model, batches, quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY)
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
+    for step in range(2):
+        expected = reference_values(run, step, "hessian", DECAY)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+        check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
+
+
+def test_products_stay_for_small_models_and_the_hessian() -> None:
+    """Above PRODUCTS_MOST parameters, or with a GGN asked for, the curvature stays out with BackPACK's reason."""
+    from cockpit_cli.instruments.support import PRODUCTS_MOST
+
+    large = log_softmax_mlp(64)
+    assert sum(p.numel() for p in large.parameters()) > PRODUCTS_MOST
+    reason = "the loss NLLLoss has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
+    for model, curvature in ((large, "hessian"), (log_softmax_mlp(4), "ggn")):
+        run = train(model, nll_batches(), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+        assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
+        assert all("NormTest" in run.records[step] for step in range(2))
+
+
+def test_a_small_model_whose_batch_norm_mixes_the_samples_gets_hess_trace_from_products() -> None:
+    """Per-sample gradients do not exist there (TIC needs them), the batch's Hessian does."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL))
+    assert set(run.instruments.unavailable) == {"TICDiag", "TICTrace"} and "mixes the samples" in run.instruments.unavailable["TICDiag"]
+    for step in range(2):
+        model_at = run.reference_model(step)
+        inputs, targets, loss_fn, _ = run.batches[step]
+        model_at.train()
+        assert_close(run.records[step]["HessTrace"], curv.hess_trace(curv.hessian_diagonal(model_at, loss_fn, inputs, targets)), rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("loss", ["mse", "bce"])
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -877,7 +982,7 @@ def test_a_layer_without_parameters_that_draws_random_numbers_leaves_out_the_cur
     )
     assert all("NormTest" in run.records[step] for step in range(2))
     model = nn.Sequential(nn.Linear(6, 5), nn.RReLU(), nn.Linear(5, 3)).double()
-    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="hessian")
+    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="ggn")
     assert run.instruments.unavailable["HessTrace"] == "layer '1' (RReLU) draws random numbers in training mode, which the curvature's rules cannot draw again"
 
 
@@ -893,7 +998,7 @@ def test_a_residual_model_with_gelu_gets_the_ggn_through_backpack_s_graph() -> N
 def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     from cockpit_cli.instruments.support import check_support
 
-    support = check_support(torch.compile(BUILDERS["mlp"](0)), torch.nn.CrossEntropyLoss())  # compiles at its first call only
+    support = check_support(torch.compile(BUILDERS["mlp"](0)), torch.nn.CrossEntropyLoss(), "ggn")  # compiles at its first call only
     assert not support.curvature
     assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
 
@@ -939,7 +1044,7 @@ def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str)
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
-    run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
+    run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="ggn")
     assert set(run.instruments.unavailable) == set(DIAGONAL)
     assert "layer '0' (Conv2d) pads 'same' unevenly" in run.instruments.unavailable["HessTrace"]
     assert {"GradNorm", "NormTest"} <= set(run.records[1])

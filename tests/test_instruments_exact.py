@@ -788,7 +788,8 @@ def batchnorm_mlp(seed: int) -> nn.Sequential:
 
 
 def test_batchnorm_gives_no_per_sample_quantities() -> None:
-    run = train(batchnorm_mlp(0), make_batches("mlp", "ce", 0, 3), quantities(tuple(QUANTITIES)))
+    """(With the GGN: the Hessian of so small a model comes from products, see test_instruments_curvature.)"""
+    run = train(batchnorm_mlp(0), make_batches("mlp", "ce", 0, 3), quantities(tuple(QUANTITIES)), curvature="ggn")
     instruments = run.instruments
     assert instruments.support.per_sample is None
     per_sample = {name for name, cls in QUANTITIES.items() if cls.per_sample}
@@ -966,7 +967,7 @@ def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
     model = scaled_mlp(0)
     batches = make_batches("mlp", loss, 0, 2)
     options = histogram_options(model, batches[0], DECAY)
-    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace", "TICDiag", "TICTrace"), **options), weight_decay=DECAY)
+    run = train(model, batches, quantities(FIRST_ORDER + ("HessTrace", "TICDiag", "TICTrace"), **options), weight_decay=DECAY, curvature="ggn")
     instruments = run.instruments
     assert instruments.support.per_sample == "functorch"
     assert instruments.support.per_sample_reason == "layer '1' (Scale) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
@@ -1168,7 +1169,7 @@ def test_a_weight_norm_layer_gets_per_sample_quantities_from_torch_func_and_no_c
     model = parametrized_mlp("weight_norm")
     batches = make_batches("mlp", "ce", 0, 2)
     names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d", "LayerStats")
-    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)))
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)), curvature="ggn")
     assert run.instruments.support.per_sample == "functorch"
     assert run.instruments.unavailable == {"HessTrace": "layer '0' (ParametrizedLinear) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
     for step in range(2):
@@ -1229,7 +1230,7 @@ def test_a_parameter_of_a_container_falls_back_to_torch_func() -> None:
     model = Shifted(0)
     batches = make_batches("mlp", "ce", 0, 2)
     names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "GradHist1d")
-    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)))
+    run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)), curvature="ggn")
     support = run.instruments.support
     assert support.per_sample == "functorch"
     assert support.per_sample_reason == (

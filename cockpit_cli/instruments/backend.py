@@ -80,7 +80,7 @@ class GradientCapture:
         self.names = names
         self.support = support
         self.curvature_attribute = CURVATURES[curvature][1]
-        self._curvature = curvature_extension(curvature, model) if support.curvature else None
+        self._curvature = curvature_extension(curvature, model) if support.curvature and not support.curvature_by_products else None
         self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
         self.param_index = {id(p): i for i, p in enumerate(params)}
@@ -118,6 +118,8 @@ class GradientCapture:
         # BackPACK's graph of a model that is no nn.Sequential, for its curvature diagonal (curvature_graph)
         self._graph = support.graph if support.curvature_by_graph else None
         self._released_for_graph = False  # whether the last forward pass ran without hooks, for a pass through the graph
+        self._diagonals: list[Tensor] | None = None  # the Hessian diagonal from products, during a pass (support.curvature_by_products)
+        self._hooks_paused = False  # while the products differentiate the graph before the training's backward pass
 
     def adds_curvature_residual(self, module: nn.Module) -> bool:
         """Whether the curvature's rule of ``module`` adds a factor of its own (the Hessian's at a
@@ -175,6 +177,8 @@ class GradientCapture:
     def _run_extensions(self, module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
         """:func:`run_extensions`, whose failure is recorded (``_rule_failures``) instead of
         raised: it would stop the training's backward pass, and the training with it."""
+        if self._hooks_paused:  # the engine's own pass through the graph: the layer's input stays for the training's
+            return
         try:
             run_extensions(module, grad_input, grad_output)
         except Exception as error:  # noqa: BLE001 - runs inside the backward pass, which must complete
@@ -262,6 +266,9 @@ class GradientCapture:
         accumulator = Accumulator(len(self.params))
         batch_size = samples_in(inputs)
         extensions = []
+        by_products = curvature and self.support.curvature_by_products  # the Hessian diagonal from products (support.PRODUCTS_NOTE)
+        if by_products:  # first, as the per-sample reductions take it with them
+            self._diagonals = self._diagonal_by_products(accumulator, requested, loss, inputs, targets, rng_state)
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
         # A pass planned through the graph whose curvature went off after the forward pass (its
         # memory estimate, :mod:`curvature_memory`) has no hooks that recorded it: torch.func then.
@@ -269,7 +276,7 @@ class GradientCapture:
         own_gradients = self.sync.world_size == 1 and all(p.grad is None for p in self.params)  # the pass forms them from nothing
         if per_sample and self.support.per_sample == "backpack" and not by_output_hooks and not by_functorch:
             extensions.append(self._batch_grad)
-        if curvature and self.support.curvature:
+        if curvature and self.support.curvature and not by_products:
             obstacle = self._curvature_obstacle(loss)
             if obstacle is None:
                 extensions.append(self._curvature)
@@ -312,11 +319,47 @@ class GradientCapture:
             with quiet_notices() if self._handles else nullcontext():  # BackPACK's hooks, attached, find no extension
                 _backward(loss, retain_graph, create_graph)
         if (per_sample and not by_functorch) or self._curvature in extensions:
-            self._reduce_unused(accumulator, requested, options, batch_size, per_sample and not by_functorch, self._curvature in extensions)
+            self._reduce_unused(accumulator, requested, options, batch_size, per_sample and not by_functorch, self._curvature in extensions or by_products)
         if by_functorch:
             self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
+        elif by_products and not per_sample and self._diagonals is not None:
+            for index, param in enumerate(self.params):
+                reduce_layer(index, None, param, self._diagonals[index], requested, accumulator, options, self.sync)
+        self._diagonals = None
         accumulator.synchronize(self.sync)
         return accumulator
+
+    def _diagonal_by_products(self, accumulator: Accumulator, requested: frozenset[str], loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> list[Tensor] | None:
+        """Return the Hessian diagonal of ``loss`` (the training's, with its regulariser), one
+        Hessian-vector product per parameter, ``h_k = (H e_k)_k``, from gradients taken with a
+        graph before the training's backward pass (which leaves the loss's graph for it); ``None``
+        where the products fail (the curvature quantities then go off with the reason)."""
+        self._hooks_paused = True
+        if self._output_hooks is not None:
+            self._output_hooks.paused = True
+        try:
+            product = self.hessian_vector_product(loss, inputs, targets, rng_state)
+            units = [torch.zeros_like(p) for p in self.params]
+            diagonals = []
+            for index, param in enumerate(self.params):
+                diagonal = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+                for k in range(param.numel()):
+                    units[index].view(-1)[k] = 1.0
+                    diagonal[k] = product(units)[index].reshape(-1)[k]
+                    units[index].view(-1)[k] = 0.0
+                diagonals.append(diagonal.view_as(param))
+        except Exception as error:  # noqa: BLE001 - the gradients are taken; the curvature quantities go off
+            accumulator.fail(requested & NEEDS_CURVATURE, f"the Hessian-vector products failed: {type(error).__name__}: {error}")
+            diagonals = None
+        finally:
+            self._hooks_paused = False
+            if self._output_hooks is not None:
+                self._output_hooks.paused = False
+        return diagonals
+
+    def _products_diagonal(self, index: int) -> Tensor | None:
+        """The Hessian diagonal of parameter ``index`` from products at this pass, or ``None``."""
+        return None if self._diagonals is None else self._diagonals[index]
 
     def _reduce_by_functorch(
         self, accumulator: Accumulator, inputs: Inputs, targets: Any, rng_state: tuple | None, requested: frozenset[str], options: ReductionOptions, own_gradients: bool
@@ -334,7 +377,7 @@ class GradientCapture:
                 samples = self._with_regularizer(index, samples)
                 if index in self.runs.outside and own_gradients:
                     _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
-                reduce_layer(index, DenseSamples(samples), self.params[index], None, requested, accumulator, options, self.sync)
+                reduce_layer(index, DenseSamples(samples), self.params[index], self._products_diagonal(index), requested, accumulator, options, self.sync)
         except Exception as error:  # noqa: BLE001 - the training's gradients are in place; the quantities that need these go off
             accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
 
@@ -476,6 +519,8 @@ class GradientCapture:
                 diagonal = getattr(param, self.curvature_attribute, None)
                 if diagonal is not None and self.weight_decay[index]:
                     diagonal = diagonal + self.weight_decay[index]
+                elif diagonal is None:
+                    diagonal = self._products_diagonal(index)
                 source = self._source(index, getattr(param, "grad_batch", None), batch_size)
                 reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
                 for attribute in ("grad_batch", self.curvature_attribute):
@@ -489,7 +534,7 @@ class GradientCapture:
             index = self.param_index[id(param)]
             if mean is not None and self.gradient_scale != 1.0:
                 mean = mean / self.gradient_scale
-            reduce_layer(index, self._source(index, samples, batch_size), param, None, requested, accumulator, options, self.sync, mean=mean)
+            reduce_layer(index, self._source(index, samples, batch_size), param, self._products_diagonal(index), requested, accumulator, options, self.sync, mean=mean)
 
         return reduce_source
 

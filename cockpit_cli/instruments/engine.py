@@ -140,7 +140,7 @@ class Instruments:
         self.quantities = [quantity for quantity in quantities if self._available(quantity)]
         self.curvature, self.loss_function = curvature, loss_function
         self._output_sizes: curvature_memory.OutputSizes | None = None  # measures the first curvature step's layer outputs
-        self._curvature_checked = False
+        self._curvature_checked = self.support.curvature_by_products  # (no factor to fit in memory)
         for quantity in self.quantities:
             quantity.attach(self.params, self.plain_sgd)
         self.lag = max((quantity.lag for quantity in self.quantities), default=0)
@@ -239,7 +239,7 @@ class Instruments:
         replay = START_SLOPES in needs or self._by_forward_mode(needs) or per_sample_by_functorch or q.HVP in needs
         self._rng_state = capture_rng_state(self.params[0].device) if replay and self.params else None
         if self._uses_backpack(needs):
-            self.capture.attach(curvature=q.CURVATURE in needs and self.support.curvature)
+            self.capture.attach(curvature=self._curvature_by_backpack(needs))
         else:
             self.capture.release()
             if needs & r.NEEDS_SAMPLES:
@@ -286,7 +286,12 @@ class Instruments:
     def _uses_backpack(self, needs: set[str]) -> bool:
         """Whether the step's backward pass runs BackPACK extensions (so its hooks must be in place)."""
         per_sample = bool(needs & r.NEEDS_SAMPLES) and not self._by_forward_mode(needs) and self.support.per_sample == "backpack"
-        return per_sample or (q.CURVATURE in needs and self.support.curvature)
+        return per_sample or self._curvature_by_backpack(needs)
+
+    def _curvature_by_backpack(self, needs: set[str]) -> bool:
+        """Whether the step's backward pass backpropagates BackPACK's curvature factors (not where
+        a small model's Hessian diagonal comes from products, which need no hooks)."""
+        return q.CURVATURE in needs and self.support.curvature and not self.support.curvature_by_products
 
     def _by_forward_mode(self, needs: set[str]) -> bool:
         """Whether projections g_i . u, the only per-sample values due, come from one forward-mode

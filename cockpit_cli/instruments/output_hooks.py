@@ -61,6 +61,7 @@ class OutputGradientHooks:
         self.params = params
         self.callback: ParameterSource | None = None  # set only while a tracked backward pass runs
         self.layer_callback: LayerFactors | None = None  # in place of callback: a layer's factors, once per run of the layer
+        self.paused = False  # while the engine differentiates the graph itself, before the training's backward pass
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
         self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
@@ -101,6 +102,8 @@ class OutputGradientHooks:
                 self._runs_ahead[id(param)] = self._runs_ahead.get(id(param), 0) + 1
 
     def _backward(self, module: nn.Module, held: list[Tensor], grad_output: Tensor) -> None:
+        if self.paused:  # another pass through the graph before the training's: the input stays for it
+            return
         inputs = held.pop() if held else None
         if inputs is not None and self.layer_callback is not None:
             with torch.no_grad():

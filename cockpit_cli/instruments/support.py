@@ -13,7 +13,7 @@ mean-squared-error or robust regression (Huber, smooth L1, L1) loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import fx, nn
@@ -30,6 +30,11 @@ GRAPH_IN_PARALLEL = (
     "the model {name} is not an nn.Sequential, and in a data-parallel run its curvature diagonal would need a pass "
     "through BackPACK's graph of it outside the data-parallel wrapper"
 )
+PRODUCTS_MOST = 256  # trainable parameters whose Hessian diagonal may come from one Hessian-vector product each
+PRODUCTS_NOTE = (
+    "the Hessian diagonal comes from {count} Hessian-vector products, one per parameter, at each step with HessTrace or "
+    "TIC due: BackPACK's rules do not follow this model ({reason})"
+)
 CURVATURE_LOSSES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.MSELoss, nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss)
 
 
@@ -44,6 +49,9 @@ class Support:
         curvature_reason: Why not (or ``None``).
         graph: BackPACK's graph of a model that is no nn.Sequential (:mod:`curvature_graph`),
             through which a pass of its own gives the curvature diagonals, or ``None``.
+        curvature_by_products: Whether the Hessian diagonal comes from Hessian-vector products,
+            one per parameter (a small model BackPACK's rules do not follow; ``curvature_reason``
+            then says so).
     """
 
     per_sample: PerSampleBackend | None
@@ -51,6 +59,7 @@ class Support:
     curvature: bool
     curvature_reason: str | None
     graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)
+    curvature_by_products: bool = False
 
     @property
     def curvature_by_graph(self) -> bool:
@@ -69,7 +78,17 @@ def _has_trainable(module: nn.Module) -> bool:
 
 def check_support(model: nn.Module, loss_function: object, curvature: str = "hessian") -> Support:
     """Inspect ``model`` and ``loss_function`` and say which instruments are possible (the
-    curvature diagonal ``curvature``: ``hessian``, ``ggn`` or ``ggn_mc``)."""
+    curvature diagonal ``curvature``: ``hessian``, ``ggn`` or ``ggn_mc``). Where BackPACK's rules
+    give no Hessian diagonal, a model of at most :data:`PRODUCTS_MOST` trainable parameters gets
+    it from Hessian-vector products (any loss, any layers)."""
+    support = _backpack_support(model, loss_function, curvature)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if support.curvature or curvature != "hessian" or not 0 < count <= PRODUCTS_MOST:
+        return support
+    return replace(support, curvature=True, graph=None, curvature_by_products=True, curvature_reason=PRODUCTS_NOTE.format(count=count, reason=support.curvature_reason))
+
+
+def _backpack_support(model: nn.Module, loss_function: object, curvature: str) -> Support:
     leaves = _leaves(model)
     mixing = mixing_batch_norm(model)
     if mixing is not None:
