@@ -998,6 +998,8 @@ def test_a_residual_model_with_gelu_gets_the_ggn_through_backpack_s_graph() -> N
 def test_a_compiled_model_gets_no_curvature_with_the_reason() -> None:
     from cockpit_cli.instruments.support import check_support
 
+    for curvature in ("hessian", "ggn"):  # (small as it is, its graph cannot be differentiated twice for products)
+        assert not check_support(torch.compile(BUILDERS["mlp"](0)), torch.nn.CrossEntropyLoss(), curvature).curvature
     support = check_support(torch.compile(BUILDERS["mlp"](0)), torch.nn.CrossEntropyLoss(), "ggn")  # compiles at its first call only
     assert not support.curvature
     assert support.curvature_reason == "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"

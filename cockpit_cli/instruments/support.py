@@ -83,7 +83,8 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
     it from Hessian-vector products (any loss, any layers)."""
     support = _backpack_support(model, loss_function, curvature)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if support.curvature or curvature != "hessian" or not 0 < count <= PRODUCTS_MOST:
+    compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # (its graph cannot be differentiated twice)
+    if support.curvature or curvature != "hessian" or compiled or not 0 < count <= PRODUCTS_MOST:
         return support
     return replace(support, curvature=True, graph=None, curvature_by_products=True, curvature_reason=PRODUCTS_NOTE.format(count=count, reason=support.curvature_reason))
 
