@@ -290,6 +290,56 @@ def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_d
         check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
 
 
+class SmallAttending(torch.nn.Module):
+    """MultiheadAttention(4, 1) over 5 positions, their mean, Linear(4, 3): 95 parameters, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention, self.head = torch.nn.MultiheadAttention(4, 1, batch_first=True), torch.nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(inputs, inputs, inputs, need_weights=False)[0].mean(1))
+
+
+class ProjectedAttending(torch.nn.Module):
+    """Queries, keys and values from one Linear(4, 12), scaled_dot_product_attention, the mean
+    over 5 positions, Linear(4, 3): every trainable layer a Linear (the output hooks take the
+    per-sample gradients), 75 parameters, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.project, self.head = torch.nn.Linear(4, 12), torch.nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        queries, keys, values = self.project(inputs).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(queries, keys, values).mean(1))
+
+
+@pytest.mark.parametrize("build", [SmallAttending, ProjectedAttending], ids=["MultiheadAttention", "output-hooks"])
+def test_a_small_attention_model_gets_the_hessian_diagonal_from_products_on_the_math_kernel(build: Any) -> None:
+    """Attention's fused kernel has no second derivative: the products take the loss computed
+    again on the math kernel (said once), the per-sample values stay the training pass's (the
+    output hooks ignore the pass that computes the loss again)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator().manual_seed(2)
+    batches = [ref.Batch(torch.randn(4, 5, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (4,), generator=generator), torch.nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
+    run = train(build(), batches, quantities(DIAGONAL + ("NormTest",)))
+    assert run.instruments.capture.factored == (build is ProjectedAttending)
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
+    assert run.instruments.changes == [f"from step 0: {MATH_ATTENTION_NOTE}"]
+    with sdpa_kernel(SDPBackend.MATH):  # (the reference's Hessian needs it too)
+        for step in range(2):
+            expected = reference_values(run, step, "hessian", 0.0)
+            assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+            assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+            check_first_order(run, step, names=("NormTest",))
+
+
 def test_products_stay_for_small_models_and_the_hessian() -> None:
     """Above PRODUCTS_MOST parameters, or with a GGN asked for, the curvature stays out with BackPACK's reason."""
     from cockpit_cli.instruments.support import PRODUCTS_MOST

@@ -120,6 +120,7 @@ class GradientCapture:
         self._released_for_graph = False  # whether the last forward pass ran without hooks, for a pass through the graph
         self._diagonals: list[Tensor] | None = None  # the Hessian diagonal from products, during a pass (support.curvature_by_products)
         self._hooks_paused = False  # while the products differentiate the graph before the training's backward pass
+        self.attention_switched = False  # set where a pass switched the products to attention's math kernel (said once)
 
     def adds_curvature_residual(self, module: nn.Module) -> bool:
         """Whether the curvature's rule of ``module`` adds a factor of its own (the Hessian's at a
@@ -332,22 +333,23 @@ class GradientCapture:
     def _diagonal_by_products(self, accumulator: Accumulator, requested: frozenset[str], loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> list[Tensor] | None:
         """Return the Hessian diagonal of ``loss`` (the training's, with its regulariser), one
         Hessian-vector product per parameter, ``h_k = (H e_k)_k``, from gradients taken with a
-        graph before the training's backward pass (which leaves the loss's graph for it); ``None``
-        where the products fail (the curvature quantities then go off with the reason)."""
+        graph before the training's backward pass (which leaves the loss's graph for it), the
+        layers' hooks waiting meanwhile; ``None`` where the products fail (the curvature
+        quantities then go off with the reason). Where attention's fused kernels have no second
+        derivative, the products are taken on the loss computed again with attention on the math
+        kernel, from then on (:meth:`products_on_math_attention`)."""
         self._hooks_paused = True
         if self._output_hooks is not None:
             self._output_hooks.paused = True
         try:
-            product = self.hessian_vector_product(loss, inputs, targets, rng_state)
-            units = [torch.zeros_like(p) for p in self.params]
-            diagonals = []
-            for index, param in enumerate(self.params):
-                diagonal = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
-                for k in range(param.numel()):
-                    units[index].view(-1)[k] = 1.0
-                    diagonal[k] = product(units)[index].reshape(-1)[k]
-                    units[index].view(-1)[k] = 0.0
-                diagonals.append(diagonal.view_as(param))
+            try:
+                diagonals = self._products_diagonals(self.hessian_vector_product(loss, inputs, targets, rng_state))
+            except RuntimeError as error:
+                if self.math_attention or "scaled_dot_product" not in str(error) or "is not implemented" not in str(error):
+                    raise
+                self.math_attention = True
+                self.attention_switched = True
+                diagonals = self._products_diagonals(self.hessian_vector_product(loss, inputs, targets, rng_state))
         except Exception as error:  # noqa: BLE001 - the gradients are taken; the curvature quantities go off
             accumulator.fail(requested & NEEDS_CURVATURE, f"the Hessian-vector products failed: {type(error).__name__}: {error}")
             diagonals = None
@@ -355,6 +357,19 @@ class GradientCapture:
             self._hooks_paused = False
             if self._output_hooks is not None:
                 self._output_hooks.paused = False
+        return diagonals
+
+    def _products_diagonals(self, product: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        """Return ``(H e_k)_k`` for every parameter entry ``k``, one product each, shaped like the parameters."""
+        units = [torch.zeros_like(p) for p in self.params]
+        diagonals = []
+        for index, param in enumerate(self.params):
+            diagonal = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+            for k in range(param.numel()):
+                units[index].view(-1)[k] = 1.0
+                diagonal[k] = product(units)[index].reshape(-1)[k]
+                units[index].view(-1)[k] = 0.0
+            diagonals.append(diagonal.view_as(param))
         return diagonals
 
     def _products_diagonal(self, index: int) -> Tensor | None:
@@ -643,7 +658,7 @@ class GradientCapture:
         return hessian_vector_product(loss, self.params, self.sync, self.gradient_scale)
 
     def _replayed_loss(self, loss: Tensor, inputs: Inputs, targets: Any, rng_state: tuple | None) -> Tensor:
-        if self._output_hooks is not None:
+        if self._output_hooks is not None and not self._output_hooks.paused:
             self._output_hooks.detach()  # (the next tracked step attaches them again)
         model = self.model._orig_mod if self.compiled else self.model
         with sdpa_kernel(SDPBackend.MATH) if self.math_attention else nullcontext():

@@ -386,6 +386,9 @@ class Instruments:
                 scale=pass_scale,
             )
         self.capture.detach()
+        if self.capture.attention_switched:  # the products of the Hessian diagonal, at this pass
+            self.capture.attention_switched = False
+            self.changes.append(f"from step {label}: {MATH_ATTENTION_NOTE}")
         if self.support.per_sample != support.per_sample:
             self.changes.append(f"from step {label}: {self.support.per_sample_reason}")
         if self.capture.per_sample_by_jacobian and not by_jacobian:
@@ -698,8 +701,9 @@ def failure_reason(step: int, error: str) -> str:
 
 
 MATH_ATTENTION_NOTE = (
-    "attention's fused kernels have no second derivative: at the steps with Hessian-vector products (HessMaxEV) "
-    "the loss is computed again with attention on torch's math kernel, one more forward and backward pass"
+    "attention's fused kernels have no second derivative: at the steps with Hessian-vector products (HessMaxEV, or "
+    "the Hessian diagonal of a small model) the loss is computed again with attention on torch's math kernel, one more "
+    "forward and backward pass"
 )
 NO_MEASURED_INPUTS = "the model's inputs hold no floating-point tensor (token ids, say): there are no measurements to describe"
 AUTOCAST_REASON = "the forward pass runs under autocast (mixed precision), which BackPACK's curvature rules cannot backpropagate"

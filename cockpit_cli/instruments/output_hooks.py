@@ -61,7 +61,7 @@ class OutputGradientHooks:
         self.params = params
         self.callback: ParameterSource | None = None  # set only while a tracked backward pass runs
         self.layer_callback: LayerFactors | None = None  # in place of callback: a layer's factors, once per run of the layer
-        self.paused = False  # while the engine differentiates the graph itself, before the training's backward pass
+        self.paused = False  # while the engine differentiates the graph (or computes the loss again) before the training's backward pass
         self.at_gradients = False  # whether sources wait for their parameter's accumulated gradient
         self.after_gradient: Callable[[nn.Parameter], None] | None = None  # told once a parameter's gradient is complete
         self._waiting: dict[nn.Parameter, list[tuple[nn.Module, Tensor, Tensor]]] = {}  # factors, until the gradient
@@ -94,7 +94,7 @@ class OutputGradientHooks:
                 self._hand_over(param, entries, None)
 
     def _forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad and not self.paused:
             # The hook lives as long as the graph, which the caller's outputs keep after the backward
             # pass: it holds the layer's input only until it runs, as autograd does.
             output.register_hook(partial(self._backward, module, [inputs[0]]))
