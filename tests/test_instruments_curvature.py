@@ -328,7 +328,7 @@ def test_a_small_attention_model_gets_the_hessian_diagonal_from_products_on_the_
 
     generator = torch.Generator().manual_seed(2)
     batches = [ref.Batch(torch.randn(4, 5, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (4,), generator=generator), torch.nn.CrossEntropyLoss(), ref.cross_entropy_per_sample) for _ in range(2)]
-    run = train(build(), batches, quantities(DIAGONAL + ("NormTest",)))
+    run = train(build(), batches, quantities(DIAGONAL + ("NormTest", "HessMaxEV"), HessMaxEV={"rtol": 1e-9, "atol": 0.0}))
     assert run.instruments.capture.factored == (build is ProjectedAttending)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
     assert run.instruments.changes == [f"from step 0: {MATH_ATTENTION_NOTE}"]
@@ -337,6 +337,7 @@ def test_a_small_attention_model_gets_the_hessian_diagonal_from_products_on_the_
             expected = reference_values(run, step, "hessian", 0.0)
             assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
             assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+            assert run.records[step]["HessMaxEV"] == pytest.approx(dense_max_eigenvalue(run, step, 0.0), rel=1e-7)  # (the training's graph is not differentiated)
             check_first_order(run, step, names=("NormTest",))
 
 

@@ -270,6 +270,7 @@ class GradientCapture:
         by_products = curvature and self.support.curvature_by_products  # the Hessian diagonal from products (support.PRODUCTS_NOTE)
         if by_products:  # first, as the per-sample reductions take it with them
             self._diagonals = self._diagonal_by_products(accumulator, requested, loss, inputs, targets, rng_state)
+            create_graph = create_graph and not self.products_by_replay  # (switched to attention's math kernel: the training's graph has no second derivative)
         by_output_hooks = per_sample and self._output_hooks is not None and self._output_hooks.attached
         # A pass planned through the graph whose curvature went off after the forward pass (its
         # memory estimate, :mod:`curvature_memory`) has no hooks that recorded it: torch.func then.
