@@ -138,6 +138,15 @@ def share_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, inputs: to
     return [torch.stack(per_param) for per_param in zip(*rows)]
 
 
+def check_loss_curvature(run: Run, curvature: str) -> None:
+    """:func:`check_against_shares`, or for the Monte-Carlo GGN, which is random: finite and non-negative values."""
+    if curvature != "ggn_mc":
+        check_against_shares(run, curvature)
+        return
+    assert run.instruments.unavailable == {}
+    assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
+
+
 def check_against_shares(run: Run, curvature: str) -> None:
     """HessTrace, TICDiag and TICTrace of every step of ``run`` against the dense references, with
     the per-sample gradients of :func:`share_gradients` (its loss is no plain mean)."""
@@ -177,12 +186,7 @@ def test_curvature_quantities_of_binary_cross_entropy(kind: str, name: str, curv
     for index, batch in enumerate(make_batches(kind, "ce", 0, 2)):
         targets = torch.rand(len(batch.targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
         batches.append(batch._replace(targets=torch.where(targets < 0.3, 0.0, targets), loss_fn=loss_fn, per_sample_loss_fn=None))
-    run = train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature)
-    if curvature != "ggn_mc":
-        check_against_shares(run, curvature)
-        return
-    assert run.instruments.unavailable == {}  # random: finite and non-negative, as a GGN's
-    assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
+    check_loss_curvature(train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature), curvature)
 
 
 ROBUST_LOSSES = {
@@ -204,12 +208,7 @@ def test_curvature_quantities_of_robust_regression_losses(kind: str, name: str, 
     for index, batch in enumerate(make_batches(kind, "mse", 0, 2)):
         targets = 2.0 * torch.randn(len(batch.targets), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
         batches.append(batch._replace(targets=targets, loss_fn=loss_fn, per_sample_loss_fn=None))
-    run = train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature)
-    if curvature != "ggn_mc":
-        check_against_shares(run, curvature)
-        return
-    assert run.instruments.unavailable == {}  # random: finite and non-negative, as a GGN's
-    assert all(math.isfinite(t) and t >= 0.0 for step in range(2) for t in run.records[step]["HessTrace"])
+    check_loss_curvature(train(BUILDERS[kind](0), batches, quantities(DIAGONAL + ("GradNorm",)), curvature=curvature), curvature)
 
 
 def log_softmax_mlp(width: int) -> torch.nn.Sequential:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
-from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
+
+from cockpit_cli.instruments.hessian_from_ggn import passed_back_with_residual
 
 # Layers without parameters that draw random numbers in training mode (not to be computed again)
 RANDOM_IN_TRAINING = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
@@ -142,12 +143,7 @@ class AutogradHessian(DiagHBaseModule):
         super().__init__(derivatives=AutogradLayerDerivatives())
 
     def backpropagate(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: dict) -> dict:
-        matrices = MatToJacMat.backpropagate(self, ext, module, g_inp, g_out, backproped["matrices"])
-        signs = list(backproped["signs"])
-        for factor, sign in autograd_residual(module, g_out[0]):
-            matrices.append(factor)
-            signs.append(sign)
-        return {"matrices": matrices, "signs": signs}
+        return passed_back_with_residual(self, ext, module, g_inp, g_out, backproped, autograd_residual(module, g_out[0]))
 
 
 class AutogradGGN(DiagGGNBaseModule):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
 
@@ -71,3 +72,16 @@ def set_affine_layer_rules(hessian: BackpropExtension, ggn: BackpropExtension, l
     for layer in layers:
         rule = rules[layer]
         hessian.set_module_extension(layer, ParameterHessianFromGGN(rule, _NoSecondDerivative(rule.derivatives)), overwrite=True)
+
+
+def passed_back_with_residual(rule: DiagHBaseModule, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Factors, residual: list[tuple[Tensor, float]]) -> Factors:
+    """Return the factors ``backproped`` passed back through the layer's Jacobian (``rule``'s
+    derivatives) followed by the layer's own ``residual`` factors with their signs: the Hessian's
+    backpropagation at a layer whose second derivative is no diagonal, which BackPACK's rules
+    cannot take."""
+    matrices = MatToJacMat.backpropagate(rule, ext, module, g_inp, g_out, backproped["matrices"])
+    signs = list(backproped["signs"])
+    for factor, sign in residual:
+        matrices.append(factor)
+        signs.append(sign)
+    return {"matrices": matrices, "signs": signs}

@@ -34,13 +34,12 @@ import torch
 from backpack.core.derivatives.basederivatives import BaseParameterDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
-from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cockpit_cli.instruments.hessian_from_ggn import ParameterHessianFromGGN
+from cockpit_cli.instruments.hessian_from_ggn import ParameterHessianFromGGN, passed_back_with_residual
 
 NORMALIZATION = (nn.LayerNorm, nn.GroupNorm)
 
@@ -155,12 +154,7 @@ class NormalizationHessian(ParameterHessianFromGGN):
         super().__init__(DiagGGNBaseModule(derivatives=derivatives, params=["bias", "weight"], sum_batch=True), derivatives)
 
     def backpropagate(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: dict) -> dict:
-        matrices = MatToJacMat.backpropagate(self, ext, module, g_inp, g_out, backproped["matrices"])
-        signs = list(backproped["signs"])
-        for factor, sign in normalization_residual(module, g_out[0]):
-            matrices.append(factor)
-            signs.append(sign)
-        return {"matrices": matrices, "signs": signs}
+        return passed_back_with_residual(self, ext, module, g_inp, g_out, backproped, normalization_residual(module, g_out[0]))
 
 
 def set_normalization_rules(extension: BackpropExtension, rule: str) -> None:
