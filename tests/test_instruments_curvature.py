@@ -231,20 +231,39 @@ def transposed_log_softmax(_: int) -> torch.nn.Sequential:
     return nn.Sequential(nn.Unflatten(1, (2, 3)), nn.ConvTranspose1d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3), nn.LogSoftmax(dim=1)).double()
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-at-a-time"])
 @pytest.mark.parametrize("weight_decay", [0.0, DECAY])
-@pytest.mark.parametrize("build, count", [(log_softmax_mlp, 43), (transposed_log_softmax, 37)], ids=["output-hooks", "backpack-rules"])
-def test_a_small_model_with_a_loss_backpack_cannot_follow_gets_the_hessian_diagonal_from_products(build: Any, count: int, weight_decay: float) -> None:
+@pytest.mark.parametrize("build, count", [(log_softmax_mlp, 123), (transposed_log_softmax, 37)], ids=["output-hooks", "backpack-rules"])
+def test_a_small_model_with_a_loss_backpack_cannot_follow_gets_the_hessian_diagonal_from_products(
+    build: Any, count: int, weight_decay: float, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """NLLLoss after a LogSoftmax has no BackPACK rule: a model of at most PRODUCTS_MOST
     parameters gets the exact Hessian diagonal from a Hessian-vector product per parameter (of
-    the loss as trained, regulariser included), taken before the training's backward pass, whose
-    hooks then take the per-sample gradients with it; the manifest says how."""
+    the loss as trained, regulariser included; batched, or one at a time where an operation
+    cannot be batched), taken before the training's backward pass, whose hooks then take the
+    per-sample gradients with it; the manifest says how."""
+    from cockpit_cli.instruments.backend import GradientCapture
     from cockpit_cli.instruments.support import PRODUCTS_NOTE
 
-    model = build(4)
+    if not batched:
+        products = GradientCapture.hessian_vector_product
+
+        def unbatchable(self: GradientCapture, *args: Any) -> Any:
+            product = products(self, *args)
+
+            def one_at_a_time(vectors: list[torch.Tensor], batched: bool = False) -> list[torch.Tensor]:
+                if batched:
+                    raise RuntimeError("vmap: no batching rule")
+                return product(vectors)
+
+            return one_at_a_time
+
+        monkeypatch.setattr(GradientCapture, "hessian_vector_product", unbatchable)
+    model = build(12)  # (a weight of 72 entries: its products in two batches)
     batches = nll_batches()
     run = train(model, batches, quantities(DIAGONAL + ("NormTest", "HessMaxEV")), weight_decay=weight_decay)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
-    assert run.instruments.support.per_sample == "backpack" and run.instruments.capture.factored == (count == 43)
+    assert run.instruments.support.per_sample == "backpack" and run.instruments.capture.factored == (build is log_softmax_mlp)
     reason = "the loss NLLLoss has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
     assert PRODUCTS_NOTE.format(count=count, reason=reason) in run.instruments.describe()["notes"]
     for step in range(2):

@@ -360,16 +360,23 @@ class GradientCapture:
                 self._output_hooks.paused = False
         return diagonals
 
-    def _products_diagonals(self, product: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
-        """Return ``(H e_k)_k`` for every parameter entry ``k``, one product each, shaped like the parameters."""
-        units = [torch.zeros_like(p) for p in self.params]
+    def _products_diagonals(self, product: Callable[..., list[Tensor]]) -> list[Tensor]:
+        """Return ``(H e_k)_k`` for every parameter entry ``k``, shaped like the parameters: up to
+        :data:`PRODUCTS_AT_ONCE` products in one batched pass (autograd's ``is_grads_batched``),
+        one at a time where an operation cannot be batched."""
         diagonals = []
         for index, param in enumerate(self.params):
-            diagonal = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
-            for k in range(param.numel()):
-                units[index].view(-1)[k] = 1.0
-                diagonal[k] = product(units)[index].reshape(-1)[k]
-                units[index].view(-1)[k] = 0.0
+            size = param.numel()
+            diagonal = torch.empty(size, dtype=param.dtype, device=param.device)
+            for start in range(0, size, PRODUCTS_AT_ONCE):
+                entries = torch.arange(start, min(start + PRODUCTS_AT_ONCE, size), device=param.device)
+                units = [torch.zeros(len(entries), *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+                units[index].view(len(entries), -1)[torch.arange(len(entries)), entries] = 1.0
+                try:
+                    rows = product(units, batched=True)[index].reshape(len(entries), -1)
+                except RuntimeError:  # (an operation vmap cannot batch)
+                    rows = torch.stack([product([unit[row] for unit in units])[index].reshape(-1) for row in range(len(entries))])
+                diagonal[entries] = rows[torch.arange(len(entries)), entries]
             diagonals.append(diagonal.view_as(param))
         return diagonals
 
@@ -744,6 +751,7 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a small model's diagonal batched in one pass (support.PRODUCTS_MOST)
 LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"

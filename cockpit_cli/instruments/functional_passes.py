@@ -105,15 +105,22 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     def scaled(vectors: list[Tensor | None], factor: float) -> list[Tensor | None]:
         return vectors if factor == 1.0 else [None if v is None else v * factor for v in vectors]
 
-    def product(vector: list[Tensor]) -> list[Tensor]:
+    def product(vector: list[Tensor], batched: bool = False) -> list[Tensor]:
+        """``H v``; with ``batched``, each ``vector[i]`` is ``[B, *p.shape]``, ``B`` vectors at once."""
         parts = [None] * len(params)
         if curved:
             with quiet_notices():  # the graph passes BackPACK's hooks again
                 parts = torch.autograd.grad(
-                    [gradients[i] for i in curved], params, grad_outputs=scaled([vector[i] for i in curved], along), retain_graph=True, allow_unused=True
+                    [gradients[i] for i in curved],
+                    params,
+                    grad_outputs=scaled([vector[i] for i in curved], along),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=batched,
                 )
             parts = scaled(list(parts), 1.0 / (gradient_scale * along))
-        local = [torch.zeros_like(p) if h is None else h for p, h in zip(params, parts)]
+        leading = vector[0].shape[:1] if batched else ()
+        local = [torch.zeros(*leading, *p.shape, dtype=p.dtype, device=p.device) if h is None else h for p, h in zip(params, parts)]
         return local if world == 1 else [sync.sum(h) / world for h in local]
 
     return product
