@@ -1314,7 +1314,8 @@ def test_curvature_of_a_residual_model_comes_from_backpack_s_graph_of_it(model_n
 def test_hessian_factors_that_meet_add_up_by_origin_and_a_rule_leaves_the_ones_it_was_given_alone() -> None:
     from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 
-    from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules
+    from cockpit_cli.instruments.curvature_diagonal import curvature_extension
+    from cockpit_cli.instruments.extension_rules import module_rules
     from cockpit_cli.instruments.graph_hessian import merge_factors
 
     shared, own, other = object(), object(), object()

@@ -27,6 +27,7 @@ from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseMo
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 
+from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.hessian_from_ggn import passed_back_with_residual
 
 # Layers without parameters that draw random numbers in training mode (not to be computed again)
@@ -52,13 +53,9 @@ class AutogradLayerDerivatives(BaseDerivatives):
     def hessian_is_zero(self, module: nn.Module) -> bool:
         """Whether the layer's gradient does not depend on its input (unknown before the layer
         kept an input: then ``False``)."""
-        inputs = getattr(module, "input0", None)
-        if inputs is None:
+        if getattr(module, "input0", None) is None:
             return False
-        point, outputs = _computed_again(module)
-        with torch.enable_grad():
-            (gradient,) = torch.autograd.grad(outputs, point, grad_outputs=torch.ones_like(outputs), create_graph=True, allow_unused=True)
-        return gradient is None or not gradient.requires_grad
+        return _gradient_with_graph(module, None)[1] is None
 
     def _jac_t_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor, subsampling: list[int] | None = None) -> Tensor:
         """``J^T mat`` for ``mat`` ``[V, N, *output]``: ``[V, N, *input]``."""
@@ -89,6 +86,17 @@ def _computed_again(module: nn.Module) -> tuple[Tensor, Tensor]:
     return point, outputs
 
 
+def _gradient_with_graph(module: nn.Module, grad_output: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Return the layer's kept input (a leaf) and the gradient of ``layer(x) . g`` with respect to
+    it, with its graph (``g``: ``grad_output``, ones where ``None``); ``None`` in its place where the
+    gradient does not depend on the input (autograd records no dependence: an affine layer)."""
+    point, outputs = _computed_again(module)
+    with torch.enable_grad():
+        weights = torch.ones_like(outputs) if grad_output is None else grad_output
+        (gradient,) = torch.autograd.grad(outputs, point, grad_outputs=weights, create_graph=True, allow_unused=True)
+    return point, gradient if gradient is not None and gradient.requires_grad else None
+
+
 def _batched_gradient(outputs: Tensor, point: Tensor, columns: Tensor, create_graph: bool = False) -> Tensor:
     """Return the gradients of ``outputs . column`` with respect to ``point`` for every column
     (``[V, *outputs.shape]`` -> ``[V, *point.shape]``), all at once where autograd can batch them."""
@@ -117,12 +125,10 @@ def autograd_residual(module: nn.Module, grad_output: Tensor) -> list[tuple[Tens
         module: The layer, with its kept input ``module.input0`` (``[N, *input]``).
         grad_output: ``g``, the loss's gradient at the output, ``[N, *output]``.
     """
-    if AutogradLayerDerivatives().hessian_is_zero(module):
+    point, gradient = _gradient_with_graph(module, grad_output)
+    if gradient is None:
         return []
-    point, outputs = _computed_again(module)
     n, size = point.shape[0], point[0].numel()
-    with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(outputs, point, grad_outputs=grad_output, create_graph=True)
     units = torch.eye(size, dtype=point.dtype, device=point.device).unsqueeze(1).expand(size, n, size).reshape(size, *point.shape)
     columns = _batched_gradient(gradient, point, units)  # [D, N, *input]: column j of every sample's Hessian
     hessians = columns.reshape(size, n, size).permute(1, 2, 0)  # [N, D, D]: row i, column j
@@ -159,7 +165,7 @@ AUTOGRAD_RULES = (AutogradHessian, AutogradGGN)
 def set_autograd_rules(extension: BackpropExtension, hessian: bool, layers: set[type]) -> None:
     """Give ``extension`` (DiagHessian where ``hessian``, else DiagGGNExact or DiagGGNMC) the
     rules above for each class of ``layers`` that has no rule yet."""
-    known = getattr(extension, "_BackpropExtension__module_extensions", {})
+    known = module_rules(extension)
     for layer in layers:
         if layer not in known:
             rule = AutogradHessian() if hessian else AutogradGGN()

@@ -28,10 +28,11 @@ from cockpit_cli.instruments.accumulator import Accumulator
 from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.autograd_layers import AUTOGRAD_RULES, unreproducible
-from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension, module_rules
+from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension
+from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
+from cockpit_cli.instruments.functional_passes import devices, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
@@ -94,6 +95,9 @@ class GradientCapture:
         self.extendable = [m for m in model.modules() if not is_no_op(m)] if support.per_sample == "backpack" or support.curvature else []
         if support.curvature and isinstance(loss_function, nn.Module):
             self.extendable.append(loss_function)
+        # the layers whose curvature rules compute them again from their inputs (autograd_layers)
+        rules = module_rules(self._curvature) if self._curvature is not None else {}
+        self._recomputed = [m for m in self.extendable if isinstance(rules.get(type(m)), AUTOGRAD_RULES)]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out_of_place: list[nn.Module] = []  # in-place modules computing out of place while BackPACK's hooks are on
         self._attached_for_curvature = False
@@ -120,7 +124,6 @@ class GradientCapture:
         self._released_for_graph = False  # whether the last forward pass ran without hooks, for a pass through the graph
         self._diagonals: list[Tensor] | None = None  # the Hessian diagonal from products, during a pass (support.curvature_by_products)
         self._hooks_paused = False  # while the products differentiate the graph before the training's backward pass
-        self.attention_switched = False  # set where a pass switched the products to attention's math kernel (said once)
 
     def adds_curvature_residual(self, module: nn.Module) -> bool:
         """Whether the curvature's rule of ``module`` adds a factor of its own (the Hessian's at a
@@ -346,10 +349,9 @@ class GradientCapture:
             try:
                 diagonals = self._products_diagonals(self.hessian_vector_product(loss, inputs, targets, rng_state))
             except RuntimeError as error:
-                if self.math_attention or "scaled_dot_product" not in str(error) or "is not implemented" not in str(error):
+                if self.math_attention or not fused_attention_without_second_derivative(str(error)):
                     raise
-                self.math_attention = True
-                self.attention_switched = True
+                self.products_on_math_attention()
                 diagonals = self._products_diagonals(self.hessian_vector_product(loss, inputs, targets, rng_state))
         except Exception as error:  # noqa: BLE001 - the gradients are taken; the curvature quantities go off
             accumulator.fail(requested & NEEDS_CURVATURE, f"the Hessian-vector products failed: {type(error).__name__}: {error}")
@@ -477,8 +479,8 @@ class GradientCapture:
             return LOSS_NOT_FROM_LAST_CALL.format(name=name)
         if not float(weight) > 0:
             return f"the loss module's output enters the loss times {float(weight):g}, whose curvature has no square-root factor"
-        for layer in self.extendable:  # the rules of layers without parameters compute them again (autograd_layers)
-            if isinstance(module_rules(self._curvature).get(type(layer)), AUTOGRAD_RULES) and "input0" in layer.__dict__:
+        for layer in self._recomputed:
+            if "input0" in layer.__dict__:
                 why = unreproducible(layer)
                 if why is not None:
                     return f"layer '{self._layer_names.get(layer, type(layer).__name__)}' ({type(layer).__name__}): {why}"

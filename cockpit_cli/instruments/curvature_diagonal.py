@@ -58,6 +58,7 @@ from cockpit_cli.instruments.convolutions import NumericPadding, unfold, unfolda
 from cockpit_cli.instruments.cross_entropy_factor import ReducedCrossEntropyDerivatives
 from cockpit_cli.instruments.elementwise_activations import set_elementwise_rules
 from cockpit_cli.instruments.embedding_curvature import set_embedding_rules
+from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.graph_hessian import BranchingDiagHessian, tag_origins
 from cockpit_cli.instruments.hessian_from_ggn import set_affine_layer_rules
 from cockpit_cli.instruments.elementwise_loss_factor import BinaryCrossEntropyDerivatives, RobustRegressionDerivatives, SquaredErrorDerivatives
@@ -169,11 +170,6 @@ def curvature_extension(curvature: str, model: nn.Module | None = None) -> Backp
     if hessian:
         tag_origins(extension)  # last: every rule, BackPACK's and those above
     return extension
-
-
-def module_rules(extension: BackpropExtension) -> dict[type, object]:
-    """The rule of each layer class a BackPACK extension has one for."""
-    return getattr(extension, "_BackpropExtension__module_extensions", {})
 
 
 def settings_obstacle(rule: object, module: nn.Module) -> str | None:

@@ -22,7 +22,8 @@ from backpack.custom_module.graph_utils import convert_module_to_backpack
 from torch import fx, nn
 
 from cockpit_cli.instruments.autograd_layers import autograd_obstacle
-from cockpit_cli.instruments.curvature_diagonal import curvature_extension, module_rules, settings_obstacle
+from cockpit_cli.instruments.curvature_diagonal import curvature_extension, settings_obstacle
+from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 
 

@@ -37,7 +37,7 @@ from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
-from cockpit_cli.instruments.functional_passes import capture_rng_state
+from cockpit_cli.instruments.functional_passes import capture_rng_state, fused_attention_without_second_derivative, no_second_derivative
 from cockpit_cli.instruments.loss_scale import LossScale, scale_factor, scaled_loss
 from cockpit_cli.instruments.per_sample_loss import one_per_sample, per_sample_means
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
@@ -369,7 +369,7 @@ class Instruments:
                     individual = individual + self.capture.regularization()
                 individual = self.sync.gather(individual)
         hvp = q.HVP in needs
-        support, by_jacobian = self.support, self.capture.per_sample_by_jacobian
+        support, by_jacobian, math_attention = self.support, self.capture.per_sample_by_jacobian, self.capture.math_attention
         with self._engine_pass():
             accumulator = self.capture.backward(
                 loss,
@@ -386,8 +386,7 @@ class Instruments:
                 scale=pass_scale,
             )
         self.capture.detach()
-        if self.capture.attention_switched:  # the products of the Hessian diagonal, at this pass
-            self.capture.attention_switched = False
+        if self.capture.math_attention and not math_attention:  # the products of a small model's Hessian diagonal switched at this pass
             self.changes.append(f"from step {label}: {MATH_ATTENTION_NOTE}")
         if self.support.per_sample != support.per_sample:
             self.changes.append(f"from step {label}: {self.support.per_sample_reason}")
@@ -591,7 +590,7 @@ class Instruments:
         kernel (``math_attention`` returns them), and the quantity computes once more."""
         for quantity in active:
             error = _attempt(quantity.compute, data)
-            if error is not None and data.hvp is not None and _no_second_derivative(error) and "scaled_dot_product" in error and not self.capture.math_attention:
+            if error is not None and data.hvp is not None and fused_attention_without_second_derivative(error) and not self.capture.math_attention:
                 try:
                     data.hvp = math_attention()
                 except Exception as failure:  # noqa: BLE001 - an instrument never stops training
@@ -685,15 +684,10 @@ def _attempt(method: Callable[[Any], None], data: Any) -> str | None:
     return None
 
 
-def _no_second_derivative(error: str) -> bool:
-    """Whether ``error`` is torch's word for an operation whose backward has no derivative."""
-    return "derivative for" in error and "is not implemented" in error
-
-
 def failure_reason(step: int, error: str) -> str:
     """Return the manifest's reason for a quantity that failed at ``step`` with ``error``."""
     reason = f"failed at step {step} and was switched off: {error}"
-    if _no_second_derivative(error):
+    if no_second_derivative(error):
         reason += " (Hessian-vector products need the second derivative of every operation of the model; this one has none)"
     if "support saved tensor hooks" in error:  # torch.func's words for a model that checkpoints activations
         reason += " (torch.func, which forms the per-sample gradients of this model, cannot run through activation checkpointing)"

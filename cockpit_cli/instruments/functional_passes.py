@@ -75,6 +75,18 @@ def functorch_per_sample(
         return vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")(named_params, model_args(inputs), model_kwargs(inputs), targets)
 
 
+def no_second_derivative(error: str) -> bool:
+    """Whether ``error`` (``"Type: message"`` or a message) is torch's word for an operation whose
+    backward has no derivative."""
+    return "derivative for" in error and "is not implemented" in error
+
+
+def fused_attention_without_second_derivative(error: str) -> bool:
+    """Whether ``error`` is :func:`no_second_derivative` for attention's fused kernel (the math
+    kernel has a second derivative)."""
+    return no_second_derivative(error) and "scaled_dot_product" in error
+
+
 def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synchronizer, gradient_scale: float = 1.0) -> Callable[[list[Tensor]], list[Tensor]]:
     """Return ``v -> H v`` for the Hessian of ``loss`` (its graph must still exist).
 

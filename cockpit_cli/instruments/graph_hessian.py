@@ -30,6 +30,8 @@ from backpack.extensions import DiagHessian
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import nn
 
+from cockpit_cli.instruments.extension_rules import module_rules
+
 Factors = dict[str, list[Any]]  # "matrices": [S_k], "signs": [s_k], "origins": [token_k]
 
 
@@ -60,8 +62,7 @@ def merge_factors(existing: Factors, other: Factors) -> Factors:
 def tag_origins(extension: BackpropExtension) -> None:
     """Make every rule of ``extension`` (a ``DiagHessian``) pass its factors' origins back with
     them: those of the factors it was given, then a fresh one for each factor it adds."""
-    rules = getattr(extension, "_BackpropExtension__module_extensions", {})
-    for rule in rules.values():
+    for rule in module_rules(extension).values():
         rule.backpropagate = _with_origins(rule.backpropagate)
 
 

@@ -21,6 +21,8 @@ from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.extension_rules import module_rules
+
 Factors = dict[str, list[Any]]
 
 
@@ -68,7 +70,7 @@ class _NoSecondDerivative:
 def set_affine_layer_rules(hessian: BackpropExtension, ggn: BackpropExtension, layers: tuple[type, ...]) -> None:
     """Give ``hessian`` a rule for each class of ``layers`` (affine in their input and in each
     parameter) that is ``ggn``'s rule of it applied to each factor, with no residual."""
-    rules = getattr(ggn, "_BackpropExtension__module_extensions", {})
+    rules = module_rules(ggn)
     for layer in layers:
         rule = rules[layer]
         hessian.set_module_extension(layer, ParameterHessianFromGGN(rule, _NoSecondDerivative(rule.derivatives)), overwrite=True)

@@ -20,7 +20,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cockpit_cli.instruments.convolutions import numeric_padding, unfoldable
-from cockpit_cli.instruments.curvature_diagonal import module_rules, settings_obstacle
+from cockpit_cli.instruments.curvature_diagonal import settings_obstacle
+from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.curvature_graph import curvature_graph, curvature_obstacle
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.output_hooks import hooked_layer
