@@ -279,12 +279,29 @@ def test_a_small_model_with_a_loss_backpack_cannot_follow_gets_the_hessian_diago
         check_first_order(run, step, names=("NormTest",), weight_decay=weight_decay)
 
 
+class Offset(torch.nn.Module):
+    """Adds a buffer (a state, which the curvature's rules of unknown layers do not take) times a parameter."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.linspace(-1.0, 1.0, features, dtype=torch.float64))
+        self.weight = torch.nn.Parameter(torch.ones(features, dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs + self.offset * self.weight
+
+
+def offset_mlp(model: torch.nn.Sequential) -> torch.nn.Sequential:
+    """``model`` with an :class:`Offset` after its second layer."""
+    return torch.nn.Sequential(*list(model)[:2], Offset(5), *list(model)[2:])
+
+
 def products_models() -> dict[str, Any]:
     from test_instruments_exact import Shifted, parametrized_mlp, scaled_mlp
     from test_instruments_shared_layers import TiedLinears, sequential_twice
 
     return {
-        "a layer BackPACK does not know": lambda: scaled_mlp(0),
+        "a layer with a state BackPACK does not know": lambda: offset_mlp(scaled_mlp(0)),
         "a parametrized weight": lambda: parametrized_mlp("weight_norm"),
         "a parameter beside sublayers": lambda: Shifted(0),
         "a layer held twice": lambda: sequential_twice().double(),
@@ -292,7 +309,7 @@ def products_models() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("name", ["a layer BackPACK does not know", "a parametrized weight", "a parameter beside sublayers", "a layer held twice", "tied weights"])
+@pytest.mark.parametrize("name", ["a layer with a state BackPACK does not know", "a parametrized weight", "a parameter beside sublayers", "a layer held twice", "tied weights"])
 def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_diagonal_from_products(name: str) -> None:
     """Each had no curvature with the Hessian (as with the GGN still), per-sample gradients from torch.func or the hooks."""
     torch.manual_seed(0)
@@ -765,13 +782,17 @@ NORMALIZED = {
     "GroupNorm of images": lambda: torch.nn.Sequential(
         torch.nn.Unflatten(1, (1, 2, 3)), torch.nn.Conv2d(1, 4, (1, 2)), torch.nn.GroupNorm(2, 4), torch.nn.Sigmoid(), torch.nn.Flatten(), torch.nn.Linear(16, 3)),
     "GroupNorm without affine": lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (2, 3)), torch.nn.Conv1d(2, 4, 2), torch.nn.GroupNorm(1, 4, affine=False), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
+    "RMSNorm": lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.RMSNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
+    "RMSNorm over two dimensions at 3 positions, eps 0.1": lambda: torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Unflatten(1, (3, 2, 2)), torch.nn.RMSNorm((2, 2), eps=0.1), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(12, 3)),
+    "RMSNorm without affine": lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Unflatten(1, (2, 4)), torch.nn.RMSNorm(4, elementwise_affine=False), torch.nn.Flatten(), torch.nn.Linear(8, 3)),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn", "ggn_mc"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("layers", sorted(NORMALIZED))
-def test_layer_and_group_norm_get_the_curvature_diagonals(layers: str, loss: str, curvature: str) -> None:
+def test_layer_group_and_rms_norm_get_the_curvature_diagonals(layers: str, loss: str, curvature: str) -> None:
     """BackPACK has no rules for them: a model with them got no curvature. At steps with
     curvature every per-sample gradient comes from BackPACK's rules, theirs included; the
     Hessian's adds the normalisation's second derivative, which is not diagonal."""
@@ -793,13 +814,15 @@ def test_layer_and_group_norm_get_the_curvature_diagonals(layers: str, loss: str
 
 
 class GroupNormResidual(torch.nn.Module):
-    """The input plus Tanh(GroupNorm(Conv2d(2, 2, 3, padding=1))) of it, Flatten, Linear(72, 3)."""
+    """The input plus Tanh(GroupNorm(Conv2d(2, 2, 3, padding=1))) of it, Flatten, Linear(72, 3)
+    (``rms``: RMSNorm over the last two dimensions in place of the group norm)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rms: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         nn = torch.nn
-        self.conv, self.norm, self.act, self.flatten, self.out = nn.Conv2d(2, 2, 3, padding=1), nn.GroupNorm(2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
+        norm = nn.RMSNorm((6, 6)) if rms else nn.GroupNorm(2, 2)
+        self.conv, self.norm, self.act, self.flatten, self.out = nn.Conv2d(2, 2, 3, padding=1), norm, nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
         self.double()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -807,8 +830,9 @@ class GroupNormResidual(torch.nn.Module):
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_a_residual_network_with_group_norm_gets_the_curvature_through_backpack_s_graph(curvature: str) -> None:
-    run = train(GroupNormResidual(), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+@pytest.mark.parametrize("rms", [False, True], ids=["GroupNorm", "RMSNorm"])
+def test_a_residual_network_with_group_or_rms_norm_gets_the_curvature_through_backpack_s_graph(rms: bool, curvature: str) -> None:
+    run = train(GroupNormResidual(rms), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph
     check_curvature(run, curvature)
     for step in range(2):
@@ -1019,6 +1043,174 @@ def test_the_second_derivative_of_a_layer_without_parameters_is_its_hessian_and_
         expected = torch.autograd.functional.hessian(lambda x: (grad_output[sample] * torch.softmax(x, 0)).sum(), softmax.input0[sample])
         columns_plus, columns_minus = positive[:, sample].T, negative[:, sample].T  # [element, column]
         torch.testing.assert_close(columns_plus @ columns_plus.T - columns_minus @ columns_minus.T, expected)
+
+
+class Gate(torch.nn.Module):
+    """``x sigmoid(w) + tanh(x w)``, elementwise: an output not linear in its parameter."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(features))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * torch.sigmoid(self.weight) + torch.tanh(inputs * self.weight)
+
+
+class Mixing(torch.nn.Module):
+    """``x tanh(W) + b x``: a matrix parameter the output is not linear in, and a linear one."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(features, features) / features)
+        self.bias = torch.nn.Parameter(torch.randn(features))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs @ torch.tanh(self.weight) + self.bias * inputs
+
+
+def with_parameters(name: str) -> torch.nn.Sequential:
+    """A small float64 network with the layer ``name`` inside (parameters, no BackPACK rule)."""
+    from test_instruments_exact import scaled_mlp
+
+    nn = torch.nn
+    if name == "Scale":
+        return scaled_mlp(0)
+    torch.manual_seed(0)
+    layers = {
+        "PReLU, a slope per feature": [nn.Linear(6, 5), nn.PReLU(5), nn.Linear(5, 3)],
+        "PReLU, one slope": [nn.Linear(6, 5), nn.PReLU(), nn.Tanh(), nn.Linear(5, 3)],
+        "PReLU of images": [nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 4, (1, 2)), nn.PReLU(4), nn.Flatten(), nn.Linear(16, 3)],
+        "Gate": [nn.Linear(6, 5), Gate(5), nn.Linear(5, 3)],
+        "Gate first": [Gate(6), nn.Linear(6, 3)],
+        "Mixing": [nn.Linear(6, 5), nn.Tanh(), Mixing(5), nn.Linear(5, 3)],
+    }[name]
+    return nn.Sequential(*layers).double()
+
+
+WITH_PARAMETERS = ["PReLU, a slope per feature", "PReLU, one slope", "PReLU of images", "Scale", "Gate", "Gate first", "Mixing"]
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("name", WITH_PARAMETERS)
+def test_layers_with_parameters_and_no_backpack_rules_get_exact_curvature_through_autograd(name: str, loss: str, curvature: str) -> None:
+    """They left out the curvature (per-sample gradients from torch.func): their parameters now
+    get the factors' squared per-sample gradients by torch.func, and the Hessian adds their own
+    second derivative where the output is not linear in them (Gate, Mixing); not from products,
+    which a small model's Hessian diagonal fell back to."""
+    run = train(with_parameters(name), make_batches("mlp", loss, 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    assert run.instruments.support.per_sample == "functorch" and not run.instruments.support.curvature_by_products
+    check_curvature(run, curvature)
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_layers_with_parameters_get_exact_curvature_with_weight_decay(curvature: str) -> None:
+    run = train(with_parameters("Mixing"), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY, curvature=curvature)
+    assert run.instruments.unavailable == {}
+    for step in range(2):
+        expected = reference_values(run, step, curvature, DECAY)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+        check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
+
+
+def test_layers_with_parameters_get_the_monte_carlo_ggn_through_autograd() -> None:
+    run = train(with_parameters("Gate"), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="ggn_mc")
+    check_loss_curvature(run, "ggn_mc")
+
+
+def test_a_layer_s_own_second_derivative_is_the_hessian_of_its_parameters_and_none_where_linear() -> None:
+    from cockpit_cli.instruments.autograd_layers import own_second_derivative
+
+    torch.manual_seed(0)
+    layer = Mixing(3).double()
+    layer.input0 = torch.randn(4, 3, dtype=torch.float64)
+    grad_output = torch.randn(4, 3, dtype=torch.float64)
+    diagonals = own_second_derivative(layer, grad_output, ["weight", "bias"])
+    assert set(diagonals) == {"weight"}  # linear in the bias
+    expected = torch.autograd.functional.hessian(lambda w: ((layer.input0 @ torch.tanh(w)) * grad_output).sum(), layer.weight.detach())
+    torch.testing.assert_close(diagonals["weight"], expected.reshape(9, 9).diagonal().reshape(3, 3))
+
+
+def test_a_piecewise_linear_layer_has_no_second_derivative_however_many_parameters_it_has() -> None:
+    """Autograd records a dependence of PReLU's gradients on its input and slope whose derivative
+    is zero: a product with a random vector tells, instead of a Hessian-vector product per input
+    element (and an eigendecomposition of zeros) or a refusal past 4,096 parameters."""
+    from cockpit_cli.instruments.autograd_layers import autograd_residual, own_second_derivative
+
+    torch.manual_seed(0)
+    layer = torch.nn.PReLU(5000).double()
+    layer.input0 = torch.randn(4, 5000, dtype=torch.float64)
+    layer.output = layer(layer.input0)
+    grad_output = torch.randn(4, 5000, dtype=torch.float64)
+    assert autograd_residual(layer, grad_output) == [] and own_second_derivative(layer, grad_output, ["weight"]) == {}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_a_layer_whose_columns_autograd_cannot_batch_passes_them_back_as_samples_of_a_larger_batch(curvature: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where an operation has no batching rule, ``J^T`` of all columns is one backward pass of the
+    layer on its input repeated once per column (it treats every sample alone), not a pass per column."""
+    from cockpit_cli.instruments import autograd_layers
+
+    batched = autograd_layers._batched_gradient
+
+    def unbatchable(*args: Any, one_at_a_time: bool = True, **kwargs: Any) -> torch.Tensor:
+        if not one_at_a_time:
+            raise RuntimeError("no batching rule (forced)")
+        return batched(*args, **kwargs)
+
+    as_samples, passed = autograd_layers._as_samples, []
+
+    def counted(module: torch.nn.Module, mat: torch.Tensor) -> torch.Tensor:
+        passed.append(mat.shape[0])
+        return as_samples(module, mat)
+
+    monkeypatch.setattr(autograd_layers, "_batched_gradient", unbatchable)
+    monkeypatch.setattr(autograd_layers, "_as_samples", counted)
+    run = train(with_parameters("Gate"), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature=curvature)
+    assert passed and run.instruments.unavailable == {}
+    check_curvature(run, curvature)
+
+
+def test_a_large_layer_not_linear_in_its_parameters_leaves_out_the_hessian_diagonal_and_names_the_ggn() -> None:
+    """Its own second derivative would take a Hessian-vector product per parameter (4,290 here):
+    the curvature quantities go off with the reason at the first step, the per-sample ones (from
+    torch.func) stay; the GGN's diagonal is exact."""
+    nn = torch.nn
+
+    def wide() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 65), nn.Tanh(), Mixing(65), nn.Linear(65, 3)).double()
+
+    run = train(wide(), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="hessian")
+    reason = run.instruments.unavailable["HessTrace"]
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert "layer '2' (Mixing)" in reason and "4225 parameters" in reason and "curvature: ggn" in reason
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+    run = train(wide(), make_batches("mlp", "ce", 0, 1), quantities(DIAGONAL), curvature="ggn")
+    assert run.instruments.unavailable == {}
+    check_curvature(run, "ggn", steps=1)
+
+
+def test_a_layer_that_changes_its_parameters_in_a_pre_hook_gets_no_curvature() -> None:
+    """The old ``torch.nn.utils.weight_norm`` sets the weight from two parameters before each
+    forward pass: the rules, which run the layer's own computation, would miss them."""
+    import warnings
+
+    from cockpit_cli.instruments.support import check_support
+
+    nn = torch.nn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (deprecated)
+        normed = nn.utils.weight_norm(Gate(5), name="weight", dim=None)
+    model = nn.Sequential(nn.Linear(6, 5), normed, nn.Linear(5, 3)).double()
+    support = check_support(model, nn.CrossEntropyLoss(), "ggn")
+    assert not support.curvature and "forward pre-hook" in support.curvature_reason
 
 
 @pytest.mark.parametrize("dropout", ["Dropout1d", "Dropout2d"])

@@ -902,21 +902,23 @@ NORMALIZED: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
     "layer norm of positions": ("mlp", Tokens),
     "layer norm of features": ("mlp", lambda seed: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()),
     "group norm": ("cnn", lambda seed: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 3)).double()),
+    "RMS norm of positions": ("mlp", lambda seed: nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), nn.RMSNorm(4), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()),
 }
 
 
 @pytest.mark.parametrize("name", list(NORMALIZED))
-def test_layer_and_group_norm_get_per_sample_gradients_from_hooks(name: str) -> None:
-    """Layer and group norm treat every sample alone: their weights' per-sample gradients are
+def test_layer_group_and_rms_norm_get_per_sample_gradients_from_hooks(name: str) -> None:
+    """Layer, group and RMS norm treat every sample alone: their weights' per-sample gradients are
     delta_i times the normalised input summed over the positions (BackPACK has no rule for them;
     torch.func formed every per-sample gradient at once)."""
     kind, build = NORMALIZED[name]
     torch.manual_seed(0)
     model = build(0)
     with torch.no_grad():  # parameters of their own (a bias of zeros has no update ratio)
-        for norm in (module for module in model.modules() if isinstance(module, (nn.LayerNorm, nn.GroupNorm))):
+        for norm in (module for module in model.modules() if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))):
             norm.weight.uniform_(0.5, 1.5)
-            norm.bias.normal_(0.0, 0.1)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.normal_(0.0, 0.1)
     batches = make_batches(kind, "ce", 0, 3)
     names = tuple(name for name in FIRST_ORDER if name != "Activations")  # (an in-place ReLU changes what the reference reads)
     run = train(model, batches, quantities(names + ("Alpha",), **histogram_options(model, batches[0], 0.0)))
@@ -971,7 +973,7 @@ def test_unknown_layer_falls_back_to_torch_func(loss: str) -> None:
     instruments = run.instruments
     assert instruments.support.per_sample == "functorch"
     assert instruments.support.per_sample_reason == "layer '1' (Scale) has no BackPACK rule; per-sample gradients use torch.func (exact, slower)"
-    assert instruments.unavailable == {name: "layer '1' (Scale) has no BackPACK curvature rule" for name in ("HessTrace", "TICDiag", "TICTrace")}
+    assert instruments.unavailable == {}  # its curvature by autograd (test_instruments_curvature)
     for step in range(2):
         check_first_order(run, step, weight_decay=DECAY)
 

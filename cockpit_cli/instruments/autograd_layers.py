@@ -1,8 +1,8 @@
-"""Curvature rules of layers without parameters that BackPACK has none for, through autograd.
+"""Curvature rules of layers that BackPACK has none for, through autograd.
 
 Adaptive max pooling, softmax, local response normalisation, a model's own modules that reshape
-or permute, ...: a layer without parameters that treats every sample alone passes the curvature
-factor's columns (``[V, N, *output]``) back as
+or permute, and layers with parameters (PReLU, RMSNorm, a layer of one's own): a layer that
+treats every sample alone passes the curvature factor's columns (``[V, N, *output]``) back as
 
     J^T mat = the gradient of layer(x) . mat with respect to x, at the layer's input x
 
@@ -15,9 +15,21 @@ Hessian ``R_n`` of ``g_n . layer(x_n)`` with respect to ``x_n`` (``g`` the loss'
 output), from Hessian-vector products of all samples at once (the layer treats them alone, so
 the batch's Hessian is block diagonal), split by its eigendecomposition into a positive and a
 negative part: a column per element of a sample's input each.
+
+A parameter ``theta`` of such a layer gets, from each factor column ``s`` (with its sign), the
+squares of ``J_theta(x_n)^T s_n``, the gradient of ``layer(x_n) . s_n`` with respect to
+``theta`` for every sample ``n`` alone (``torch.func``: ``vmap`` over the samples and the
+columns, a block of columns at a time), summed over samples and columns: the GGN's diagonal.
+The Hessian's adds the layer's own second derivative in its parameters, the diagonal of the
+Hessian of ``g . layer(x)`` with respect to ``theta`` (``g`` the loss's gradient at the output):
+none where the output is linear in ``theta`` (PReLU, RMSNorm's scale: autograd records no
+dependence), otherwise one Hessian-vector product per element of ``theta``, 64 at a time, for
+layers of at most :data:`OWN_PRODUCTS_MOST` such parameters.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from backpack.core.derivatives.basederivatives import BaseDerivatives
@@ -25,6 +37,7 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from torch.nn.modules.loss import _Loss
 
 from cockpit_cli.instruments.extension_rules import module_rules
@@ -32,18 +45,23 @@ from cockpit_cli.instruments.hessian_from_ggn import passed_back_with_residual
 
 # Layers without parameters that draw random numbers in training mode (not to be computed again)
 RANDOM_IN_TRAINING = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
+OWN_PRODUCTS_MOST = 4096  # a layer's parameters whose own second derivative (the Hessian's) may come from products
+_GRADIENT_ELEMENTS = 1 << 22  # per-sample, per-column parameter gradients held at once (16 MiB of float32)
+_PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a layer's own second derivative in one batched pass
 
 
 def autograd_obstacle(module: nn.Module) -> str | None:
     """Why the rules of this module cannot follow ``module`` (a layer no BackPACK rule knows), or
-    ``None``: they need a layer without parameters or sublayers, which is no loss and does not
-    draw random numbers."""
-    if list(module.children()) or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+    ``None``: they need a layer without sublayers or buffers, which is no loss, does not draw
+    random numbers and, with parameters, computes them in its forward pass itself."""
+    if list(module.children()) or any(True for _ in module.buffers()):
         return "has no BackPACK curvature rule"
     if isinstance(module, _Loss):
         return "has no BackPACK curvature rule"
     if isinstance(module, RANDOM_IN_TRAINING) and module.training:
         return "draws random numbers in training mode, which the curvature's rules cannot draw again"
+    if module._forward_pre_hooks and any(True for _ in module.parameters(recurse=False)):
+        return "changes its parameters in a forward pre-hook (such as torch.nn.utils.weight_norm's), which the curvature's rules cannot follow"
     return None
 
 
@@ -58,9 +76,25 @@ class AutogradLayerDerivatives(BaseDerivatives):
         return _gradient_with_graph(module, None)[1] is None
 
     def _jac_t_mat_prod(self, module: nn.Module, g_inp: tuple, g_out: tuple, mat: Tensor, subsampling: list[int] | None = None) -> Tensor:
-        """``J^T mat`` for ``mat`` ``[V, N, *output]``: ``[V, N, *input]``."""
+        """``J^T mat`` for ``mat`` ``[V, N, *output]``: ``[V, N, *input]``, the columns batched by
+        autograd, or where an operation cannot be batched so, as samples of a larger batch."""
         point, outputs = _computed_again(module)
-        return _batched_gradient(outputs, point, mat)
+        try:
+            return _batched_gradient(outputs, point, mat, one_at_a_time=False)
+        except RuntimeError:
+            return torch.cat([_as_samples(module, block) for block in mat.split(max(1, _GRADIENT_ELEMENTS // max(1, mat[0].numel())))])
+
+
+def _as_samples(module: nn.Module, mat: Tensor) -> Tensor:
+    """``J^T mat`` (``[V, N, *output]`` -> ``[V, N, *input]``) from one backward pass of the layer
+    on its input repeated once per column: the layer treats every sample alone."""
+    columns = mat.shape[0]
+    point = module.input0.detach()
+    with torch.enable_grad():
+        stacked = point.repeat(columns, *([1] * (point.dim() - 1))).requires_grad_()  # [V * N, *input]
+        outputs = _layer_at(module, stacked)
+        (gradient,) = torch.autograd.grad(outputs, stacked, grad_outputs=mat.reshape(outputs.shape), allow_unused=True)
+    return _zero_if_none(gradient, stacked).reshape(columns, *point.shape)
 
 
 def unreproducible(module: nn.Module) -> str | None:
@@ -76,14 +110,31 @@ def unreproducible(module: nn.Module) -> str | None:
 
 def _computed_again(module: nn.Module) -> tuple[Tensor, Tensor]:
     """Return the layer's kept input as a leaf that requires gradients and its output computed
-    again from it (the layer's own computation, not its hooks), checked against the kept output."""
+    again from it (the layer's own computation, not its hooks, with its parameters held fixed),
+    checked against the kept output."""
     with torch.enable_grad():  # BackPACK's rules run without gradients, inside the backward pass
         point = module.input0.detach().requires_grad_()
-        outputs = module.forward(point)
+        outputs = _layer_at(module, point)
     kept = getattr(module, "output", None)
     if kept is not None and not torch.equal(outputs.detach(), kept.detach()):
         raise NotImplementedError("its output, computed again from its input, differs (it draws random numbers or keeps a state)")
     return point, outputs
+
+
+def _layer_at(module: nn.Module, point: Tensor) -> Tensor:
+    """The layer's own computation (not its hooks) at ``point``, its parameters held fixed."""
+    fixed = {f"layer.{name}": param.detach() for name, param in module.named_parameters(recurse=False)}
+    return functional_call(_OwnComputation(module), fixed, (point,)) if fixed else module.forward(point)
+
+
+def _curved(gradient: Tensor, point: Tensor) -> bool:
+    """Whether ``gradient`` (a gradient with its graph) changes with ``point``: its product with a
+    random vector is not exactly zero. A piecewise linear layer (PReLU) records a dependence whose
+    derivative is zero."""
+    probe = torch.rand(gradient.shape, generator=torch.Generator().manual_seed(0), dtype=gradient.dtype).add_(0.5).to(gradient.device)  # (training's random state untouched)
+    with torch.enable_grad():
+        (product,) = torch.autograd.grad(gradient, point, grad_outputs=probe, retain_graph=True, allow_unused=True)
+    return product is not None and bool(product.ne(0).any())
 
 
 def _gradient_with_graph(module: nn.Module, grad_output: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -94,16 +145,19 @@ def _gradient_with_graph(module: nn.Module, grad_output: Tensor | None) -> tuple
     with torch.enable_grad():
         weights = torch.ones_like(outputs) if grad_output is None else grad_output
         (gradient,) = torch.autograd.grad(outputs, point, grad_outputs=weights, create_graph=True, allow_unused=True)
-    return point, gradient if gradient is not None and gradient.requires_grad else None
+    return point, gradient if gradient is not None and gradient.requires_grad and _curved(gradient, point) else None
 
 
-def _batched_gradient(outputs: Tensor, point: Tensor, columns: Tensor, create_graph: bool = False) -> Tensor:
+def _batched_gradient(outputs: Tensor, point: Tensor, columns: Tensor, create_graph: bool = False, one_at_a_time: bool = True) -> Tensor:
     """Return the gradients of ``outputs . column`` with respect to ``point`` for every column
-    (``[V, *outputs.shape]`` -> ``[V, *point.shape]``), all at once where autograd can batch them."""
+    (``[V, *outputs.shape]`` -> ``[V, *point.shape]``), all at once where autograd can batch them,
+    else a column at a time (or, without ``one_at_a_time``, autograd's error)."""
     with torch.enable_grad():
         try:
             (gradients,) = torch.autograd.grad(outputs, point, grad_outputs=columns, retain_graph=True, is_grads_batched=True, allow_unused=True, create_graph=create_graph)
         except RuntimeError:  # an operation vmap cannot batch: a column at a time
+            if not one_at_a_time:
+                raise
             gradients = torch.stack(
                 [_zero_if_none(torch.autograd.grad(outputs, point, grad_outputs=column, retain_graph=True, allow_unused=True, create_graph=create_graph)[0], point) for column in columns]
             )
@@ -141,32 +195,157 @@ def autograd_residual(module: nn.Module, grad_output: Tensor) -> list[tuple[Tens
     return factors
 
 
-class AutogradHessian(DiagHBaseModule):
-    """DiagHessian's rule of a layer without parameters: the factors pass back through ``J^T``
-    and the layer's second derivative (:func:`autograd_residual`) is added."""
+def trainable_names(module: nn.Module) -> list[str]:
+    """Names of the layer's own parameters that train."""
+    return [name for name, param in module.named_parameters(recurse=False) if param.requires_grad]
+
+
+class _OwnComputation(nn.Module):
+    """Runs a layer's own computation (``forward``, not its hooks) for ``functional_call``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layer.forward(inputs)
+
+
+def squared_parameter_gradients(module: nn.Module, factors: list[tuple[Tensor, float]], names: list[str]) -> dict[str, Tensor]:
+    """Return, per named parameter, ``sum_k sign_k sum_{v, n} (J_theta(x_n)^T S_k[v, n])^2``
+    (module docstring), the parameter's shape.
+
+    Args:
+        module: The layer, with its kept input ``module.input0`` (``[N, *input]``).
+        factors: ``[(S, sign)]``, each ``S`` ``[V, N, *output]``.
+        names: The parameters (of the layer itself).
+    """
+    own = _OwnComputation(module)
+    params = {name: getattr(module, name).detach() for name in names}
+    inputs = module.input0.detach()
+
+    def projected(theta: dict[str, Tensor], sample: Tensor, column: Tensor) -> Tensor:
+        return (functional_call(own, {f"layer.{name}": value for name, value in theta.items()}, (sample.unsqueeze(0),)).squeeze(0) * column).sum()
+
+    per_sample = vmap(vmap(grad(projected), in_dims=(None, 0, 0)), in_dims=(None, None, 0))  # over columns, then samples
+    totals = {name: torch.zeros_like(value) for name, value in params.items()}
+    size = inputs.shape[0] * max(1, sum(value.numel() for value in params.values()))
+    for factor, sign in factors:
+        for block in factor.split(max(1, _GRADIENT_ELEMENTS // size)):
+            with torch.enable_grad():
+                gradients = per_sample(params, inputs, block)
+            for name, gradient in gradients.items():
+                totals[name].add_(gradient.square().sum((0, 1)), alpha=sign)
+    return totals
+
+
+def own_second_derivative(module: nn.Module, grad_output: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """Return the diagonal of the Hessian of ``g . layer(x)`` with respect to each named
+    parameter (``g``: ``grad_output``, ``[N, *output]``), for the parameters the output is not
+    linear in (the others have none).
+
+    Raises:
+        NotImplementedError: Where more than :data:`OWN_PRODUCTS_MOST` parameters would take a
+            Hessian-vector product each.
+    """
+    theta = {name: getattr(module, name).detach().requires_grad_() for name in names}
+    with torch.enable_grad():
+        outputs = functional_call(_OwnComputation(module), {f"layer.{name}": value for name, value in theta.items()}, (module.input0.detach(),))
+        gradients = torch.autograd.grad((outputs * grad_output).sum(), list(theta.values()), create_graph=True, allow_unused=True)
+    curved = {name: gradient for name, gradient in zip(theta, gradients) if gradient is not None and gradient.requires_grad and _curved(gradient, theta[name])}
+    count = sum(theta[name].numel() for name in curved)
+    if count > OWN_PRODUCTS_MOST:
+        raise NotImplementedError(
+            f"its output is not linear in its {count} parameters, whose Hessian diagonal would take a Hessian-vector product each "
+            f"(at most {OWN_PRODUCTS_MOST}); curvature: ggn gives the GGN's diagonal"
+        )
+    diagonals = {}
+    for name, gradient in curved.items():
+        point, size = theta[name], theta[name].numel()
+        diagonal = torch.empty(size, dtype=point.dtype, device=point.device)
+        for start in range(0, size, _PRODUCTS_AT_ONCE):
+            rows = torch.arange(start, min(start + _PRODUCTS_AT_ONCE, size), device=point.device)
+            units = torch.zeros(len(rows), size, dtype=point.dtype, device=point.device)
+            units[torch.arange(len(rows), device=point.device), rows] = 1
+            products = _batched_gradient(gradient, point, units.reshape(len(rows), *point.shape)).reshape(len(rows), size)
+            diagonal[rows] = products[torch.arange(len(rows), device=point.device), rows]
+        diagonals[name] = diagonal.reshape(point.shape)
+    return diagonals
+
+
+class _ParameterValues:
+    """The values of a layer's parameters from one factor list, computed for all of them when
+    BackPACK asks for the first (it asks parameter by parameter, with the same factors)."""
 
     def __init__(self) -> None:
-        super().__init__(derivatives=AutogradLayerDerivatives())
+        self._pending: dict[tuple[int, int], dict[str, Tensor]] = {}
+
+    def method(self, name: str, values: Callable[[nn.Module, tuple, Any], dict[str, Tensor]]) -> Callable:
+        def value(ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Any) -> Tensor:
+            key = (id(module), id(backproped))
+            if key not in self._pending:
+                self._pending[key] = values(module, g_out, backproped)
+            pending = self._pending[key]
+            result = pending.pop(name)
+            if not pending:
+                del self._pending[key]
+            return result
+
+        return value
+
+
+class AutogradHessian(DiagHBaseModule):
+    """DiagHessian's rule of a layer BackPACK does not know: the factors pass back through
+    ``J^T`` and the layer's second derivative in its input (:func:`autograd_residual`) is added;
+    its parameters (``params``) get the factors' squared parameter gradients and their own
+    second derivative (:func:`own_second_derivative`)."""
+
+    def __init__(self, params: list[str] | None = None) -> None:
+        values = _ParameterValues()
+        for name in params or []:  # (before BackPACK's checks that they exist)
+            setattr(self, name, values.method(name, self._parameter_values))
+        super().__init__(derivatives=AutogradLayerDerivatives(), params=params)
+
+    @staticmethod
+    def _parameter_values(module: nn.Module, g_out: tuple, backproped: dict) -> dict[str, Tensor]:
+        names = trainable_names(module)
+        totals = squared_parameter_gradients(module, list(zip(backproped["matrices"], backproped["signs"])), names)
+        for name, diagonal in own_second_derivative(module, g_out[0], names).items():
+            totals[name].add_(diagonal)
+        return totals
 
     def backpropagate(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: dict) -> dict:
         return passed_back_with_residual(self, ext, module, g_inp, g_out, backproped, autograd_residual(module, g_out[0]))
 
 
 class AutogradGGN(DiagGGNBaseModule):
-    """DiagGGN's rule (exact and Monte-Carlo) of a layer without parameters: ``J^T`` by autograd."""
+    """DiagGGN's rule (exact and Monte-Carlo) of a layer BackPACK does not know: ``J^T`` by
+    autograd, and its parameters (``params``) the squares of the factor's parameter gradients."""
 
-    def __init__(self) -> None:
-        super().__init__(derivatives=AutogradLayerDerivatives())
+    def __init__(self, params: list[str] | None = None) -> None:
+        values = _ParameterValues()
+        for name in params or []:  # (before BackPACK's checks that they exist)
+            setattr(self, name, values.method(name, self._parameter_values))
+        super().__init__(derivatives=AutogradLayerDerivatives(), params=params)
+
+    @staticmethod
+    def _parameter_values(module: nn.Module, g_out: tuple, backproped: Tensor) -> dict[str, Tensor]:
+        return squared_parameter_gradients(module, [(backproped, 1.0)], trainable_names(module))
 
 
 AUTOGRAD_RULES = (AutogradHessian, AutogradGGN)
 
 
-def set_autograd_rules(extension: BackpropExtension, hessian: bool, layers: set[type]) -> None:
+def set_autograd_rules(extension: BackpropExtension, hessian: bool, layers: list[nn.Module]) -> None:
     """Give ``extension`` (DiagHessian where ``hessian``, else DiagGGNExact or DiagGGNMC) the
-    rules above for each class of ``layers`` that has no rule yet."""
+    rules above for the class of each of ``layers`` that has no rule yet, with the parameters its
+    layers have."""
     known = module_rules(extension)
+    params: dict[type, list[str]] = {}
     for layer in layers:
-        if layer not in known:
-            rule = AutogradHessian() if hessian else AutogradGGN()
-            extension.set_module_extension(layer, rule)
+        names = params.setdefault(type(layer), [])
+        names.extend(name for name, _ in layer.named_parameters(recurse=False) if name not in names)
+    for layer_class, names in params.items():
+        if layer_class not in known:
+            rule = AutogradHessian(names) if hessian else AutogradGGN(names)
+            extension.set_module_extension(layer_class, rule)

@@ -123,6 +123,7 @@ class GradientCapture:
         self._graph = support.graph if support.curvature_by_graph else None
         self._released_for_graph = False  # whether the last forward pass ran without hooks, for a pass through the graph
         self._diagonals: list[Tensor] | None = None  # the Hessian diagonal from products, during a pass (support.curvature_by_products)
+        self._holding_diagonals = False  # the curvature rules' diagonals wait in _diagonals for torch.func's per-sample gradients
         self._hooks_paused = False  # while the products differentiate the graph before the training's backward pass
 
     def adds_curvature_residual(self, module: nn.Module) -> bool:
@@ -293,6 +294,11 @@ class GradientCapture:
             if self._curvature in extensions:
                 accumulator.fail(requested & NEEDS_CURVATURE, no_curvature_reason(unfollowable))
             extensions, by_output_hooks = [], False
+        # torch.func's per-sample gradients come after the pass: the curvature rules' diagonals wait
+        # for them (a parameter the pass does not reach has the regulariser's, lambda).
+        self._holding_diagonals = by_functorch and self._curvature in extensions
+        if self._holding_diagonals:
+            self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
@@ -300,8 +306,8 @@ class GradientCapture:
                 with backpack(*extensions, extension_hook=hook, retain_graph=retain_graph or create_graph), quiet_notices():
                     self._rule_failures = []
                     _backward(loss, retain_graph, create_graph)
-            if self._rule_failures:  # the pass completed, its gradients whole; what the rules give is not
-                accumulator.fail(requested & (NEEDS_SAMPLES | NEEDS_CURVATURE), self._rule_failures[0])
+            if self._rule_failures:  # the pass completed, its gradients whole; what the rules give is not (torch.func's are apart)
+                accumulator.fail(requested & (NEEDS_CURVATURE if by_functorch else NEEDS_SAMPLES | NEEDS_CURVATURE), self._rule_failures[0])
         elif by_output_hooks:
             hooks = self._output_hooks
             if requested == {PROJECTIONS}:  # Alpha's second point alone: a layer's products in one pass
@@ -323,14 +329,14 @@ class GradientCapture:
         else:
             with quiet_notices() if self._handles else nullcontext():  # BackPACK's hooks, attached, find no extension
                 _backward(loss, retain_graph, create_graph)
-        if (per_sample and not by_functorch) or self._curvature in extensions:
+        if (per_sample and not by_functorch) or (self._curvature in extensions and not self._holding_diagonals):
             self._reduce_unused(accumulator, requested, options, batch_size, per_sample and not by_functorch, self._curvature in extensions or by_products)
         if by_functorch:
             self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
         elif by_products and not per_sample and self._diagonals is not None:
             for index, param in enumerate(self.params):
                 reduce_layer(index, None, param, self._diagonals[index], requested, accumulator, options, self.sync)
-        self._diagonals = None
+        self._diagonals, self._holding_diagonals = None, False
         accumulator.synchronize(self.sync)
         return accumulator
 
@@ -383,7 +389,8 @@ class GradientCapture:
         return diagonals
 
     def _products_diagonal(self, index: int) -> Tensor | None:
-        """The Hessian diagonal of parameter ``index`` from products at this pass, or ``None``."""
+        """The curvature diagonal of parameter ``index`` held at this pass (from products, or the
+        rules' held for torch.func's per-sample gradients), or ``None``."""
         return None if self._diagonals is None else self._diagonals[index]
 
     def _reduce_by_functorch(
@@ -546,8 +553,12 @@ class GradientCapture:
                     diagonal = diagonal + self.weight_decay[index]
                 elif diagonal is None:
                     diagonal = self._products_diagonal(index)
-                source = self._source(index, getattr(param, "grad_batch", None), batch_size)
-                reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
+                if self._holding_diagonals:
+                    if diagonal is not None:
+                        self._diagonals[index] = diagonal
+                else:
+                    source = self._source(index, getattr(param, "grad_batch", None), batch_size)
+                    reduce_layer(index, source, param, diagonal, requested, accumulator, options, self.sync)
                 for attribute in ("grad_batch", self.curvature_attribute):
                     if hasattr(param, attribute):
                         delattr(param, attribute)

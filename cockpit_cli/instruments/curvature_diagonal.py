@@ -166,7 +166,7 @@ def curvature_extension(curvature: str, model: nn.Module | None = None) -> Backp
     for dropout in CHANNEL_DROPOUT:  # a mask of whole channels is a mask of elements too
         extension.set_module_extension(dropout, DiagHDropout() if hessian else DiagGGNDropout(), overwrite=True)
     if model is not None:
-        set_autograd_rules(extension, hessian, {type(m) for m in model.modules() if autograd_obstacle(m) is None})
+        set_autograd_rules(extension, hessian, [m for m in model.modules() if autograd_obstacle(m) is None])
     if hessian:
         tag_origins(extension)  # last: every rule, BackPACK's and those above
     return extension

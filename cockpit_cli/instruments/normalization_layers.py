@@ -1,9 +1,9 @@
-"""BackPACK's rules of layer norm and group norm, which it has none for: per-sample gradients and
-the curvature diagonals (the Hessian's, and the GGN's exact and Monte-Carlo).
+"""BackPACK's rules of layer norm, group norm and RMS norm, which it has none for: per-sample
+gradients and the curvature diagonals (the Hessian's, and the GGN's exact and Monte-Carlo).
 
-Both normalise every sample alone (layer norm over its last dimensions, group norm over groups of
-channels), then scale and shift elementwise: ``y = x_hat * w + b`` with ``x_hat`` the normalised
-input. A column ``m`` of the curvature factor at the output (``[N, *output]``) then gives, per
+All normalise every sample alone (layer and RMS norm over the last dimensions, group norm over
+groups of channels), then scale and shift elementwise: ``y = x_hat * w + b`` with ``x_hat`` the
+normalised input (RMS norm: divided by its root mean square, not centred, and no shift). A column ``m`` of the curvature factor at the output (``[N, *output]``) then gives, per
 sample,
 
     J_w^T m = sum over the positions w is shared by of m * x_hat        (shaped like w)
@@ -20,7 +20,8 @@ norm), with ``v = w * g`` for the output gradient ``g``, ``x_hat = (x - mean) / 
     R = alpha P + [x_hat q] C [x_hat q]^T,      P = I - 1 1^T / D,   alpha = -a / (s^2 D),
     a = v . x_hat,   q = (P v - x_hat a / D) / s,   C = [[a / (s^2 D^2), -1 / (s D)], [-1 / (s D), 0]]
 
-(``q`` is the gradient of ``v . x_hat``). ``P = P P^T`` gives a column per element of the block,
+(``q`` is the gradient of ``v . x_hat``). RMS norm, which does not centre, has the same with
+``P = I`` (``x`` in place of ``x - mean``, ``s`` its root mean square). ``P = P P^T`` gives a column per element of the block,
 scaled by ``sqrt(|alpha|)`` in the factor of alpha's sign, and ``C``, whose determinant is
 negative, one positive and one negative eigenvalue: two more columns per block. Every column is
 zero outside its block, as the blocks of a sample do not interact.
@@ -41,26 +42,33 @@ from torch.nn import functional as F
 
 from cockpit_cli.instruments.hessian_from_ggn import ParameterHessianFromGGN, passed_back_with_residual
 
-NORMALIZATION = (nn.LayerNorm, nn.GroupNorm)
+RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # (torch 2.4 on)
+LAST_DIMENSIONS = (nn.LayerNorm, *RMS_NORM)  # normalise the last dimensions of each sample, the parameters' shape
+NORMALIZATION = (*LAST_DIMENSIONS, nn.GroupNorm)
 
 
-def normalised(module: nn.LayerNorm | nn.GroupNorm, inputs: Tensor) -> Tensor:
-    """``x_hat``, the layer's input normalised before its scale and shift."""
+def normalised(module: nn.Module, inputs: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Return a normalisation layer's output for ``inputs`` with ``weight`` and ``bias`` as its
+    parameters (none: ``x_hat``, the normalised input); batch norm with its running statistics."""
     if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
-    return F.group_norm(inputs, module.num_groups, None, None, module.eps)
+        return F.layer_norm(inputs, module.normalized_shape, weight, bias, module.eps)
+    if isinstance(module, RMS_NORM):
+        return F.rms_norm(inputs, module.normalized_shape, weight, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(inputs, module.num_groups, weight, bias, module.eps)
+    return F.batch_norm(inputs, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
 
 
-def _shared_axes(module: nn.LayerNorm | nn.GroupNorm, mat: Tensor) -> tuple[int, ...]:
+def _shared_axes(module: nn.Module, mat: Tensor) -> tuple[int, ...]:
     """The axes of ``mat`` (``[V, N, *output]``) that a parameter is shared along: between the
-    samples and the normalised dimensions (layer norm), the spatial ones (group norm)."""
-    if isinstance(module, nn.LayerNorm):
+    samples and the normalised dimensions (layer and RMS norm), the spatial ones (group norm)."""
+    if isinstance(module, LAST_DIMENSIONS):
         return tuple(range(2, mat.dim() - len(module.normalized_shape)))
     return tuple(range(3, mat.dim()))
 
 
 class NormalizationDerivatives(BaseParameterDerivatives):
-    """BackPACK's derivatives of ``nn.LayerNorm`` and ``nn.GroupNorm``."""
+    """BackPACK's derivatives of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.RMSNorm``."""
 
     def hessian_is_zero(self, module: nn.Module) -> bool:
         return False
@@ -88,24 +96,24 @@ class NormalizationDerivatives(BaseParameterDerivatives):
         return reduced.sum(1) if sum_batch else reduced
 
 
-def _blocks(module: nn.LayerNorm | nn.GroupNorm, values: Tensor) -> Tensor:
+def _blocks(module: nn.Module, values: Tensor) -> Tensor:
     """``values`` (``[N, *input]``) as ``[N, B, D]``: ``B`` blocks of ``D`` elements normalised together."""
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, LAST_DIMENSIONS):
         size = math.prod(module.normalized_shape)
         return values.reshape(values.shape[0], -1, size)
     return values.reshape(values.shape[0], module.num_groups, -1)
 
 
-def _scale(module: nn.LayerNorm | nn.GroupNorm, like: Tensor) -> Tensor | float:
+def _scale(module: nn.Module, like: Tensor) -> Tensor | float:
     """The layer's scale ``w`` broadcastable against its output ``like`` (1.0 without one)."""
     if module.weight is None:
         return 1.0
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, LAST_DIMENSIONS):
         return module.weight
     return module.weight.reshape(-1, *([1] * (like.dim() - 2)))
 
 
-def normalization_residual(module: nn.LayerNorm | nn.GroupNorm, grad_output: Tensor) -> list[tuple[Tensor, float]]:
+def normalization_residual(module: nn.Module, grad_output: Tensor) -> list[tuple[Tensor, float]]:
     """Return the factors of the layer's residual ``R`` (module docstring) with their signs:
     ``[(factor, sign)]``, each factor ``[V, N, *output]``: a column per element for ``alpha``'s
     positive and negative parts, and a column per block for ``C``'s positive and negative
@@ -116,13 +124,15 @@ def normalization_residual(module: nn.LayerNorm | nn.GroupNorm, grad_output: Ten
         grad_output: ``g``, the loss's gradient at the output, ``[N, *output]``.
     """
     inputs = module.input0
+    centring = not isinstance(module, RMS_NORM)
     v = _blocks(module, grad_output * _scale(module, grad_output))  # [N, B, D]
-    centered = _blocks(module, inputs) - _blocks(module, inputs).mean(-1, keepdim=True)
+    centered = _blocks(module, inputs) - _blocks(module, inputs).mean(-1, keepdim=True) if centring else _blocks(module, inputs)
     size = centered.shape[-1]
-    s = (centered.square().mean(-1, keepdim=True) + module.eps).sqrt()  # [N, B, 1]
+    eps = torch.finfo(inputs.dtype).eps if module.eps is None else module.eps  # (RMS norm's default)
+    s = (centered.square().mean(-1, keepdim=True) + eps).sqrt()  # [N, B, 1]
     x_hat = centered / s
     a = (v * x_hat).sum(-1, keepdim=True)
-    q = (v - v.mean(-1, keepdim=True) - x_hat * a / size) / s
+    q = ((v - v.mean(-1, keepdim=True) if centring else v) - x_hat * a / size) / s
     alpha = (-a / (s.square() * size)).squeeze(-1)  # [N, B]
     corner = -1.0 / (s * size)
     c = torch.stack([torch.cat([a * corner.square(), corner], -1), torch.cat([corner, torch.zeros_like(corner)], -1)], -2)  # [N, B, 2, 2]
@@ -131,7 +141,7 @@ def normalization_residual(module: nn.LayerNorm | nn.GroupNorm, grad_output: Ten
     vectors = (basis @ eigenvectors) * eigenvalues.abs().sqrt().unsqueeze(-2)  # [N, B, D, 2]: sqrt(|lambda_k|) [x_hat q] e_k
     n, blocks = alpha.shape
     one_per_block = torch.eye(blocks, dtype=inputs.dtype, device=inputs.device)
-    centering = torch.eye(size, dtype=inputs.dtype, device=inputs.device) - 1.0 / size  # P
+    centering = torch.eye(size, dtype=inputs.dtype, device=inputs.device) - (1.0 / size if centring else 0.0)  # P
     shape = (n, *grad_output.shape[1:])
     factors = []
     for sign in (1.0, -1.0):
@@ -145,25 +155,26 @@ def normalization_residual(module: nn.LayerNorm | nn.GroupNorm, grad_output: Ten
 
 
 class NormalizationHessian(ParameterHessianFromGGN):
-    """DiagHessian's rule of layer and group norm: the factors pass back through ``J_x``, the
+    """DiagHessian's rule of layer, group and RMS norm: the factors pass back through ``J_x``, the
     layer's residual (:func:`normalization_residual`) is added, and the scale's and shift's
     diagonals are the GGN's of each factor, signed."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: list[str]) -> None:
         derivatives = NormalizationDerivatives()
-        super().__init__(DiagGGNBaseModule(derivatives=derivatives, params=["bias", "weight"], sum_batch=True), derivatives)
+        super().__init__(DiagGGNBaseModule(derivatives=derivatives, params=params, sum_batch=True), derivatives)
 
     def backpropagate(self, ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: dict) -> dict:
         return passed_back_with_residual(self, ext, module, g_inp, g_out, backproped, normalization_residual(module, g_out[0]))
 
 
 def set_normalization_rules(extension: BackpropExtension, rule: str) -> None:
-    """Give ``extension`` the rules above for layer and group norm: ``rule`` is ``"batch_grad"``,
+    """Give ``extension`` the rules above for layer, group and RMS norm: ``rule`` is ``"batch_grad"``,
     ``"ggn"`` (exact or Monte-Carlo) or ``"hessian"``."""
     for module in NORMALIZATION:
+        params = ["weight"] if module in RMS_NORM else ["bias", "weight"]  # (BackPACK reads each attribute)
         if rule == "batch_grad":
-            extension.set_module_extension(module, BatchGradBase(derivatives=NormalizationDerivatives(), params=["bias", "weight"]), overwrite=True)
+            extension.set_module_extension(module, BatchGradBase(derivatives=NormalizationDerivatives(), params=params), overwrite=True)
         elif rule == "hessian":
-            extension.set_module_extension(module, NormalizationHessian(), overwrite=True)
+            extension.set_module_extension(module, NormalizationHessian(params), overwrite=True)
         else:
-            extension.set_module_extension(module, DiagGGNBaseModule(derivatives=NormalizationDerivatives(), params=["bias", "weight"], sum_batch=True), overwrite=True)
+            extension.set_module_extension(module, DiagGGNBaseModule(derivatives=NormalizationDerivatives(), params=params, sum_batch=True), overwrite=True)

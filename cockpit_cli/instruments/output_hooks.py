@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from cockpit_cli.instruments.convolutions import padded, zero_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions, embedding_samples, factorable_embedding
+from cockpit_cli.instruments.normalization_layers import LAST_DIMENSIONS, NORMALIZATION, normalised
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
 ParameterSource = Callable[[nn.Module, nn.Parameter, Tensor | FactoredSamples, Tensor | None], None]
@@ -142,19 +143,19 @@ def combined_runs(runs: list[Tensor | FactoredSamples]) -> Tensor | FactoredSamp
     return StackedPositions(runs) if isinstance(runs[0], FactoredSamples) else sum(runs)
 
 
-NORMALIZATIONS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+NORMALIZATIONS = (_BatchNorm, *NORMALIZATION)
 
 
 def hooked_layer(module: nn.Module) -> bool:
     """Whether hooks on the layer's output give its per-sample gradients: Linear and the
     convolutions :func:`factored_batch_grad.factored_layer` covers, and normalisation layers that
-    treat every sample alone: group and layer norm, and batch norm with its running statistics
+    treat every sample alone: group, layer and RMS norm, and batch norm with its running statistics
     (in eval mode: in training mode it mixes the samples and the per-sample quantities are off)."""
     if isinstance(module, _BatchNorm):
         return module.track_running_stats
     if isinstance(module, nn.Embedding):
         return factorable_embedding(module)
-    return factored_layer(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+    return factored_layer(module) or isinstance(module, NORMALIZATION)
 
 
 def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_output: Tensor) -> Tensor | FactoredSamples:
@@ -175,7 +176,7 @@ def layer_samples(module: nn.Module, param: nn.Parameter, inputs: Tensor, grad_o
         if isinstance(module, nn.Embedding):  # G[i] = sum_l e_(id_il) delta_il^T: a Linear layer's factors with the one-hot ids as its output's
             return embedding_samples(module, inputs, grad_output)
         if isinstance(module, NORMALIZATIONS):  # delta_i times the normalised input, summed over the positions
-            return _over_positions(module, grad_output * _normalized(module, inputs))
+            return _over_positions(module, grad_output * normalised(module, inputs))
         if isinstance(module, nn.Linear):
             return FactoredLinear(inputs, grad_output, module.weight.shape)
         return FactoredConv(module, grad_output, inputs)
@@ -193,26 +194,16 @@ def _in_precision(inputs: Tensor, grad_output: Tensor, dtype: torch.dtype) -> tu
 def _over_positions(module: nn.Module, values: Tensor) -> Tensor:
     """Sum each sample's values of the layer's output over the positions that share its
     parameters: ``[N, D]``, ``D`` the elements of a parameter. A Linear layer's features and a
-    layer norm's normalised dimensions are the last, a convolution's and the other
+    layer and RMS norm's normalised dimensions are the last, a convolution's and the other
     normalisations' channels the second (``[N, C, *spatial]``)."""
     n = values.shape[0]
     if values.dim() == 2:
         return values
     if isinstance(module, nn.Linear):
         return values.reshape(n, -1, values.shape[-1]).sum(1)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, LAST_DIMENSIONS):
         return values.reshape(n, -1, *module.normalized_shape).sum(1).reshape(n, -1)
     return values.reshape(n, values.shape[1], -1).sum(2)
-
-
-def _normalized(module: nn.Module, inputs: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """Return a normalisation layer's output for ``inputs`` with ``weight`` and ``bias`` as its
-    parameters (none: the normalised input); batch norm with its running statistics."""
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(inputs, module.normalized_shape, weight, bias, module.eps)
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(inputs, module.num_groups, weight, bias, module.eps)
-    return F.batch_norm(inputs, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
 
 
 def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -241,7 +232,7 @@ def layer_products(module: nn.Module, inputs: Tensor, grad_output: Tensor, weigh
     if isinstance(module, nn.Linear):
         outputs = F.linear(inputs, weight, bias)
     elif isinstance(module, NORMALIZATIONS):
-        outputs = _normalized(module, inputs, weight, bias)
+        outputs = normalised(module, inputs, weight, bias)
     else:
         convolution = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
         outputs = convolution(padded(module, inputs), weight, bias, module.stride, zero_padding(module), module.dilation, module.groups)
