@@ -1197,6 +1197,28 @@ def test_a_large_layer_not_linear_in_its_parameters_leaves_out_the_hessian_diago
     check_curvature(run, "ggn", steps=1)
 
 
+class PReLUResidual(torch.nn.Module):
+    """``Linear(x) + PReLU(Linear(x))``, Linear(5, 3): a graph with a layer BackPACK has no rule for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.first, self.act, self.out = nn.Linear(6, 5), nn.PReLU(5), nn.Linear(5, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(inputs)
+        return self.out(hidden + self.act(hidden))
+
+
+def test_a_layer_with_parameters_and_no_backpack_rules_in_a_graph_says_the_graph_s_pass_needs_its_per_sample_gradients() -> None:
+    from cockpit_cli.instruments.support import check_support
+
+    support = check_support(PReLUResidual(), torch.nn.CrossEntropyLoss(), "ggn")
+    assert not support.curvature
+    assert support.curvature_reason == "layer 'act' (PReLU) has no BackPACK rule for its per-sample gradients, which the pass through BackPACK's graph takes with the curvature"
+
+
 def test_a_layer_that_changes_its_parameters_in_a_pre_hook_gets_no_curvature() -> None:
     """The old ``torch.nn.utils.weight_norm`` sets the weight from two parameters before each
     forward pass: the rules, which run the layer's own computation, would miss them."""

@@ -54,8 +54,10 @@ def autograd_obstacle(module: nn.Module) -> str | None:
     """Why the rules of this module cannot follow ``module`` (a layer no BackPACK rule knows), or
     ``None``: they need a layer without sublayers or buffers, which is no loss, does not draw
     random numbers and, with parameters, computes them in its forward pass itself."""
-    if list(module.children()) or any(True for _ in module.buffers()):
+    if list(module.children()):
         return "has no BackPACK curvature rule"
+    if any(True for _ in module.buffers()):
+        return "keeps buffers (a state), which the curvature's rules of layers BackPACK does not know cannot follow"
     if isinstance(module, _Loss):
         return "has no BackPACK curvature rule"
     if isinstance(module, RANDOM_IN_TRAINING) and module.training:

@@ -85,7 +85,7 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
             if obstacle is None and type(module) not in curvature_layers(curvature) and len(node.args) + len(node.kwargs) != 1:
                 obstacle = f"layer '{node.target}' ({type(module).__name__}) takes several inputs, which the curvature's rules of a layer without parameters cannot follow"
             if obstacle is None and trainable and type(module) not in sample_rules:
-                obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK curvature rule"
+                obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK rule for its per-sample gradients, which the pass through BackPACK's graph takes with the curvature"
             if obstacle is not None:
                 return None, obstacle
     own = {id(p) for p in model.parameters()}

@@ -1,12 +1,12 @@
-"""Per-sample gradients of Linear, convolution and batch-norm layers from output-gradient hooks (no BackPACK).
+"""Per-sample gradients of Linear, convolution and normalisation layers from output-gradient hooks (no BackPACK).
 
 A sample's gradients of such a layer follow from the layer's input and the gradient of the mean
 loss with respect to its output, ``delta`` (``[N, C_out, ...]``):
 
 - a Linear or convolution weight's are the factored :class:`FactoredLinear` / :class:`FactoredConv`
   sources, the same that BackPACK's BatchGrad rules of :mod:`factored_gradients` hand out;
-- a batch-norm weight's (with its running statistics, in eval mode) are ``delta_i`` times the
-  normalised input, summed over the positions, ``[N, C]``;
+- a normalisation weight's (layer, group and RMS norm; batch norm with its running statistics,
+  in eval mode) are ``delta_i`` times the normalised input, summed over the positions;
 - a bias's are ``delta_i`` summed over the output positions, ``[N, C_out]`` (BackPACK's
   ``grad_batch``: the gradients of the mean loss, ``g_i / N``).
 
