@@ -297,19 +297,18 @@ def offset_mlp(model: torch.nn.Sequential) -> torch.nn.Sequential:
 
 
 def products_models() -> dict[str, Any]:
-    from test_instruments_exact import Shifted, parametrized_mlp, scaled_mlp
+    from test_instruments_exact import Shifted, scaled_mlp
     from test_instruments_shared_layers import TiedLinears, sequential_twice
 
     return {
         "a layer with a state BackPACK does not know": lambda: offset_mlp(scaled_mlp(0)),
-        "a parametrized weight": lambda: parametrized_mlp("weight_norm"),
         "a parameter beside sublayers": lambda: Shifted(0),
         "a layer held twice": lambda: sequential_twice().double(),
         "tied weights": lambda: TiedLinears().double(),
     }
 
 
-@pytest.mark.parametrize("name", ["a layer with a state BackPACK does not know", "a parametrized weight", "a parameter beside sublayers", "a layer held twice", "tied weights"])
+@pytest.mark.parametrize("name", ["a layer with a state BackPACK does not know", "a parameter beside sublayers", "a layer held twice", "tied weights"])
 def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_diagonal_from_products(name: str) -> None:
     """Each had no curvature with the Hessian (as with the GGN still), per-sample gradients from torch.func or the hooks."""
     torch.manual_seed(0)
@@ -1202,6 +1201,7 @@ class PReLUResidual(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        torch.manual_seed(0)
         nn = torch.nn
         self.first, self.act, self.out = nn.Linear(6, 5), nn.PReLU(5), nn.Linear(5, 3)
         self.double()
@@ -1211,12 +1211,123 @@ class PReLUResidual(torch.nn.Module):
         return self.out(hidden + self.act(hidden))
 
 
-def test_a_layer_with_parameters_and_no_backpack_rules_in_a_graph_says_the_graph_s_pass_needs_its_per_sample_gradients() -> None:
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_a_graph_with_a_layer_backpack_has_no_rules_for_gets_the_curvature_and_torch_func_s_per_sample_gradients(curvature: str) -> None:
+    """The graph's pass took BackPACK's per-sample gradients with the curvature, so a layer without
+    a BackPACK rule (PReLU) left the curvature out; the pass now gives the diagonals alone, and
+    torch.func's per-sample gradients take them (TIC) after the training's backward pass."""
+    run = train(PReLUResidual(), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY, curvature=curvature)
+    assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph and run.instruments.support.per_sample == "functorch"
+    for step in range(2):
+        expected = reference_values(run, step, curvature, DECAY)
+        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
+
+
+class Encoded(torch.nn.Module):
+    """Linear(4, 8) of each of 6 positions, a TransformerEncoderLayer(8, 2 heads, feed-forward 16,
+    ``dropout``), Flatten, Linear(48, 3), float64: ``[N, 6, 4]`` -> ``[N, 3]``."""
+
+    def __init__(self, dropout: float = 0.0, batch_first: bool = True, norm_first: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.embed = nn.Linear(4, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=dropout, batch_first=batch_first, norm_first=norm_first, activation="gelu")
+        self.flatten, self.head = nn.Flatten(), nn.Linear(48, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.flatten(self.block(self.embed(inputs))))
+
+
+class SelfAttending(torch.nn.Module):
+    """Linear(4, ``width``) of each of 6 positions, their self-attention (MultiheadAttention, 2 heads,
+    ``weights``: with its attention weights, unused) added to them, LayerNorm, Flatten, Linear(., 3),
+    float64: ``[N, 6, 4]`` -> ``[N, 3]``; ``cross``: the keys and values from the inputs themselves."""
+
+    def __init__(self, weights: bool = False, dropout: float = 0.0, width: int = 8, cross: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.embed, self.attention = nn.Linear(4, width), nn.MultiheadAttention(width, 2, batch_first=True, dropout=dropout, kdim=4, vdim=4) if cross else nn.MultiheadAttention(width, 2, batch_first=True, dropout=dropout)
+        self.norm, self.flatten, self.head = nn.LayerNorm(width), nn.Flatten(), nn.Linear(6 * width, 3)
+        self.weights, self.cross = weights, cross
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        source = inputs if self.cross else hidden
+        attended = self.attention(hidden, source, source, need_weights=self.weights)[0]
+        return self.head(self.flatten(self.norm(hidden + attended)))
+
+
+def whole_layer_models() -> dict[str, Any]:
+    from test_instruments_exact import parametrized_mlp
+
+    nn = torch.nn
+
+    def in_sequence() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True), nn.Flatten(), nn.Linear(48, 3)).double()
+
+    return {
+        "TransformerEncoderLayer": lambda: Encoded(),
+        "TransformerEncoderLayer, norm first, dropout in eval mode": lambda: Encoded(dropout=0.1, norm_first=True).eval(),
+        "TransformerEncoderLayer in an nn.Sequential": in_sequence,
+        "self-attention": lambda: SelfAttending(),
+        "self-attention with its weights": lambda: SelfAttending(weights=True),
+        "weight_norm": lambda: parametrized_mlp("weight_norm"),
+    }
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm"])
+def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack_s_graph_whole(name: str, curvature: str) -> None:
+    """Attention held its parameters beside its sublayers, which BackPACK's rules cannot follow: no
+    curvature. The graph now calls such a layer as one (a self-attention, whose three inputs are
+    one and whose tuple's first element alone is used, through a layer of one input), autograd's
+    rules follow it whole (its parameters and sublayers' together, per sample by torch.func), and
+    torch.func's per-sample gradients take the diagonals with them. The references on attention's
+    math kernel (its fused kernels have no second derivative)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from test_instruments_exact import make_batches_of_sequences
+
+    model = whole_layer_models()[name]()
+    batches = make_batches("mlp", "ce", 0, 2) if name == "weight_norm" else make_batches_of_sequences(2)
+    run = train(model, batches, quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    assert run.instruments.support.curvature_by_graph and not run.instruments.support.curvature_by_products
+    with sdpa_kernel(SDPBackend.MATH):
+        check_curvature(run, curvature)
+        for step in range(2):
+            check_first_order(run, step, names=("NormTest",))
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("self-attention dropping out", "layer 'attention' (MultiheadAttention) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
+        ("an encoder layer dropping out", "layer 'block' (TransformerEncoderLayer) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
+        ("samples along the second dimension", "layer 'block' (TransformerEncoderLayer) takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"),
+        ("attention to other inputs", "layer 'attention' (MultiheadAttention) takes several inputs, which the curvature's rules of a layer BackPACK does not know cannot follow"),
+        ("wide self-attention, Hessian", "layer 'attention' (MultiheadAttention) holds attention, whose output is not linear in its 5328 parameters: their Hessian diagonal would take a Hessian-vector product each (at most 4096); curvature: ggn gives the GGN's diagonal"),
+    ],
+)
+def test_layers_with_sublayers_the_curvature_s_rules_cannot_follow_whole_say_why(name: str, reason: str) -> None:
     from cockpit_cli.instruments.support import check_support
 
-    support = check_support(PReLUResidual(), torch.nn.CrossEntropyLoss(), "ggn")
-    assert not support.curvature
-    assert support.curvature_reason == "layer 'act' (PReLU) has no BackPACK rule for its per-sample gradients, which the pass through BackPACK's graph takes with the curvature"
+    model = {
+        "self-attention dropping out": lambda: SelfAttending(dropout=0.1),
+        "an encoder layer dropping out": lambda: Encoded(dropout=0.1),
+        "samples along the second dimension": lambda: Encoded(batch_first=False),
+        "attention to other inputs": lambda: SelfAttending(cross=True),
+        "wide self-attention, Hessian": lambda: SelfAttending(width=36),
+    }[name]()
+    support = check_support(model, torch.nn.CrossEntropyLoss(), "hessian" if "Hessian" in name else "ggn")
+    assert not support.curvature and support.curvature_reason == reason
 
 
 def test_a_layer_that_changes_its_parameters_in_a_pre_hook_gets_no_curvature() -> None:

@@ -1165,15 +1165,16 @@ def parametrized_mlp(kind: str) -> nn.Sequential:
     return model
 
 
-def test_a_weight_norm_layer_gets_per_sample_quantities_from_torch_func_and_no_curvature() -> None:
+def test_a_weight_norm_layer_gets_per_sample_quantities_from_torch_func() -> None:
     """BackPACK's curvature rules crashed on the parametrized layer, which switched off every
-    quantity; its rules see only the layer's sublayers."""
+    quantity; its rules see only the layer's sublayers (the curvature follows the layer whole,
+    through BackPACK's graph: test_instruments_curvature)."""
     model = parametrized_mlp("weight_norm")
     batches = make_batches("mlp", "ce", 0, 2)
     names = ("GradNorm", "NormTest", "InnerTest", "OrthoTest", "GradHist1d", "LayerStats")
     run = train(model, batches, quantities(names + ("HessTrace",), **histogram_options(model, batches[0], 0.0)), curvature="ggn")
     assert run.instruments.support.per_sample == "functorch"
-    assert run.instruments.unavailable == {"HessTrace": "layer '0' (ParametrizedLinear) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
+    assert run.instruments.unavailable == {}
     for step in range(2):
         check_first_order(run, step, names=names)
 
@@ -1238,7 +1239,7 @@ def test_a_parameter_of_a_container_falls_back_to_torch_func() -> None:
     assert support.per_sample_reason == (
         "layer 'Shifted' (Shifted) has parameters beside its sublayers, which BackPACK's rules cannot follow; per-sample gradients use torch.func (exact, slower)"
     )
-    assert run.instruments.unavailable == {"HessTrace": "layer 'Shifted' (Shifted) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"}
+    assert run.instruments.unavailable == {"HessTrace": "the model Shifted uses its tensor 'shift' outside a layer, which BackPACK's curvature rules cannot follow"}
     for step in range(2):
         check_first_order(run, step, names=names)
 

@@ -29,7 +29,7 @@ layers of at most :data:`OWN_PRODUCTS_MOST` such parameters.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from backpack.core.derivatives.basederivatives import BaseDerivatives
@@ -38,6 +38,7 @@ from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseMo
 from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseModule
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.loss import _Loss
 
 from cockpit_cli.instruments.extension_rules import module_rules
@@ -50,21 +51,46 @@ _GRADIENT_ELEMENTS = 1 << 22  # per-sample, per-column parameter gradients held 
 _PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a layer's own second derivative in one batched pass
 
 
-def autograd_obstacle(module: nn.Module) -> str | None:
+def autograd_obstacle(module: nn.Module, whole: bool = False) -> str | None:
     """Why the rules of this module cannot follow ``module`` (a layer no BackPACK rule knows), or
-    ``None``: they need a layer without sublayers or buffers, which is no loss, does not draw
-    random numbers and, with parameters, computes them in its forward pass itself."""
-    if list(module.children()):
+    ``None``: they need a layer without buffers, which is no loss, does not draw random numbers
+    and, with parameters, computes them in its forward pass itself; a layer with sublayers only
+    ``whole``, where the model's graph calls it as one layer (``nn.TransformerEncoderLayer``)."""
+    if list(module.children()) and not whole:
         return "has no BackPACK curvature rule"
     if any(True for _ in module.buffers()):
         return "keeps buffers (a state), which the curvature's rules of layers BackPACK does not know cannot follow"
     if isinstance(module, _Loss):
         return "has no BackPACK curvature rule"
-    if isinstance(module, RANDOM_IN_TRAINING) and module.training:
+    if any(isinstance(part, RANDOM_IN_TRAINING) and part.training for part in module.modules()):
         return "draws random numbers in training mode, which the curvature's rules cannot draw again"
-    if module._forward_pre_hooks and any(True for _ in module.parameters(recurse=False)):
+    if whole and any(part.training and _dropout(part) > 0 for part in module.modules()):
+        return "drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"
+    if any(isinstance(part, nn.MultiheadAttention) and not part.batch_first for part in module.modules()):
+        return "takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"
+    if any(part._forward_pre_hooks and any(True for _ in part.parameters(recurse=False)) for part in module.modules()):
         return "changes its parameters in a forward pre-hook (such as torch.nn.utils.weight_norm's), which the curvature's rules cannot follow"
     return None
+
+
+def attention_obstacle(module: nn.Module) -> str | None:
+    """Why the Hessian's rules cannot follow ``module``, which holds attention, or ``None``:
+    attention's output is not linear in its parameters, whose own second derivative takes a
+    Hessian-vector product per parameter, for at most :data:`OWN_PRODUCTS_MOST` of them."""
+    count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if count <= OWN_PRODUCTS_MOST or not any(isinstance(part, nn.MultiheadAttention) for part in module.modules()):
+        return None
+    return (
+        f"holds attention, whose output is not linear in its {count} parameters: their Hessian diagonal would take a "
+        f"Hessian-vector product each (at most {OWN_PRODUCTS_MOST}); curvature: ggn gives the GGN's diagonal"
+    )
+
+
+def _dropout(module: nn.Module) -> float:
+    """The dropout probability of a dropout layer or of attention's weights, else 0."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    return float(module.dropout) if isinstance(module, nn.MultiheadAttention) else 0.0
 
 
 class AutogradLayerDerivatives(BaseDerivatives):
@@ -110,22 +136,22 @@ def unreproducible(module: nn.Module) -> str | None:
     return None
 
 
-def _computed_again(module: nn.Module) -> tuple[Tensor, Tensor]:
+def _computed_again(module: nn.Module, check: bool = True) -> tuple[Tensor, Tensor]:
     """Return the layer's kept input as a leaf that requires gradients and its output computed
     again from it (the layer's own computation, not its hooks, with its parameters held fixed),
-    checked against the kept output."""
+    checked against the kept output (unless not ``check``)."""
     with torch.enable_grad():  # BackPACK's rules run without gradients, inside the backward pass
         point = module.input0.detach().requires_grad_()
         outputs = _layer_at(module, point)
     kept = getattr(module, "output", None)
-    if kept is not None and not torch.equal(outputs.detach(), kept.detach()):
+    if check and kept is not None and not torch.equal(outputs.detach(), kept.detach()):
         raise NotImplementedError("its output, computed again from its input, differs (it draws random numbers or keeps a state)")
     return point, outputs
 
 
 def _layer_at(module: nn.Module, point: Tensor) -> Tensor:
     """The layer's own computation (not its hooks) at ``point``, its parameters held fixed."""
-    fixed = {f"layer.{name}": param.detach() for name, param in module.named_parameters(recurse=False)}
+    fixed = {f"layer.{name}": param.detach() for name, param in module.named_parameters()}
     return functional_call(_OwnComputation(module), fixed, (point,)) if fixed else module.forward(point)
 
 
@@ -143,7 +169,8 @@ def _gradient_with_graph(module: nn.Module, grad_output: Tensor | None) -> tuple
     """Return the layer's kept input (a leaf) and the gradient of ``layer(x) . g`` with respect to
     it, with its graph (``g``: ``grad_output``, ones where ``None``); ``None`` in its place where the
     gradient does not depend on the input (autograd records no dependence: an affine layer)."""
-    point, outputs = _computed_again(module)
+    with sdpa_kernel(SDPBackend.MATH):  # attention's fused kernels have no second derivative (same values, up to rounding)
+        point, outputs = _computed_again(module, check=False)
     with torch.enable_grad():
         weights = torch.ones_like(outputs) if grad_output is None else grad_output
         (gradient,) = torch.autograd.grad(outputs, point, grad_outputs=weights, create_graph=True, allow_unused=True)
@@ -198,8 +225,8 @@ def autograd_residual(module: nn.Module, grad_output: Tensor) -> list[tuple[Tens
 
 
 def trainable_names(module: nn.Module) -> list[str]:
-    """Names of the layer's own parameters that train."""
-    return [name for name, param in module.named_parameters(recurse=False) if param.requires_grad]
+    """Names of the layer's parameters that train (its sublayers' too, where the layer is taken whole)."""
+    return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
 class _OwnComputation(nn.Module):
@@ -223,7 +250,7 @@ def squared_parameter_gradients(module: nn.Module, factors: list[tuple[Tensor, f
         names: The parameters (of the layer itself).
     """
     own = _OwnComputation(module)
-    params = {name: getattr(module, name).detach() for name in names}
+    params = {name: module.get_parameter(name).detach() for name in names}
     inputs = module.input0.detach()
 
     def projected(theta: dict[str, Tensor], sample: Tensor, column: Tensor) -> Tensor:
@@ -250,8 +277,8 @@ def own_second_derivative(module: nn.Module, grad_output: Tensor, names: list[st
         NotImplementedError: Where more than :data:`OWN_PRODUCTS_MOST` parameters would take a
             Hessian-vector product each.
     """
-    theta = {name: getattr(module, name).detach().requires_grad_() for name in names}
-    with torch.enable_grad():
+    theta = {name: module.get_parameter(name).detach().requires_grad_() for name in names}
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # (as in _gradient_with_graph)
         outputs = functional_call(_OwnComputation(module), {f"layer.{name}": value for name, value in theta.items()}, (module.input0.detach(),))
         gradients = torch.autograd.grad((outputs * grad_output).sum(), list(theta.values()), create_graph=True, allow_unused=True)
     curved = {name: gradient for name, gradient in zip(theta, gradients) if gradient is not None and gradient.requires_grad and _curved(gradient, theta[name])}
@@ -275,42 +302,33 @@ def own_second_derivative(module: nn.Module, grad_output: Tensor, names: list[st
     return diagonals
 
 
-class _ParameterValues:
-    """The values of a layer's parameters from one factor list, computed for all of them when
-    BackPACK asks for the first (it asks parameter by parameter, with the same factors)."""
-
-    def __init__(self) -> None:
-        self._pending: dict[tuple[int, int], dict[str, Tensor]] = {}
-
-    def method(self, name: str, values: Callable[[nn.Module, tuple, Any], dict[str, Tensor]]) -> Callable:
-        def value(ext: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple, backproped: Any) -> Tensor:
-            key = (id(module), id(backproped))
-            if key not in self._pending:
-                self._pending[key] = values(module, g_out, backproped)
-            pending = self._pending[key]
-            result = pending.pop(name)
-            if not pending:
-                del self._pending[key]
-            return result
-
-        return value
+def _set_parameter_values(rule: Any, extension: BackpropExtension, module: nn.Module, g_out: tuple) -> None:
+    """Store ``rule``'s values of the layer's parameters (its sublayers' too) where BackPACK's
+    rules keep theirs, from the quantity backpropagated to the layer's output (BackPACK's own
+    loop over parameters reads only the layer's own attributes)."""
+    names = trainable_names(module)
+    if not names:
+        return
+    backproped = extension.saved_quantities.retrieve_quantity(module.output.data_ptr(), delete_old=False)
+    for name, value in rule.parameter_values(module, g_out, backproped, names).items():
+        setattr(module.get_parameter(name), extension.savefield, value)
 
 
 class AutogradHessian(DiagHBaseModule):
     """DiagHessian's rule of a layer BackPACK does not know: the factors pass back through
     ``J^T`` and the layer's second derivative in its input (:func:`autograd_residual`) is added;
-    its parameters (``params``) get the factors' squared parameter gradients and their own
-    second derivative (:func:`own_second_derivative`)."""
+    its parameters get the factors' squared parameter gradients and their own second derivative
+    (:func:`own_second_derivative`)."""
 
-    def __init__(self, params: list[str] | None = None) -> None:
-        values = _ParameterValues()
-        for name in params or []:  # (before BackPACK's checks that they exist)
-            setattr(self, name, values.method(name, self._parameter_values))
-        super().__init__(derivatives=AutogradLayerDerivatives(), params=params)
+    def __init__(self) -> None:
+        super().__init__(derivatives=AutogradLayerDerivatives())
+
+    def __call__(self, extension: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
+        _set_parameter_values(self, extension, module, g_out)
+        super().__call__(extension, module, g_inp, g_out)
 
     @staticmethod
-    def _parameter_values(module: nn.Module, g_out: tuple, backproped: dict) -> dict[str, Tensor]:
-        names = trainable_names(module)
+    def parameter_values(module: nn.Module, g_out: tuple, backproped: dict, names: list[str]) -> dict[str, Tensor]:
         totals = squared_parameter_gradients(module, list(zip(backproped["matrices"], backproped["signs"])), names)
         for name, diagonal in own_second_derivative(module, g_out[0], names).items():
             totals[name].add_(diagonal)
@@ -322,17 +340,18 @@ class AutogradHessian(DiagHBaseModule):
 
 class AutogradGGN(DiagGGNBaseModule):
     """DiagGGN's rule (exact and Monte-Carlo) of a layer BackPACK does not know: ``J^T`` by
-    autograd, and its parameters (``params``) the squares of the factor's parameter gradients."""
+    autograd, and its parameters the squares of the factor's parameter gradients."""
 
-    def __init__(self, params: list[str] | None = None) -> None:
-        values = _ParameterValues()
-        for name in params or []:  # (before BackPACK's checks that they exist)
-            setattr(self, name, values.method(name, self._parameter_values))
-        super().__init__(derivatives=AutogradLayerDerivatives(), params=params)
+    def __init__(self) -> None:
+        super().__init__(derivatives=AutogradLayerDerivatives())
+
+    def __call__(self, extension: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
+        _set_parameter_values(self, extension, module, g_out)
+        super().__call__(extension, module, g_inp, g_out)
 
     @staticmethod
-    def _parameter_values(module: nn.Module, g_out: tuple, backproped: Tensor) -> dict[str, Tensor]:
-        return squared_parameter_gradients(module, [(backproped, 1.0)], trainable_names(module))
+    def parameter_values(module: nn.Module, g_out: tuple, backproped: Tensor, names: list[str]) -> dict[str, Tensor]:
+        return squared_parameter_gradients(module, [(backproped, 1.0)], names)
 
 
 AUTOGRAD_RULES = (AutogradHessian, AutogradGGN)
@@ -340,14 +359,8 @@ AUTOGRAD_RULES = (AutogradHessian, AutogradGGN)
 
 def set_autograd_rules(extension: BackpropExtension, hessian: bool, layers: list[nn.Module]) -> None:
     """Give ``extension`` (DiagHessian where ``hessian``, else DiagGGNExact or DiagGGNMC) the
-    rules above for the class of each of ``layers`` that has no rule yet, with the parameters its
-    layers have."""
+    rules above for the class of each of ``layers`` that has no rule yet."""
     known = module_rules(extension)
-    params: dict[type, list[str]] = {}
-    for layer in layers:
-        names = params.setdefault(type(layer), [])
-        names.extend(name for name, _ in layer.named_parameters(recurse=False) if name not in names)
-    for layer_class, names in params.items():
+    for layer_class in dict.fromkeys(type(layer) for layer in layers):
         if layer_class not in known:
-            rule = AutogradHessian(names) if hessian else AutogradGGN(names)
-            extension.set_module_extension(layer_class, rule)
+            extension.set_module_extension(layer_class, AutogradHessian() if hessian else AutogradGGN())

@@ -29,6 +29,7 @@ from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.autograd_layers import AUTOGRAD_RULES, unreproducible
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension
+from cockpit_cli.instruments.curvature_graph import whole_layers
 from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
@@ -81,7 +82,8 @@ class GradientCapture:
         self.names = names
         self.support = support
         self.curvature_attribute = CURVATURES[curvature][1]
-        self._curvature = curvature_extension(curvature, model) if support.curvature and not support.curvature_by_products else None
+        whole = whole_layers(support.graph) if support.graph is not None else []  # layers with sublayers the graph calls as one
+        self._curvature = curvature_extension(curvature, model, whole) if support.curvature and not support.curvature_by_products else None
         self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
         self.param_index = {id(p): i for i, p in enumerate(params)}
@@ -90,6 +92,8 @@ class GradientCapture:
             own = [(self.param_index[id(p)], p) for p in module.parameters(recurse=False) if id(p) in self.param_index]
             if own:
                 self.module_params[module] = own
+        # a layer the graph calls as one reduces its sublayers' parameters (their hooks stay off)
+        self._whole_params = {layer: [pair for part in layer.modules() for pair in self.module_params.get(part, [])] for layer in whole}
         # BackPACK's hooks are installed only for the steps that use them (see attach): on the
         # other steps a full backward hook on every layer would cost time for nothing.
         self.extendable = [m for m in model.modules() if not is_no_op(m)] if support.per_sample == "backpack" or support.curvature else []
@@ -429,7 +433,13 @@ class GradientCapture:
         set_aside = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        modules = [m for m in self._graph.modules() if not is_no_op(m)] + [self.loss_function]
+        inside = {id(part) for layer in self._whole_params for part in layer.modules() if part is not layer}
+        modules = [m for m in self._graph.modules() if not is_no_op(m) and id(m) not in inside] + [self.loss_function]
+        # Layers BackPACK has no per-sample rule for: torch.func's per-sample gradients after the pass, the diagonals waiting.
+        by_functorch = per_sample and self.support.per_sample != "backpack"
+        self._holding_diagonals = by_functorch
+        if by_functorch:
+            self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]
         handles = [handle for m in modules for handle in (m.register_forward_hook(hook_store_io), m.register_full_backward_hook(run_extensions))]
         switched = out_of_place(self.model)
         self.gradient_scale = 1.0
@@ -441,7 +451,7 @@ class GradientCapture:
                 if not math.isclose(float(graph_loss.detach()), step_loss, rel_tol=1e-5, abs_tol=1e-7):
                     failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
                 else:
-                    extensions = [self._batch_grad, self._curvature] if per_sample else [self._curvature]
+                    extensions = [self._batch_grad, self._curvature] if per_sample and not by_functorch else [self._curvature]
                     with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)), quiet_notices():
                         graph_loss.backward()
         except Exception as error:  # noqa: BLE001 - the training's backward pass below must still run
@@ -456,13 +466,17 @@ class GradientCapture:
         training_pass()
         if failure is not None:  # what the graph's pass summed is dropped; torch.func gives the per-sample values
             accumulator = Accumulator(len(self.params))
+            self._diagonals, self._holding_diagonals = None, False
             self._graph = None
             self._learn(failure, per_sample=False, curvature=True)
             accumulator.fail(requested & NEEDS_CURVATURE, failure)
             if per_sample:
                 self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
+        elif by_functorch:
+            self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
         else:
             self._reduce_unused(accumulator, requested, options, batch_size, per_sample, curvature=True)
+        self._diagonals, self._holding_diagonals = None, False
         accumulator.synchronize(self.sync)
         return accumulator
 
@@ -547,7 +561,7 @@ class GradientCapture:
 
     def _hook(self, accumulator: Accumulator, requested: frozenset[str], options: ReductionOptions, batch_size: int) -> Callable[[nn.Module], None]:
         def reduce_module(module: nn.Module) -> None:
-            for index, param in self.module_params.get(module, []):
+            for index, param in self._whole_params.get(module) or self.module_params.get(module, []):
                 diagonal = getattr(param, self.curvature_attribute, None)
                 if diagonal is not None and self.weight_decay[index]:
                     diagonal = diagonal + self.weight_decay[index]

@@ -15,21 +15,19 @@ instead of ``nn.ReLU``) gets no curvature diagonal, with the reason.
 
 from __future__ import annotations
 
+import inspect
+import operator
 import warnings
 from functools import lru_cache
+from typing import Any
 
 from backpack.custom_module.graph_utils import convert_module_to_backpack
-from torch import fx, nn
+from backpack.custom_module.reduce_tuple import ReduceTuple
+from torch import Tensor, fx, nn
 
-from cockpit_cli.instruments.autograd_layers import autograd_obstacle
+from cockpit_cli.instruments.autograd_layers import attention_obstacle, autograd_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, settings_obstacle
 from cockpit_cli.instruments.extension_rules import module_rules
-from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
-
-
-def extension_modules(extension: object) -> set[type]:
-    """Return the module classes a BackPACK extension has rules for."""
-    return set(module_rules(extension))
 
 
 @lru_cache(maxsize=None)
@@ -39,14 +37,81 @@ def curvature_layers(curvature: str) -> dict[type, object]:
     return module_rules(curvature_extension(curvature))
 
 
-def curvature_obstacle(name: str, module: nn.Module, curvature: str) -> str | None:
-    """Why the rules of ``curvature`` do not follow the layer ``name``, or ``None``."""
+def curvature_obstacle(name: str, module: nn.Module, curvature: str, whole: bool = False) -> str | None:
+    """Why the rules of ``curvature`` do not follow the layer ``name``, or ``None`` (``whole``: a
+    layer with sublayers that the model's graph calls as one layer)."""
     kind, rules = type(module).__name__, curvature_layers(curvature)
-    if type(module) not in rules:  # a layer without parameters: autograd's rules (autograd_layers)
-        obstacle = autograd_obstacle(module)
+    if type(module) not in rules:  # a layer BackPACK does not know: autograd's rules (autograd_layers)
+        obstacle = autograd_obstacle(module, whole)
+        if obstacle is None and curvature == "hessian":
+            obstacle = attention_obstacle(module)
         return None if obstacle is None else f"layer '{name}' ({kind}) {obstacle}"
     setting = settings_obstacle(rules[type(module)], module)
     return None if setting is None else f"layer '{name}' ({kind}) has settings BackPACK's curvature rule does not cover ({setting})"
+
+
+class SelfAttention(nn.Module):
+    """An ``nn.MultiheadAttention`` whose queries, keys and values are one input, as a layer of one
+    input and one output: its attention output (``[0]``), with the call's other options."""
+
+    def __init__(self, attention: nn.MultiheadAttention, options: dict[str, Any], name: str) -> None:
+        super().__init__()
+        self.attention = attention
+        self.options = options
+        self.name = name  # the model's name of the attention layer
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.attention(inputs, inputs, inputs, **self.options)[0]
+
+
+def _self_attention_as_layers(graph: fx.GraphModule) -> None:
+    """Call every ``nn.MultiheadAttention`` of ``graph`` that attends an input to itself, with
+    options that are no tensors of the graph (no masks computed in it) and only its output used,
+    as a :class:`SelfAttention` layer (the converter leaves a call of three inputs whose tuple is
+    taken apart outside a module, which BackPACK's rules cannot follow)."""
+    signature = inspect.signature(nn.MultiheadAttention.forward)
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), nn.MultiheadAttention):
+            continue
+        try:
+            arguments = signature.bind(None, *node.args, **node.kwargs).arguments
+        except TypeError:
+            continue
+        query, key, value = (arguments.pop(name, None) for name in ("query", "key", "value"))
+        arguments.pop("self")
+        options = dict(arguments)
+        if not (isinstance(query, fx.Node) and query is key is value) or any(isinstance(option, fx.Node) for option in options.values()):
+            continue
+        users = list(node.users)
+        if not all(_first_of_tuple(graph, user) for user in users):
+            continue
+        name = f"{node.target.replace('.', '_')}_as_self_attention"
+        graph.add_submodule(name, SelfAttention(graph.get_submodule(node.target), options, node.target))
+        with graph.graph.inserting_after(node):
+            layer = graph.graph.call_module(name, (query,))
+        for user in users:
+            user.replace_all_uses_with(layer)
+            graph.graph.erase_node(user)
+        graph.graph.erase_node(node)
+    graph.recompile()
+
+
+def _first_of_tuple(graph: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` takes the first element of its input's tuple (``[0]``, which the converter
+    makes a module of its own)."""
+    if node.op == "call_function":
+        return node.target is operator.getitem and node.args[1] == 0
+    return node.op == "call_module" and isinstance(graph.get_submodule(node.target), ReduceTuple) and graph.get_submodule(node.target).index == 0
+
+
+def graph_layers(graph: fx.GraphModule) -> list[nn.Module]:
+    """The layers ``graph`` calls (a layer with sublayers as one layer)."""
+    return list(dict.fromkeys(graph.get_submodule(node.target) for node in graph.graph.nodes if node.op == "call_module"))
+
+
+def whole_layers(graph: fx.GraphModule) -> list[nn.Module]:
+    """The layers with sublayers that ``graph`` calls as one layer (autograd's rules follow them whole)."""
+    return [layer for layer in graph_layers(graph) if list(layer.children())]
 
 
 def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | None, str | None]:
@@ -72,20 +137,21 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
             module.inplace = True
         for added in set(model._modules) - children:  # the converter registers its products with numbers on the model itself
             delattr(model, added)
+    _self_attention_as_layers(graph)
     for node in graph.graph.nodes:
         if node.op not in ("call_module", "placeholder", "output"):
             target = getattr(node.target, "__name__", str(node.target))
+            if node.op == "get_attr":  # a parameter (or buffer) used beside the layers
+                return None, f"the model {name} uses its tensor '{target}' outside a layer, which BackPACK's curvature rules cannot follow"
             return None, f"the model {name} computes '{target}' outside a module, which BackPACK's curvature rules cannot follow"
-    sample_rules = extension_modules(factored_batch_grad())
     for node in graph.graph.nodes:
         if node.op == "call_module":
             module = graph.get_submodule(node.target)
-            trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-            obstacle = curvature_obstacle(node.target, module, curvature)
+            obstacle = curvature_obstacle(node.target, module, curvature, whole=True)
+            if obstacle is not None and isinstance(module, SelfAttention):  # in the words of the model's own layer
+                obstacle = obstacle.replace(f"layer '{node.target}' (SelfAttention)", f"layer '{module.name}' (MultiheadAttention)")
             if obstacle is None and type(module) not in curvature_layers(curvature) and len(node.args) + len(node.kwargs) != 1:
-                obstacle = f"layer '{node.target}' ({type(module).__name__}) takes several inputs, which the curvature's rules of a layer without parameters cannot follow"
-            if obstacle is None and trainable and type(module) not in sample_rules:
-                obstacle = f"layer '{node.target}' ({type(module).__name__}) has no BackPACK rule for its per-sample gradients, which the pass through BackPACK's graph takes with the curvature"
+                obstacle = f"layer '{node.target}' ({type(module).__name__}) takes several inputs, which the curvature's rules of a layer BackPACK does not know cannot follow"
             if obstacle is not None:
                 return None, obstacle
     own = {id(p) for p in model.parameters()}

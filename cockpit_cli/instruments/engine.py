@@ -128,7 +128,8 @@ class Instruments:
         if support.curvature_by_graph and self.sync.world_size > 1:  # a pass of its own through the model's layers, outside the data-parallel wrapper
             support = replace(support, curvature=False, graph=None, curvature_reason=GRAPH_IN_PARALLEL.format(name=type(model).__name__))
         self._batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())  # its mode is checked at tracked steps
-        self._trainable = [p.requires_grad for p in model.parameters()]  # as attached (see _check_trainability)
+        self._all_params = list(model.parameters())  # (walking the modules again costs a small model's step 20 us)
+        self._trainable = [p.requires_grad for p in self._all_params]  # as attached (see _check_trainability)
         self._trainability_changed = False  # said once
         self.capture = GradientCapture(model, loss_function, per_sample_loss_function, self.params, self.names, support, curvature, decay, self.sync)
         self.unavailable: dict[str, str] = {}
@@ -248,7 +249,7 @@ class Instruments:
     def _check_trainability(self) -> None:
         """Say once where parameters were frozen or unfrozen after the instruments were attached:
         they follow the parameters that required gradients then."""
-        if [p.requires_grad for p in self.model.parameters()] == self._trainable:  # one pass, at the steps with anything due
+        if [p.requires_grad for p in self._all_params] == self._trainable:  # one pass, at the steps with anything due
             return
         tracked = {id(p) for p in self.params}
         unfrozen = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in tracked]

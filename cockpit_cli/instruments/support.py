@@ -28,7 +28,7 @@ from cockpit_cli.instruments.output_hooks import hooked_layer
 
 PerSampleBackend = Literal["backpack", "functorch"]
 GRAPH_IN_PARALLEL = (
-    "the model {name} is not an nn.Sequential, and in a data-parallel run its curvature diagonal would need a pass "
+    "the model {name} is no nn.Sequential of layers BackPACK's rules follow one by one, and in a data-parallel run its curvature diagonal would need a pass "
     "through BackPACK's graph of it outside the data-parallel wrapper"
 )
 PRODUCTS_MOST = 256  # trainable parameters whose Hessian diagonal may come from one Hessian-vector product each
@@ -118,13 +118,12 @@ def _backpack_support(model: nn.Module, loss_function: object, curvature: str) -
         name, module, obstacle = unsupported[0]
         per_sample = "functorch"
         per_sample_reason = f"layer '{name}' ({type(module).__name__}) {obstacle}; per-sample gradients use torch.func (exact, slower)"
-    curvature_possible, curvature_reason = _check_curvature(model, loss_function, leaves, curvature)
+    by_graph = not isinstance(model, nn.Sequential) or holding is not None  # (a layer with sublayers of its own is followed whole)
+    curvature_possible, curvature_reason = _check_curvature(model, loss_function, leaves, curvature, by_graph)
     graph = None
-    if curvature_possible and not isinstance(model, nn.Sequential):
+    if curvature_possible and by_graph:
         graph, curvature_reason = curvature_graph(model, curvature)
         curvature_possible = graph is not None
-    if graph is not None and per_sample != "backpack":  # the graph's pass takes BackPACK's per-sample gradients beside it
-        curvature_possible, curvature_reason = False, per_sample_reason.split("; ")[0]
     sharing = shared_parameters(model)
     if sharing is not None:
         # Hooks on the layers' outputs add up the runs of a Linear or convolution layer; BackPACK
@@ -215,19 +214,16 @@ def _pads_with_copies(module: nn.Module) -> bool:
     return padding is None or any(padding)
 
 
-def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]], curvature: str) -> tuple[bool, str | None]:
+def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]], curvature: str, by_graph: bool) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
         return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile returns
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
-    for name, module in model.named_modules():
-        if _has_trainable(module) and list(module.children()):  # BackPACK's rules are those of leaf layers
-            return False, f"layer '{name or type(model).__name__}' ({type(module).__name__}) has parameters beside its sublayers, which BackPACK's curvature rules cannot follow"
-    if not isinstance(model, nn.Sequential):
+    if by_graph:
         name = type(model).__name__
         if mixing_batch_norm(model) is not None:  # a pass of its own would update the running statistics again
-            return False, f"the model {name} is not an nn.Sequential and normalises with its batches' statistics"
-        return True, None  # where BackPACK's converter can follow it (check_support)
+            return False, f"the model {name} is followed through BackPACK's graph of it and normalises with its batches' statistics"
+        return True, None  # where BackPACK's converter can follow it, its graph's layers whole (check_support)
     first_trainable = next((i for i, (_, m) in enumerate(leaves) if _has_trainable(m)), len(leaves))
     for name, module in leaves[first_trainable:]:  # nothing before the first parameter is backpropagated
         obstacle = curvature_obstacle(name, module, curvature)
