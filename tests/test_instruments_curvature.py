@@ -1044,6 +1044,24 @@ def test_the_second_derivative_of_a_layer_without_parameters_is_its_hessian_and_
         torch.testing.assert_close(columns_plus @ columns_plus.T - columns_minus @ columns_minus.T, expected)
 
 
+def test_a_layer_computed_again_may_differ_by_rounding_but_not_by_random_numbers() -> None:
+    """Attention computed again summed in another order (its first pass's inputs required
+    gradients, these do not): 3e-16 apart in float64, which switched a transformer's curvature off
+    as if the layer drew random numbers."""
+    from cockpit_cli.instruments.autograd_layers import unreproducible
+
+    torch.manual_seed(0)
+    softmax, jitter = torch.nn.Softmax(dim=1), Jitter()
+    for layer in (softmax, jitter):
+        layer.input0 = torch.randn(3, 4, dtype=torch.float64)
+        layer.output = layer(layer.input0)
+    softmax.output = softmax.output * (1 + 4e-16)
+    assert unreproducible(softmax) is None
+    assert "differs" in unreproducible(jitter)
+    softmax.output = softmax.output * (1 + 1e-6)
+    assert "differs" in unreproducible(softmax)
+
+
 class Gate(torch.nn.Module):
     """``x sigmoid(w) + tanh(x w)``, elementwise: an output not linear in its parameter."""
 
