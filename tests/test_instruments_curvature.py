@@ -1281,6 +1281,57 @@ class SelfAttending(torch.nn.Module):
         return self.head(self.flatten(self.norm(hidden + attended)))
 
 
+class CausalAttention(torch.nn.Module):
+    """Causal self-attention written with tensor operations (split, view, transpose,
+    ``scaled_dot_product_attention``), as language models write it: Linear(d, 3 d) to queries,
+    keys and values, ``heads`` heads, Linear(d, d)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width), heads
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        n, t, d = inputs.shape
+        q, k, v = self.qkv(inputs).split(d, dim=2)
+        q = q.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(attended.transpose(1, 2).contiguous().view(n, t, d))
+
+
+class PreNormBlock(torch.nn.Module):
+    """``x + attention(norm(x))``, then ``x + mlp(norm(x))`` (Linear, GELU, Linear)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.norm1, self.attention, self.norm2 = nn.LayerNorm(width), CausalAttention(width, heads), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = inputs + self.attention(self.norm1(inputs))
+        return hidden + self.mlp(self.norm2(hidden))
+
+
+class SmallLanguageModel(torch.nn.Module):
+    """Linear(4, 8) of each of 6 positions, a :class:`PreNormBlock` (8 wide, 2 heads), Flatten,
+    Linear(48, 3), float64; ``pooled``: the mean over the positions (a tensor method) and Linear(8, 3)."""
+
+    def __init__(self, pooled: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.embed, self.block, self.flatten = nn.Linear(4, 8), PreNormBlock(8, 2), nn.Flatten()
+        self.head = nn.Linear(8 if pooled else 48, 3)
+        self.pooled = pooled
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.block(self.embed(inputs))
+        return self.head(hidden.mean(1) if self.pooled else self.flatten(hidden))
+
+
 def whole_layer_models() -> dict[str, Any]:
     from test_instruments_exact import parametrized_mlp
 
@@ -1297,18 +1348,21 @@ def whole_layer_models() -> dict[str, Any]:
         "self-attention": lambda: SelfAttending(),
         "self-attention with its weights": lambda: SelfAttending(weights=True),
         "weight_norm": lambda: parametrized_mlp("weight_norm"),
+        "causal self-attention written with tensor operations": lambda: SmallLanguageModel(),
     }
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm"])
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm", "causal self-attention written with tensor operations"])
 def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack_s_graph_whole(name: str, curvature: str) -> None:
     """Attention held its parameters beside its sublayers, which BackPACK's rules cannot follow: no
     curvature. The graph now calls such a layer as one (a self-attention, whose three inputs are
     one and whose tuple's first element alone is used, through a layer of one input), autograd's
     rules follow it whole (its parameters and sublayers' together, per sample by torch.func), and
     torch.func's per-sample gradients take the diagonals with them. The references on attention's
-    math kernel (its fused kernels have no second derivative)."""
+    math kernel (its fused kernels have no second derivative). A block of the model's own that
+    computes with tensor operations (causal attention) is called as a layer, taken whole; the
+    blocks around it stay traced."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from test_instruments_exact import make_batches_of_sequences
@@ -1331,6 +1385,7 @@ def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack
         ("an encoder layer dropping out", "layer 'block' (TransformerEncoderLayer) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
         ("samples along the second dimension", "layer 'block' (TransformerEncoderLayer) takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"),
         ("attention to other inputs", "layer 'attention' (MultiheadAttention) takes several inputs, which the curvature's rules of a layer BackPACK does not know cannot follow"),
+        ("pooling by a tensor method", "the model SmallLanguageModel computes 'mean' outside a module, which BackPACK's curvature rules cannot follow"),
         ("wide self-attention, Hessian", "layer 'attention' (MultiheadAttention) holds attention, whose output is not linear in its 5328 parameters: their Hessian diagonal would take a Hessian-vector product each (at most 4096); curvature: ggn gives the GGN's diagonal"),
     ],
 )
@@ -1343,6 +1398,7 @@ def test_layers_with_sublayers_the_curvature_s_rules_cannot_follow_whole_say_why
         "samples along the second dimension": lambda: Encoded(batch_first=False),
         "attention to other inputs": lambda: SelfAttending(cross=True),
         "wide self-attention, Hessian": lambda: SelfAttending(width=36),
+        "pooling by a tensor method": lambda: SmallLanguageModel(pooled=True),
     }[name]()
     support = check_support(model, torch.nn.CrossEntropyLoss(), "hessian" if "Hessian" in name else "ggn")
     assert not support.curvature and support.curvature_reason == reason

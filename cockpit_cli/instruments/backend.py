@@ -435,8 +435,8 @@ class GradientCapture:
             p.grad = None
         inside = {id(part) for layer in self._whole_params for part in layer.modules() if part is not layer}
         modules = [m for m in self._graph.modules() if not is_no_op(m) and id(m) not in inside] + [self.loss_function]
-        # Layers BackPACK has no per-sample rule for: torch.func's per-sample gradients after the pass, the diagonals waiting.
-        by_functorch = per_sample and self.support.per_sample != "backpack"
+        # Layers BackPACK has no per-sample rule for, or taken whole: torch.func's per-sample gradients after the pass, the diagonals waiting.
+        by_functorch = per_sample and (self.support.per_sample != "backpack" or bool(self._whole_params))
         self._holding_diagonals = by_functorch
         if by_functorch:
             self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]

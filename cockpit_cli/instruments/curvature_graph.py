@@ -18,10 +18,11 @@ from __future__ import annotations
 import inspect
 import operator
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
-from backpack.custom_module.graph_utils import convert_module_to_backpack
+from backpack.custom_module.graph_utils import BackpackTracer, convert_module_to_backpack
 from backpack.custom_module.reduce_tuple import ReduceTuple
 from torch import Tensor, fx, nn
 
@@ -114,7 +115,69 @@ def whole_layers(graph: fx.GraphModule) -> list[nn.Module]:
     return [layer for layer in graph_layers(graph) if list(layer.children())]
 
 
+# Operations BackPACK's converter makes modules of (sums, products with numbers, flattening,
+# permutations, the elements of a layer's tuple), by the names fx gives them
+CONVERTED = {"add", "mul", "multiply", "flatten", "permute", "transpose", "getitem"}
+
+
+def _operation(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _blocks_with_operations(model: nn.Module) -> list[list[nn.Module]]:
+    """Return two choices of the model's own blocks (modules of classes of its own, not the model)
+    to take whole: those computing operations the converter makes no modules of, and those
+    computing any operation outside a layer; each block the innermost that computes it."""
+    try:
+        traced = BackpackTracer().trace(model)
+    except Exception:  # noqa: BLE001 - the converter then says why
+        return []
+    foreign: dict[str, None] = {}
+    any_operation: dict[str, None] = {}
+    for node in traced.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        if not stack or not stack[-1]:
+            continue  # the model's own forward: no block to take whole
+        any_operation[stack[-1]] = None
+        if _operation(node) not in CONVERTED:
+            foreign[stack[-1]] = None
+    return [[model.get_submodule(path) for path in paths] for paths in (foreign, any_operation) if paths]
+
+
+@contextmanager
+def _as_leaves(blocks: list[nn.Module]) -> Iterator[None]:
+    """Make BackPACK's tracer call ``blocks`` as layers instead of tracing into them."""
+    original = BackpackTracer.is_leaf_module
+    chosen = {id(block) for block in blocks}
+
+    def is_leaf_module(tracer: BackpackTracer, module: nn.Module, name: str) -> bool:
+        return id(module) in chosen or original(tracer, module, name)
+
+    BackpackTracer.is_leaf_module = is_leaf_module
+    try:
+        yield
+    finally:
+        BackpackTracer.is_leaf_module = original
+
+
 def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | None, str | None]:
+    """Return BackPACK's graph of ``model`` whose layers have rules of ``curvature`` (``hessian``,
+    ``ggn`` or ``ggn_mc``), or ``None`` and why not (:func:`_converted`). Where the model's own
+    blocks compute operations outside its layers (attention written with tensor operations), the
+    graph calls them as layers, taken whole (autograd's rules): those with operations the
+    converter makes no modules of, else those with any."""
+    graph, reason = _converted(model, curvature, [])
+    for blocks in _blocks_with_operations(model) if graph is None else []:
+        whole, whole_reason = _converted(model, curvature, blocks)
+        if whole is not None:
+            return whole, None
+        reason = reason if whole_reason is None else whole_reason
+    return graph, reason
+
+
+def _converted(model: nn.Module, curvature: str, blocks: list[nn.Module]) -> tuple[fx.GraphModule | None, str | None]:
     """Return BackPACK's graph of ``model`` whose layers are the model's own and have rules of
     ``curvature`` (``hessian``, ``ggn`` or ``ggn_mc``), or ``None`` and why not.
 
@@ -126,7 +189,7 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
     in_place = [module for module in model.modules() if getattr(module, "inplace", None) is True]
     children = set(model._modules)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _as_leaves(blocks):
             warnings.simplefilter("ignore")  # the converter warns of what the checks below say
             graph = convert_module_to_backpack(model, False)
     except Exception as error:  # noqa: BLE001 - torch.fx's reasons are many (control flow that depends on the data, ...)
