@@ -1300,13 +1300,33 @@ class CausalAttention(torch.nn.Module):
         return self.proj(attended.transpose(1, 2).contiguous().view(n, t, d))
 
 
+class MaskedAttention(CausalAttention):
+    """:class:`CausalAttention` computed by hand: ``q k^T`` scaled, a causal mask kept as a buffer
+    (``masked_fill``), softmax, times ``v``."""
+
+    def __init__(self, width: int, heads: int, positions: int = 6) -> None:
+        super().__init__(width, heads)
+        self.register_buffer("mask", torch.tril(torch.ones(positions, positions, dtype=torch.bool)))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        n, t, d = inputs.shape
+        q, k, v = self.qkv(inputs).split(d, dim=2)
+        q = q.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        weights = torch.softmax(scores.masked_fill(~self.mask[:t, :t], float("-inf")), dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).contiguous().view(n, t, d))
+
+
 class PreNormBlock(torch.nn.Module):
     """``x + attention(norm(x))``, then ``x + mlp(norm(x))`` (Linear, GELU, Linear)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, masked: bool = False) -> None:
         super().__init__()
         nn = torch.nn
-        self.norm1, self.attention, self.norm2 = nn.LayerNorm(width), CausalAttention(width, heads), nn.LayerNorm(width)
+        attention = MaskedAttention(width, heads) if masked else CausalAttention(width, heads)
+        self.norm1, self.attention, self.norm2 = nn.LayerNorm(width), attention, nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -1316,13 +1336,14 @@ class PreNormBlock(torch.nn.Module):
 
 class SmallLanguageModel(torch.nn.Module):
     """Linear(4, 8) of each of 6 positions, a :class:`PreNormBlock` (8 wide, 2 heads), Flatten,
-    Linear(48, 3), float64; ``pooled``: the mean over the positions (a tensor method) and Linear(8, 3)."""
+    Linear(48, 3), float64; ``pooled``: the mean over the positions (a tensor method) and Linear(8, 3);
+    ``masked``: its attention a :class:`MaskedAttention`."""
 
-    def __init__(self, pooled: bool = False) -> None:
+    def __init__(self, pooled: bool = False, masked: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         nn = torch.nn
-        self.embed, self.block, self.flatten = nn.Linear(4, 8), PreNormBlock(8, 2), nn.Flatten()
+        self.embed, self.block, self.flatten = nn.Linear(4, 8), PreNormBlock(8, 2, masked), nn.Flatten()
         self.head = nn.Linear(8 if pooled else 48, 3)
         self.pooled = pooled
         self.double()
@@ -1349,11 +1370,12 @@ def whole_layer_models() -> dict[str, Any]:
         "self-attention with its weights": lambda: SelfAttending(weights=True),
         "weight_norm": lambda: parametrized_mlp("weight_norm"),
         "causal self-attention written with tensor operations": lambda: SmallLanguageModel(),
+        "causal attention by hand, its mask a buffer": lambda: SmallLanguageModel(masked=True),
     }
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm", "causal self-attention written with tensor operations"])
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm", "causal self-attention written with tensor operations", "causal attention by hand, its mask a buffer"])
 def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack_s_graph_whole(name: str, curvature: str) -> None:
     """Attention held its parameters beside its sublayers, which BackPACK's rules cannot follow: no
     curvature. The graph now calls such a layer as one (a self-attention, whose three inputs are

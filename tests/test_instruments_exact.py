@@ -1748,3 +1748,39 @@ def test_schedules_count_the_steps_taken_whatever_the_loop_numbers_them() -> Non
         reference = copy.deepcopy(model)
         expected = curv.reference_alpha(reference, batches[count].per_sample_loss_fn, batches[count], batches[count + 1], thetas[count], thetas[count + 1], None, 0.0)
         assert found[2 * count]["Alpha"] == pytest.approx(expected, rel=1e-6, abs=1e-8)
+
+
+def test_a_copy_of_the_model_carries_no_instruments_and_training_goes_on() -> None:
+    """``copy.deepcopy(model)`` between steps (an average of the weights, the best model so far)
+    raised a RecursionError where the Hessian's rules were attached: the instruments' hooks, bound
+    methods, dragged the whole engine into the copy. A copy now gets hooks that do nothing, and so
+    does the model pickled whole (``torch.save(model)``): the copies run on other inputs while a
+    step records, and the values are those of a run without copies."""
+    import io
+
+    from cockpit_cli.instruments.model_hooks import ModelHook
+
+    def run(with_copies: bool) -> dict[int, dict[str, Any]]:
+        model = ref.cnn(0)
+        batches = make_batches("cnn", "ce", 0, 2)
+        loss_fn, per_sample = batches[0].loss_fn, batches[0].per_sample_loss_fn
+        opt = sgd(ref.trainable(model))
+        instruments = Instruments(model, loss_fn, per_sample, opt, quantities(("NormTest", "GradNorm", "Activations", "HessTrace")))
+        records: dict[int, dict[str, Any]] = {}
+        for step, (inputs, targets, *_) in enumerate(batches):
+            copies = []
+            if with_copies:
+                buffer = io.BytesIO()
+                torch.save(model, buffer)
+                buffer.seek(0)
+                copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+                assert not any(isinstance(hook, ModelHook) for duplicate in copies for module in duplicate.modules() for hook in module._forward_hooks.values())
+            opt.zero_grad()
+            outputs = model(inputs)
+            for duplicate in copies:  # while the step records: unseen by the instruments
+                duplicate(2.0 * inputs).sum().backward()
+            records.update(engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets))
+        assert instruments.unavailable == {}
+        return records
+
+    assert run(with_copies=True) == run(with_copies=False)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.model_hooks import ModelHook
 from cockpit_cli.instruments.moments import mean_and_std, output_moments
 from cockpit_cli.instruments.sync import Synchronizer
 
@@ -41,7 +42,7 @@ class ActivationRecorder:
     def start(self) -> None:
         """Record the coming forward pass (installing the hooks if they are off)."""
         if not self.handles:
-            self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers]
+            self.handles = [module.register_forward_hook(ModelHook(self._hook(name))) for name, module in self.layers]
         self.moments = {}
 
     def stop(self) -> None:

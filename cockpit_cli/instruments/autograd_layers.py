@@ -54,11 +54,12 @@ _PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a layer's own second deriva
 def autograd_obstacle(module: nn.Module, whole: bool = False) -> str | None:
     """Why the rules of this module cannot follow ``module`` (a layer no BackPACK rule knows), or
     ``None``: they need a layer without buffers, which is no loss, does not draw random numbers
-    and, with parameters, computes them in its forward pass itself; a layer with sublayers only
-    ``whole``, where the model's graph calls it as one layer (``nn.TransformerEncoderLayer``)."""
+    and, with parameters, computes them in its forward pass itself; a layer with sublayers (and
+    buffers) only ``whole``, where the model's graph calls it as one layer
+    (``nn.TransformerEncoderLayer``, a block of the model's own)."""
     if list(module.children()) and not whole:
         return "has no BackPACK curvature rule"
-    if any(True for _ in module.buffers()):
+    if not whole and any(True for _ in module.buffers()):  # (a whole layer's, such as a causal mask, stay: its output computed again is checked)
         return "keeps buffers (a state), which the curvature's rules of layers BackPACK does not know cannot follow"
     if isinstance(module, _Loss):
         return "has no BackPACK curvature rule"

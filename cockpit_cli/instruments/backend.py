@@ -36,6 +36,7 @@ from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
+from cockpit_cli.instruments.model_hooks import ModelHook
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
@@ -179,7 +180,7 @@ class GradientCapture:
             modules = self.extendable if curvature else [m for m in self.extendable if m in self.module_params]
             for module in modules:
                 store = hook_store_io if curvature or not isinstance(module, INPUT_ONLY) else store_inputs
-                self._handles += [module.register_forward_hook(store), module.register_full_backward_hook(self._run_extensions)]
+                self._handles += [module.register_forward_hook(ModelHook(store)), module.register_full_backward_hook(ModelHook(self._run_extensions))]
             self._out_of_place = out_of_place(self.model)
         self.runs.watch()  # BackPACK keeps one input per layer: a layer that runs twice defeats it
 

@@ -125,13 +125,15 @@ def _operation(node: fx.Node) -> str:
 
 
 def _blocks_with_operations(model: nn.Module) -> list[list[nn.Module]]:
-    """Return two choices of the model's own blocks (modules of classes of its own, not the model)
-    to take whole: those computing operations the converter makes no modules of, and those
-    computing any operation outside a layer; each block the innermost that computes it."""
+    """Return choices of the model's own blocks (modules of classes of its own with parameters,
+    not the model) to take whole, to try in turn: where the model traces, those computing
+    operations the converter makes no modules of, then those computing any operation outside a
+    layer, each the innermost block that computes it; where it does not trace (a block slices a
+    tensor by a traced size), its innermost blocks, then those up to one level above, and so on."""
     try:
         traced = BackpackTracer().trace(model)
-    except Exception:  # noqa: BLE001 - the converter then says why
-        return []
+    except Exception:  # noqa: BLE001 - a block that cannot be traced is taken whole
+        return _block_levels(model)
     foreign: dict[str, None] = {}
     any_operation: dict[str, None] = {}
     for node in traced.nodes:
@@ -144,6 +146,21 @@ def _blocks_with_operations(model: nn.Module) -> list[list[nn.Module]]:
         if _operation(node) not in CONVERTED:
             foreign[stack[-1]] = None
     return [[model.get_submodule(path) for path in paths] for paths in (foreign, any_operation) if paths]
+
+
+def _block_levels(model: nn.Module) -> list[list[nn.Module]]:
+    """The model's own blocks by height (0: no block of its own inside), as cumulative levels."""
+    heights: dict[nn.Module, int] = {}
+
+    def height(module: nn.Module) -> int | None:  # the greatest height of a block in the subtree, None without one
+        below = max((h for h in (height(child) for child in module.children()) if h is not None), default=None)
+        if module is model or type(module).__module__.startswith("torch.") or not any(True for _ in module.parameters()):
+            return below
+        heights[module] = 0 if below is None else below + 1
+        return heights[module]
+
+    height(model)
+    return [[block for block, h in heights.items() if h <= level] for level in sorted(set(heights.values()))]
 
 
 @contextmanager

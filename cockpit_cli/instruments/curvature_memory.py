@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.model_hooks import ModelHook
+
 FACTOR_COPIES = 3.0
 GIB = 1 << 30
 
@@ -43,7 +45,7 @@ class OutputSizes:
         self.ignore = ignore
         self.residual = residual
         leaves = [module for module in model.modules() if not list(module.children())]
-        self.handles = [module.register_forward_hook(self._record) for module in leaves]
+        self.handles = [module.register_forward_hook(ModelHook(self._record)) for module in leaves]
 
     def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] > 0 and not self.ignore():

@@ -39,6 +39,7 @@ from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
 from cockpit_cli.instruments.functional_passes import capture_rng_state, fused_attention_without_second_derivative, no_second_derivative
 from cockpit_cli.instruments.loss_scale import LossScale, scale_factor, scaled_loss
+from cockpit_cli.instruments.model_hooks import ModelHook
 from cockpit_cli.instruments.per_sample_loss import one_per_sample, per_sample_means
 from cockpit_cli.instruments.quantities import Quantity, StepData, UpdateData
 from cockpit_cli.instruments.quantities import base as q
@@ -159,7 +160,7 @@ class Instruments:
         self._gradients: list[tuple[Tensor, int] | None] | None = None  # the gradients a plain-SGD step should take (see _versions)
         self._rng_state: tuple | None = None
         self._own_pass = False  # True while the engine runs forward passes of its own
-        self._forward_hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
+        self._forward_hook: RemovableHandle | None = model.register_forward_pre_hook(ModelHook(self._before_forward))
         self._activations: ActivationRecorder | None = None
         if any(q.ACTIVATIONS in quantity.requirements(0) for quantity in self.quantities):
             self._activations = ActivationRecorder(model, self.sync, ignore=lambda: self._own_pass)
@@ -279,7 +280,7 @@ class Instruments:
         hook that returns at once costs a small model's step several microseconds)."""
         wanted = not self._quiet or next_step >= self._idle_until
         if wanted and self._forward_hook is None:
-            self._forward_hook = self.model.register_forward_pre_hook(self._before_forward)
+            self._forward_hook = self.model.register_forward_pre_hook(ModelHook(self._before_forward))
         elif not wanted and self._forward_hook is not None:
             self._forward_hook.remove()
             self._forward_hook = None

@@ -64,6 +64,8 @@ class _NoSecondDerivative:
         return True
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_derivatives":  # (copying asks before the instance has its attributes)
+            raise AttributeError(name)
         return getattr(self._derivatives, name)
 
 

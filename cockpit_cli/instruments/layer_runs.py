@@ -23,6 +23,8 @@ from collections.abc import Collection
 import torch
 from torch import Tensor, nn
 
+from cockpit_cli.instruments.model_hooks import ModelHook
+
 # Layers whose every run adds exactly one edge into each parameter's gradient accumulator.
 ONE_EDGE_PER_RUN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -47,7 +49,7 @@ class LayerRuns:
     def watch(self) -> None:
         """Count the runs of the coming forward passes (until :meth:`stop`)."""
         if not self._handles:
-            self._handles = [module.register_forward_hook(self._count) for module in self.module_params]
+            self._handles = [module.register_forward_hook(ModelHook(self._count)) for module in self.module_params]
 
     @property
     def watching(self) -> bool:

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from cockpit_cli.instruments.convolutions import padded, zero_padding
 from cockpit_cli.instruments.factored_batch_grad import factored_layer
 from cockpit_cli.instruments.factored_gradients import FactoredConv, FactoredLinear, FactoredSamples, StackedPositions, embedding_samples, factorable_embedding
+from cockpit_cli.instruments.model_hooks import ModelHook
 from cockpit_cli.instruments.normalization_layers import LAST_DIMENSIONS, NORMALIZATION, normalised
 
 # (layer, parameter, its per-sample gradients, their mean where known, else None)
@@ -76,8 +77,8 @@ class OutputGradientHooks:
     def attach(self) -> None:
         """Install the forward hooks and the gradient hooks (before a tracked forward pass)."""
         if not self._handles:
-            self._handles = [module.register_forward_hook(self._forward) for module in self.params]
-            self._handles += [param.register_post_accumulate_grad_hook(self._accumulated) for params in self.params.values() for param in params]
+            self._handles = [module.register_forward_hook(ModelHook(self._forward)) for module in self.params]
+            self._handles += [param.register_post_accumulate_grad_hook(ModelHook(self._accumulated)) for params in self.params.values() for param in params]
 
     def detach(self) -> None:
         """Remove the hooks (output hooks already set die with their graph)."""
