@@ -300,7 +300,7 @@ def own_second_derivative(module: nn.Module, grad_output: Tensor, names: list[st
     count = sum(theta[name].numel() for name in curved)
     if count > OWN_PRODUCTS_MOST:
         raise NotImplementedError(
-            f"its output is not linear in its {count} parameters, whose Hessian diagonal would take a Hessian-vector product each "
+            f"the output of the layer {type(module).__name__} is not linear in its {count} parameters, whose Hessian diagonal would take a Hessian-vector product each "
             f"(at most {OWN_PRODUCTS_MOST}); curvature: ggn gives the GGN's diagonal"
         )
     diagonals = {}
