@@ -316,11 +316,8 @@ def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_d
     batches = make_batches("mlp", "ce", 0, 2)
     run = train(model, batches, quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_products
+    check_curvature(run, "hessian", weight_decay=DECAY)
     for step in range(2):
-        expected = reference_values(run, step, "hessian", DECAY)
-        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
-        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
-        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
         check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
 
 
@@ -662,10 +659,10 @@ def image_batches(shape: tuple[int, ...], loss: str, steps: int = 2) -> list[ref
     return result
 
 
-def check_curvature(run: Run, curvature: str, steps: int = 2) -> None:
+def check_curvature(run: Run, curvature: str, steps: int = 2, weight_decay: float = 0.0) -> None:
     """HessTrace, TICDiag and TICTrace of every step against the dense references."""
     for step in range(steps):
-        expected = reference_values(run, step, curvature, 0.0)
+        expected = reference_values(run, step, curvature, weight_decay)
         assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
         assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
         assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
@@ -899,11 +896,7 @@ def test_an_embedding_gets_exact_curvature_from_the_rows_its_ids_touch(curvature
         model.embed.padding_idx = padding_idx
     run = train(model, token_batches(2), quantities(DIAGONAL), weight_decay=DECAY, curvature=curvature)
     assert run.instruments.unavailable == {}
-    for step in range(2):
-        expected = reference_values(run, step, curvature, DECAY)
-        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
-        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
-        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+    check_curvature(run, curvature, weight_decay=DECAY)
 
 
 def test_the_embedding_diagonal_in_blocks_of_columns_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1127,11 +1120,8 @@ def test_layers_with_parameters_and_no_backpack_rules_get_exact_curvature_throug
 def test_layers_with_parameters_get_exact_curvature_with_weight_decay(curvature: str) -> None:
     run = train(with_parameters("Mixing"), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY, curvature=curvature)
     assert run.instruments.unavailable == {}
+    check_curvature(run, curvature, weight_decay=DECAY)
     for step in range(2):
-        expected = reference_values(run, step, curvature, DECAY)
-        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
-        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
-        assert_close(run.records[step]["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
         check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
 
 
@@ -1236,10 +1226,8 @@ def test_a_graph_with_a_layer_backpack_has_no_rules_for_gets_the_curvature_and_t
     torch.func's per-sample gradients take them (TIC) after the training's backward pass."""
     run = train(PReLUResidual(), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), weight_decay=DECAY, curvature=curvature)
     assert run.instruments.unavailable == {} and run.instruments.support.curvature_by_graph and run.instruments.support.per_sample == "functorch"
+    check_curvature(run, curvature, weight_decay=DECAY)
     for step in range(2):
-        expected = reference_values(run, step, curvature, DECAY)
-        assert_close(run.records[step]["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
-        assert_close(run.records[step]["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
         check_first_order(run, step, names=("NormTest",), weight_decay=DECAY)
 
 

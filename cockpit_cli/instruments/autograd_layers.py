@@ -1,16 +1,20 @@
 """Curvature rules of layers that BackPACK has none for, through autograd.
 
 Adaptive max pooling, softmax, local response normalisation, a model's own modules that reshape
-or permute, and layers with parameters (PReLU, RMSNorm, a layer of one's own): a layer that
-treats every sample alone passes the curvature factor's columns (``[V, N, *output]``) back as
+or permute, layers with parameters (PReLU, a layer of one's own) and layers with sublayers that
+a model's graph calls as one layer, taken whole (``nn.TransformerEncoderLayer``, self-attention,
+a block of the model's own: :mod:`curvature_graph`): a layer that treats every sample alone
+passes the curvature factor's columns (``[V, N, *output]``) back as
 
     J^T mat = the gradient of layer(x) . mat with respect to x, at the layer's input x
 
 through the layer's own computation (autograd; computed again from the input the layer kept,
 which must give its output again: a layer that draws random numbers or keeps a state cannot be
-followed). That is the generalised Gauss-Newton's rule. The Hessian's adds the layer's second
-derivative: none where the gradient does not depend on the input (an affine layer, such as a
-reshaping or a permutation: autograd then records no dependence), otherwise, per sample, the
+followed; attention's fused kernels may sum in another order: up to rounding). That is the
+generalised Gauss-Newton's rule. The Hessian's adds the layer's second derivative: none where
+the gradient does not depend on the input (an affine layer, such as a reshaping or a
+permutation: autograd then records no dependence; a piecewise linear one, whose recorded
+dependence has a zero derivative: a product with a random vector is zero), otherwise, per sample, the
 Hessian ``R_n`` of ``g_n . layer(x_n)`` with respect to ``x_n`` (``g`` the loss's gradient at the
 output), from Hessian-vector products of all samples at once (the layer treats them alone, so
 the batch's Hessian is block diagonal), split by its eigendecomposition into a positive and a
@@ -22,9 +26,11 @@ squares of ``J_theta(x_n)^T s_n``, the gradient of ``layer(x_n) . s_n`` with res
 columns, a block of columns at a time), summed over samples and columns: the GGN's diagonal.
 The Hessian's adds the layer's own second derivative in its parameters, the diagonal of the
 Hessian of ``g . layer(x)`` with respect to ``theta`` (``g`` the loss's gradient at the output):
-none where the output is linear in ``theta`` (PReLU, RMSNorm's scale: autograd records no
-dependence), otherwise one Hessian-vector product per element of ``theta``, 64 at a time, for
-layers of at most :data:`OWN_PRODUCTS_MOST` such parameters.
+none where the output is linear in ``theta`` (PReLU's slopes), otherwise one Hessian-vector
+product per element of ``theta``, 64 at a time, for layers of at most :data:`OWN_PRODUCTS_MOST`
+such parameters (second derivatives on attention's math kernel: its fused kernels have none).
+BackPACK's loop over a layer's parameters reads only its own attributes: the rules store the
+values of every parameter, their sublayers' too, themselves (:class:`_WithParameters`).
 """
 
 from __future__ import annotations
@@ -262,7 +268,7 @@ def squared_parameter_gradients(module: nn.Module, factors: list[tuple[Tensor, f
     Args:
         module: The layer, with its kept input ``module.input0`` (``[N, *input]``).
         factors: ``[(S, sign)]``, each ``S`` ``[V, N, *output]``.
-        names: The parameters (of the layer itself).
+        names: The parameters (the layer's, its sublayers' too, by their dotted names).
     """
     own = _OwnComputation(module)
     params = {name: module.get_parameter(name).detach() for name in names}
@@ -329,7 +335,15 @@ def _set_parameter_values(rule: Any, extension: BackpropExtension, module: nn.Mo
         setattr(module.get_parameter(name), extension.savefield, value)
 
 
-class AutogradHessian(DiagHBaseModule):
+class _WithParameters:
+    """A rule that stores its layer's parameter values itself (:func:`_set_parameter_values`) before BackPACK's call."""
+
+    def __call__(self, extension: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
+        _set_parameter_values(self, extension, module, g_out)
+        super().__call__(extension, module, g_inp, g_out)  # type: ignore[misc]
+
+
+class AutogradHessian(_WithParameters, DiagHBaseModule):
     """DiagHessian's rule of a layer BackPACK does not know: the factors pass back through
     ``J^T`` and the layer's second derivative in its input (:func:`autograd_residual`) is added;
     its parameters get the factors' squared parameter gradients and their own second derivative
@@ -337,10 +351,6 @@ class AutogradHessian(DiagHBaseModule):
 
     def __init__(self) -> None:
         super().__init__(derivatives=AutogradLayerDerivatives())
-
-    def __call__(self, extension: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
-        _set_parameter_values(self, extension, module, g_out)
-        super().__call__(extension, module, g_inp, g_out)
 
     @staticmethod
     def parameter_values(module: nn.Module, g_out: tuple, backproped: dict, names: list[str]) -> dict[str, Tensor]:
@@ -353,16 +363,12 @@ class AutogradHessian(DiagHBaseModule):
         return passed_back_with_residual(self, ext, module, g_inp, g_out, backproped, autograd_residual(module, g_out[0]))
 
 
-class AutogradGGN(DiagGGNBaseModule):
+class AutogradGGN(_WithParameters, DiagGGNBaseModule):
     """DiagGGN's rule (exact and Monte-Carlo) of a layer BackPACK does not know: ``J^T`` by
     autograd, and its parameters the squares of the factor's parameter gradients."""
 
     def __init__(self) -> None:
         super().__init__(derivatives=AutogradLayerDerivatives())
-
-    def __call__(self, extension: BackpropExtension, module: nn.Module, g_inp: tuple, g_out: tuple) -> None:
-        _set_parameter_values(self, extension, module, g_out)
-        super().__call__(extension, module, g_inp, g_out)
 
     @staticmethod
     def parameter_values(module: nn.Module, g_out: tuple, backproped: Tensor, names: list[str]) -> dict[str, Tensor]:

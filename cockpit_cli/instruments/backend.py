@@ -299,11 +299,7 @@ class GradientCapture:
             if self._curvature in extensions:
                 accumulator.fail(requested & NEEDS_CURVATURE, no_curvature_reason(unfollowable))
             extensions, by_output_hooks = [], False
-        # torch.func's per-sample gradients come after the pass: the curvature rules' diagonals wait
-        # for them (a parameter the pass does not reach has the regulariser's, lambda).
-        self._holding_diagonals = by_functorch and self._curvature in extensions
-        if self._holding_diagonals:
-            self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]
+        self._hold_diagonals(by_functorch and self._curvature in extensions)
         if extensions:
             hook = self._hook(accumulator, requested, options, batch_size)
             fork = self._monte_carlo and curvature
@@ -393,6 +389,14 @@ class GradientCapture:
             diagonals.append(diagonal.view_as(param))
         return diagonals
 
+    def _hold_diagonals(self, holding: bool) -> None:
+        """Where ``holding``: torch.func's per-sample gradients come after the pass, and the
+        curvature rules' diagonals wait for them in ``_diagonals`` (a parameter the pass does not
+        reach has the regulariser's, lambda)."""
+        self._holding_diagonals = holding
+        if holding:
+            self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]
+
     def _products_diagonal(self, index: int) -> Tensor | None:
         """The curvature diagonal of parameter ``index`` held at this pass (from products, or the
         rules' held for torch.func's per-sample gradients), or ``None``."""
@@ -438,9 +442,7 @@ class GradientCapture:
         modules = [m for m in self._graph.modules() if not is_no_op(m) and id(m) not in inside] + [self.loss_function]
         # Layers BackPACK has no per-sample rule for, or taken whole: torch.func's per-sample gradients after the pass, the diagonals waiting.
         by_functorch = per_sample and (self.support.per_sample != "backpack" or bool(self._whole_params))
-        self._holding_diagonals = by_functorch
-        if by_functorch:
-            self._diagonals = [torch.full_like(param.detach(), decay) for param, decay in zip(self.params, self.weight_decay)]
+        self._hold_diagonals(by_functorch)
         handles = [handle for m in modules for handle in (m.register_forward_hook(hook_store_io), m.register_full_backward_hook(run_extensions))]
         switched = out_of_place(self.model)
         self.gradient_scale = 1.0

@@ -8,9 +8,16 @@ so does the Hessian's with the rules of :mod:`graph_hessian`. The graph calls th
 tensors, so a forward and a backward pass through it at a tracked step give the model's GGN
 diagonal (and BackPACK's per-sample gradients beside it).
 
+The graph calls torch's layers as layers, also those with sublayers (``nn.TransformerEncoderLayer``,
+a parametrized layer): autograd's rules follow them whole (:mod:`autograd_layers`). A
+self-attention ``nn.MultiheadAttention`` is called as a layer of one input
+(:class:`SelfAttention`), and a block of the model's own that computes operations the converter
+cannot follow (attention written with tensor operations) is called as a layer too, taken whole,
+the innermost such block.
+
 A model the converter cannot trace (control flow that depends on the data, a layer with
-parameters called twice) or one that calls an operation outside a module (``torch.relu``
-instead of ``nn.ReLU``) gets no curvature diagonal, with the reason.
+parameters called twice) or one that calls an operation outside a module in its own forward
+(``torch.relu`` instead of ``nn.ReLU``, ``h.mean(1)``) gets no curvature diagonal, with the reason.
 """
 
 from __future__ import annotations
