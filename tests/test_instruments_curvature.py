@@ -1278,12 +1278,18 @@ class CausalAttention(torch.nn.Module):
         super().__init__()
         self.qkv, self.proj, self.heads = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width), heads
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[N, heads, T, d / heads]`` of ``inputs`` ``[N, T, d]``."""
         n, t, d = inputs.shape
         q, k, v = self.qkv(inputs).split(d, dim=2)
         q = q.view(n, t, self.heads, d // self.heads).transpose(1, 2)
         k = k.view(n, t, self.heads, d // self.heads).transpose(1, 2)
         v = v.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        n, t, d = inputs.shape
+        q, k, v = self.split_heads(inputs)
         attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(attended.transpose(1, 2).contiguous().view(n, t, d))
 
@@ -1298,10 +1304,7 @@ class MaskedAttention(CausalAttention):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         n, t, d = inputs.shape
-        q, k, v = self.qkv(inputs).split(d, dim=2)
-        q = q.view(n, t, self.heads, d // self.heads).transpose(1, 2)
-        k = k.view(n, t, self.heads, d // self.heads).transpose(1, 2)
-        v = v.view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        q, k, v = self.split_heads(inputs)
         scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
         weights = torch.softmax(scores.masked_fill(~self.mask[:t, :t], float("-inf")), dim=-1)
         return self.proj((weights @ v).transpose(1, 2).contiguous().view(n, t, d))
