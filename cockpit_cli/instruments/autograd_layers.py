@@ -35,6 +35,7 @@ values of every parameter, their sublayers' too, themselves (:class:`_WithParame
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,13 +49,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.loss import _Loss
 
 from cockpit_cli.instruments.extension_rules import module_rules
+from cockpit_cli.instruments.functional_passes import diagonal_by_products
 from cockpit_cli.instruments.hessian_from_ggn import passed_back_with_residual
 
 # Layers without parameters that draw random numbers in training mode (not to be computed again)
 RANDOM_IN_TRAINING = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
 OWN_PRODUCTS_MOST = 4096  # a layer's parameters whose own second derivative (the Hessian's) may come from products
 _GRADIENT_ELEMENTS = 1 << 22  # per-sample, per-column parameter gradients held at once (16 MiB of float32)
-_PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a layer's own second derivative in one batched pass
 
 
 def autograd_obstacle(module: nn.Module, whole: bool = False) -> str | None:
@@ -101,7 +102,7 @@ def _dropout(module: nn.Module) -> float:
 
 
 class AutogradLayerDerivatives(BaseDerivatives):
-    """BackPACK's derivatives of a layer without parameters, through autograd at its input."""
+    """BackPACK's derivatives of a layer BackPACK does not know, through autograd at its input."""
 
     def hessian_is_zero(self, module: nn.Module) -> bool:
         """Whether the layer's gradient does not depend on its input (unknown before the layer
@@ -309,18 +310,7 @@ def own_second_derivative(module: nn.Module, grad_output: Tensor, names: list[st
             f"the output of the layer {type(module).__name__} is not linear in its {count} parameters, whose Hessian diagonal would take a Hessian-vector product each "
             f"(at most {OWN_PRODUCTS_MOST}); curvature: ggn gives the GGN's diagonal"
         )
-    diagonals = {}
-    for name, gradient in curved.items():
-        point, size = theta[name], theta[name].numel()
-        diagonal = torch.empty(size, dtype=point.dtype, device=point.device)
-        for start in range(0, size, _PRODUCTS_AT_ONCE):
-            rows = torch.arange(start, min(start + _PRODUCTS_AT_ONCE, size), device=point.device)
-            units = torch.zeros(len(rows), size, dtype=point.dtype, device=point.device)
-            units[torch.arange(len(rows), device=point.device), rows] = 1
-            products = _batched_gradient(gradient, point, units.reshape(len(rows), *point.shape)).reshape(len(rows), size)
-            diagonal[rows] = products[torch.arange(len(rows), device=point.device), rows]
-        diagonals[name] = diagonal.reshape(point.shape)
-    return diagonals
+    return {name: diagonal_by_products(theta[name].detach(), partial(_batched_gradient, gradient, theta[name])) for name, gradient in curved.items()}
 
 
 def _set_parameter_values(rule: Any, extension: BackpropExtension, module: nn.Module, g_out: tuple) -> None:

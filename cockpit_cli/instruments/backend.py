@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -33,7 +34,7 @@ from cockpit_cli.instruments.curvature_graph import whole_layers
 from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
+from cockpit_cli.instruments.functional_passes import devices, diagonal_by_products, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.model_hooks import ModelHook
@@ -95,6 +96,7 @@ class GradientCapture:
                 self.module_params[module] = own
         # a layer the graph calls as one reduces its sublayers' parameters (their hooks stay off)
         self._whole_params = {layer: [pair for part in layer.modules() for pair in self.module_params.get(part, [])] for layer in whole}
+        self._inside_whole = {id(part) for layer in whole for part in layer.modules() if part is not layer}
         # BackPACK's hooks are installed only for the steps that use them (see attach): on the
         # other steps a full backward hook on every layer would cost time for nothing.
         self.extendable = [m for m in model.modules() if not is_no_op(m)] if support.per_sample == "backpack" or support.curvature else []
@@ -371,23 +373,17 @@ class GradientCapture:
 
     def _products_diagonals(self, product: Callable[..., list[Tensor]]) -> list[Tensor]:
         """Return ``(H e_k)_k`` for every parameter entry ``k``, shaped like the parameters: up to
-        :data:`PRODUCTS_AT_ONCE` products in one batched pass (autograd's ``is_grads_batched``),
-        one at a time where an operation cannot be batched."""
-        diagonals = []
-        for index, param in enumerate(self.params):
-            size = param.numel()
-            diagonal = torch.empty(size, dtype=param.dtype, device=param.device)
-            for start in range(0, size, PRODUCTS_AT_ONCE):
-                entries = torch.arange(start, min(start + PRODUCTS_AT_ONCE, size), device=param.device)
-                units = [torch.zeros(len(entries), *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-                units[index].view(len(entries), -1)[torch.arange(len(entries)), entries] = 1.0
-                try:
-                    rows = product(units, batched=True)[index].reshape(len(entries), -1)
-                except RuntimeError:  # (an operation vmap cannot batch)
-                    rows = torch.stack([product([unit[row] for unit in units])[index].reshape(-1) for row in range(len(entries))])
-                diagonal[entries] = rows[torch.arange(len(entries)), entries]
-            diagonals.append(diagonal.view_as(param))
-        return diagonals
+        :data:`functional_passes.PRODUCTS_AT_ONCE` products in one batched pass (autograd's
+        ``is_grads_batched``), one at a time where an operation cannot be batched."""
+
+        def applied(index: int, units: Tensor) -> Tensor:
+            vectors = [units if i == index else torch.zeros(len(units), *p.shape, dtype=p.dtype, device=p.device) for i, p in enumerate(self.params)]
+            try:
+                return product(vectors, batched=True)[index]
+            except RuntimeError:  # (an operation vmap cannot batch)
+                return torch.stack([product([vector[row] for vector in vectors])[index] for row in range(len(units))])
+
+        return [diagonal_by_products(param.detach(), partial(applied, index)) for index, param in enumerate(self.params)]
 
     def _hold_diagonals(self, holding: bool) -> None:
         """Where ``holding``: torch.func's per-sample gradients come after the pass, and the
@@ -438,8 +434,7 @@ class GradientCapture:
         set_aside = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        inside = {id(part) for layer in self._whole_params for part in layer.modules() if part is not layer}
-        modules = [m for m in self._graph.modules() if not is_no_op(m) and id(m) not in inside] + [self.loss_function]
+        modules = [m for m in self._graph.modules() if not is_no_op(m) and id(m) not in self._inside_whole] + [self.loss_function]
         # Layers BackPACK has no per-sample rule for, or taken whole: torch.func's per-sample gradients after the pass, the diagonals waiting.
         by_functorch = per_sample and (self.support.per_sample != "backpack" or bool(self._whole_params))
         self._hold_diagonals(by_functorch)
@@ -781,7 +776,6 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
-PRODUCTS_AT_ONCE = 64  # Hessian-vector products of a small model's diagonal batched in one pass (support.PRODUCTS_MOST)
 LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"

@@ -245,3 +245,21 @@ def _as_batch_of_one(value: Any) -> Any:
 def devices(tensor: Tensor) -> list[int]:
     """Return the CUDA devices whose random state a pass on ``tensor`` uses (``fork_rng``'s ``devices``)."""
     return [tensor.device.index or 0] if tensor.device.type == "cuda" else []
+
+
+PRODUCTS_AT_ONCE = 64  # Hessian-vector products batched in one pass (a diagonal from products)
+
+
+def diagonal_by_products(like: Tensor, applied: Callable[[Tensor], Tensor]) -> Tensor:
+    """Return the diagonal ``(A e_k)_k`` of a linear map ``A`` on tensors shaped like ``like``,
+    every entry ``k``, shaped like ``like``: ``applied`` maps a block of unit vectors
+    ``[b, *like.shape]`` to ``A`` of each (``[b, *like.shape]``), :data:`PRODUCTS_AT_ONCE` at a time."""
+    size = like.numel()
+    diagonal = torch.empty(size, dtype=like.dtype, device=like.device)
+    for start in range(0, size, PRODUCTS_AT_ONCE):
+        entries = torch.arange(start, min(start + PRODUCTS_AT_ONCE, size), device=like.device)
+        rows = torch.arange(len(entries), device=like.device)
+        units = torch.zeros(len(entries), size, dtype=like.dtype, device=like.device)
+        units[rows, entries] = 1
+        diagonal[entries] = applied(units.view(len(entries), *like.shape)).reshape(len(entries), size)[rows, entries]
+    return diagonal.view_as(like)
