@@ -110,6 +110,18 @@ def test_alpha_s_start_slopes_without_forward_mode_come_from_a_backward_pass(see
         assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step, weight_decay), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("model", ["forward mode", "hooks", "torch-func"])
+def test_alpha_of_a_loss_module_s_output_times_a_factor(model: str) -> None:
+    """``0.5 * loss_fn(outputs, targets)`` backpropagated: Alpha's losses, their spread and its
+    slopes at the start (by forward mode, by the layers' hooks or by torch.func) are all the
+    weighted loss's (its losses were the module's, its slopes the weighted loss's: another alpha)."""
+    build = {"forward mode": lambda: ref.mlp(0), "hooks": lambda: Attention(0), "torch-func": lambda: Attention(0, shifted=True)}[model]
+    run = train(build(), make_batches("mlp", "ce", 0, 3), quantities(("Alpha", "Loss")), OPTIMIZERS["adam"], loss_weight=0.5)
+    assert run.instruments.unavailable == {}
+    for step in (0, 1):
+        assert run.records[step]["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)  # (the same for any factor)
+
+
 class RecurrentPair(nn.Module):
     """A GRU, then an LSTM (float32: on the CPU, its fused kernel), then a linear head on the last
     state: ``vmap`` cannot run the GRU a sample at a time, and neither layer has a forward-mode

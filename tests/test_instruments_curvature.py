@@ -22,7 +22,8 @@ import reference_curvature as curv
 from cockpit_cli.instruments import Instruments
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.engine import GRAPH_NOTE, MATH_ATTENTION_NOTE
-from test_instruments_exact import BUILDERS, Attending, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, train  # noqa: F401 (fixture)
+from test_instruments_alpha import reference_alpha
+from test_instruments_exact import BUILDERS, Attending, engine_step, CASES, DECAY, FIRST_ORDER, SEEDS, Run, assert_close, check_first_order, histogram_options, make_batches, one_thread, quantities, scaled_mlp, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -72,6 +73,55 @@ def test_curvature_of_a_loss_module_s_output_times_a_factor(kind: str, loss: str
         inputs, targets, loss_fn, _ = run.batches[step]
         diagonal = DIAGONALS[curvature](run.reference_model(step), lambda o, t: weight * loss_fn(o, t), inputs, targets)
         assert_close(run.records[step]["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
+
+
+WEIGHTED_MODELS = {  # per-sample gradients and curvature by BackPACK's rules, through its graph, by torch.func and autograd's rules
+    "sequential": lambda: BUILDERS["mlp"](0),
+    "graph": lambda: ResidualMLP(0),
+    "torch.func": lambda: scaled_mlp(0),
+}
+
+
+@pytest.mark.parametrize("weight", [0.5, 3.0])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("model", sorted(WEIGHTED_MODELS))
+def test_every_value_describes_a_loss_module_s_output_times_a_factor(model: str, curvature: str, weight: float) -> None:
+    """``weight * loss_fn(outputs, targets)`` backpropagated: each sample's loss is ``weight``
+    times the per-sample loss function's, also in the passes that compute the losses again from
+    the loss functions (torch.func's per-sample gradients, BackPACK's graph, Alpha's losses and
+    slopes), which gave the module's own values: MeanGSNR, CABS, the histograms, TICDiag and
+    Alpha were those of another loss, and the graph's curvature went off."""
+    run = train(WEIGHTED_MODELS[model](), make_batches("mlp", "ce", 0, 3), quantities(FIRST_ORDER + DIAGONAL + ("Alpha",)), curvature=curvature, loss_weight=weight)
+    assert run.instruments.unavailable == {}
+    run.batches = [
+        batch._replace(loss_fn=lambda o, t, f=batch.loss_fn: weight * f(o, t), per_sample_loss_fn=lambda o, t, f=batch.per_sample_loss_fn: weight * f(o, t))
+        for batch in run.batches
+    ]
+    for step in range(2):
+        check_first_order(run, step)
+        values, expected = run.records[step], reference_values(run, step, curvature, 0.0)
+        assert_close(values["HessTrace"], expected["HessTrace"], rel=1e-9, abs=1e-12)
+        assert_close(values["TICDiag"], expected["TICDiag"], rel=1e-8, abs=1e-10)
+        assert_close(values["TICTrace"], expected["TICTrace"], rel=1e-9, abs=1e-12)
+        assert values["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
+
+
+def test_gradients_taken_again_after_a_failure_of_the_instruments_keep_the_loss_s_factor() -> None:
+    """After the instruments fail in a step's backward pass, the gradients are taken again from the
+    loss module's value: times its factor in the step's loss (it was dropped, so the update was
+    another loss's)."""
+    from cockpit_cli.instruments.tracker import Tracker
+
+    model, (inputs, targets, loss_fn, per_sample) = BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 1)[0]
+    instruments = Instruments(model, loss_fn, per_sample, torch.optim.SGD(model.parameters(), lr=0.1), quantities(("NormTest",)))
+    instruments.capture.backward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    tracker = Tracker(instruments, lambda record: None)
+    outputs = model(inputs)
+    tracker.backward(0, 0.25 * loss_fn(outputs, targets), inputs, outputs, targets)
+    assert tracker.failure == "instruments switched off at step 0: RuntimeError: boom"
+    expected = torch.autograd.grad(0.25 * loss_fn(model(inputs), targets), list(model.parameters()))
+    for param, gradient in zip(model.parameters(), expected):
+        assert torch.allclose(param.grad, gradient, rtol=1e-12, atol=0.0)
 
 
 def test_curvature_of_a_loss_module_s_output_times_a_negative_factor_is_left_out_with_the_reason() -> None:
@@ -322,7 +372,9 @@ def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_d
 
 
 class SmallAttending(torch.nn.Module):
-    """MultiheadAttention(4, 1) over 5 positions, their mean, Linear(4, 3): 95 parameters, float64."""
+    """MultiheadAttention(4, 1) over 5 positions, the elementwise maximum of its output and input
+    (an operation of two tensors: BackPACK's graph cannot follow it), the positions' mean,
+    Linear(4, 3): 95 parameters, float64."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -331,7 +383,7 @@ class SmallAttending(torch.nn.Module):
         self.double()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attention(inputs, inputs, inputs, need_weights=False)[0].mean(1))
+        return self.head(torch.maximum(self.attention(inputs, inputs, inputs, need_weights=False)[0], inputs).mean(1))
 
 
 class ProjectedAttending(torch.nn.Module):
@@ -1361,12 +1413,13 @@ def whole_layer_models() -> dict[str, Any]:
         "self-attention with its weights": lambda: SelfAttending(weights=True),
         "weight_norm": lambda: parametrized_mlp("weight_norm"),
         "causal self-attention written with tensor operations": lambda: SmallLanguageModel(),
+        "causal self-attention, pooled by a tensor method": lambda: SmallLanguageModel(pooled=True),
         "causal attention by hand, its mask a buffer": lambda: SmallLanguageModel(masked=True),
     }
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm", "causal self-attention written with tensor operations", "causal attention by hand, its mask a buffer"])
+@pytest.mark.parametrize("name", ["TransformerEncoderLayer", "TransformerEncoderLayer, norm first, dropout in eval mode", "TransformerEncoderLayer in an nn.Sequential", "self-attention", "self-attention with its weights", "weight_norm", "causal self-attention written with tensor operations", "causal self-attention, pooled by a tensor method", "causal attention by hand, its mask a buffer"])
 def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack_s_graph_whole(name: str, curvature: str) -> None:
     """Attention held its parameters beside its sublayers, which BackPACK's rules cannot follow: no
     curvature. The graph now calls such a layer as one (a self-attention, whose three inputs are
@@ -1398,7 +1451,6 @@ def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack
         ("an encoder layer dropping out", "layer 'block' (TransformerEncoderLayer) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
         ("samples along the second dimension", "layer 'block' (TransformerEncoderLayer) takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"),
         ("attention to other inputs", "layer 'attention' (MultiheadAttention) takes several inputs, which the curvature's rules of a layer BackPACK does not know cannot follow"),
-        ("pooling by a tensor method", "the model SmallLanguageModel computes 'mean' outside a module, which BackPACK's curvature rules cannot follow"),
         ("wide self-attention, Hessian", "layer 'attention' (MultiheadAttention) holds attention, whose output is not linear in its 5328 parameters: their Hessian diagonal would take a Hessian-vector product each (at most 4096); curvature: ggn gives the GGN's diagonal"),
     ],
 )
@@ -1411,7 +1463,6 @@ def test_layers_with_sublayers_the_curvature_s_rules_cannot_follow_whole_say_why
         "samples along the second dimension": lambda: Encoded(batch_first=False),
         "attention to other inputs": lambda: SelfAttending(cross=True),
         "wide self-attention, Hessian": lambda: SelfAttending(width=36),
-        "pooling by a tensor method": lambda: SmallLanguageModel(pooled=True),
     }[name]()
     support = check_support(model, torch.nn.CrossEntropyLoss(), "hessian" if "Hessian" in name else "ggn")
     assert not support.curvature and support.curvature_reason == reason
@@ -1506,8 +1557,9 @@ def test_in_place_activations_compute_out_of_place_while_backpack_s_hooks_are_on
 def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str) -> None:
     """torch.compile's graphs cannot be differentiated twice (aot_eager has the same autograd as
     inductor, without its code generation): the Hessian-vector products take the loss again
-    through the module it wraps, and every value equals the uncompiled model's. A loss that is
-    not the loss module's leaves HessMaxEV out with the reason, the rest goes on."""
+    through the module it wraps (times the factor of the loss module's output in the loss), and
+    every value equals the uncompiled model's. A loss with a term the module does not compute
+    leaves HessMaxEV out with the reason, the rest goes on."""
     names = ("HessMaxEV", "NormTest", "GradNorm", "Alpha", "GradHist1d")
     batches = make_batches(kind, "ce", 0, 3)
     eager = train(BUILDERS[kind](0), batches, quantities(names))
@@ -1520,9 +1572,15 @@ def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str)
             elif name != "Time":
                 assert compiled.records[step][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, name)
     weighted = train(torch.compile(BUILDERS[kind](0), backend="aot_eager"), batches, quantities(names), loss_weight=0.5)
-    assert set(weighted.instruments.unavailable) == {"HessMaxEV"}
-    assert "ValueError: the loss computed again without torch.compile" in weighted.instruments.unavailable["HessMaxEV"]
-    assert all("NormTest" in values for values in weighted.records.values())
+    weighted_eager = train(BUILDERS[kind](0), batches, quantities(names), loss_weight=0.5)
+    assert weighted.instruments.unavailable == {}
+    for step in (0, 1, 2):
+        assert weighted.records[step]["HessMaxEV"] == pytest.approx(weighted_eager.records[step]["HessMaxEV"], rel=1e-6)
+    assert weighted.records[0]["HessMaxEV"] == pytest.approx(0.5 * eager.records[0]["HessMaxEV"], rel=1e-2)  # (to the iteration's residual)
+    penalized = train(torch.compile(BUILDERS[kind](0), backend="aot_eager"), batches, quantities(names), output_term=output_penalty)
+    assert set(penalized.instruments.unavailable) == {"HessMaxEV"}
+    assert "ValueError: the loss computed again without torch.compile" in penalized.instruments.unavailable["HessMaxEV"]
+    assert all("NormTest" in values for values in penalized.records.values())
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
@@ -1806,6 +1864,111 @@ class FunctionalReLU(ResidualMLP):
         return self.out(hidden + self.squash(self.branch(hidden)))
 
 
+class FunctionalCNN(torch.nn.Module):
+    """Conv2d(2, 3, 3), then in the forward: ``F.relu``, ``h.view(h.size(0), -1)``, Linear(48, 6),
+    ``F.relu`` again (a function called twice, which BackPACK's converter could not take),
+    ``torch.sin``, ``h.relu_()`` of a tensor read nowhere else, ``h.reshape(h.shape[0], 2, 3).softmax(2)``,
+    ``torch.flatten``, Linear(6, 3)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.hidden, self.out = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 6), torch.nn.Linear(6, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        functional = torch.nn.functional
+        hidden = functional.relu(self.conv(inputs))
+        hidden = torch.sin(functional.relu(self.hidden(hidden.view(hidden.size(0), -1)))).relu_()
+        return self.out(torch.flatten(hidden.reshape(hidden.shape[0], 2, 3).softmax(2), 1))
+
+
+class PooledTokens(torch.nn.Module):
+    """Linear(6, 8) as two positions of 4, ``torch.tanh``, the mean over the positions (a tensor
+    method), ``F.normalize``, Linear(4, 3)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.normalize(torch.tanh(self.embed(inputs)).reshape(-1, 2, 4).mean(1), dim=1))
+
+
+OPERATION_MODELS = {  # the input's kind, the model, the operations autograd's rules follow (the others: BackPACK's activations)
+    "F.relu in a residual network": ("mlp", FunctionalReLU, []),
+    "tensor operations in a CNN": ("cnn", FunctionalCNN, ["reshape", "sin", "softmax", "view"]),
+    "mean over positions": ("mlp", PooledTokens, ["mean", "normalize", "reshape"]),
+}
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("name", sorted(OPERATION_MODELS))
+def test_operations_of_the_model_s_forward_on_one_tensor_get_exact_curvature_as_layers(name: str, curvature: str) -> None:
+    """A model that calls ``torch.relu``, ``h.mean(1)`` or ``h.view(h.size(0), -1)`` in its own
+    forward got no curvature (BackPACK's rules follow modules): each such operation is now a layer
+    of the graph (the activations BackPACK knows as those layers, the others followed by autograd's
+    rules, their second derivatives included), and every diagonal matches the references."""
+    from cockpit_cli.instruments.curvature_graph import graph_operations
+
+    kind, build, followed = OPERATION_MODELS[name]
+    run = train(build(0), make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    assert run.instruments.unavailable == {}
+    assert run.instruments.support.curvature_by_graph and not run.instruments.support.curvature_by_products
+    assert sorted(operation.name for operation in graph_operations(run.instruments.support.graph)) == followed
+    check_curvature(run, curvature)
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+
+
+class CumulativeMLP(ResidualMLP):
+    """:class:`ResidualMLP` whose hidden features are summed over the batch's samples (``torch.cumsum`` along dimension 0)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cumsum(self.relu(self.first(inputs)), 0))
+
+
+class GatedMLP(ResidualMLP):
+    """:class:`ResidualMLP` whose hidden features are the elementwise maximum of two layers' (an operation of two tensors)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.first(inputs))
+        return self.out(torch.maximum(hidden, self.branch(hidden)))
+
+
+def test_an_operation_of_the_model_s_forward_that_mixes_the_samples_gets_no_curvature_saying_which() -> None:
+    """The rules of an operation's layer hold where it treats every sample alone, as its first
+    call checks; and the per-sample gradients torch.func gives at that step (each sample alone) do
+    not average to the batch's gradient: that step goes without them."""
+    run = train(CumulativeMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert run.instruments.unavailable["HessTrace"] == (
+        "failed at step 0 and was switched off: the pass through BackPACK's graph of the model failed: ValueError: the operation 'cumsum' "
+        "of the model's forward mixes the samples of a batch (its output on a sample alone is not that sample's row of its output on "
+        "the batch), which the curvature's rules cannot follow"
+    )
+    assert "NormTest" not in run.records.get(0, {})
+
+
+class InPlaceReLU(ResidualMLP):
+    """:class:`ResidualMLP` whose ReLU is ``h.relu_()``, its value read through ``h`` (not the call's result)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(inputs)
+        hidden.relu_()
+        return self.out(hidden + self.squash(self.branch(hidden)))
+
+
+class DroppingMLP(ResidualMLP):
+    """:class:`ResidualMLP` with ``F.dropout`` in its forward (random numbers its layer could not draw again; in eval
+    mode here, for the references)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.nn.functional.dropout(self.relu(self.first(inputs)), 0.2, self.training))
+
+
 class Twice(ResidualMLP):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.relu(self.first(inputs))
@@ -1815,11 +1978,13 @@ class Twice(ResidualMLP):
 @pytest.mark.parametrize(
     "model, curvature, reason",
     [
-        (FunctionalReLU(0), "ggn", "the model FunctionalReLU computes 'relu' outside a module, which BackPACK's curvature rules cannot follow"),
+        (GatedMLP(0), "ggn", "the model GatedMLP computes 'maximum' outside a module, which BackPACK's curvature rules cannot follow"),
+        (DroppingMLP(0).eval(), "ggn", "the model DroppingMLP computes 'dropout' outside a module, which BackPACK's curvature rules cannot follow"),
+        (InPlaceReLU(0), "ggn", "the model InPlaceReLU computes 'relu_' outside a module, which BackPACK's curvature rules cannot follow"),
         (Twice(0), "ggn", "BackPACK's converter cannot trace the model Twice (NotImplementedError: Cycle with parameters detected: module "
          "Linear(in_features=5, out_features=5, bias=True) with target branch has parameters and is used 2 times.)"),
     ],
-    ids=["function", "twice"],
+    ids=["two tensors", "dropout", "in place, read elsewhere", "twice"],
 )
 def test_a_model_backpack_s_graph_cannot_follow_gets_no_curvature_saying_why(model: torch.nn.Module, curvature: str, reason: str) -> None:
     run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
@@ -1828,15 +1993,44 @@ def test_a_model_backpack_s_graph_cannot_follow_gets_no_curvature_saying_why(mod
         check_first_order(run, step, names=("NormTest",))
 
 
-def test_a_loss_other_than_the_loss_module_s_switches_the_graph_s_curvature_off_with_both_values() -> None:
-    """The graph's pass computes the loss module's value; a loss scaled otherwise (or with terms
-    of its own) would get that curvature: it is switched off, the per-sample values go on."""
-    run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest", "InnerTest")), curvature="ggn", loss_weight=0.5)
+def output_penalty(outputs: torch.Tensor) -> torch.Tensor:
+    """A term of the outputs added to the loss, each sample's share its own: 0.1 * mean(o^2)."""
+    return 0.1 * outputs.pow(2).mean()
+
+
+def with_output_penalty(batch: ref.Batch) -> ref.Batch:
+    """``batch`` whose per-sample losses include their share of :func:`output_penalty`."""
+    return batch._replace(per_sample_loss_fn=lambda o, t, f=batch.per_sample_loss_fn: f(o, t) + 0.1 * o.pow(2).mean(1))
+
+
+def test_a_loss_with_a_term_of_its_own_switches_the_graph_s_curvature_off_and_skips_a_step_s_per_sample_values() -> None:
+    """The graph's pass computes the loss module's value times its factor; a loss with a term the
+    module does not compute would get that curvature: it is switched off with both values. The
+    step's per-sample gradients then come from torch.func, whose per-sample loss function misses
+    the term too (their mean is not the step's gradient): that step goes without per-sample
+    values; the layers' hooks, which follow the whole loss, give them at the next steps."""
+    names = DIAGONAL + ("NormTest", "InnerTest", "MeanGSNR")
+    run = train(ResidualMLP(0), make_batches("mlp", "ce", 0, 3), quantities(names), curvature="ggn", output_term=output_penalty)
     reason = run.instruments.unavailable["HessTrace"]
-    assert reason.startswith("failed at step 0 and was switched off: the loss backpropagated (") and "is not the loss module's value (CrossEntropyLoss: " in reason
-    for step in range(2):
-        assert not set(DIAGONAL) & set(run.records[step])
-        check_first_order(run, step, names=("NormTest", "InnerTest"))  # (of the loss the factor scales)
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert reason.startswith("failed at step 0 and was switched off: the loss backpropagated (") and "is not 1 times the loss module's value (CrossEntropyLoss, " in reason
+    assert not set(names) & set(run.records.get(0, {}))
+    (skipped,) = [change for change in run.instruments.changes if change.startswith("at step 0: ")]
+    assert skipped.startswith("at step 0: NormTest, InnerTest, MeanGSNR left out: the per-sample gradients of the per-sample loss function (by torch.func) do not average")
+    run.batches = [with_output_penalty(batch) for batch in run.batches]
+    for step in (1, 2):
+        check_first_order(run, step, names=("NormTest", "InnerTest", "MeanGSNR"))
+
+
+def test_a_loss_with_a_term_torch_func_cannot_see_switches_its_per_sample_values_off_saying_why() -> None:
+    """A layer without BackPACK rules: torch.func gives every step's per-sample gradients, of the
+    per-sample loss function alone; a loss with a term of its own (of the outputs) would get
+    values of another loss."""
+    run = train(scaled_mlp(0), make_batches("mlp", "ce", 0, 2), quantities(("NormTest", "GradNorm")), output_term=output_penalty)
+    reason = run.instruments.unavailable["NormTest"]
+    assert set(run.instruments.unavailable) == {"NormTest"}
+    assert reason.startswith("failed at step 0 and was switched off: the per-sample gradients of the per-sample loss function (by torch.func) do not average to the step's gradient (they differ by ")
+    assert all("GradNorm" in values for values in run.records.values())
 
 
 def test_a_graph_whose_layers_are_copies_gives_no_curvature(monkeypatch: pytest.MonkeyPatch) -> None:

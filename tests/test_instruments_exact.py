@@ -130,6 +130,7 @@ def train(
     weight_decay: float = 0.0,
     curvature: str = "hessian",
     loss_weight: float = 1.0,
+    output_term: Callable[[Tensor], Tensor] | None = None,
 ) -> Run:
     """Train ``model`` on ``batches`` like the training loop, with instruments unless ``tracked`` is None.
 
@@ -141,6 +142,7 @@ def train(
         weight_decay: lambda of the regulariser on the weights (added to the loss here).
         curvature: The engine's curvature diagonal.
         loss_weight: The factor of the loss module's output in the loss backpropagated.
+        output_term: A term of the outputs added to the loss (one the loss module does not compute).
     """
     pristine = copy.deepcopy(model)
     params = ref.trainable(model)
@@ -160,6 +162,8 @@ def train(
         opt.zero_grad()
         outputs = model(inputs)
         loss = (loss_fn(outputs, targets) if loss_weight == 1.0 else loss_weight * loss_fn(outputs, targets)) + ref.regularizer(decayed, weight_decay)
+        if output_term is not None:
+            loss = loss + output_term(outputs)
         if instruments is None:
             loss.backward()
             opt.step()

@@ -22,6 +22,8 @@ class Accumulator:
     def __init__(self, num_params: int):
         self.errors: list[str] = []  # what failed, in order
         self.failed: set[str] = set()  # reductions whose sums lack a parameter's part (see fail)
+        self.dropped: set[str] = set()  # reductions left out at this step alone (see drop)
+        self.drop_reason = ""
         self._totals: dict[str, Tensor] = {}
         self._parts: dict[str, list[Tensor]] = {}  # values added since the totals were last combined
         self.per_param: dict[str, list[Tensor | None]] = {}
@@ -60,6 +62,13 @@ class Accumulator:
         missing that parameter's part, must not be read as the whole network's."""
         self.errors.append(error)
         self.failed |= names
+
+    def drop(self, names: frozenset[str] | set[str], reason: str) -> None:
+        """Record that the sums ``names`` do not describe this step's loss (a stand-in that
+        missed a term of it), while the usual way gives them at other steps: the quantities
+        reading them skip the step, saying ``reason``, and stay on."""
+        self.dropped |= names
+        self.drop_reason = reason
 
     def add(self, name: str, value: Tensor) -> None:
         """Add ``value`` (any shape, the same for every call with ``name``) to the sum ``name``."""

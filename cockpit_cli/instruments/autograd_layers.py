@@ -1,9 +1,10 @@
 """Curvature rules of layers that BackPACK has none for, through autograd.
 
 Adaptive max pooling, softmax, local response normalisation, a model's own modules that reshape
-or permute, layers with parameters (PReLU, a layer of one's own) and layers with sublayers that
+or permute, layers with parameters (PReLU, a layer of one's own), layers with sublayers that
 a model's graph calls as one layer, taken whole (``nn.TransformerEncoderLayer``, self-attention,
-a block of the model's own: :mod:`curvature_graph`): a layer that treats every sample alone
+a block of the model's own: :mod:`curvature_graph`), and the operations of a model's forward
+the graph calls as layers (:mod:`tensor_operations`): a layer that treats every sample alone
 passes the curvature factor's columns (``[V, N, *output]``) back as
 
     J^T mat = the gradient of layer(x) . mat with respect to x, at the layer's input x

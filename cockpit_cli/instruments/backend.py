@@ -30,12 +30,13 @@ from cockpit_cli.instruments.batch_inputs import Inputs
 from cockpit_cli.instruments.batch_inputs import batch_size as samples_in
 from cockpit_cli.instruments.autograd_layers import AUTOGRAD_RULES, unreproducible
 from cockpit_cli.instruments.curvature_diagonal import CURVATURES, adds_residual, curvature_extension
-from cockpit_cli.instruments.curvature_graph import whole_layers
+from cockpit_cli.instruments.curvature_graph import graph_operations, whole_layers
 from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
 from cockpit_cli.instruments.functional_passes import devices, diagonal_by_products, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
+from cockpit_cli.instruments.loss_output_weight import LossModuleCalls
 from cockpit_cli.instruments.loss_scale import scaled_loss
 from cockpit_cli.instruments.model_hooks import ModelHook
 from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_layer, layer_products
@@ -80,12 +81,16 @@ class GradientCapture:
         self.model = model
         self.loss_function = loss_function
         self.per_sample_loss_function = per_sample_loss_function
+        self.loss_calls = LossModuleCalls(loss_function)
+        self.loss_weight = 1.0  # the factor of the loss module's output in the tracked step's loss (find_loss_weight)
+        self.autocast = False  # whether the tracked step's forward pass ran under torch.autocast
         self.params = params
         self.names = names
         self.support = support
         self.curvature_attribute = CURVATURES[curvature][1]
         whole = whole_layers(support.graph) if support.graph is not None else []  # layers with sublayers the graph calls as one
-        self._curvature = curvature_extension(curvature, model, whole) if support.curvature and not support.curvature_by_products else None
+        added = whole + graph_operations(support.graph) if support.graph is not None else []
+        self._curvature = curvature_extension(curvature, model, added) if support.curvature and not support.curvature_by_products else None
         self._monte_carlo = curvature == "ggn_mc"
         self.weight_decay = weight_decay
         self.param_index = {id(p): i for i, p in enumerate(params)}
@@ -221,6 +226,19 @@ class GradientCapture:
         self.detach()
         if self._output_hooks is not None:
             self._output_hooks.detach()
+
+    def find_loss_weight(self, loss: Tensor) -> float:
+        """Find and return the factor ``w`` with which the loss module's output enters the
+        tracked step's ``loss`` (:class:`LossModuleCalls`): the passes of the step that compute
+        the loss again from the loss functions multiply by it, so that their values describe
+        ``loss``."""
+        self.loss_weight = self.loss_calls.weight(loss)
+        return self.loss_weight
+
+    def _per_sample_loss(self, weight: float) -> PerSampleLoss:
+        """The per-sample loss function, its values times ``weight``."""
+        function = self.per_sample_loss_function
+        return function if weight == 1.0 else lambda outputs, targets: weight * function(outputs, targets)
 
     def regularization(self) -> float:
         """Return the regulariser's value ``sum_p 0.5 * lambda_p * ||p||^2``."""
@@ -399,24 +417,48 @@ class GradientCapture:
         return None if self._diagonals is None else self._diagonals[index]
 
     def _reduce_by_functorch(
-        self, accumulator: Accumulator, inputs: Inputs, targets: Any, rng_state: tuple | None, requested: frozenset[str], options: ReductionOptions, own_gradients: bool
+        self,
+        accumulator: Accumulator,
+        inputs: Inputs,
+        targets: Any,
+        rng_state: tuple | None,
+        requested: frozenset[str],
+        options: ReductionOptions,
+        own_gradients: bool,
+        stand_in: bool = False,
     ) -> None:
         """Add the requested reductions of torch.func's per-sample gradients to ``accumulator``
-        (after the training's backward pass)."""
+        (after the training's backward pass). Where they do not average to the training's own
+        gradients, the loss has a term the per-sample loss function misses: the quantities that
+        read them go off, or skip this step alone where torch.func stands in for the layers'
+        hooks (``stand_in``: BackPACK's graph failed), which follow every term of the loss."""
         self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
         try:
             gradients = self._functorch_per_sample(inputs, targets, rng_state)
         except Exception as error:  # noqa: BLE001 - the gradients are taken; the quantities that need these go off
             accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
             gradients = []
+        difference, size = 0.0, 0.0  # of the samples' means from the training's gradients, squared
         try:
             for index, samples in enumerate(gradients):
                 samples = self._with_regularizer(index, samples)
-                if index in self.runs.outside and own_gradients:
-                    _add_loss_term(samples, self.params[index].grad / self.gradient_scale)
+                gradient = self.params[index].grad
+                if own_gradients and gradient is not None:
+                    gradient = gradient.detach() / self.gradient_scale
+                    if index in self.runs.outside:
+                        _add_loss_term(samples, gradient)
+                    else:
+                        difference = difference + (samples.mean(0) - gradient).double().pow(2).sum()
+                        size = size + gradient.double().pow(2).sum()
                 reduce_layer(index, DenseSamples(samples), self.params[index], self._products_diagonal(index), requested, accumulator, options, self.sync)
         except Exception as error:  # noqa: BLE001 - the training's gradients are in place; the quantities that need these go off
             accumulator.fail(requested & NEEDS_SAMPLES, sample_failure(error))
+            return
+        tolerance = _mean_tolerance(self.params[0].dtype if self.params else torch.float32, self.autocast)
+        if float(difference) > tolerance**2 * float(size):  # (not with NaN: a diverged step is said elsewhere)
+            times = "" if self.loss_weight == 1.0 else f" times {self.loss_weight:g}"
+            reason = UNSEEN_LOSS_TERM.format(times=times, part=math.sqrt(float(difference) / float(size)))
+            (accumulator.drop if stand_in else accumulator.fail)(requested & NEEDS_SAMPLES, reason)
 
     def _backward_by_graph(
         self, loss: Tensor, inputs: Inputs, targets: Any, requested: frozenset[str], per_sample: bool, options: ReductionOptions, rng_state: tuple | None, training_pass: Callable[[], None]
@@ -444,10 +486,12 @@ class GradientCapture:
         failure = None
         try:
             with torch.random.fork_rng(devices=devices(loss)):  # the replay and Monte-Carlo samples never touch training's RNG
-                graph_loss = loss_at(self._graph, self.loss_function, inputs, targets, rng_state)
+                graph_loss = loss_at(self._graph, self.loss_function, inputs, targets, rng_state, weight=self.loss_weight)
                 step_loss = float(loss.detach()) - self.regularization()
-                if not math.isclose(float(graph_loss.detach()), step_loss, rel_tol=1e-5, abs_tol=1e-7):
-                    failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__)
+                if not self.loss_weight > 0:
+                    failure = UNFACTORED_WEIGHT.format(weight=self.loss_weight)
+                elif not math.isclose(float(graph_loss.detach()), step_loss, rel_tol=1e-5, abs_tol=1e-7):
+                    failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__, weight=self.loss_weight)
                 else:
                     extensions = [self._batch_grad, self._curvature] if per_sample and not by_functorch else [self._curvature]
                     with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)), quiet_notices():
@@ -469,7 +513,8 @@ class GradientCapture:
             self._learn(failure, per_sample=False, curvature=True)
             accumulator.fail(requested & NEEDS_CURVATURE, failure)
             if per_sample:
-                self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
+                stand_in = self.support.per_sample == "backpack"  # (the layers' hooks give them at the other steps)
+                self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients, stand_in)
         elif by_functorch:
             self._reduce_by_functorch(accumulator, inputs, targets, rng_state, requested, options, own_gradients)
         else:
@@ -497,7 +542,7 @@ class GradientCapture:
         if weight is None:
             return LOSS_NOT_FROM_LAST_CALL.format(name=name)
         if not float(weight) > 0:
-            return f"the loss module's output enters the loss times {float(weight):g}, whose curvature has no square-root factor"
+            return UNFACTORED_WEIGHT.format(weight=float(weight))
         for layer in self._recomputed:
             if "input0" in layer.__dict__:
                 why = unreproducible(layer)
@@ -643,12 +688,14 @@ class GradientCapture:
         decay = self.weight_decay[index]
         return samples.add_(self.params[index].detach(), alpha=decay) if decay else samples
 
-    def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None, theta: list[Tensor] | None = None) -> list[Tensor]:
+    def _functorch_per_sample(self, inputs: Inputs, targets: Any, rng_state: tuple | None, theta: list[Tensor] | None = None, weight: float | None = None) -> list[Tensor]:
         """Per-sample data-loss gradients from ``torch.func``, one ``[N, *p.shape]`` per parameter
-        (:func:`functional_passes.functorch_per_sample`), at the parameters or at ``theta``."""
+        (:func:`functional_passes.functorch_per_sample`), at the parameters or at ``theta``; of
+        the per-sample losses times ``weight`` (default: the step's :attr:`loss_weight`)."""
         points = self.params if theta is None else theta
         params = {name: point.detach() for name, point in zip(self.names, points)}
-        arguments = (self.model, params, self.per_sample_loss_function, inputs, targets, rng_state)
+        per_sample_loss = self._per_sample_loss(self.loss_weight if weight is None else weight)
+        arguments = (self.model, params, per_sample_loss, inputs, targets, rng_state)
         try:
             gradients = functorch_per_sample(*arguments, by_jacobian=self.per_sample_by_jacobian)
         except RuntimeError as error:  # an operation vmap cannot run a sample at a time: its Jacobian vmaps only backward passes
@@ -695,7 +742,7 @@ class GradientCapture:
             self._output_hooks.detach()  # (the next tracked step attaches them again)
         model = self.model._orig_mod if self.compiled else self.model
         with sdpa_kernel(SDPBackend.MATH) if self.math_attention else nullcontext():
-            again = loss_at(model, self.loss_function, inputs, targets, rng_state) + self.regularization_tensor()
+            again = loss_at(model, self.loss_function, inputs, targets, rng_state, weight=self.loss_weight) + self.regularization_tensor()
         value, expected = float(again.detach()), float(loss.detach())
         if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6):
             how = " and ".join(
@@ -704,7 +751,7 @@ class GradientCapture:
             raise ValueError(
                 f"the loss computed again {how} (for graphs that can be differentiated twice) is {value:.6g}, "
                 f"not the step's {expected:.6g}: its Hessian-vector products need the loss to be the loss module's "
-                f"(plus weight_decay's term), computed alike {how} and as trained"
+                f"(times its factor, plus weight_decay's term), computed alike {how} and as trained"
             )
         return again
 
@@ -723,8 +770,8 @@ class GradientCapture:
         ``scaled_dot_product_attention`` on the CPU, say) and the layers' hooks give every
         per-sample gradient, by a forward and a backward pass at ``theta`` instead, in which the
         hooks take the products (:meth:`_slopes_by_hooks`)."""
-        named_theta = dict(zip(self.names, theta))
-        forward = per_sample_slopes(self.model, named_theta, self.per_sample_loss_function, self.weight_decay, self.sync, inputs, targets, rng_state)
+        named_theta, weight = dict(zip(self.names, theta)), self.loss_weight  # the step's: the calls come after its update
+        forward = per_sample_slopes(self.model, named_theta, self._per_sample_loss(weight), self.weight_decay, self.sync, inputs, targets, rng_state)
         backward = self._slopes_by_hooks if self.factored else self._slopes_by_functorch
 
         def slopes(direction: list[Tensor]) -> Tensor:
@@ -733,23 +780,24 @@ class GradientCapture:
                     return forward(direction)
                 except NotImplementedError:  # torch's words for an operation without forward-mode AD
                     self._forward_mode = False
-            return backward(inputs, targets, theta, rng_state, direction)
+            return backward(inputs, targets, theta, rng_state, direction, weight)
 
         return slopes
 
-    def _slopes_by_functorch(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor]) -> Tensor:
+    def _slopes_by_functorch(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor], weight: float) -> Tensor:
         """Return ``g_i . d`` at ``theta`` for every sample (float64 ``[N]``, the global batch's)
         from the per-sample gradients at ``theta`` that ``torch.func`` forms
-        (:meth:`_functorch_per_sample`), multiplied with ``d`` a parameter at a time."""
-        gradients = self._functorch_per_sample(inputs, targets, rng_state, theta)
+        (:meth:`_functorch_per_sample`, of the losses times ``weight``), multiplied with ``d`` a
+        parameter at a time."""
+        gradients = self._functorch_per_sample(inputs, targets, rng_state, theta, weight)
         products = sum((samples.flatten(1) @ d.reshape(-1).to(samples.dtype)).double() for samples, d in zip(gradients, direction))
         return self.sync.gather(products + regularizer_slope(theta, direction, self.weight_decay))
 
-    def _slopes_by_hooks(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor]) -> Tensor:
+    def _slopes_by_hooks(self, inputs: Inputs, targets: Any, theta: list[Tensor], rng_state: tuple | None, direction: list[Tensor], weight: float) -> Tensor:
         """Return ``g_i . d`` at ``theta`` for every sample (float64 ``[N]``, the global batch's)
-        from one forward pass with ``theta`` as the parameters and one backward pass, in which
-        each layer's hooks take its products with ``d`` (:func:`output_hooks.layer_products`):
-        no per-sample gradient is formed."""
+        from one forward pass with ``theta`` as the parameters and one backward pass of the loss
+        times ``weight``, in which each layer's hooks take its products with ``d``
+        (:func:`output_hooks.layer_products`): no per-sample gradient is formed."""
         hooks, scale = self._output_hooks, self.gradient_scale
         accumulator, options = Accumulator(len(self.params)), ReductionOptions(direction=list(direction))
         named = {name: point.detach().requires_grad_(True) for name, point in zip(self.names, theta)}
@@ -758,7 +806,7 @@ class GradientCapture:
         hooks.layer_callback = self._layer_projections(accumulator, options, theta)
         self.gradient_scale = 1.0
         try:
-            loss = loss_at(self.model, self.loss_function, inputs, targets, rng_state, named)
+            loss = loss_at(self.model, self.loss_function, inputs, targets, rng_state, named, weight)
             torch.autograd.grad(loss, list(named.values()), allow_unused=True)
         finally:
             hooks.layer_callback, self.gradient_scale = None, scale
@@ -776,6 +824,12 @@ class GradientCapture:
 
 
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
+UNSEEN_LOSS_TERM = (
+    "the per-sample gradients of the per-sample loss function{times} (by torch.func) do not average to the step's gradient "
+    "(they differ by {part:.2g} of its norm): the loss has a term that function does not compute; compute the loss as "
+    "loss_function(outputs, targets), times a factor if need be, plus weight_decay's term and terms of the parameters alone"
+)
+UNFACTORED_WEIGHT = "the loss module's output enters the loss times {weight:g}, whose curvature has no square-root factor"
 LOSS_NOT_FROM_MODULE = (
     "the loss was not computed by the loss module given to the instruments ({name}), where BackPACK's curvature "
     "rules start: compute it as loss = loss_function(outputs, targets) with that very module"
@@ -783,9 +837,9 @@ LOSS_NOT_FROM_MODULE = (
 
 
 GRAPH_LOSS_MISMATCH = (
-    "the loss backpropagated ({step:.6g} without weight_decay's term) is not the loss module's value ({name}: {graph:.6g}) "
-    "on the outputs of BackPACK's graph of the model, whose curvature would be the loss module's: compute the loss "
-    "as loss_function(outputs, targets), plus weight_decay's term"
+    "the loss backpropagated ({step:.6g} without weight_decay's term) is not {weight:g} times the loss module's value "
+    "({name}, {graph:.6g} with the factor) on the outputs of BackPACK's graph of the model, whose curvature would be "
+    "that: compute the loss as a factor times loss_function(outputs, targets), plus weight_decay's term"
 )
 
 
@@ -804,6 +858,15 @@ def out_of_place(model: nn.Module) -> list[nn.Module]:
     for module in switched:
         module.inplace = False
     return switched
+
+
+def _mean_tolerance(dtype: torch.dtype, autocast: bool) -> float:
+    """How far (relative to its norm) the mean of torch.func's per-sample gradients may lie from
+    the training's gradient, formed in another order (under autocast, in another precision; with
+    TF32 convolutions on a GPU, to about 1e-3)."""
+    if autocast or torch.finfo(dtype).bits < 32:
+        return 0.05
+    return 1e-2 if dtype == torch.float32 else 1e-6
 
 
 def _own_memory(samples: Tensor) -> Tensor:

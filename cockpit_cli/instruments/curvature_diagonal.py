@@ -137,13 +137,14 @@ class _Conv2DDerivatives(_OwnPadding, Conv2DDerivatives):
     pass
 
 
-def curvature_extension(curvature: str, model: nn.Module | None = None, whole: list[nn.Module] | None = None) -> BackpropExtension:
+def curvature_extension(curvature: str, model: nn.Module | None = None, graph_layers: list[nn.Module] | None = None) -> BackpropExtension:
     """Return the BackPACK extension of ``curvature`` (``"hessian"``, ``"ggn"`` or ``"ggn_mc"``)
     with the convolution rules above and cross-entropy's factor of ``C - 1`` columns
     (:mod:`cross_entropy_factor`); the Hessian's follows graphs with branches
     (:mod:`graph_hessian`). The layers of ``model`` that no rule knows get those of
-    :mod:`autograd_layers`, as do the layers with sublayers in ``whole``, which a graph of the
-    model calls as one layer."""
+    :mod:`autograd_layers`, as do those of ``graph_layers``, which a graph of the model calls:
+    layers with sublayers, taken whole, and the operations of its forward
+    (:mod:`tensor_operations`)."""
     extension_class = CURVATURES[curvature][0]
     extension = extension_class()
     hessian = issubclass(extension_class, DiagHessian)
@@ -167,7 +168,7 @@ def curvature_extension(curvature: str, model: nn.Module | None = None, whole: l
     for dropout in CHANNEL_DROPOUT:  # a mask of whole channels is a mask of elements too
         extension.set_module_extension(dropout, DiagHDropout() if hessian else DiagGGNDropout(), overwrite=True)
     if model is not None:
-        unknown = [m for m in model.modules() if autograd_obstacle(m) is None] + [m for m in whole or [] if autograd_obstacle(m, whole=True) is None]
+        unknown = [m for m in model.modules() if autograd_obstacle(m) is None] + [m for m in graph_layers or [] if autograd_obstacle(m, whole=True) is None]
         set_autograd_rules(extension, hessian, unknown)
     if hessian:
         tag_origins(extension)  # last: every rule, BackPACK's and those above

@@ -15,9 +15,11 @@ self-attention ``nn.MultiheadAttention`` is called as a layer of one input
 cannot follow (attention written with tensor operations) is called as a layer too, taken whole,
 the innermost such block.
 
-A model the converter cannot trace (control flow that depends on the data, a layer with
-parameters called twice) or one that calls an operation outside a module in its own forward
-(``torch.relu`` instead of ``nn.ReLU``, ``h.mean(1)``) gets no curvature diagonal, with the reason.
+Operations the model's forward computes on one tensor (``torch.relu(h)``, ``h.mean(1)``) are
+layers of the graph too (:mod:`tensor_operations`), made so before the converter runs (it cannot
+take a function called twice). A model the converter cannot trace (control flow that depends on
+the data, a layer with parameters called twice) or one that computes an operation of several of
+its tensors outside a module (``torch.maximum(a, b)``) gets no curvature diagonal, with the reason.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor, fx, nn
 from cockpit_cli.instruments.autograd_layers import attention_obstacle, autograd_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, settings_obstacle
 from cockpit_cli.instruments.extension_rules import module_rules
+from cockpit_cli.instruments.tensor_operations import TensorOperation, operation_name, operations_as_layers, unfollowed_operation
 
 
 @lru_cache(maxsize=None)
@@ -117,6 +120,11 @@ def graph_layers(graph: fx.GraphModule) -> list[nn.Module]:
     return list(dict.fromkeys(graph.get_submodule(node.target) for node in graph.graph.nodes if node.op == "call_module"))
 
 
+def graph_operations(graph: fx.GraphModule) -> list[nn.Module]:
+    """The operations of the model's forward that ``graph`` calls as layers of its own (:mod:`tensor_operations`)."""
+    return [layer for layer in graph_layers(graph) if isinstance(layer, TensorOperation)]
+
+
 def whole_layers(graph: fx.GraphModule) -> list[nn.Module]:
     """The layers with sublayers that ``graph`` calls as one layer (autograd's rules follow them whole)."""
     return [layer for layer in graph_layers(graph) if list(layer.children())]
@@ -125,10 +133,6 @@ def whole_layers(graph: fx.GraphModule) -> list[nn.Module]:
 # Operations BackPACK's converter makes modules of (sums, products with numbers, flattening,
 # permutations, the elements of a layer's tuple), by the names fx gives them
 CONVERTED = {"add", "mul", "multiply", "flatten", "permute", "transpose", "getitem"}
-
-
-def _operation(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _blocks_with_operations(model: nn.Module) -> list[list[nn.Module]]:
@@ -150,7 +154,7 @@ def _blocks_with_operations(model: nn.Module) -> list[list[nn.Module]]:
         if not stack or not stack[-1]:
             continue  # the model's own forward: no block to take whole
         any_operation[stack[-1]] = None
-        if _operation(node) not in CONVERTED:
+        if operation_name(node) not in CONVERTED:
             foreign[stack[-1]] = None
     return [[model.get_submodule(path) for path in paths] for paths in (foreign, any_operation) if paths]
 
@@ -215,14 +219,20 @@ def _converted(model: nn.Module, curvature: str, blocks: list[nn.Module]) -> tup
     try:
         with warnings.catch_warnings(), _as_leaves(blocks):
             warnings.simplefilter("ignore")  # the converter warns of what the checks below say
-            graph = convert_module_to_backpack(model, False)
+            traced = fx.GraphModule(model, BackpackTracer().trace(model))  # (its layers are the model's)
+            operations = operations_as_layers(traced, CONVERTED)  # before the converter, which cannot take a function called twice
+            left = unfollowed_operation(traced, CONVERTED)
+            if left is not None:  # (said before the converter fails on it, in words of its own)
+                return None, f"the model {name} computes '{left}' outside a module, which BackPACK's curvature rules cannot follow"
+            with _as_leaves(operations):
+                graph = convert_module_to_backpack(traced, False)
     except Exception as error:  # noqa: BLE001 - torch.fx's reasons are many (control flow that depends on the data, ...)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return None, f"BackPACK's converter cannot trace the model {name} ({type(error).__name__}: {first_line})"
     finally:
         for module in in_place:
             module.inplace = True
-        for added in set(model._modules) - children:  # the converter registers its products with numbers on the model itself
+        for added in set(model._modules) - children:  # (the converter registers its modules on the model it gets)
             delattr(model, added)
     _self_attention_as_layers(graph)
     for node in graph.graph.nodes:

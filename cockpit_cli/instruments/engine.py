@@ -222,6 +222,9 @@ class Instruments:
         if not needs and self._quiet:  # an idle step after an idle step: everything is off already
             return
         self._quiet = not needs
+        if needs:
+            self.capture.loss_calls.watch()  # the factor of the loss module's output in the step's loss
+            self.capture.autocast = _autocast_enabled()
         if self._batch_norm and any(quantity.per_sample for quantity in active):
             needs = self._check_batch_norm(needs)
         if needs and not self._trainability_changed:
@@ -340,6 +343,7 @@ class Instruments:
         if q.CURVATURE in needs and not self._curvature_checked:
             active, needs = self._check_curvature_memory(step, inputs, outputs)
         if not active:
+            self.capture.loss_calls.stop()
             scaled_loss(loss, scale).backward()
             self.capture.detach()
             self._watch_forward(step + 1)
@@ -348,6 +352,7 @@ class Instruments:
         for quantity in active:
             quantity.reduction_options(step, options)
         scale = scale_factor(loss, scale)
+        weight = self.capture.find_loss_weight(loss)
         requested = frozenset(needs & r.KERNELS.keys())
         by_forward_mode = self._by_forward_mode(needs)
         if by_forward_mode:
@@ -362,7 +367,7 @@ class Instruments:
         if q.INDIVIDUAL_LOSSES in needs:
             try:
                 with torch.no_grad():
-                    individual = one_per_sample(self.per_sample_loss_function(_detach(outputs), targets).detach(), batch_size(inputs))
+                    individual = weight * one_per_sample(self.per_sample_loss_function(_detach(outputs), targets).detach(), batch_size(inputs))
             except Exception as error:  # noqa: BLE001 - the user's function: the quantities reading it go off
                 self._switch_off(self._needing(q.INDIVIDUAL_LOSSES), failure_reason(label, f"{type(error).__name__}: {error}"))
                 active = [quantity for quantity in active if quantity in self.quantities]
@@ -408,6 +413,12 @@ class Instruments:
         if accumulator.failed:  # the other parameters' parts are there, but a sum without one part is wrong
             self._switch_off(self._needing_any(accumulator.failed), failure_reason(label, accumulator.errors[0]))
             active = [quantity for quantity in active if quantity in self.quantities]
+        if accumulator.dropped:  # not this step's values, where the usual way gives them at other steps
+            skipping = self._needing_any(accumulator.dropped)
+            for quantity in skipping:
+                quantity.forget(step)
+            active = [quantity for quantity in active if quantity not in skipping]
+            self.changes.append(f"at step {label}: {', '.join(quantity.name for quantity in skipping)} left out: {accumulator.drop_reason}")
         measured = self._gathered_inputs(inputs) if q.INPUTS in needs else None
         if q.INPUTS in needs and measured is None:
             self._switch_off(self._needing(q.INPUTS), NO_MEASURED_INPUTS, inapplicable=True)
@@ -562,6 +573,7 @@ class Instruments:
         self._count_step(step)
         self._awaiting_update = None
         self.capture.detach()
+        self.capture.loss_calls.stop()
         self._stop_recording()
         self._watch_forward(self.next_step)
 
@@ -630,6 +642,7 @@ class Instruments:
     def finish(self) -> dict[int, dict[str, Any]]:
         """Pop everything left (the last step's lagging values stay missing) and remove hooks."""
         self.capture.release()
+        self.capture.loss_calls.stop()
         if self._forward_hook is not None:
             self._forward_hook.remove()
             self._forward_hook = None

@@ -138,16 +138,19 @@ def hessian_vector_product(loss: Tensor, params: list[nn.Parameter], sync: Synch
     return product
 
 
-def loss_at(model: nn.Module, loss_function: Any, inputs: Inputs, targets: Any, rng_state: tuple | None, named_theta: dict[str, Tensor] | None = None) -> Tensor:
-    """Return ``loss_function`` of the outputs of ``model`` on the step's batch again, in the
-    random state of its forward pass (its dropout masks), with a graph through the layers (their
-    hooks see the pass): with its own parameters, or with ``named_theta`` in their place (which
-    must then require gradients)."""
+def loss_at(
+    model: nn.Module, loss_function: Any, inputs: Inputs, targets: Any, rng_state: tuple | None, named_theta: dict[str, Tensor] | None = None, weight: float = 1.0
+) -> Tensor:
+    """Return ``weight`` times ``loss_function`` of the outputs of ``model`` on the step's batch
+    again, in the random state of its forward pass (its dropout masks), with a graph through the
+    layers (their hooks see the pass): with its own parameters, or with ``named_theta`` in their
+    place (which must then require gradients)."""
     with torch.random.fork_rng(devices=devices(first_input(inputs))), torch.enable_grad(), unchanged_state(model):
         if rng_state is not None:
             _set_rng_state(rng_state)
         outputs = call_model(model, inputs) if named_theta is None else functional_call(model, named_theta, model_args(inputs), model_kwargs(inputs))
-        return loss_function(outputs, targets)
+        loss = loss_function(outputs, targets)
+        return loss if weight == 1.0 else weight * loss
 
 
 def per_sample_slopes(

@@ -1,18 +1,71 @@
-"""The curvature of a loss module's output that enters the loss backpropagated times a factor.
+"""A loss module's output that enters the loss backpropagated times a factor.
 
 A loop may backpropagate ``w * loss_fn(outputs, targets)`` (``0.5 * loss``, a loss divided by
-the micro-batches it is accumulated over). The Hessian of that loss with respect to the outputs is
-``w`` times the module's, but BackPACK's loss rules factor the module's alone (they only warn that
-its output "seems to have been modified"). The factor with which the module's output enters the
-loss is the gradient that reaches the module's output, ``g_out``: the rules below multiply the
-module's symmetric factor by ``sqrt(w)``. A factor that is not positive has no such square root.
+the micro-batches it is accumulated over, an auxiliary loss's weight). The values describe that
+loss: each sample's loss is ``w`` times the per-sample loss function's, and so are its gradient
+and the Hessian with respect to the outputs. The factor with which the module's output enters the
+loss is the gradient that reaches the module's output.
+
+* :class:`LossModuleCalls` finds it at a tracked step (a forward hook keeps the module's output
+  of the step, a backward pass from the loss to that output alone reads the factor): the passes
+  the instruments make themselves from the per-sample loss function (torch.func, forward mode,
+  the loss computed again) multiply by it.
+* BackPACK's loss rules factor the module's Hessian alone (they only warn that its output "seems
+  to have been modified"); they read the factor as ``g_out``, and the rules below multiply the
+  module's symmetric factor by ``sqrt(w)``. A factor that is not positive has no such square root.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from cockpit_cli.instruments.model_hooks import ModelHook
+
+
+class LossModuleCalls:
+    """Watches the loss module's calls of a tracked step for the factor of its output in the loss.
+
+    Args:
+        loss_function: The loss module given to the instruments (a plain function cannot be
+            watched: its factor counts as 1).
+    """
+
+    def __init__(self, loss_function: object) -> None:
+        self.module = loss_function if isinstance(loss_function, nn.Module) else None
+        self._handle: RemovableHandle | None = None
+        self._output: Tensor | None = None  # the module's last output with a graph, a scalar
+
+    def watch(self) -> None:
+        """Keep the module's outputs from now on (before a tracked step's forward pass)."""
+        self._output = None
+        if self.module is not None and self._handle is None:
+            self._handle = self.module.register_forward_hook(ModelHook(self._keep))
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(output, Tensor) and output.requires_grad and output.numel() == 1:
+            self._output = output
+
+    def stop(self) -> None:
+        """Remove the hook and drop the output kept (and the graph it holds)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._output = None
+
+    def weight(self, loss: Tensor) -> float:
+        """Return the factor with which the module's last output of the step enters ``loss``
+        (``d loss / d output``; 1 where the module made no such call, or ``loss`` does not
+        contain it), and stop watching. ``loss``'s graph stays for its backward pass."""
+        output = self._output
+        self.stop()
+        if output is None or output is loss or not loss.requires_grad:
+            return 1.0
+        gradient = torch.autograd.grad(loss, output, retain_graph=True, allow_unused=True)[0]
+        return 1.0 if gradient is None else float(gradient)
 
 
 class OutputWeighted:

@@ -68,7 +68,8 @@ class Tracker:
             for param in instruments.params:
                 param.grad = None
             outputs = call_model(self.model or instruments.model, inputs)
-            retry = instruments.capture.loss_function(outputs, targets) + instruments.capture.regularization_tensor()
+            capture = instruments.capture  # the loss module's value times its factor in the step's loss, as found before the failure
+            retry = capture.loss_weight * capture.loss_function(outputs, targets) + capture.regularization_tensor()
             scaled_loss(retry, scale).backward()
 
     def after_update(self, step: int, record: StepRecord) -> None:
