@@ -106,6 +106,36 @@ def test_every_value_describes_a_loss_module_s_output_times_a_factor(model: str,
         assert values["Alpha"] == pytest.approx(reference_alpha(run, step), rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize(
+    "loss, expected",
+    [
+        (lambda out, reg: out, lambda out: 1.0),
+        (lambda out, reg: out + torch.zeros(()), lambda out: 1.0),
+        (lambda out, reg: out + reg, lambda out: 1.0),
+        (lambda out, reg: 0.5 * out + reg, lambda out: 0.5),
+        (lambda out, reg: (out + reg) / 4, lambda out: 0.25),
+        (lambda out, reg: out + 0.5 * out * out, lambda out: 1.0 + float(out.detach())),
+        (lambda out, reg: out + out, lambda out: 2.0),
+    ],
+    ids=["the output", "plus a constant", "plus a regulariser", "weighted", "divided", "plus a term of it", "twice"],
+)
+def test_the_factor_of_the_loss_module_s_output_in_the_loss(loss: Any, expected: Any) -> None:
+    """The gradient that reaches the module's output (known without a backward pass where the loss
+    adds terms without it to it), from its last call with a graph (not one without gradients)."""
+    from cockpit_cli.instruments.loss_output_weight import LossModuleCalls
+
+    model, (inputs, targets, loss_fn, _) = BUILDERS["mlp"](0), make_batches("mlp", "ce", 0, 1)[0]
+    calls = LossModuleCalls(loss_fn)
+    calls.watch()
+    output = loss_fn(model(inputs), targets)
+    with torch.no_grad():
+        loss_fn(model(inputs), targets)  # (a value logged with the module)
+    regularizer = 0.5 * sum(p.pow(2).sum() for p in model.parameters())
+    assert calls.weight(loss(output, regularizer)) == pytest.approx(expected(output), rel=1e-12)
+    assert calls._handle is None and calls._output is None
+    assert LossModuleCalls(torch.nn.functional.cross_entropy).weight(0.5 * output) == 1.0  # (a function: not watched)
+
+
 def test_gradients_taken_again_after_a_failure_of_the_instruments_keep_the_loss_s_factor() -> None:
     """After the instruments fail in a step's backward pass, the gradients are taken again from the
     loss module's value: times its factor in the step's loss (it was dropped, so the update was
