@@ -429,9 +429,10 @@ class GradientCapture:
     ) -> None:
         """Add the requested reductions of torch.func's per-sample gradients to ``accumulator``
         (after the training's backward pass). Where they do not average to the training's own
-        gradients, the loss has a term the per-sample loss function misses: the quantities that
-        read them go off, or skip this step alone where torch.func stands in for the layers'
-        hooks (``stand_in``: BackPACK's graph failed), which follow every term of the loss."""
+        gradients, the loss has a term the per-sample loss function misses (or the model mixes
+        the samples): the quantities that read them go off, or skip this step alone where
+        torch.func stands in for the layers' hooks (``stand_in``: BackPACK's graph failed), which
+        follow every term of the loss."""
         self.detach()  # BackPACK's hooks, where they were attached, cannot run inside torch.func's transforms
         try:
             gradients = self._functorch_per_sample(inputs, targets, rng_state)
@@ -826,8 +827,9 @@ class GradientCapture:
 INPUT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d)
 UNSEEN_LOSS_TERM = (
     "the per-sample gradients of the per-sample loss function{times} (by torch.func) do not average to the step's gradient "
-    "(they differ by {part:.2g} of its norm): the loss has a term that function does not compute; compute the loss as "
-    "loss_function(outputs, targets), times a factor if need be, plus weight_decay's term and terms of the parameters alone"
+    "(they differ by {part:.2g} of its norm): the loss has a term that function does not compute, or the model mixes the "
+    "samples of a batch; compute the loss as loss_function(outputs, targets), times a factor if need be, plus "
+    "weight_decay's term and terms of the parameters alone"
 )
 UNFACTORED_WEIGHT = "the loss module's output enters the loss times {weight:g}, whose curvature has no square-root factor"
 LOSS_NOT_FROM_MODULE = (
