@@ -377,20 +377,20 @@ def offset_mlp(model: torch.nn.Sequential) -> torch.nn.Sequential:
 
 
 def products_models() -> dict[str, Any]:
-    from test_instruments_exact import Shifted, scaled_mlp
+    from test_instruments_exact import scaled_mlp
     from test_instruments_shared_layers import TiedLinears, sequential_twice
 
     return {
         "a layer with a state BackPACK does not know": lambda: offset_mlp(scaled_mlp(0)),
-        "a parameter beside sublayers": lambda: Shifted(0),
+        "an operation of two tensors": lambda: GatedMLP(0),
         "a layer held twice": lambda: sequential_twice().double(),
         "tied weights": lambda: TiedLinears().double(),
     }
 
 
-@pytest.mark.parametrize("name", ["a layer with a state BackPACK does not know", "a parameter beside sublayers", "a layer held twice", "tied weights"])
+@pytest.mark.parametrize("name", ["a layer with a state BackPACK does not know", "an operation of two tensors", "a layer held twice", "tied weights"])
 def test_small_models_backpack_s_curvature_rules_cannot_follow_get_the_hessian_diagonal_from_products(name: str) -> None:
-    """Each had no curvature with the Hessian (as with the GGN still), per-sample gradients from torch.func or the hooks."""
+    """Each had no curvature with the Hessian (the GGN's comes through the whole model), per-sample gradients from torch.func or the hooks."""
     torch.manual_seed(0)
     model = products_models()[name]()
     batches = make_batches("mlp", "ce", 0, 2)
@@ -1480,7 +1480,6 @@ def test_layers_with_sublayers_of_their_own_get_exact_curvature_through_backpack
         ("self-attention dropping out", "layer 'attention' (MultiheadAttention) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
         ("an encoder layer dropping out", "layer 'block' (TransformerEncoderLayer) drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"),
         ("samples along the second dimension", "layer 'block' (TransformerEncoderLayer) takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"),
-        ("attention to other inputs", "layer 'attention' (MultiheadAttention) takes several inputs, which the curvature's rules of a layer BackPACK does not know cannot follow"),
         ("wide self-attention, Hessian", "layer 'attention' (MultiheadAttention) holds attention, whose output is not linear in its 5328 parameters: their Hessian diagonal would take a Hessian-vector product each (at most 4096); curvature: ggn gives the GGN's diagonal"),
     ],
 )
@@ -1491,7 +1490,6 @@ def test_layers_with_sublayers_the_curvature_s_rules_cannot_follow_whole_say_why
         "self-attention dropping out": lambda: SelfAttending(dropout=0.1),
         "an encoder layer dropping out": lambda: Encoded(dropout=0.1),
         "samples along the second dimension": lambda: Encoded(batch_first=False),
-        "attention to other inputs": lambda: SelfAttending(cross=True),
         "wide self-attention, Hessian": lambda: SelfAttending(width=36),
     }[name]()
     support = check_support(model, torch.nn.CrossEntropyLoss(), "hessian" if "Hessian" in name else "ggn")
@@ -1927,10 +1925,32 @@ class PooledTokens(torch.nn.Module):
         return self.head(torch.nn.functional.normalize(torch.tanh(self.embed(inputs)).reshape(-1, 2, 4).mean(1), dim=1))
 
 
+class Positioned(torch.nn.Module):
+    """Linear(4, 8) of each of 6 positions plus learned positions (a parameter of the model, read
+    in its forward), ``torch.tanh``, minus a buffer, times a learned temperature, Flatten,
+    Linear(48, 3); ``tied``: the positions' features are multiplied with the first layer's weight
+    too (a tensor a layer holds)."""
+
+    def __init__(self, seed: int, tied: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(48 if not tied else 24, 3)
+        self.positions = torch.nn.Parameter(0.5 * torch.randn(1, 6, 8))
+        self.temperature = torch.nn.Parameter(torch.tensor([1.5]))
+        self.register_buffer("offset", torch.linspace(-0.5, 0.5, 8))
+        self.tied = tied
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = (torch.tanh(self.embed(inputs) + self.positions) - self.offset) * self.temperature
+        return self.head((hidden @ self.embed.weight if self.tied else hidden).flatten(1))
+
+
 OPERATION_MODELS = {  # the input's kind, the model, the operations autograd's rules follow (the others: BackPACK's activations)
     "F.relu in a residual network": ("mlp", FunctionalReLU, []),
     "tensor operations in a CNN": ("cnn", FunctionalCNN, ["reshape", "sin", "softmax", "view"]),
     "mean over positions": ("mlp", PooledTokens, ["mean", "normalize", "reshape"]),
+    "tensors of the model read in its forward": ("sequences", Positioned, ["add", "mul", "sub"]),
 }
 
 
@@ -1938,13 +1958,17 @@ OPERATION_MODELS = {  # the input's kind, the model, the operations autograd's r
 @pytest.mark.parametrize("name", sorted(OPERATION_MODELS))
 def test_operations_of_the_model_s_forward_on_one_tensor_get_exact_curvature_as_layers(name: str, curvature: str) -> None:
     """A model that calls ``torch.relu``, ``h.mean(1)`` or ``h.view(h.size(0), -1)`` in its own
-    forward got no curvature (BackPACK's rules follow modules): each such operation is now a layer
-    of the graph (the activations BackPACK knows as those layers, the others followed by autograd's
-    rules, their second derivatives included), and every diagonal matches the references."""
+    forward, or reads a parameter there (``h + self.positions``), got no curvature (BackPACK's
+    rules follow modules): each such operation is now a layer of the graph (the activations
+    BackPACK knows as those layers, the others followed by autograd's rules, their second
+    derivatives included, the parameters they hold too), and every diagonal matches the references."""
     from cockpit_cli.instruments.curvature_graph import graph_operations
 
+    from test_instruments_exact import make_batches_of_sequences
+
     kind, build, followed = OPERATION_MODELS[name]
-    run = train(build(0), make_batches(kind, "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+    batches = make_batches_of_sequences(2) if kind == "sequences" else make_batches(kind, "ce", 0, 2)
+    run = train(build(0), batches, quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
     assert run.instruments.unavailable == {}
     assert run.instruments.support.curvature_by_graph and not run.instruments.support.curvature_by_products
     assert sorted(operation.name for operation in graph_operations(run.instruments.support.graph)) == followed
@@ -2005,22 +2029,92 @@ class Twice(ResidualMLP):
         return self.out(self.branch(self.squash(self.branch(hidden))))
 
 
-@pytest.mark.parametrize(
-    "model, curvature, reason",
-    [
-        (GatedMLP(0), "ggn", "the model GatedMLP computes 'maximum' outside a module, which BackPACK's curvature rules cannot follow"),
-        (DroppingMLP(0).eval(), "ggn", "the model DroppingMLP computes 'dropout' outside a module, which BackPACK's curvature rules cannot follow"),
-        (InPlaceReLU(0), "ggn", "the model InPlaceReLU computes 'relu_' outside a module, which BackPACK's curvature rules cannot follow"),
-        (Twice(0), "ggn", "BackPACK's converter cannot trace the model Twice (NotImplementedError: Cycle with parameters detected: module "
-         "Linear(in_features=5, out_features=5, bias=True) with target branch has parameters and is used 2 times.)"),
-    ],
-    ids=["two tensors", "dropout", "in place, read elsewhere", "twice"],
-)
-def test_a_model_backpack_s_graph_cannot_follow_gets_no_curvature_saying_why(model: torch.nn.Module, curvature: str, reason: str) -> None:
-    run = train(model, make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature=curvature)
+WHOLE_MODELS = {  # the input's kind and the model, whose forward BackPACK's graph does not follow
+    "an operation of two tensors": ("mlp", GatedMLP),
+    "dropout by a function, in eval mode": ("mlp", lambda seed: DroppingMLP(seed).eval()),
+    "a ReLU in place, read through its input": ("mlp", InPlaceReLU),
+    "a layer called twice": ("mlp", Twice),
+    "a layer's weight read in the forward (tied)": ("sequences", lambda seed: Positioned(seed, tied=True)),
+    "attention to other inputs (a layer of several inputs)": ("sequences", lambda seed: SelfAttending(cross=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_MODELS))
+def test_a_model_backpack_s_graph_cannot_follow_gets_the_ggn_diagonal_through_the_whole_model(name: str) -> None:
+    """These models got no GGN diagonal (the converter's graph could not follow their forward):
+    a graph of one layer, the whole model, which autograd's rules follow, gives it exactly (said
+    in the run's notes), the per-sample values beside it from torch.func; the Monte-Carlo GGN too."""
+    from cockpit_cli.instruments.curvature_graph import WholeModel, graph_layers
+
+    from test_instruments_exact import make_batches_of_sequences
+
+    kind, build = WHOLE_MODELS[name]
+    batches = make_batches_of_sequences(2) if kind == "sequences" else make_batches(kind, "ce", 0, 2)
+    model = build(0)
+    run = train(model, batches, quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert run.instruments.unavailable == {}
+    (layer,) = graph_layers(run.instruments.support.graph)
+    assert isinstance(layer, WholeModel) and layer.model is model
+    assert any(note.startswith(f"the GGN diagonal comes from autograd through the whole model {type(model).__name__}, ") for note in run.instruments.describe()["notes"])
+    check_curvature(run, "ggn")
+    for step in range(2):
+        check_first_order(run, step, names=("NormTest",))
+    sampled = train(build(0), batches, quantities(DIAGONAL), curvature="ggn_mc")
+    assert sampled.instruments.unavailable == {}
+    assert all(math.isfinite(value) and value >= 0.0 for step in range(2) for value in sampled.records[step]["HessTrace"])
+
+
+class WideGatedMLP(torch.nn.Module):
+    """Linear(6, 20)-ReLU, the elementwise maximum of that and Linear(20, 20) of it (an operation
+    of two tensors), Linear(20, 3): 623 parameters, too many for a Hessian diagonal from products."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first, self.branch, self.out = torch.nn.Linear(6, 20), torch.nn.Linear(20, 20), torch.nn.Linear(20, 3)
+        self.double()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(inputs))
+        return self.out(torch.maximum(hidden, self.branch(hidden)))
+
+
+def test_a_model_backpack_s_graph_cannot_follow_gets_no_hessian_diagonal_saying_why() -> None:
+    """The whole model's Hessian would take a Hessian-vector product per parameter: a model too
+    large for the products gets no Hessian diagonal, with the reason (``curvature: ggn`` gives
+    the GGN's)."""
+    run = train(WideGatedMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="hessian")
+    reason = "the model WideGatedMLP computes 'maximum' outside a module, which BackPACK's curvature rules cannot follow"
     assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, reason)
     for step in range(2):
         check_first_order(run, step, names=("NormTest",))
+
+
+class GatedByInput(GatedMLP):
+    """:class:`GatedMLP` of two inputs, the second scaling the first."""
+
+    def forward(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs * scale)
+
+
+def test_a_model_of_two_inputs_is_no_layer_the_rules_follow_whole() -> None:
+    from cockpit_cli.instruments.support import check_support
+
+    support = check_support(GatedByInput(0), torch.nn.CrossEntropyLoss(), "ggn")
+    assert not support.curvature
+    assert support.curvature_reason == "the model GatedByInput computes 'maximum' outside a module, which BackPACK's curvature rules cannot follow"
+
+
+def test_a_whole_model_that_draws_random_numbers_gets_no_curvature_saying_so() -> None:
+    """Dropout by a function in training mode: the whole model's rules would compute it again
+    with other masks; its first call sees another output on the same batch."""
+    run = train(DroppingMLP(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert run.instruments.unavailable["HessTrace"] == (
+        "failed at step 0 and was switched off: the pass through BackPACK's graph of the model failed: ValueError: the model "
+        "DroppingMLP draws random numbers (dropout in its forward?), which the curvature's rules cannot draw again"
+    )
+    assert all("NormTest" in values for values in run.records.values())
 
 
 def output_penalty(outputs: torch.Tensor) -> torch.Tensor:

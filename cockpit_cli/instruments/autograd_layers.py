@@ -77,6 +77,8 @@ def autograd_obstacle(module: nn.Module, whole: bool = False) -> str | None:
         return "drops out in training mode, which the curvature's rules cannot draw again sample by sample (dropout 0, or eval mode, gives the curvature)"
     if any(isinstance(part, nn.MultiheadAttention) and not part.batch_first for part in module.modules()):
         return "takes the samples along its second dimension (batch_first=False), which the curvature's rules cannot take apart (batch_first=True gives the curvature)"
+    if any(isinstance(part, nn.Embedding) and part.max_norm is not None for part in module.modules()):
+        return "renormalises embedding rows in its forward pass (max_norm), a change of its parameters the curvature's rules cannot follow"
     if any(part._forward_pre_hooks and any(True for _ in part.parameters(recurse=False)) for part in module.modules()):
         return "changes its parameters in a forward pre-hook (such as torch.nn.utils.weight_norm's), which the curvature's rules cannot follow"
     return None

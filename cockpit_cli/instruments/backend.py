@@ -100,7 +100,9 @@ class GradientCapture:
             if own:
                 self.module_params[module] = own
         # a layer the graph calls as one reduces its sublayers' parameters (their hooks stay off)
-        self._whole_params = {layer: [pair for part in layer.modules() for pair in self.module_params.get(part, [])] for layer in whole}
+        # (an operation of the forward may hold a parameter of the model too: tensor_operations)
+        holding = whole + [operation for operation in graph_operations(support.graph) if any(True for _ in operation.parameters())] if support.graph is not None else []
+        self._whole_params = {layer: [(self.param_index[id(p)], p) for p in layer.parameters() if id(p) in self.param_index] for layer in holding}
         self._inside_whole = {id(part) for layer in whole for part in layer.modules() if part is not layer}
         # BackPACK's hooks are installed only for the steps that use them (see attach): on the
         # other steps a full backward hook on every layer would cost time for nothing.

@@ -19,7 +19,10 @@ Operations the model's forward computes on one tensor (``torch.relu(h)``, ``h.me
 layers of the graph too (:mod:`tensor_operations`), made so before the converter runs (it cannot
 take a function called twice). A model the converter cannot trace (control flow that depends on
 the data, a layer with parameters called twice) or one that computes an operation of several of
-its tensors outside a module (``torch.maximum(a, b)``) gets no curvature diagonal, with the reason.
+its tensors outside a module (``torch.maximum(a, b)``) gets its GGN diagonal through a graph of
+one layer, the whole model, which autograd's rules follow (a per-sample backward pass per column
+of the loss's curvature factor); its Hessian diagonal only from products, where it is small
+(:mod:`support`), else the reason.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor, fx, nn
 from cockpit_cli.instruments.autograd_layers import attention_obstacle, autograd_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, settings_obstacle
 from cockpit_cli.instruments.extension_rules import module_rules
-from cockpit_cli.instruments.tensor_operations import TensorOperation, operation_name, operations_as_layers, unfollowed_operation
+from cockpit_cli.instruments.tensor_operations import TensorOperation, check_samples_alone, operation_name, operations_as_layers, unfollowed_operation
 
 
 @lru_cache(maxsize=None)
@@ -192,17 +195,72 @@ def _as_leaves(blocks: list[nn.Module]) -> Iterator[None]:
 
 def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | None, str | None]:
     """Return BackPACK's graph of ``model`` whose layers have rules of ``curvature`` (``hessian``,
-    ``ggn`` or ``ggn_mc``), or ``None`` and why not (:func:`_converted`). Where the model's own
-    blocks compute operations outside its layers (attention written with tensor operations), the
-    graph calls them as layers, taken whole (autograd's rules): those with operations the
-    converter makes no modules of, else those with any."""
+    ``ggn`` or ``ggn_mc``) and a note, or ``None`` and why not (:func:`_converted`). Where the
+    model's own blocks compute operations outside its layers (attention written with tensor
+    operations), the graph calls them as layers, taken whole (autograd's rules): those with
+    operations the converter makes no modules of, else those with any. Where none of that
+    follows the model, the GGN's graph calls the whole model as its one layer (:class:`WholeModel`,
+    with :data:`WHOLE_NOTE`)."""
     graph, reason = _converted(model, curvature, [])
     for blocks in _blocks_with_operations(model) if graph is None else []:
         whole, whole_reason = _converted(model, curvature, blocks)
         if whole is not None:
             return whole, None
         reason = reason if whole_reason is None else whole_reason
+    if graph is None and curvature != "hessian" and _one_input(model):  # (the Hessian's would take a product per parameter: small models get those)
+        layer = WholeModel(model)
+        whole, _ = _converted(_Container(layer), curvature, [layer])
+        if whole is not None:
+            return whole, WHOLE_NOTE.format(name=type(model).__name__, reason=reason)
     return graph, reason
+
+
+WHOLE_NOTE = (
+    "the GGN diagonal comes from autograd through the whole model {name}, a per-sample backward pass for every column "
+    "of the loss's curvature factor (exact, slower), as BackPACK's graph does not follow it: {reason}"
+)
+
+
+class WholeModel(nn.Module):
+    """A model of one input as a layer, the one of a graph (in a :class:`_Container`), which
+    autograd's rules follow whole (:mod:`autograd_layers`): the last way to its GGN diagonal,
+    where the converter cannot follow its forward (control flow that depends on the data, an
+    operation of two of its tensors, a tied weight). Its first call checks that it treats every
+    sample alone and draws no random numbers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.checked = False
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        outputs = self.model(inputs)
+        if not self.checked:
+            check_samples_alone(self.model, inputs, outputs, f"the model {type(self.model).__name__}")
+            self.checked = True
+        return outputs
+
+
+def _one_input(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes one input (a layer's rules take one)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return len(positional) >= 1 and len(required) <= 1
+
+
+class _Container(nn.Module):
+    """What the converter traces to a graph that calls ``layer`` (a leaf there)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layer(inputs)
 
 
 def _converted(model: nn.Module, curvature: str, blocks: list[nn.Module]) -> tuple[fx.GraphModule | None, str | None]:
@@ -223,7 +281,7 @@ def _converted(model: nn.Module, curvature: str, blocks: list[nn.Module]) -> tup
             operations = operations_as_layers(traced, CONVERTED)  # before the converter, which cannot take a function called twice
             left = unfollowed_operation(traced, CONVERTED)
             if left is not None:  # (said before the converter fails on it, in words of its own)
-                return None, f"the model {name} computes '{left}' outside a module, which BackPACK's curvature rules cannot follow"
+                return None, f"the model {name} {left}, which BackPACK's curvature rules cannot follow"
             with _as_leaves(operations):
                 graph = convert_module_to_backpack(traced, False)
     except Exception as error:  # noqa: BLE001 - torch.fx's reasons are many (control flow that depends on the data, ...)

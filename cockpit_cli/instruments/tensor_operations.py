@@ -52,6 +52,14 @@ class SizeOf:
         return inputs.size() if self.dim is None else inputs.size(self.dim)
 
 
+@dataclass(frozen=True)
+class Held:
+    """An argument of an operation that is a tensor of the model (a parameter, a buffer) the
+    operation's layer holds under ``name``."""
+
+    name: str
+
+
 class _Input:
     """Where the operation's input goes among its arguments."""
 
@@ -63,32 +71,47 @@ INPUT = _Input()
 
 
 class TensorOperation(nn.Module):
-    """An operation of the model's forward on one tensor, as a layer of one input.
+    """An operation of the model's forward on one tensor, as a layer of one input (and of the
+    model's own tensors it reads: ``h + self.positions``, which it holds, the very tensors).
 
     Args:
         operation: The function called, or the name of the tensor method.
-        arguments: Its positional arguments, with :data:`INPUT` for the input and
-            :class:`SizeOf` for sizes of it (nested in tuples and lists too).
+        arguments: Its positional arguments, with :data:`INPUT` for the input, :class:`SizeOf`
+            for sizes of it and :class:`Held` for the tensors in ``held`` (nested in tuples and
+            lists too).
         keywords: Its keyword arguments, alike.
         name: The operation's name in the model's graph (for messages).
+        held: The model's parameters and buffers it reads, by the names in its arguments.
     """
 
-    def __init__(self, operation: Callable[..., Any] | str, arguments: tuple, keywords: dict[str, Any], name: str) -> None:
+    def __init__(self, operation: Callable[..., Any] | str, arguments: tuple, keywords: dict[str, Any], name: str, held: dict[str, Tensor] | None = None) -> None:
         super().__init__()
         self.operation = operation
         self.arguments = arguments
         self.keywords = keywords
         self.name = name
+        for key, tensor in (held or {}).items():
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(key, tensor)
+            else:
+                self.register_buffer(key, tensor)
         self.checked = False  # whether a call on a batch showed that it treats every sample alone
 
     def compute(self, inputs: Tensor) -> Any:
         """The operation on ``inputs`` ``[N, ...]``."""
 
         def filled(argument: Any) -> Any:
-            return inputs if argument is INPUT else argument.of(inputs) if isinstance(argument, SizeOf) else argument
+            if argument is INPUT:
+                return inputs
+            if isinstance(argument, SizeOf):
+                return argument.of(inputs)
+            return getattr(self, argument.name) if isinstance(argument, Held) else argument
 
-        arguments = tree_map(filled, self.arguments, is_leaf=lambda a: a is INPUT or isinstance(a, SizeOf))
-        keywords = tree_map(filled, self.keywords, is_leaf=lambda a: a is INPUT or isinstance(a, SizeOf))
+        def marker(argument: Any) -> bool:
+            return argument is INPUT or isinstance(argument, (SizeOf, Held))
+
+        arguments = tree_map(filled, self.arguments, is_leaf=marker)
+        keywords = tree_map(filled, self.keywords, is_leaf=marker)
         if isinstance(self.operation, str):
             return getattr(arguments[0], self.operation)(*arguments[1:], **keywords)
         return self.operation(*arguments, **keywords)
@@ -96,23 +119,29 @@ class TensorOperation(nn.Module):
     def forward(self, inputs: Tensor) -> Any:
         outputs = self.compute(inputs)
         if not self.checked:
-            self._check_samples_alone(inputs, outputs)
+            check_samples_alone(self.compute, inputs, outputs, f"the operation '{self.name}' of the model's forward")
+            self.checked = True
         return outputs
 
-    def _check_samples_alone(self, inputs: Tensor, outputs: Any) -> None:
-        """Raise ``ValueError`` where the output on a sample alone is not its row of the batch's."""
-        if isinstance(inputs, Tensor) and not isinstance(outputs, Tensor):
-            raise ValueError(f"the operation '{self.name}' of the model's forward returns a {type(outputs).__name__}, not a tensor")
-        samples = len(inputs)
-        with torch.no_grad():
-            for row in sorted({0, samples - 1}):
-                alone = self.compute(inputs[row : row + 1].detach())
-                if outputs.dim() == 0 or len(outputs) != samples or alone.shape != outputs[row : row + 1].shape or not _close(alone, outputs[row : row + 1].detach()):
-                    raise ValueError(
-                        f"the operation '{self.name}' of the model's forward mixes the samples of a batch (its output on a sample "
-                        "alone is not that sample's row of its output on the batch), which the curvature's rules cannot follow"
-                    )
-        self.checked = True
+
+def check_samples_alone(compute: Callable[[Tensor], Any], inputs: Tensor, outputs: Any, what: str) -> None:
+    """Raise ``ValueError`` where ``compute``'s output on the batch's first or last sample alone
+    (a batch of one) is not that sample's row of its ``outputs`` on the batch ``inputs``: it mixes
+    the samples; or where its output on the batch again differs: it draws random numbers
+    (``what`` names it in the message)."""
+    if not isinstance(outputs, Tensor):
+        raise ValueError(f"{what} returns a {type(outputs).__name__}, not a tensor")
+    samples = len(inputs)
+    with torch.no_grad():
+        if not _close(compute(inputs.detach()), outputs.detach()):
+            raise ValueError(f"{what} draws random numbers (dropout in its forward?), which the curvature's rules cannot draw again")
+        for row in sorted({0, samples - 1}):
+            alone = compute(inputs[row : row + 1].detach())
+            if outputs.dim() == 0 or len(outputs) != samples or alone.shape != outputs[row : row + 1].shape or not _close(alone, outputs[row : row + 1].detach()):
+                raise ValueError(
+                    f"{what} mixes the samples of a batch (its output on a sample alone is not that sample's row of its "
+                    "output on the batch), which the curvature's rules cannot follow"
+                )
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
@@ -124,25 +153,30 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 def operations_as_layers(graph: fx.GraphModule, skipped: set[str]) -> list[nn.Module]:
-    """Call every operation of ``graph`` on one of its tensors (beside numbers and sizes of that
-    tensor) as a layer, but those named in ``skipped``; the size computations left unused go.
-    Return the layers added."""
+    """Call every operation of ``graph`` on one of its tensors (beside numbers, sizes of that
+    tensor and tensors of the model that no layer of the graph holds, each read by this operation
+    alone) as a layer, but those named in ``skipped`` that read no such tensor; the size
+    computations and tensors left unused go. Return the layers added."""
     added: list[nn.Module] = []
+    in_layers = {id(tensor) for node in graph.graph.nodes if node.op == "call_module" for tensor in _tensors_of(graph.get_submodule(node.target))}
     for node in list(graph.graph.nodes):
         if node.op not in ("call_function", "call_method") or node.target is getattr or _size_of(graph, node) is not None:
             continue
         name = operation_name(node)
-        if name in skipped or "dropout" in name or name.strip("_") in RANDOM or any(user.target is operator.getitem for user in node.users):
-            continue  # (an operation that returns a tuple, whose elements the graph takes)
         leaves = [leaf for leaf in tree_flatten((node.args, node.kwargs))[0] if isinstance(leaf, fx.Node)]
-        tensors = {leaf for leaf in leaves if _size_of(graph, leaf) is None}
+        held = {leaf: _held(graph, leaf, in_layers) for leaf in leaves if leaf.op == "get_attr"}
+        if (name in skipped and not held) or "dropout" in name or name.strip("_") in RANDOM or any(user.target is operator.getitem for user in node.users):
+            continue  # (an operation that returns a tuple, whose elements the graph takes)
+        if any(tensor is None for tensor in held.values()):
+            continue  # a tensor a layer holds too, or one read elsewhere
+        tensors = {leaf for leaf in leaves if _size_of(graph, leaf) is None and leaf not in held}
         if len(tensors) != 1:
             continue
         (tensor,) = tensors
-        sizes = {leaf: _size_of(graph, leaf) for leaf in leaves if leaf is not tensor}
+        sizes = {leaf: _size_of(graph, leaf) for leaf in leaves if leaf is not tensor and leaf not in held}
         if any(_sized(graph, leaf) is not tensor for leaf in sizes):
             continue  # a size of another tensor
-        layer = _layer(node, name, tensor, sizes)
+        layer = _layer(node, name, tensor, sizes, held)
         if layer is None:
             continue
         target = f"{name.strip('_')}_operation{len(added)}"
@@ -159,13 +193,17 @@ def operations_as_layers(graph: fx.GraphModule, skipped: set[str]) -> list[nn.Mo
 
 
 def unfollowed_operation(graph: fx.GraphModule, skipped: set[str]) -> str | None:
-    """The name of an operation of ``graph`` outside its layers (after :func:`operations_as_layers`)
-    but those named in ``skipped`` and the sizes of tensors, or ``None``."""
+    """What ``graph`` computes outside its layers (after :func:`operations_as_layers`) but the
+    operations named in ``skipped`` and the sizes of tensors, in words ("computes 'matmul'
+    outside a module"; of an operation that reads a tensor of the model: "uses its tensor
+    'embed.weight' outside a layer"), or ``None``."""
     for node in graph.graph.nodes:
         if node.op in ("call_function", "call_method") and node.target is not getattr and _size_of(graph, node) is None:
             name = operation_name(node)
-            if name not in skipped:
-                return name
+            if name in skipped:
+                continue
+            read = [leaf.target for leaf in tree_flatten((node.args, node.kwargs))[0] if isinstance(leaf, fx.Node) and leaf.op == "get_attr"]
+            return f"uses its tensor '{read[0]}' outside a layer" if read else f"computes '{name}' outside a module"
     return None
 
 
@@ -174,7 +212,24 @@ def operation_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
-def _layer(node: fx.Node, name: str, tensor: fx.Node, sizes: dict[fx.Node, SizeOf]) -> nn.Module | None:
+def _tensors_of(module: nn.Module) -> list[Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _held(graph: fx.GraphModule, node: fx.Node, in_layers: set[int]) -> Tensor | None:
+    """The model's tensor that the ``get_attr`` ``node`` reads, where an operation's layer may
+    hold it: one no layer of the graph holds (no tied weight), read by one operation; else ``None``."""
+    try:
+        owner, _, attribute = node.target.rpartition(".")
+        tensor = getattr(graph.get_submodule(owner), attribute)
+    except AttributeError:
+        return None
+    if not isinstance(tensor, Tensor) or id(tensor) in in_layers or len(node.users) != 1:
+        return None
+    return tensor
+
+
+def _layer(node: fx.Node, name: str, tensor: fx.Node, sizes: dict[fx.Node, SizeOf], held: dict[fx.Node, Tensor]) -> nn.Module | None:
     """The layer that computes ``node`` from ``tensor``, or ``None``: an operation in place whose
     input is read elsewhere too (the layer computes out of place, as its input is kept for the
     rules), or an in-place method without an out-of-place twin."""
@@ -191,13 +246,16 @@ def _layer(node: fx.Node, name: str, tensor: fx.Node, sizes: dict[fx.Node, SizeO
     activation = ACTIVATIONS.get(operation)
     if activation is not None and node.args == (tensor,) and not set(keywords) - {"inplace"}:
         return activation()
+    keys = {leaf: leaf.target.replace(".", "_") for leaf in held}
 
     def marked(argument: Any) -> Any:
-        return INPUT if argument is tensor else sizes.get(argument, argument) if isinstance(argument, fx.Node) else argument
+        if not isinstance(argument, fx.Node):
+            return argument
+        return INPUT if argument is tensor else Held(keys[argument]) if argument in keys else sizes[argument]
 
     arguments = tree_map(marked, node.args, is_leaf=lambda a: isinstance(a, fx.Node))
     keywords = tree_map(marked, keywords, is_leaf=lambda a: isinstance(a, fx.Node))
-    return TensorOperation(operation, arguments, keywords, name)
+    return TensorOperation(operation, arguments, keywords, name, {keys[leaf]: value for leaf, value in held.items()})
 
 
 def _size_of(graph: fx.GraphModule, node: fx.Node) -> SizeOf | None:
