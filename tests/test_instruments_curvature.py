@@ -1612,8 +1612,15 @@ def test_a_compiled_model_gets_hess_max_ev_from_its_uncompiled_module(kind: str)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-def test_uneven_same_padding_leaves_out_curvature_with_the_reason() -> None:
-    run = train(same_padding_cnn(0, 2), make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="ggn")
+def test_uneven_same_padding_leaves_out_the_hessian_diagonal_with_the_reason() -> None:
+    """(the GGN's comes through the whole model: test_a_model_backpack_s_graph_cannot_follow_gets_the_ggn_diagonal_through_the_whole_model)"""
+    from cockpit_cli.instruments import support
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 8, 2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3)).double()
+    assert sum(p.numel() for p in model.parameters()) > support.PRODUCTS_MOST  # (a smaller one's comes from products)
+    run = train(model, make_batches("cnn", "ce", 0, 2), quantities(DIAGONAL + ("GradNorm", "NormTest")), curvature="hessian")
     assert set(run.instruments.unavailable) == set(DIAGONAL)
     assert "layer '0' (Conv2d) pads 'same' unevenly" in run.instruments.unavailable["HessTrace"]
     assert {"GradNorm", "NormTest"} <= set(run.records[1])
@@ -2036,14 +2043,18 @@ WHOLE_MODELS = {  # the input's kind and the model, whose forward BackPACK's gra
     "a layer called twice": ("mlp", Twice),
     "a layer's weight read in the forward (tied)": ("sequences", lambda seed: Positioned(seed, tied=True)),
     "attention to other inputs (a layer of several inputs)": ("sequences", lambda seed: SelfAttending(cross=True)),
+    "an nn.Sequential with a layer that keeps a state": ("mlp", lambda seed: offset_mlp(scaled_mlp(seed))),
+    "an nn.Sequential with uneven 'same' padding": ("cnn", lambda seed: same_padding_cnn(seed, 2)),
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("name", sorted(WHOLE_MODELS))
 def test_a_model_backpack_s_graph_cannot_follow_gets_the_ggn_diagonal_through_the_whole_model(name: str) -> None:
-    """These models got no GGN diagonal (the converter's graph could not follow their forward):
-    a graph of one layer, the whole model, which autograd's rules follow, gives it exactly (said
-    in the run's notes), the per-sample values beside it from torch.func; the Monte-Carlo GGN too."""
+    """These models got no GGN diagonal (the converter's graph could not follow their forward, or
+    BackPACK's rules a layer of them): a graph of one layer, the whole model, which autograd's
+    rules follow, gives it exactly (said in the run's notes), the per-sample values beside it from
+    torch.func; the Monte-Carlo GGN too."""
     from cockpit_cli.instruments.curvature_graph import WholeModel, graph_layers
 
     from test_instruments_exact import make_batches_of_sequences

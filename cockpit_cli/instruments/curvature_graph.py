@@ -207,17 +207,26 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
         if whole is not None:
             return whole, None
         reason = reason if whole_reason is None else whole_reason
-    if graph is None and curvature != "hessian" and _one_input(model):  # (the Hessian's would take a product per parameter: small models get those)
-        layer = WholeModel(model)
-        whole, _ = _converted(_Container(layer), curvature, [layer])
-        if whole is not None:
-            return whole, WHOLE_NOTE.format(name=type(model).__name__, reason=reason)
+    whole = whole_model_graph(model, curvature) if graph is None else None
+    if whole is not None:
+        return whole, WHOLE_NOTE.format(name=type(model).__name__, reason=reason)
     return graph, reason
+
+
+def whole_model_graph(model: nn.Module, curvature: str) -> fx.GraphModule | None:
+    """Return a graph of one layer, ``model`` whole (:class:`WholeModel`), for the GGN's
+    diagonal (``ggn`` or ``ggn_mc``), or ``None``: for the Hessian's (a product per parameter:
+    small models get those, :mod:`support`), a model of several inputs, or one that autograd's
+    rules cannot follow whole (:func:`autograd_layers.autograd_obstacle`)."""
+    if curvature == "hessian" or not _one_input(model):
+        return None
+    layer = WholeModel(model)
+    return _converted(_Container(layer), curvature, [layer])[0]
 
 
 WHOLE_NOTE = (
     "the GGN diagonal comes from autograd through the whole model {name}, a per-sample backward pass for every column "
-    "of the loss's curvature factor (exact, slower), as BackPACK's graph does not follow it: {reason}"
+    "of the loss's curvature factor (exact, slower), as BackPACK's rules do not follow it: {reason}"
 )
 
 
