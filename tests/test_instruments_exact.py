@@ -1183,14 +1183,18 @@ def test_a_weight_norm_layer_gets_per_sample_quantities_from_torch_func() -> Non
         check_first_order(run, step, names=names)
 
 
-def test_a_spectral_norm_layer_is_measured_as_trained_and_its_power_iteration_left_alone() -> None:
+@pytest.mark.parametrize("curvature", [None, "ggn", "hessian"])
+def test_a_spectral_norm_layer_is_measured_as_trained_and_its_power_iteration_left_alone(curvature: str | None) -> None:
     """The instruments' own passes compute with the vectors the training's forward pass left
-    (a further power iteration would measure other weights and move the training's state on)."""
+    (a further power iteration would measure other weights and move the training's state on),
+    also the curvature's pass through the graph, whose rules compute the layer again (they moved
+    the vectors on, and torch.func's per-sample gradients then measured other weights)."""
     model = parametrized_mlp("spectral_norm")
     spectral = model[0].parametrizations.weight[0]
     loss_fn, per_sample = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none")
     opt = sgd(ref.trainable(model))
-    instruments = Instruments(model, loss_fn, per_sample, opt, quantities(("NormTest", "InnerTest", "GradNorm")))
+    names = ("NormTest", "InnerTest", "GradNorm") + (("HessTrace",) if curvature else ())
+    instruments = Instruments(model, loss_fn, per_sample, opt, quantities(names), curvature=curvature or "hessian")
     for step, (inputs, targets, *_) in enumerate(make_batches("mlp", "ce", 0, 2)):
         opt.zero_grad()
         outputs = model(inputs)  # one power iteration, as training takes it
@@ -1199,8 +1203,12 @@ def test_a_spectral_norm_layer_is_measured_as_trained_and_its_power_iteration_le
         values = engine_step(instruments, opt, step, loss_fn(outputs, targets), inputs, outputs, targets)
         assert torch.equal(spectral._u, vectors[0]) and torch.equal(spectral._v, vectors[1])
         grads = ref.per_sample_gradients(as_trained, per_sample, inputs, targets)
+        assert instruments.unavailable == {}
         assert_close(values[step]["NormTest"], ref.norm_test(grads))
         assert_close(values[step]["InnerTest"], ref.inner_test(grads))
+        if curvature is not None:
+            diagonal = (curv.ggn_diagonal if curvature == "ggn" else curv.hessian_diagonal)(as_trained, loss_fn, inputs, targets)
+            assert_close(values[step]["HessTrace"], curv.hess_trace(diagonal), rel=1e-9, abs=1e-12)
 
 
 def test_the_instruments_own_passes_give_changed_buffers_their_values_back() -> None:

@@ -34,7 +34,17 @@ from cockpit_cli.instruments.curvature_graph import graph_operations, whole_laye
 from cockpit_cli.instruments.extension_rules import module_rules
 from cockpit_cli.instruments.factored_batch_grad import factored_batch_grad
 from cockpit_cli.instruments.factored_gradients import FactoredSamples
-from cockpit_cli.instruments.functional_passes import devices, diagonal_by_products, fused_attention_without_second_derivative, functorch_per_sample, hessian_vector_product, loss_at, per_sample_slopes, regularizer_slope
+from cockpit_cli.instruments.functional_passes import (
+    devices,
+    diagonal_by_products,
+    fused_attention_without_second_derivative,
+    functorch_per_sample,
+    hessian_vector_product,
+    loss_at,
+    per_sample_slopes,
+    regularizer_slope,
+    unchanged_state,
+)
 from cockpit_cli.instruments.layer_runs import LayerRuns, accumulation_edges
 from cockpit_cli.instruments.loss_output_weight import LossModuleCalls
 from cockpit_cli.instruments.loss_scale import scaled_loss
@@ -497,7 +507,8 @@ class GradientCapture:
                     failure = GRAPH_LOSS_MISMATCH.format(graph=float(graph_loss.detach()), step=step_loss, name=type(self.loss_function).__name__, weight=self.loss_weight)
                 else:
                     extensions = [self._batch_grad, self._curvature] if per_sample and not by_functorch else [self._curvature]
-                    with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)), quiet_notices():
+                    # (unchanged_state: the rules that compute a layer again leave a spectral norm's power iteration alone)
+                    with backpack(*extensions, extension_hook=self._hook(accumulator, requested, options, batch_size)), quiet_notices(), unchanged_state(self._graph):
                         graph_loss.backward()
         except Exception as error:  # noqa: BLE001 - the training's backward pass below must still run
             failure = f"the pass through BackPACK's graph of the model failed: {type(error).__name__}: {error}"

@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 from cockpit_cli.instruments.autograd_layers import attention_obstacle, autograd_obstacle
 from cockpit_cli.instruments.curvature_diagonal import curvature_extension, settings_obstacle
 from cockpit_cli.instruments.extension_rules import module_rules
-from cockpit_cli.instruments.tensor_operations import TensorOperation, check_samples_alone, operation_name, operations_as_layers, unfollowed_operation
+from cockpit_cli.instruments.tensor_operations import CheckedLayer, TensorOperation, operation_name, operations_as_layers, unfollowed_operation
 
 
 @lru_cache(maxsize=None)
@@ -230,7 +230,7 @@ WHOLE_NOTE = (
 )
 
 
-class WholeModel(nn.Module):
+class WholeModel(CheckedLayer):
     """A model of one input as a layer, the one of a graph (in a :class:`_Container`), which
     autograd's rules follow whole (:mod:`autograd_layers`): the last way to its GGN diagonal,
     where the converter cannot follow its forward (control flow that depends on the data, an
@@ -240,14 +240,12 @@ class WholeModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.checked = False
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        outputs = self.model(inputs)
-        if not self.checked:
-            check_samples_alone(self.model, inputs, outputs, f"the model {type(self.model).__name__}")
-            self.checked = True
-        return outputs
+    def compute(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs)
+
+    def described(self) -> str:
+        return f"the model {type(self.model).__name__}"
 
 
 def _one_input(model: nn.Module) -> bool:

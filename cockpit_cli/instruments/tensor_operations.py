@@ -5,13 +5,15 @@ instead of a module. BackPACK's converter leaves such a call in the graph, whose
 follow modules. :func:`operations_as_layers` calls each of them as a layer instead: the
 activations BackPACK has rules for as those layers (``nn.ReLU``, ``nn.Tanh``, ``nn.Sigmoid``),
 any other as a :class:`TensorOperation`, which autograd's rules follow (:mod:`autograd_layers`).
-An operation of several tensors of the graph (a product of two activations) stays as it is,
-and so does one that draws random numbers (dropout), which cannot be computed again alike.
+An operation may also read tensors of the model that no layer holds (``h + self.positions``):
+its layer holds them, the very tensors, so that a parameter's diagonal comes with it. An
+operation of several tensors of the graph (a product of two activations) stays as it is, and so
+does one that draws random numbers (dropout), which cannot be computed again alike.
 
 Those rules hold for an operation that treats every sample alone. A :class:`TensorOperation`
-checks that at its first call: its output on the batch's first and last sample, each a batch of
-its own, must be the rows of its output on the batch (``h.mean(0)`` or ``h.flip(0)`` is not; the
-graph's pass then fails, saying which operation mixes the samples).
+checks that at its first call (:func:`check_samples_alone`): its output on the batch's first and
+last sample, each a batch of its own, must be the rows of its output on the batch (``h.mean(0)``
+or ``h.flip(0)`` is not; the graph's pass then fails, saying which operation mixes the samples).
 """
 
 from __future__ import annotations
@@ -70,7 +72,28 @@ class _Input:
 INPUT = _Input()
 
 
-class TensorOperation(nn.Module):
+class CheckedLayer(nn.Module):
+    """A layer of a curvature graph whose first call checks that it treats every sample alone
+    and draws no random numbers (:func:`check_samples_alone`): subclasses give ``compute`` and
+    ``described``."""
+
+    checked = False
+
+    def compute(self, inputs: Tensor) -> Any:
+        raise NotImplementedError
+
+    def described(self) -> str:
+        raise NotImplementedError
+
+    def forward(self, inputs: Tensor) -> Any:
+        outputs = self.compute(inputs)
+        if not self.checked:
+            check_samples_alone(self.compute, inputs, outputs, self.described())
+            self.checked = True
+        return outputs
+
+
+class TensorOperation(CheckedLayer):
     """An operation of the model's forward on one tensor, as a layer of one input (and of the
     model's own tensors it reads: ``h + self.positions``, which it holds, the very tensors).
 
@@ -95,7 +118,6 @@ class TensorOperation(nn.Module):
                 self.register_parameter(key, tensor)
             else:
                 self.register_buffer(key, tensor)
-        self.checked = False  # whether a call on a batch showed that it treats every sample alone
 
     def compute(self, inputs: Tensor) -> Any:
         """The operation on ``inputs`` ``[N, ...]``."""
@@ -116,12 +138,8 @@ class TensorOperation(nn.Module):
             return getattr(arguments[0], self.operation)(*arguments[1:], **keywords)
         return self.operation(*arguments, **keywords)
 
-    def forward(self, inputs: Tensor) -> Any:
-        outputs = self.compute(inputs)
-        if not self.checked:
-            check_samples_alone(self.compute, inputs, outputs, f"the operation '{self.name}' of the model's forward")
-            self.checked = True
-        return outputs
+    def described(self) -> str:
+        return f"the operation '{self.name}' of the model's forward"
 
 
 def check_samples_alone(compute: Callable[[Tensor], Any], inputs: Tensor, outputs: Any, what: str) -> None:
