@@ -2076,6 +2076,31 @@ def test_a_model_backpack_s_graph_cannot_follow_gets_the_ggn_diagonal_through_th
     assert all(math.isfinite(value) and value >= 0.0 for step in range(2) for value in sampled.records[step]["HessTrace"])
 
 
+class ManyClasses(GatedMLP):
+    """:class:`GatedMLP` with 40 classes: 39 columns of the cross-entropy's curvature factor."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        torch.manual_seed(seed)
+        self.out = torch.nn.Linear(5, 40).double()
+
+
+def test_the_ggn_through_the_whole_model_is_left_out_where_the_loss_s_factor_has_many_columns() -> None:
+    """Each column takes a backward pass per sample (a thousand classes: hours a step): over 32, the
+    exact GGN is left out with the reason at its first step; the Monte-Carlo GGN takes one."""
+    from cockpit_cli.instruments.curvature_graph import WHOLE_COLUMNS_MOST
+
+    assert WHOLE_COLUMNS_MOST == 32
+    run = train(ManyClasses(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert run.instruments.unavailable == dict.fromkeys(DIAGONAL, (
+        "the GGN through the whole model ManyClasses would take 39 backward passes per sample at each step with HessTrace or TIC "
+        "due, one per column of the loss's curvature factor (at most 32): curvature: ggn_mc takes one"
+    ))
+    assert all("NormTest" in values for values in run.records.values())
+    sampled = train(ManyClasses(0), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL), curvature="ggn_mc")
+    assert sampled.instruments.unavailable == {} and all("HessTrace" in values for values in sampled.records.values())
+
+
 class WideGatedMLP(torch.nn.Module):
     """Linear(6, 20)-ReLU, the elementwise maximum of that and Linear(20, 20) of it (an operation
     of two tensors), Linear(20, 3): 623 parameters, too many for a Hessian diagonal from products."""

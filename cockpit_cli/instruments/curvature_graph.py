@@ -213,6 +213,18 @@ def curvature_graph(model: nn.Module, curvature: str) -> tuple[fx.GraphModule | 
     return graph, reason
 
 
+WHOLE_COLUMNS_MOST = 32  # columns of the loss's curvature factor the whole model's GGN takes a backward pass per sample for
+WHOLE_TOO_MANY = (
+    "the GGN through the whole model {name} would take {columns} backward passes per sample at each step with HessTrace "
+    "or TIC due, one per column of the loss's curvature factor (at most {most}): curvature: ggn_mc takes one"
+)
+
+
+def takes_model_whole(graph: fx.GraphModule) -> bool:
+    """Whether ``graph`` is one of :func:`whole_model_graph`'s."""
+    return any(isinstance(layer, WholeModel) for layer in graph_layers(graph))
+
+
 def whole_model_graph(model: nn.Module, curvature: str) -> fx.GraphModule | None:
     """Return a graph of one layer, ``model`` whole (:class:`WholeModel`), for the GGN's
     diagonal (``ggn`` or ``ggn_mc``), or ``None``: for the Hessian's (a product per parameter:

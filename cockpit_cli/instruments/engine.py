@@ -37,6 +37,7 @@ from cockpit_cli.instruments import reductions as r
 from cockpit_cli.instruments.activation_recorder import ActivationRecorder
 from cockpit_cli.instruments.backend import GradientCapture
 from cockpit_cli.instruments.batch_inputs import Inputs, batch_device, batch_size, floating_columns
+from cockpit_cli.instruments.curvature_graph import WHOLE_COLUMNS_MOST, WHOLE_TOO_MANY, takes_model_whole
 from cockpit_cli.instruments.functional_passes import capture_rng_state, fused_attention_without_second_derivative, no_second_derivative
 from cockpit_cli.instruments.loss_scale import LossScale, scale_factor, scaled_loss
 from cockpit_cli.instruments.model_hooks import ModelHook
@@ -530,8 +531,9 @@ class Instruments:
     def _check_curvature_memory(self, step: int, inputs: Inputs, outputs: Any) -> tuple[list[Quantity], set[str]]:
         """At the first step with curvature due: switch the curvature quantities off, with the
         reason, where the factor BackPACK would backpropagate exceeds the memory available
-        (:mod:`curvature_memory`; in every process if in any); return the step's plan (changed
-        if they were)."""
+        (:mod:`curvature_memory`; in every process if in any), or where the GGN through the whole
+        model would take more than :data:`WHOLE_COLUMNS_MOST` backward passes per sample; return
+        the step's plan (changed if they were)."""
         self._curvature_checked = True
         sizes, self._output_sizes = self._output_sizes, None
         reason = None
@@ -547,6 +549,10 @@ class Instruments:
                     self.curvature,
                     sizes.residual_columns,
                 )
+        if reason is None and self.support.graph is not None and takes_model_whole(self.support.graph) and isinstance(outputs, Tensor):
+            columns = curvature_memory.factor_columns(self.curvature, self.loss_function, outputs)
+            if columns > WHOLE_COLUMNS_MOST:  # (each a backward pass per sample: hours a step for a thousand classes)
+                reason = WHOLE_TOO_MANY.format(name=type(self.model).__name__, columns=columns, most=WHOLE_COLUMNS_MOST)
         if self.sync.world_size > 1:  # the processes must reduce the same statistics
             short = torch.tensor([float(reason is not None)], dtype=torch.float64, device=batch_device(inputs))
             if float(self.sync.maximum(short)) > 0 and reason is None:
