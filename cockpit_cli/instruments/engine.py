@@ -676,6 +676,12 @@ class Instruments:
         for quantity in self.quantities:
             quantity.load_state_dict(state["quantities"].get(quantity.name, {}))
 
+    def _graph_note(self) -> str | None:
+        """:data:`GRAPH_NOTE` where a pass through BackPACK's graph gives the curvature (not for
+        the whole model, whose note says so itself)."""
+        graph = self.support.graph
+        return GRAPH_NOTE if self.support.curvature_by_graph and not takes_model_whole(graph) else None
+
     def _lookup_tables(self) -> list[str]:
         """The tracked embedding tables: a batch's gradient of one is zero but in the rows of its
         ids, by construction (no sign of dead units)."""
@@ -692,7 +698,7 @@ class Instruments:
             "curvature": self.curvature,
             "quantities": {quantity.name: quantity.schedule.describe() for quantity in self.quantities},
             "unavailable": dict(self.unavailable),
-            "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason, self.support.curvature_by_graph and GRAPH_NOTE) if note],
+            "notes": [note for note in (self.support.per_sample_reason, self.support.curvature_reason, self._graph_note()) if note],
         }
 
 
