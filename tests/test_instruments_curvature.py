@@ -2037,6 +2037,24 @@ class Twice(ResidualMLP):
         return self.out(self.branch(self.squash(self.branch(hidden))))
 
 
+class LoopedMLP(ResidualMLP):
+    """:class:`ResidualMLP` whose residual branch runs as often as a size of the input says
+    (twice: a loop the converter cannot trace); ``on_values``: the output's sign flips on a
+    value of the batch (control flow on tensor values)."""
+
+    def __init__(self, seed: int, on_values: bool = False) -> None:
+        super().__init__(seed)
+        self.on_values = on_values
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.first(inputs))
+        for _ in range(int(inputs.shape[1] // 3)):
+            hidden = hidden + self.squash(self.branch(hidden))
+        if self.on_values and float(hidden.detach().sum()) < 0:
+            hidden = -hidden
+        return self.out(hidden)
+
+
 WHOLE_MODELS = {  # the input's kind and the model, whose forward BackPACK's graph does not follow
     "an operation of two tensors": ("mlp", GatedMLP),
     "dropout by a function, in eval mode": ("mlp", lambda seed: DroppingMLP(seed).eval()),
@@ -2044,6 +2062,7 @@ WHOLE_MODELS = {  # the input's kind and the model, whose forward BackPACK's gra
     "a layer called twice": ("mlp", Twice),
     "a layer's weight read in the forward (tied)": ("sequences", lambda seed: Positioned(seed, tied=True)),
     "attention to other inputs (a layer of several inputs)": ("sequences", lambda seed: SelfAttending(cross=True)),
+    "a loop over a size of the input": ("mlp", LoopedMLP),
     "an nn.Sequential with a layer that keeps a state": ("mlp", lambda seed: offset_mlp(scaled_mlp(seed))),
     "an nn.Sequential with uneven 'same' padding": ("cnn", lambda seed: same_padding_cnn(seed, 2)),
 }
@@ -2142,6 +2161,16 @@ def test_a_model_of_two_inputs_is_no_layer_the_rules_follow_whole() -> None:
     support = check_support(GatedByInput(0), torch.nn.CrossEntropyLoss(), "ggn")
     assert not support.curvature
     assert support.curvature_reason == "the model GatedByInput computes 'maximum' outside a module, which BackPACK's curvature rules cannot follow"
+
+
+def test_a_whole_model_with_control_flow_on_tensor_values_gets_no_curvature_saying_why() -> None:
+    """``vmap`` cannot run it a sample at a time: the first step's pass fails with torch's reason."""
+    run = train(LoopedMLP(0, on_values=True), make_batches("mlp", "ce", 0, 2), quantities(DIAGONAL + ("NormTest",)), curvature="ggn")
+    assert set(run.instruments.unavailable) == set(DIAGONAL)
+    assert run.instruments.unavailable["HessTrace"].startswith(
+        "failed at step 0 and was switched off: the pass through BackPACK's graph of the model failed: RuntimeError: vmap: It looks like you're"
+    )
+    assert all("NormTest" in values for values in run.records.values())
 
 
 def test_a_whole_model_that_draws_random_numbers_gets_no_curvature_saying_so() -> None:

@@ -17,8 +17,8 @@ the innermost such block.
 
 Operations the model's forward computes on one tensor (``torch.relu(h)``, ``h.mean(1)``) are
 layers of the graph too (:mod:`tensor_operations`), made so before the converter runs (it cannot
-take a function called twice). A model the converter cannot trace (control flow that depends on
-the data, a layer with parameters called twice) or one that computes an operation of several of
+take a function called twice). A model the converter cannot trace (a loop over a traced size, a
+layer with parameters called twice) or one that computes an operation of several of
 its tensors outside a module (``torch.maximum(a, b)``) gets its GGN diagonal through a graph of
 one layer, the whole model, which autograd's rules follow (a per-sample backward pass per column
 of the loss's curvature factor); its Hessian diagonal only from products, where it is small
@@ -245,9 +245,10 @@ WHOLE_NOTE = (
 class WholeModel(CheckedLayer):
     """A model of one input as a layer, the one of a graph (in a :class:`_Container`), which
     autograd's rules follow whole (:mod:`autograd_layers`): the last way to its GGN diagonal,
-    where the converter cannot follow its forward (control flow that depends on the data, an
-    operation of two of its tensors, a tied weight). Its first call checks that it treats every
-    sample alone and draws no random numbers."""
+    where the converter cannot follow its forward (a loop over a size it cannot trace, an
+    operation of two of its tensors, a tied weight; not control flow on tensor values, which
+    ``vmap`` cannot run). Its first call checks that it treats every sample alone and draws no
+    random numbers."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
