@@ -53,7 +53,7 @@ from cockpit_cli.instruments.output_hooks import OutputGradientHooks, hooked_lay
 from cockpit_cli.instruments.per_sample_loss import PerSampleLoss
 from cockpit_cli.instruments.reductions import NEEDS_CURVATURE, NEEDS_MEAN, NEEDS_SAMPLES, PROJECTIONS, ReductionOptions
 from cockpit_cli.instruments.sample_pass import ConstantSamples, DenseSamples, SampleSource, reduce_layer, sample_failure
-from cockpit_cli.instruments.support import Support, no_curvature_reason, torch_func_reason
+from cockpit_cli.instruments.support import Support, is_compiled, no_curvature_reason, torch_func_reason
 from cockpit_cli.instruments.sync import Synchronizer
 from cockpit_cli.instruments.torch_notices import quiet_notices
 
@@ -138,7 +138,7 @@ class GradientCapture:
         self.runs = LayerRuns(model, self.module_params, names)
         self._uses_checked = False  # whether a tracked step compared the parameters' uses with their layers' runs
         self.gradient_scale = 1.0  # that of the last backward pass: its gradients p.grad over the loss's
-        self.compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # what torch.compile returns
+        self.compiled = is_compiled(model)
         # Whether Hessian-vector products differentiate a loss computed again with attention on
         # torch's math kernel (:meth:`products_on_math_attention`).
         self.math_attention = False

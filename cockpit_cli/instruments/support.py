@@ -84,7 +84,7 @@ def check_support(model: nn.Module, loss_function: object, curvature: str = "hes
     it from Hessian-vector products (any loss, any layers)."""
     support = _backpack_support(model, loss_function, curvature)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    compiled = _compiled(model)  # (its graph cannot be differentiated twice)
+    compiled = is_compiled(model)  # (its graph cannot be differentiated twice)
     if support.curvature or curvature != "hessian" or compiled or not 0 < count <= PRODUCTS_MOST:
         return support
     return replace(support, curvature=True, graph=None, curvature_by_products=True, curvature_reason=PRODUCTS_NOTE.format(count=count, reason=support.curvature_reason))
@@ -124,7 +124,7 @@ def _backpack_support(model: nn.Module, loss_function: object, curvature: str) -
     if curvature_possible and by_graph:
         graph, curvature_reason = curvature_graph(model, curvature)
         curvature_possible = graph is not None
-    elif not curvature_possible and isinstance(loss_function, CURVATURE_LOSSES) and not _compiled(model):
+    elif not curvature_possible and isinstance(loss_function, CURVATURE_LOSSES) and not is_compiled(model):
         graph = whole_model_graph(model, curvature)  # a layer of an nn.Sequential BackPACK's rules do not follow
         if graph is not None:
             curvature_possible, curvature_reason = True, WHOLE_NOTE.format(name=type(model).__name__, reason=curvature_reason)
@@ -218,7 +218,7 @@ def _pads_with_copies(module: nn.Module) -> bool:
     return padding is None or any(padding)
 
 
-def _compiled(model: nn.Module) -> bool:
+def is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is what torch.compile returns."""
     return isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
@@ -226,7 +226,7 @@ def _compiled(model: nn.Module) -> bool:
 def _check_curvature(model: nn.Module, loss_function: object, leaves: list[tuple[str, nn.Module]], curvature: str, by_graph: bool) -> tuple[bool, str | None]:
     if not isinstance(loss_function, CURVATURE_LOSSES):
         return False, f"the loss {type(loss_function).__name__} has no BackPACK curvature rule (needs CrossEntropyLoss, BCEWithLogitsLoss, MSELoss, HuberLoss, SmoothL1Loss or L1Loss)"
-    if _compiled(model):
+    if is_compiled(model):
         return False, "the model is compiled (torch.compile), which BackPACK's curvature rules cannot extend"
     if by_graph:
         name = type(model).__name__
